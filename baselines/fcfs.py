@@ -1,0 +1,140 @@
+"""The engines' own schedulers: vLLM's FCFS with recompute preemption, and Sarathi-Serve's chunked prefill.
+
+Both are first-come-first-served with greedy admission; they differ in how prefills share an
+iteration with decodes. One implementation, :class:`FCFSPolicy`, with two presets:
+
+``vllm`` — vLLM with chunked prefill disabled (``enable_chunked_prefill=False``):
+    * every running request decodes each iteration (oldest first);
+    * if their next tokens do not fit in the KV cache, the newest-admitted running requests are
+      preempted by recompute until they do (vLLM's ``preemption_mode="recompute"``; the engine
+      applies that rule), and no new request is admitted in that iteration;
+    * otherwise waiting requests are admitted in FCFS order, whole prompts only, while the running
+      set stays within ``max_num_seqs``, the batch within ``max_num_batched_tokens``, and at least
+      ``watermark`` of the KV blocks stay free (vLLM's block-manager watermark, default 0.01).
+      Admission stops at the first request that does not fit (no skipping: FCFS).
+
+``sarathi`` — Sarathi-Serve's stall-free batching (vLLM with ``enable_chunked_prefill=True``):
+    * decodes first, then the continuation of partially prefilled requests, then new admissions,
+      all under a per-iteration token budget (``max_num_batched_tokens``; Sarathi-Serve's and vLLM's
+      chunked default 2048), the last prefill cut to a chunk that fills the budget.
+
+Knob mapping (vLLM engine arguments): ``max_num_seqs`` → ``max_num_seqs``;
+``max_num_batched_tokens`` → ``max_num_batched_tokens``; ``chunked_prefill`` →
+``enable_chunked_prefill``; ``watermark`` → the block manager's ``watermark``. Defaults:
+``max_num_seqs = 1024`` (vLLM's default for its OpenAI server on large GPUs; the 256 of the offline
+``LLM`` class would cap the batches these workloads need) and, without chunking,
+``max_num_batched_tokens = 4096`` (vLLM's ``max(max_model_len, 2048)`` for Llama-2's 4,096 context).
+A request whose context alone exceeds the token budget is admitted alone rather than starved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
+from llmsched_env.errors import ConfigError
+
+_NONE = np.empty(0, dtype=np.int64)
+_UNLIMITED = np.iinfo(np.int64).max
+_sum, _cumsum, _all = np.add.reduce, np.add.accumulate, np.logical_and.reduce
+
+
+@dataclass
+class FCFSPolicy:
+    """FCFS admission with recompute preemption; see the module docstring for the two presets."""
+
+    name: str = "vllm"
+    max_num_seqs: int = 1024
+    max_num_batched_tokens: int | None = 4096
+    chunked_prefill: bool = False
+    watermark: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be >= 1 or None, got {self.max_num_batched_tokens}")
+        if not 0 <= self.watermark < 1:
+            raise ConfigError(f"watermark must be in [0, 1), got {self.watermark}")
+
+    def reset(self, engine: Engine) -> None:
+        self._watermark_blocks = int(self.watermark * engine.capacity_blocks)
+
+    def decide(self, state: SchedulerState) -> Decision:
+        running = state.running
+        kv = state.kv_tokens[running]
+        ready = state.context_len[running] == kv
+        budget = self.max_num_batched_tokens if self.max_num_batched_tokens is not None else _UNLIMITED
+        all_ready = bool(_all(ready))
+        decode, decode_kv = (running, kv) if all_ready else (running[ready], kv[ready])
+        if len(decode) > budget:
+            decode, decode_kv = decode[:budget], decode_kv[:budget]  # the oldest decode; the rest pause
+        left = budget - len(decode)
+        growth = int(np.count_nonzero(decode_kv % state.block_size == 0))
+
+        partial, partial_chunk = _NONE, _NONE
+        if not all_ready:
+            # Requests partway through a chunked prefill continue, oldest first.
+            partial, partial_kv = running[~ready], kv[~ready]
+            partial_chunk = _fill(state.context_len[partial] - partial_kv, left, allow_partial=True)
+            granted = partial_chunk > 0
+            partial, partial_kv, partial_chunk = partial[granted], partial_kv[granted], partial_chunk[granted]
+            left -= int(_sum(partial_chunk))
+            growth += int(_sum(state.blocks_for(partial_kv + partial_chunk)) - _sum(state.blocks_for(partial_kv)))
+
+        free = state.free_blocks - growth
+        slots = self.max_num_seqs - len(running)
+        if free < 0 or slots <= 0 or left <= 0:
+            # free < 0: the engine preempts the newest running requests; vLLM admits nothing then.
+            return self._decision(decode, partial, partial_chunk)
+        waiting = state.waiting[:slots]
+        if len(waiting) == 0:
+            return self._decision(decode, partial, partial_chunk)
+        context = state.context_len[waiting]
+        chunk = _fill(context, left, allow_partial=self.chunked_prefill)
+        if chunk[0] == 0 and len(running) == 0:
+            chunk[0] = context[0]  # longer than the whole budget: run it alone rather than starve
+        count = int(np.count_nonzero(chunk))
+        blocks = _cumsum(state.blocks_for(chunk[:count]))
+        count = int(np.searchsorted(blocks, free - self._watermark_blocks, side="right"))
+        if count == 0 and len(running) == 0 and state.used_blocks == 0:
+            count = 1  # an empty engine always takes the head of the queue (it is known to fit)
+        if count == 0:
+            return self._decision(decode, partial, partial_chunk)
+        return self._decision(decode, np.concatenate([partial, waiting[:count]]),
+                              np.concatenate([partial_chunk, chunk[:count]]))
+
+    @staticmethod
+    def _decision(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray) -> Decision:
+        if len(decode) == 0 and len(prefill) == 0:
+            return IDLE
+        return Decision(decode=decode, prefill=prefill, prefill_tokens=chunk)
+
+
+def _fill(sizes: np.ndarray, budget: int, *, allow_partial: bool) -> np.ndarray:
+    """Token grants from ``budget`` in order: whole sizes while they fit, then (if allowed) one partial grant.
+
+    The grants are a prefix of positive entries followed by zeros (FCFS: nobody jumps the queue).
+    """
+    grant = np.zeros(len(sizes), dtype=np.int64)
+    if len(sizes) == 0 or budget <= 0:
+        return grant
+    cumulative = _cumsum(sizes)
+    whole = int(np.searchsorted(cumulative, budget, side="right"))
+    grant[:whole] = sizes[:whole]
+    if allow_partial and whole < len(sizes):
+        grant[whole] = budget - (cumulative[whole - 1] if whole else 0)
+    return grant
+
+
+def vllm_policy(**overrides: object) -> FCFSPolicy:
+    """vLLM's default scheduler without chunked prefill (see module docstring)."""
+    return FCFSPolicy(**{"name": "vllm", **overrides})  # type: ignore[arg-type]
+
+
+def sarathi_policy(**overrides: object) -> FCFSPolicy:
+    """Sarathi-Serve chunked prefill: decodes first, 2048-token budget per iteration."""
+    settings: dict[str, object] = {"name": "sarathi", "chunked_prefill": True, "max_num_batched_tokens": 2048}
+    return FCFSPolicy(**{**settings, **overrides})  # type: ignore[arg-type]

@@ -1,0 +1,38 @@
+"""llmsched core: workloads, the engine interface and simulated engine, the fluid benchmark and metrics.
+
+Data flows one way: workload → engine → scheduler state → policy → decision → engine.
+"""
+
+from llmsched_env.cost_model import DEFAULT_PROFILE, LinearCostModel, Profile, load_profile, parse_cost
+from llmsched_env.engine import IDLE, Decision, Engine, IterationOutcome, RequestRecords, SchedulerState
+from llmsched_env.errors import (
+    ConfigError,
+    InvalidDecisionError,
+    LLMSchedError,
+    RequestTooLargeError,
+    TraceFormatError,
+)
+from llmsched_env.fluid import FluidSolution, solve_fluid
+from llmsched_env.policy import Policy
+from llmsched_env.runner import RunResult, TimeSeriesRecorder, run
+from llmsched_env.simulator import SimulatedEngine
+from llmsched_env.workload import (
+    Arrivals,
+    GammaWorkload,
+    LengthSampleWorkload,
+    OnOffWorkload,
+    PoissonWorkload,
+    RequestType,
+    TraceWorkload,
+    TypeMix,
+    parse_types,
+)
+
+__all__ = [
+    "DEFAULT_PROFILE", "LinearCostModel", "Profile", "load_profile", "parse_cost",
+    "IDLE", "Decision", "Engine", "IterationOutcome", "RequestRecords", "SchedulerState",
+    "ConfigError", "InvalidDecisionError", "LLMSchedError", "RequestTooLargeError", "TraceFormatError",
+    "FluidSolution", "solve_fluid", "Policy", "RunResult", "TimeSeriesRecorder", "run", "SimulatedEngine",
+    "Arrivals", "GammaWorkload", "LengthSampleWorkload", "OnOffWorkload", "PoissonWorkload", "RequestType",
+    "TraceWorkload", "TypeMix", "parse_types",
+]

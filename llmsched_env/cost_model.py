@@ -1,0 +1,147 @@
+"""Iteration-time models: how long one engine iteration (batch) takes.
+
+The general linear model (DESIGN.md section 2), all coefficients in seconds::
+
+    τ = c0 + c_pf · (prefill tokens) + c_dec · (decode requests) + c_kv · (KV tokens of the batch)
+
+"KV tokens of the batch" counts, for every request in the batch, the KV tokens it holds after the
+iteration: ``p + s`` for a request running stage ``s`` (for a prefill chunk, the prompt tokens cached
+so far). The paper's model ``τ = d0 + d1 · KV`` is ``c0 = d0, c_kv = d1`` with the other terms zero.
+
+Over its lifetime a request of type ``(p, o)`` costs the engine ``u = c_pf·p + c_dec·o + c_kv·w`` seconds
+of iteration time, where ``w = (o + 1)(p + o/2)`` is its memory-time (see :mod:`llmsched_env.fluid`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+from llmsched_env.errors import ConfigError
+
+_COEFFICIENTS = ("c0", "c_pf", "c_dec", "c_kv")
+_PROFILE_FIELDS = {"name", "description", "kv_capacity_tokens", "block_size", *_COEFFICIENTS}
+
+
+@dataclass(frozen=True)
+class LinearCostModel:
+    """``τ = c0 + c_pf·prefill_tokens + c_dec·decode_requests + c_kv·kv_tokens`` (seconds)."""
+
+    c0: float
+    c_pf: float = 0.0
+    c_dec: float = 0.0
+    c_kv: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in _COEFFICIENTS:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"cost coefficient {name} must be a finite number >= 0 s, got {value!r}")
+        if self.c0 <= 0:
+            raise ConfigError(f"cost coefficient c0 (fixed time per iteration) must be > 0 s, got {self.c0!r}")
+
+    @classmethod
+    def paper(cls, d0: float, d1: float) -> "LinearCostModel":
+        """The paper's two-coefficient model ``τ = d0 + d1 · (KV tokens in the batch)``."""
+        return cls(c0=d0, c_kv=d1)
+
+    def iteration_time(self, prefill_tokens: int, decode_requests: int, kv_tokens: int) -> float:
+        """Duration in seconds of one iteration with the given batch composition."""
+        return self.c0 + self.c_pf * prefill_tokens + self.c_dec * decode_requests + self.c_kv * kv_tokens
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named hardware/model profile: a cost model plus the KV capacity and block size it was measured with."""
+
+    name: str
+    cost: LinearCostModel
+    kv_capacity_tokens: int
+    block_size: int
+    description: str = ""
+
+
+def _profile_from_dict(data: object, source: str) -> Profile:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a profile must be a JSON object with fields {', '.join(sorted(_PROFILE_FIELDS))}")
+    unknown = set(data) - _PROFILE_FIELDS
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}; "
+                          f"allowed: {', '.join(sorted(_PROFILE_FIELDS))}")
+    missing = [name for name in ("c0", "kv_capacity_tokens") if name not in data]
+    if missing:
+        raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
+    try:
+        cost = LinearCostModel(**{name: data[name] for name in _COEFFICIENTS if name in data})
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    capacity, block = data["kv_capacity_tokens"], data.get("block_size", 16)
+    for field, value in (("kv_capacity_tokens", capacity), ("block_size", block)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{source}: field {field!r} must be an integer >= 1, got {value!r}")
+    return Profile(str(data.get("name", Path(source).stem)), cost, capacity, block, str(data.get("description", "")))
+
+
+def builtin_profiles() -> list[str]:
+    """Names of the profiles shipped with llmsched."""
+    folder = resources.files("llmsched_env") / "profiles"
+    return sorted(entry.name.removesuffix(".json") for entry in folder.iterdir() if entry.name.endswith(".json"))
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """A built-in profile by name (see :func:`builtin_profiles`) or a JSON file by path.
+
+    JSON fields: ``c0, c_pf, c_dec, c_kv`` (seconds; only ``c0`` required), ``kv_capacity_tokens``,
+    optional ``block_size`` (default 16), ``name``, ``description``.
+    """
+    text_name = str(name_or_path)
+    if text_name in builtin_profiles():
+        source = f"profile {text_name!r}"
+        raw = (resources.files("llmsched_env") / "profiles" / f"{text_name}.json").read_text()
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(f"no profile {text_name!r}: neither a built-in ({', '.join(builtin_profiles())}) "
+                              f"nor a JSON file")
+        source, raw = str(path), path.read_text()
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{source}:{error.lineno}: invalid JSON: {error.msg}") from None
+    return _profile_from_dict(data, source)
+
+
+DEFAULT_PROFILE = "llama2-7b-a100"
+
+
+def parse_cost(text: str) -> LinearCostModel:
+    """Parse ``"d0=0.0086,d1=2.75e-7"`` (the paper's model) or ``"c0=..,c_pf=..,c_dec=..,c_kv=.."`` (seconds)."""
+    values: dict[str, float] = {}
+    for item in text.split(","):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"cost: expected key=value, got {item.strip()!r}")
+        if key not in {"d0", "d1", *_COEFFICIENTS}:
+            raise ConfigError(f"cost: unknown field {key!r}; allowed: d0, d1 (paper) or c0, c_pf, c_dec, c_kv")
+        try:
+            values[key] = float(raw)
+        except ValueError:
+            raise ConfigError(f"cost: field {key!r} must be a number of seconds, got {raw.strip()!r}") from None
+    paper_keys = {"d0", "d1"} & values.keys()
+    general_keys = set(_COEFFICIENTS) & values.keys()
+    if paper_keys and general_keys:
+        raise ConfigError("cost: give either the paper's d0,d1 or the general c0,c_pf,c_dec,c_kv, not both")
+    if paper_keys:
+        if "d0" not in values:
+            raise ConfigError("cost: the paper's model needs d0 (and d1)")
+        return LinearCostModel.paper(values["d0"], values.get("d1", 0.0))
+    if "c0" not in values:
+        raise ConfigError("cost: the general model needs c0")
+    return LinearCostModel(**values)

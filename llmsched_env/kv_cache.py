@@ -1,0 +1,77 @@
+"""Paged KV-cache accounting: the one place that knows how much KV memory each request holds."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmsched_env.engine import readonly_view
+from llmsched_env.errors import ConfigError
+
+
+class PagedKVCache:
+    """KV tokens held per request id, and blocks in use in total, under a hard capacity.
+
+    Memory is paged as in vLLM: a request holding ``t`` KV tokens occupies ``ceil(t / block_size)``
+    blocks (so per-request blocks are derived from tokens, never stored twice). The cache never lets
+    the total exceed ``capacity_blocks``; callers plan evictions first, and an attempt to overflow is
+    a bug, reported as an ``AssertionError``.
+    """
+
+    def __init__(self, capacity_blocks: int, block_size: int) -> None:
+        if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise ConfigError(f"block_size must be an integer >= 1 token, got {block_size!r}")
+        if not isinstance(capacity_blocks, (int, np.integer)) or capacity_blocks < 1:
+            raise ConfigError(f"KV capacity must be at least one block, got {capacity_blocks!r} blocks")
+        self.capacity_blocks = int(capacity_blocks)
+        self.block_size = int(block_size)
+        self.used_blocks = 0
+        self.used_tokens = 0
+        self._tokens = np.zeros(1024, dtype=np.int64)
+        self._tokens_view = readonly_view(self._tokens)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.capacity_blocks * self.block_size
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """KV tokens held per request id (read-only view; replaced when ids are reserved)."""
+        return self._tokens_view
+
+    def blocks_for(self, tokens: np.ndarray | int) -> np.ndarray | int:
+        """Blocks that ``tokens`` KV tokens occupy."""
+        return -(-tokens // self.block_size)
+
+    def reserve_ids(self, count: int) -> None:
+        """Make room for request ids ``0 .. count - 1``."""
+        if count > len(self._tokens):
+            grown = np.zeros(max(count, 2 * len(self._tokens)), dtype=np.int64)
+            grown[: len(self._tokens)] = self._tokens
+            self._tokens = grown
+            self._tokens_view = readonly_view(grown)
+
+    def held_blocks(self, ids: np.ndarray) -> np.ndarray:
+        return self.blocks_for(self._tokens[ids])
+
+    def set_tokens(self, ids: np.ndarray, old_tokens: np.ndarray, new_tokens: np.ndarray, block_delta: int) -> None:
+        """Record that ``ids`` (distinct, holding ``old_tokens``) now hold ``new_tokens``, which takes
+        ``block_delta`` more blocks (the caller computed it when planning the iteration)."""
+        self.used_blocks += block_delta
+        self.used_tokens += int(np.add.reduce(new_tokens) - np.add.reduce(old_tokens))
+        assert self.used_blocks <= self.capacity_blocks, "KV overflow: evictions must be planned before allocating"
+        self._tokens[ids] = new_tokens
+
+    def append_token(self, ids: np.ndarray, tokens_before: np.ndarray, new_blocks: int) -> None:
+        """Each of ``ids`` (distinct, holding ``tokens_before``) gains one token; ``new_blocks`` of them
+        cross a block edge. The decode fast path: the caller counted the edges when planning."""
+        self.used_blocks += new_blocks
+        self.used_tokens += len(ids)
+        assert self.used_blocks <= self.capacity_blocks, "KV overflow: evictions must be planned before allocating"
+        self._tokens[ids] = tokens_before + 1
+
+    def free(self, ids: np.ndarray) -> None:
+        """Release everything ``ids`` hold."""
+        held = self._tokens[ids]
+        self.used_blocks -= int(np.add.reduce(self.blocks_for(held)))
+        self.used_tokens -= int(np.add.reduce(held))
+        self._tokens[ids] = 0

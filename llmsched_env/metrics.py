@@ -1,0 +1,104 @@
+"""Metrics of a run: latency, TTFT, time between tokens, throughput, memory, and regret against the fluid optimum.
+
+Definitions (seconds unless stated):
+
+* end-to-end latency = finish − arrival; TTFT = end of the request's first prefill − arrival (an
+  engine's prefill emits the first token); time between tokens (TBT) of a request =
+  (finish − first token) / output length, its mean gap between output tokens.
+* throughput over the horizon ``T``: completed requests / ``T`` and their output tokens / ``T``.
+* regret at time ``t`` = ``Θ* · t − completions(t)``, in requests and in output tokens of completed
+  requests, where ``Θ*`` is the fluid optimum (memory-bound when the offered load does not fit).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmsched_env.engine import FINISHED
+from llmsched_env.fluid import FluidSolution
+from llmsched_env.runner import RunResult
+
+
+def _stats(values: np.ndarray, prefix: str) -> dict[str, float | None]:
+    if len(values) == 0:
+        return {f"mean_{prefix}_s": None, f"p50_{prefix}_s": None, f"p90_{prefix}_s": None, f"p99_{prefix}_s": None}
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {f"mean_{prefix}_s": float(values.mean()), f"p50_{prefix}_s": float(p50),
+            f"p90_{prefix}_s": float(p90), f"p99_{prefix}_s": float(p99)}
+
+
+def summarize(result: RunResult, fluid: FluidSolution) -> dict[str, float | int | None]:
+    """One flat dict of the run's figures; the field names are the CLI's JSON interface (see README)."""
+    r = result.records
+    done = r.status == FINISHED
+    latency = r.finish_time[done] - r.arrival_time[done]
+    started = ~np.isnan(r.first_token_time)
+    ttft = r.first_token_time[started] - r.arrival_time[started]
+    tbt = (r.finish_time[done] - r.first_token_time[done]) / r.output_len[done]
+    completed = int(done.sum())
+    tokens = int(r.output_len[done].sum())
+    horizon = result.horizon
+    summary: dict[str, float | int | None] = {
+        "horizon_s": horizon,
+        "arrived": result.arrived,
+        "completed": completed,
+        "waiting": result.waiting,
+        "running": result.running,
+        "evictions": result.evictions,
+        "iterations": result.iterations,
+        "throughput_rps": completed / horizon,
+        "throughput_tps": tokens / horizon,
+        "fluid_throughput_rps": fluid.throughput_rps,
+        "fluid_throughput_tps": fluid.throughput_tps,
+        "regret_requests": fluid.throughput_rps * horizon - completed,
+        "regret_tokens": fluid.throughput_tps * horizon - tokens,
+        "rho": fluid.rho,
+        "fluid_stable": fluid.stable,
+    }
+    summary.update(_stats(latency, "latency"))
+    summary.update(_stats(ttft, "ttft"))
+    summary.update(_stats(tbt, "tbt"))
+    summary["peak_memory_frac"] = result.peak_blocks_used / result.capacity_blocks
+    return summary
+
+
+@dataclass(frozen=True)
+class RegretCurve:
+    """Regret sampled on a time grid."""
+
+    time: np.ndarray
+    completions: np.ndarray
+    regret_requests: np.ndarray
+    regret_tokens: np.ndarray
+
+
+def regret_curve(result: RunResult, fluid: FluidSolution, points: int = 200) -> RegretCurve:
+    """``Θ* t − completions(t)`` on ``points`` evenly spaced times in ``(0, horizon]``."""
+    r = result.records
+    done = r.status == FINISHED
+    order = np.argsort(r.finish_time[done])
+    finish = r.finish_time[done][order]
+    cumulative_tokens = np.concatenate([[0], np.cumsum(r.output_len[done][order])])
+    grid = np.linspace(result.horizon / points, result.horizon, points)
+    count = np.searchsorted(finish, grid, side="right")
+    return RegretCurve(time=grid, completions=count,
+                       regret_requests=fluid.throughput_rps * grid - count,
+                       regret_tokens=fluid.throughput_tps * grid - cumulative_tokens[count])
+
+
+def json_safe(value: object) -> object:
+    """Replace non-finite floats by ``None`` (JSON has no inf/NaN) and NumPy scalars by Python ones."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value

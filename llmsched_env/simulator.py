@@ -1,0 +1,402 @@
+"""The simulated serving engine: paged KV memory, mixed prefill/decode batches, eviction by recompute.
+
+Per-request data lives in parallel NumPy arrays indexed by request id, so one iteration costs a few
+vectorised operations whatever the batch size: this is what makes the simulator fast enough to
+train on (see ``benchmarks/simulator_speed.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from llmsched_env.cost_model import LinearCostModel
+from llmsched_env.engine import (
+    FINISHED,
+    RUNNING,
+    WAITING,
+    Decision,
+    IterationOutcome,
+    RequestRecords,
+    SchedulerState,
+    as_ids,
+    readonly_view,
+)
+from llmsched_env.errors import ConfigError, InvalidDecisionError, RequestTooLargeError
+from llmsched_env.kv_cache import PagedKVCache
+
+_EMPTY = np.empty(0, dtype=np.int64)
+_EMPTY_BOOL = np.empty(0, dtype=bool)
+# Direct ufunc reductions: the hot path calls them a dozen times per iteration on small arrays, where
+# the ndarray-method wrappers cost as much as the work.
+_sum, _max, _any = np.add.reduce, np.maximum.reduce, np.logical_or.reduce
+
+
+class _Batch(NamedTuple):
+    """A validated decision, with the per-request values validation already gathered."""
+
+    decode: np.ndarray
+    decode_before: np.ndarray  # KV tokens of each decode before the iteration (= its context)
+    prefill: np.ndarray
+    prefill_before: np.ndarray  # KV tokens of each prefill before the iteration
+    chunk: np.ndarray  # prompt/context tokens each prefill processes
+    is_new: np.ndarray  # the prefill admits a waiting request
+    preempt: np.ndarray
+
+
+class SimulatedEngine:
+    """A discrete-time model of an LLM serving engine (implements :class:`~llmsched_env.engine.Engine`).
+
+    Args:
+        cost: the iteration-time model.
+        capacity_tokens: KV capacity in tokens (rounded down to whole blocks); or give ``capacity_blocks``.
+        block_size: tokens per KV block (vLLM's paging unit).
+        output_lengths_known: whether policies may see output lengths before requests finish.
+    """
+
+    def __init__(
+        self,
+        cost: LinearCostModel,
+        *,
+        capacity_tokens: int | None = None,
+        capacity_blocks: int | None = None,
+        block_size: int = 16,
+        output_lengths_known: bool = True,
+    ) -> None:
+        if (capacity_tokens is None) == (capacity_blocks is None):
+            raise ConfigError("give exactly one of capacity_tokens and capacity_blocks")
+        if capacity_tokens is not None:
+            if not isinstance(capacity_tokens, (int, np.integer)) or capacity_tokens < 1:
+                raise ConfigError(f"KV capacity must be an integer >= 1 token, got {capacity_tokens!r}")
+            if isinstance(block_size, (int, np.integer)) and block_size >= 1 and capacity_tokens < block_size:
+                raise ConfigError(f"KV capacity of {capacity_tokens} tokens is less than one block of {block_size}")
+            capacity_blocks = capacity_tokens // block_size if block_size >= 1 else 0
+        self.cost = cost
+        self._kv = PagedKVCache(int(capacity_blocks), block_size)  # type: ignore[arg-type]
+        self._known = output_lengths_known
+        self._now = 0.0
+        self._n = 0
+        self._size = 0
+        self._running = _EMPTY
+        self._num_waiting = 0
+        self._num_finished = 0
+        self._first_maybe_waiting = 0
+        self._grow(1024)
+
+    # -- configuration -------------------------------------------------------------------------
+    @property
+    def now(self) -> float:
+        return self._now
+
+    @property
+    def block_size(self) -> int:
+        return self._kv.block_size
+
+    @property
+    def capacity_blocks(self) -> int:
+        return self._kv.capacity_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self._kv.capacity_tokens
+
+    @property
+    def output_lengths_known(self) -> bool:
+        return self._known
+
+    @property
+    def used_blocks(self) -> int:
+        return self._kv.used_blocks
+
+    @property
+    def used_tokens(self) -> int:
+        return self._kv.used_tokens
+
+    @property
+    def num_requests(self) -> int:
+        return self._n
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_finished(self) -> int:
+        return self._num_finished
+
+    def check_fits(self, prompt_len: np.ndarray, output_len: np.ndarray) -> None:
+        """Raise :class:`RequestTooLargeError` if any request could never finish within capacity."""
+        peak = self._kv.blocks_for(np.asarray(prompt_len, np.int64) + np.asarray(output_len, np.int64))
+        too_big = np.flatnonzero(peak > self.capacity_blocks)
+        if len(too_big):
+            i = int(too_big[0])
+            raise RequestTooLargeError(
+                f"request {i} (of this batch) needs {int(prompt_len[i]) + int(output_len[i])} KV tokens "
+                f"(prompt {int(prompt_len[i])} + output {int(output_len[i])}) = {int(peak[i])} blocks, but the "
+                f"capacity is {self.capacity_blocks} blocks of {self.block_size} tokens "
+                f"({self.capacity_tokens} tokens); {len(too_big)} such request(s)")
+
+    # -- storage -------------------------------------------------------------------------------
+    def _grow(self, size: int) -> None:
+        old = self._size
+        if size <= old:
+            return
+        def extend(array: np.ndarray | None, dtype: type, fill: float | int) -> np.ndarray:
+            fresh = np.full(size, fill, dtype=dtype)
+            if array is not None:
+                fresh[:old] = array[:old]
+            return fresh
+        first = old == 0
+        self._arrival = extend(None if first else self._arrival, np.float64, np.nan)
+        self._prompt = extend(None if first else self._prompt, np.int64, 0)
+        self._output = extend(None if first else self._output, np.int64, 0)
+        self._context = extend(None if first else self._context, np.int64, 0)  # prompt + decoded
+        self._final_context = extend(None if first else self._final_context, np.int64, 0)  # prompt + output
+        self._status = extend(None if first else self._status, np.int8, FINISHED)
+        self._first_token = extend(None if first else self._first_token, np.float64, np.nan)
+        self._finish = extend(None if first else self._finish, np.float64, np.nan)
+        self._evictions = extend(None if first else self._evictions, np.int64, 0)
+        self._mark = extend(None if first else self._mark, np.int64, -1)
+        self._kv.reserve_ids(size)
+        self._size = size
+        self._views = dict(
+            prompt_len=readonly_view(self._prompt),
+            output_len=readonly_view(self._output) if self._known else None,
+            context_len=readonly_view(self._context),
+            arrival_time=readonly_view(self._arrival),
+            num_evictions=readonly_view(self._evictions),
+        )
+
+    def add_requests(self, arrival_time: np.ndarray, prompt_len: np.ndarray, output_len: np.ndarray) -> np.ndarray:
+        """Enqueue requests (they join the queue in the order given); returns their ids."""
+        arrival_time = np.asarray(arrival_time, np.float64)
+        prompt_len = np.asarray(prompt_len, np.int64)
+        output_len = np.asarray(output_len, np.int64)
+        count = len(arrival_time)
+        if count == 0:
+            return _EMPTY
+        if len(prompt_len) != count or len(output_len) != count:
+            raise ConfigError("arrival_time, prompt_len and output_len must have the same length")
+        if min(np.minimum.reduce(prompt_len), np.minimum.reduce(output_len)) < 1:
+            bad = int(np.flatnonzero((prompt_len < 1) | (output_len < 1))[0])
+            raise ConfigError(f"request {bad} of this batch has prompt {int(prompt_len[bad])} and output "
+                              f"{int(output_len[bad])} tokens; both must be >= 1")
+        if _max(prompt_len + output_len) > self.capacity_tokens:
+            self.check_fits(prompt_len, output_len)
+        start, end = self._n, self._n + count
+        if end > self._size:
+            self._grow(max(end, 2 * self._size))
+        ids = np.arange(start, end, dtype=np.int64)
+        self._arrival[start:end] = arrival_time
+        self._prompt[start:end] = prompt_len
+        self._context[start:end] = prompt_len
+        self._final_context[start:end] = prompt_len + output_len
+        self._output[start:end] = output_len
+        self._status[start:end] = WAITING
+        self._n = end
+        self._num_waiting += count
+        return ids
+
+    # -- the policy's view -----------------------------------------------------------------------
+    def _waiting_ids(self) -> np.ndarray:
+        # Invariant: every waiting id is >= _first_maybe_waiting (evictions move it back).
+        start, n = self._first_maybe_waiting, self._n
+        if self._num_waiting == n - start:
+            return np.arange(start, n)  # the common case: the queue is exactly the newest arrivals
+        ids = np.flatnonzero(self._status[start:n] == WAITING) + start
+        self._first_maybe_waiting = int(ids[0]) if len(ids) else n
+        return ids
+
+    def state(self) -> SchedulerState:
+        v = self._views
+        return SchedulerState(
+            now=self._now,
+            block_size=self._kv.block_size,
+            capacity_blocks=self._kv.capacity_blocks,
+            used_blocks=self._kv.used_blocks,
+            running=readonly_view(self._running),
+            prompt_len=v["prompt_len"],
+            output_len=v["output_len"],
+            context_len=v["context_len"],
+            kv_tokens=self._kv.tokens,
+            arrival_time=v["arrival_time"],
+            num_evictions=v["num_evictions"],
+            num_requests=self._n,
+            waiting_fn=self._waiting_ids,
+        )
+
+    # -- validation ------------------------------------------------------------------------------
+    def _check_ids(self, ids: np.ndarray, decision: Decision) -> None:
+        """Every id exists and appears once across decode, prefill and preempt."""
+        if not len(ids):
+            return
+        # Viewed as unsigned, a negative id is huge: one max finds ids out of range on either side.
+        if _max(ids.view(np.uint64)) >= self._n:
+            for what in ("decode", "prefill", "preempt"):
+                part = as_ids(getattr(decision, what))
+                bad = part[(part < 0) | (part >= self._n)]
+                if len(bad):
+                    raise InvalidDecisionError(f"{what}: unknown request id {int(bad[0])}; ids are 0..{self._n - 1}")
+        # Writing positions then reading them back finds repeats in O(n) without sorting.
+        positions = np.arange(len(ids))
+        self._mark[ids] = positions
+        repeated = self._mark[ids] != positions
+        if _any(repeated):
+            bad = int(ids[np.flatnonzero(repeated)[0]])
+            raise InvalidDecisionError(f"request {bad} appears more than once in the decision "
+                                       f"(decode, prefill and preempt must be disjoint)")
+
+    def _validated(self, decision: Decision) -> "_Batch":
+        """The decision's batch with what validating it gathered, or :class:`InvalidDecisionError`."""
+        decode, prefill, preempt = as_ids(decision.decode), as_ids(decision.prefill), as_ids(decision.preempt)
+        self._check_ids(np.concatenate([decode, prefill, preempt]) if len(prefill) or len(preempt) else decode,
+                        decision)
+        kv = self._kv.tokens
+        # Only a running request with its whole context cached has kv == context (waiting and finished hold 0).
+        decode_tokens = kv[decode]
+        bad = decode_tokens != self._context[decode]
+        if _any(bad):
+            i = int(decode[np.flatnonzero(bad)[0]])
+            raise InvalidDecisionError(f"decode: request {i} cannot decode: it is {self._describe(i)}")
+        if len(preempt):
+            bad = self._status[preempt] != RUNNING
+            if bad.any():
+                i = int(preempt[np.flatnonzero(bad)[0]])
+                raise InvalidDecisionError(f"preempt: request {i} is not running: it is {self._describe(i)}")
+        if not len(prefill):
+            return _Batch(decode, decode_tokens, prefill, _EMPTY, _EMPTY, _EMPTY_BOOL, preempt)
+        prefill_tokens = kv[prefill]
+        context = self._context[prefill]
+        remaining = context - prefill_tokens
+        status = self._status[prefill]
+        bad = (status == FINISHED) | (remaining <= 0)
+        if _any(bad):
+            i = int(prefill[np.flatnonzero(bad)[0]])
+            raise InvalidDecisionError(f"prefill: request {i} has nothing to prefill: it is {self._describe(i)}")
+        if decision.prefill_tokens is None:
+            chunk = remaining
+        else:
+            chunk = np.asarray(decision.prefill_tokens, np.int64).reshape(-1)
+            if len(chunk) != len(prefill):
+                raise InvalidDecisionError(f"prefill_tokens has {len(chunk)} entries for {len(prefill)} prefills")
+            bad = (chunk < 1) | (chunk > remaining)
+            if _any(bad):
+                k = int(np.flatnonzero(bad)[0])
+                raise InvalidDecisionError(
+                    f"prefill_tokens: request {int(prefill[k])} asked for a chunk of {int(chunk[k])} tokens; "
+                    f"allowed 1..{int(remaining[k])} (its remaining context)")
+        return _Batch(decode, decode_tokens, prefill, prefill_tokens, chunk, status == WAITING, preempt)
+
+    def _describe(self, i: int) -> str:
+        status = {WAITING: "waiting", RUNNING: "running", FINISHED: "finished"}[int(self._status[i])]
+        return (f"{status}, prompt {int(self._prompt[i])}, decoded {int(self._context[i] - self._prompt[i])}, "
+                f"KV tokens {int(self._kv.tokens[i])}")
+
+    # -- the iteration -----------------------------------------------------------------------------
+    def _evict(self, ids: np.ndarray) -> None:
+        if not len(ids):
+            return
+        self._kv.free(ids)
+        self._status[ids] = WAITING  # generated tokens are kept; the whole context is prefilled again
+        self._evictions[ids] += 1
+        self._num_waiting += len(ids)
+        self._running = self._running[~np.isin(self._running, ids)]
+        self._first_maybe_waiting = min(self._first_maybe_waiting, int(ids.min()))
+
+    def _fit_to_capacity(self, batch: "_Batch") -> tuple["_Batch", np.ndarray, np.ndarray]:
+        """Remove newest-admitted requests until the iteration fits: ``(batch, evicted, deferred)``.
+
+        Admission order is the running list (oldest first) followed by this decision's new admissions;
+        removed running requests are to be evicted, removed admissions are deferred (they stay waiting).
+        """
+        kv = self._kv
+        after = self._mark  # scratch, indexed by id: blocks each candidate would hold after the iteration
+        after[self._running] = kv.held_blocks(self._running)
+        after[batch.decode] = kv.blocks_for(batch.decode_before + 1)
+        after[batch.prefill] = kv.blocks_for(batch.prefill_before + batch.chunk)
+        order = np.concatenate([self._running, batch.prefill[batch.is_new]])
+        keep = int(np.searchsorted(np.cumsum(after[order]), kv.capacity_blocks, side="right"))
+        removed = order[keep:]
+        is_new = self._status[removed] == WAITING
+        kept_decode = ~np.isin(batch.decode, removed)
+        kept_prefill = ~np.isin(batch.prefill, removed)
+        fitted = _Batch(batch.decode[kept_decode], batch.decode_before[kept_decode], batch.prefill[kept_prefill],
+                        batch.prefill_before[kept_prefill], batch.chunk[kept_prefill], batch.is_new[kept_prefill],
+                        batch.preempt)
+        return fitted, removed[~is_new], removed[is_new]
+
+    def step(self, decision: Decision) -> IterationOutcome:
+        """Run one iteration of ``decision``; see :class:`~llmsched_env.engine.Engine`."""
+        batch = self._validated(decision)
+        self._evict(batch.preempt)
+        evicted, deferred = batch.preempt, _EMPTY
+        kv = self._kv
+        edge = kv.block_size
+        decode_new_blocks = int(np.count_nonzero(batch.decode_before % edge == 0))
+        prefill_after = batch.prefill_before + batch.chunk
+        prefill_new_blocks = (int(_sum(kv.blocks_for(prefill_after)) - _sum(kv.blocks_for(batch.prefill_before)))
+                              if len(batch.prefill) else 0)
+        if kv.used_blocks + decode_new_blocks + prefill_new_blocks > kv.capacity_blocks:
+            batch, overflow_evicted, deferred = self._fit_to_capacity(batch)
+            self._evict(overflow_evicted)
+            evicted = np.concatenate([evicted, overflow_evicted])
+            decode_new_blocks = int(np.count_nonzero(batch.decode_before % edge == 0))
+            prefill_after = batch.prefill_before + batch.chunk
+            prefill_new_blocks = int(kv.blocks_for(prefill_after).sum() - kv.blocks_for(batch.prefill_before).sum())
+        decode, decode_before, prefill = batch.decode, batch.decode_before, batch.prefill
+
+        num_decode = len(decode)
+        prefill_tokens = int(_sum(batch.chunk)) if len(prefill) else 0
+        batch_kv = int(_sum(decode_before)) + num_decode + (int(_sum(prefill_after)) if len(prefill) else 0)
+        start = self._now
+        duration = self.cost.iteration_time(prefill_tokens, num_decode, batch_kv)
+        now = self._now = start + duration
+
+        kv.append_token(decode, decode_before, decode_new_blocks)
+        decode_after = decode_before + 1  # a decoding request's KV is its whole context
+        self._context[decode] = decode_after
+        admitted = _EMPTY
+        if len(prefill):
+            admitted = prefill[batch.is_new]
+            if len(admitted):
+                self._status[admitted] = RUNNING
+                self._num_waiting -= len(admitted)
+                self._running = np.concatenate([self._running, admitted])
+            kv.set_tokens(prefill, batch.prefill_before, prefill_after, prefill_new_blocks)
+            # A completed prefill emits a token; the first one ever is the request's first token (stage 0).
+            done = prefill[prefill_after == self._context[prefill]]
+            self._first_token[done] = np.fmin(self._first_token[done], now)
+
+        peak_blocks = kv.used_blocks
+        finished = decode[decode_after == self._final_context[decode]]
+        if len(finished):
+            self._status[finished] = FINISHED
+            self._finish[finished] = now
+            kv.free(finished)
+            self._running = self._running[self._status[self._running] == RUNNING]
+            self._num_finished += len(finished)
+
+        return IterationOutcome(
+            start_time=start, duration=duration, prefill_tokens=prefill_tokens, decode_tokens=num_decode,
+            batch_kv_tokens=batch_kv, admitted=admitted, finished=finished, evicted=evicted, deferred=deferred,
+            kv_tokens_used=kv.used_tokens, kv_blocks_used=kv.used_blocks, peak_blocks_used=peak_blocks,
+            capacity_blocks=kv.capacity_blocks)
+
+    def advance_to(self, time: float) -> None:
+        if not math.isfinite(time):
+            raise ValueError(f"cannot advance the clock to {time!r}")
+        self._now = max(self._now, float(time))
+
+    def records(self) -> RequestRecords:
+        n = self._n
+        return RequestRecords(
+            arrival_time=self._arrival[:n].copy(), prompt_len=self._prompt[:n].copy(),
+            output_len=self._output[:n].copy(), first_token_time=self._first_token[:n].copy(),
+            finish_time=self._finish[:n].copy(), num_evictions=self._evictions[:n].copy(),
+            decoded=self._context[:n] - self._prompt[:n], status=self._status[:n].copy())

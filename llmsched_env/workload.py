@@ -1,0 +1,453 @@
+"""Workloads: request types, arrival processes and trace replay.
+
+A workload produces :class:`Arrivals`, the requests that arrive in ``[0, horizon]`` sorted by time.
+Every generator takes an explicit :class:`numpy.random.Generator`, so the same seed gives the same
+requests. Whether the scheduler may *see* output lengths is not a property of the workload but of
+the engine (``SimulatedEngine(output_lengths_known=...)``): the same arrivals serve both settings.
+
+Types follow the paper's notation: type ``j`` has prompt length ``p_j``, output length ``o_j`` and
+Poisson rate ``λ_j`` (requests per second).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from llmsched_env.errors import ConfigError, TraceFormatError
+
+
+@dataclass(frozen=True)
+class RequestType:
+    """One request type: prompt length ``p``, output length ``o`` (tokens) and arrival rate (req/s)."""
+
+    prompt_len: int
+    output_len: int
+    rate: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt_len, (int, np.integer)) or self.prompt_len < 1:
+            raise ConfigError(f"prompt length must be an integer >= 1, got {self.prompt_len!r}")
+        if not isinstance(self.output_len, (int, np.integer)) or self.output_len < 1:
+            raise ConfigError(f"output length must be an integer >= 1, got {self.output_len!r}")
+        if not (math.isfinite(self.rate) and self.rate >= 0):
+            raise ConfigError(f"arrival rate must be finite and >= 0 req/s, got {self.rate!r}")
+
+
+@dataclass(frozen=True)
+class TypeMix:
+    """A mixture of request types; the unit of the fluid model and of WAIT's thresholds."""
+
+    types: tuple[RequestType, ...]
+
+    def __post_init__(self) -> None:
+        if not self.types:
+            raise ConfigError("a type mix needs at least one request type")
+
+    @property
+    def prompt_lens(self) -> np.ndarray:
+        return np.array([t.prompt_len for t in self.types], dtype=np.int64)
+
+    @property
+    def output_lens(self) -> np.ndarray:
+        return np.array([t.output_len for t in self.types], dtype=np.int64)
+
+    @property
+    def rates(self) -> np.ndarray:
+        return np.array([t.rate for t in self.types], dtype=np.float64)
+
+    @property
+    def total_rate(self) -> float:
+        return float(self.rates.sum())
+
+    def scaled_to(self, total_rate: float) -> "TypeMix":
+        """The same mix with its rates scaled proportionally so that they sum to ``total_rate``."""
+        if not (math.isfinite(total_rate) and total_rate > 0):
+            raise ConfigError(f"total rate must be finite and > 0 req/s, got {total_rate!r}")
+        if self.total_rate <= 0:
+            raise ConfigError("cannot scale a type mix whose rates are all zero")
+        factor = total_rate / self.total_rate
+        return TypeMix(tuple(RequestType(t.prompt_len, t.output_len, t.rate * factor) for t in self.types))
+
+    def to_text(self) -> str:
+        """The compact command-line form, inverse of :func:`parse_types`."""
+        return ";".join(f"p={t.prompt_len},o={t.output_len},rate={t.rate:g}" for t in self.types)
+
+    @classmethod
+    def from_lengths(cls, prompt_lens: np.ndarray, output_lens: np.ndarray, duration_s: float) -> "TypeMix":
+        """One type per distinct (prompt, output) pair, with its empirical rate over ``duration_s``.
+
+        This is exact for the fluid model, whose terms are linear in ``λ_j w_j`` and ``λ_j u_j``.
+        """
+        if duration_s <= 0:
+            raise ConfigError(f"duration must be > 0 s, got {duration_s!r}")
+        pairs, counts = np.unique(np.stack([prompt_lens, output_lens], axis=1), axis=0, return_counts=True)
+        return cls(tuple(RequestType(int(p), int(o), c / duration_s) for (p, o), c in zip(pairs, counts)))
+
+
+_TYPE_KEYS = {"p": "prompt_len", "prompt": "prompt_len", "o": "output_len", "output": "output_len",
+              "rate": "rate", "lambda": "rate"}
+
+
+def parse_types(text: str) -> TypeMix:
+    """Parse the compact command-line form ``"p=10,o=10,rate=20;p=10,o=20,rate=10"``.
+
+    Keys: ``p``/``prompt``, ``o``/``output`` (tokens, integers >= 1), ``rate``/``lambda`` (req/s >= 0).
+    """
+    types = []
+    for index, chunk in enumerate(part.strip() for part in text.split(";")):
+        if not chunk:
+            continue
+        where = f"type {index + 1} ({chunk!r})"
+        fields: dict[str, str] = {}
+        for item in chunk.split(","):
+            key, sep, value = item.partition("=")
+            key = key.strip().lower()
+            if not sep:
+                raise ConfigError(f"{where}: expected key=value, got {item.strip()!r}")
+            if key not in _TYPE_KEYS:
+                raise ConfigError(f"{where}: unknown field {key!r}; allowed: p, o, rate (or prompt, output, lambda)")
+            name = _TYPE_KEYS[key]
+            if name in fields:
+                raise ConfigError(f"{where}: field {key!r} given twice")
+            fields[name] = value.strip()
+        missing = {"prompt_len", "output_len", "rate"} - fields.keys()
+        if missing:
+            raise ConfigError(f"{where}: missing field(s) {', '.join(sorted(missing))}; need p, o and rate")
+        try:
+            prompt_len, output_len = int(fields["prompt_len"]), int(fields["output_len"])
+        except ValueError:
+            raise ConfigError(f"{where}: p and o must be integers, got p={fields['prompt_len']!r}, "
+                              f"o={fields['output_len']!r}") from None
+        try:
+            rate = float(fields["rate"])
+        except ValueError:
+            raise ConfigError(f"{where}: rate must be a number, got {fields['rate']!r}") from None
+        try:
+            types.append(RequestType(prompt_len, output_len, rate))
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+    if not types:
+        raise ConfigError(f"no request type in {text!r}; expected e.g. 'p=10,o=10,rate=20;p=10,o=20,rate=10'")
+    return TypeMix(tuple(types))
+
+
+@dataclass(frozen=True)
+class Arrivals:
+    """Requests in arrival order: parallel arrays, one entry per request."""
+
+    arrival_time: np.ndarray  # float64 seconds, nondecreasing
+    prompt_len: np.ndarray  # int64 >= 1
+    output_len: np.ndarray  # int64 >= 1
+
+    def __post_init__(self) -> None:
+        n = len(self.arrival_time)
+        if len(self.prompt_len) != n or len(self.output_len) != n:
+            raise ConfigError("arrival_time, prompt_len and output_len must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.arrival_time)
+
+    def until(self, horizon: float) -> "Arrivals":
+        """The requests arriving in ``[0, horizon]``."""
+        end = int(np.searchsorted(self.arrival_time, horizon, side="right"))
+        return Arrivals(self.arrival_time[:end], self.prompt_len[:end], self.output_len[:end])
+
+    @classmethod
+    def merge(cls, parts: Sequence["Arrivals"]) -> "Arrivals":
+        times = np.concatenate([p.arrival_time for p in parts]) if parts else np.empty(0)
+        order = np.argsort(times, kind="stable")
+        return cls(times[order],
+                   np.concatenate([p.prompt_len for p in parts]).astype(np.int64)[order] if parts else np.empty(0, np.int64),
+                   np.concatenate([p.output_len for p in parts]).astype(np.int64)[order] if parts else np.empty(0, np.int64))
+
+
+class Workload(Protocol):
+    """Anything that samples the requests arriving in ``[0, horizon]``."""
+
+    def sample(self, horizon: float, rng: np.random.Generator) -> Arrivals:
+        """Requests arriving in ``[0, horizon]``, sorted by arrival time."""
+        ...
+
+    @property
+    def mean_rate(self) -> float:
+        """Long-run arrival rate in requests per second."""
+        ...
+
+
+def _check_horizon(horizon: float) -> None:
+    if not (math.isfinite(horizon) and horizon > 0):
+        raise ConfigError(f"horizon must be finite and > 0 s, got {horizon!r}")
+
+
+def _renewal_times(rate: float, horizon: float, cv: float, rng: np.random.Generator) -> np.ndarray:
+    """Arrival times in ``[0, horizon]`` of a renewal process with gamma gaps (cv = 1: Poisson)."""
+    if rate <= 0:
+        return np.empty(0)
+    shape = 1.0 / cv**2
+    scale = 1.0 / (rate * shape)
+    times: list[np.ndarray] = []
+    start = 0.0
+    expected = rate * horizon
+    while True:
+        batch = max(16, int(expected + 5 * math.sqrt(expected + 1) * cv))
+        gaps = rng.exponential(scale, batch) if cv == 1.0 else rng.gamma(shape, scale, batch)
+        chunk = start + np.cumsum(gaps)
+        times.append(chunk)
+        if chunk[-1] > horizon:
+            break
+        start = float(chunk[-1])
+    all_times = np.concatenate(times)
+    return all_times[all_times <= horizon]
+
+
+@dataclass(frozen=True)
+class PoissonWorkload:
+    """Independent Poisson arrivals per type (the paper's model)."""
+
+    mix: TypeMix
+
+    @property
+    def mean_rate(self) -> float:
+        return self.mix.total_rate
+
+    def sample(self, horizon: float, rng: np.random.Generator) -> Arrivals:
+        return GammaWorkload(self.mix, cv=1.0).sample(horizon, rng)
+
+
+@dataclass(frozen=True)
+class GammaWorkload:
+    """Bursty arrivals: per type, a renewal process with gamma gaps of coefficient of variation ``cv``.
+
+    ``cv = 1`` is Poisson; ``cv > 1`` is burstier (clumps of arrivals, then lulls); the mean rate stays ``λ_j``.
+    """
+
+    mix: TypeMix
+    cv: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.cv) and self.cv > 0):
+            raise ConfigError(f"coefficient of variation must be finite and > 0, got {self.cv!r}")
+
+    @property
+    def mean_rate(self) -> float:
+        return self.mix.total_rate
+
+    def sample(self, horizon: float, rng: np.random.Generator) -> Arrivals:
+        _check_horizon(horizon)
+        parts = []
+        for t in self.mix.types:
+            times = _renewal_times(t.rate, horizon, self.cv, rng)
+            parts.append(Arrivals(times, np.full(len(times), t.prompt_len, np.int64),
+                                  np.full(len(times), t.output_len, np.int64)))
+        return Arrivals.merge(parts)
+
+
+@dataclass(frozen=True)
+class OnOffWorkload:
+    """Markov-modulated bursts: a two-state (on/off) modulated Poisson process over a type mix.
+
+    The chain stays in each state an exponential time (means ``mean_on_s``, ``mean_off_s``); while on,
+    type ``j`` arrives at ``λ_j · peak_factor``, while off at ``λ_j · off_factor``, where ``peak_factor``
+    is set so that the long-run mean rate stays ``λ_j``.
+    """
+
+    mix: TypeMix
+    mean_on_s: float = 5.0
+    mean_off_s: float = 5.0
+    off_factor: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.mean_on_s <= 0 or self.mean_off_s <= 0:
+            raise ConfigError("mean_on_s and mean_off_s must be > 0 s")
+        if not 0 <= self.off_factor < 1:
+            raise ConfigError(f"off_factor must be in [0, 1), got {self.off_factor!r}")
+
+    @property
+    def mean_rate(self) -> float:
+        return self.mix.total_rate
+
+    @property
+    def peak_factor(self) -> float:
+        share_on = self.mean_on_s / (self.mean_on_s + self.mean_off_s)
+        return (1.0 - (1.0 - share_on) * self.off_factor) / share_on
+
+    def sample(self, horizon: float, rng: np.random.Generator) -> Arrivals:
+        _check_horizon(horizon)
+        parts = []
+        start, on = 0.0, bool(rng.random() < self.mean_on_s / (self.mean_on_s + self.mean_off_s))
+        while start < horizon:
+            length = rng.exponential(self.mean_on_s if on else self.mean_off_s)
+            end = min(horizon, start + length)
+            factor = self.peak_factor if on else self.off_factor
+            for t in self.mix.types:
+                count = rng.poisson(t.rate * factor * (end - start))
+                times = np.sort(rng.uniform(start, end, count))
+                parts.append(Arrivals(times, np.full(count, t.prompt_len, np.int64),
+                                      np.full(count, t.output_len, np.int64)))
+            start, on = end, not on
+        return Arrivals.merge(parts)
+
+
+_LENGTH_COLUMNS = ("num_prefill_tokens", "num_decode_tokens")
+_OPTIONAL_COLUMNS = ("arrived_at", "num_total_tokens", "pd_ratio")
+
+
+def _parse_positive_int(value: str, path: Path, line: int, field: str) -> int:
+    try:
+        number = float(value)
+    except ValueError:
+        raise TraceFormatError(f"{path}:{line}: field {field!r} must be an integer >= 1, got {value!r}") from None
+    if not number.is_integer() or number < 1:
+        raise TraceFormatError(f"{path}:{line}: field {field!r} must be an integer >= 1, got {value!r}")
+    return int(number)
+
+
+def read_trace_csv(path: str | Path, *, require_arrivals: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Read a trace CSV: ``arrived_at,num_prefill_tokens,num_decode_tokens`` (header required).
+
+    Length-only files (no ``arrived_at``) are accepted when ``require_arrivals`` is false; the extra
+    columns of the arXiv length file (``num_total_tokens``, ``pd_ratio``) are allowed and ignored.
+    Any other column, a missing value, a non-integer or non-positive length, a negative, non-finite or
+    decreasing arrival time raises :class:`TraceFormatError` naming the file, line and field.
+
+    Returns ``(arrival_times or None, prompt_lens, output_lens)``.
+    """
+    path = Path(path)
+    try:
+        handle = path.open(newline="")
+    except OSError as error:
+        raise TraceFormatError(f"{path}: cannot open trace: {error.strerror}") from None
+    with handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            raise TraceFormatError(f"{path}:1: empty file; expected a header "
+                                   f"'arrived_at,num_prefill_tokens,num_decode_tokens'")
+        header = [h.strip() for h in header]
+        unknown = [h for h in header if h not in _LENGTH_COLUMNS + _OPTIONAL_COLUMNS]
+        if unknown:
+            raise TraceFormatError(f"{path}:1: unknown column(s) {', '.join(map(repr, unknown))}; allowed: "
+                                   f"{', '.join(_LENGTH_COLUMNS + _OPTIONAL_COLUMNS)}")
+        missing = [c for c in _LENGTH_COLUMNS if c not in header]
+        if require_arrivals and "arrived_at" not in header:
+            missing.insert(0, "arrived_at")
+        if missing:
+            raise TraceFormatError(f"{path}:1: missing column(s) {', '.join(missing)}")
+        col = {name: header.index(name) for name in header}
+        has_times = "arrived_at" in col
+        times: list[float] = []
+        prompts: list[int] = []
+        outputs: list[int] = []
+        previous = 0.0
+        for line, row in enumerate(reader, start=2):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise TraceFormatError(f"{path}:{line}: expected {len(header)} fields ({','.join(header)}), "
+                                       f"got {len(row)}")
+            prompts.append(_parse_positive_int(row[col["num_prefill_tokens"]].strip(), path, line, "num_prefill_tokens"))
+            outputs.append(_parse_positive_int(row[col["num_decode_tokens"]].strip(), path, line, "num_decode_tokens"))
+            if has_times:
+                raw = row[col["arrived_at"]].strip()
+                try:
+                    t = float(raw)
+                except ValueError:
+                    raise TraceFormatError(f"{path}:{line}: field 'arrived_at' must be a number of seconds, "
+                                           f"got {raw!r}") from None
+                if not math.isfinite(t) or t < 0:
+                    raise TraceFormatError(f"{path}:{line}: field 'arrived_at' must be finite and >= 0, got {raw!r}")
+                if t < previous:
+                    raise TraceFormatError(f"{path}:{line}: field 'arrived_at' decreases ({t} < {previous}); "
+                                           f"a trace must be sorted by arrival time")
+                previous = t
+                times.append(t)
+    if not prompts:
+        raise TraceFormatError(f"{path}: no requests after the header")
+    return (np.array(times) if has_times else None,
+            np.array(prompts, dtype=np.int64), np.array(outputs, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class TraceWorkload:
+    """Replay of a recorded trace; ``time_scale`` < 1 compresses time (a higher rate), > 1 stretches it.
+
+    Arrival times are shifted so the first request arrives at 0.
+    """
+
+    arrival_time: np.ndarray
+    prompt_len: np.ndarray
+    output_len: np.ndarray
+    time_scale: float = 1.0
+
+    @classmethod
+    def from_csv(cls, path: str | Path) -> "TraceWorkload":
+        times, prompts, outputs = read_trace_csv(path, require_arrivals=True)
+        assert times is not None
+        return cls(times - times[0], prompts, outputs)
+
+    @property
+    def duration_s(self) -> float:
+        return float(self.arrival_time[-1]) * self.time_scale
+
+    @property
+    def mean_rate(self) -> float:
+        return len(self.arrival_time) / self.duration_s if self.duration_s > 0 else math.inf
+
+    def with_rate(self, total_rate: float) -> "TraceWorkload":
+        """The same trace, time-scaled so that its mean rate is ``total_rate`` req/s."""
+        if not (math.isfinite(total_rate) and total_rate > 0):
+            raise ConfigError(f"rate must be finite and > 0 req/s, got {total_rate!r}")
+        natural = len(self.arrival_time) / float(self.arrival_time[-1])
+        return TraceWorkload(self.arrival_time, self.prompt_len, self.output_len, natural / total_rate)
+
+    def sample(self, horizon: float, rng: np.random.Generator) -> Arrivals:
+        _check_horizon(horizon)
+        return Arrivals(self.arrival_time * self.time_scale, self.prompt_len, self.output_len).until(horizon)
+
+
+@dataclass(frozen=True)
+class LengthSampleWorkload:
+    """Lengths drawn i.i.d. (with replacement) from a length-only sample, arrivals from a renewal process.
+
+    ``cv = 1`` gives Poisson arrivals at ``rate``; larger ``cv`` gives gamma-distributed, burstier gaps.
+    """
+
+    prompt_len: np.ndarray
+    output_len: np.ndarray
+    rate: float
+    cv: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.rate) and self.rate > 0):
+            raise ConfigError(f"rate must be finite and > 0 req/s, got {self.rate!r}")
+        if not (math.isfinite(self.cv) and self.cv > 0):
+            raise ConfigError(f"coefficient of variation must be finite and > 0, got {self.cv!r}")
+
+    @classmethod
+    def from_csv(cls, path: str | Path, rate: float, cv: float = 1.0) -> "LengthSampleWorkload":
+        _, prompts, outputs = read_trace_csv(path, require_arrivals=False)
+        return cls(prompts, outputs, rate, cv)
+
+    @property
+    def mean_rate(self) -> float:
+        return self.rate
+
+    def with_rate(self, total_rate: float) -> "LengthSampleWorkload":
+        return LengthSampleWorkload(self.prompt_len, self.output_len, total_rate, self.cv)
+
+    def sample(self, horizon: float, rng: np.random.Generator) -> Arrivals:
+        _check_horizon(horizon)
+        times = _renewal_times(self.rate, horizon, self.cv, rng)
+        rows = rng.integers(0, len(self.prompt_len), len(times))
+        return Arrivals(times, self.prompt_len[rows], self.output_len[rows])
+
+
+def empirical_mix(arrivals: Arrivals, duration_s: float) -> TypeMix:
+    """The type mix of a sample of requests (one type per distinct length pair) over ``duration_s``."""
+    return TypeMix.from_lengths(arrivals.prompt_len, arrivals.output_len, duration_s)
