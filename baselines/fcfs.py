@@ -9,9 +9,11 @@ iteration with decodes. One implementation, :class:`FCFSPolicy`, with two preset
       preempted by recompute until they do (vLLM's ``preemption_mode="recompute"``; the engine
       applies that rule), and no new request is admitted in that iteration;
     * otherwise waiting requests are admitted in FCFS order, whole prompts only, while the running
-      set stays within ``max_num_seqs``, the batch within ``max_num_batched_tokens``, and at least
-      ``watermark`` of the KV blocks stay free (vLLM's block-manager watermark, default 0.01).
-      Admission stops at the first request that does not fit (no skipping: FCFS).
+      set stays within ``max_num_seqs``, the prefill tokens within ``max_num_batched_tokens``, and at
+      least ``watermark`` of the KV blocks stay free (vLLM's block-manager watermark, default 0.01).
+      Admission stops at the first request that does not fit (no skipping: FCFS). Without chunking vLLM
+      requires ``max_num_batched_tokens >= max_model_len``, so any prompt fits the budget; here a prompt
+      longer than the budget is admitted as the iteration's only prefill.
 
 ``sarathi`` — Sarathi-Serve's stall-free batching (vLLM with ``enable_chunked_prefill=True``):
     * decodes first, then the continuation of partially prefilled requests, then new admissions,
@@ -24,7 +26,6 @@ Knob mapping (vLLM engine arguments): ``max_num_seqs`` → ``max_num_seqs``;
 ``max_num_seqs = 1024`` (vLLM's default for its OpenAI server on large GPUs; the 256 of the offline
 ``LLM`` class would cap the batches these workloads need) and, without chunking,
 ``max_num_batched_tokens = 4096`` (vLLM's ``max(max_model_len, 2048)`` for Llama-2's 4,096 context).
-A request whose context alone exceeds the token budget is admitted alone rather than starved.
 """
 
 from __future__ import annotations
@@ -69,9 +70,12 @@ class FCFSPolicy:
         budget = self.max_num_batched_tokens if self.max_num_batched_tokens is not None else _UNLIMITED
         all_ready = bool(_all(ready))
         decode, decode_kv = (running, kv) if all_ready else (running[ready], kv[ready])
-        if len(decode) > budget:
-            decode, decode_kv = decode[:budget], decode_kv[:budget]  # the oldest decode; the rest pause
-        left = budget - len(decode)
+        if self.chunked_prefill:
+            if len(decode) > budget:
+                decode, decode_kv = decode[:budget], decode_kv[:budget]  # the oldest decode; the rest pause
+            left = budget - len(decode)
+        else:
+            left = budget  # without chunking the budget bounds prefill tokens (vLLM: >= max_model_len)
         growth = int(np.count_nonzero(decode_kv % state.block_size == 0))
 
         partial, partial_chunk = _NONE, _NONE
@@ -94,8 +98,8 @@ class FCFSPolicy:
             return self._decision(decode, partial, partial_chunk)
         context = state.context_len[waiting]
         chunk = _fill(context, left, allow_partial=self.chunked_prefill)
-        if chunk[0] == 0 and len(running) == 0:
-            chunk[0] = context[0]  # longer than the whole budget: run it alone rather than starve
+        if chunk[0] == 0 and not self.chunked_prefill:
+            chunk[0] = context[0]  # longer than the budget: vLLM's budget is >= any prompt, so it goes alone
         count = int(np.count_nonzero(chunk))
         blocks = _cumsum(state.blocks_for(chunk[:count]))
         count = int(np.searchsorted(blocks, free - self._watermark_blocks, side="right"))

@@ -60,8 +60,8 @@ class Decision:
             remaining context of each.
         preempt: running requests to evict (by recompute) before the iteration runs.
 
-    An empty decision (no decode, no prefill) means "run nothing now": the driver lets time pass
-    until the next arrival.
+    An empty decision (nothing to decode, prefill or preempt) means "run nothing now": the driver
+    lets time pass until the next arrival. A decision that only preempts takes no time.
     """
 
     decode: np.ndarray = field(default_factory=lambda: _EMPTY_IDS)
@@ -71,7 +71,7 @@ class Decision:
 
     @property
     def is_idle(self) -> bool:
-        return len(self.decode) == 0 and len(self.prefill) == 0
+        return len(self.decode) == 0 and len(self.prefill) == 0 and len(self.preempt) == 0
 
     @property
     def batch_size(self) -> int:

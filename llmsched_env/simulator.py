@@ -355,7 +355,7 @@ class SimulatedEngine:
         prefill_tokens = int(_sum(batch.chunk)) if len(prefill) else 0
         batch_kv = int(_sum(decode_before)) + num_decode + (int(_sum(prefill_after)) if len(prefill) else 0)
         start = self._now
-        duration = self.cost.iteration_time(prefill_tokens, num_decode, batch_kv)
+        duration = self.cost.iteration_time(prefill_tokens, num_decode, batch_kv) if num_decode or len(prefill) else 0.0
         now = self._now = start + duration
 
         kv.append_token(decode, decode_before, decode_new_blocks)

@@ -1,0 +1,64 @@
+"""The command line: JSON interfaces and error reporting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from llmsched_env.cli import app
+
+runner = CliRunner()
+
+SIMULATE_FIELDS = {"arrived", "completed", "waiting", "running", "evictions", "throughput_rps",
+                   "fluid_throughput_rps", "regret_requests", "mean_latency_s", "p99_latency_s", "mean_ttft_s",
+                   "peak_memory_frac"}
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_fluid_json_paper_model() -> None:
+    code, out = invoke("fluid", "--types", "p=10,o=10,rate=20;p=10,o=20,rate=10", "--cost", "d0=0.01,d1=0.0001",
+                       "--memory-tokens", "299", "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    assert set(data) == {"rho", "tau_star_s", "memory_tokens", "throughput_rps", "throughput_tps", "stable",
+                         "memory_bound"}
+    assert data["rho"] == 0.75 and abs(data["tau_star_s"] - 0.04) < 1e-12 and abs(data["memory_tokens"] - 300) < 1e-9
+    assert data["stable"] is False and data["memory_bound"] is True and data["throughput_rps"] < 30
+
+
+def test_simulate_json_fields_and_accounting() -> None:
+    code, out = invoke("simulate", "--policy", "vllm", "--types", "p=20,o=30,rate=20", "--horizon", "20",
+                       "--seed", "3", "--memory-tokens", "4000", "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    assert SIMULATE_FIELDS <= set(data)
+    assert data["arrived"] == data["completed"] + data["waiting"] + data["running"]
+    assert 0 < data["peak_memory_frac"] <= 1
+
+
+def test_simulate_replays_a_trace(tmp_path: Path) -> None:
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n" +
+                     "".join(f"{i * 0.1},{20 + i % 7},{5 + i % 11}\n" for i in range(200)))
+    code, out = invoke("simulate", "--trace", str(trace), "--horizon", "10", "--json")
+    assert code == 0, out
+    assert json.loads(out)["arrived"] == 101  # arrivals at 0.0 .. 10.0
+
+
+def test_bad_input_exits_2_with_the_reason(tmp_path: Path) -> None:
+    trace = tmp_path / "bad.csv"
+    trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,10,5\n1,10,zero\n")
+    code, out = invoke("simulate", "--trace", str(trace), "--json")
+    assert code == 2 and "bad.csv:3" in out and "num_decode_tokens" in out
+    code, out = invoke("simulate", "--types", "p=100,o=100,rate=1", "--memory-tokens", "64", "--block-size", "16")
+    assert code == 2 and "needs 200 KV tokens" in out
+    code, out = invoke("fluid", "--types", "p=1,o=1,rate=1", "--memory-tokens", "0")
+    assert code == 2 and "memory-tokens must be >= 1" in out
+    code, out = invoke("simulate", "--policy", "magic")
+    assert code == 2 and "unknown policy 'magic'" in out
