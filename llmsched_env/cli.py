@@ -37,6 +37,12 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _stdout_console() -> Console:
+    """Rich falls back to 80 columns when stdout is not a terminal; tables need a little more."""
+    out = Console()
+    return out if out.is_terminal else Console(width=120)
+
+
 def _print_json(payload: object) -> None:
     sys.stdout.write(json.dumps(json_safe(payload), indent=2) + "\n")
 
@@ -75,7 +81,7 @@ def fluid(
     table.add_row("stable", str(solution.stable))
     table.add_row("memory-bound (LP optimum)", str(solution.memory_bound))
     table.add_row("fluid throughput Θ*", f"{solution.throughput_rps:.3f} req/s, {solution.throughput_tps:,.1f} tok/s")
-    Console().print(table)
+    _stdout_console().print(table)
 
 
 @app.command()
@@ -92,19 +98,22 @@ def simulate(
     block_size: Optional[int] = typer.Option(None, help="KV block size in tokens (default: the profile's)."),
     arrivals: str = typer.Option("poisson", help="Arrival process for --types: poisson, gamma (see --cv), onoff."),
     cv: float = typer.Option(2.0, help="Coefficient of variation of gamma inter-arrival times."),
-    hidden_lengths: bool = typer.Option(False, help="Hide output lengths from the policy until requests finish."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Run one policy on the simulated engine and report throughput, latency, memory and regret."""
+    """Run one policy on the simulated engine and report throughput, latency, memory and regret.
+
+    Output lengths are visible only to the policies defined with known lengths (wait, wait-paper).
+    """
     from baselines import make_policy
+    from baselines.compare import SEES_OUTPUT_LENGTHS
 
     try:
         scenario = build_scenario(types=types, trace=trace, rate=rate, cost=cost, profile=profile,
                                   memory_tokens=memory_tokens, block_size=block_size, arrivals=arrivals,  # type: ignore[arg-type]
-                                  cv=cv, hidden_lengths=hidden_lengths)
+                                  cv=cv, hidden_lengths=policy not in SEES_OUTPUT_LENGTHS)
         requests = scenario.sample(horizon, seed)
         benchmark = scenario.fluid(requests, horizon)
-        chosen = make_policy(policy, scenario, requests, horizon)
+        chosen = make_policy(policy, scenario, horizon)
         result = run(scenario.engine(), chosen, requests, horizon)
     except LLMSchedError as error:
         _fail(error)
@@ -116,7 +125,76 @@ def simulate(
     table = Table(title=f"{policy} on the simulated engine, {horizon:g} s", show_header=False)
     for key, value in json_safe(summary).items():  # type: ignore[union-attr]
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    _stdout_console().print(table)
+
+
+def _floats(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=option) from None
+    if not values or any(not v > 0 for v in values):
+        raise typer.BadParameter(f"expected positive numbers, got {text!r}", param_hint=option)
+    return values
+
+
+@app.command()
+def compare(
+    policies: str = typer.Option("wait,nested-wait,vllm,sarathi",
+                                 help="Comma-separated: wait, wait-paper, nested-wait, vllm, sarathi."),
+    types: Optional[str] = typer.Option(None, help=TYPES_HELP),
+    trace: Optional[Path] = typer.Option(None, help=TRACE_HELP),
+    rates: Optional[str] = typer.Option(None, help="Total arrival rates to sweep (req/s), e.g. '20,30,35'."),
+    loads: Optional[str] = typer.Option(None, help="Or loads ρ to sweep (default 0.7,0.85,0.9,0.93,0.95,0.97)."),
+    horizon: float = typer.Option(300.0, help="Simulated seconds per run."),
+    seed: int = typer.Option(0, help="Seed of the arrival process (the same requests for every policy)."),
+    out: Path = typer.Option(Path("llmsched-out"), help="Folder for comparison.csv, comparison.json and the plots."),
+    cost: Optional[str] = typer.Option(None, help=COST_HELP),
+    profile: Optional[str] = typer.Option(None, help=PROFILE_HELP),
+    memory_tokens: Optional[int] = typer.Option(None, help=MEMORY_HELP),
+    block_size: Optional[int] = typer.Option(None, help="KV block size in tokens (default: the profile's)."),
+    arrivals: str = typer.Option("poisson", help="Arrival process for --types: poisson, gamma (see --cv), onoff."),
+    cv: float = typer.Option(2.0, help="Coefficient of variation of gamma inter-arrival times."),
+    plots: bool = typer.Option(True, help="Write the PNG plots."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with a 'rows' list to stdout."),
+) -> None:
+    """Compare policies over a sweep of arrival rates: table, CSV, JSON and plots against the fluid optimum."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from baselines.compare import DEFAULT_LOADS, compare as run_comparison, default_rates
+    from llmsched_env import report
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    try:
+        scenario = build_scenario(types=types, trace=trace, cost=cost, profile=profile, memory_tokens=memory_tokens,
+                                  block_size=block_size, arrivals=arrivals, cv=cv)  # type: ignore[arg-type]
+        if rates is not None and loads is not None:
+            raise typer.BadParameter("give --rates or --loads, not both")
+        sweep = _floats(rates, "--rates") or default_rates(scenario, _floats(loads, "--loads") or DEFAULT_LOADS)
+        progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+        with progress:
+            task = progress.add_task("simulating", total=len(names) * len(sweep))
+
+            def advance(done) -> None:  # type: ignore[no-untyped-def]
+                progress.update(task, advance=1, description=f"{done.policy} @ {done.rate:g} req/s")
+
+            comparison = run_comparison(scenario, names, sweep, horizon, seed, on_run_done=advance)
+    except LLMSchedError as error:
+        _fail(error)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_csv(comparison, out / "comparison.csv")
+    report.write_json(comparison, out / "comparison.json")
+    written = report.plot(comparison, out) if plots else []
+    if as_json:
+        _print_json(report.to_json(comparison))
+        return
+    _stdout_console().print(report.table(comparison))
+    console.print(f"wrote {out / 'comparison.csv'}, {out / 'comparison.json'}"
+                  + "".join(f", {p}" for p in written))
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

@@ -89,6 +89,29 @@ class TypeMix:
         pairs, counts = np.unique(np.stack([prompt_lens, output_lens], axis=1), axis=0, return_counts=True)
         return cls(tuple(RequestType(int(p), int(o), c / duration_s) for (p, o), c in zip(pairs, counts)))
 
+    @classmethod
+    def bucketed(cls, prompt_lens: np.ndarray, output_lens: np.ndarray, total_rate: float,
+                 buckets: int = 3) -> "TypeMix":
+        """A few representative types for a length sample: ``buckets × buckets`` quantile cells of
+        (prompt, output), each typed by its mean lengths at its share of ``total_rate``.
+
+        What WAIT needs for a trace: thresholds per type only make sense with few, well-populated types.
+        """
+        if buckets < 1:
+            raise ConfigError(f"buckets must be >= 1, got {buckets}")
+        prompt_lens, output_lens = np.asarray(prompt_lens), np.asarray(output_lens)
+        quantiles = np.linspace(0, 1, buckets + 1)[1:-1]
+        prompt_cell = np.searchsorted(np.quantile(prompt_lens, quantiles), prompt_lens, side="right")
+        output_cell = np.searchsorted(np.quantile(output_lens, quantiles), output_lens, side="right")
+        cell = prompt_cell * buckets + output_cell
+        types = []
+        for c in np.unique(cell):
+            members = cell == c
+            types.append(RequestType(max(1, int(round(prompt_lens[members].mean()))),
+                                     max(1, int(round(output_lens[members].mean()))),
+                                     total_rate * members.mean()))
+        return cls(tuple(types))
+
 
 _TYPE_KEYS = {"p": "prompt_len", "prompt": "prompt_len", "o": "output_len", "output": "output_len",
               "rate": "rate", "lambda": "rate"}

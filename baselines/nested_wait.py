@@ -1,0 +1,116 @@
+"""Nested WAIT: threshold batching when output lengths are hidden (arXiv 2504.11320, DESIGN.md section 4).
+
+The policy never reads output lengths: a request reveals its length only by finishing, or by
+surviving a boundary. Segments cut the decode stages at boundaries ``b_1 < … < b_K``; segment ``k``
+covers stages ``(b_{k-1}, b_k]`` (segment 1 starts with the prefill). A request that completes stage
+``b_k`` without finishing *waits at the boundary* with its KV kept, to enter segment ``k + 1``.
+
+Each iteration:
+
+1. segment 1 is ready when ``n_1`` prompts wait; segment ``k >= 2`` when ``n_k`` requests wait at its
+   boundary. Segments run as a *ready prefix*: segment ``k`` runs only if ``1..k-1`` run. A ready
+   segment takes ``n_k`` entrants (oldest first).
+2. cohorts in progress: with ``nested-wait-paper`` (the paper's rule) a running segment advances up to
+   ``n_k`` requests from each of its stages, and everything else pauses, KV kept (with segment 1 not
+   ready nothing runs); with ``nested-wait`` (default, the analogue of the variant the authors
+   measured for WAIT) every request in progress decodes every iteration and only entries are gated.
+3. **overflow guard** (defined here; the paper leaves it to the buffer): if the chosen batch would
+   exceed capacity, the deepest segments are dropped from the prefix until it fits (pausing, not
+   evicting); if segment 1 alone does not fit, its running cohorts advance without new admissions;
+   if even that does not fit, the whole ready prefix runs and the engine's eviction rule (newest
+   first, recompute) frees memory, so the system cannot deadlock.
+
+4. **drain** (ours, not in the paper; ``drain_when_idle``, on for ``nested-wait``, off for
+   ``nested-wait-paper``): when the rule would run nothing although requests wait or hold KV, every
+   gate opens for whoever is behind it. Otherwise, once arrivals stop (the end of a trace), requests
+   below a threshold would be stranded, with their KV, for ever. The paper's rule pauses cohorts
+   exactly when segment 1 is not ready, so it keeps its rule.
+
+Requests longer than ``b_K`` (outside the distribution the thresholds were sized on) continue in the
+last segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from baselines.cohorts import first_per_group
+from baselines.thresholds import NestedWaitThresholds
+from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
+from llmsched_env.errors import ConfigError
+
+Variant = Literal["measured", "paper"]
+
+
+@dataclass
+class NestedWaitPolicy:
+    """Nested WAIT; see the module docstring for the rule and its two variants."""
+
+    thresholds: NestedWaitThresholds
+    variant: Variant = "measured"
+    name: str = "nested-wait"
+    drain_when_idle: bool = True
+
+    def reset(self, engine: Engine) -> None:
+        if self.variant not in ("measured", "paper"):
+            raise ConfigError(f"Nested WAIT variant must be 'measured' or 'paper', got {self.variant!r}")
+        self.guard_activations = 0  # iterations where the overflow guard shrank the batch
+        self.guard_fallbacks = 0  # iterations where nothing fit and the engine had to evict
+
+    def decide(self, state: SchedulerState) -> Decision:
+        bounds, n = self.thresholds.boundaries, self.thresholds.n
+        segments = len(bounds)
+        running = state.running
+        decoded = state.context_len[running] - state.prompt_len[running]  # never the output length
+        at_boundary = np.isin(decoded, bounds[:-1])
+        segment = np.where(at_boundary, np.searchsorted(bounds, decoded, side="left") + 1,
+                           np.minimum(np.searchsorted(bounds, decoded, side="right"), segments - 1))
+        waiting = state.waiting
+        entrants = np.bincount(segment[at_boundary], minlength=segments)
+        entrants[0] = len(waiting)
+        decision = self._select(state, running, decoded, at_boundary, segment, waiting, entrants >= n)
+        if decision.is_idle and self.drain_when_idle and (len(waiting) or len(running)):
+            # Nothing would run: open every gate (a gate with nobody behind it stays shut) rather than strand
+            # requests, with their KV, until enough new arrivals come, which may be never.
+            decision = self._select(state, running, decoded, at_boundary, segment, waiting, np.ones(segments, bool))
+        return decision
+
+    def _select(self, state: SchedulerState, running: np.ndarray, decoded: np.ndarray, at_boundary: np.ndarray,
+                segment: np.ndarray, waiting: np.ndarray, ready: np.ndarray) -> Decision:
+        n = self.thresholds.n
+        segments = len(n)
+        prefix = segments if ready.all() else int(np.argmin(ready))  # segments whose entries open
+        active = segments if self.variant == "measured" else prefix  # segments whose cohorts advance
+
+        # Entries: n_k from each ready segment's boundary queue (oldest first), n_1 new prompts.
+        chosen = np.zeros(len(running), dtype=bool)
+        entering = at_boundary & (segment < prefix)
+        chosen[entering] = first_per_group(segment[entering], n[segment[entering]])
+        progressing = ~at_boundary & (segment < active)
+        if self.variant == "measured":
+            chosen[progressing] = True
+        else:
+            chosen[progressing] = first_per_group(decoded[progressing], n[segment[progressing]])
+        admit = waiting[: n[0]] if prefix > 0 else waiting[:0]
+
+        # Overflow guard: KV growth by segment; keep the shallowest segments that fit.
+        growth = np.bincount(segment[chosen], weights=(state.kv_tokens[running[chosen]] % state.block_size == 0),
+                             minlength=segments)
+        admission_growth = float(np.sum(state.blocks_for(state.context_len[admit])))
+        fits = state.used_blocks + np.cumsum(growth) + admission_growth <= state.capacity_blocks
+        if not fits[-1]:
+            self.guard_activations += 1
+            if fits[0]:
+                chosen &= segment < int(np.argmin(fits))
+            elif state.used_blocks + growth[0] <= state.capacity_blocks:
+                chosen &= segment < 1  # segment 1's cohorts advance; new prompts wait for room
+                admit = admit[:0]
+            else:
+                self.guard_fallbacks += 1
+        decode = running[chosen]
+        if len(decode) == 0 and len(admit) == 0:
+            return IDLE
+        return Decision(decode=decode, prefill=admit)

@@ -1,0 +1,337 @@
+"""Thresholds of WAIT and Nested WAIT from the fluid model (arXiv 2504.11320; DESIGN.md section 4).
+
+Pure functions of a type mix (or an output-length distribution), a cost model and a KV capacity.
+
+**WAIT** (known lengths). With ``n_j`` requests in every stage of every type, one iteration lasts
+``τ(n) = c0 + Σ_j n_j u_j`` and holds ``Σ_j n_j w_j`` KV tokens (:mod:`llmsched_env.fluid`). The paper's
+conditions are
+
+    τ(n) <= n_j / λ_j  for every j     (a cohort of n_j arrivals takes at least one iteration), and
+    M* <= Σ_j n_j w_j <= C             (the full pipelines fit in memory).
+
+The fluid point ``n_j* = λ_j ΔT*`` meets the first with equality. We round up to integers and iterate
+``n_j <- max(1, ceil(λ_j τ(n)))`` to its least fixed point, which then meets the first condition, and
+``Σ n_j w_j >= M*`` holds because ``n >= n*``. Memory is checked in blocks (paging rounds each stage
+up). If the fixed point does not fit in ``C`` (the load is outside the stability region, or rounding
+pushed it out), the thresholds are sized for the largest proportional scaling ``α λ`` that fits
+(bisection on ``α``); the excess load then queues, as it must under any policy.
+
+**Nested WAIT** (hidden lengths). Decode stages are cut at boundaries ``b_1 < … < b_K`` (output
+lengths, or quantiles of their distribution). Segment ``k`` covers stages ``(b_{k-1}, b_k]`` (segment 1
+starts at the prefill, stage 0). ``q_k = P(o > b_{k-1})`` is the share of requests reaching segment
+``k`` and ``p_k = q_k / q_{k-1}`` the share of segment ``k-1``'s requests that survive into it. Thresholds:
+
+    n_k = min(n_{k-1}, ceil(n_{k-1} · p_k · (1 + margin)))   for k >= 2,
+
+so that ``p_k < n_k / n_{k-1} < 1``, with the smallest ``n_1`` such that ``ΔT(n) < n_1 / Σλ`` and, if
+rounding breaks the ratio conditions (``n_k = n_{k-1}`` at small ``n``), the smallest larger ``n_1`` that
+meets them within memory (otherwise they are reported unmet), where ``ΔT(n)`` is the iteration time
+with ``n_k`` requests in every stage of every segment (prompt ``p̄``, the rate-weighted mean). ``M^π`` is
+the memory of that configuration. Thresholds are sized for the offered rate when it lies inside the
+fluid stability region (``ρ < 1``, ``M* <= C``), else for the largest share ``α λ`` inside it.
+The paper's safety buffer: overflow has probability at most ``δ`` over horizon ``ζT`` if
+
+    C >= M^π + Σ_{k>=2} (p̄ + b_{k-1}) · (n_k + ln(K (1 + ζT / d0) / δ) / θ_k),
+
+``θ_k`` the positive root of ``exp(−θ n_k) (1 − p_k + p_k e^θ)^{n_{k−1}} = 1`` (solved with Brent's
+method). Thresholds exactly proportional to the surviving traffic give ``θ_k = 0`` and an infinite
+buffer: the ``margin`` (default 0.05, the authors' later choice) keeps them apart.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import brentq
+
+from llmsched_env.cost_model import LinearCostModel
+from llmsched_env.errors import ConfigError
+from llmsched_env.fluid import equilibrium, lifetime_work, memory_time
+from llmsched_env.workload import TypeMix
+
+_MAX_FIXED_POINT_STEPS = 10_000
+
+
+def lifetime_blocks(prompt_len: np.ndarray, output_len: np.ndarray, block_size: int) -> np.ndarray:
+    """``Σ_{s=0}^{o} ceil((p + s) / B)``: the paged counterpart of ``w`` (blocks held, summed over stages)."""
+    out = []
+    for p, o in zip(np.atleast_1d(prompt_len), np.atleast_1d(output_len)):
+        tokens = np.arange(int(p), int(p) + int(o) + 1)
+        out.append(int((-(-tokens // block_size)).sum()))
+    return np.array(out, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class WaitThresholds:
+    """WAIT's per-type thresholds and the quantities the paper's conditions are stated in.
+
+    Attributes:
+        n: requests per stage (and per admitted cohort) of each type.
+        iteration_time_s: ``τ(n) = c0 + Σ n_j u_j``.
+        memory_tokens, memory_blocks: ``Σ n_j w_j`` and its paged counterpart.
+        scale: ``α``: 1 when the offered rates fit; < 1 when the thresholds serve ``α λ``.
+        fluid_memory_tokens: ``M*`` of the offered rates (``inf`` if ``ρ >= 1``).
+        capacity_blocks: ``C`` in blocks.
+    """
+
+    n: np.ndarray
+    iteration_time_s: float
+    memory_tokens: float
+    memory_blocks: int
+    scale: float
+    fluid_memory_tokens: float
+    capacity_blocks: int
+
+    @property
+    def conditions_met(self) -> bool:
+        """Both of the paper's conditions hold for the offered rates (not only a scaled-down share)."""
+        return self.scale == 1.0 and self.memory_blocks <= self.capacity_blocks
+
+
+def _wait_fixed_point(rates: np.ndarray, u: np.ndarray, c0: float) -> np.ndarray | None:
+    """Least integer ``n >= 1`` (for positive rates) with ``n_j >= λ_j (c0 + n·u)``; None if it diverges."""
+    load = float(rates @ u)
+    if load >= 1.0:
+        return None
+    n = np.maximum(np.where(rates > 0, 1, 0), np.ceil(rates * c0 / (1.0 - load) - 1e-9)).astype(np.int64)
+    for _ in range(_MAX_FIXED_POINT_STEPS):
+        tau = c0 + float(n @ u)
+        target = np.maximum(np.where(rates > 0, 1, 0), np.ceil(rates * tau - 1e-9)).astype(np.int64)
+        if np.array_equal(target, n):
+            return n
+        n = np.maximum(n, target)
+    return None
+
+
+def wait_thresholds(mix: TypeMix, cost: LinearCostModel, capacity_tokens: int, block_size: int = 1) -> WaitThresholds:
+    """WAIT's thresholds for ``mix`` under ``cost`` and a KV capacity (see the module docstring)."""
+    p, o, lam = mix.prompt_lens, mix.output_lens, mix.rates
+    capacity_blocks = capacity_tokens // block_size
+    if capacity_blocks < 1:
+        raise ConfigError(f"KV capacity of {capacity_tokens} tokens is less than one block of {block_size}")
+    u = lifetime_work(p, o, cost)
+    w = memory_time(p, o)
+    blocks = lifetime_blocks(p, o, block_size)
+
+    def fits(n: np.ndarray | None) -> bool:
+        return n is not None and int(n @ blocks) <= capacity_blocks
+
+    scale = 1.0
+    n = _wait_fixed_point(lam, u, cost.c0)
+    if not fits(n):
+        low, high = 0.0, 1.0  # fits(low·λ) is true in the limit: n = 1 per type (checked below)
+        for _ in range(40):
+            middle = (low + high) / 2
+            if fits(_wait_fixed_point(lam * middle, u, cost.c0)):
+                low = middle
+            else:
+                high = middle
+        scale = low
+        n = _wait_fixed_point(lam * scale, u, cost.c0) if scale > 0 else None
+        if n is None or not fits(n):
+            n = np.where(lam > 0, 1, 0).astype(np.int64)  # one request per stage: the least WAIT can run
+    _, _, fluid_memory = equilibrium(lam, p, o, cost)
+    return WaitThresholds(n=n, iteration_time_s=cost.c0 + float(n @ u), memory_tokens=float(n @ w),
+                          memory_blocks=int(n @ blocks), scale=scale, fluid_memory_tokens=fluid_memory,
+                          capacity_blocks=capacity_blocks)
+
+
+@dataclass(frozen=True)
+class OutputLengthDistribution:
+    """A discrete distribution of output lengths (values ascending, probabilities summing to 1)."""
+
+    values: np.ndarray
+    probabilities: np.ndarray
+
+    @classmethod
+    def from_samples(cls, output_lens: np.ndarray, weights: np.ndarray | None = None) -> "OutputLengthDistribution":
+        values, inverse = np.unique(np.asarray(output_lens, dtype=np.int64), return_inverse=True)
+        mass = np.bincount(inverse, weights=weights, minlength=len(values)).astype(np.float64)
+        if mass.sum() <= 0:
+            raise ConfigError("an output-length distribution needs positive total weight")
+        return cls(values, mass / mass.sum())
+
+    def survival(self, length: float) -> float:
+        """``P(o > length)``."""
+        return float(self.probabilities[self.values > length].sum())
+
+    def quantile_boundaries(self, segments: int) -> np.ndarray:
+        """``segments`` boundaries at the output-length quantiles ``k / segments``; the last is the maximum."""
+        if segments < 1:
+            raise ConfigError(f"Nested WAIT needs at least one segment, got {segments}")
+        cdf = np.cumsum(self.probabilities)
+        picks = [self.values[min(int(np.searchsorted(cdf, k / segments - 1e-12)), len(self.values) - 1)]
+                 for k in range(1, segments)]
+        return np.unique(np.array(picks + [self.values[-1]], dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class NestedWaitThresholds:
+    """Nested WAIT's segments, thresholds, and the paper's conditions and safety buffer.
+
+    Attributes:
+        boundaries: ``b_1 < … < b_K`` (output lengths at which segments end; ``b_K`` the largest).
+        n: threshold per segment.
+        survival: ``p_k`` per segment (``p_1 = 1``).
+        iteration_time_s: ``ΔT`` with ``n_k`` requests in every stage of every segment.
+        memory_tokens: ``M^π`` of that configuration.
+        buffer_tokens: the capacity the paper's overflow bound asks for (``inf`` if some ``θ_k = 0``).
+        theta: ``θ_k`` per segment (``θ_1`` unused, 0).
+        scale: 1, or ``α < 1`` when the offered load is outside the fluid stability region and the
+            thresholds serve the largest proportional share ``α λ`` inside it.
+        ratio_conditions_met: ``p_k < n_k / n_{k-1} < 1`` for every ``k >= 2``.
+        stability_condition_met: ``ΔT < n_1 / Σλ`` for the offered rate.
+        capacity_tokens: ``C``.
+    """
+
+    boundaries: np.ndarray
+    n: np.ndarray
+    survival: np.ndarray
+    prompt_len: float
+    iteration_time_s: float
+    memory_tokens: float
+    buffer_tokens: float
+    theta: np.ndarray
+    scale: float
+    ratio_conditions_met: bool
+    stability_condition_met: bool
+    capacity_tokens: int
+
+    @property
+    def buffer_met(self) -> bool:
+        """``C`` covers the paper's safety buffer: overflow has probability at most ``δ``."""
+        return self.buffer_tokens <= self.capacity_tokens
+
+
+def overflow_exponent(n_k: int, n_prev: int, p_k: float) -> float:
+    """``θ_k > 0`` solving ``−θ n_k + n_{k−1} ln(1 − p_k + p_k e^θ) = 0``; 0 when no positive root exists.
+
+    A positive root exists exactly when ``p_k n_{k−1} < n_k < n_{k−1}`` (the ratio conditions).
+    """
+    if not (0 < p_k and p_k * n_prev < n_k < n_prev):
+        return 0.0
+    if p_k >= 1.0:
+        return 0.0
+
+    def f(theta: float) -> float:
+        # log(1 - p + p e^θ) computed stably for large θ
+        return -theta * n_k + n_prev * (theta + math.log(p_k + (1.0 - p_k) * math.exp(-theta)))
+
+    high = 1.0
+    while f(high) <= 0:
+        high *= 2.0
+        if high > 1e6:  # pragma: no cover - f grows like θ (n_prev − n_k) > 0
+            return 0.0
+    low = high / 2.0
+    while f(low) > 0 and low > 1e-12:
+        low /= 2.0
+    return float(brentq(f, low, high, xtol=1e-12)) if f(low) < 0 else 0.0
+
+
+def nested_wait_thresholds(
+    distribution: OutputLengthDistribution,
+    prompt_len: float,
+    total_rate: float,
+    cost: LinearCostModel,
+    capacity_tokens: int,
+    *,
+    boundaries: np.ndarray | None = None,
+    segments: int = 4,
+    margin: float = 0.05,
+    delta: float = 0.05,
+    horizon_s: float = 3600.0,
+) -> NestedWaitThresholds:
+    """Nested WAIT's thresholds (see the module docstring). ``boundaries`` default to quantiles."""
+    if margin < 0:
+        raise ConfigError(f"margin must be >= 0, got {margin}")
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta must be in (0, 1), got {delta}")
+    if total_rate <= 0:
+        raise ConfigError(f"total rate must be > 0, got {total_rate}")
+    bounds = (np.unique(np.asarray(boundaries, dtype=np.int64)) if boundaries is not None
+              else distribution.quantile_boundaries(segments))
+    if bounds[0] < 1:
+        raise ConfigError(f"segment boundaries must be output lengths >= 1, got {bounds.tolist()}")
+    if bounds[-1] < distribution.values[-1]:
+        bounds = np.append(bounds, distribution.values[-1])  # the last segment reaches the longest output
+    k_count = len(bounds)
+    starts = np.concatenate([[0], bounds[:-1] + 1])  # first stage of each segment (segment 1: the prefill)
+    reach = np.array([1.0] + [distribution.survival(b) for b in bounds[:-1]])  # q_k = P(o > b_{k-1})
+    survival = np.ones(k_count)
+    survival[1:] = np.divide(reach[1:], reach[:-1], out=np.zeros(k_count - 1), where=reach[:-1] > 0)
+    # Per request present in every stage of segment k: decode stages and KV tokens summed over its stages.
+    decode_stages = np.where(starts == 0, bounds, bounds - starts + 1)
+    kv_per_request = np.array([float(np.sum(prompt_len + np.arange(s, b + 1))) for s, b in zip(starts, bounds)])
+    work = cost.c_dec * decode_stages + cost.c_kv * kv_per_request
+    work[0] += cost.c_pf * prompt_len
+
+    def chain(n_first: int) -> np.ndarray:
+        n = np.empty(k_count, dtype=np.int64)
+        n[0] = n_first
+        for k in range(1, k_count):
+            n[k] = max(1, min(n[k - 1], math.ceil(n[k - 1] * survival[k] * (1.0 + margin) - 1e-9)))
+        return n
+
+    def least_first(rate: float) -> np.ndarray | None:
+        # The smallest n_1 with ΔT(n) < n_1 / rate. When the load is too high ΔT outgrows n_1 / rate and
+        # the search runs away: give up past a size no real batch reaches.
+        n_first = 1
+        for _ in range(_MAX_FIXED_POINT_STEPS):
+            n = chain(n_first)
+            tau = cost.c0 + float(n @ work)
+            if tau < n_first / rate:
+                return n
+            n_first = max(n_first + 1, math.floor(rate * tau) + 1)
+            if n_first > 10**7:
+                return None
+        return None
+
+    def memory(n: np.ndarray) -> float:
+        return float(n @ kv_per_request)
+
+    def ratios_hold(n: np.ndarray) -> bool:
+        return all(survival[k] < n[k] / n[k - 1] < 1 for k in range(1, k_count))
+
+    # Size for the offered rate when it lies inside the fluid stability region; otherwise for the largest
+    # proportional share of it that does. The full-pipeline memory M^π over-counts the fluid's (every stage
+    # full, n_k rounded up), so exceeding C with it is reported, and the policy's guard handles it.
+    prompts = np.full(len(distribution.values), prompt_len)
+    def inside(rate: float) -> bool:
+        rho, _, fluid_memory = equilibrium(rate * distribution.probabilities, prompts, distribution.values, cost)
+        return rho < 1.0 and fluid_memory <= capacity_tokens
+    scale = 1.0
+    if not inside(total_rate):
+        low, high = 0.0, 1.0
+        for _ in range(50):
+            middle = (low + high) / 2
+            low, high = (middle, high) if inside(total_rate * middle) else (low, middle)
+        scale = low
+    n = least_first(total_rate * scale) if scale > 0 else None
+    if n is None:
+        n = chain(1)
+    elif not ratios_hold(n):
+        # Small integer thresholds cannot shrink from segment to segment (n_k = n_{k-1} breaks n_k/n_{k-1} < 1):
+        # take the smallest larger n_1 whose chain meets the ratio conditions, while memory allows.
+        for n_first in range(int(n[0]) + 1, 64 * int(n[0]) + 64):
+            candidate = chain(n_first)
+            if memory(candidate) > capacity_tokens:
+                break
+            if ratios_hold(candidate):
+                n = candidate
+                break
+    tau = cost.c0 + float(n @ work)
+    theta = np.zeros(k_count)
+    for k in range(1, k_count):
+        theta[k] = overflow_exponent(int(n[k]), int(n[k - 1]), float(survival[k]))
+    log_term = math.log(k_count * (1.0 + horizon_s / cost.c0) / delta)
+    buffer = memory(n)
+    for k in range(1, k_count):
+        size = prompt_len + bounds[k - 1]
+        buffer += math.inf if theta[k] == 0 else size * (n[k] + log_term / theta[k])
+    ratios_ok = ratios_hold(n)
+    return NestedWaitThresholds(
+        boundaries=bounds, n=n, survival=survival, prompt_len=float(prompt_len), iteration_time_s=tau,
+        memory_tokens=memory(n), buffer_tokens=buffer, theta=theta, scale=scale, ratio_conditions_met=ratios_ok,
+        stability_condition_met=scale == 1.0 and tau < n[0] / total_rate, capacity_tokens=capacity_tokens)

@@ -1,0 +1,223 @@
+"""The policies: WAIT's two rules, Nested WAIT's blindness to output lengths and its overflow guard,
+the engine invariants under every policy, and the paper's qualitative result."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from baselines import POLICIES, make_policy
+from baselines.compare import SEES_OUTPUT_LENGTHS
+from baselines.nested_wait import NestedWaitPolicy
+from baselines.thresholds import OutputLengthDistribution, WaitThresholds, nested_wait_thresholds
+from baselines.wait import WaitPolicy
+from llmsched_env import ConfigError, Decision, LinearCostModel, RequestType, SimulatedEngine, TypeMix, run
+from llmsched_env.fluid import solve_fluid
+from llmsched_env.metrics import summarize
+from llmsched_env.scenario import Scenario, build_scenario
+from tests.invariants import InvariantChecker
+
+COST = LinearCostModel.paper(d0=1.0, d1=0.01)
+
+
+def wait_policy(variant: str, n: int = 2, drain: bool = False) -> WaitPolicy:
+    mix = TypeMix((RequestType(4, 3, 1.0),))
+    thresholds = WaitThresholds(n=np.array([n]), iteration_time_s=1.0, memory_tokens=0.0, memory_blocks=0, scale=1.0,
+                                fluid_memory_tokens=0.0, capacity_blocks=100)
+    return WaitPolicy(mix, thresholds, variant, drain_when_idle=drain)  # type: ignore[arg-type]
+
+
+def arrive(engine: SimulatedEngine, count: int) -> None:
+    engine.add_requests(np.full(count, engine.now), np.full(count, 4), np.full(count, 3))
+
+
+def test_wait_paper_rule_gates_on_thresholds_and_pauses_cohorts_with_their_kv() -> None:
+    engine = SimulatedEngine(COST, capacity_tokens=1000, block_size=1)
+    policy = wait_policy("paper")
+    policy.reset(engine)
+    arrive(engine, 1)
+    assert policy.decide(engine.state()).is_idle  # 1 < n = 2 waiting: not ready
+    arrive(engine, 1)
+    decision = policy.decide(engine.state())
+    assert decision.prefill.tolist() == [0, 1] and decision.decode.size == 0
+    engine.step(decision)
+    # No new arrivals: the type is not ready, so its running cohort pauses, KV kept.
+    assert policy.decide(engine.state()).is_idle
+    assert engine.state().kv_tokens[[0, 1]].tolist() == [4, 4]
+    arrive(engine, 3)
+    decision = policy.decide(engine.state())
+    assert decision.prefill.tolist() == [2, 3]  # a cohort of n = 2, oldest first; request 4 waits
+    assert decision.decode.tolist() == [0, 1]  # and up to n from every stage of the type
+
+
+def test_wait_paper_rule_takes_at_most_n_per_stage() -> None:
+    engine = SimulatedEngine(COST, capacity_tokens=1000, block_size=1)
+    policy = wait_policy("paper", n=1)
+    policy.reset(engine)
+    arrive(engine, 2)
+    engine.step(Decision(prefill=np.array([0, 1])))  # two requests in stage 1 (hand-made, above threshold)
+    arrive(engine, 1)
+    decision = policy.decide(engine.state())
+    assert decision.decode.tolist() == [0] and decision.prefill.tolist() == [2]
+
+
+def test_wait_measured_variant_advances_every_decode() -> None:
+    engine = SimulatedEngine(COST, capacity_tokens=1000, block_size=1)
+    policy = wait_policy("measured")
+    policy.reset(engine)
+    arrive(engine, 2)
+    engine.step(policy.decide(engine.state()))
+    arrive(engine, 1)  # not ready: no admission, but the running cohort decodes
+    decision = policy.decide(engine.state())
+    assert decision.decode.tolist() == [0, 1] and decision.prefill.size == 0
+
+
+def test_wait_drains_an_idle_engine_instead_of_stranding_requests_below_threshold() -> None:
+    engine = SimulatedEngine(COST, capacity_tokens=1000, block_size=1)
+    policy = wait_policy("measured", n=3, drain=True)
+    policy.reset(engine)
+    arrive(engine, 2)  # below the threshold, and nothing else to do
+    decision = policy.decide(engine.state())
+    assert decision.prefill.tolist() == [0, 1]
+    engine.step(decision)
+    arrive(engine, 1)  # below the threshold while cohorts run: the gate stays shut
+    decision = policy.decide(engine.state())
+    assert decision.prefill.size == 0 and decision.decode.tolist() == [0, 1]
+
+
+def test_wait_needs_known_output_lengths() -> None:
+    engine = SimulatedEngine(COST, capacity_tokens=1000, output_lengths_known=False)
+    with pytest.raises(ConfigError, match="needs output lengths known.*nested-wait"):
+        wait_policy("measured").reset(engine)
+
+
+def nested_policy(variant: str = "measured", capacity: int = 118_784) -> NestedWaitPolicy:
+    distribution = OutputLengthDistribution.from_samples(np.array([8, 16, 32]), np.array([0.5, 0.3, 0.2]))
+    thresholds = nested_wait_thresholds(distribution, 20, 20.0, LinearCostModel(c0=0.01, c_kv=1e-6), capacity,
+                                        horizon_s=100)
+    return NestedWaitPolicy(thresholds, variant, "nested-wait", drain_when_idle=variant == "measured")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("variant", ["measured", "paper"])
+def test_nested_wait_never_uses_output_lengths(variant: str) -> None:
+    """Two workloads that differ only in output lengths get identical decisions until a finish tells them apart.
+
+    A policy that read output lengths (through the state or otherwise) would diverge earlier.
+    """
+    rng = np.random.default_rng(0)
+    count = 400
+    times = np.sort(rng.uniform(0, 20, count))
+    prompts = np.full(count, 20)
+    # Every length differs between the worlds; all outlive the boundaries 8 and 16, so the comparison
+    # covers admissions and both boundary crossings before the first finish (stage 32) reveals a length.
+    outputs_a = rng.choice([32, 40], size=count)
+    outputs_b = outputs_a + 30
+    engines = [SimulatedEngine(LinearCostModel(c0=0.01, c_kv=1e-6), capacity_tokens=118_784,
+                               output_lengths_known=False) for _ in range(2)]
+    policies = [nested_policy(variant), nested_policy(variant)]
+    for engine, policy in zip(engines, policies):
+        policy.reset(engine)
+    assert engines[0].state().output_len is None  # hidden: the state does not carry them at all
+    added, compared = 0, 0
+    while True:
+        now = engines[0].now
+        end = int(np.searchsorted(times, now, side="right"))
+        for engine, outputs in zip(engines, (outputs_a, outputs_b)):
+            engine.add_requests(times[added:end], prompts[added:end], outputs[added:end])
+        added = end
+        decisions = [policy.decide(engine.state()) for policy, engine in zip(policies, engines)]
+        assert decisions[0].decode.tolist() == decisions[1].decode.tolist()
+        assert decisions[0].prefill.tolist() == decisions[1].prefill.tolist()
+        compared += 1
+        if decisions[0].is_idle:
+            if added == count:
+                break
+            for engine in engines:
+                engine.advance_to(times[added])
+            continue
+        finished = [engine.step(d).finished.tolist() for engine, d in zip(engines, decisions)]
+        if finished[0] != finished[1]:
+            break  # a length is now revealed, differently in the two worlds
+    assert compared > 40
+
+
+def test_nested_wait_guard_keeps_memory_and_never_deadlocks() -> None:
+    """A capacity far below the safety buffer: the guard pauses segments, falls back to the engine's
+    evictions when it must, every invariant holds, and once arrivals stop everything finishes."""
+    policy = nested_policy(capacity=600)
+    assert not policy.thresholds.buffer_met
+    engine = SimulatedEngine(LinearCostModel(c0=0.01, c_kv=1e-6), capacity_tokens=600, block_size=4,
+                             output_lengths_known=False)
+    rng = np.random.default_rng(1)
+    count = 300
+    times = np.sort(rng.uniform(0, 1, count))  # a burst far above the 20 req/s the thresholds expect
+    engine_arrivals = (times, np.full(count, 20), rng.choice([8, 16, 32], size=count, p=[0.5, 0.3, 0.2]))
+    from llmsched_env.workload import Arrivals
+
+    checker = InvariantChecker()
+    result = run(engine, policy, Arrivals(*engine_arrivals), horizon=1_000.0, callbacks=[checker])
+    assert policy.guard_activations > 0
+    assert result.finished == count and result.waiting == result.running == 0
+
+
+def scenario_for(mix: TypeMix, capacity: int, block: int) -> Scenario:
+    return Scenario(LinearCostModel(c0=0.01, c_pf=1e-4, c_dec=1e-4, c_kv=1e-5), capacity, block, mix=mix)
+
+
+mixes = st.lists(st.tuples(st.integers(1, 40), st.integers(1, 40), st.floats(0.5, 10.0)), min_size=1,
+                 max_size=3).map(lambda rows: TypeMix(tuple(RequestType(p, o, r) for p, o, r in rows)))
+
+
+@given(mix=mixes, slack=st.integers(0, 300), block=st.sampled_from([1, 4, 16]), seed=st.integers(0, 2**16),
+       policy=st.sampled_from(sorted(POLICIES)))
+def test_every_policy_keeps_the_engine_invariants(mix: TypeMix, slack: int, block: int, seed: int, policy: str) -> None:
+    largest = int((mix.prompt_lens + mix.output_lens).max())
+    scenario = replace(scenario_for(mix, (-(-largest // block)) * block + slack, block),
+                       output_lengths_known=policy in SEES_OUTPUT_LENGTHS)
+    checker = InvariantChecker()
+    arrivals = scenario.sample(15.0, seed)
+    result = run(scenario.engine(), make_policy(policy, scenario, 15.0), arrivals, 15.0, callbacks=[checker])
+    assert result.arrived == len(arrivals) == result.finished + result.waiting + result.running
+
+
+def test_paper_result_wait_is_stable_where_vllm_evicts() -> None:
+    """ρ = 0.8 with C = 1.5·M*: vLLM-style admission evicts and queues; WAIT does not, and serves more, faster."""
+    base = build_scenario()
+    scenario = base.at_rate(base.rate_for_load(0.8))
+    assert scenario.mix is not None
+    memory = solve_fluid(scenario.mix, scenario.cost, 10**9).memory_tokens
+    scenario = replace(scenario, capacity_tokens=int(1.5 * memory))
+    horizon = 600.0
+    arrivals = scenario.sample(horizon, seed=0)
+    fluid = scenario.fluid(arrivals, horizon)
+    rows = {}
+    for name in ("wait", "nested-wait", "vllm", "sarathi"):
+        setting = replace(scenario, output_lengths_known=name in SEES_OUTPUT_LENGTHS)
+        result = run(setting.engine(), make_policy(name, setting, horizon), arrivals, horizon)
+        rows[name] = summarize(result, fluid)
+    assert rows["vllm"]["evictions"] > 1000 and rows["sarathi"]["evictions"] > 1000
+    assert rows["wait"]["evictions"] == 0
+    assert rows["wait"]["throughput_rps"] > rows["vllm"]["throughput_rps"]
+    assert rows["wait"]["waiting"] < rows["vllm"]["waiting"]
+    for fluid_guided in ("wait", "nested-wait"):
+        for engine_policy in ("vllm", "sarathi"):
+            assert rows[fluid_guided]["mean_latency_s"] < rows[engine_policy]["mean_latency_s"]
+            assert rows[fluid_guided]["p99_latency_s"] < rows[engine_policy]["p99_latency_s"]
+
+
+@pytest.mark.slow
+def test_wait_regret_grows_sublinearly_when_memory_suffices() -> None:
+    """ρ = 0.8, C ample: regret at T, 4T and 16T grows far slower than T (linear would multiply by 16)."""
+    base = build_scenario()
+    scenario = base.at_rate(base.rate_for_load(0.8))
+    regrets = []
+    for horizon in (150.0, 600.0, 2400.0):
+        arrivals = scenario.sample(horizon, seed=0)
+        result = run(scenario.engine(), make_policy("wait", scenario, horizon), arrivals, horizon)
+        regrets.append(summarize(result, scenario.fluid(arrivals, horizon))["regret_requests"])
+    assert regrets[2] < 3 * regrets[0]
+    assert regrets[2] / 2400.0 < regrets[0] / 150.0 / 5
