@@ -61,7 +61,9 @@ def run(engine: Engine, policy: Policy, arrivals: Arrivals, horizon: float,
 
     Requests enter the engine's queue when the clock reaches their arrival time. No iteration starts
     at or after ``horizon`` (the last one may end slightly past it); what is then waiting or running is
-    reported as such. When the policy returns an empty decision the clock jumps to the next arrival.
+    reported as such. When the policy returns an empty decision, or one of which nothing could run
+    (every admission deferred for lack of memory), the clock jumps to the next arrival; with none left
+    the run ends, and what is stuck is reported as waiting or running.
     """
     if not (math.isfinite(horizon) and horizon > 0):
         raise ConfigError(f"horizon must be finite and > 0 s, got {horizon!r}")
@@ -85,17 +87,21 @@ def run(engine: Engine, policy: Policy, arrivals: Arrivals, horizon: float,
         if now >= horizon or (max_iterations is not None and iterations >= max_iterations):
             break
         decision = policy.decide(engine.state())
-        if decision.is_idle:
+        stalled = decision.is_idle
+        if not stalled:
+            outcome = engine.step(decision)
+            iterations += 1
+            evictions += len(outcome.evicted)
+            peak = max(peak, outcome.peak_blocks_used)
+            for callback in callbacks:
+                callback(engine, outcome)
+            # Nothing could run (every admission deferred for memory) and nothing changed: asking again
+            # would get the same answer, so wait for the world to change, as after an idle decision.
+            stalled = outcome.duration == 0.0 and len(outcome.evicted) == 0
+        if stalled:
             if next_arrival >= total:
                 break  # nothing runs and nothing more arrives
             engine.advance_to(float(times[next_arrival]))
-            continue
-        outcome = engine.step(decision)
-        iterations += 1
-        evictions += len(outcome.evicted)
-        peak = max(peak, outcome.peak_blocks_used)
-        for callback in callbacks:
-            callback(engine, outcome)
     return RunResult(
         records=engine.records(), horizon=horizon, end_time=engine.now, iterations=iterations,
         capacity_blocks=engine.capacity_blocks, block_size=engine.block_size, peak_blocks_used=peak,

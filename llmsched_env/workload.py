@@ -208,18 +208,22 @@ def _check_horizon(horizon: float) -> None:
         raise ConfigError(f"horizon must be finite and > 0 s, got {horizon!r}")
 
 
+_DRAW = 1024  # gaps drawn per batch: fixed, so that a longer horizon extends a shorter one's arrivals
+
+
 def _renewal_times(rate: float, horizon: float, cv: float, rng: np.random.Generator) -> np.ndarray:
-    """Arrival times in ``[0, horizon]`` of a renewal process with gamma gaps (cv = 1: Poisson)."""
+    """Arrival times in ``[0, horizon]`` of a renewal process with gamma gaps (cv = 1: Poisson).
+
+    Prefix-consistent: with the same generator state, the arrivals before ``t`` do not depend on the horizon.
+    """
     if rate <= 0:
         return np.empty(0)
     shape = 1.0 / cv**2
     scale = 1.0 / (rate * shape)
     times: list[np.ndarray] = []
     start = 0.0
-    expected = rate * horizon
     while True:
-        batch = max(16, int(expected + 5 * math.sqrt(expected + 1) * cv))
-        gaps = rng.exponential(scale, batch) if cv == 1.0 else rng.gamma(shape, scale, batch)
+        gaps = rng.exponential(scale, _DRAW) if cv == 1.0 else rng.gamma(shape, scale, _DRAW)
         chunk = start + np.cumsum(gaps)
         times.append(chunk)
         if chunk[-1] > horizon:
@@ -264,8 +268,8 @@ class GammaWorkload:
     def sample(self, horizon: float, rng: np.random.Generator) -> Arrivals:
         _check_horizon(horizon)
         parts = []
-        for t in self.mix.types:
-            times = _renewal_times(t.rate, horizon, self.cv, rng)
+        for t, stream in zip(self.mix.types, rng.spawn(len(self.mix.types))):  # one stream per type
+            times = _renewal_times(t.rate, horizon, self.cv, stream)
             parts.append(Arrivals(times, np.full(len(times), t.prompt_len, np.int64),
                                   np.full(len(times), t.output_len, np.int64)))
         return Arrivals.merge(parts)
@@ -466,8 +470,9 @@ class LengthSampleWorkload:
 
     def sample(self, horizon: float, rng: np.random.Generator) -> Arrivals:
         _check_horizon(horizon)
-        times = _renewal_times(self.rate, horizon, self.cv, rng)
-        rows = rng.integers(0, len(self.prompt_len), len(times))
+        arrival_stream, length_stream = rng.spawn(2)
+        times = _renewal_times(self.rate, horizon, self.cv, arrival_stream)
+        rows = length_stream.integers(0, len(self.prompt_len), len(times))
         return Arrivals(times, self.prompt_len[rows], self.output_len[rows])
 
 

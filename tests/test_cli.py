@@ -62,3 +62,32 @@ def test_bad_input_exits_2_with_the_reason(tmp_path: Path) -> None:
     assert code == 2 and "memory-tokens must be >= 1" in out
     code, out = invoke("simulate", "--policy", "magic")
     assert code == 2 and "unknown policy 'magic'" in out
+
+
+def test_compare_json_rows_csv_and_plots(tmp_path: Path) -> None:
+    code, out = invoke("compare", "--policies", "wait,vllm", "--rates", "20,30", "--horizon", "30",
+                       "--out", str(tmp_path), "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    rows = data["rows"]
+    assert [(r["policy"], r["rate_rps"]) for r in rows] == [("wait", 20.0), ("vllm", 20.0), ("wait", 30.0),
+                                                           ("vllm", 30.0)]
+    required = ["policy", "rate_rps", "arrived", "completed", "throughput_rps", "fluid_throughput_rps",
+                "regret_requests", "mean_latency_s", "p99_latency_s", "mean_ttft_s", "evictions", "peak_memory_frac"]
+    assert all(list(r)[: len(required)] == required for r in rows)
+    # Every policy at a rate replays the same requests.
+    assert rows[0]["arrived"] == rows[1]["arrived"] and rows[2]["arrived"] == rows[3]["arrived"]
+    for name in ("comparison.csv", "comparison.json", "throughput.png", "regret.png", "memory.png", "queue.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "comparison.csv").read_text().count("\n") == 5
+
+
+def test_compare_table_and_errors(tmp_path: Path) -> None:
+    code, out = invoke("compare", "--policies", "nested-wait,sarathi", "--loads", "0.5", "--horizon", "20",
+                       "--out", str(tmp_path), "--no-plots")
+    assert code == 0, out
+    assert "nested-wait" in out and "sarathi" in out and "fluid optimum" in out
+    code, out = invoke("compare", "--policies", "wait,fifo", "--rates", "10", "--out", str(tmp_path))
+    assert code == 2 and "unknown policy 'fifo'" in out
+    code, out = invoke("compare", "--rates", "10,-1", "--out", str(tmp_path))
+    assert code == 2 and "positive numbers" in out

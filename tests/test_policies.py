@@ -191,7 +191,7 @@ def test_paper_result_wait_is_stable_where_vllm_evicts() -> None:
     assert scenario.mix is not None
     memory = solve_fluid(scenario.mix, scenario.cost, 10**9).memory_tokens
     scenario = replace(scenario, capacity_tokens=int(1.5 * memory))
-    horizon = 600.0
+    horizon = 900.0
     arrivals = scenario.sample(horizon, seed=0)
     fluid = scenario.fluid(arrivals, horizon)
     rows = {}

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from baselines import sarathi_policy, vllm_policy
 from llmsched_env import (
+    Arrivals,
     ConfigError,
     Decision,
     InvalidDecisionError,
@@ -162,6 +163,28 @@ def test_run_refuses_a_workload_with_an_impossible_request_before_running() -> N
     with pytest.raises(RequestTooLargeError):
         run(engine, vllm_policy(), arrivals, 50.0)
     assert engine.num_requests == 0 and engine.now == 0.0
+
+
+class StubbornPolicy:
+    """Admits request 0 and then keeps asking for request 1, which never fits beside it."""
+
+    name = "stubborn"
+
+    def reset(self, engine: SimulatedEngine) -> None:
+        pass
+
+    def decide(self, state):  # type: ignore[no-untyped-def]
+        if state.kv_tokens[0] == 0 and state.num_requests and state.context_len[0] == state.prompt_len[0]:
+            return Decision(prefill=np.array([0]))
+        return Decision(prefill=np.array([1])) if state.num_requests > 1 else IDLE
+
+
+def test_a_decision_that_cannot_run_does_not_spin_the_loop() -> None:
+    engine = SimulatedEngine(PAPER, capacity_blocks=3, block_size=2)
+    arrivals = Arrivals(np.array([0.0, 0.0, 5.0]), np.array([4, 4, 4]), np.array([1, 1, 1]))
+    result = run(engine, StubbornPolicy(), arrivals, horizon=100.0)
+    assert result.iterations == 3  # the admission, then one deferred try at t = 0 and one at t = 5
+    assert result.running == 1 and result.waiting == 2 and engine.now == 5.0
 
 
 class RandomPolicy:

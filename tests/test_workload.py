@@ -62,6 +62,15 @@ def test_poisson_rates_and_seeding() -> None:
         assert abs(count - expected) < 5 * np.sqrt(expected)
 
 
+def test_a_longer_horizon_extends_a_shorter_one() -> None:
+    mix = parse_types("p=10,o=10,rate=40;p=20,o=5,rate=10")
+    for workload in (PoissonWorkload(mix), GammaWorkload(mix, cv=3.0)):
+        short = workload.sample(100.0, np.random.default_rng(5))
+        long = workload.sample(1000.0, np.random.default_rng(5)).until(100.0)
+        np.testing.assert_array_equal(short.arrival_time, long.arrival_time)
+        np.testing.assert_array_equal(short.prompt_len, long.prompt_len)
+
+
 @given(cv=st.floats(0.3, 4.0))
 def test_gamma_arrivals_have_the_requested_rate_and_burstiness(cv: float) -> None:
     mix = parse_types("p=10,o=10,rate=50")
