@@ -14,11 +14,13 @@ Each iteration:
    ``n_k`` requests from each of its stages, and everything else pauses, KV kept (with segment 1 not
    ready nothing runs); with ``nested-wait`` (default, the analogue of the variant the authors
    measured for WAIT) every request in progress decodes every iteration and only entries are gated.
-3. **overflow guard** (defined here; the paper leaves it to the buffer): if the chosen batch would
-   exceed capacity, the deepest segments are dropped from the prefix until it fits (pausing, not
-   evicting); if segment 1 alone does not fit, its running cohorts advance without new admissions;
-   if even that does not fit, the whole ready prefix runs and the engine's eviction rule (newest
-   first, recompute) frees memory, so the system cannot deadlock.
+3. **overflow guard** (ours; the paper leaves it to its safety buffer): if the chosen batch would
+   exceed capacity, no new prompt is admitted and the boundary queues move on whatever their length
+   (every non-empty one up to the first empty one): finishing requests is what frees memory, holding
+   them at a gate only keeps their KV. If
+   that still does not fit, the shallowest segments pause first (their requests are furthest from
+   finishing); if not even the deepest fits, the engine's eviction rule (newest first, recompute)
+   frees memory, so the system cannot deadlock.
 
 4. **drain** (ours, not in the paper; ``drain_when_idle``, on for ``nested-wait``, off for
    ``nested-wait-paper``): when the rule would run nothing although requests wait or hold KV, every
@@ -72,20 +74,32 @@ class NestedWaitPolicy:
         entrants = np.bincount(segment[at_boundary], minlength=segments)
         entrants[0] = len(waiting)
         decision = self._select(state, running, decoded, at_boundary, segment, waiting, entrants >= n)
+        if decision is None:
+            # Memory pressure: admit nothing new and let every boundary queue move on toward completion,
+            # which is what frees memory, instead of holding requests (and their KV) at the gates.
+            self.guard_activations += 1
+            decision = self._select(state, running, decoded, at_boundary, segment, waiting[:0], entrants > 0,
+                                    under_pressure=True)
+            assert decision is not None
         if decision.is_idle and self.drain_when_idle and (len(waiting) or len(running)):
             # Nothing would run: open every gate (a gate with nobody behind it stays shut) rather than strand
             # requests, with their KV, until enough new arrivals come, which may be never.
-            decision = self._select(state, running, decoded, at_boundary, segment, waiting, np.ones(segments, bool))
+            decision = self._select(state, running, decoded, at_boundary, segment, waiting, np.ones(segments, bool),
+                                    under_pressure=True)
+            assert decision is not None
         return decision
 
     def _select(self, state: SchedulerState, running: np.ndarray, decoded: np.ndarray, at_boundary: np.ndarray,
-                segment: np.ndarray, waiting: np.ndarray, ready: np.ndarray) -> Decision:
+                segment: np.ndarray, waiting: np.ndarray, ready: np.ndarray,
+                under_pressure: bool = False) -> Decision | None:
+        """The batch for gates ``ready``; ``None`` if it would not fit in memory (unless ``under_pressure``,
+        where the shallowest segments are trimmed first, and the engine's eviction rule is the last resort)."""
         n = self.thresholds.n
         segments = len(n)
         prefix = segments if ready.all() else int(np.argmin(ready))  # segments whose entries open
         active = segments if self.variant == "measured" else prefix  # segments whose cohorts advance
 
-        # Entries: n_k from each ready segment's boundary queue (oldest first), n_1 new prompts.
+        # Entries: n_k from each open segment's boundary queue (oldest first), n_1 new prompts.
         chosen = np.zeros(len(running), dtype=bool)
         entering = at_boundary & (segment < prefix)
         chosen[entering] = first_per_group(segment[entering], n[segment[entering]])
@@ -96,20 +110,19 @@ class NestedWaitPolicy:
             chosen[progressing] = first_per_group(decoded[progressing], n[segment[progressing]])
         admit = waiting[: n[0]] if prefix > 0 else waiting[:0]
 
-        # Overflow guard: KV growth by segment; keep the shallowest segments that fit.
+        # KV growth by segment: one block for each request that crosses a block edge, plus the admissions.
         growth = np.bincount(segment[chosen], weights=(state.kv_tokens[running[chosen]] % state.block_size == 0),
                              minlength=segments)
-        admission_growth = float(np.sum(state.blocks_for(state.context_len[admit])))
-        fits = state.used_blocks + np.cumsum(growth) + admission_growth <= state.capacity_blocks
-        if not fits[-1]:
-            self.guard_activations += 1
-            if fits[0]:
-                chosen &= segment < int(np.argmin(fits))
-            elif state.used_blocks + growth[0] <= state.capacity_blocks:
-                chosen &= segment < 1  # segment 1's cohorts advance; new prompts wait for room
-                admit = admit[:0]
+        room = state.capacity_blocks - state.used_blocks - float(np.sum(state.blocks_for(state.context_len[admit])))
+        if growth.sum() > room:
+            if not under_pressure:
+                return None
+            # Keep the deepest segments (closest to finishing); trim from segment 1 upward.
+            kept_from = int(np.searchsorted(-np.cumsum(growth[::-1])[::-1], -room, side="left"))
+            if kept_from >= segments:
+                self.guard_fallbacks += 1  # not even the deepest fits: the engine evicts (newest first)
             else:
-                self.guard_fallbacks += 1
+                chosen &= segment >= kept_from
         decode = running[chosen]
         if len(decode) == 0 and len(admit) == 0:
             return IDLE

@@ -20,17 +20,9 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-
 from baselines import sarathi_policy, vllm_policy  # noqa: E402
-from llmsched_env import PoissonWorkload, SimulatedEngine, load_profile, parse_types, run  # noqa: E402
-from llmsched_env.fluid import lifetime_work, solve_fluid  # noqa: E402
-
-
-def mix_at_rho(rho: float, cost):  # type: ignore[no-untyped-def]
-    mix = parse_types("p=50,o=156,rate=1;p=100,o=171,rate=1")
-    per_request = lifetime_work(mix.prompt_lens, mix.output_lens, cost) @ (mix.rates / mix.total_rate)
-    return mix.scaled_to(rho / per_request)
+from llmsched_env import run  # noqa: E402
+from llmsched_env.scenario import build_scenario  # noqa: E402
 
 
 class _TimedPolicy:
@@ -58,18 +50,18 @@ def main() -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 
-    profile = load_profile("llama2-7b-a100")
-    mix = mix_at_rho(args.rho, profile.cost)
-    fluid = solve_fluid(mix, profile.cost, profile.kv_capacity_tokens)
-    arrivals = PoissonWorkload(mix).sample(args.horizon, np.random.default_rng(0))
-    print(f"workload: {mix.to_text()}  rho={fluid.rho:.3f}  fluid tau*={fluid.tau_star_s * 1e3:.1f} ms  "
-          f"M*={fluid.memory_tokens:,.0f} of {profile.kv_capacity_tokens:,} tokens  {len(arrivals):,} requests")
+    base = build_scenario(types="p=50,o=156,rate=1;p=100,o=171,rate=1", profile="llama2-7b-a100")
+    scenario = base.at_rate(base.rate_for_load(args.rho))
+    arrivals = scenario.sample(args.horizon, seed=0)
+    fluid = scenario.fluid(arrivals, args.horizon)
+    assert scenario.mix is not None
+    print(f"workload: {scenario.mix.to_text()}  rho={fluid.rho:.3f}  fluid tau*={fluid.tau_star_s * 1e3:.1f} ms  "
+          f"M*={fluid.memory_tokens:,.0f} of {scenario.capacity_tokens:,} tokens  {len(arrivals):,} requests")
     for make in (vllm_policy, sarathi_policy):
         best = None
         for _ in range(args.repeats):
             policy = _TimedPolicy(make())
-            engine = SimulatedEngine(profile.cost, capacity_tokens=profile.kv_capacity_tokens,
-                                     block_size=profile.block_size)
+            engine = scenario.engine()
             start = time.perf_counter()
             result = run(engine, policy, arrivals, args.horizon)
             wall = time.perf_counter() - start

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -32,6 +32,18 @@ COST_HELP = "Cost model overriding the profile's: 'd0=..,d1=..' (paper) or 'c0=.
 MEMORY_HELP = "KV capacity in tokens (default: the profile's)."
 
 
+# Options shared by the commands (typer's way to declare an option once).
+TypesOption = Annotated[Optional[str], typer.Option(help=TYPES_HELP)]
+TraceOption = Annotated[Optional[Path], typer.Option(help=TRACE_HELP)]
+CostOption = Annotated[Optional[str], typer.Option(help=COST_HELP)]
+ProfileOption = Annotated[Optional[str], typer.Option(help=PROFILE_HELP)]
+MemoryOption = Annotated[Optional[int], typer.Option(help=MEMORY_HELP)]
+BlockSizeOption = Annotated[Optional[int], typer.Option(help="KV block size in tokens (default: the profile's).")]
+ArrivalsOption = Annotated[str, typer.Option(help="Arrival process for --types: poisson, gamma (see --cv), onoff.")]
+CvOption = Annotated[float, typer.Option(help="Coefficient of variation of gamma inter-arrival times.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
+
+
 def _fail(error: Exception) -> None:
     console.print(f"[bold red]error:[/] {error}")
     raise typer.Exit(code=2)
@@ -49,16 +61,19 @@ def _print_json(payload: object) -> None:
 
 @app.command()
 def fluid(
-    types: Optional[str] = typer.Option(None, help=TYPES_HELP),
-    trace: Optional[Path] = typer.Option(None, help=TRACE_HELP + " Its length mix at its mean rate is used."),
+    types: TypesOption = None,
+    trace: TraceOption = None,
     rate: Optional[float] = typer.Option(None, help="Scale the total arrival rate to this (req/s)."),
-    cost: Optional[str] = typer.Option(None, help=COST_HELP),
-    profile: Optional[str] = typer.Option(None, help=PROFILE_HELP),
-    memory_tokens: Optional[int] = typer.Option(None, help=MEMORY_HELP),
+    cost: CostOption = None,
+    profile: ProfileOption = None,
+    memory_tokens: MemoryOption = None,
     objective: str = typer.Option("requests", help="What the memory-bound LP maximises: requests or tokens."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: JsonOption = False,
 ) -> None:
-    """The fluid benchmark: equilibrium iteration time, memory, throughput and stability of a load."""
+    """The fluid benchmark: equilibrium iteration time, memory, throughput and stability of a load.
+
+    For a trace, its length mix at its mean rate.
+    """
     try:
         scenario = build_scenario(types=types, trace=trace, rate=rate, cost=cost, profile=profile,
                                   memory_tokens=memory_tokens)
@@ -86,19 +101,19 @@ def fluid(
 
 @app.command()
 def simulate(
-    policy: str = typer.Option("vllm", help="Policy: vllm, sarathi, wait, wait-paper, nested-wait."),
-    types: Optional[str] = typer.Option(None, help=TYPES_HELP),
-    trace: Optional[Path] = typer.Option(None, help=TRACE_HELP),
+    policy: str = typer.Option("vllm", help="Policy: vllm, sarathi, wait, wait-paper, nested-wait, nested-wait-paper."),
+    types: TypesOption = None,
+    trace: TraceOption = None,
     rate: Optional[float] = typer.Option(None, help="Total arrival rate (req/s): rescales --types or the trace."),
     horizon: float = typer.Option(300.0, help="Simulated seconds; arrivals in [0, horizon], stop at horizon."),
     seed: int = typer.Option(0, help="Seed of the arrival process."),
-    cost: Optional[str] = typer.Option(None, help=COST_HELP),
-    profile: Optional[str] = typer.Option(None, help=PROFILE_HELP),
-    memory_tokens: Optional[int] = typer.Option(None, help=MEMORY_HELP),
-    block_size: Optional[int] = typer.Option(None, help="KV block size in tokens (default: the profile's)."),
-    arrivals: str = typer.Option("poisson", help="Arrival process for --types: poisson, gamma (see --cv), onoff."),
-    cv: float = typer.Option(2.0, help="Coefficient of variation of gamma inter-arrival times."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    cost: CostOption = None,
+    profile: ProfileOption = None,
+    memory_tokens: MemoryOption = None,
+    block_size: BlockSizeOption = None,
+    arrivals: ArrivalsOption = "poisson",
+    cv: CvOption = 2.0,
+    as_json: JsonOption = False,
 ) -> None:
     """Run one policy on the simulated engine and report throughput, latency, memory and regret.
 
@@ -144,21 +159,21 @@ def _floats(text: str | None, option: str) -> list[float] | None:
 def compare(
     policies: str = typer.Option("wait,nested-wait,vllm,sarathi",
                                  help="Comma-separated: wait, wait-paper, nested-wait, vllm, sarathi."),
-    types: Optional[str] = typer.Option(None, help=TYPES_HELP),
-    trace: Optional[Path] = typer.Option(None, help=TRACE_HELP),
+    types: TypesOption = None,
+    trace: TraceOption = None,
     rates: Optional[str] = typer.Option(None, help="Total arrival rates to sweep (req/s), e.g. '20,30,35'."),
     loads: Optional[str] = typer.Option(None, help="Or loads ρ to sweep (default 0.7,0.85,0.9,0.93,0.95,0.97)."),
     horizon: float = typer.Option(300.0, help="Simulated seconds per run."),
     seed: int = typer.Option(0, help="Seed of the arrival process (the same requests for every policy)."),
     out: Path = typer.Option(Path("llmsched-out"), help="Folder for comparison.csv, comparison.json and the plots."),
-    cost: Optional[str] = typer.Option(None, help=COST_HELP),
-    profile: Optional[str] = typer.Option(None, help=PROFILE_HELP),
-    memory_tokens: Optional[int] = typer.Option(None, help=MEMORY_HELP),
-    block_size: Optional[int] = typer.Option(None, help="KV block size in tokens (default: the profile's)."),
-    arrivals: str = typer.Option("poisson", help="Arrival process for --types: poisson, gamma (see --cv), onoff."),
-    cv: float = typer.Option(2.0, help="Coefficient of variation of gamma inter-arrival times."),
+    cost: CostOption = None,
+    profile: ProfileOption = None,
+    memory_tokens: MemoryOption = None,
+    block_size: BlockSizeOption = None,
+    arrivals: ArrivalsOption = "poisson",
+    cv: CvOption = 2.0,
     plots: bool = typer.Option(True, help="Write the PNG plots."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with a 'rows' list to stdout."),
+    as_json: JsonOption = False,
 ) -> None:
     """Compare policies over a sweep of arrival rates: table, CSV, JSON and plots against the fluid optimum."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

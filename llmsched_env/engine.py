@@ -184,6 +184,10 @@ class Engine(Protocol):
     @property
     def num_finished(self) -> int: ...
 
+    def check_fits(self, prompt_len: np.ndarray, output_len: np.ndarray) -> None:
+        """Raise :class:`~llmsched_env.errors.RequestTooLargeError` if a request could never finish in memory."""
+        ...
+
     def add_requests(self, arrival_time: np.ndarray, prompt_len: np.ndarray, output_len: np.ndarray) -> np.ndarray:
         """Enqueue arrived requests; returns their ids."""
         ...

@@ -70,8 +70,7 @@ def run(engine: Engine, policy: Policy, arrivals: Arrivals, horizon: float,
     arrivals = arrivals.until(horizon)
     times = arrivals.arrival_time
     total = len(times)
-    if hasattr(engine, "check_fits"):
-        engine.check_fits(arrivals.prompt_len, arrivals.output_len)  # fail before running, not midway
+    engine.check_fits(arrivals.prompt_len, arrivals.output_len)  # fail before running, not midway
     policy.reset(engine)
     next_arrival = 0
     iterations = 0

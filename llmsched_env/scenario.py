@@ -24,7 +24,6 @@ from llmsched_env.workload import (
     LengthSampleWorkload,
     OnOffWorkload,
     PoissonWorkload,
-    RequestType,
     TraceWorkload,
     TypeMix,
     empirical_mix,
@@ -88,26 +87,18 @@ class Scenario:
 
     def rate_for_load(self, rho: float) -> float:
         """The total rate at which the load ``ρ = Σ λ_j u_j`` equals ``rho`` (mix shares kept)."""
-        prompts, outputs, shares = self._length_distribution()
-        return rho / float(shares @ lifetime_work(prompts, outputs, self.cost))
+        mix = self.offered_mix()
+        per_request = float(mix.rates @ lifetime_work(mix.prompt_lens, mix.output_lens, self.cost)) / mix.total_rate
+        return rho / per_request
 
     def offered_mix(self) -> TypeMix:
         """The offered load as a type mix: the given types, or one type per distinct length pair of a trace
         at its share of the trace's mean rate (exact for the fluid model, which is linear in the rates)."""
         if self.mix is not None:
             return self.mix
-        prompts, outputs, shares = self._length_distribution()
-        rate = self.base_rate
-        return TypeMix(tuple(RequestType(int(p), int(o), float(share * rate))
-                             for p, o, share in zip(prompts, outputs, shares)))
-
-    def _length_distribution(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self.mix is not None:
-            return self.mix.prompt_lens, self.mix.output_lens, self.mix.rates / self.mix.total_rate
         assert self.trace is not None
-        pairs, counts = np.unique(np.stack([self.trace.prompt_len, self.trace.output_len], 1), axis=0,
-                                  return_counts=True)
-        return pairs[:, 0], pairs[:, 1], counts / counts.sum()
+        lengths = self.trace.prompt_len, self.trace.output_len
+        return TypeMix.from_lengths(*lengths, duration_s=len(lengths[0]) / self.base_rate)
 
     def sample(self, horizon: float, seed: int) -> Arrivals:
         """The requests arriving in ``[0, horizon]`` (the same seed, the same requests)."""
