@@ -59,6 +59,7 @@ class FCFSPolicy:
             raise ConfigError(f"max_num_batched_tokens must be >= 1 or None, got {self.max_num_batched_tokens}")
         if not 0 <= self.watermark < 1:
             raise ConfigError(f"watermark must be in [0, 1), got {self.watermark}")
+        self._watermark_blocks = 0  # sized to the engine's capacity by reset()
 
     def reset(self, engine: Engine) -> None:
         self._watermark_blocks = int(self.watermark * engine.capacity_blocks)

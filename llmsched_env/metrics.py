@@ -6,6 +6,8 @@ Definitions (seconds unless stated):
   engine's prefill emits the first token); time between tokens (TBT) of a request =
   (finish − first token) / output length, its mean gap between output tokens.
 * throughput over the horizon ``T``: completed requests / ``T`` and their output tokens / ``T``.
+* memory: the peak fraction of KV blocks in use, and its time average over the run (idle time counts
+  as what was held then: KV of paused requests stays allocated).
 * regret at time ``t`` = ``Θ* · t − completions(t)``, in requests and in output tokens of completed
   requests, where ``Θ*`` is the fluid optimum (memory-bound when the offered load does not fit).
 """
@@ -62,6 +64,8 @@ def summarize(result: RunResult, fluid: FluidSolution) -> dict[str, float | int 
     summary.update(_stats(ttft, "ttft"))
     summary.update(_stats(tbt, "tbt"))
     summary["peak_memory_frac"] = result.peak_blocks_used / result.capacity_blocks
+    summary["mean_memory_frac"] = (result.block_seconds / result.end_time / result.capacity_blocks
+                                   if result.end_time > 0 else 0.0)
     return summary
 
 

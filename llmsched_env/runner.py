@@ -48,6 +48,7 @@ class RunResult:
     capacity_blocks: int
     block_size: int
     peak_blocks_used: int
+    block_seconds: float  # KV blocks in use integrated over time (iterations at their peak, idle time included)
     evictions: int
     arrived: int
     waiting: int
@@ -75,6 +76,7 @@ def run(engine: Engine, policy: Policy, arrivals: Arrivals, horizon: float,
     next_arrival = 0
     iterations = 0
     peak = engine.state().used_blocks
+    block_seconds = 0.0
     evictions = 0
     while True:
         now = engine.now
@@ -92,6 +94,7 @@ def run(engine: Engine, policy: Policy, arrivals: Arrivals, horizon: float,
             iterations += 1
             evictions += len(outcome.evicted)
             peak = max(peak, outcome.peak_blocks_used)
+            block_seconds += outcome.peak_blocks_used * outcome.duration
             for callback in callbacks:
                 callback(engine, outcome)
             # Nothing could run (every admission deferred for memory) and nothing changed: asking again
@@ -100,10 +103,12 @@ def run(engine: Engine, policy: Policy, arrivals: Arrivals, horizon: float,
         if stalled:
             if next_arrival >= total:
                 break  # nothing runs and nothing more arrives
-            engine.advance_to(float(times[next_arrival]))
+            wake = float(times[next_arrival])
+            block_seconds += engine.state().used_blocks * max(0.0, wake - engine.now)  # paused KV stays held
+            engine.advance_to(wake)
     return RunResult(
         records=engine.records(), horizon=horizon, end_time=engine.now, iterations=iterations,
         capacity_blocks=engine.capacity_blocks, block_size=engine.block_size, peak_blocks_used=peak,
-        evictions=evictions, arrived=engine.num_requests, waiting=engine.num_waiting,
+        block_seconds=block_seconds, evictions=evictions, arrived=engine.num_requests, waiting=engine.num_waiting,
         running=engine.num_running, finished=engine.num_finished)
 

@@ -57,6 +57,22 @@ def test_one_request_runs_its_stages_exactly() -> None:
     assert records.decoded[0] == 2
 
 
+def test_memory_utilisation_is_integrated_over_time_including_idle_periods() -> None:
+    """p=4, o=2, blocks of 2: 1.4 s holding 2 blocks, 1.5 s and 1.6 s holding 3, 1.5 s idle holding none,
+    then the second request the same way."""
+    from llmsched_env.metrics import summarize
+    from llmsched_env.fluid import solve_fluid
+
+    engine = SimulatedEngine(PAPER, capacity_tokens=20, block_size=2)
+    arrivals = Arrivals(np.array([0.0, 6.0]), np.array([4, 4]), np.array([2, 2]))
+    result = run(engine, vllm_policy(), arrivals, horizon=20.0)
+    assert result.block_seconds == pytest.approx(2 * 1.4 + 3 * 1.5 + 3 * 1.6 + 0 * 1.5 + 2 * 1.4 + 3 * 1.5 + 3 * 1.6)
+    assert result.end_time == pytest.approx(10.5)
+    summary = summarize(result, solve_fluid(TypeMix((RequestType(4, 2, 0.1),)), PAPER, 20))
+    assert summary["mean_memory_frac"] == pytest.approx(result.block_seconds / result.end_time / 10)
+    assert summary["peak_memory_frac"] == pytest.approx(3 / 10)
+
+
 def test_general_cost_model_charges_each_term() -> None:
     cost = LinearCostModel(c0=0.01, c_pf=0.001, c_dec=0.002, c_kv=0.0001)
     engine = SimulatedEngine(cost, capacity_tokens=1000, block_size=4)
@@ -185,6 +201,7 @@ def test_a_decision_that_cannot_run_does_not_spin_the_loop() -> None:
     result = run(engine, StubbornPolicy(), arrivals, horizon=100.0)
     assert result.iterations == 3  # the admission, then one deferred try at t = 0 and one at t = 5
     assert result.running == 1 and result.waiting == 2 and engine.now == 5.0
+    assert result.block_seconds == pytest.approx(2 * 1.4 + 2 * (5.0 - 1.4))  # request 0's KV stays held while idle
 
 
 class RandomPolicy:
