@@ -165,7 +165,7 @@ def compare(
     loads: Optional[str] = typer.Option(None, help="Or loads ρ to sweep (default 0.7,0.85,0.9,0.93,0.95,0.97)."),
     horizon: float = typer.Option(300.0, help="Simulated seconds per run."),
     seed: int = typer.Option(0, help="Seed of the arrival process (the same requests for every policy)."),
-    out: Path = typer.Option(Path("llmsched-out"), help="Folder for comparison.csv, comparison.json and the plots."),
+    out: Path = typer.Option(Path("llmsched-out"), help="Folder for comparison.csv, .json, .md and the plots."),
     cost: CostOption = None,
     profile: ProfileOption = None,
     memory_tokens: MemoryOption = None,
@@ -203,12 +203,13 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     report.write_csv(comparison, out / "comparison.csv")
     report.write_json(comparison, out / "comparison.json")
+    (out / "comparison.md").write_text(report.to_markdown(comparison))
     written = report.plot(comparison, out) if plots else []
     if as_json:
         _print_json(report.to_json(comparison))
         return
     _stdout_console().print(report.table(comparison))
-    console.print(f"wrote {out / 'comparison.csv'}, {out / 'comparison.json'}"
+    console.print(f"wrote {out / 'comparison.csv'}, {out / 'comparison.json'}, {out / 'comparison.md'}"
                   + "".join(f", {p}" for p in written))
 
 

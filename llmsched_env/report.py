@@ -89,6 +89,19 @@ def table(comparison: Comparison) -> Table:
     return result
 
 
+def to_markdown(comparison: Comparison) -> str:
+    """The comparison as a Markdown table (for READMEs and pull requests)."""
+    lines = ["| rate req/s | policy | throughput req/s | fluid Θ* | regret (req) | mean latency s | p99 latency s "
+             "| mean TTFT s | evictions | peak memory |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run in comparison.runs:
+        r = run.row
+        lines.append(f"| {run.rate:.2f} | {run.policy} | {_fmt(r['throughput_rps'])} | {_fmt(r['fluid_throughput_rps'])} "
+                     f"| {_fmt(r['regret_requests'], 0)} | {_fmt(r['mean_latency_s'], 1)} | {_fmt(r['p99_latency_s'], 1)} "
+                     f"| {_fmt(r['mean_ttft_s'], 2)} | {_fmt(r['evictions'])} | {r['peak_memory_frac']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_csv(comparison: Comparison, path: Path) -> None:
     rows = comparison.rows
     with path.open("w", newline="") as handle:

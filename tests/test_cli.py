@@ -77,9 +77,12 @@ def test_compare_json_rows_csv_and_plots(tmp_path: Path) -> None:
     assert all(list(r)[: len(required)] == required for r in rows)
     # Every policy at a rate replays the same requests.
     assert rows[0]["arrived"] == rows[1]["arrived"] and rows[2]["arrived"] == rows[3]["arrived"]
-    for name in ("comparison.csv", "comparison.json", "throughput.png", "regret.png", "memory.png", "queue.png"):
+    for name in ("comparison.csv", "comparison.json", "comparison.md", "throughput.png", "regret.png", "memory.png",
+                 "queue.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "comparison.csv").read_text().count("\n") == 5
+    markdown = (tmp_path / "comparison.md").read_text().splitlines()
+    assert len(markdown) == 6 and markdown[2].startswith("| 20.00 | wait |")
 
 
 def test_compare_table_and_errors(tmp_path: Path) -> None:
