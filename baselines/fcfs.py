@@ -22,10 +22,14 @@ iteration with decodes. One implementation, :class:`FCFSPolicy`, with two preset
 
 Knob mapping (vLLM engine arguments): ``max_num_seqs`` → ``max_num_seqs``;
 ``max_num_batched_tokens`` → ``max_num_batched_tokens``; ``chunked_prefill`` →
-``enable_chunked_prefill``; ``watermark`` → the block manager's ``watermark``. Defaults:
-``max_num_seqs = 1024`` (vLLM's default for its OpenAI server on large GPUs; the 256 of the offline
-``LLM`` class would cap the batches these workloads need) and, without chunking,
-``max_num_batched_tokens = 4096`` (vLLM's ``max(max_model_len, 2048)`` for Llama-2's 4,096 context).
+``enable_chunked_prefill``; ``watermark`` → the block manager's ``watermark``. Both presets batch
+prefills with decodes, as vLLM's V1 scheduler does. Defaults, against vLLM's own
+(``EngineArgs.get_batch_defaults``): ``max_num_seqs = 1024``, vLLM's default on GPUs of 70 GiB or more
+other than the A100 — on an A100 vLLM defaults to 256, which would cap the ≈ 500-request batches the
+default workload runs at ρ = 0.9 and make the comparison about a cap rather than about admission
+under memory (pass ``max_num_seqs=256`` for the A100 default). Without chunking
+``max_num_batched_tokens = 4096``, vLLM's ``max_model_len`` for Llama-2; with chunking (Sarathi) 2048,
+vLLM's OpenAI-server default on an A100 and Sarathi-Serve's usual budget.
 """
 
 from __future__ import annotations
