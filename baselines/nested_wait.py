@@ -34,7 +34,7 @@ last segment.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -55,12 +55,13 @@ class NestedWaitPolicy:
     variant: Variant = "measured"
     name: str = "nested-wait"
     drain_when_idle: bool = True
+    guard_activations: int = field(default=0, init=False)  # iterations where the overflow guard acted
+    guard_fallbacks: int = field(default=0, init=False)  # iterations where nothing fit and the engine evicted
 
     def reset(self, engine: Engine) -> None:
         if self.variant not in ("measured", "paper"):
             raise ConfigError(f"Nested WAIT variant must be 'measured' or 'paper', got {self.variant!r}")
-        self.guard_activations = 0  # iterations where the overflow guard shrank the batch
-        self.guard_fallbacks = 0  # iterations where nothing fit and the engine had to evict
+        self.guard_activations = self.guard_fallbacks = 0
 
     def decide(self, state: SchedulerState) -> Decision:
         bounds, n = self.thresholds.boundaries, self.thresholds.n

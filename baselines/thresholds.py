@@ -334,4 +334,4 @@ def nested_wait_thresholds(
     return NestedWaitThresholds(
         boundaries=bounds, n=n, survival=survival, prompt_len=float(prompt_len), iteration_time_s=tau,
         memory_tokens=memory(n), buffer_tokens=buffer, theta=theta, scale=scale, ratio_conditions_met=ratios_ok,
-        stability_condition_met=scale == 1.0 and tau < n[0] / total_rate, capacity_tokens=capacity_tokens)
+        stability_condition_met=bool(scale == 1.0 and tau < n[0] / total_rate), capacity_tokens=capacity_tokens)

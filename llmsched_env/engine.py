@@ -73,10 +73,6 @@ class Decision:
     def is_idle(self) -> bool:
         return len(self.decode) == 0 and len(self.prefill) == 0 and len(self.preempt) == 0
 
-    @property
-    def batch_size(self) -> int:
-        return len(self.decode) + len(self.prefill)
-
 
 IDLE = Decision()
 

@@ -29,6 +29,16 @@ class PagedKVCache:
         self._tokens = np.zeros(1024, dtype=np.int64)
         self._tokens_view = readonly_view(self._tokens)
 
+    @classmethod
+    def from_tokens(cls, capacity_tokens: int, block_size: int) -> "PagedKVCache":
+        """A cache of ``capacity_tokens`` tokens, rounded down to whole blocks."""
+        if not isinstance(capacity_tokens, (int, np.integer)) or capacity_tokens < 1:
+            raise ConfigError(f"KV capacity must be an integer >= 1 token, got {capacity_tokens!r}")
+        if isinstance(block_size, (int, np.integer)) and capacity_tokens < block_size:
+            raise ConfigError(f"KV capacity of {capacity_tokens} tokens is less than one block of {block_size}")
+        return cls(capacity_tokens // block_size if isinstance(block_size, (int, np.integer)) and block_size >= 1
+                   else 0, block_size)
+
     @property
     def capacity_tokens(self) -> int:
         return self.capacity_blocks * self.block_size

@@ -63,27 +63,38 @@ def _fmt(value: object, digits: int = 2) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+# (compact terminal header, Markdown header) of the columns both tables show, in order.
+_COLUMNS = (("rate", "rate req/s"), ("policy", "policy"), ("thrpt", "throughput req/s"), ("Θ*", "fluid Θ*"),
+            ("regret", "regret (req)"), ("lat", "mean latency s"), ("p99", "p99 latency s"),
+            ("TTFT", "mean TTFT s"), ("evict", "evictions"), ("mem", "peak memory"))
+_LATENCY, _EVICTIONS = 5, 8  # the columns the terminal table highlights
+
+
+def _cells(run: PolicyRun) -> list[str]:
+    """One run's row, formatted: the same figures in the terminal and in Markdown."""
+    r = run.row
+    return [f"{run.rate:.2f}", run.policy, _fmt(r["throughput_rps"]), _fmt(r["fluid_throughput_rps"]),
+            _fmt(r["regret_requests"], 0), _fmt(r["mean_latency_s"], 1), _fmt(r["p99_latency_s"], 1),
+            _fmt(r["mean_ttft_s"], 2), _fmt(r["evictions"]), f"{r['peak_memory_frac']:.0%}"]
+
+
 def table(comparison: Comparison) -> Table:
     """The comparison as a rich table, grouped by rate; the lowest mean latency of each rate in green."""
     result = Table(title=f"Policies against the fluid optimum, {comparison.horizon:g} s per run",
                    caption="rates and throughputs in req/s, latencies in s; regret = Θ*·T − completed",
                    padding=(0, 1))
-    for header in ("rate", "policy", "thrpt", "Θ*", "regret", "lat", "p99", "TTFT", "evict", "mem"):
+    for header, _ in _COLUMNS:
         result.add_column(header, justify="left" if header == "policy" else "right", no_wrap=True)
     for index, rate in enumerate(comparison.rates):
-        rows = [r.row for r in comparison.runs if r.rate == rate]
-        best = min((r["mean_latency_s"] for r in rows if r["mean_latency_s"] is not None), default=None)
-        for row in rows:
-            latency = _fmt(row["mean_latency_s"], 1)
-            if row["mean_latency_s"] == best:
-                latency = f"[bold green]{latency}[/]"
-            evictions = _fmt(row["evictions"])
-            if row["evictions"]:
-                evictions = f"[red]{evictions}[/]"
-            result.add_row(_fmt(rate, 1), str(row["policy"]), _fmt(row["throughput_rps"]),
-                           _fmt(row["fluid_throughput_rps"]), _fmt(row["regret_requests"], 0), latency,
-                           _fmt(row["p99_latency_s"], 1), _fmt(row["mean_ttft_s"], 2), evictions,
-                           f"{row['peak_memory_frac']:.0%}")
+        runs = [r for r in comparison.runs if r.rate == rate]
+        best = min((r.row["mean_latency_s"] for r in runs if r.row["mean_latency_s"] is not None), default=None)
+        for run in runs:
+            cells = _cells(run)
+            if run.row["mean_latency_s"] == best:
+                cells[_LATENCY] = f"[bold green]{cells[_LATENCY]}[/]"
+            if run.row["evictions"]:
+                cells[_EVICTIONS] = f"[red]{cells[_EVICTIONS]}[/]"
+            result.add_row(*cells)
         if index < len(comparison.rates) - 1:
             result.add_section()
     return result
@@ -91,14 +102,9 @@ def table(comparison: Comparison) -> Table:
 
 def to_markdown(comparison: Comparison) -> str:
     """The comparison as a Markdown table (for READMEs and pull requests)."""
-    lines = ["| rate req/s | policy | throughput req/s | fluid Θ* | regret (req) | mean latency s | p99 latency s "
-             "| mean TTFT s | evictions | peak memory |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for run in comparison.runs:
-        r = run.row
-        lines.append(f"| {run.rate:.2f} | {run.policy} | {_fmt(r['throughput_rps'])} | {_fmt(r['fluid_throughput_rps'])} "
-                     f"| {_fmt(r['regret_requests'], 0)} | {_fmt(r['mean_latency_s'], 1)} | {_fmt(r['p99_latency_s'], 1)} "
-                     f"| {_fmt(r['mean_ttft_s'], 2)} | {_fmt(r['evictions'])} | {r['peak_memory_frac']:.0%} |")
+    lines = ["| " + " | ".join(header for _, header in _COLUMNS) + " |",
+             "| " + " | ".join("---" if header == "policy" else "---:" for header, _ in _COLUMNS) + " |"]
+    lines += ["| " + " | ".join(_cells(run)) + " |" for run in comparison.runs]
     return "\n".join(lines) + "\n"
 
 

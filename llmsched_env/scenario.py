@@ -26,7 +26,6 @@ from llmsched_env.workload import (
     PoissonWorkload,
     TraceWorkload,
     TypeMix,
-    empirical_mix,
     parse_types,
     read_trace_csv,
 )
@@ -118,7 +117,7 @@ class Scenario:
             return self.mix
         if len(arrivals) == 0:
             raise ConfigError(f"no request of the trace arrives within the horizon of {horizon} s")
-        return empirical_mix(arrivals, horizon)
+        return TypeMix.from_lengths(arrivals.prompt_len, arrivals.output_len, horizon)
 
     def fluid(self, arrivals: Arrivals, horizon: float) -> FluidSolution:
         return solve_fluid(self.fluid_mix(arrivals, horizon), self.cost, self.paged_capacity_tokens)

@@ -34,6 +34,21 @@ _EMPTY_BOOL = np.empty(0, dtype=bool)
 _sum, _max, _any = np.add.reduce, np.maximum.reduce, np.logical_or.reduce
 
 
+# Per-request columns, indexed by id: (dtype, value of a slot not yet used).
+_COLUMNS: dict[str, tuple[type, float | int]] = {
+    "_arrival": (np.float64, np.nan),
+    "_prompt": (np.int64, 0),
+    "_output": (np.int64, 0),
+    "_context": (np.int64, 0),  # prompt + output tokens generated so far
+    "_final_context": (np.int64, 0),  # prompt + output length: finished when reached
+    "_status": (np.int8, FINISHED),
+    "_first_token": (np.float64, np.nan),
+    "_finish": (np.float64, np.nan),
+    "_evictions": (np.int64, 0),
+    "_mark": (np.int64, -1),  # scratch for validation and eviction planning
+}
+
+
 class _Batch(NamedTuple):
     """A validated decision, with the per-request values validation already gathered."""
 
@@ -67,14 +82,9 @@ class SimulatedEngine:
     ) -> None:
         if (capacity_tokens is None) == (capacity_blocks is None):
             raise ConfigError("give exactly one of capacity_tokens and capacity_blocks")
-        if capacity_tokens is not None:
-            if not isinstance(capacity_tokens, (int, np.integer)) or capacity_tokens < 1:
-                raise ConfigError(f"KV capacity must be an integer >= 1 token, got {capacity_tokens!r}")
-            if isinstance(block_size, (int, np.integer)) and block_size >= 1 and capacity_tokens < block_size:
-                raise ConfigError(f"KV capacity of {capacity_tokens} tokens is less than one block of {block_size}")
-            capacity_blocks = capacity_tokens // block_size if block_size >= 1 else 0
         self.cost = cost
-        self._kv = PagedKVCache(int(capacity_blocks), block_size)  # type: ignore[arg-type]
+        self._kv = (PagedKVCache.from_tokens(capacity_tokens, block_size) if capacity_tokens is not None
+                    else PagedKVCache(capacity_blocks, block_size))  # type: ignore[arg-type]
         self._known = output_lengths_known
         self._now = 0.0
         self._n = 0
@@ -147,22 +157,11 @@ class SimulatedEngine:
         old = self._size
         if size <= old:
             return
-        def extend(array: np.ndarray | None, dtype: type, fill: float | int) -> np.ndarray:
+        for name, (dtype, fill) in _COLUMNS.items():
             fresh = np.full(size, fill, dtype=dtype)
-            if array is not None:
-                fresh[:old] = array[:old]
-            return fresh
-        first = old == 0
-        self._arrival = extend(None if first else self._arrival, np.float64, np.nan)
-        self._prompt = extend(None if first else self._prompt, np.int64, 0)
-        self._output = extend(None if first else self._output, np.int64, 0)
-        self._context = extend(None if first else self._context, np.int64, 0)  # prompt + decoded
-        self._final_context = extend(None if first else self._final_context, np.int64, 0)  # prompt + output
-        self._status = extend(None if first else self._status, np.int8, FINISHED)
-        self._first_token = extend(None if first else self._first_token, np.float64, np.nan)
-        self._finish = extend(None if first else self._finish, np.float64, np.nan)
-        self._evictions = extend(None if first else self._evictions, np.int64, 0)
-        self._mark = extend(None if first else self._mark, np.int64, -1)
+            if old:
+                fresh[:old] = getattr(self, name)[:old]
+            setattr(self, name, fresh)
         self._kv.reserve_ids(size)
         self._size = size
         self._views = dict(

@@ -183,11 +183,12 @@ class Arrivals:
 
     @classmethod
     def merge(cls, parts: Sequence["Arrivals"]) -> "Arrivals":
-        times = np.concatenate([p.arrival_time for p in parts]) if parts else np.empty(0)
+        """All the requests of ``parts``, in arrival order (stable: ties keep the order of ``parts``)."""
+        parts = [cls(np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64)), *parts]
+        times = np.concatenate([p.arrival_time for p in parts])
         order = np.argsort(times, kind="stable")
-        return cls(times[order],
-                   np.concatenate([p.prompt_len for p in parts]).astype(np.int64)[order] if parts else np.empty(0, np.int64),
-                   np.concatenate([p.output_len for p in parts]).astype(np.int64)[order] if parts else np.empty(0, np.int64))
+        return cls(times[order], np.concatenate([p.prompt_len for p in parts]).astype(np.int64)[order],
+                   np.concatenate([p.output_len for p in parts]).astype(np.int64)[order])
 
 
 class Workload(Protocol):
@@ -475,7 +476,3 @@ class LengthSampleWorkload:
         rows = length_stream.integers(0, len(self.prompt_len), len(times))
         return Arrivals(times, self.prompt_len[rows], self.output_len[rows])
 
-
-def empirical_mix(arrivals: Arrivals, duration_s: float) -> TypeMix:
-    """The type mix of a sample of requests (one type per distinct length pair) over ``duration_s``."""
-    return TypeMix.from_lengths(arrivals.prompt_len, arrivals.output_len, duration_s)

@@ -81,7 +81,7 @@ def test_general_cost_model_charges_each_term() -> None:
     outcome = engine.step(Decision(decode=np.array([0]), prefill=np.array([1]), prefill_tokens=np.array([8])))
     # prefill 8 tokens; 1 decode; KV of the batch: 11 (decode) + 8 (chunk so far)
     assert outcome.duration == pytest.approx(0.01 + 0.001 * 8 + 0.002 * 1 + 0.0001 * 19)
-    assert engine.records().first_token_time[1] != engine.records().first_token_time[1]  # NaN: prefill not done
+    assert np.isnan(engine.records().first_token_time[1])  # its prefill is not done
     engine.step(Decision(prefill=np.array([1])))  # the remaining 12 tokens
     assert engine.state().kv_tokens[1] == 20
     assert engine.records().first_token_time[1] == pytest.approx(engine.now)
