@@ -24,10 +24,7 @@ PolicyFactory = Callable[[Scenario, float], Policy]
 
 def threshold_mix(scenario: Scenario) -> TypeMix:
     """The type mix WAIT sizes its thresholds on: the given types, or a 3×3 bucketing of a trace."""
-    if scenario.mix is not None:
-        return scenario.mix
-    assert scenario.trace is not None
-    return TypeMix.bucketed(scenario.trace.prompt_len, scenario.trace.output_len, scenario.base_rate)
+    return scenario.class_mix()
 
 
 def _wait(variant: str) -> PolicyFactory:

@@ -38,13 +38,6 @@ from llmsched_env.workload import TypeMix
 Variant = Literal["measured", "paper"]
 
 
-def nearest_type(prompt_len: np.ndarray, output_len: np.ndarray, mix: TypeMix) -> np.ndarray:
-    """Index of the type nearest to each request in log-length space (exact when lengths match a type)."""
-    distance = (np.abs(np.log(prompt_len[:, None]) - np.log(mix.prompt_lens[None, :]))
-                + np.abs(np.log(output_len[:, None]) - np.log(mix.output_lens[None, :])))
-    return np.argmin(distance, axis=1)
-
-
 @dataclass
 class WaitPolicy:
     """WAIT over a type mix; see the module docstring for the two variants."""
@@ -75,7 +68,7 @@ class WaitPolicy:
         if state.num_requests > known:
             assert state.output_len is not None
             ids = np.arange(known, state.num_requests)
-            fresh = nearest_type(state.prompt_len[ids], state.output_len[ids], self.mix)
+            fresh = self.mix.nearest(state.prompt_len[ids], state.output_len[ids])
             self._types = np.concatenate([self._types, fresh])
         return self._types
 

@@ -1,4 +1,4 @@
-"""The ``llmsched`` command line: ``fluid``, ``simulate`` and ``compare``.
+"""The ``llmsched`` command line: ``fluid``, ``simulate``, ``compare``, ``train`` and ``evaluate``.
 
 JSON field names printed with ``--json`` are part of the interface and documented in the README.
 """
@@ -6,6 +6,7 @@ JSON field names printed with ``--json`` are part of the interface and documente
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -42,6 +43,32 @@ BlockSizeOption = Annotated[Optional[int], typer.Option(help="KV block size in t
 ArrivalsOption = Annotated[str, typer.Option(help="Arrival process for --types: poisson, gamma (see --cv), onoff.")]
 CvOption = Annotated[float, typer.Option(help="Coefficient of variation of gamma inter-arrival times.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
+SeedOption = Annotated[int, typer.Option(min=0, help="Seed (an integer >= 0): the same seed gives the same run.")]
+
+
+def _check_out(path: Path | None) -> Path | None:
+    if path is not None and path.exists() and not path.is_dir():
+        raise typer.BadParameter(f"{path} exists and is not a folder", param_hint="--out")
+    return path
+
+
+OutOption = Annotated[Path, typer.Option(callback=_check_out, help="Folder for the results (created if missing).")]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0..9"`` (inclusive) or ``"0,3,7"`` into a list of seeds >= 0."""
+    try:
+        if ".." in text:
+            low, high = (int(part) for part in text.split("..", 1))
+            seeds = list(range(low, high + 1))
+        else:
+            seeds = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected 'A..B' or comma-separated integers, got {text!r}",
+                                 param_hint="--seeds") from None
+    if not seeds or min(seeds) < 0:
+        raise typer.BadParameter(f"expected at least one seed, all >= 0, got {text!r}", param_hint="--seeds")
+    return seeds
 
 
 def _fail(error: Exception) -> None:
@@ -106,7 +133,7 @@ def simulate(
     trace: TraceOption = None,
     rate: Optional[float] = typer.Option(None, help="Total arrival rate (req/s): rescales --types or the trace."),
     horizon: float = typer.Option(300.0, help="Simulated seconds; arrivals in [0, horizon], stop at horizon."),
-    seed: int = typer.Option(0, help="Seed of the arrival process."),
+    seed: SeedOption = 0,
     cost: CostOption = None,
     profile: ProfileOption = None,
     memory_tokens: MemoryOption = None,
@@ -164,8 +191,9 @@ def compare(
     rates: Optional[str] = typer.Option(None, help="Total arrival rates to sweep (req/s), e.g. '20,30,35'."),
     loads: Optional[str] = typer.Option(None, help="Or loads ρ to sweep (default 0.7,0.85,0.9,0.93,0.95,0.97)."),
     horizon: float = typer.Option(300.0, help="Simulated seconds per run."),
-    seed: int = typer.Option(0, help="Seed of the arrival process (the same requests for every policy)."),
-    out: Path = typer.Option(Path("llmsched-out"), help="Folder for comparison.csv, .json, .md and the plots."),
+    seed: SeedOption = 0,
+    seeds: Optional[str] = typer.Option(None, help="Several arrival seeds, '0..9' or '0,3,7': means with 95% CIs."),
+    out: OutOption = Path("llmsched-out"),
     cost: CostOption = None,
     profile: ProfileOption = None,
     memory_tokens: MemoryOption = None,
@@ -188,18 +216,27 @@ def compare(
         if rates is not None and loads is not None:
             raise typer.BadParameter("give --rates or --loads, not both")
         sweep = _floats(rates, "--rates") or default_rates(scenario, _floats(loads, "--loads") or DEFAULT_LOADS)
+        seed_list = parse_seeds(seeds) if seeds is not None else [seed]
         progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                             MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
         with progress:
-            task = progress.add_task("simulating", total=len(names) * len(sweep))
+            task = progress.add_task("simulating", total=len(names) * len(sweep) * len(seed_list))
 
             def advance(done) -> None:  # type: ignore[no-untyped-def]
                 progress.update(task, advance=1, description=f"{done.policy} @ {done.rate:g} req/s")
 
-            comparison = run_comparison(scenario, names, sweep, horizon, seed, on_run_done=advance)
+            comparison = run_comparison(scenario, names, sweep, horizon, seed, on_run_done=advance,
+                                        seeds=seed_list)
     except LLMSchedError as error:
         _fail(error)
         return
+    _write_report(comparison, out, plots, as_json)
+
+
+def _write_report(comparison, out: Path, plots: bool, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    """Write the CSV, JSON, Markdown and plots of a comparison; print its table (or its JSON)."""
+    from llmsched_env import report
+
     out.mkdir(parents=True, exist_ok=True)
     report.write_csv(comparison, out / "comparison.csv")
     report.write_json(comparison, out / "comparison.json")
@@ -211,6 +248,95 @@ def compare(
     _stdout_console().print(report.table(comparison))
     console.print(f"wrote {out / 'comparison.csv'}, {out / 'comparison.json'}, {out / 'comparison.md'}"
                   + "".join(f", {p}" for p in written))
+
+
+def _require_agents() -> None:
+    try:
+        import sb3_contrib  # noqa: F401
+        import stable_baselines3  # noqa: F401
+    except ImportError:
+        _fail(LLMSchedError("the agents need stable-baselines3, sb3-contrib and torch: pip install 'llmsched[agents]'"))
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(callback=_check_out, help="Folder for model.zip, agent.json, tb/, checkpoints/.")],
+    algo: Optional[str] = typer.Option(None, help="ppo or maskable-ppo (default: the config's)."),
+    config: str = typer.Option("maskable-ppo", help="A config of agents/configs (maskable-ppo, ppo, "
+                                                      "maskable-ppo-bursty-hidden) or a TOML file."),
+    env_id: Optional[str] = typer.Option(None, help="Environment id (default: the config's), e.g. LLMSched-Hidden-v0."),
+    timesteps: Optional[int] = typer.Option(None, min=1, help="Total environment steps (default: the config's)."),
+    n_envs: Optional[int] = typer.Option(None, min=1, help="Parallel environments; subprocesses when > 1."),
+    seed: SeedOption = 0,
+    resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    as_json: JsonOption = False,
+) -> None:
+    """Train a PPO / MaskablePPO agent on an LLMSched environment (TensorBoard logs in OUT/tb)."""
+    _require_agents()
+    from dataclasses import replace
+
+    from agents.config import ALGORITHMS, load_config
+    from agents.train import train as run_training
+
+    try:
+        chosen = load_config(config)
+        if algo is not None and algo not in ALGORITHMS:
+            raise typer.BadParameter(f"expected one of {', '.join(ALGORITHMS)}, got {algo!r}", param_hint="--algo")
+        chosen = replace(chosen, algo=algo or chosen.algo, env_id=env_id or chosen.env_id,
+                         timesteps=timesteps or chosen.timesteps, n_envs=n_envs or chosen.n_envs)
+        command = shlex.join(["llmsched", *sys.argv[1:]]) if sys.argv[0].endswith("llmsched") else \
+            f"llmsched train --config {config} --out {out} --seed {seed}"
+        spec = run_training(chosen, out, seed=seed, resume=resume, progress_bar=progress, command=command,
+                            log=lambda text: console.print(text))
+    except LLMSchedError as error:
+        _fail(error)
+        return
+    if as_json:
+        _print_json(spec.to_json())
+    else:
+        console.print(f"saved {out / 'model.zip'} ({spec.timesteps:,} steps); TensorBoard: tensorboard --logdir {out / 'tb'}")
+
+
+@app.command()
+def evaluate(
+    agent: Annotated[Path, typer.Option(help="An agent folder (what `llmsched train --out` wrote, or "
+                                             "agents/pretrained/NAME).")],
+    policies: str = typer.Option("wait,nested-wait,vllm,sarathi", help="Baselines to run beside the agent."),
+    seeds: str = typer.Option("0..9", help="Held-out arrival seeds, '0..9' or '0,3,7'."),
+    horizon: Optional[float] = typer.Option(None, help="Simulated seconds per run (default: the agent's training horizon)."),
+    rate: Optional[float] = typer.Option(None, help="Total arrival rate, req/s (default: the agent's training rate)."),
+    reference: Optional[str] = typer.Option(None, help="The baseline of the regret ratio (default: wait with known "
+                                                       "lengths, nested-wait with hidden)."),
+    stochastic: bool = typer.Option(False, help="Sample the agent's actions instead of taking the most likely."),
+    out: OutOption = Path("llmsched-out"),
+    plots: bool = typer.Option(True, help="Write the PNG plots."),
+    as_json: JsonOption = False,
+) -> None:
+    """Evaluate a trained agent beside the baselines on the same arrivals: the same report as compare."""
+    _require_agents()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from agents.evaluate import evaluate_agent
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    try:
+        seed_list = parse_seeds(seeds)
+        progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+        with progress:
+            task = progress.add_task("evaluating", total=len(seed_list) * (len(set(names) | {"agent"})
+                                                                           + (reference not in names and reference is not None)))
+
+            def advance(done) -> None:  # type: ignore[no-untyped-def]
+                progress.update(task, advance=1, description=f"{done.policy}, seed {done.seed}")
+
+            comparison = evaluate_agent(agent, policies=names, seeds=seed_list, horizon=horizon, rate=rate,
+                                        reference=reference, deterministic=not stochastic, on_run_done=advance)
+    except LLMSchedError as error:
+        _fail(error)
+        return
+    _write_report(comparison, out, plots, as_json)
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

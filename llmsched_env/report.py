@@ -32,6 +32,7 @@ class PolicyRun:
     regret: RegretCurve
     series: dict[str, np.ndarray]
     capacity_blocks: int
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,17 @@ class Comparison:
     horizon: float
     policies: tuple[str, ...]
     rates: tuple[float, ...]
+    seeds: tuple[int, ...] = (0,)
+    reference: str | None = None  # the policy regret ratios are taken against (summaries over seeds)
+
+    def first_seed_runs(self) -> list[PolicyRun]:
+        """The runs on the first seed's arrivals (what the time-series plots show)."""
+        return [r for r in self.runs if r.seed == self.seeds[0]]
+
+    def summary(self) -> list[dict[str, object]]:
+        """Per (rate, policy): the mean over seeds of :data:`SUMMARY_FIELDS` with 95 % confidence half-widths,
+        and the ratio of mean regrets to :attr:`reference` with a paired-bootstrap 95 % interval."""
+        return summarize_over_seeds(self)
 
     @property
     def rows(self) -> list[dict[str, object]]:
@@ -53,6 +65,60 @@ class Comparison:
             row.update({k: v for k, v in run.row.items() if k not in row})
             ordered.append(row)
         return ordered
+
+
+#: The figures a summary over seeds reports (mean and 95 % confidence half-width of each).
+SUMMARY_FIELDS = ("throughput_rps", "regret_requests", "mean_latency_s", "p99_latency_s", "mean_ttft_s", "evictions")
+
+
+def mean_and_halfwidth(values: np.ndarray) -> tuple[float, float]:
+    """The mean and the half-width of its 95 % Student-t confidence interval (0 for a single value)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    if len(values) == 1:
+        return float(values[0]), 0.0
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean()), float(half)
+
+
+def ratio_interval(numerator: np.ndarray, denominator: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """``mean(numerator) / mean(denominator)`` and its paired-bootstrap 95 % interval (BCa, 2,000 resamples)."""
+    from scipy import stats
+
+    numerator, denominator = np.asarray(numerator, float), np.asarray(denominator, float)
+    ratio = float(numerator.mean() / denominator.mean()) if denominator.mean() != 0 else float("nan")
+    if len(numerator) < 3 or not np.isfinite(ratio) or np.ptp(numerator / np.where(denominator == 0, 1, denominator)) == 0:
+        return ratio, ratio, ratio
+    result = stats.bootstrap((numerator, denominator), lambda a, b, axis=-1: a.mean(axis) / b.mean(axis),
+                             paired=True, vectorized=True, n_resamples=2000, confidence_level=0.95,
+                             rng=np.random.default_rng(seed), method="BCa")
+    low, high = result.confidence_interval
+    return ratio, float(low), float(high)
+
+
+def summarize_over_seeds(comparison: "Comparison") -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for rate in comparison.rates:
+        at_rate = [r for r in comparison.runs if r.rate == rate]
+        reference = {r.seed: r.row["regret_requests"] for r in at_rate if r.policy == comparison.reference}
+        for policy in comparison.policies:
+            runs = sorted((r for r in at_rate if r.policy == policy), key=lambda r: r.seed)
+            row: dict[str, object] = {"policy": policy, "rate_rps": rate, "seeds": len(runs)}
+            for field in SUMMARY_FIELDS:
+                mean, half = mean_and_halfwidth(np.array([np.nan if r.row[field] is None else r.row[field]
+                                                          for r in runs], dtype=float))
+                row[field], row[f"{field}_ci95"] = mean, half
+            if reference and len(reference) == len(runs):
+                ratio, low, high = ratio_interval(np.array([r.row["regret_requests"] for r in runs], dtype=float),
+                                                  np.array([reference[r.seed] for r in runs], dtype=float))
+                row[f"regret_ratio_to_{comparison.reference}"] = ratio
+                row["regret_ratio_ci95_low"], row["regret_ratio_ci95_high"] = low, high
+            rows.append(row)
+    return rows
 
 
 def _fmt(value: object, digits: int = 2) -> str:
@@ -78,8 +144,38 @@ def _cells(run: PolicyRun) -> list[str]:
             _fmt(r["mean_ttft_s"], 2), _fmt(r["evictions"]), f"{r['peak_memory_frac']:.0%}"]
 
 
+def _summary_cells(row: dict[str, object], reference: str | None) -> list[str]:
+    def pm(field: str, digits: int) -> str:
+        return f"{_fmt(row[field], digits)} ± {_fmt(row[f'{field}_ci95'], digits)}"
+    ratio = row.get(f"regret_ratio_to_{reference}")
+    ratio_text = "–" if ratio is None else (f"{ratio:.3f} [{row['regret_ratio_ci95_low']:.3f}, "
+                                            f"{row['regret_ratio_ci95_high']:.3f}]")
+    return [f"{row['rate_rps']:.2f}", str(row["policy"]), pm("throughput_rps", 2), pm("regret_requests", 0),
+            pm("mean_latency_s", 1), pm("p99_latency_s", 1), pm("evictions", 0), ratio_text]
+
+
+def _summary_headers(comparison: Comparison) -> list[str]:
+    return ["rate req/s", "policy", "throughput req/s", "regret (req)", "mean latency s", "p99 latency s",
+            "evictions", f"regret ratio to {comparison.reference or 'reference'} [95% CI]"]
+
+
+def summary_table(comparison: Comparison) -> Table:
+    """Means over seeds with 95 % confidence half-widths, and the regret ratio to the reference."""
+    result = Table(title=f"Means over {len(comparison.seeds)} seeds (± 95 % CI), {comparison.horizon:g} s per run",
+                   caption="regret = Θ*·T − completed; the ratio is of mean regrets, paired bootstrap interval",
+                   padding=(0, 1))
+    for header in _summary_headers(comparison):
+        result.add_column(header, justify="left" if header == "policy" else "right", no_wrap=True)
+    for row in comparison.summary():
+        result.add_row(*_summary_cells(row, comparison.reference))
+    return result
+
+
 def table(comparison: Comparison) -> Table:
-    """The comparison as a rich table, grouped by rate; the lowest mean latency of each rate in green."""
+    """The comparison as a rich table, grouped by rate; the lowest mean latency of each rate in green.
+    Over several seeds, the summary (:func:`summary_table`)."""
+    if len(comparison.seeds) > 1:
+        return summary_table(comparison)
     result = Table(title=f"Policies against the fluid optimum, {comparison.horizon:g} s per run",
                    caption="rates and throughputs in req/s, latencies in s; regret = Θ*·T − completed",
                    padding=(0, 1))
@@ -101,10 +197,20 @@ def table(comparison: Comparison) -> Table:
 
 
 def to_markdown(comparison: Comparison) -> str:
-    """The comparison as a Markdown table (for READMEs and pull requests)."""
-    lines = ["| " + " | ".join(header for _, header in _COLUMNS) + " |",
-             "| " + " | ".join("---" if header == "policy" else "---:" for header, _ in _COLUMNS) + " |"]
-    lines += ["| " + " | ".join(_cells(run)) + " |" for run in comparison.runs]
+    """The comparison as a Markdown table (for READMEs and pull requests); over several seeds, the summary
+    table first, then one row per run (with its seed)."""
+    lines = []
+    if len(comparison.seeds) > 1:
+        headers = _summary_headers(comparison)
+        lines += ["| " + " | ".join(headers) + " |",
+                  "| " + " | ".join("---" if h == "policy" else "---:" for h in headers) + " |"]
+        lines += ["| " + " | ".join(_summary_cells(row, comparison.reference)) + " |" for row in comparison.summary()]
+        lines += ["", "Per seed:", ""]
+    seed_column = len(comparison.seeds) > 1
+    lines += ["| " + " | ".join(header for _, header in _COLUMNS) + (" | seed |" if seed_column else " |"),
+              "| " + " | ".join("---" if header == "policy" else "---:" for header, _ in _COLUMNS)
+              + (" | ---: |" if seed_column else " |")]
+    lines += ["| " + " | ".join(_cells(run)) + (f" | {run.seed} |" if seed_column else " |") for run in comparison.runs]
     return "\n".join(lines) + "\n"
 
 
@@ -118,13 +224,17 @@ def write_csv(comparison: Comparison, path: Path) -> None:
 
 
 def to_json(comparison: Comparison) -> dict[str, object]:
-    return json_safe({
+    payload: dict[str, object] = {
         "horizon_s": comparison.horizon,
         "policies": list(comparison.policies),
         "rates_rps": list(comparison.rates),
         "fluid": {str(rate): solution.summary() for rate, solution in comparison.fluid.items()},
         "rows": comparison.rows,
-    })  # type: ignore[return-value]
+    }
+    if len(comparison.seeds) > 1:
+        payload["seeds"] = list(comparison.seeds)
+        payload["summary"] = comparison.summary()
+    return json_safe(payload)  # type: ignore[return-value]
 
 
 def write_json(comparison: Comparison, path: Path) -> None:
@@ -146,14 +256,15 @@ def plot(comparison: Comparison, out_dir: Path) -> list[Path]:
     fluid = [comparison.fluid[r].throughput_rps for r in comparison.rates]
     axes[0].plot(rates, fluid, "k--", lw=2, label="fluid optimum Θ*")
     axes[0].plot(rates, rates, ":", color="grey", label="offered rate")
+    summary = comparison.summary()  # means over seeds (the runs themselves with one seed)
     for policy in comparison.policies:
-        runs = [r for r in comparison.runs if r.policy == policy]
-        axes[0].plot([r.rate for r in runs], [r.row["throughput_rps"] for r in runs], "o-", color=colors[policy],
-                     label=policy)
-        axes[1].plot([r.rate for r in runs], [r.row["mean_latency_s"] for r in runs], "o-", color=colors[policy],
-                     label=f"{policy} mean")
-        axes[1].plot([r.rate for r in runs], [r.row["p99_latency_s"] for r in runs], "s--", color=colors[policy],
-                     alpha=0.5, label=f"{policy} p99")
+        rows = [r for r in summary if r["policy"] == policy]
+        x = [r["rate_rps"] for r in rows]
+        axes[0].errorbar(x, [r["throughput_rps"] for r in rows], yerr=[r["throughput_rps_ci95"] for r in rows],
+                         fmt="o-", color=colors[policy], label=policy, capsize=3)
+        axes[1].plot(x, [r["mean_latency_s"] for r in rows], "o-", color=colors[policy], label=f"{policy} mean")
+        axes[1].plot(x, [r["p99_latency_s"] for r in rows], "s--", color=colors[policy], alpha=0.5,
+                     label=f"{policy} p99")
     axes[0].set(xlabel="arrival rate (req/s)", ylabel="throughput (req/s)", title="Throughput against the fluid optimum")
     axes[1].set(xlabel="arrival rate (req/s)", ylabel="end-to-end latency (s)", title="Latency", yscale="log")
     for ax in axes:
@@ -167,7 +278,7 @@ def plot(comparison: Comparison, out_dir: Path) -> list[Path]:
     def over_time(filename: str, title: str, ylabel: str, values) -> None:  # type: ignore[no-untyped-def]
         fig, axes = plt.subplots(1, len(rates), figsize=(3.6 * len(rates), 3.6), squeeze=False, sharey=False)
         for ax, rate in zip(axes[0], comparison.rates):
-            for run in (r for r in comparison.runs if r.rate == rate):
+            for run in (r for r in comparison.first_seed_runs() if r.rate == rate):
                 x, y = values(run)
                 ax.plot(x, y, color=colors[run.policy], label=run.policy, lw=1.2)
             ax.set(title=f"{rate:g} req/s", xlabel="time (s)")
@@ -187,3 +298,27 @@ def plot(comparison: Comparison, out_dir: Path) -> list[Path]:
     over_time("queue.png", "Queue length (waiting requests)", "requests",
               lambda run: (run.series["time"], run.series["waiting"]))
     return paths
+
+
+def memory_and_queue_image(time: np.ndarray, memory_frac: np.ndarray, waiting: np.ndarray,
+                           title: str = "") -> np.ndarray:
+    """KV memory in use and queue length over time, as an RGB array (the environment's ``rgb_array`` frame;
+    the same two panels as the comparison's ``memory.png`` and ``queue.png``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.2), dpi=80)
+    canvas = FigureCanvasAgg(fig)
+    memory_ax, queue_ax = fig.subplots(1, 2)
+    memory_ax.plot(time, memory_frac, color="C0", lw=1.2)
+    memory_ax.axhline(1.0, color="k", ls="--", lw=1)
+    memory_ax.set(title="KV memory in use", xlabel="time (s)", ylabel="fraction of capacity", ylim=(0, 1.05))
+    queue_ax.plot(time, waiting, color="C1", lw=1.2)
+    queue_ax.set(title="Queue length", xlabel="time (s)", ylabel="waiting requests")
+    for ax in (memory_ax, queue_ax):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

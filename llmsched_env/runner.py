@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from llmsched_env.engine import Engine, IterationOutcome, RequestRecords
+from llmsched_env.engine import Decision, Engine, IterationOutcome, RequestRecords
 from llmsched_env.errors import ConfigError
 from llmsched_env.policy import Policy
 from llmsched_env.workload import Arrivals
@@ -56,59 +56,99 @@ class RunResult:
     finished: int
 
 
-def run(engine: Engine, policy: Policy, arrivals: Arrivals, horizon: float,
-        callbacks: Sequence[IterationCallback] = (), max_iterations: int | None = None) -> RunResult:
-    """Run ``policy`` on ``engine`` over the requests of ``arrivals`` that arrive in ``[0, horizon]``.
+class Rollout:
+    """The evaluation loop as a stepper: :func:`run` drives it with a policy, the Gymnasium environment
+    (:mod:`llmsched_env.env`) drives it with an agent's actions. One loop, so both see the same runs.
 
     Requests enter the engine's queue when the clock reaches their arrival time. No iteration starts
-    at or after ``horizon`` (the last one may end slightly past it); what is then waiting or running is
-    reported as such. When the policy returns an empty decision, or one of which nothing could run
-    (every admission deferred for lack of memory), the clock jumps to the next arrival; with none left
-    the run ends, and what is stuck is reported as waiting or running.
+    at or after ``horizon`` (the last one may end slightly past it). When a decision is empty, or
+    nothing of it could run (every admission deferred for lack of memory), the clock jumps to the next
+    arrival; with none left the rollout ends, and what is stuck is reported as waiting or running.
+
+    Use: ``while rollout.needs_decision(): rollout.apply(decision_for(engine.state()))``.
     """
-    if not (math.isfinite(horizon) and horizon > 0):
-        raise ConfigError(f"horizon must be finite and > 0 s, got {horizon!r}")
-    arrivals = arrivals.until(horizon)
-    times = arrivals.arrival_time
-    total = len(times)
-    engine.check_fits(arrivals.prompt_len, arrivals.output_len)  # fail before running, not midway
-    policy.reset(engine)
-    next_arrival = 0
-    iterations = 0
-    peak = engine.state().used_blocks
-    block_seconds = 0.0
-    evictions = 0
-    while True:
-        now = engine.now
-        if next_arrival < total and times[next_arrival] <= now:
-            end = int(np.searchsorted(times, now, side="right"))
-            engine.add_requests(times[next_arrival:end], arrivals.prompt_len[next_arrival:end],
-                                arrivals.output_len[next_arrival:end])
-            next_arrival = end
-        if now >= horizon or (max_iterations is not None and iterations >= max_iterations):
-            break
-        decision = policy.decide(engine.state())
+
+    def __init__(self, engine: Engine, arrivals: Arrivals, horizon: float,
+                 callbacks: Sequence[IterationCallback] = (), max_iterations: int | None = None) -> None:
+        if not (math.isfinite(horizon) and horizon > 0):
+            raise ConfigError(f"horizon must be finite and > 0 s, got {horizon!r}")
+        arrivals = arrivals.until(horizon)
+        engine.check_fits(arrivals.prompt_len, arrivals.output_len)  # fail before running, not midway
+        self.engine = engine
+        self.horizon = horizon
+        self.callbacks = tuple(callbacks)
+        self.max_iterations = max_iterations
+        self._arrivals = arrivals
+        self._times = arrivals.arrival_time
+        self._next = 0
+        self._ended = False
+        self.iterations = 0
+        self.evictions = 0
+        self.peak_blocks_used = engine.state().used_blocks
+        self.block_seconds = 0.0
+
+    @property
+    def next_arrival_time(self) -> float:
+        """When the next request arrives (``inf`` when none is left)."""
+        return float(self._times[self._next]) if self._next < len(self._times) else math.inf
+
+    def needs_decision(self) -> bool:
+        """Enqueue the requests that have arrived by now; whether the loop goes on (a decision is due)."""
+        now = self.engine.now
+        if self._next < len(self._times) and self._times[self._next] <= now:
+            end = int(np.searchsorted(self._times, now, side="right"))
+            a = self._arrivals
+            self.engine.add_requests(self._times[self._next:end], a.prompt_len[self._next:end],
+                                     a.output_len[self._next:end])
+            self._next = end
+        if self._ended or now >= self.horizon:
+            return False
+        return self.max_iterations is None or self.iterations < self.max_iterations
+
+    def apply(self, decision: Decision) -> IterationOutcome | None:
+        """Run ``decision`` for one iteration (``None`` if it ran nothing), or let time pass if it cannot run."""
+        engine = self.engine
+        outcome = None
         stalled = decision.is_idle
         if not stalled:
             outcome = engine.step(decision)
-            iterations += 1
-            evictions += len(outcome.evicted)
-            peak = max(peak, outcome.peak_blocks_used)
-            block_seconds += outcome.peak_blocks_used * outcome.duration
-            for callback in callbacks:
+            self.iterations += 1
+            self.evictions += len(outcome.evicted)
+            self.peak_blocks_used = max(self.peak_blocks_used, outcome.peak_blocks_used)
+            self.block_seconds += outcome.peak_blocks_used * outcome.duration
+            for callback in self.callbacks:
                 callback(engine, outcome)
             # Nothing could run (every admission deferred for memory) and nothing changed: asking again
             # would get the same answer, so wait for the world to change, as after an idle decision.
             stalled = outcome.duration == 0.0 and len(outcome.evicted) == 0
         if stalled:
-            if next_arrival >= total:
-                break  # nothing runs and nothing more arrives
-            wake = float(times[next_arrival])
-            block_seconds += engine.state().used_blocks * max(0.0, wake - engine.now)  # paused KV stays held
-            engine.advance_to(wake)
-    return RunResult(
-        records=engine.records(), horizon=horizon, end_time=engine.now, iterations=iterations,
-        capacity_blocks=engine.capacity_blocks, block_size=engine.block_size, peak_blocks_used=peak,
-        block_seconds=block_seconds, evictions=evictions, arrived=engine.num_requests, waiting=engine.num_waiting,
-        running=engine.num_running, finished=engine.num_finished)
+            if self._next >= len(self._times):
+                self._ended = True  # nothing runs and nothing more arrives
+            else:
+                wake = float(self._times[self._next])
+                self.block_seconds += engine.state().used_blocks * max(0.0, wake - engine.now)  # paused KV stays
+                engine.advance_to(wake)
+        return outcome
 
+    def result(self) -> RunResult:
+        """What the rollout left so far (final once :meth:`needs_decision` has returned ``False``)."""
+        engine = self.engine
+        return RunResult(
+            records=engine.records(), horizon=self.horizon, end_time=engine.now, iterations=self.iterations,
+            capacity_blocks=engine.capacity_blocks, block_size=engine.block_size,
+            peak_blocks_used=self.peak_blocks_used, block_seconds=self.block_seconds, evictions=self.evictions,
+            arrived=engine.num_requests, waiting=engine.num_waiting, running=engine.num_running,
+            finished=engine.num_finished)
+
+
+def run(engine: Engine, policy: Policy, arrivals: Arrivals, horizon: float,
+        callbacks: Sequence[IterationCallback] = (), max_iterations: int | None = None) -> RunResult:
+    """Run ``policy`` on ``engine`` over the requests of ``arrivals`` that arrive in ``[0, horizon]``.
+
+    See :class:`Rollout` for the loop's rules (arrivals, the horizon, idle and stalled decisions).
+    """
+    rollout = Rollout(engine, arrivals, horizon, callbacks, max_iterations)
+    policy.reset(engine)
+    while rollout.needs_decision():
+        rollout.apply(policy.decide(engine.state()))
+    return rollout.result()

@@ -99,6 +99,14 @@ class Scenario:
         lengths = self.trace.prompt_len, self.trace.output_len
         return TypeMix.from_lengths(*lengths, duration_s=len(lengths[0]) / self.base_rate)
 
+    def class_mix(self) -> TypeMix:
+        """A few representative types: the given ones, or a 3 × 3 (prompt, output) quantile bucketing of a
+        trace (:meth:`TypeMix.bucketed`). WAIT sizes its thresholds on it; the environment's classes are its types."""
+        if self.mix is not None:
+            return self.mix
+        assert self.trace is not None
+        return TypeMix.bucketed(self.trace.prompt_len, self.trace.output_len, self.base_rate)
+
     def sample(self, horizon: float, seed: int) -> Arrivals:
         """The requests arriving in ``[0, horizon]`` (the same seed, the same requests)."""
         rng = np.random.default_rng(seed)

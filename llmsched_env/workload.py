@@ -78,6 +78,13 @@ class TypeMix:
         """The compact command-line form, inverse of :func:`parse_types`."""
         return ";".join(f"p={t.prompt_len},o={t.output_len},rate={t.rate:g}" for t in self.types)
 
+    def nearest(self, prompt_len: np.ndarray, output_len: np.ndarray) -> np.ndarray:
+        """Index of the type nearest to each request in log-length space (exact when lengths match a type)."""
+        prompt_len, output_len = np.asarray(prompt_len), np.asarray(output_len)
+        distance = (np.abs(np.log(prompt_len[:, None]) - np.log(self.prompt_lens[None, :]))
+                    + np.abs(np.log(output_len[:, None]) - np.log(self.output_lens[None, :])))
+        return np.argmin(distance, axis=1)
+
     @classmethod
     def from_lengths(cls, prompt_lens: np.ndarray, output_lens: np.ndarray, duration_s: float) -> "TypeMix":
         """One type per distinct (prompt, output) pair, with its empirical rate over ``duration_s``.

@@ -94,3 +94,51 @@ def test_compare_table_and_errors(tmp_path: Path) -> None:
     assert code == 2 and "unknown policy 'fifo'" in out
     code, out = invoke("compare", "--rates", "10,-1", "--out", str(tmp_path))
     assert code == 2 and "positive numbers" in out
+
+
+def test_every_command_gives_a_one_line_error_on_bad_input(tmp_path: Path) -> None:
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    cases = [
+        (("compare", "--out", str(a_file), "--rates", "10"), "exists and is not a folder"),
+        (("simulate", "--seed", "-1"), "-1"),
+        (("compare", "--seeds", "3..x", "--rates", "10", "--out", str(tmp_path)), "--seeds"),
+        (("train", "--out", str(a_file)), "exists and is not a folder"),
+        (("train", "--out", str(tmp_path / "a"), "--config", "nope"), "no training config 'nope'"),
+        (("train", "--out", str(tmp_path / "a"), "--algo", "dqn"), "expected one of ppo, maskable-ppo"),
+        (("train", "--out", str(tmp_path / "a"), "--env-id", "CartPole-v1"), "unknown environment id"),
+        (("train", "--out", str(tmp_path / "a"), "--timesteps", "0"), "--timesteps"),
+        (("train", "--out", str(tmp_path / "b"), "--resume"), "holds no training run"),
+        (("evaluate", "--agent", str(tmp_path)), "is not an agent directory"),
+        (("evaluate", "--agent", str(tmp_path), "--seeds", "-2..3"), "--seeds"),
+    ]
+    for args, message in cases:
+        code, out = invoke(*args)
+        assert code == 2, (args, out)
+        assert message in out, (args, out)
+        assert "Traceback" not in out
+
+
+def test_compare_over_several_seeds_reports_intervals(tmp_path: Path) -> None:
+    code, out = invoke("compare", "--policies", "wait,vllm", "--rates", "30", "--horizon", "20", "--seeds", "0..2",
+                       "--out", str(tmp_path), "--json", "--no-plots")
+    assert code == 0, out
+    data = json.loads(out)
+    assert data["seeds"] == [0, 1, 2] and len(data["rows"]) == 6
+    summary = {row["policy"]: row for row in data["summary"]}
+    assert summary["wait"]["seeds"] == 3 and summary["wait"]["throughput_rps_ci95"] > 0
+    assert "Per seed" in (tmp_path / "comparison.md").read_text()
+
+
+def test_evaluate_runs_the_pretrained_agent_beside_the_baselines(tmp_path: Path) -> None:
+    agent = Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "tight-memory-wait"
+    code, out = invoke("evaluate", "--agent", str(agent), "--policies", "vllm", "--seeds", "0,1", "--horizon", "40",
+                       "--out", str(tmp_path), "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    assert {row["policy"] for row in data["rows"]} == {"agent", "vllm", "wait"}
+    agent_row = next(row for row in data["summary"] if row["policy"] == "agent")
+    assert agent_row["regret_ratio_to_wait"] is not None
+    assert agent_row["regret_ratio_ci95_low"] <= agent_row["regret_ratio_to_wait"] <= agent_row["regret_ratio_ci95_high"]
+    for name in ("comparison.csv", "comparison.json", "comparison.md", "throughput.png", "regret.png"):
+        assert (tmp_path / name).stat().st_size > 0

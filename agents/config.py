@@ -1,0 +1,127 @@
+"""Training configurations: small versioned TOML files under ``agents/configs/`` (rl-zoo3 has no MaskablePPO).
+
+A file names the algorithm, the environment and its keyword arguments, the SB3 hyperparameters, the
+optional imitation warm start and the evaluation protocol. Unknown keys are errors, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmsched_env.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+ALGORITHMS = ("ppo", "maskable-ppo")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ImitationConfig:
+    """Warm start: behaviour cloning of a baseline (and its returns, for the value head) before PPO."""
+
+    teacher: str = "wait"
+    episodes: int = 4
+    epochs: int = 20
+    batch_size: int = 1024
+    learning_rate: float = 1e-3
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Validation during training: the agent and a reference baseline on fixed arrival seeds."""
+
+    seeds: tuple[int, ...] = (1000, 1001, 1002)
+    every: int = 50_000
+    reference: str = "wait"
+    checkpoint_every: int = 50_000
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training recipe (see ``agents/configs/*.toml``)."""
+
+    name: str
+    algo: str
+    env_id: str
+    timesteps: int
+    n_envs: int
+    env: dict[str, Any] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    imitation: ImitationConfig | None = None
+    evaluation: EvaluationConfig = EvaluationConfig()
+    version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"version": self.version, "name": self.name, "algo": self.algo, "env_id": self.env_id,
+                                "timesteps": self.timesteps, "n_envs": self.n_envs, "env": dict(self.env),
+                                "hyperparameters": dict(self.hyperparameters),
+                                "evaluation": {**self.evaluation.__dict__, "seeds": list(self.evaluation.seeds)}}
+        if self.imitation is not None:
+            data["imitation"] = dict(self.imitation.__dict__)
+        return data
+
+
+def builtin_configs() -> list[str]:
+    """Names of the configurations shipped in ``agents/configs/``."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def _section(data: dict[str, Any], cls: type, source: str, section: str) -> Any:
+    allowed = set(cls.__dataclass_fields__)
+    unknown = set(data) - allowed
+    if unknown:
+        raise ConfigError(f"{source}: [{section}] unknown key(s) {', '.join(sorted(unknown))}; "
+                          f"allowed: {', '.join(sorted(allowed))}")
+    if "seeds" in data:
+        data = {**data, "seeds": tuple(int(s) for s in data["seeds"])}
+    try:
+        return cls(**data)
+    except TypeError as error:  # pragma: no cover - keys were checked above
+        raise ConfigError(f"{source}: [{section}] {error}") from None
+
+
+def config_from_dict(data: dict[str, Any], source: str, name: str) -> TrainConfig:
+    """Validate a parsed configuration (the TOML file's tables) into a :class:`TrainConfig`."""
+    top = {"version", "algo", "env_id", "timesteps", "n_envs", "env", "hyperparameters", "imitation", "evaluation",
+           "name"}
+    unknown = set(data) - top
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(top))}")
+    version = data.get("version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise ConfigError(f"{source}: version {version!r} is not supported; this llmsched reads version "
+                          f"{FORMAT_VERSION}")
+    algo = data.get("algo", "maskable-ppo")
+    if algo not in ALGORITHMS:
+        raise ConfigError(f"{source}: algo must be one of {', '.join(ALGORITHMS)}, got {algo!r}")
+    for key in ("timesteps", "n_envs"):
+        value = data.get(key, 1)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{source}: {key} must be an integer >= 1, got {value!r}")
+    imitation = data.get("imitation")
+    return TrainConfig(
+        name=str(data.get("name", name)), algo=algo, env_id=str(data.get("env_id", "LLMSched-v0")),
+        timesteps=int(data.get("timesteps", 100_000)), n_envs=int(data.get("n_envs", 1)),
+        env=dict(data.get("env", {})), hyperparameters=dict(data.get("hyperparameters", {})),
+        imitation=None if not imitation or not imitation.get("teacher", "wait") else
+        _section(dict(imitation), ImitationConfig, source, "imitation"),
+        evaluation=_section(dict(data.get("evaluation", {})), EvaluationConfig, source, "evaluation"),
+        version=version)
+
+
+def load_config(name_or_path: str | Path) -> TrainConfig:
+    """A built-in configuration by name (see :func:`builtin_configs`) or a TOML file by path."""
+    text = str(name_or_path)
+    path = CONFIG_DIR / f"{text}.toml" if text in builtin_configs() else Path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(f"no training config {text!r}: neither a built-in ({', '.join(builtin_configs())}) "
+                          f"nor a TOML file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    return config_from_dict(data, str(path), path.stem)

@@ -1,0 +1,50 @@
+"""Evaluation: a trained agent beside the baselines on the same arrivals, over held-out seeds.
+
+It is ``llmsched compare`` with one more policy, named ``agent``: the same runs, rows, tables, CSV,
+JSON, Markdown and plots, plus the summary over seeds with 95 % intervals and the ratio of the
+agent's regret to the reference baseline's (WAIT with known lengths, Nested WAIT with hidden ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from agents.policy import INTERFACE_KEYS, AgentPolicy, read_agent
+from agents.train import make_env
+from baselines.compare import SEES_OUTPUT_LENGTHS, compare
+from llmsched_env.errors import ConfigError
+from llmsched_env.report import Comparison, PolicyRun
+
+DEFAULT_SEEDS = tuple(range(10))  # held out: training draws its arrivals from its own seed, validation uses 1000+
+
+
+def evaluate_agent(agent_dir: str | Path, *, policies: Sequence[str] = ("wait", "nested-wait", "vllm", "sarathi"),
+                   seeds: Sequence[int] = DEFAULT_SEEDS, horizon: float | None = None, rate: float | None = None,
+                   reference: str | None = None, deterministic: bool = True,
+                   on_run_done: Callable[[PolicyRun], None] | None = None) -> Comparison:
+    """Run the agent in ``agent_dir`` and ``policies`` on the scenario it was trained on (at ``rate``, default
+    the middle of its training range) for each seed; the comparison's reference is set for the ratio."""
+    spec, model = read_agent(agent_dir)
+    kwargs = spec.make_env_kwargs()
+    template = make_env(spec.env_id, spec.env_kwargs)
+    scenario = template.scenario
+    horizon = horizon if horizon is not None else template.horizon
+    rate = rate if rate is not None else sum(template.rate_range) / 2
+    known = template.control.known_lengths
+    interface = {k: v for k, v in kwargs.items() if k in INTERFACE_KEYS}
+    reference = reference or ("wait" if known else "nested-wait")
+    names = ["agent", *[p for p in policies if p != "agent"]]
+    if reference not in names:
+        names.append(reference)
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+
+    def factory(setting, run_horizon):  # type: ignore[no-untyped-def]
+        return AgentPolicy(model, setting, run_horizon, interface, deterministic=deterministic)
+
+    comparison = compare(scenario, names, [rate], horizon, seeds=seeds, factories={"agent": factory},
+                         sees_output_lengths=SEES_OUTPUT_LENGTHS | ({"agent"} if known else set()),
+                         on_run_done=on_run_done)
+    return replace(comparison, reference=reference)

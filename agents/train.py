@@ -1,0 +1,226 @@
+"""Training: PPO or MaskablePPO on an ``LLMSched-*`` environment, with TensorBoard metrics of the serving run.
+
+Everything is stable-baselines3's own loop; what llmsched adds comes in through callbacks:
+:func:`serving_metrics_callback` logs, beside SB3's curves, the regret, throughput, p99 latency and
+evictions of the training episodes, and every ``evaluation.every`` steps those of the agent on fixed
+validation seeds with its **regret ratio to the reference baseline** (WAIT by default) on the same
+arrivals; it keeps the best validated model. Checkpoints come from SB3's ``CheckpointCallback``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from agents.config import TrainConfig
+from agents.policy import AGENT_FILE, INTERFACE_KEYS, MODEL_FILE, AgentPolicy, AgentSpec
+from llmsched_env.errors import ConfigError
+from llmsched_env.metrics import summarize
+from llmsched_env.registration import ENV_IDS
+from llmsched_env.runner import run
+
+CHECKPOINTS = "checkpoints"
+BEST_MODEL = "best_model.zip"
+
+
+def _algorithm(algo: str) -> type:
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3 import PPO
+
+    return MaskablePPO if algo == "maskable-ppo" else PPO
+
+
+def make_env(env_id: str, env_kwargs: dict[str, Any]) -> Any:
+    """One environment, unwrapped of Gymnasium's checkers (SB3's Monitor wraps it in the vector env)."""
+    import gymnasium as gym
+
+    import llmsched_env  # noqa: F401  (registers the ids)
+
+    if env_id not in ENV_IDS:
+        raise ConfigError(f"unknown environment id {env_id!r}; registered: {', '.join(ENV_IDS)}")
+    return gym.make(env_id, **env_kwargs).unwrapped
+
+
+def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tuple[int, ...], every: int,
+                             reference: str, out: Path,
+                             on_eval: Callable[[dict[str, float]], None] | None = None) -> Any:
+    """The SB3 callback that logs serving metrics (see the module docstring); it evaluates at the start,
+    every ``every`` steps and when asked (``callback.evaluate()``), and saves the best model to ``out``."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from baselines import make_policy
+    from baselines.compare import SEES_OUTPUT_LENGTHS
+
+    template = make_env(env_id, env_kwargs)
+    scenario = template.scenario.at_rate(template.rate_range[0])
+    horizon = template.horizon
+    interface = {k: v for k, v in env_kwargs.items() if k in INTERFACE_KEYS}
+    arrivals = {seed: scenario.sample(horizon, seed) for seed in seeds}
+    fluids = {seed: scenario.fluid(arrivals[seed], horizon) for seed in seeds}
+    ref_setting = replace(scenario, output_lengths_known=reference in SEES_OUTPUT_LENGTHS)
+    reference_regret = np.array([
+        summarize(run(ref_setting.engine(), make_policy(reference, ref_setting, horizon), arrivals[s], horizon),
+                  fluids[s])["regret_requests"] for s in seeds])
+
+    class Callback(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self._episodes: list[dict[str, float]] = []
+            self._last_eval = -1
+            self.best_regret = np.inf
+
+        def _on_step(self) -> bool:
+            for info in self.locals.get("infos", ()):
+                if "throughput_rps" in info:  # an episode's last step carries the run's metrics
+                    self._episodes.append(info)
+            if self._last_eval < 0 or self.num_timesteps - self._last_eval >= every:
+                self._last_eval = self.num_timesteps
+                self.evaluate()
+            return True
+
+        def _on_rollout_end(self) -> None:
+            if self._episodes:
+                for key in ("regret_requests", "throughput_rps", "p99_latency_s", "evictions"):
+                    values = [e[key] for e in self._episodes if e.get(key) is not None]
+                    if values:
+                        self.logger.record(f"serving/{key}", float(np.mean(values)))
+                self._episodes = []
+
+        def evaluate(self) -> dict[str, float]:
+            rows = []
+            for seed in seeds:
+                agent = AgentPolicy(self.model, scenario, horizon, interface)
+                rows.append(summarize(run(scenario.engine(), agent, arrivals[seed], horizon), fluids[seed]))
+            metrics = {key: float(np.mean([r[key] for r in rows if r[key] is not None] or [np.nan]))
+                       for key in ("regret_requests", "throughput_rps", "p99_latency_s", "evictions")}
+            metrics[f"regret_ratio_to_{reference}"] = float(np.mean([r["regret_requests"] for r in rows])
+                                                            / np.mean(reference_regret))
+            metrics[f"{reference}_regret_requests"] = float(np.mean(reference_regret))
+            for key, value in metrics.items():
+                self.logger.record(f"eval/{key}", value)
+            self.logger.dump(self.num_timesteps)
+            if metrics["regret_requests"] < self.best_regret:
+                self.best_regret = metrics["regret_requests"]
+                self.model.save(out / BEST_MODEL)
+            if on_eval is not None:
+                on_eval({"timesteps": self.num_timesteps, **metrics})
+            return metrics
+
+    return Callback()
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint with the most timesteps in ``out/checkpoints`` (SB3 names them ``model_<N>_steps.zip``)."""
+    found = []
+    for path in (out / CHECKPOINTS).glob("model_*_steps.zip"):
+        match = re.fullmatch(r"model_(\d+)_steps\.zip", path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False, progress_bar: bool = True,
+          command: str = "", log: Callable[[str], None] = print) -> AgentSpec:
+    """Train ``config`` into ``out`` (``model.zip``, ``agent.json``, ``config.toml``, ``tb/``, ``checkpoints/``).
+
+    With ``resume``, training continues from the latest checkpoint in ``out`` up to ``config.timesteps``
+    in all. Returns what ``agent.json`` records.
+    """
+    from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    from agents.imitation import clone, collect_demonstrations
+
+    import torch
+
+    if config.env_id not in ENV_IDS:
+        raise ConfigError(f"unknown environment id {config.env_id!r}; registered: {', '.join(ENV_IDS)}")
+    # The environments step in their own processes; one thread for the small MLP's updates keeps the cores
+    # for them (more threads than cores oversubscribe the machine and slow both).
+    torch.set_num_threads(1)
+    if resume and not (out / "config.toml").is_file():
+        raise ConfigError(f"--resume: {out} holds no training run (no config.toml)")
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _write_toml(config.to_dict(), out / "config.toml")
+    env_kwargs = dict(config.env)
+    make_env(config.env_id, env_kwargs)  # fail here, not in a subprocess, on bad arguments
+    vec_env = make_vec_env(lambda: make_env(config.env_id, env_kwargs), n_envs=config.n_envs, seed=seed,
+                           vec_env_cls=SubprocVecEnv if config.n_envs > 1 else DummyVecEnv)
+    algorithm = _algorithm(config.algo)
+    try:
+        checkpoint = latest_checkpoint(out) if resume else None
+        if resume and checkpoint is None:
+            raise ConfigError(f"--resume: no checkpoint in {out / CHECKPOINTS}")
+        if checkpoint is not None:
+            log(f"resuming from {checkpoint}")
+            model = algorithm.load(checkpoint, env=vec_env, device="cpu", tensorboard_log=str(out / "tb"))
+        else:
+            try:
+                model = algorithm("MlpPolicy", vec_env, seed=seed, device="cpu", tensorboard_log=str(out / "tb"),
+                                  verbose=0, **config.hyperparameters)
+            except TypeError as error:
+                raise ConfigError(f"[hyperparameters]: {error}") from None
+            if config.imitation is not None:
+                imitation = config.imitation
+                log(f"imitating {imitation.teacher} for {imitation.episodes} episode(s)")
+                teacher_env = make_env(config.env_id, env_kwargs)
+                demos = collect_demonstrations(teacher_env, imitation.teacher, imitation.episodes,
+                                               seed=10_000 + seed, gamma=float(model.gamma))
+                stats = clone(model, demos, epochs=imitation.epochs, batch_size=imitation.batch_size,
+                              learning_rate=imitation.learning_rate, seed=seed)
+                log(f"warm start: {len(demos.actions):,} decisions, accuracy {stats['accuracy']:.3f}, "
+                    f"teacher return {demos.episode_returns.mean():.1f}")
+        evaluation = config.evaluation
+        callbacks = [CheckpointCallback(save_freq=max(1, evaluation.checkpoint_every // config.n_envs),
+                                        save_path=str(out / CHECKPOINTS), name_prefix="model")]
+        if evaluation.seeds:
+            callbacks.append(serving_metrics_callback(
+                config.env_id, env_kwargs, evaluation.seeds, evaluation.every, evaluation.reference, out,
+                on_eval=lambda m: log("eval @ {timesteps:,}: regret {regret_requests:.1f}, ratio to reference "
+                                      "{ratio:.3f}".format(ratio=m[f"regret_ratio_to_{evaluation.reference}"], **m))))
+        remaining = max(0, config.timesteps - model.num_timesteps)
+        model.learn(total_timesteps=remaining, callback=CallbackList(callbacks), progress_bar=progress_bar,
+                    reset_num_timesteps=not resume, tb_log_name="run")
+        if evaluation.seeds:
+            callbacks[1].evaluate()
+        final = out / BEST_MODEL if (out / BEST_MODEL).is_file() else None
+        if final is not None:
+            shutil.copyfile(final, out / MODEL_FILE)  # the best model on the validation seeds
+        else:
+            model.save(out / MODEL_FILE)
+    finally:
+        vec_env.close()
+    spec = AgentSpec(algo=config.algo, env_id=config.env_id, env_kwargs=env_kwargs,
+                     timesteps=int(model.num_timesteps), seed=seed, command=command, config_name=config.name)
+    (out / AGENT_FILE).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+    return spec
+
+
+def _write_toml(data: dict[str, Any], path: Path) -> None:
+    """The resolved configuration as TOML (tables after scalars); read back with :func:`tomllib.loads`."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        return repr(v)
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for table, content in data.items():
+        if isinstance(content, dict):
+            lines += ["", f"[{table}]"] + [f"{k} = {value(v)}" for k, v in content.items()]
+    path.write_text("\n".join(lines) + "\n")
+    tomllib.loads(path.read_text())  # what we write must read back

@@ -1,0 +1,32 @@
+"""The environment ids users ``gym.make``; registered when :mod:`llmsched_env` is imported.
+
+Gymnasium 1.x does not load entry points by itself: ``import llmsched_env`` first, or write
+``gym.make("llmsched_env:LLMSched-v0")``, which imports the package for you.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+
+_ENTRY_POINT = "llmsched_env.env:LLMSchedEnv"
+
+#: id → the keyword arguments it fixes (any of them can still be overridden in ``gym.make``).
+ENV_IDS: dict[str, dict[str, Any]] = {
+    # The README's tight-memory two-type workload, lengths known at arrival (WAIT's setting).
+    "LLMSched-v0": {},
+    # The same, output lengths hidden until a request finishes (Nested WAIT's setting).
+    "LLMSched-Hidden-v0": {"output_lengths_known": False},
+    # On-off (Markov-modulated) bursts around the same mean rate.
+    "LLMSched-Bursty-v0": {"arrivals": "onoff"},
+    "LLMSched-Bursty-Hidden-v0": {"arrivals": "onoff", "output_lengths_known": False},
+}
+
+
+def register_envs() -> None:
+    """Register every id of :data:`ENV_IDS` (idempotent)."""
+    for env_id, kwargs in ENV_IDS.items():
+        if env_id not in gym.registry:
+            # Simulated runs are deterministic given the seed; no step cap (the horizon truncates).
+            gym.register(id=env_id, entry_point=_ENTRY_POINT, kwargs=kwargs, nondeterministic=False)

@@ -1,0 +1,127 @@
+"""Agents: configs, the agent-as-policy adapter, a real (short) training, resume, and evaluation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+pytest.importorskip("sb3_contrib")
+
+from agents.config import EvaluationConfig, ImitationConfig, builtin_configs, config_from_dict, load_config  # noqa: E402
+from agents.policy import AgentPolicy, read_agent  # noqa: E402
+from agents.train import train  # noqa: E402
+from llmsched_env import run  # noqa: E402
+from llmsched_env.errors import ConfigError  # noqa: E402
+
+PRETRAINED = Path(__file__).resolve().parents[1] / "agents" / "pretrained"
+
+
+def _tiny(config_name: str = "maskable-ppo", timesteps: int = 512, **changes) -> object:
+    config = load_config(config_name)
+    return replace(config, timesteps=timesteps, n_envs=1, env={"horizon": 20.0},
+                   hyperparameters={**config.hyperparameters, "n_steps": 256, "batch_size": 128, "n_epochs": 2},
+                   imitation=ImitationConfig(episodes=1, epochs=2) if config.imitation else None,
+                   evaluation=EvaluationConfig(seeds=(1000,), every=256, checkpoint_every=256), **changes)
+
+
+def test_builtin_configs_load_and_bad_ones_name_the_key(tmp_path: Path) -> None:
+    assert {"maskable-ppo", "ppo", "maskable-ppo-bursty-hidden"} <= set(builtin_configs())
+    for name in builtin_configs():
+        config = load_config(name)
+        assert config.algo in ("ppo", "maskable-ppo") and config.timesteps > 0
+    with pytest.raises(ConfigError, match="unknown key.*learning_rat"):
+        config_from_dict({"learning_rat": 1}, "x.toml", "x")
+    with pytest.raises(ConfigError, match=r"\[imitation\] unknown key.*epoch"):
+        config_from_dict({"imitation": {"teacher": "wait", "epoch": 3}}, "x.toml", "x")
+    with pytest.raises(ConfigError, match="algo must be one of"):
+        config_from_dict({"algo": "dqn"}, "x.toml", "x")
+    with pytest.raises(ConfigError, match="version 2 is not supported"):
+        config_from_dict({"version": 2}, "x.toml", "x")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("algo = \n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="no training config"):
+        load_config("nope")
+
+
+def test_an_agent_runs_through_run_exactly_as_in_the_environment() -> None:
+    from sb3_contrib import MaskablePPO
+
+    env = gym.make("LLMSched-v0", horizon=60.0, memory_tokens=20_000).unwrapped
+    model = MaskablePPO("MlpPolicy", env, seed=0, device="cpu")  # untrained: its choices are arbitrary, not trivial
+    obs, _ = env.reset(seed=0, options={"arrival_seed": 5})
+    truncated = False
+    while not truncated:
+        action, _ = model.predict(obs, deterministic=True, action_masks=env.action_masks())
+        obs, _, _, truncated, info = env.step(action)
+    scenario = env.scenario.at_rate(env.rate)
+    result = run(scenario.engine(), AgentPolicy(model, scenario, env.horizon), scenario.sample(env.horizon, 5),
+                 env.horizon)
+    ours = env.result().records
+    assert np.array_equal(ours.finish_time, result.records.finish_time, equal_nan=True)
+    assert np.array_equal(ours.num_evictions, result.records.num_evictions)
+    assert result.finished == info["completed"] and result.evictions == info["evictions"] > 0
+
+
+def test_an_agent_refuses_a_workload_with_other_classes() -> None:
+    from sb3_contrib import MaskablePPO
+
+    env = gym.make("LLMSched-v0", horizon=10.0).unwrapped
+    model = MaskablePPO("MlpPolicy", env, seed=0, device="cpu")
+    other = gym.make("LLMSched-v0", types="p=10,o=10,rate=1;p=20,o=20,rate=1;p=30,o=5,rate=1").unwrapped.scenario
+    with pytest.raises(ConfigError, match="3 class"):
+        AgentPolicy(model, other, 10.0)
+
+
+@pytest.mark.parametrize("config_name", ["maskable-ppo", "ppo"])
+def test_training_saves_an_agent_that_reloads_and_resumes(tmp_path: Path, config_name: str) -> None:
+    out = tmp_path / "agent"
+    spec = train(_tiny(config_name), out, seed=1, progress_bar=False, log=lambda _: None)
+    assert spec.timesteps == 512
+    for name in ("model.zip", "agent.json", "config.toml"):
+        assert (out / name).is_file()
+    assert json.loads((out / "agent.json").read_text())["env_id"] == "LLMSched-v0"
+    loaded_spec, model = read_agent(out)
+    assert loaded_spec == spec and model.num_timesteps > 0
+    resumed = train(_tiny(config_name, timesteps=1024), out, seed=1, resume=True, progress_bar=False,
+                    log=lambda _: None)
+    assert resumed.timesteps == 1024
+    with pytest.raises(ConfigError, match="no checkpoint|holds no training run"):
+        train(_tiny(config_name), tmp_path / "empty", resume=True, progress_bar=False, log=lambda _: None)
+
+
+def test_read_agent_names_a_folder_that_is_not_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is not an agent directory"):
+        read_agent(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_short_real_training_logs_the_serving_metrics_to_tensorboard(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = replace(_tiny(timesteps=4096), env={"horizon": 60.0})
+    out = tmp_path / "agent"
+    train(config, out, seed=0, progress_bar=False, log=lambda _: None)
+    (run_dir,) = (out / "tb").iterdir()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"eval/regret_requests", "eval/throughput_rps", "eval/p99_latency_s", "eval/evictions",
+            "eval/regret_ratio_to_wait", "serving/regret_requests", "train/value_loss"} <= tags
+    assert events.Scalars("eval/regret_ratio_to_wait")[-1].step >= 4096
+
+
+def test_the_pretrained_agents_load_and_match_their_environment() -> None:
+    agents = [p for p in PRETRAINED.iterdir() if (p / "agent.json").is_file()]
+    assert agents, "agents/pretrained holds no agent"
+    for directory in agents:
+        spec, model = read_agent(directory)
+        env = gym.make(spec.env_id, **spec.env_kwargs)
+        assert model.observation_space.shape == env.observation_space.shape
+        assert spec.command.startswith("llmsched train")
