@@ -74,6 +74,7 @@ def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tup
             super().__init__()
             self._episodes: list[dict[str, float]] = []
             self._last_eval = -1
+            self.last_evaluated = -1
             self.best_regret = np.inf
 
         def _on_step(self) -> bool:
@@ -94,6 +95,7 @@ def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tup
                 self._episodes = []
 
         def evaluate(self) -> dict[str, float]:
+            self.last_evaluated = self.num_timesteps
             rows = []
             for seed in seeds:
                 agent = AgentPolicy(self.model, scenario, horizon, interface)
@@ -128,7 +130,8 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False, progress_bar: bool = True,
           command: str = "", log: Callable[[str], None] = print) -> AgentSpec:
-    """Train ``config`` into ``out`` (``model.zip``, ``agent.json``, ``config.toml``, ``tb/``, ``checkpoints/``).
+    """Train ``config`` into ``out`` (``model.zip``, ``agent.json``, ``config.toml``, ``tb/``, ``checkpoints/``,
+    ``curves.png``).
 
     With ``resume``, training continues from the latest checkpoint in ``out`` up to ``config.timesteps``
     in all. Returns what ``agent.json`` records.
@@ -190,8 +193,8 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
         remaining = max(0, config.timesteps - model.num_timesteps)
         model.learn(total_timesteps=remaining, callback=CallbackList(callbacks), progress_bar=progress_bar,
                     reset_num_timesteps=not resume, tb_log_name="run")
-        if evaluation.seeds:
-            callbacks[1].evaluate()
+        if evaluation.seeds and callbacks[1].last_evaluated != model.num_timesteps:
+            callbacks[1].evaluate()  # the final model is always validated
         final = out / BEST_MODEL if (out / BEST_MODEL).is_file() else None
         if final is not None:
             shutil.copyfile(final, out / MODEL_FILE)  # the best model on the validation seeds
@@ -202,6 +205,9 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
     spec = AgentSpec(algo=config.algo, env_id=config.env_id, env_kwargs=env_kwargs,
                      timesteps=int(model.num_timesteps), seed=seed, command=command, config_name=config.name)
     (out / AGENT_FILE).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+    from agents.curves import plot_curves
+
+    plot_curves(out / "tb", out / "curves.png")
     return spec
 
 
