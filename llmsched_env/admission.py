@@ -13,7 +13,9 @@ class (at most ``max_classes`` classes cut at the rate-weighted quantiles of the
 requests of that class now (whole prompts). Every running request decodes every iteration (the
 variant of WAIT the paper's authors measured). Admitting the oldest ``a_k`` of each class expresses
 both WAIT's decision (``n_j`` of type ``j`` once ``n_j`` wait) and vLLM's greedy FCFS admission (a
-queue prefix) exactly.
+queue prefix) exactly. Nested WAIT's admissions are expressible too, but not its holding of running
+requests at segment boundaries (decodes are not the agent's to gate), so a scripted Nested WAIT
+agent differs from the policy itself.
 
 **Mask and clipping.** Count ``a`` is allowed for class ``k`` when the ``a`` oldest waiting requests of
 the class exist and fit in the KV blocks left after this iteration's decodes grow. An action outside
