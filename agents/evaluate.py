@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from agents.policy import INTERFACE_KEYS, AgentPolicy, read_agent
+from agents.policy import AgentPolicy, read_agent
 from agents.train import make_env
 from baselines.compare import SEES_OUTPUT_LENGTHS, compare
 from llmsched_env.errors import ConfigError
@@ -23,23 +23,26 @@ DEFAULT_SEEDS = tuple(range(10))  # held out: training draws its arrivals from i
 def evaluate_agent(agent_dir: str | Path, *, policies: Sequence[str] = ("wait", "nested-wait", "vllm", "sarathi"),
                    seeds: Sequence[int] = DEFAULT_SEEDS, horizon: float | None = None, rate: float | None = None,
                    reference: str | None = None, deterministic: bool = True,
+                   on_start: Callable[[int], None] | None = None,
                    on_run_done: Callable[[PolicyRun], None] | None = None) -> Comparison:
     """Run the agent in ``agent_dir`` and ``policies`` on the scenario it was trained on (at ``rate``, default
-    the middle of its training range) for each seed; the comparison's reference is set for the ratio."""
+    the middle of its training range) for each seed; the comparison's reference is set for the ratio.
+    ``on_start`` is told how many runs there will be, ``on_run_done`` is called after each."""
     spec, model = read_agent(agent_dir)
-    kwargs = spec.make_env_kwargs()
     template = make_env(spec.env_id, spec.env_kwargs)
     scenario = template.scenario
     horizon = horizon if horizon is not None else template.horizon
-    rate = rate if rate is not None else sum(template.rate_range) / 2
+    rate = rate if rate is not None else template.nominal_rate
     known = template.control.known_lengths
-    interface = {k: v for k, v in kwargs.items() if k in INTERFACE_KEYS}
+    interface = template.control.settings
     reference = reference or ("wait" if known else "nested-wait")
     names = ["agent", *[p for p in policies if p != "agent"]]
     if reference not in names:
         names.append(reference)
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
+    if on_start is not None:
+        on_start(len(names) * len(seeds))
 
     def factory(setting, run_horizon):  # type: ignore[no-untyped-def]
         return AgentPolicy(model, setting, run_horizon, interface, deterministic=deterministic)

@@ -64,6 +64,7 @@ def clone(model: Any, demonstrations: Demonstrations, *, epochs: int, batch_size
     """Fit ``model``'s policy to the demonstrations (cross-entropy on the actions, masked for MaskablePPO)
     and its value head to their discounted returns. Returns the last epoch's losses and the accuracy."""
     import torch
+    from sb3_contrib import MaskablePPO
 
     policy = model.policy
     device = policy.device
@@ -72,14 +73,14 @@ def clone(model: Any, demonstrations: Demonstrations, *, epochs: int, batch_size
     act = torch.as_tensor(demonstrations.actions, device=device)
     masks = demonstrations.masks
     ret = torch.as_tensor(demonstrations.returns, dtype=torch.float32, device=device)
-    masked = "action_masks" in policy.evaluate_actions.__code__.co_varnames
+    masked = isinstance(model, MaskablePPO)
     optimizer = torch.optim.Adam(policy.parameters(), lr=learning_rate)
     count = len(obs)
     stats: dict[str, float] = {}
     policy.set_training_mode(True)
     for _ in range(epochs):
         order = torch.randperm(count, generator=generator)
-        totals = np.zeros(3)
+        totals = np.zeros(2)
         for start in range(0, count, batch_size):
             batch = order[start:start + batch_size]
             if masked:
@@ -93,16 +94,13 @@ def clone(model: Any, demonstrations: Demonstrations, *, epochs: int, batch_size
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
             optimizer.step()
-            totals += [policy_loss.item() * len(batch), value_loss.item() * len(batch), 0]
+            totals += [policy_loss.item() * len(batch), value_loss.item() * len(batch)]
         stats = {"policy_loss": totals[0] / count, "value_loss": totals[1] / count}
     policy.set_training_mode(False)
     with torch.no_grad():
-        if masked:
-            predicted = np.concatenate([model.predict(demonstrations.observations[i:i + 4096], deterministic=True,
-                                                      action_masks=masks[i:i + 4096])[0]
-                                        for i in range(0, count, 4096)])
-        else:
-            predicted = np.concatenate([model.predict(demonstrations.observations[i:i + 4096], deterministic=True)[0]
-                                        for i in range(0, count, 4096)])
+        predicted = np.concatenate([
+            model.predict(demonstrations.observations[i:i + 4096], deterministic=True,
+                          **({"action_masks": masks[i:i + 4096]} if masked else {}))[0]
+            for i in range(0, count, 4096)])
     stats["accuracy"] = float(np.mean(np.all(predicted == demonstrations.actions, axis=1)))
     return stats

@@ -17,13 +17,10 @@ import numpy as np
 from llmsched_env.admission import AdmissionControl
 from llmsched_env.engine import Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
-from llmsched_env.registration import ENV_IDS
 from llmsched_env.scenario import Scenario
 
 AGENT_FILE = "agent.json"
 MODEL_FILE = "model.zip"
-#: Environment arguments that shape the agent's observation and action (the rest shape the workload).
-INTERFACE_KEYS = ("max_admit", "stage_buckets", "max_classes", "rate_window_s")
 
 
 @dataclass(frozen=True)
@@ -37,10 +34,6 @@ class AgentSpec:
     seed: int
     command: str
     config_name: str
-
-    def make_env_kwargs(self, **overrides: Any) -> dict[str, Any]:
-        """The keyword arguments of ``gym.make(env_id)`` it was trained with, ``overrides`` on top."""
-        return {**ENV_IDS.get(self.env_id, {}), **self.env_kwargs, **overrides}
 
     def to_json(self) -> dict[str, Any]:
         return {"format": 1, **self.__dict__}
@@ -86,7 +79,8 @@ class AgentPolicy:
         model: a stable-baselines3 ``PPO`` or sb3-contrib ``MaskablePPO`` trained on ``LLMSched-*``.
         scenario: where the agent runs (its classes and fluid targets come from it).
         horizon: the run's horizon (the observation's progress ``t/T``).
-        interface: the environment arguments that shape observation and action (``max_admit`` …).
+        interface: the settings of the training environment's observation and action
+            (``env.control.settings``: ``max_admit``, ``stage_buckets``, …).
         deterministic: the mode of the action distribution (else a sample, from a generator seeded by ``seed``
             at every reset).
     """
@@ -113,12 +107,6 @@ class AgentPolicy:
         self._masked = isinstance(model, MaskablePPO)
         self._splits = np.cumsum(self.control.action_nvec)[:-1]
         self._rng = np.random.default_rng(seed)
-
-    @classmethod
-    def from_directory(cls, directory: str | Path, scenario: Scenario, horizon: float, **options: Any) -> "AgentPolicy":
-        spec, model = read_agent(directory)
-        interface = {k: v for k, v in spec.make_env_kwargs().items() if k in INTERFACE_KEYS}
-        return cls(model, scenario, horizon, interface, **options)
 
     def reset(self, engine: Engine) -> None:
         if self.control.known_lengths and not engine.output_lengths_known:

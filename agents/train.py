@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from agents.config import TrainConfig
-from agents.policy import AGENT_FILE, INTERFACE_KEYS, MODEL_FILE, AgentPolicy, AgentSpec
+from agents.policy import AGENT_FILE, MODEL_FILE, AgentPolicy, AgentSpec
 from llmsched_env.errors import ConfigError
 from llmsched_env.metrics import summarize
 from llmsched_env.registration import ENV_IDS
@@ -59,9 +59,9 @@ def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tup
     from baselines.compare import SEES_OUTPUT_LENGTHS
 
     template = make_env(env_id, env_kwargs)
-    scenario = template.scenario.at_rate(template.rate_range[0])
+    scenario = template.scenario.at_rate(template.nominal_rate)
     horizon = template.horizon
-    interface = {k: v for k, v in env_kwargs.items() if k in INTERFACE_KEYS}
+    interface = template.control.settings
     arrivals = {seed: scenario.sample(horizon, seed) for seed in seeds}
     fluids = {seed: scenario.fluid(arrivals[seed], horizon) for seed in seeds}
     ref_setting = replace(scenario, output_lengths_known=reference in SEES_OUTPUT_LENGTHS)
@@ -73,7 +73,6 @@ def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tup
         def __init__(self) -> None:
             super().__init__()
             self._episodes: list[dict[str, float]] = []
-            self._last_eval = -1
             self.last_evaluated = -1
             self.best_regret = np.inf
 
@@ -81,8 +80,7 @@ def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tup
             for info in self.locals.get("infos", ()):
                 if "throughput_rps" in info:  # an episode's last step carries the run's metrics
                     self._episodes.append(info)
-            if self._last_eval < 0 or self.num_timesteps - self._last_eval >= every:
-                self._last_eval = self.num_timesteps
+            if self.last_evaluated < 0 or self.num_timesteps - self.last_evaluated >= every:
                 self.evaluate()
             return True
 

@@ -143,6 +143,8 @@ class AdmissionControl:
             self._residual = mean_residual_output(offered.output_lens, weights)
             cls = np.searchsorted(self._prompt_edges, offered.prompt_lens, side="left")
             self.class_mix = _class_summary(offered, cls, len(self._prompt_edges) + 1)
+        self.settings = {"max_admit": self.max_admit, "stage_buckets": self.stage_buckets,
+                         "max_classes": int(max_classes), "rate_window_s": self.rate_window_s}
         self.num_classes = len(self.class_mix.types)
         k, b = self.num_classes, self.stage_buckets
         self.observation_size = k * (b + 3) + 7
@@ -222,9 +224,7 @@ class AdmissionControl:
         known = len(self._class)
         if state.num_requests > known:
             ids = np.arange(known, state.num_requests)
-            output = state.output_len[ids] if self.known_lengths and state.output_len is not None else None
-            if self.known_lengths and output is None:
-                raise ConfigError("this agent was built for known output lengths, but the engine hides them")
+            output = state.output_len[ids] if state.output_len is not None else None
             self._class = np.concatenate([self._class, self.classify(state.prompt_len[ids], output)])
         return self._class
 
@@ -242,8 +242,7 @@ class AdmissionControl:
             ids = waiting[waiting_class == k][: self.max_admit] if len(waiting) else _EMPTY
             oldest.append(ids)
             if len(ids) and room > 0:
-                blocks = np.cumsum(state.blocks_for(state.context_len[ids]))
-                fits[k] = int(np.searchsorted(blocks, room, side="right"))
+                fits[k] = _fitting_count(state, ids, room)
         return Candidates(oldest, fits, room, np.bincount(waiting_class, minlength=self.num_classes))
 
     @staticmethod
@@ -268,16 +267,14 @@ class AdmissionControl:
         admit = _EMPTY
         if chosen:
             admit = np.sort(np.concatenate(chosen)) if len(chosen) > 1 else chosen[0]  # queue order = id order
-            blocks = np.cumsum(state.blocks_for(state.context_len[admit]))
-            keep = int(np.searchsorted(blocks, candidates.room, side="right"))
+            keep = _fitting_count(state, admit, candidates.room)
             if keep < len(admit):
                 clipped = True
                 admit = admit[:keep]
                 counts = np.bincount(self._class[admit], minlength=self.num_classes)
         if len(admit):
             self._last_admission = state.now
-        running = state.running
-        decode = running[state.kv_tokens[running] == state.context_len[running]]
+        decode = _decodable(state)
         if len(decode) == 0 and len(admit) == 0:
             return IDLE, counts, clipped
         return Decision(decode=decode, prefill=admit), counts, clipped
@@ -285,8 +282,7 @@ class AdmissionControl:
     @staticmethod
     def fixed_decision(state: SchedulerState) -> Decision:
         """The rule between epochs: decode everything running, admit nothing."""
-        running = state.running
-        decode = running[state.kv_tokens[running] == state.context_len[running]]
+        decode = _decodable(state)
         return Decision(decode=decode) if len(decode) else IDLE
 
     def action_for(self, state: SchedulerState, decision: Decision, candidates: Candidates) -> np.ndarray:
@@ -296,8 +292,7 @@ class AdmissionControl:
         prefill = np.asarray(decision.prefill, dtype=np.int64)
         admit = prefill[state.kv_tokens[prefill] == 0] if len(prefill) else prefill  # new admissions only
         if len(admit):
-            blocks = np.cumsum(state.blocks_for(state.context_len[admit]))
-            admit = admit[: int(np.searchsorted(blocks, candidates.room, side="right"))]
+            admit = admit[: _fitting_count(state, admit, candidates.room)]
         counts = np.bincount(self._classes(state)[admit], minlength=self.num_classes) if len(admit) else \
             np.zeros(self.num_classes, dtype=np.int64)
         return np.minimum(counts, self.max_admit)
@@ -356,6 +351,17 @@ class AdmissionControl:
         self._rate_time = now
 
 
+def _decodable(state: SchedulerState) -> np.ndarray:
+    """The running requests that can decode (their whole context is cached)."""
+    running = state.running
+    return running[state.kv_tokens[running] == state.context_len[running]]
+
+
+def _fitting_count(state: SchedulerState, ids: np.ndarray, room: int) -> int:
+    """How many of ``ids``, admitted in this order, fit in ``room`` free blocks (the engine's rule: a prefix)."""
+    return int(np.searchsorted(np.cumsum(state.blocks_for(state.context_len[ids])), room, side="right"))
+
+
 def _quantile_edges(values: np.ndarray, weights: np.ndarray, parts: int) -> np.ndarray:
     """Edges at the weighted quantiles ``1/parts … (parts−1)/parts`` of ``values`` (``x > edge`` is above it)."""
     order = np.argsort(values, kind="stable")
@@ -380,10 +386,10 @@ def _class_summary(offered: TypeMix, cls: np.ndarray, count: int) -> TypeMix:
     types = []
     for k in range(count):
         members = cls == k
-        rate = float(offered.rates[members].sum())
-        w = offered.rates[members] if rate > 0 else np.ones(int(members.sum()))
         if not members.any():
             raise ConfigError(f"prompt class {k} has no request type")  # pragma: no cover - edges come from the mix
+        rate = float(offered.rates[members].sum())
+        w = offered.rates[members] if rate > 0 else np.ones(int(members.sum()))
         types.append(RequestType(max(1, int(round(float(offered.prompt_lens[members] @ w) / w.sum()))),
                                  max(1, int(round(float(offered.output_lens[members] @ w) / w.sum()))), rate))
     return TypeMix(tuple(types))

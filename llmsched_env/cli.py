@@ -325,14 +325,15 @@ def evaluate(
         progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                             MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
         with progress:
-            task = progress.add_task("evaluating", total=len(seed_list) * (len(set(names) | {"agent"})
-                                                                           + (reference not in names and reference is not None)))
+            task = progress.add_task("evaluating", total=None)
 
             def advance(done) -> None:  # type: ignore[no-untyped-def]
                 progress.update(task, advance=1, description=f"{done.policy}, seed {done.seed}")
 
             comparison = evaluate_agent(agent, policies=names, seeds=seed_list, horizon=horizon, rate=rate,
-                                        reference=reference, deterministic=not stochastic, on_run_done=advance)
+                                        reference=reference, deterministic=not stochastic,
+                                        on_start=lambda total: progress.update(task, total=total),
+                                        on_run_done=advance)
     except LLMSchedError as error:
         _fail(error)
         return

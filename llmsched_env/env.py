@@ -185,9 +185,13 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
     @property
     def fluid(self) -> FluidSolution:
         """The fluid benchmark of the current episode."""
-        if self._rollout is None:
-            raise RuntimeError("call reset() first")
+        self._live_rollout()
         return self._fluid
+
+    @property
+    def nominal_rate(self) -> float:
+        """The middle of the rate range: where an agent trained on this environment is validated and evaluated."""
+        return sum(self.rate_range) / 2
 
     def _live_rollout(self) -> Rollout:
         if self._rollout is None:
@@ -218,7 +222,6 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
         callbacks = (self._record,) if self.render_mode == "rgb_array" else ()
         self._rollout = Rollout(engine, arrivals, self.horizon, callbacks)
         self.rate, self.arrival_seed = rate, arrival_seed
-        self._completed = 0.0  # in the reward's unit
         self._accounted_time = 0.0
         self._last_admitted = np.zeros(self.control.num_classes, dtype=np.int64)
         self._last_clipped = False
@@ -227,11 +230,10 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
         return self._observation(), self._info(final=False)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
-        rollout = self._live_rollout()
+        self._live_rollout()
         if self._candidates is None:
             raise RuntimeError("the episode is over: call reset()")
-        state = rollout.engine.state()
-        decision, admitted, clipped = self.control.decision(state, action, self._candidates)
+        decision, admitted, clipped = self.control.decision(self._state, action, self._candidates)
         reward = self._pending_reward + self._apply(decision)
         self._pending_reward = 0.0
         self._last_admitted, self._last_clipped = admitted, clipped
@@ -292,12 +294,11 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
     def _reward(self, outcome: IterationOutcome | None, before: float, after: float, in_system: int) -> float:
         reward = 0.0
         if outcome is not None and len(outcome.finished):
-            engine_state = self._live_rollout().engine.state()
-            gained = (len(outcome.finished) if self.reward_unit == "requests"
-                      else float(engine_state.context_len[outcome.finished].sum()
-                                 - engine_state.prompt_len[outcome.finished].sum()))
-            self._completed += gained
-            reward += gained
+            if self.reward_unit == "requests":
+                reward += len(outcome.finished)
+            else:  # output tokens: a finished request's context is its prompt and its whole output
+                state = self._live_rollout().engine.state()
+                reward += float(state.context_len[outcome.finished].sum() - state.prompt_len[outcome.finished].sum())
         end = min(after, self.horizon)
         elapsed = max(0.0, end - self._accounted_time)
         self._accounted_time = max(self._accounted_time, end)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,11 @@ class Comparison:
     def summary(self) -> list[dict[str, object]]:
         """Per (rate, policy): the mean over seeds of :data:`SUMMARY_FIELDS` with 95 % confidence half-widths,
         and the ratio of mean regrets to :attr:`reference` with a paired-bootstrap 95 % interval."""
+        return self._summary
+
+    @cached_property
+    def _summary(self) -> list[dict[str, object]]:
+        # The table, the Markdown, the JSON and the plots all read it: bootstrap once.
         return summarize_over_seeds(self)
 
     @property
@@ -91,8 +97,9 @@ def ratio_interval(numerator: np.ndarray, denominator: np.ndarray, seed: int = 0
 
     numerator, denominator = np.asarray(numerator, float), np.asarray(denominator, float)
     ratio = float(numerator.mean() / denominator.mean()) if denominator.mean() != 0 else float("nan")
-    if len(numerator) < 3 or not np.isfinite(ratio) or np.ptp(numerator / np.where(denominator == 0, 1, denominator)) == 0:
-        return ratio, ratio, ratio
+    per_seed = numerator / np.where(denominator == 0, 1, denominator)
+    if len(numerator) < 3 or not np.isfinite(ratio) or np.ptp(per_seed) == 0:
+        return ratio, ratio, ratio  # too few seeds, or identical ratios (BCa is undefined on a constant sample)
     result = stats.bootstrap((numerator, denominator), lambda a, b, axis=-1: a.mean(axis) / b.mean(axis),
                              paired=True, vectorized=True, n_resamples=2000, confidence_level=0.95,
                              rng=np.random.default_rng(seed), method="BCa")

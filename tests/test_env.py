@@ -158,8 +158,17 @@ def test_masks_allow_exactly_the_counts_that_fit() -> None:
         assert (np.diff(mask.astype(int), axis=1) <= 0).all()  # a prefix of counts
         assert fits.max() >= 1  # every step is a real decision
         state = env.scheduler_state()
-        waiting = np.bincount(env.control._classes(state)[state.waiting], minlength=len(fits))
+        classes = env.control._classes(state)
+        waiting = np.bincount(classes[state.waiting], minlength=len(fits))
         assert (fits <= waiting).all()
+        # Exactly what fits: the oldest fits_k of class k fit in the blocks left after the decodes grow; one more does not.
+        running = state.running
+        room = state.free_blocks - int(np.count_nonzero(state.kv_tokens[running] % state.block_size == 0))
+        for k, count in enumerate(fits):
+            queue = state.waiting[classes[state.waiting] == k]
+            blocks = np.cumsum(state.blocks_for(state.context_len[queue]))
+            assert count == 0 or blocks[count - 1] <= room
+            assert count == min(len(queue), env.control.max_admit) or blocks[count] > room
         _, _, _, truncated, _ = env.step(fits)  # the most the mask allows, class by class
         if truncated:
             break
