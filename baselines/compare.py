@@ -11,11 +11,15 @@ from dataclasses import replace
 from typing import Callable, Collection, Mapping, Sequence
 
 from baselines import POLICIES, PolicyFactory
+from llmsched_env.engine import Engine
 from llmsched_env.errors import ConfigError
+from llmsched_env.fluid import FluidSolution
 from llmsched_env.metrics import regret_curve, summarize
 from llmsched_env.report import Comparison, PolicyRun
 from llmsched_env.runner import TimeSeriesRecorder, run
+from llmsched_env.policy import Policy
 from llmsched_env.scenario import Scenario
+from llmsched_env.workload import Arrivals
 
 #: Policies that are defined with output lengths known at arrival.
 SEES_OUTPUT_LENGTHS = frozenset({"wait", "wait-paper"})
@@ -28,14 +32,26 @@ def default_rates(scenario: Scenario, loads: Sequence[float] = DEFAULT_LOADS) ->
     return [round(scenario.rate_for_load(load), 3) for load in loads]
 
 
+#: Suffix of the simulator's rows beside a live backend's (``compare(..., with_sim=True)``).
+SIM_SUFFIX = " (sim)"
+
+EngineFactory = Callable[[Scenario], Engine]
+
+
 def compare(scenario: Scenario, policies: Sequence[str], rates: Sequence[float], horizon: float, seed: int = 0,
             on_run_done: Callable[[PolicyRun], None] | None = None, *, seeds: Sequence[int] | None = None,
             factories: Mapping[str, PolicyFactory] | None = None,
-            sees_output_lengths: Collection[str] = SEES_OUTPUT_LENGTHS) -> Comparison:
+            sees_output_lengths: Collection[str] = SEES_OUTPUT_LENGTHS,
+            engine: EngineFactory | None = None, with_sim: bool = False) -> Comparison:
     """Run every policy at every rate on the arrivals of every seed (``seeds``, default ``[seed]``).
 
     ``factories`` adds policies beyond the baselines (a trained agent: ``{"agent": factory}``); those named
     in ``sees_output_lengths`` run with output lengths visible. ``on_run_done`` is called after each run.
+
+    ``engine`` builds the engine of each run from its scenario (default: the scenario's simulator); a
+    live backend passes its own, and its rows carry ``backend``. With ``with_sim`` each live run is
+    followed by the simulator's run of the same policy on the same arrivals, as the policy named
+    ``<policy> (sim)``: the simulator's prediction beside each live row.
     """
     available = {**POLICIES, **(factories or {})}
     unknown = [p for p in policies if p not in available]
@@ -55,14 +71,32 @@ def compare(scenario: Scenario, policies: Sequence[str], rates: Sequence[float],
             fluids.setdefault(rate, fluid)
             for name in policies:
                 setting = replace(at_rate, output_lengths_known=name in sees_output_lengths)
-                recorder = TimeSeriesRecorder()
-                result = run(setting.engine(), available[name](setting, horizon), arrivals, horizon,
-                             callbacks=[recorder])
-                summary = summarize(result, fluid)
-                row = {"policy": name, "rate_rps": rate, **summary, "seed": arrival_seed}
-                done = PolicyRun(name, rate, row, regret_curve(result, fluid), recorder.arrays(),
-                                 result.capacity_blocks, arrival_seed)
-                runs.append(done)
-                if on_run_done is not None:
-                    on_run_done(done)
-    return Comparison(runs, fluids, horizon, tuple(policies), tuple(rates), tuple(seeds))
+                backends = [(name, engine, "live")] if engine is not None else [(name, None, None)]
+                if engine is not None and with_sim:
+                    backends.append((name + SIM_SUFFIX, None, "sim"))
+                for label, make_engine, backend in backends:
+                    done = _one_run(label, available[name](setting, horizon),
+                                    make_engine(setting) if make_engine else setting.engine(),
+                                    arrivals, horizon, fluid, rate, arrival_seed, backend)
+                    runs.append(done)
+                    if on_run_done is not None:
+                        on_run_done(done)
+    names = tuple(label for name in policies
+                  for label in ([name, name + SIM_SUFFIX] if engine is not None and with_sim else [name]))
+    return Comparison(runs, fluids, horizon, names, tuple(rates), tuple(seeds))
+
+
+def _one_run(label: str, policy: Policy, engine: Engine, arrivals: Arrivals, horizon: float, fluid: FluidSolution,
+             rate: float, seed: int, backend: str | None) -> PolicyRun:
+    recorder = TimeSeriesRecorder()
+    try:
+        result = run(engine, policy, arrivals, horizon, callbacks=[recorder])
+    finally:
+        close = getattr(engine, "close", None)
+        if callable(close):
+            close()  # a live engine's memory goes back before the next run starts one
+    row = {"policy": label, "rate_rps": rate, **summarize(result, fluid), "seed": seed}
+    if backend is not None:
+        row["backend"] = backend
+        row["mean_iteration_s"] = result.busy_time / result.iterations if result.iterations else None
+    return PolicyRun(label, rate, row, regret_curve(result, fluid), recorder.arrays(), result.capacity_blocks, seed)

@@ -265,7 +265,7 @@ def nested_wait_thresholds(
     decode_stages = np.where(starts == 0, bounds, bounds - starts + 1)
     kv_per_request = np.array([float(np.sum(prompt_len + np.arange(s, b + 1))) for s, b in zip(starts, bounds)])
     work = cost.c_dec * decode_stages + cost.c_kv * kv_per_request
-    work[0] += cost.c_pf * prompt_len
+    work[0] += cost.c_pf * prompt_len + cost.c_pf2 * prompt_len * (prompt_len + 1) / 2
 
     def chain(n_first: int) -> np.ndarray:
         n = np.empty(k_count, dtype=np.int64)

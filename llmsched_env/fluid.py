@@ -47,10 +47,12 @@ def memory_time(prompt_len: np.ndarray, output_len: np.ndarray) -> np.ndarray:
 
 
 def lifetime_work(prompt_len: np.ndarray, output_len: np.ndarray, cost: LinearCostModel) -> np.ndarray:
-    """``u = c_pf p + c_dec o + c_kv w``: seconds of iteration time a request adds over its life."""
+    """``u = c_pf p + c_dec o + c_kv w (+ c_pf2 p(p+1)/2)``: seconds of iteration time a request adds over its
+    life (the last term is the quadratic prefill attention of a profile that has one, for an unchunked prefill)."""
     p = np.asarray(prompt_len, dtype=np.float64)
     o = np.asarray(output_len, dtype=np.float64)
-    return cost.c_pf * p + cost.c_dec * o + cost.c_kv * memory_time(p, o)
+    work = cost.c_pf * p + cost.c_dec * o + cost.c_kv * memory_time(p, o)
+    return work + cost.c_pf2 * p * (p + 1) / 2 if cost.c_pf2 else work
 
 
 @dataclass(frozen=True)

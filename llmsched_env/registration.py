@@ -24,9 +24,22 @@ ENV_IDS: dict[str, dict[str, Any]] = {
 }
 
 
+#: The same environment on a live vLLM engine (needs ``model=PATH``; see :mod:`live_backend.env`). Measured
+#: iteration times make its runs differ from one to the next, so it is registered nondeterministic.
+LIVE_ENV_IDS: dict[str, dict[str, Any]] = {
+    "LLMSched-vLLM-v0": {},
+    "LLMSched-vLLM-Hidden-v0": {"output_lengths_known": False},
+}
+_LIVE_ENTRY_POINT = "live_backend.env:LiveLLMSchedEnv"
+
+
 def register_envs() -> None:
-    """Register every id of :data:`ENV_IDS` (idempotent)."""
+    """Register every id of :data:`ENV_IDS` and :data:`LIVE_ENV_IDS` (idempotent; vLLM is imported only when
+    a live environment is made)."""
     for env_id, kwargs in ENV_IDS.items():
         if env_id not in gym.registry:
             # Simulated runs are deterministic given the seed; no step cap (the horizon truncates).
             gym.register(id=env_id, entry_point=_ENTRY_POINT, kwargs=kwargs, nondeterministic=False)
+    for env_id, kwargs in LIVE_ENV_IDS.items():
+        if env_id not in gym.registry:
+            gym.register(id=env_id, entry_point=_LIVE_ENTRY_POINT, kwargs=kwargs, nondeterministic=True)

@@ -218,7 +218,74 @@ def to_markdown(comparison: Comparison) -> str:
               "| " + " | ".join("---" if header == "policy" else "---:" for header, _ in _COLUMNS)
               + (" | ---: |" if seed_column else " |")]
     lines += ["| " + " | ".join(_cells(run)) + (f" | {run.seed} |" if seed_column else " |") for run in comparison.runs]
+    agreement = sim_to_real(comparison)
+    if agreement:
+        lines += ["", "Simulator vs live engine (means over seeds; error = (sim − live) / live):", "",
+                  "| rate req/s | policy | " + " | ".join(f"{label} live | sim | error"
+                                                         for label in SIM_TO_REAL_FIELDS.values()) + " |",
+                  "| ---: | --- | " + " | ".join("---: | ---: | ---:" for _ in SIM_TO_REAL_FIELDS) + " |"]
+        for row in agreement:
+            cells = [f"{row['rate_rps']:.2f}", str(row["policy"])]
+            for field in SIM_TO_REAL_FIELDS:
+                for key in (f"live_{field}", f"sim_{field}"):
+                    cells.append(_fmt(row[key], 4))
+                error = row[f"error_{field}"]
+                cells.append("–" if error is None else f"{error:+.1%}")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+#: What the simulator is judged on beside a live engine (``sim_to_real``): row field → label.
+SIM_TO_REAL_FIELDS = {"mean_iteration_s": "mean iteration", "throughput_rps": "throughput",
+                      "mean_latency_s": "mean latency"}
+_SIM_SUFFIX = " (sim)"
+
+
+def sim_to_real(comparison: Comparison) -> list[dict[str, object]]:
+    """For each live policy with simulator rows beside it (``<policy> (sim)``), at each rate: the live and
+    simulated values of :data:`SIM_TO_REAL_FIELDS`, means over seeds, and the simulator's relative error
+    ``(sim − live) / live`` of those means. Empty for a comparison without live rows."""
+    runs = {(run.policy, run.rate, run.seed): run.row for run in comparison.runs}
+    result = []
+    for rate in comparison.rates:
+        for policy in comparison.policies:
+            if policy.endswith(_SIM_SUFFIX) or policy + _SIM_SUFFIX not in comparison.policies:
+                continue
+            pairs = [(runs[(policy, rate, seed)], runs[(policy + _SIM_SUFFIX, rate, seed)])
+                     for seed in comparison.seeds if (policy, rate, seed) in runs]
+            row: dict[str, object] = {"policy": policy, "rate_rps": rate, "seeds": len(pairs)}
+            for field in SIM_TO_REAL_FIELDS:
+                live = [float(a[field]) for a, b in pairs if a.get(field) is not None and b.get(field) is not None]
+                sim = [float(b[field]) for a, b in pairs if a.get(field) is not None and b.get(field) is not None]
+                live_mean = float(np.mean(live)) if live else None
+                sim_mean = float(np.mean(sim)) if sim else None
+                row[f"live_{field}"], row[f"sim_{field}"] = live_mean, sim_mean
+                row[f"error_{field}"] = ((sim_mean - live_mean) / live_mean
+                                         if live_mean and sim_mean is not None else None)
+            result.append(row)
+    return result
+
+
+def sim_to_real_table(comparison: Comparison) -> Table | None:
+    """The simulator's error beside a live engine, one row per policy and rate (``None`` without live rows)."""
+    rows = sim_to_real(comparison)
+    if not rows:
+        return None
+    table = Table(title="simulator vs live engine (means over seeds; error = (sim − live) / live)")
+    table.add_column("rate req/s", justify="right")
+    table.add_column("policy")
+    for label in SIM_TO_REAL_FIELDS.values():
+        table.add_column(f"{label} live → sim", justify="right")
+        table.add_column("error", justify="right")
+    for row in rows:
+        cells = [f"{row['rate_rps']:.2f}", str(row["policy"])]
+        for field in SIM_TO_REAL_FIELDS:
+            live, sim, error = row[f"live_{field}"], row[f"sim_{field}"], row[f"error_{field}"]
+            scale, unit = (1e3, " ms") if field == "mean_iteration_s" else (1.0, "")
+            cells.append("–" if live is None or sim is None else f"{live * scale:.3g} → {sim * scale:.3g}{unit}")
+            cells.append("–" if error is None else f"{error:+.1%}")
+        table.add_row(*cells)
+    return table
 
 
 def write_csv(comparison: Comparison, path: Path) -> None:
@@ -241,6 +308,9 @@ def to_json(comparison: Comparison) -> dict[str, object]:
     if len(comparison.seeds) > 1:
         payload["seeds"] = list(comparison.seeds)
         payload["summary"] = comparison.summary()
+    agreement = sim_to_real(comparison)
+    if agreement:
+        payload["sim_to_real"] = agreement
     return json_safe(payload)  # type: ignore[return-value]
 
 

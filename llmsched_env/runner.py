@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from llmsched_env.engine import Decision, Engine, IterationOutcome, RequestRecords
-from llmsched_env.errors import ConfigError
+from llmsched_env.errors import ConfigError, EngineFailure
 from llmsched_env.policy import Policy
 from llmsched_env.workload import Arrivals
 
@@ -54,6 +54,7 @@ class RunResult:
     waiting: int
     running: int
     finished: int
+    busy_time: float = 0.0  # seconds the engine spent in iterations (end_time less the idle gaps)
 
 
 class Rollout:
@@ -86,6 +87,7 @@ class Rollout:
         self.evictions = 0
         self.peak_blocks_used = engine.state().used_blocks
         self.block_seconds = 0.0
+        self.busy_time = 0.0
 
     @property
     def next_arrival_time(self) -> float:
@@ -116,6 +118,7 @@ class Rollout:
             self.evictions += len(outcome.evicted)
             self.peak_blocks_used = max(self.peak_blocks_used, outcome.peak_blocks_used)
             self.block_seconds += outcome.peak_blocks_used * outcome.duration
+            self.busy_time += outcome.duration
             for callback in self.callbacks:
                 callback(engine, outcome)
             # Nothing could run (every admission deferred for memory) and nothing changed: asking again
@@ -138,17 +141,23 @@ class Rollout:
             capacity_blocks=engine.capacity_blocks, block_size=engine.block_size,
             peak_blocks_used=self.peak_blocks_used, block_seconds=self.block_seconds, evictions=self.evictions,
             arrived=engine.num_requests, waiting=engine.num_waiting, running=engine.num_running,
-            finished=engine.num_finished)
+            finished=engine.num_finished, busy_time=self.busy_time)
 
 
 def run(engine: Engine, policy: Policy, arrivals: Arrivals, horizon: float,
         callbacks: Sequence[IterationCallback] = (), max_iterations: int | None = None) -> RunResult:
     """Run ``policy`` on ``engine`` over the requests of ``arrivals`` that arrive in ``[0, horizon]``.
 
-    See :class:`Rollout` for the loop's rules (arrivals, the horizon, idle and stalled decisions).
+    See :class:`Rollout` for the loop's rules (arrivals, the horizon, idle and stalled decisions). If a
+    live engine fails mid-run, the :class:`~llmsched_env.errors.EngineFailure` it raises carries the
+    run's result up to the failure in ``result``.
     """
     rollout = Rollout(engine, arrivals, horizon, callbacks, max_iterations)
     policy.reset(engine)
-    while rollout.needs_decision():
-        rollout.apply(policy.decide(engine.state()))
+    try:
+        while rollout.needs_decision():
+            rollout.apply(policy.decide(engine.state()))
+    except EngineFailure as failure:
+        failure.result = rollout.result()  # every request, finished, waiting or running, up to the failure
+        raise
     return rollout.result()

@@ -354,7 +354,12 @@ class SimulatedEngine:
         prefill_tokens = int(_sum(batch.chunk)) if len(prefill) else 0
         batch_kv = int(_sum(decode_before)) + num_decode + (int(_sum(prefill_after)) if len(prefill) else 0)
         start = self._now
-        duration = self.cost.iteration_time(prefill_tokens, num_decode, batch_kv) if num_decode or len(prefill) else 0.0
+        attention = 0.0
+        if self.cost.c_pf2 and len(prefill):  # the quadratic prefill term, only when the profile has one
+            chunk = batch.chunk.astype(np.float64)
+            attention = float(_sum(chunk * batch.prefill_before + chunk * (chunk + 1) / 2))
+        duration = (self.cost.iteration_time(prefill_tokens, num_decode, batch_kv, attention)
+                    if num_decode or len(prefill) else 0.0)
         now = self._now = start + duration
 
         kv.append_token(decode, decode_before, decode_new_blocks)
