@@ -15,7 +15,7 @@ from llmsched_env.engine import Engine
 from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import FluidSolution
 from llmsched_env.metrics import regret_curve, summarize
-from llmsched_env.report import Comparison, PolicyRun
+from llmsched_env.report import SIM_SUFFIX, Comparison, PolicyRun
 from llmsched_env.runner import TimeSeriesRecorder, run
 from llmsched_env.policy import Policy
 from llmsched_env.scenario import Scenario
@@ -31,9 +31,6 @@ def default_rates(scenario: Scenario, loads: Sequence[float] = DEFAULT_LOADS) ->
     """Total arrival rates at which the load ``ρ`` takes the given values (the mix's shares kept)."""
     return [round(scenario.rate_for_load(load), 3) for load in loads]
 
-
-#: Suffix of the simulator's rows beside a live backend's (``compare(..., with_sim=True)``).
-SIM_SUFFIX = " (sim)"
 
 EngineFactory = Callable[[Scenario], Engine]
 

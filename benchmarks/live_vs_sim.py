@@ -27,7 +27,7 @@ from baselines.compare import compare
 from llmsched_env import report
 from llmsched_env.env import TIGHT_MEMORY_RATE
 from llmsched_env.scenario import DEFAULT_TYPES, build_scenario
-from live_backend.config import load_live_config
+from live_backend.config import default_profile, load_live_config
 from live_backend.runs import LiveEngineFactory
 
 
@@ -58,10 +58,9 @@ def main() -> None:
     args = parser.parse_args()
 
     device = args.device
-    config = load_live_config(args.live_config or ("gpu-llama2-7b" if device == "cuda" else "cpu-tiny"),
-                              model=args.model, kv_blocks=args.kv_blocks, device=device)
+    config = load_live_config(args.live_config, model=args.model, kv_blocks=args.kv_blocks, device=device)
     factory = LiveEngineFactory(config)
-    profile = args.profile or ("llama2-7b-a100" if config.device == "cuda" else "tiny-llama-cpu")
+    profile = args.profile or default_profile(config)
     scenario = build_scenario(types=args.types, profile=profile, memory_tokens=factory.capacity_tokens,
                               block_size=factory.block_size)
     if args.rates:

@@ -14,12 +14,11 @@ most 4096), ``seed`` (0).
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields, replace
-from importlib import resources
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from llmsched_env.config_files import builtin_names, read_json_config
 from llmsched_env.errors import ConfigError
 
 _DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -65,21 +64,6 @@ class LiveConfig:
         if self.device == "cpu" and self.block_size % 32:  # type: ignore[operator]
             raise ConfigError(f"live config: block_size must be a multiple of 32 on CPU (vLLM's CPU attention), "
                               f"got {self.block_size}")
-
-    def with_overrides(self, **overrides: Any) -> "LiveConfig":
-        """This config with the non-``None`` ``overrides`` applied (what CLI options do)."""
-        given = {key: value for key, value in overrides.items() if value is not None}
-        unknown = set(given) - {f.name for f in fields(self)}
-        if unknown:
-            raise ConfigError(f"live config: unknown field(s) {', '.join(sorted(unknown))}")
-        if "device" in given and given["device"] != self.device:
-            # Device-dependent defaults follow the new device unless they were given too.
-            for key in _DEVICE_DEFAULTS[self.device]:
-                given.setdefault(key, None)
-            base = {f.name: getattr(self, f.name) for f in fields(self)}
-            base.update(given)
-            return LiveConfig(**base)
-        return replace(self, **given)
 
     def check_model(self) -> Path:
         """The model directory, or :class:`ConfigError` naming what is missing."""
@@ -129,35 +113,35 @@ class LiveConfig:
         return asdict(self)
 
 
+#: Per device: the built-in live config used when none is named, and the cost profile beside it (the
+#: simulator's and the policies' model of that engine until ``llmsched calibrate`` gives a better one).
+DEFAULT_LIVE_CONFIGS = {"cpu": "cpu-tiny", "cuda": "gpu-llama2-7b"}
+DEFAULT_PROFILES = {"cpu": "tiny-llama-cpu", "cuda": "llama2-7b-a100"}
+
+
+def default_profile(config: LiveConfig) -> str:
+    """The cost profile for ``config``'s device (see :data:`DEFAULT_PROFILES`)."""
+    return DEFAULT_PROFILES[config.device]
+
+
 def builtin_live_configs() -> list[str]:
     """Names of the live configs shipped with llmsched."""
-    folder = resources.files("live_backend") / "configs"
-    return sorted(entry.name.removesuffix(".json") for entry in folder.iterdir() if entry.name.endswith(".json"))
+    return builtin_names("live_backend", "configs")
 
 
-def load_live_config(name_or_path: str | Path, **overrides: Any) -> LiveConfig:
-    """A built-in live config by name or a JSON file by path, with CLI-style ``overrides`` applied."""
-    text_name = str(name_or_path)
-    if text_name in builtin_live_configs():
-        source = f"live config {text_name!r}"
-        raw = (resources.files("live_backend") / "configs" / f"{text_name}.json").read_text()
-    else:
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise ConfigError(f"no live config {text_name!r}: neither a built-in ({', '.join(builtin_live_configs())})"
-                              f" nor a JSON file")
-        source, raw = str(path), path.read_text()
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{source}:{error.lineno}: invalid JSON: {error.msg}") from None
+def load_live_config(name_or_path: str | Path | None, **overrides: Any) -> LiveConfig:
+    """A built-in live config by name or a JSON file by path, with CLI-style ``overrides`` (those not ``None``)
+    applied; ``None`` is the default config of ``overrides["device"]`` (CPU when not given)."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_LIVE_CONFIGS.get(overrides.get("device") or "cpu", "cpu-tiny")
+    source, data = read_json_config(name_or_path, "live_backend", "configs", "live config")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a live config must be a JSON object")
     allowed = {f.name for f in fields(LiveConfig)}
     unknown = set(data) - allowed
     if unknown:
         raise ConfigError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
-    data.setdefault("name", Path(text_name).stem)
+    data.setdefault("name", Path(str(name_or_path)).stem)
     data.setdefault("model", "")
     given = {key: value for key, value in overrides.items() if value is not None}
     data.update(given)

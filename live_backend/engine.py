@@ -33,25 +33,26 @@ from llmsched_env.engine import (
     IterationOutcome,
     RequestRecords,
     SchedulerState,
-    as_ids,
     readonly_view,
 )
-from llmsched_env.errors import ConfigError, EngineFailure, InvalidDecisionError, RequestTooLargeError
+from llmsched_env.errors import ConfigError, EngineFailure, RequestTooLargeError
+from llmsched_env.request_table import (
+    EMPTY_IDS,
+    REQUEST_COLUMNS,
+    checked_arrivals,
+    grow_columns,
+    records_of,
+    validated_batch,
+)
 from live_backend import vllm_adapter as adapter
 from live_backend.config import LiveConfig
 
-_EMPTY = np.empty(0, dtype=np.int64)
+# The live engine's columns: the shared ones, plus the KV tokens vLLM has computed for each request and
+# the tokens it returned (checked at finish: o + 1).
 _COLUMNS: dict[str, tuple[type, float | int]] = {
-    "_arrival": (np.float64, np.nan),
-    "_prompt": (np.int64, 0),
-    "_output": (np.int64, 0),
-    "_context": (np.int64, 0),
+    **REQUEST_COLUMNS,
     "_kv": (np.int64, 0),
-    "_status": (np.int8, FINISHED),
-    "_first_token": (np.float64, np.nan),
-    "_finish": (np.float64, np.nan),
-    "_evictions": (np.int64, 0),
-    "_produced": (np.int64, 0),  # tokens vLLM returned for the request (checked at finish: o + 1)
+    "_produced": (np.int64, 0),
 }
 
 
@@ -164,28 +165,16 @@ class LiveVLLMEngine:
 
     # -- storage -------------------------------------------------------------------------------
     def _grow(self, size: int) -> None:
-        old = self._size
-        for name, (dtype, fill) in _COLUMNS.items():
-            fresh = np.full(size, fill, dtype=dtype)
-            if old:
-                fresh[:old] = getattr(self, name)[:old]
-            setattr(self, name, fresh)
+        grow_columns(self, _COLUMNS, self._size, size)
         self._size = size
 
     def add_requests(self, arrival_time: np.ndarray, prompt_len: np.ndarray, output_len: np.ndarray) -> np.ndarray:
         """Create real vLLM requests of the given prompt lengths, each asking for exactly ``o + 1`` tokens."""
         self._check_alive()
-        arrival_time = np.asarray(arrival_time, np.float64)
-        prompt_len, output_len = np.asarray(prompt_len, np.int64), np.asarray(output_len, np.int64)
+        arrival_time, prompt_len, output_len = checked_arrivals(arrival_time, prompt_len, output_len)
         count = len(arrival_time)
-        if len(prompt_len) != count or len(output_len) != count:
-            raise ConfigError("arrival_time, prompt_len and output_len must have the same length")
         if count == 0:
-            return _EMPTY
-        if min(prompt_len.min(), output_len.min()) < 1:
-            bad = int(np.flatnonzero((prompt_len < 1) | (output_len < 1))[0])
-            raise ConfigError(f"request {bad} of this batch has prompt {int(prompt_len[bad])} and output "
-                              f"{int(output_len[bad])} tokens; both must be >= 1")
+            return EMPTY_IDS
         self.check_fits(prompt_len, output_len)
         start, end = self._n, self._n + count
         if end > self._size:
@@ -227,46 +216,10 @@ class LiveVLLMEngine:
 
     # -- the iteration -----------------------------------------------------------------------------
     def _validated(self, decision: Decision) -> tuple[np.ndarray, dict[int, int], np.ndarray]:
-        """``(decode, prefill index -> chunk, preempt)`` or :class:`InvalidDecisionError` (same rules as the
-        simulator's, so a policy that is valid on one engine is valid on the other)."""
-        decode, prefill, preempt = as_ids(decision.decode), as_ids(decision.prefill), as_ids(decision.preempt)
-        every = np.concatenate([decode, prefill, preempt])
-        if len(every) and (every.min() < 0 or every.max() >= self._n):
-            bad = int(every[(every < 0) | (every >= self._n)][0])
-            raise InvalidDecisionError(f"unknown request id {bad}; ids are 0..{self._n - 1}")
-        if len(np.unique(every)) != len(every):
-            values, counts = np.unique(every, return_counts=True)
-            raise InvalidDecisionError(f"request {int(values[counts > 1][0])} appears more than once in the decision "
-                                       f"(decode, prefill and preempt must be disjoint)")
-        for i in decode:
-            if self._status[i] != RUNNING or self._kv[i] != self._context[i]:
-                raise InvalidDecisionError(f"decode: request {int(i)} cannot decode: it is {self._describe(int(i))}")
-        for i in preempt:
-            if self._status[i] != RUNNING:
-                raise InvalidDecisionError(f"preempt: request {int(i)} is not running: it is {self._describe(int(i))}")
-        remaining = self._context[prefill] - self._kv[prefill]
-        for k, i in enumerate(prefill):
-            if self._status[i] == FINISHED or remaining[k] <= 0:
-                raise InvalidDecisionError(f"prefill: request {int(i)} has nothing to prefill: it is "
-                                           f"{self._describe(int(i))}")
-        if decision.prefill_tokens is None:
-            chunk = remaining
-        else:
-            chunk = np.asarray(decision.prefill_tokens, np.int64).reshape(-1)
-            if len(chunk) != len(prefill):
-                raise InvalidDecisionError(f"prefill_tokens has {len(chunk)} entries for {len(prefill)} prefills")
-            bad = np.flatnonzero((chunk < 1) | (chunk > remaining))
-            if len(bad):
-                k = int(bad[0])
-                raise InvalidDecisionError(
-                    f"prefill_tokens: request {int(prefill[k])} asked for a chunk of {int(chunk[k])} tokens; "
-                    f"allowed 1..{int(remaining[k])} (its remaining context)")
-        return decode, {int(i): int(c) for i, c in zip(prefill, chunk)}, preempt
-
-    def _describe(self, i: int) -> str:
-        status = {WAITING: "waiting", RUNNING: "running", FINISHED: "finished"}[int(self._status[i])]
-        return (f"{status}, prompt {int(self._prompt[i])}, decoded {int(self._context[i] - self._prompt[i])}, "
-                f"KV tokens {int(self._kv[i])}")
+        """``(decode, prefill index -> chunk, preempt)`` or :class:`InvalidDecisionError`: the simulator's rules
+        and messages (one function for both), so a policy valid on one engine is valid on the other."""
+        batch = validated_batch(decision, self._n, self._status, self._prompt, self._context, self._kv, self._mark)
+        return batch.decode, dict(zip(batch.prefill.tolist(), batch.chunk.tolist())), batch.preempt
 
     def _check_alive(self) -> None:
         if self._failed is not None:
@@ -284,16 +237,14 @@ class LiveVLLMEngine:
         try:
             request_outputs = self._llm.step()
         except Exception as error:  # noqa: BLE001 - any failure inside vLLM ends the run, accounted for
-            self._failed = (f"vLLM raised {type(error).__name__} in iteration {self._iterations + 1} at engine time "
-                            f"{start:.3f} s: {error}")
             self._reconcile_after_failure()
-            raise EngineFailure(self._failed) from error
+            raise self._failure(f"vLLM raised {type(error).__name__} in iteration {self._iterations + 1} at engine "
+                                f"time {start:.3f} s: {error}") from error
         duration = time.perf_counter() - wall
         executed = scheduler.last_executed
         scheduler.last_executed = None
         if executed is None:
-            self._failed = "vLLM stepped without calling the decision scheduler (an unsupported engine setup)"
-            raise EngineFailure(self._failed)
+            raise self._failure("vLLM stepped without calling the decision scheduler (an unsupported engine setup)")
         self._iterations += 1
         scheduled = executed.scheduled_tokens
         if not scheduled:
@@ -349,9 +300,16 @@ class LiveVLLMEngine:
         self._num_finished += 1
         self._requests.pop(i, None)
         if produced != expected:
-            self._failed = (f"request {i} finished with {produced} tokens, but the workload asked for {expected} "
-                            f"(output {expected - 1} + the prefill's first token)")
-            raise EngineFailure(self._failed)
+            raise self._failure(f"request {i} finished with {produced} tokens, but the workload asked for "
+                                f"{expected} (output {expected - 1} + the prefill's first token)")
+
+    def _failure(self, message: str) -> EngineFailure:
+        """Record why the engine failed and shut it down now. An engine left to the garbage collector shuts
+        down whenever it is collected, and vLLM's shutdown tears down process-wide state (its parallel
+        groups) that a newer engine in the same process is using."""
+        self._failed = message
+        self.close()
+        return EngineFailure(message)
 
     def _reconcile_after_failure(self) -> None:
         """After vLLM raised, make the records say where each request was (no request is lost)."""
@@ -375,12 +333,7 @@ class LiveVLLMEngine:
         self._now = max(self._now, float(time_s))
 
     def records(self) -> RequestRecords:
-        n = self._n
-        return RequestRecords(
-            arrival_time=self._arrival[:n].copy(), prompt_len=self._prompt[:n].copy(),
-            output_len=self._output[:n].copy(), first_token_time=self._first_token[:n].copy(),
-            finish_time=self._finish[:n].copy(), num_evictions=self._evictions[:n].copy(),
-            decoded=self._context[:n] - self._prompt[:n], status=self._status[:n].copy())
+        return records_of(self, self._n)
 
     def produced_tokens(self) -> np.ndarray:
         """Tokens vLLM returned per request (``o + 1`` for every finished one; checked as each finishes)."""
@@ -390,6 +343,8 @@ class LiveVLLMEngine:
         """Release the engine's memory (the engine cannot step afterwards)."""
         self._failed = self._failed or "the engine was closed"
         llm, self._llm = self._llm, None
+        if llm is None:
+            return
         shutdown = getattr(getattr(llm, "engine_core", None), "shutdown", None)
         if callable(shutdown):
             shutdown()

@@ -15,7 +15,7 @@ from typing import Any
 from llmsched_env.engine import Engine
 from llmsched_env.env import LLMSchedEnv
 from llmsched_env.scenario import Scenario, build_scenario
-from live_backend.config import load_live_config
+from live_backend.config import default_profile, load_live_config
 from live_backend.engine import LiveVLLMEngine
 
 #: The load ``ρ`` (of the cost profile) the default arrival rate is set to.
@@ -38,13 +38,12 @@ class LiveLLMSchedEnv(LLMSchedEnv):
                  profile: str | None = None, arrivals: str = "poisson", cv: float = 2.0,
                  rate: Any = None, horizon: float = 30.0, output_lengths_known: bool = True,
                  **kwargs: Any) -> None:
-        config = load_live_config(live_config or ("gpu-llama2-7b" if device == "cuda" else "cpu-tiny"),
-                                  model=model, kv_blocks=kv_blocks, device=device)
+        config = load_live_config(live_config, model=model, kv_blocks=kv_blocks, device=device)
         probe = LiveVLLMEngine(config)
         capacity, block = probe.capacity_tokens, probe.block_size
         probe.close()
         scenario = build_scenario(types=types, trace=trace,
-                                  profile=profile or ("llama2-7b-a100" if config.device == "cuda" else "tiny-llama-cpu"),
+                                  profile=profile or default_profile(config),
                                   memory_tokens=capacity, block_size=block, arrivals=arrivals,  # type: ignore[arg-type]
                                   cv=cv, hidden_lengths=not output_lengths_known)
         self.live_config = config

@@ -22,13 +22,11 @@ class LiveEngineFactory:
         self._first: LiveVLLMEngine | None = LiveVLLMEngine(config, pace=pace)
         self.capacity_tokens = self._first.capacity_tokens
         self.block_size = self._first.block_size
-        self.engines_started = 1
 
     def __call__(self, scenario: Scenario) -> LiveVLLMEngine:
         engine, self._first = self._first, None
         if engine is None:
             engine = LiveVLLMEngine(self.config, pace=self.pace)
-            self.engines_started += 1
         engine.set_output_lengths_known(scenario.output_lengths_known)
         return engine
 

@@ -312,8 +312,7 @@ DeviceOption = Annotated[Optional[str], typer.Option(help="Live device: cpu (vll
 def _live_config(model: str | None, live_config: str | None, kv_blocks: int | None, device: str | None):  # type: ignore[no-untyped-def]
     from live_backend.config import load_live_config
 
-    default = "gpu-llama2-7b" if device == "cuda" else "cpu-tiny"
-    return load_live_config(live_config or default, model=model, kv_blocks=kv_blocks, device=device)
+    return load_live_config(live_config, model=model, kv_blocks=kv_blocks, device=device)
 
 
 @app.command()
@@ -368,10 +367,11 @@ def evaluate(
 
             scenario = None
             if backend == "vllm":
+                from live_backend.config import default_profile
                 from live_backend.runs import LiveEngineFactory
 
                 factory = LiveEngineFactory(_live_config(model, live_config, kv_blocks, device))
-                scenario = build_scenario(types=types, trace=trace, profile=profile or _default_live_profile(device),
+                scenario = build_scenario(types=types, trace=trace, profile=profile or default_profile(factory.config),
                                           memory_tokens=factory.capacity_tokens, block_size=factory.block_size)
                 horizon = horizon if horizon is not None else 30.0
                 if agent is None and rate is None:
@@ -402,11 +402,6 @@ def evaluate(
         if factory is not None:
             factory.close()
     _write_report(comparison, out, plots, as_json)
-
-
-def _default_live_profile(device: str | None) -> str:
-    """The cost model the policies' thresholds and the simulator use beside a live engine, until calibrated."""
-    return "llama2-7b-a100" if device == "cuda" else "tiny-llama-cpu"
 
 
 @app.command("make-tiny-model")

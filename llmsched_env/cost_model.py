@@ -14,12 +14,11 @@ of iteration time, where ``w = (o + 1)(p + o/2)`` is its memory-time (see :mod:`
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
+from llmsched_env.config_files import builtin_names, read_json_config
 from llmsched_env.errors import ConfigError
 
 _COEFFICIENTS = ("c0", "c_pf", "c_dec", "c_kv", "c_pf2")
@@ -103,30 +102,16 @@ def _profile_from_dict(data: object, source: str) -> Profile:
 
 def builtin_profiles() -> list[str]:
     """Names of the profiles shipped with llmsched."""
-    folder = resources.files("llmsched_env") / "profiles"
-    return sorted(entry.name.removesuffix(".json") for entry in folder.iterdir() if entry.name.endswith(".json"))
+    return builtin_names("llmsched_env", "profiles")
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
     """A built-in profile by name (see :func:`builtin_profiles`) or a JSON file by path.
 
-    JSON fields: ``c0, c_pf, c_dec, c_kv`` (seconds; only ``c0`` required), ``kv_capacity_tokens``,
-    optional ``block_size`` (default 16), ``name``, ``description``.
+    JSON fields: ``c0, c_pf, c_dec, c_kv`` (seconds; only ``c0`` required), optional ``c_pf2`` (the quadratic
+    prefill term), ``kv_capacity_tokens``, optional ``block_size`` (default 16), ``name``, ``description``.
     """
-    text_name = str(name_or_path)
-    if text_name in builtin_profiles():
-        source = f"profile {text_name!r}"
-        raw = (resources.files("llmsched_env") / "profiles" / f"{text_name}.json").read_text()
-    else:
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise ConfigError(f"no profile {text_name!r}: neither a built-in ({', '.join(builtin_profiles())}) "
-                              f"nor a JSON file")
-        source, raw = str(path), path.read_text()
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{source}:{error.lineno}: invalid JSON: {error.msg}") from None
+    source, data = read_json_config(name_or_path, "llmsched_env", "profiles", "profile")
     return _profile_from_dict(data, source)
 
 

@@ -238,7 +238,8 @@ def to_markdown(comparison: Comparison) -> str:
 #: What the simulator is judged on beside a live engine (``sim_to_real``): row field → label.
 SIM_TO_REAL_FIELDS = {"mean_iteration_s": "mean iteration", "throughput_rps": "throughput",
                       "mean_latency_s": "mean latency"}
-_SIM_SUFFIX = " (sim)"
+#: Suffix of the simulator's rows beside a live backend's (``compare(..., with_sim=True)``).
+SIM_SUFFIX = " (sim)"
 
 
 def sim_to_real(comparison: Comparison) -> list[dict[str, object]]:
@@ -249,9 +250,9 @@ def sim_to_real(comparison: Comparison) -> list[dict[str, object]]:
     result = []
     for rate in comparison.rates:
         for policy in comparison.policies:
-            if policy.endswith(_SIM_SUFFIX) or policy + _SIM_SUFFIX not in comparison.policies:
+            if policy.endswith(SIM_SUFFIX) or policy + SIM_SUFFIX not in comparison.policies:
                 continue
-            pairs = [(runs[(policy, rate, seed)], runs[(policy + _SIM_SUFFIX, rate, seed)])
+            pairs = [(runs[(policy, rate, seed)], runs[(policy + SIM_SUFFIX, rate, seed)])
                      for seed in comparison.seeds if (policy, rate, seed) in runs]
             row: dict[str, object] = {"policy": policy, "rate_rps": rate, "seeds": len(pairs)}
             for field in SIM_TO_REAL_FIELDS:

@@ -8,7 +8,6 @@ train on (see ``benchmarks/simulator_speed.py``).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import numpy as np
 
@@ -21,44 +20,30 @@ from llmsched_env.engine import (
     IterationOutcome,
     RequestRecords,
     SchedulerState,
-    as_ids,
     readonly_view,
 )
-from llmsched_env.errors import ConfigError, InvalidDecisionError, RequestTooLargeError
+from llmsched_env.errors import ConfigError, RequestTooLargeError
 from llmsched_env.kv_cache import PagedKVCache
+from llmsched_env.request_table import (
+    EMPTY_IDS as _EMPTY,
+    REQUEST_COLUMNS,
+    Batch,
+    checked_arrivals,
+    grow_columns,
+    records_of,
+    validated_batch,
+)
 
-_EMPTY = np.empty(0, dtype=np.int64)
-_EMPTY_BOOL = np.empty(0, dtype=bool)
 # Direct ufunc reductions: the hot path calls them a dozen times per iteration on small arrays, where
 # the ndarray-method wrappers cost as much as the work.
-_sum, _max, _any = np.add.reduce, np.maximum.reduce, np.logical_or.reduce
+_sum, _max = np.add.reduce, np.maximum.reduce
 
 
-# Per-request columns, indexed by id: (dtype, value of a slot not yet used).
+# The simulator's columns: the shared ones, plus when each request finishes.
 _COLUMNS: dict[str, tuple[type, float | int]] = {
-    "_arrival": (np.float64, np.nan),
-    "_prompt": (np.int64, 0),
-    "_output": (np.int64, 0),
-    "_context": (np.int64, 0),  # prompt + output tokens generated so far
+    **REQUEST_COLUMNS,
     "_final_context": (np.int64, 0),  # prompt + output length: finished when reached
-    "_status": (np.int8, FINISHED),
-    "_first_token": (np.float64, np.nan),
-    "_finish": (np.float64, np.nan),
-    "_evictions": (np.int64, 0),
-    "_mark": (np.int64, -1),  # scratch for validation and eviction planning
 }
-
-
-class _Batch(NamedTuple):
-    """A validated decision, with the per-request values validation already gathered."""
-
-    decode: np.ndarray
-    decode_before: np.ndarray  # KV tokens of each decode before the iteration (= its context)
-    prefill: np.ndarray
-    prefill_before: np.ndarray  # KV tokens of each prefill before the iteration
-    chunk: np.ndarray  # prompt/context tokens each prefill processes
-    is_new: np.ndarray  # the prefill admits a waiting request
-    preempt: np.ndarray
 
 
 class SimulatedEngine:
@@ -157,11 +142,7 @@ class SimulatedEngine:
         old = self._size
         if size <= old:
             return
-        for name, (dtype, fill) in _COLUMNS.items():
-            fresh = np.full(size, fill, dtype=dtype)
-            if old:
-                fresh[:old] = getattr(self, name)[:old]
-            setattr(self, name, fresh)
+        grow_columns(self, _COLUMNS, old, size)
         self._kv.reserve_ids(size)
         self._size = size
         self._views = dict(
@@ -174,18 +155,10 @@ class SimulatedEngine:
 
     def add_requests(self, arrival_time: np.ndarray, prompt_len: np.ndarray, output_len: np.ndarray) -> np.ndarray:
         """Enqueue requests (they join the queue in the order given); returns their ids."""
-        arrival_time = np.asarray(arrival_time, np.float64)
-        prompt_len = np.asarray(prompt_len, np.int64)
-        output_len = np.asarray(output_len, np.int64)
+        arrival_time, prompt_len, output_len = checked_arrivals(arrival_time, prompt_len, output_len)
         count = len(arrival_time)
         if count == 0:
             return _EMPTY
-        if len(prompt_len) != count or len(output_len) != count:
-            raise ConfigError("arrival_time, prompt_len and output_len must have the same length")
-        if min(np.minimum.reduce(prompt_len), np.minimum.reduce(output_len)) < 1:
-            bad = int(np.flatnonzero((prompt_len < 1) | (output_len < 1))[0])
-            raise ConfigError(f"request {bad} of this batch has prompt {int(prompt_len[bad])} and output "
-                              f"{int(output_len[bad])} tokens; both must be >= 1")
         if _max(prompt_len + output_len) > self.capacity_tokens:
             self.check_fits(prompt_len, output_len)
         start, end = self._n, self._n + count
@@ -231,71 +204,10 @@ class SimulatedEngine:
         )
 
     # -- validation ------------------------------------------------------------------------------
-    def _check_ids(self, ids: np.ndarray, decision: Decision) -> None:
-        """Every id exists and appears once across decode, prefill and preempt."""
-        if not len(ids):
-            return
-        # Viewed as unsigned, a negative id is huge: one max finds ids out of range on either side.
-        if _max(ids.view(np.uint64)) >= self._n:
-            for what in ("decode", "prefill", "preempt"):
-                part = as_ids(getattr(decision, what))
-                bad = part[(part < 0) | (part >= self._n)]
-                if len(bad):
-                    raise InvalidDecisionError(f"{what}: unknown request id {int(bad[0])}; ids are 0..{self._n - 1}")
-        # Writing positions then reading them back finds repeats in O(n) without sorting.
-        positions = np.arange(len(ids))
-        self._mark[ids] = positions
-        repeated = self._mark[ids] != positions
-        if _any(repeated):
-            bad = int(ids[np.flatnonzero(repeated)[0]])
-            raise InvalidDecisionError(f"request {bad} appears more than once in the decision "
-                                       f"(decode, prefill and preempt must be disjoint)")
-
-    def _validated(self, decision: Decision) -> "_Batch":
+    def _validated(self, decision: Decision) -> Batch:
         """The decision's batch with what validating it gathered, or :class:`InvalidDecisionError`."""
-        decode, prefill, preempt = as_ids(decision.decode), as_ids(decision.prefill), as_ids(decision.preempt)
-        self._check_ids(np.concatenate([decode, prefill, preempt]) if len(prefill) or len(preempt) else decode,
-                        decision)
-        kv = self._kv.tokens
-        # Only a running request with its whole context cached has kv == context (waiting and finished hold 0).
-        decode_tokens = kv[decode]
-        bad = decode_tokens != self._context[decode]
-        if _any(bad):
-            i = int(decode[np.flatnonzero(bad)[0]])
-            raise InvalidDecisionError(f"decode: request {i} cannot decode: it is {self._describe(i)}")
-        if len(preempt):
-            bad = self._status[preempt] != RUNNING
-            if bad.any():
-                i = int(preempt[np.flatnonzero(bad)[0]])
-                raise InvalidDecisionError(f"preempt: request {i} is not running: it is {self._describe(i)}")
-        if not len(prefill):
-            return _Batch(decode, decode_tokens, prefill, _EMPTY, _EMPTY, _EMPTY_BOOL, preempt)
-        prefill_tokens = kv[prefill]
-        context = self._context[prefill]
-        remaining = context - prefill_tokens
-        status = self._status[prefill]
-        bad = (status == FINISHED) | (remaining <= 0)
-        if _any(bad):
-            i = int(prefill[np.flatnonzero(bad)[0]])
-            raise InvalidDecisionError(f"prefill: request {i} has nothing to prefill: it is {self._describe(i)}")
-        if decision.prefill_tokens is None:
-            chunk = remaining
-        else:
-            chunk = np.asarray(decision.prefill_tokens, np.int64).reshape(-1)
-            if len(chunk) != len(prefill):
-                raise InvalidDecisionError(f"prefill_tokens has {len(chunk)} entries for {len(prefill)} prefills")
-            bad = (chunk < 1) | (chunk > remaining)
-            if _any(bad):
-                k = int(np.flatnonzero(bad)[0])
-                raise InvalidDecisionError(
-                    f"prefill_tokens: request {int(prefill[k])} asked for a chunk of {int(chunk[k])} tokens; "
-                    f"allowed 1..{int(remaining[k])} (its remaining context)")
-        return _Batch(decode, decode_tokens, prefill, prefill_tokens, chunk, status == WAITING, preempt)
-
-    def _describe(self, i: int) -> str:
-        status = {WAITING: "waiting", RUNNING: "running", FINISHED: "finished"}[int(self._status[i])]
-        return (f"{status}, prompt {int(self._prompt[i])}, decoded {int(self._context[i] - self._prompt[i])}, "
-                f"KV tokens {int(self._kv.tokens[i])}")
+        return validated_batch(decision, self._n, self._status, self._prompt, self._context, self._kv.tokens,
+                               self._mark)
 
     # -- the iteration -----------------------------------------------------------------------------
     def _evict(self, ids: np.ndarray) -> None:
@@ -308,7 +220,7 @@ class SimulatedEngine:
         self._running = self._running[~np.isin(self._running, ids)]
         self._first_maybe_waiting = min(self._first_maybe_waiting, int(ids.min()))
 
-    def _fit_to_capacity(self, batch: "_Batch") -> tuple["_Batch", np.ndarray, np.ndarray]:
+    def _fit_to_capacity(self, batch: Batch) -> tuple[Batch, np.ndarray, np.ndarray]:
         """Remove newest-admitted requests until the iteration fits: ``(batch, evicted, deferred)``.
 
         Admission order is the running list (oldest first) followed by this decision's new admissions;
@@ -325,7 +237,7 @@ class SimulatedEngine:
         is_new = self._status[removed] == WAITING
         kept_decode = ~np.isin(batch.decode, removed)
         kept_prefill = ~np.isin(batch.prefill, removed)
-        fitted = _Batch(batch.decode[kept_decode], batch.decode_before[kept_decode], batch.prefill[kept_prefill],
+        fitted = Batch(batch.decode[kept_decode], batch.decode_before[kept_decode], batch.prefill[kept_prefill],
                         batch.prefill_before[kept_prefill], batch.chunk[kept_prefill], batch.is_new[kept_prefill],
                         batch.preempt)
         return fitted, removed[~is_new], removed[is_new]
@@ -398,9 +310,4 @@ class SimulatedEngine:
         self._now = max(self._now, float(time))
 
     def records(self) -> RequestRecords:
-        n = self._n
-        return RequestRecords(
-            arrival_time=self._arrival[:n].copy(), prompt_len=self._prompt[:n].copy(),
-            output_len=self._output[:n].copy(), first_token_time=self._first_token[:n].copy(),
-            finish_time=self._finish[:n].copy(), num_evictions=self._evictions[:n].copy(),
-            decoded=self._context[:n] - self._prompt[:n], status=self._status[:n].copy())
+        return records_of(self, self._n)

@@ -1,0 +1,156 @@
+"""Per-request state as parallel NumPy columns indexed by id, and the checks every engine applies to it.
+
+Both engines (the simulator and the live vLLM backend) keep their requests this way and validate
+new requests and decisions here, so a decision that is valid on one engine is valid on the other,
+and a bad one gets the same message on both.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from llmsched_env.engine import FINISHED, RUNNING, WAITING, Decision, RequestRecords, as_ids
+from llmsched_env.errors import ConfigError, InvalidDecisionError
+
+EMPTY_IDS = np.empty(0, dtype=np.int64)
+_EMPTY_BOOL = np.empty(0, dtype=bool)
+# Direct ufunc reductions: the simulator's hot path calls them a dozen times per iteration on small
+# arrays, where the ndarray-method wrappers cost as much as the work.
+_max, _any = np.maximum.reduce, np.logical_or.reduce
+
+#: The columns every engine keeps, indexed by id: attribute name → (dtype, value of a slot not yet used).
+REQUEST_COLUMNS: dict[str, tuple[type, float | int]] = {
+    "_arrival": (np.float64, np.nan),
+    "_prompt": (np.int64, 0),
+    "_output": (np.int64, 0),
+    "_context": (np.int64, 0),  # prompt + output tokens generated so far (kept across evictions)
+    "_status": (np.int8, FINISHED),
+    "_first_token": (np.float64, np.nan),
+    "_finish": (np.float64, np.nan),
+    "_evictions": (np.int64, 0),
+    "_mark": (np.int64, -1),  # scratch for validation (and the simulator's eviction planning)
+}
+
+
+def grow_columns(owner: object, columns: dict[str, tuple[type, float | int]], old_size: int, size: int) -> None:
+    """Replace ``owner``'s column attributes by arrays of ``size`` slots, keeping the first ``old_size``."""
+    for name, (dtype, fill) in columns.items():
+        fresh = np.full(size, fill, dtype=dtype)
+        if old_size:
+            fresh[:old_size] = getattr(owner, name)[:old_size]
+        setattr(owner, name, fresh)
+
+
+def checked_arrivals(arrival_time: np.ndarray, prompt_len: np.ndarray,
+                     output_len: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """New requests as typed arrays, or :class:`ConfigError` naming the first bad one."""
+    arrival_time = np.asarray(arrival_time, np.float64)
+    prompt_len = np.asarray(prompt_len, np.int64)
+    output_len = np.asarray(output_len, np.int64)
+    count = len(arrival_time)
+    if len(prompt_len) != count or len(output_len) != count:
+        raise ConfigError("arrival_time, prompt_len and output_len must have the same length")
+    if count and min(np.minimum.reduce(prompt_len), np.minimum.reduce(output_len)) < 1:
+        bad = int(np.flatnonzero((prompt_len < 1) | (output_len < 1))[0])
+        raise ConfigError(f"request {bad} of this batch has prompt {int(prompt_len[bad])} and output "
+                          f"{int(output_len[bad])} tokens; both must be >= 1")
+    return arrival_time, prompt_len, output_len
+
+
+def records_of(owner: object, n: int) -> RequestRecords:
+    """Copies of the first ``n`` requests' columns, as :class:`RequestRecords`."""
+    o = owner
+    return RequestRecords(
+        arrival_time=o._arrival[:n].copy(), prompt_len=o._prompt[:n].copy(),  # type: ignore[attr-defined]
+        output_len=o._output[:n].copy(), first_token_time=o._first_token[:n].copy(),  # type: ignore[attr-defined]
+        finish_time=o._finish[:n].copy(), num_evictions=o._evictions[:n].copy(),  # type: ignore[attr-defined]
+        decoded=o._context[:n] - o._prompt[:n], status=o._status[:n].copy())  # type: ignore[attr-defined]
+
+
+def describe_request(i: int, status: np.ndarray, prompt: np.ndarray, context: np.ndarray, kv: np.ndarray) -> str:
+    """``"running, prompt 60, decoded 12, KV tokens 72"``: what error messages say of a request."""
+    state = {WAITING: "waiting", RUNNING: "running", FINISHED: "finished"}[int(status[i])]
+    return f"{state}, prompt {int(prompt[i])}, decoded {int(context[i] - prompt[i])}, KV tokens {int(kv[i])}"
+
+
+class Batch(NamedTuple):
+    """A validated decision, with the per-request values validation already gathered."""
+
+    decode: np.ndarray
+    decode_before: np.ndarray  # KV tokens of each decode before the iteration (= its context)
+    prefill: np.ndarray
+    prefill_before: np.ndarray  # KV tokens of each prefill before the iteration
+    chunk: np.ndarray  # prompt/context tokens each prefill processes
+    is_new: np.ndarray  # the prefill admits a waiting request
+    preempt: np.ndarray
+
+
+def _check_ids(ids: np.ndarray, decision: Decision, n: int, mark: np.ndarray) -> None:
+    """Every id exists and appears once across decode, prefill and preempt."""
+    if not len(ids):
+        return
+    # Viewed as unsigned, a negative id is huge: one max finds ids out of range on either side.
+    if _max(ids.view(np.uint64)) >= n:
+        for what in ("decode", "prefill", "preempt"):
+            part = as_ids(getattr(decision, what))
+            bad = part[(part < 0) | (part >= n)]
+            if len(bad):
+                raise InvalidDecisionError(f"{what}: unknown request id {int(bad[0])}; ids are 0..{n - 1}")
+    # Writing positions then reading them back finds repeats in O(n) without sorting.
+    positions = np.arange(len(ids))
+    mark[ids] = positions
+    repeated = mark[ids] != positions
+    if _any(repeated):
+        bad = int(ids[np.flatnonzero(repeated)[0]])
+        raise InvalidDecisionError(f"request {bad} appears more than once in the decision "
+                                   f"(decode, prefill and preempt must be disjoint)")
+
+
+def validated_batch(decision: Decision, n: int, status: np.ndarray, prompt: np.ndarray, context: np.ndarray,
+                    kv: np.ndarray, mark: np.ndarray) -> Batch:
+    """The decision's batch with what validating it gathered, or :class:`InvalidDecisionError` (nothing changes).
+
+    ``n`` requests exist; ``status``, ``prompt``, ``context`` and ``kv`` (KV tokens held) are their
+    columns; ``mark`` is a scratch column the check may overwrite.
+    """
+    decode, prefill, preempt = as_ids(decision.decode), as_ids(decision.prefill), as_ids(decision.preempt)
+    _check_ids(np.concatenate([decode, prefill, preempt]) if len(prefill) or len(preempt) else decode, decision,
+               n, mark)
+    # Only a running request with its whole context cached has kv == context (waiting and finished hold 0).
+    decode_tokens = kv[decode]
+    bad = decode_tokens != context[decode]
+    if _any(bad):
+        i = int(decode[np.flatnonzero(bad)[0]])
+        raise InvalidDecisionError(f"decode: request {i} cannot decode: it is "
+                                   f"{describe_request(i, status, prompt, context, kv)}")
+    if len(preempt):
+        bad = status[preempt] != RUNNING
+        if bad.any():
+            i = int(preempt[np.flatnonzero(bad)[0]])
+            raise InvalidDecisionError(f"preempt: request {i} is not running: it is "
+                                       f"{describe_request(i, status, prompt, context, kv)}")
+    if not len(prefill):
+        return Batch(decode, decode_tokens, prefill, EMPTY_IDS, EMPTY_IDS, _EMPTY_BOOL, preempt)
+    prefill_tokens = kv[prefill]
+    remaining = context[prefill] - prefill_tokens
+    prefill_status = status[prefill]
+    bad = (prefill_status == FINISHED) | (remaining <= 0)
+    if _any(bad):
+        i = int(prefill[np.flatnonzero(bad)[0]])
+        raise InvalidDecisionError(f"prefill: request {i} has nothing to prefill: it is "
+                                   f"{describe_request(i, status, prompt, context, kv)}")
+    if decision.prefill_tokens is None:
+        chunk = remaining
+    else:
+        chunk = np.asarray(decision.prefill_tokens, np.int64).reshape(-1)
+        if len(chunk) != len(prefill):
+            raise InvalidDecisionError(f"prefill_tokens has {len(chunk)} entries for {len(prefill)} prefills")
+        bad = (chunk < 1) | (chunk > remaining)
+        if _any(bad):
+            k = int(np.flatnonzero(bad)[0])
+            raise InvalidDecisionError(
+                f"prefill_tokens: request {int(prefill[k])} asked for a chunk of {int(chunk[k])} tokens; "
+                f"allowed 1..{int(remaining[k])} (its remaining context)")
+    return Batch(decode, decode_tokens, prefill, prefill_tokens, chunk, prefill_status == WAITING, preempt)
