@@ -13,13 +13,13 @@ from typing import Callable, Collection, Mapping, Sequence
 from baselines import POLICIES, PolicyFactory
 from llmsched_env.engine import Engine
 from llmsched_env.errors import ConfigError
-from llmsched_env.fluid import FluidSolution
+from llmsched_env.fluid import FluidSolution, solve_fluid
 from llmsched_env.metrics import regret_curve, summarize
 from llmsched_env.report import SIM_SUFFIX, Comparison, PolicyRun
 from llmsched_env.runner import TimeSeriesRecorder, run
 from llmsched_env.policy import Policy
 from llmsched_env.scenario import Scenario
-from llmsched_env.workload import Arrivals
+from llmsched_env.workload import Arrivals, TypeMix
 
 #: Policies that are defined with output lengths known at arrival.
 SEES_OUTPUT_LENGTHS = frozenset({"wait", "wait-paper"})
@@ -66,6 +66,7 @@ def compare(scenario: Scenario, policies: Sequence[str], rates: Sequence[float],
             arrivals = at_rate.sample(horizon, arrival_seed)
             fluid = at_rate.fluid(arrivals, horizon)
             fluids.setdefault(rate, fluid)
+            realised = realised_fluid(at_rate, arrivals, horizon, fluid)
             for name in policies:
                 setting = replace(at_rate, output_lengths_known=name in sees_output_lengths)
                 backends = [(name, engine, "live")] if engine is not None else [(name, None, None)]
@@ -74,7 +75,7 @@ def compare(scenario: Scenario, policies: Sequence[str], rates: Sequence[float],
                 for label, make_engine, backend in backends:
                     done = _one_run(label, available[name](setting, horizon),
                                     make_engine(setting) if make_engine else setting.engine(),
-                                    arrivals, horizon, fluid, rate, arrival_seed, backend)
+                                    arrivals, horizon, fluid, realised, rate, arrival_seed, backend)
                     runs.append(done)
                     if on_run_done is not None:
                         on_run_done(done)
@@ -83,8 +84,18 @@ def compare(scenario: Scenario, policies: Sequence[str], rates: Sequence[float],
     return Comparison(runs, fluids, horizon, names, tuple(rates), tuple(seeds))
 
 
+def realised_fluid(scenario: Scenario, arrivals: Arrivals, horizon: float, offered: FluidSolution) -> FluidSolution:
+    """The fluid optimum for the requests that actually arrived: each (prompt, output) pair at its
+    realised rate (count / horizon). Regret against it removes the arrival noise of the sample. A trace's
+    benchmark is already its realised one."""
+    if scenario.trace is not None or len(arrivals) == 0:
+        return offered
+    mix = TypeMix.from_lengths(arrivals.prompt_len, arrivals.output_len, horizon)
+    return solve_fluid(mix, scenario.cost, scenario.paged_capacity_tokens)
+
+
 def _one_run(label: str, policy: Policy, engine: Engine, arrivals: Arrivals, horizon: float, fluid: FluidSolution,
-             rate: float, seed: int, backend: str | None) -> PolicyRun:
+             realised: FluidSolution, rate: float, seed: int, backend: str | None) -> PolicyRun:
     recorder = TimeSeriesRecorder()
     try:
         result = run(engine, policy, arrivals, horizon, callbacks=[recorder])
@@ -93,6 +104,8 @@ def _one_run(label: str, policy: Policy, engine: Engine, arrivals: Arrivals, hor
         if callable(close):
             close()  # a live engine's memory goes back before the next run starts one
     row = {"policy": label, "rate_rps": rate, **summarize(result, fluid), "seed": seed}
+    row["fluid_realised_throughput_rps"] = realised.throughput_rps
+    row["regret_realised_requests"] = realised.throughput_rps * horizon - int(row["completed"])  # type: ignore[call-overload]
     if backend is not None:
         row["backend"] = backend
         row["mean_iteration_s"] = result.busy_time / result.iterations if result.iterations else None

@@ -16,9 +16,20 @@ nothing runs and nothing is in progress although requests wait, every type is le
 ``n_j``). Otherwise, once arrivals stop (the end of a trace), requests below a threshold would wait
 for ever. The paper's rule pauses cohorts exactly when no type is ready, so it keeps its rule.
 
-Neither evicts by design: the thresholds keep the full pipelines within capacity. If memory would
-still overflow (a load outside the stability region, or evicted work returning), the engine's rule
-applies (newest first, recompute).
+Memory safety (``memory_safe``, on for ``wait``): lengths are known, so the KV the running batch will
+need before it finishes is known exactly (:mod:`baselines.lookahead`). A request is admitted only if
+the projected peak of the batch with it fits in the cache; admissions are taken in queue order while
+they fit. ``wait`` therefore never makes the engine evict, on any trace, at any load (the thresholds
+alone keep pipelines within capacity only in the fluid limit: a bursty trace or a long output
+overflows them). ``wait-paper`` pauses cohorts, which the projection does not model, so it keeps the
+paper's rule and the engine's eviction rule (newest first, recompute) as its backstop.
+
+Lending spare memory (``lend_spare_memory``, on for ``wait``): at light load a cohort of ``n_j`` takes
+a while to gather, and waiting for it costs latency for nothing when memory is plentiful. Requests
+below a threshold are admitted too while the projected peak stays within the capacity less the
+memory WAIT's own pipelines need at equilibrium (``Σ_j n_j·w_j`` in blocks,
+:attr:`~baselines.thresholds.WaitThresholds.memory_blocks`). In the memory-bound regime that reserve
+is the whole cache and WAIT is WAIT; where memory is plentiful it admits like vLLM, without evicting.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from typing import Literal
 import numpy as np
 
 from baselines.cohorts import first_per_group
+from baselines.lookahead import fitting_prefix, trajectories
 from baselines.thresholds import WaitThresholds, wait_thresholds
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
@@ -36,6 +48,9 @@ from llmsched_env.errors import ConfigError
 from llmsched_env.workload import TypeMix
 
 Variant = Literal["measured", "paper"]
+
+#: At most this many requests beyond the cohorts are considered for lent memory in one iteration.
+_LEND_SCAN = 256
 
 
 @dataclass
@@ -47,20 +62,26 @@ class WaitPolicy:
     variant: Variant = "measured"
     name: str = "wait"
     drain_when_idle: bool = True
+    memory_safe: bool = True
+    lend_spare_memory: bool = True
     _types: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), repr=False)
 
     @classmethod
     def for_mix(cls, mix: TypeMix, cost: LinearCostModel, capacity_tokens: int, block_size: int,
                 variant: Variant = "measured") -> "WaitPolicy":
-        name = "wait" if variant == "measured" else "wait-paper"
-        return cls(mix, wait_thresholds(mix, cost, capacity_tokens, block_size), variant, name,
-                   drain_when_idle=variant == "measured")
+        measured = variant == "measured"
+        return cls(mix, wait_thresholds(mix, cost, capacity_tokens, block_size), variant,
+                   "wait" if measured else "wait-paper", drain_when_idle=measured, memory_safe=measured,
+                   lend_spare_memory=measured)
 
     def reset(self, engine: Engine) -> None:
         if not engine.output_lengths_known:
             raise ConfigError(f"{self.name} needs output lengths known at arrival; with hidden lengths use nested-wait")
         if self.variant not in ("measured", "paper"):
             raise ConfigError(f"WAIT variant must be 'measured' or 'paper', got {self.variant!r}")
+        if self.variant == "paper" and (self.memory_safe or self.lend_spare_memory):
+            raise ConfigError("memory_safe and lend_spare_memory assume every running request decodes each "
+                              "iteration: the paper's variant pauses cohorts, so it cannot use them")
         self._types = np.empty(0, np.int64)
 
     def _classify(self, state: SchedulerState) -> np.ndarray:
@@ -93,6 +114,8 @@ class WaitPolicy:
         running = state.running
         if self.variant == "measured":
             decode = running[state.kv_tokens[running] == state.context_len[running]]
+            if self.memory_safe and len(waiting):
+                admit = self._safe_admissions(state, running, waiting, admit)
         else:
             running_types = types[running]
             running = running[ready[running_types]]
@@ -103,3 +126,24 @@ class WaitPolicy:
         if len(decode) == 0 and len(admit) == 0:
             return IDLE
         return Decision(decode=decode, prefill=admit)
+
+    def _safe_admissions(self, state: SchedulerState, running: np.ndarray, waiting: np.ndarray,
+                         cohorts: np.ndarray) -> np.ndarray:
+        """The cohorts' queue-order prefix whose projected peak fits, then (lending spare memory) whoever
+        else waits, in queue order, within the capacity less WAIT's own reserve."""
+        context, remaining = trajectories(state, running)
+        cohort_context, cohort_remaining = trajectories(state, cohorts)
+        count = fitting_prefix(context, remaining, cohort_context, cohort_remaining, state.block_size,
+                               state.capacity_blocks)
+        admit = cohorts[:count]
+        spare = state.capacity_blocks - self.thresholds.memory_blocks
+        if not self.lend_spare_memory or count < len(cohorts) or spare <= 0:
+            return admit
+        others = waiting[~np.isin(waiting, admit)][:_LEND_SCAN]
+        if len(others) == 0:
+            return admit
+        other_context, other_remaining = trajectories(state, others)
+        extra = fitting_prefix(np.concatenate([context, cohort_context[:count]]),
+                               np.concatenate([remaining, cohort_remaining[:count]]),
+                               other_context, other_remaining, state.block_size, spare)
+        return np.sort(np.concatenate([admit, others[:extra]])) if extra else admit

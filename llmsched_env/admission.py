@@ -40,6 +40,7 @@ import numpy as np
 from llmsched_env.engine import IDLE, Decision, SchedulerState
 from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import solve_fluid
+from llmsched_env.kv_cache import projected_peak_tokens
 from llmsched_env.scenario import Scenario
 from llmsched_env.workload import Arrivals, RequestType, TypeMix
 
@@ -49,22 +50,6 @@ _EMPTY = np.empty(0, dtype=np.int64)
 def squash(value: np.ndarray | float, scale: np.ndarray | float) -> np.ndarray | float:
     """``x / (x + s)``: maps ``[0, ∞)`` onto ``[0, 1)``, with ``0.5`` at the scale ``s`` (a fluid target)."""
     return value / (value + scale)
-
-
-def projected_peak_tokens(context: np.ndarray, remaining: np.ndarray) -> int:
-    """The most KV tokens that running requests will hold together before they all finish.
-
-    Request ``i`` holds ``context_i`` tokens and decodes ``remaining_i >= 1`` more; after ``t`` more
-    iterations it holds ``context_i + t`` if ``remaining_i >= t`` (finished requests free their KV).
-    The total is piecewise linear and increasing between finishes, so its maximum is at some
-    ``t = remaining_i``.
-    """
-    if len(context) == 0:
-        return 0
-    order = np.argsort(-remaining, kind="stable")
-    r = remaining[order]
-    totals = np.cumsum(context[order]) + r * np.arange(1, len(r) + 1)
-    return int(totals.max())
 
 
 def mean_residual_output(output_lens: np.ndarray, weights: np.ndarray) -> np.ndarray:

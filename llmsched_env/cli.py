@@ -73,7 +73,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}")
+    console.print(f"[bold red]error:[/] {error}", soft_wrap=True)  # a path must stay greppable
     raise typer.Exit(code=2)
 
 
@@ -185,13 +185,19 @@ def _floats(text: str | None, option: str) -> list[float] | None:
 
 @app.command()
 def compare(
-    policies: str = typer.Option("wait,nested-wait,vllm,sarathi",
-                                 help="Comma-separated: wait, wait-paper, nested-wait, vllm, sarathi."),
+    policies: Optional[str] = typer.Option(None, help="Comma-separated: wait, wait-paper, nested-wait, vllm, sarathi "
+                                                      "(default: all four, or the scenario's)."),
+    scenario: Optional[str] = typer.Option(None, help="A named scenario of the suite (see `llmsched scenarios`) or "
+                                                      "a scenario TOML file: its workload, memory and sweep."),
+    suite: bool = typer.Option(False, "--suite", help="Every scenario of the suite: a summary table, and one report "
+                                                      "and figure per scenario under OUT/<scenario>/."),
+    jobs: Optional[int] = typer.Option(None, min=1, help="Worker processes for --scenario / --suite (default: "
+                                                         "every core)."),
     types: TypesOption = None,
     trace: TraceOption = None,
     rates: Optional[str] = typer.Option(None, help="Total arrival rates to sweep (req/s), e.g. '20,30,35'."),
     loads: Optional[str] = typer.Option(None, help="Or loads ρ to sweep (default 0.7,0.85,0.9,0.93,0.95,0.97)."),
-    horizon: float = typer.Option(300.0, help="Simulated seconds per run."),
+    horizon: Optional[float] = typer.Option(None, help="Simulated seconds per run (default 300, or the scenario's)."),
     seed: SeedOption = 0,
     seeds: Optional[str] = typer.Option(None, help="Several arrival seeds, '0..9' or '0,3,7': means with 95% CIs."),
     out: OutOption = Path("llmsched-out"),
@@ -204,34 +210,110 @@ def compare(
     plots: bool = typer.Option(True, help="Write the PNG plots."),
     as_json: JsonOption = False,
 ) -> None:
-    """Compare policies over a sweep of arrival rates: table, CSV, JSON and plots against the fluid optimum."""
+    """Compare policies over a sweep of arrival rates: table, CSV, JSON and plots against the fluid optimum.
+
+    With --scenario or --suite the sweep (loads, horizon, seeds) is the scenario's unless given.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from baselines.compare import DEFAULT_LOADS, compare as run_comparison, default_rates
-    from llmsched_env import report
 
-    names = [p.strip() for p in policies.split(",") if p.strip()]
+    names = [p.strip() for p in policies.split(",") if p.strip()] if policies is not None else None
+    progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
     try:
-        scenario = build_scenario(types=types, trace=trace, cost=cost, profile=profile, memory_tokens=memory_tokens,
-                                  block_size=block_size, arrivals=arrivals, cv=cv)  # type: ignore[arg-type]
         if rates is not None and loads is not None:
             raise typer.BadParameter("give --rates or --loads, not both")
-        sweep = _floats(rates, "--rates") or default_rates(scenario, _floats(loads, "--loads") or DEFAULT_LOADS)
+        if scenario is not None or suite:
+            if scenario is not None and suite:
+                raise typer.BadParameter("give --scenario NAME or --suite, not both")
+            if types is not None or trace is not None:
+                raise typer.BadParameter("a scenario brings its own workload: drop --types / --trace")
+            _compare_scenarios(scenario, names, _floats(rates, "--rates"), _floats(loads, "--loads"), horizon,
+                               parse_seeds(seeds) if seeds is not None else None, jobs, out, plots, as_json, progress)
+            return
+        chosen = build_scenario(types=types, trace=trace, cost=cost, profile=profile, memory_tokens=memory_tokens,
+                                block_size=block_size, arrivals=arrivals, cv=cv)  # type: ignore[arg-type]
+        sweep = _floats(rates, "--rates") or default_rates(chosen, _floats(loads, "--loads") or DEFAULT_LOADS)
         seed_list = parse_seeds(seeds) if seeds is not None else [seed]
-        progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+        names = names or ["wait", "nested-wait", "vllm", "sarathi"]
         with progress:
             task = progress.add_task("simulating", total=len(names) * len(sweep) * len(seed_list))
 
             def advance(done) -> None:  # type: ignore[no-untyped-def]
                 progress.update(task, advance=1, description=f"{done.policy} @ {done.rate:g} req/s")
 
-            comparison = run_comparison(scenario, names, sweep, horizon, seed, on_run_done=advance,
+            comparison = run_comparison(chosen, names, sweep, horizon or 300.0, seed, on_run_done=advance,
                                         seeds=seed_list)
     except LLMSchedError as error:
         _fail(error)
         return
     _write_report(comparison, out, plots, as_json)
+
+
+def _compare_scenarios(name: str | None, policies: list[str] | None, rates: list[float] | None,
+                       loads: list[float] | None, horizon: float | None, seeds: list[int] | None, jobs: int | None,
+                       out: Path, plots: bool, as_json: bool, progress) -> None:  # type: ignore[no-untyped-def]
+    """``compare --scenario NAME`` (one report in OUT) or ``--suite`` (a summary, and a report per scenario)."""
+    from baselines.suite import SweepPlan, run_sweeps, verdicts
+    from llmsched_env import report
+    from llmsched_env.scenarios import load_scenario, scenario_names
+
+    names = [name] if name is not None else scenario_names(suite_only=True)
+    plans = [SweepPlan.of(load_scenario(n), policies=policies, loads=loads, rates=rates, horizon=horizon, seeds=seeds)
+             for n in names]
+    with progress:
+        task = progress.add_task("simulating", total=sum(plan.runs for plan in plans))
+
+        def advance(plan, rate, seed, runs) -> None:  # type: ignore[no-untyped-def]
+            progress.update(task, advance=runs, description=f"{plan.spec.name} @ {rate:g} req/s, seed {seed}")
+
+        comparisons = run_sweeps(plans, jobs=jobs, on_job_done=advance)
+    if name is not None:
+        _write_report(comparisons[0], out, plots, as_json)
+        return
+    rows = []
+    out.mkdir(parents=True, exist_ok=True)
+    for plan, comparison in zip(plans, comparisons):
+        folder = out / plan.spec.name
+        folder.mkdir(exist_ok=True)
+        report.write_csv(comparison, folder / "comparison.csv")
+        report.write_json(comparison, folder / "comparison.json")
+        (folder / "comparison.md").write_text(report.to_markdown(comparison))
+        if plots:
+            report.plot(comparison, folder)
+        rows += verdicts(plan, comparison)
+    (out / "suite.json").write_text(json.dumps(json_safe({"rows": rows}), indent=2) + "\n")
+    (out / "suite.md").write_text(report.suite_markdown(rows))
+    if as_json:
+        _print_json({"rows": rows})
+        return
+    _stdout_console().print(report.suite_table(rows))
+    console.print(f"wrote {out / 'suite.md'}, {out / 'suite.json'} and a report per scenario under {out}/")
+
+
+@app.command()
+def scenarios(as_json: JsonOption = False) -> None:
+    """The named scenarios (for --scenario, the environment's scenario= and load_scenario)."""
+    from llmsched_env.scenarios import load_scenario, scenario_names
+
+    try:
+        specs = [load_scenario(name) for name in scenario_names()]
+    except LLMSchedError as error:
+        _fail(error)
+        return
+    if as_json:
+        _print_json([{"name": s.name, "description": s.description, "loads": list(s.loads), "horizon_s": s.horizon_s,
+                      "seeds": list(s.seeds), "suite": s.in_suite, "output_lengths_known": s.scenario.output_lengths_known}
+                     for s in specs])
+        return
+    table = Table(title="Scenarios (llmsched compare --scenario NAME; --suite runs those marked)")
+    for header in ("name", "suite", "loads ρ", "horizon s", "description"):
+        table.add_column(header, overflow="fold")
+    for s in specs:
+        table.add_row(s.name, "✓" if s.in_suite else "", ", ".join(f"{v:g}" for v in s.loads), f"{s.horizon_s:g}",
+                      s.description)
+    _stdout_console().print(table)
 
 
 def _write_report(comparison, out: Path, plots: bool, as_json: bool) -> None:  # type: ignore[no-untyped-def]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -17,13 +18,23 @@ from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import FluidSolution
 from llmsched_env.metrics import summarize
 from llmsched_env.runner import Rollout, RunResult
-from llmsched_env.scenario import ArrivalProcess, Scenario, build_scenario
+from llmsched_env.scenario import Scenario, build_scenario
+from llmsched_env.workload import ArrivalKind
 
 #: The README's tight-memory two-type workload: ρ = 0.8 with 1.5 × M* of KV memory (the paper's setting).
 TIGHT_MEMORY_RATE = 32.65
 TIGHT_MEMORY_TOKENS = 54_762
 
 RateSpec = float | tuple[float, float] | None
+
+
+class _Default(enum.Enum):
+    """Marks an argument left out (``None`` means something else for it)."""
+
+    VALUE = "default"
+
+
+DEFAULT = _Default.VALUE
 
 
 class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
@@ -101,7 +112,10 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
     the package first); every argument is a keyword:
 
     * ``types`` (compact form ``"p=50,o=156,rate=1;p=100,o=171,rate=1"``) or ``trace`` (a CSV), or a
-      ready ``scenario``; ``arrivals`` (``poisson``, ``gamma``, ``onoff``) and ``cv`` for types;
+      ``scenario``: a :class:`~llmsched_env.scenario.Scenario`, or the name of one of the suite
+      (``"bursty-high"``, ``"azure-conv-like-hidden"``: ``llmsched scenarios`` lists them), whose rate then
+      defaults to its swept loads' range (drawn at each reset) and its memory to its own;
+      ``arrivals`` (``poisson``, ``gamma``, ``onoff``, ``diurnal``) and ``cv`` for types;
     * ``rate``: total req/s, or ``(low, high)`` drawn at each reset (default 32.65, ρ = 0.8);
     * ``profile``, ``cost``, ``memory_tokens`` (default 54,762: 1.5 × M* at ρ = 0.8), ``block_size``;
     * ``horizon`` (simulated seconds per episode, default 600), ``output_lengths_known`` (default ``True``);
@@ -115,7 +129,8 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ## Version History
 
-    * v0: initial version (known and hidden lengths, Poisson, gamma and on-off arrivals, traces).
+    * v0: initial version (known and hidden lengths, Poisson, gamma and on-off arrivals, traces); named
+      scenarios of the suite and diurnal arrivals added without changing existing episodes.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
@@ -125,13 +140,13 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
         *,
         types: str | None = None,
         trace: str | Path | None = None,
-        scenario: Scenario | None = None,
-        arrivals: ArrivalProcess = "poisson",
+        scenario: Scenario | str | None = None,
+        arrivals: ArrivalKind = "poisson",
         cv: float = 2.0,
-        rate: RateSpec = TIGHT_MEMORY_RATE,
+        rate: RateSpec | _Default = DEFAULT,
         profile: str | None = None,
         cost: str | None = None,
-        memory_tokens: int | None = TIGHT_MEMORY_TOKENS,
+        memory_tokens: int | None | _Default = DEFAULT,
         block_size: int | None = None,
         horizon: float = 600.0,
         output_lengths_known: bool = True,
@@ -146,12 +161,26 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
     ) -> None:
         if scenario is not None and (types is not None or trace is not None):
             raise ConfigError("give a scenario, or types / trace to build one, not both")
-        if scenario is None:
-            scenario = build_scenario(types=types, trace=trace, profile=profile, cost=cost, memory_tokens=memory_tokens,
+        if isinstance(scenario, str):
+            from llmsched_env.scenarios import load_scenario
+
+            spec = load_scenario(scenario)
+            scenario = replace(spec.scenario, output_lengths_known=output_lengths_known
+                               and spec.scenario.output_lengths_known)
+            if memory_tokens is not DEFAULT and memory_tokens is not None:
+                scenario = replace(scenario, capacity_tokens=memory_tokens)
+            if rate is DEFAULT:
+                rates = spec.rates()
+                rate = (min(rates), max(rates))
+        elif scenario is None:
+            scenario = build_scenario(types=types, trace=trace, profile=profile, cost=cost,
+                                      memory_tokens=TIGHT_MEMORY_TOKENS if memory_tokens is DEFAULT else memory_tokens,
                                       block_size=block_size, arrivals=arrivals, cv=cv,
                                       hidden_lengths=not output_lengths_known)
         else:
             scenario = replace(scenario, output_lengths_known=output_lengths_known)
+        if rate is DEFAULT:
+            rate = TIGHT_MEMORY_RATE
         if not (math.isfinite(horizon) and horizon > 0):
             raise ConfigError(f"horizon must be finite and > 0 s, got {horizon!r}")
         if reward not in ("requests", "tokens"):

@@ -85,3 +85,49 @@ class PagedKVCache:
         self.used_blocks -= int(np.add.reduce(self.blocks_for(held)))
         self.used_tokens -= int(np.add.reduce(held))
         self._tokens[ids] = 0
+
+
+def projected_peak_tokens(context: np.ndarray, remaining: np.ndarray) -> int:
+    """The most KV tokens that running requests will hold together before they all finish.
+
+    Request ``i`` holds ``context_i`` tokens and decodes ``remaining_i >= 1`` more; after ``t`` more
+    iterations it holds ``context_i + t`` if ``remaining_i >= t`` (finished requests free their KV).
+    The total is piecewise linear and increasing between finishes, so its maximum is at some
+    ``t = remaining_i``.
+    """
+    if len(context) == 0:
+        return 0
+    order = np.argsort(-remaining, kind="stable")
+    r = remaining[order]
+    totals = np.cumsum(context[order]) + r * np.arange(1, len(r) + 1)
+    return int(totals.max())
+
+
+def projected_peak_blocks(context: np.ndarray, remaining: np.ndarray, block_size: int) -> int:
+    """:func:`projected_peak_tokens` in KV blocks, exactly: ``max_t Σ_{i: remaining_i >= t} ceil((context_i + t) / B)``.
+
+    Each term is non-decreasing in ``t`` while its request lives, so the maximum is at some
+    ``t = remaining_k``; there, writing ``context_i = B q_i + m_i`` and ``t = B a + b`` (``0 <= m_i, b < B``),
+    ``ceil((context_i + t) / B) = q_i + a + [m_i + b > 0] + [m_i > B − b]``, so every candidate ``t``
+    costs a few lookups in prefix counts of the residues ``m_i`` (``O(n·B)`` for ``n`` requests).
+    """
+    count = len(context)
+    if count == 0:
+        return 0
+    order = np.argsort(-remaining, kind="stable")
+    r = remaining[order]
+    q, m = np.divmod(context[order], block_size)
+    # The requests alive at t = r[k] are the prefix up to the last one with the same remaining.
+    last = np.searchsorted(-r, -r, side="right") - 1
+    alive = last + 1
+    q_sum = np.cumsum(q)[last]
+    a, b = np.divmod(r, block_size)
+    residues = np.zeros((count, block_size), dtype=np.int64)
+    residues[np.arange(count), m] = 1
+    np.cumsum(residues, axis=0, out=residues)
+    at_least = np.cumsum(residues[:, ::-1], axis=1)[:, ::-1]  # at_least[k, v]: prefix k, residues >= v
+    prefix = at_least[last]
+    nonzero = np.where(b > 0, alive, prefix[:, 1] if block_size > 1 else 0)
+    threshold = block_size - b + 1  # m > B − b  ⇔  m >= B − b + 1 (only possible for b >= 2)
+    over = np.where(threshold < block_size, prefix[np.arange(count), np.minimum(threshold, block_size - 1)], 0)
+    return int((q_sum + alive * a + nonzero + over).max())

@@ -74,7 +74,8 @@ class Comparison:
 
 
 #: The figures a summary over seeds reports (mean and 95 % confidence half-width of each).
-SUMMARY_FIELDS = ("throughput_rps", "regret_requests", "mean_latency_s", "p99_latency_s", "mean_ttft_s", "evictions")
+SUMMARY_FIELDS = ("throughput_rps", "regret_requests", "regret_realised_requests", "mean_latency_s", "p99_latency_s",
+                  "mean_ttft_s", "evictions")
 
 
 def mean_and_halfwidth(values: np.ndarray) -> tuple[float, float]:
@@ -116,7 +117,7 @@ def summarize_over_seeds(comparison: "Comparison") -> list[dict[str, object]]:
             runs = sorted((r for r in at_rate if r.policy == policy), key=lambda r: r.seed)
             row: dict[str, object] = {"policy": policy, "rate_rps": rate, "seeds": len(runs)}
             for field in SUMMARY_FIELDS:
-                mean, half = mean_and_halfwidth(np.array([np.nan if r.row[field] is None else r.row[field]
+                mean, half = mean_and_halfwidth(np.array([np.nan if r.row.get(field) is None else r.row[field]
                                                           for r in runs], dtype=float))
                 row[field], row[f"{field}_ci95"] = mean, half
             if reference and len(reference) == len(runs):
@@ -157,19 +158,22 @@ def _summary_cells(row: dict[str, object], reference: str | None) -> list[str]:
     ratio = row.get(f"regret_ratio_to_{reference}")
     ratio_text = "–" if ratio is None else (f"{ratio:.3f} [{row['regret_ratio_ci95_low']:.3f}, "
                                             f"{row['regret_ratio_ci95_high']:.3f}]")
-    return [f"{row['rate_rps']:.2f}", str(row["policy"]), pm("throughput_rps", 2), pm("regret_requests", 0),
-            pm("mean_latency_s", 1), pm("p99_latency_s", 1), pm("evictions", 0), ratio_text]
+    cells = [f"{row['rate_rps']:.2f}", str(row["policy"]), pm("throughput_rps", 2), pm("regret_requests", 0),
+             pm("regret_realised_requests", 0), pm("mean_latency_s", 1), pm("p99_latency_s", 1), pm("evictions", 0)]
+    return cells + [ratio_text] if reference is not None else cells
 
 
 def _summary_headers(comparison: Comparison) -> list[str]:
-    return ["rate req/s", "policy", "throughput req/s", "regret (req)", "mean latency s", "p99 latency s",
-            "evictions", f"regret ratio to {comparison.reference or 'reference'} [95% CI]"]
+    headers = ["rate req/s", "policy", "throughput req/s", "regret (req)", "realised regret", "mean latency s",
+               "p99 latency s", "evictions"]
+    return headers + [f"regret ratio to {comparison.reference} [95% CI]"] if comparison.reference else headers
 
 
 def summary_table(comparison: Comparison) -> Table:
     """Means over seeds with 95 % confidence half-widths, and the regret ratio to the reference."""
     result = Table(title=f"Means over {len(comparison.seeds)} seeds (± 95 % CI), {comparison.horizon:g} s per run",
-                   caption="regret = Θ*·T − completed; the ratio is of mean regrets, paired bootstrap interval",
+                   caption="regret = Θ*·T − completed; realised: against the fluid optimum of the requests that "
+                           "arrived; the ratio is of mean regrets, paired bootstrap interval",
                    padding=(0, 1))
     for header in _summary_headers(comparison):
         result.add_column(header, justify="left" if header == "policy" else "right", no_wrap=True)
@@ -400,3 +404,48 @@ def memory_and_queue_image(time: np.ndarray, memory_frac: np.ndarray, waiting: n
     fig.tight_layout()
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+# (header, field, format) of the suite's summary, one row per (scenario, load).
+_SUITE_COLUMNS = (("scenario", "scenario", "{}"), ("load ρ", "load", "{:g}"),
+                  ("fluid-guided", "fluid_guided", "{}"), ("thrpt", "fluid_guided_throughput_rps", "{:.2f}"),
+                  ("p99 s", "fluid_guided_p99_latency_s", "{:.1f}"), ("evict", "fluid_guided_evictions", "{:.0f}"),
+                  ("engine", "engine", "{}"), ("thrpt ", "engine_throughput_rps", "{:.2f}"),
+                  ("p99 s ", "engine_p99_latency_s", "{:.1f}"), ("evict ", "engine_evictions", "{:.0f}"))
+
+
+def _suite_cells(row: dict[str, object]) -> list[str]:
+    cells = ["–" if row[field] is None else fmt.format(row[field]) for _, field, fmt in _SUITE_COLUMNS]
+    verdict = ("better" if row["better_throughput"] or row["better_p99_latency"] else
+               "level" if row["level_on_throughput"] else "behind")
+    return cells + [verdict]
+
+
+_SUITE_CAPTION = ("best fluid-guided policy (wait, nested-wait) against the best engine policy (vllm, sarathi) by mean "
+                  "throughput over seeds; better: strictly higher throughput or lower p99 (95 % intervals apart); level: "
+                  "throughput within the intervals; behind: neither")
+
+
+def suite_table(rows: list[dict[str, object]]) -> Table:
+    """The suite's summary: per scenario and load, the fluid-guided policies against the engines' own."""
+    table = Table(title="Scenario suite", caption=_SUITE_CAPTION, padding=(0, 1))
+    for header, _, _ in _SUITE_COLUMNS:
+        table.add_column(header.strip(), justify="left" if header in ("scenario", "fluid-guided", "engine") else "right",
+                         no_wrap=True)
+    table.add_column("verdict")
+    for row in rows:
+        cells = _suite_cells(row)
+        colour = {"better": "green", "level": "yellow", "behind": "red"}[cells[-1]]
+        cells[-1] = f"[{colour}]{cells[-1]}[/]"
+        table.add_row(*cells)
+    return table
+
+
+def suite_markdown(rows: list[dict[str, object]]) -> str:
+    """The suite's summary as a Markdown table."""
+    headers = [header.strip() for header, _, _ in _SUITE_COLUMNS] + ["verdict"]
+    lines = ["| " + " | ".join(headers) + " |",
+             "| " + " | ".join("---" if h in ("scenario", "fluid-guided", "engine", "verdict") else "---:"
+                               for h in headers) + " |"]
+    lines += ["| " + " | ".join(_suite_cells(row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n\n" + _SUITE_CAPTION + ".\n"

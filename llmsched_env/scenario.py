@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
@@ -19,18 +18,16 @@ from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import FluidSolution, lifetime_work, solve_fluid
 from llmsched_env.simulator import SimulatedEngine
 from llmsched_env.workload import (
+    ArrivalKind,
+    ArrivalProcess,
     Arrivals,
-    GammaWorkload,
     LengthSampleWorkload,
-    OnOffWorkload,
-    PoissonWorkload,
     TraceWorkload,
     TypeMix,
     parse_types,
     read_trace_csv,
 )
 
-ArrivalProcess = Literal["poisson", "gamma", "onoff"]
 DEFAULT_TYPES = "p=50,o=156,rate=18;p=100,o=171,rate=18"
 
 
@@ -47,8 +44,7 @@ class Scenario:
     block_size: int
     mix: TypeMix | None = None
     trace: TraceWorkload | LengthSampleWorkload | None = None
-    arrivals: ArrivalProcess = "poisson"
-    cv: float = 2.0
+    process: ArrivalProcess = ArrivalProcess()  # of a type mix's arrivals (a length sample carries its own)
     output_lengths_known: bool = True
 
     def __post_init__(self) -> None:
@@ -113,11 +109,7 @@ class Scenario:
         if self.trace is not None:
             return self.trace.sample(horizon, rng)
         assert self.mix is not None
-        if self.arrivals == "poisson":
-            return PoissonWorkload(self.mix).sample(horizon, rng)
-        if self.arrivals == "gamma":
-            return GammaWorkload(self.mix, self.cv).sample(horizon, rng)
-        return OnOffWorkload(self.mix).sample(horizon, rng)
+        return self.process.workload(self.mix).sample(horizon, rng)
 
     def fluid_mix(self, arrivals: Arrivals, horizon: float) -> TypeMix:
         """The type mix the fluid benchmark is computed on: the given rates, or a trace's empirical mix."""
@@ -144,7 +136,7 @@ def build_scenario(
     cost: str | None = None,
     memory_tokens: int | None = None,
     block_size: int | None = None,
-    arrivals: ArrivalProcess = "poisson",
+    arrivals: ArrivalKind = "poisson",
     cv: float = 2.0,
     hidden_lengths: bool = False,
 ) -> Scenario:
@@ -162,17 +154,16 @@ def build_scenario(
     block = block_size if block_size is not None else chosen.block_size
     if isinstance(capacity, int) and capacity < 1:
         raise ConfigError(f"--memory-tokens must be >= 1, got {capacity}")
-    if arrivals not in ("poisson", "gamma", "onoff"):
-        raise ConfigError(f"arrival process must be poisson, gamma or onoff, got {arrivals!r}")
     if not (math.isfinite(cv) and cv > 0):
         raise ConfigError(f"--cv must be finite and > 0, got {cv}")
+    process = ArrivalProcess(arrivals, cv=cv)
     if trace is not None:
         times, prompts, outputs = read_trace_csv(trace, require_arrivals=False)
         if times is None:
             if rate is None:
                 raise ConfigError(f"{trace} has no 'arrived_at' column: give --rate (req/s) for its arrivals")
             source: TraceWorkload | LengthSampleWorkload = LengthSampleWorkload(
-                prompts, outputs, rate, cv if arrivals == "gamma" else 1.0)
+                prompts, outputs, rate, process)
         else:
             replay = TraceWorkload(times - times[0], prompts, outputs)
             source = replay.with_rate(rate) if rate is not None else replay
@@ -180,5 +171,4 @@ def build_scenario(
     mix = parse_types(types or DEFAULT_TYPES)
     if rate is not None:
         mix = mix.scaled_to(rate)
-    return Scenario(model, capacity, block, mix=mix, arrivals=arrivals, cv=cv,
-                    output_lengths_known=not hidden_lengths)
+    return Scenario(model, capacity, block, mix=mix, process=process, output_lengths_known=not hidden_lengths)

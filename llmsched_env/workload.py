@@ -15,7 +15,7 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Literal, Protocol, Sequence
 
 import numpy as np
 
@@ -329,6 +329,120 @@ class OnOffWorkload:
         return Arrivals.merge(parts)
 
 
+ArrivalKind = Literal["poisson", "gamma", "onoff", "diurnal"]
+
+
+@dataclass(frozen=True)
+class ArrivalProcess:
+    """How arrival times are drawn at a given mean rate: the part of a workload that is not lengths.
+
+    * ``poisson``; ``gamma``: a renewal process with gamma gaps of coefficient of variation ``cv``;
+    * ``onoff``: a two-state Markov-modulated Poisson process (MMPP), ``mean_on_s`` / ``mean_off_s`` the
+      mean sojourns, the off rate ``off_factor`` times the mean and the on rate set so that the long-run
+      mean is kept (:class:`OnOffWorkload`). The *shift* is on rate / off rate;
+    * ``diurnal``: a Poisson process whose rate follows ``mean · (1 − amplitude · cos(2π t / period_s))``:
+      a trough at ``t = 0``, the peak at half a period (a day compressed into ``period_s``).
+    """
+
+    kind: ArrivalKind = "poisson"
+    cv: float = 2.0
+    mean_on_s: float = 5.0
+    mean_off_s: float = 5.0
+    off_factor: float = 0.2
+    period_s: float = 3600.0
+    amplitude: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("poisson", "gamma", "onoff", "diurnal"):
+            raise ConfigError(f"arrival process must be poisson, gamma, onoff or diurnal, got {self.kind!r}")
+        if not (math.isfinite(self.cv) and self.cv > 0):
+            raise ConfigError(f"coefficient of variation must be finite and > 0, got {self.cv!r}")
+        if not (self.mean_on_s > 0 and self.mean_off_s > 0):
+            raise ConfigError(f"mean_on_s and mean_off_s must be > 0 s, got {self.mean_on_s!r}, {self.mean_off_s!r}")
+        if not 0 <= self.off_factor < 1:
+            raise ConfigError(f"off_factor must be in [0, 1), got {self.off_factor!r}")
+        if not (math.isfinite(self.period_s) and self.period_s > 0):
+            raise ConfigError(f"period_s must be finite and > 0 s, got {self.period_s!r}")
+        if not 0 <= self.amplitude < 1:
+            raise ConfigError(f"amplitude must be in [0, 1), got {self.amplitude!r}")
+
+    def times(self, rate: float, horizon: float, rng: np.random.Generator) -> np.ndarray:
+        """Arrival times in ``[0, horizon]`` at long-run mean ``rate`` (req/s), sorted."""
+        _check_horizon(horizon)
+        if rate <= 0:
+            return np.empty(0)
+        if self.kind in ("poisson", "gamma"):
+            return _renewal_times(rate, horizon, 1.0 if self.kind == "poisson" else self.cv, rng)
+        if self.kind == "onoff":
+            one = TypeMix((RequestType(1, 1, rate),))
+            return OnOffWorkload(one, self.mean_on_s, self.mean_off_s, self.off_factor).sample(horizon, rng).arrival_time
+        # Diurnal: thin a Poisson process at the peak rate (Lewis and Shedler).
+        peak = rate * (1.0 + self.amplitude)
+        candidates = _renewal_times(peak, horizon, 1.0, rng)
+        keep = rng.random(len(candidates)) * (1.0 + self.amplitude) < (
+            1.0 - self.amplitude * np.cos(2.0 * np.pi * candidates / self.period_s))
+        return candidates[keep]
+
+    def workload(self, mix: "TypeMix") -> "Workload":
+        """The workload of this process over a type mix."""
+        if self.kind == "poisson":
+            return PoissonWorkload(mix)
+        if self.kind == "gamma":
+            return GammaWorkload(mix, self.cv)
+        if self.kind == "onoff":
+            return OnOffWorkload(mix, self.mean_on_s, self.mean_off_s, self.off_factor)
+        return ModulatedWorkload(mix, self)
+
+
+@dataclass(frozen=True)
+class ModulatedWorkload:
+    """A type mix whose total arrivals follow ``process``; each arrival's type is drawn by the mix's shares
+    (the same modulation for every type, as a diurnal cycle modulates all traffic at once)."""
+
+    mix: TypeMix
+    process: ArrivalProcess
+
+    @property
+    def mean_rate(self) -> float:
+        return self.mix.total_rate
+
+    def sample(self, horizon: float, rng: np.random.Generator) -> Arrivals:
+        arrival_stream, type_stream = rng.spawn(2)
+        times = self.process.times(self.mix.total_rate, horizon, arrival_stream)
+        kinds = type_stream.choice(len(self.mix.types), size=len(times), p=self.mix.rates / self.mix.total_rate)
+        return Arrivals(times, self.mix.prompt_lens[kinds], self.mix.output_lens[kinds])
+
+
+@dataclass(frozen=True)
+class QuantileLengths:
+    """A length distribution given by quantile knots, log-linear between them (a heavy tail is kept:
+    the top knots carry it). Fitted to a trace by :meth:`fit`; stored as two lists in a scenario file."""
+
+    probabilities: tuple[float, ...]
+    values: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        p, v = np.asarray(self.probabilities, float), np.asarray(self.values, float)
+        if len(p) < 2 or len(p) != len(v):
+            raise ConfigError(f"quantile lengths need >= 2 (probability, length) knots of equal count, got "
+                              f"{len(p)} probabilities and {len(v)} lengths")
+        if p[0] != 0.0 or p[-1] != 1.0 or np.any(np.diff(p) <= 0):
+            raise ConfigError(f"quantile probabilities must rise strictly from 0 to 1, got {list(self.probabilities)}")
+        if np.any(v < 1) or np.any(np.diff(v) < 0):
+            raise ConfigError(f"quantile lengths must be integers >= 1, non-decreasing, got {list(self.values)}")
+
+    @classmethod
+    def fit(cls, lengths: np.ndarray, probabilities: Sequence[float] = (0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9,
+                                                                          0.95, 0.99, 0.999, 1)) -> "QuantileLengths":
+        knots = np.quantile(np.asarray(lengths, float), probabilities)
+        return cls(tuple(float(p) for p in probabilities), tuple(int(round(k)) for k in knots))
+
+    def sample(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        u = rng.random(count)
+        log_lengths = np.interp(u, self.probabilities, np.log(np.asarray(self.values, float)))
+        return np.maximum(1, np.rint(np.exp(log_lengths))).astype(np.int64)
+
+
 _LENGTH_COLUMNS = ("num_prefill_tokens", "num_decode_tokens")
 _OPTIONAL_COLUMNS = ("arrived_at", "num_total_tokens", "pd_ratio")
 
@@ -448,38 +562,33 @@ class TraceWorkload:
 
 @dataclass(frozen=True)
 class LengthSampleWorkload:
-    """Lengths drawn i.i.d. (with replacement) from a length-only sample, arrivals from a renewal process.
-
-    ``cv = 1`` gives Poisson arrivals at ``rate``; larger ``cv`` gives gamma-distributed, burstier gaps.
-    """
+    """Lengths drawn i.i.d. (with replacement) from a length-only sample, arrival times from ``process``
+    (Poisson by default; gamma gaps, on-off bursts or a diurnal cycle: :class:`ArrivalProcess`)."""
 
     prompt_len: np.ndarray
     output_len: np.ndarray
     rate: float
-    cv: float = 1.0
+    process: ArrivalProcess = ArrivalProcess()
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.rate) and self.rate > 0):
             raise ConfigError(f"rate must be finite and > 0 req/s, got {self.rate!r}")
-        if not (math.isfinite(self.cv) and self.cv > 0):
-            raise ConfigError(f"coefficient of variation must be finite and > 0, got {self.cv!r}")
 
     @classmethod
-    def from_csv(cls, path: str | Path, rate: float, cv: float = 1.0) -> "LengthSampleWorkload":
+    def from_csv(cls, path: str | Path, rate: float, process: ArrivalProcess = ArrivalProcess()) -> "LengthSampleWorkload":
         _, prompts, outputs = read_trace_csv(path, require_arrivals=False)
-        return cls(prompts, outputs, rate, cv)
+        return cls(prompts, outputs, rate, process)
 
     @property
     def mean_rate(self) -> float:
         return self.rate
 
     def with_rate(self, total_rate: float) -> "LengthSampleWorkload":
-        return LengthSampleWorkload(self.prompt_len, self.output_len, total_rate, self.cv)
+        return LengthSampleWorkload(self.prompt_len, self.output_len, total_rate, self.process)
 
     def sample(self, horizon: float, rng: np.random.Generator) -> Arrivals:
         _check_horizon(horizon)
         arrival_stream, length_stream = rng.spawn(2)
-        times = _renewal_times(self.rate, horizon, self.cv, arrival_stream)
+        times = self.process.times(self.rate, horizon, arrival_stream)
         rows = length_stream.integers(0, len(self.prompt_len), len(times))
         return Arrivals(times, self.prompt_len[rows], self.output_len[rows])
-

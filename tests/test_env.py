@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import llmsched_env
 from baselines import make_policy
 from llmsched_env import run
-from llmsched_env.admission import projected_peak_tokens
+from llmsched_env.kv_cache import projected_peak_tokens
 from llmsched_env.env import LLMSchedEnv
 from llmsched_env.errors import ConfigError, LLMSchedError
 from tests.invariants import check_engine

@@ -24,11 +24,12 @@ from tests.invariants import InvariantChecker
 COST = LinearCostModel.paper(d0=1.0, d1=0.01)
 
 
-def wait_policy(variant: str, n: int = 2, drain: bool = False) -> WaitPolicy:
+def wait_policy(variant: str, n: int = 2, drain: bool = False, lend: bool = False, memory_blocks: int = 0) -> WaitPolicy:
     mix = TypeMix((RequestType(4, 3, 1.0),))
-    thresholds = WaitThresholds(n=np.array([n]), iteration_time_s=1.0, memory_tokens=0.0, memory_blocks=0, scale=1.0,
-                                fluid_memory_tokens=0.0, capacity_blocks=100)
-    return WaitPolicy(mix, thresholds, variant, drain_when_idle=drain)  # type: ignore[arg-type]
+    thresholds = WaitThresholds(n=np.array([n]), iteration_time_s=1.0, memory_tokens=0.0, memory_blocks=memory_blocks,
+                                scale=1.0, fluid_memory_tokens=0.0, capacity_blocks=100)
+    return WaitPolicy(mix, thresholds, variant, drain_when_idle=drain,  # type: ignore[arg-type]
+                      memory_safe=variant == "measured", lend_spare_memory=lend)
 
 
 def arrive(engine: SimulatedEngine, count: int) -> None:
@@ -221,3 +222,55 @@ def test_wait_regret_grows_sublinearly_when_memory_suffices() -> None:
         regrets.append(summarize(result, scenario.fluid(arrivals, horizon))["regret_requests"])
     assert regrets[2] < 3 * regrets[0]
     assert regrets[2] / 2400.0 < regrets[0] / 150.0 / 5
+
+
+traces = st.lists(st.tuples(st.floats(0.0, 0.5), st.integers(1, 120), st.integers(1, 200)), min_size=1, max_size=120)
+
+
+@given(trace=traces, slack=st.integers(0, 400), block=st.sampled_from([1, 4, 16]), mix=mixes)
+def test_wait_with_known_lengths_never_evicts_on_any_trace(trace: list[tuple[float, int, int]], slack: int, block: int,
+                                                           mix: TypeMix) -> None:
+    """Bursts (zero gaps), long outputs and a cache barely larger than the longest request: the projected
+    peak keeps WAIT from ever overflowing, whatever mix its thresholds were sized on."""
+    arrival = np.cumsum([gap for gap, _, _ in trace])
+    prompt = np.array([p for _, p, _ in trace])
+    output = np.array([o for _, _, o in trace])
+    largest = int((prompt + output).max())
+    scenario = scenario_for(mix, (-(-largest // block)) * block + slack, block)
+    checker = InvariantChecker()
+    from llmsched_env.workload import Arrivals
+
+    horizon = float(arrival[-1]) + 60.0
+    result = run(scenario.engine(), make_policy("wait", scenario, horizon), Arrivals(arrival, prompt, output),
+                 horizon, callbacks=[checker])
+    assert result.evictions == 0
+    assert result.arrived == result.finished + result.waiting + result.running
+
+
+def test_wait_lends_spare_memory_below_threshold_but_not_the_reserve() -> None:
+    # A request of 4 + 3 tokens peaks at 7 blocks of 1 token. Capacity 1000.
+    engine = SimulatedEngine(COST, capacity_tokens=1000, block_size=1)
+    policy = wait_policy("measured", n=3, lend=True, memory_blocks=0)
+    policy.reset(engine)
+    arrive(engine, 1)
+    engine.step(policy.decide(engine.state()))  # drain: nothing runs yet, so the first goes in
+    arrive(engine, 1)  # below the threshold of 3, but memory is plentiful: admitted at once
+    assert policy.decide(engine.state()).prefill.tolist() == [1]
+
+    engine = SimulatedEngine(COST, capacity_tokens=1000, block_size=1)
+    policy = wait_policy("measured", n=3, lend=True, memory_blocks=995)  # the pipelines need all but 5 blocks
+    policy.reset(engine)
+    arrive(engine, 1)
+    engine.step(policy.decide(engine.state()))
+    arrive(engine, 1)  # lending it would reach 7 + 7 blocks > 1000 − 995: it waits for its cohort
+    assert policy.decide(engine.state()).prefill.size == 0
+
+
+def test_wait_admits_a_cohort_only_as_far_as_its_projected_peak_fits() -> None:
+    # 10 blocks of 1 token; each request peaks at 7 tokens: one at a time, although two fit now (4 + 4).
+    engine = SimulatedEngine(COST, capacity_tokens=10, block_size=1)
+    policy = wait_policy("measured", n=2)
+    policy.reset(engine)
+    arrive(engine, 2)
+    decision = policy.decide(engine.state())
+    assert decision.prefill.tolist() == [0]

@@ -1,0 +1,66 @@
+"""Memory lookahead with known output lengths: the KV a batch will need before it finishes.
+
+With output lengths known, the future of a running batch is known exactly when nothing else is
+admitted: every request grows by one token per iteration until it finishes and frees its KV. A
+policy that admits a request only when the projected peak of the batch with it fits in the KV cache
+never makes the engine evict (each admission keeps the projection within capacity, and nothing
+grows faster than projected). Used by WAIT (:mod:`baselines.wait`).
+
+A request's trajectory is ``(context, remaining)``: at the ``t``-th iteration from now
+(``t = 1 … remaining``) it holds at most ``context + t`` KV tokens (:func:`projected_peak_blocks`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmsched_env.engine import SchedulerState
+from llmsched_env.errors import ConfigError
+from llmsched_env.kv_cache import projected_peak_blocks
+
+
+def trajectories(state: SchedulerState, ids: np.ndarray, prefill_chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(context, remaining)`` of requests ``ids``, running or waiting (see the module docstring).
+
+    * running and decoding (its context cached): ``context_len`` and ``prompt + output − context_len``;
+    * waiting: its prefill iteration holds the whole context, so ``context_len − 1`` and one more iteration;
+    * partway through a chunked prefill: ``context_len`` (an upper bound while the prefill lasts) and the
+      decodes plus the prefill iterations left, ``ceil(left / prefill_chunk)`` (1 without chunking).
+    """
+    if state.output_len is None:
+        raise ConfigError("memory lookahead needs output lengths known at arrival")
+    context = state.context_len[ids].astype(np.int64)
+    final = state.prompt_len[ids] + state.output_len[ids]
+    cached = state.kv_tokens[ids]
+    remaining = final - context
+    waiting = cached == 0
+    prefilling = ~waiting & (cached < context)
+    context = np.where(waiting, context - 1, context)
+    remaining = np.where(waiting, remaining + 1, remaining)
+    if prefilling.any():
+        left = context - cached
+        steps = -(-left // prefill_chunk) if prefill_chunk else 1
+        remaining = np.where(prefilling, remaining + steps, remaining)
+    return context, remaining
+
+
+def fitting_prefix(context: np.ndarray, remaining: np.ndarray, candidate_context: np.ndarray,
+                   candidate_remaining: np.ndarray, block_size: int, limit_blocks: int) -> int:
+    """How many of the candidates, taken in order, can join the batch with its projected peak within
+    ``limit_blocks`` (binary search: the peak only grows as requests join)."""
+    def fits(count: int) -> bool:
+        return projected_peak_blocks(np.concatenate([context, candidate_context[:count]]),
+                                     np.concatenate([remaining, candidate_remaining[:count]]),
+                                     block_size) <= limit_blocks
+
+    low, high = 0, len(candidate_context)
+    if high == 0 or not fits(1):
+        return 0
+    low = 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
