@@ -1,6 +1,7 @@
 """Reference scheduling policies: pure functions of the scheduler state behind one interface.
 
-* :mod:`baselines.fcfs` — the engines' own schedulers (vLLM FCFS with preemption, Sarathi-Serve);
+* :mod:`baselines.fcfs` — the engines' own schedulers (vLLM FCFS with preemption, Sarathi-Serve), and the
+  paper's presets of them (``vllm-v0``, ``sarathi-512``; ``wait-chunked`` is WAIT's);
 * :mod:`baselines.wait` — WAIT (known output lengths), the measured and the paper's variants;
 * :mod:`baselines.nested_wait` — Nested WAIT (hidden output lengths), the measured and the paper's variants;
 * :mod:`baselines.thresholds` — their thresholds from the fluid model (pure functions).
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from baselines.fcfs import FCFSPolicy, sarathi_policy, vllm_policy
+from baselines.fcfs import FCFSPolicy, sarathi_policy, vllm_policy, vllm_v0_policy
+from baselines.lookahead import residual_quantiles
 from baselines.nested_wait import NestedWaitPolicy
 from baselines.thresholds import OutputLengthDistribution, nested_wait_thresholds, wait_thresholds
 from baselines.wait import WaitPolicy
 from llmsched_env.errors import ConfigError
+from llmsched_env.fluid import equilibrium
 from llmsched_env.policy import Policy
 from llmsched_env.scenario import Scenario
 from llmsched_env.workload import TypeMix
@@ -27,10 +30,18 @@ def threshold_mix(scenario: Scenario) -> TypeMix:
     return scenario.class_mix()
 
 
-def _wait(variant: str) -> PolicyFactory:
+#: Nested WAIT's memory lookahead sizes each request's remaining output at this quantile of its residual length.
+NESTED_WAIT_LOOKAHEAD_QUANTILE = 0.9
+
+#: The paper's WAIT on Vidur prefilled in 256-token chunks; its Sarathi-Serve baseline used 512-token chunks.
+PAPER_WAIT_CHUNK = 256
+PAPER_SARATHI_CHUNK = 512
+
+
+def _wait(variant: str, prefill_chunk: int | None = None) -> PolicyFactory:
     def factory(scenario: Scenario, horizon: float) -> Policy:
         return WaitPolicy.for_mix(threshold_mix(scenario), scenario.cost, scenario.capacity_tokens,
-                                  scenario.block_size, variant)  # type: ignore[arg-type]
+                                  scenario.block_size, variant, prefill_chunk)  # type: ignore[arg-type]
     return factory
 
 
@@ -42,14 +53,24 @@ def _nested_wait(variant: str) -> PolicyFactory:
         prompt = float(mix.prompt_lens @ mix.rates / mix.total_rate)
         thresholds = nested_wait_thresholds(distribution, prompt, mix.total_rate, scenario.cost,
                                             scenario.paged_capacity_tokens, horizon_s=horizon)
-        name = "nested-wait" if variant == "measured" else "nested-wait-paper"
-        return NestedWaitPolicy(thresholds, variant, name, drain_when_idle=variant == "measured")  # type: ignore[arg-type]
+        measured = variant == "measured"
+        lookahead = (residual_quantiles(distribution.values, distribution.probabilities, NESTED_WAIT_LOOKAHEAD_QUANTILE)
+                     if measured else None)
+        _, _, fluid_memory = equilibrium(mix.rates, mix.prompt_lens, mix.output_lens, scenario.cost)
+        return NestedWaitPolicy(thresholds, variant, "nested-wait" if measured else "nested-wait-paper",  # type: ignore[arg-type]
+                                drain_when_idle=measured, lookahead=lookahead, lend_spare_memory=measured,
+                                reserve_tokens=min(fluid_memory, thresholds.memory_tokens))
     return factory
 
 
 POLICIES: dict[str, PolicyFactory] = {
     "vllm": lambda scenario, horizon: vllm_policy(),
     "sarathi": lambda scenario, horizon: sarathi_policy(),
+    # The paper's set-up on Vidur (vLLM V0's scheduler, 512-token Sarathi, 256-token chunked WAIT):
+    "vllm-v0": lambda scenario, horizon: vllm_v0_policy(),
+    "sarathi-512": lambda scenario, horizon: sarathi_policy(name="sarathi-512",
+                                                            max_num_batched_tokens=PAPER_SARATHI_CHUNK),
+    "wait-chunked": _wait("measured", PAPER_WAIT_CHUNK),
     "wait": _wait("measured"),
     "wait-paper": _wait("paper"),
     "nested-wait": _nested_wait("measured"),
@@ -68,4 +89,5 @@ def make_policy(name: str, scenario: Scenario, horizon: float) -> Policy:
 
 
 __all__ = ["DEFAULT_POLICIES", "FCFSPolicy", "NestedWaitPolicy", "POLICIES", "WaitPolicy", "make_policy",
-           "nested_wait_thresholds", "sarathi_policy", "threshold_mix", "vllm_policy", "wait_thresholds"]
+           "nested_wait_thresholds", "sarathi_policy", "threshold_mix", "vllm_policy", "vllm_v0_policy",
+           "wait_thresholds"]

@@ -1,4 +1,4 @@
-"""Cohort selection shared by the threshold policies: the first ``n`` requests of each group, in order."""
+"""Selection rules shared by the policies: the first ``n`` requests of each group, and a token budget granted in order."""
 
 from __future__ import annotations
 
@@ -22,3 +22,19 @@ def first_per_group(groups: np.ndarray, limits: np.ndarray) -> np.ndarray:
     mask = np.empty(count, dtype=bool)
     mask[order] = rank < limits[order]
     return mask
+
+
+def fill_in_order(sizes: np.ndarray, budget: int, *, allow_partial: bool) -> np.ndarray:
+    """Token grants from ``budget`` in order: whole sizes while they fit, then (if allowed) one partial grant.
+
+    The grants are a prefix of positive entries followed by zeros (FCFS: nobody jumps the queue).
+    """
+    grant = np.zeros(len(sizes), dtype=np.int64)
+    if len(sizes) == 0 or budget <= 0:
+        return grant
+    cumulative = np.cumsum(sizes)
+    whole = int(np.searchsorted(cumulative, budget, side="right"))
+    grant[:whole] = sizes[:whole]
+    if allow_partial and whole < len(sizes):
+        grant[whole] = budget - (cumulative[whole - 1] if whole else 0)
+    return grant

@@ -15,6 +15,10 @@ iteration with decodes. One implementation, :class:`FCFSPolicy`, with two preset
       requires ``max_num_batched_tokens >= max_model_len``, so any prompt fits the budget; here a prompt
       longer than the budget is admitted as the iteration's only prefill.
 
+``vllm-v0`` — vLLM V0's scheduler, as Vidur simulates it for the paper's experiments: an iteration in
+    which waiting prompts can be admitted runs those prefills only (running requests' decodes wait), and
+    a batch holds at most 128 requests (``prefill_first``, ``max_num_seqs=128``).
+
 ``sarathi`` — Sarathi-Serve's stall-free batching (vLLM with ``enable_chunked_prefill=True``):
     * decodes first, then the continuation of partially prefilled requests, then new admissions,
       all under a per-iteration token budget (``max_num_batched_tokens``; Sarathi-Serve's and vLLM's
@@ -38,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from baselines.cohorts import fill_in_order
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
 
@@ -55,6 +60,7 @@ class FCFSPolicy:
     max_num_batched_tokens: int | None = 4096
     chunked_prefill: bool = False
     watermark: float = 0.01
+    prefill_first: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -63,12 +69,18 @@ class FCFSPolicy:
             raise ConfigError(f"max_num_batched_tokens must be >= 1 or None, got {self.max_num_batched_tokens}")
         if not 0 <= self.watermark < 1:
             raise ConfigError(f"watermark must be in [0, 1), got {self.watermark}")
+        if self.prefill_first and self.chunked_prefill:
+            raise ConfigError("prefill_first is vLLM V0's rule without chunking; it cannot be combined with chunked_prefill")
         self._watermark_blocks = 0  # sized to the engine's capacity by reset()
 
     def reset(self, engine: Engine) -> None:
         self._watermark_blocks = int(self.watermark * engine.capacity_blocks)
 
     def decide(self, state: SchedulerState) -> Decision:
+        if self.prefill_first:
+            admitted = self._prefill_only(state)
+            if admitted is not None:
+                return admitted
         running = state.running
         kv = state.kv_tokens[running]
         ready = state.context_len[running] == kv
@@ -87,7 +99,7 @@ class FCFSPolicy:
         if not all_ready:
             # Requests partway through a chunked prefill continue, oldest first.
             partial, partial_kv = running[~ready], kv[~ready]
-            partial_chunk = _fill(state.context_len[partial] - partial_kv, left, allow_partial=True)
+            partial_chunk = fill_in_order(state.context_len[partial] - partial_kv, left, allow_partial=True)
             granted = partial_chunk > 0
             partial, partial_kv, partial_chunk = partial[granted], partial_kv[granted], partial_chunk[granted]
             left -= int(_sum(partial_chunk))
@@ -102,7 +114,7 @@ class FCFSPolicy:
         if len(waiting) == 0:
             return self._decision(decode, partial, partial_chunk)
         context = state.context_len[waiting]
-        chunk = _fill(context, left, allow_partial=self.chunked_prefill)
+        chunk = fill_in_order(context, left, allow_partial=self.chunked_prefill)
         if chunk[0] == 0 and not self.chunked_prefill:
             chunk[0] = context[0]  # longer than the budget: vLLM's budget is >= any prompt, so it goes alone
         count = int(np.count_nonzero(chunk))
@@ -115,6 +127,27 @@ class FCFSPolicy:
         return self._decision(decode, np.concatenate([partial, waiting[:count]]),
                               np.concatenate([partial_chunk, chunk[:count]]))
 
+    def _prefill_only(self, state: SchedulerState) -> Decision | None:
+        """vLLM V0: an iteration that can admit waiting prompts runs those prefills alone (decodes wait).
+        ``None`` when nothing can be admitted."""
+        slots = self.max_num_seqs - len(state.running)
+        waiting = state.waiting[:slots] if slots > 0 else state.waiting[:0]
+        if len(waiting) == 0:
+            return None
+        budget = self.max_num_batched_tokens if self.max_num_batched_tokens is not None else _UNLIMITED
+        context = state.context_len[waiting]
+        chunk = fill_in_order(context, budget, allow_partial=False)
+        if chunk[0] == 0:
+            chunk[0] = context[0]  # longer than the budget: vLLM's budget is >= any prompt, so it goes alone
+        count = int(np.count_nonzero(chunk))
+        blocks = _cumsum(state.blocks_for(chunk[:count]))
+        count = int(np.searchsorted(blocks, state.free_blocks - self._watermark_blocks, side="right"))
+        if count == 0 and len(state.running) == 0 and state.used_blocks == 0:
+            count = 1
+        if count == 0:
+            return None
+        return Decision(prefill=waiting[:count], prefill_tokens=chunk[:count])
+
     @staticmethod
     def _decision(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray) -> Decision:
         if len(decode) == 0 and len(prefill) == 0:
@@ -122,25 +155,15 @@ class FCFSPolicy:
         return Decision(decode=decode, prefill=prefill, prefill_tokens=chunk)
 
 
-def _fill(sizes: np.ndarray, budget: int, *, allow_partial: bool) -> np.ndarray:
-    """Token grants from ``budget`` in order: whole sizes while they fit, then (if allowed) one partial grant.
-
-    The grants are a prefix of positive entries followed by zeros (FCFS: nobody jumps the queue).
-    """
-    grant = np.zeros(len(sizes), dtype=np.int64)
-    if len(sizes) == 0 or budget <= 0:
-        return grant
-    cumulative = _cumsum(sizes)
-    whole = int(np.searchsorted(cumulative, budget, side="right"))
-    grant[:whole] = sizes[:whole]
-    if allow_partial and whole < len(sizes):
-        grant[whole] = budget - (cumulative[whole - 1] if whole else 0)
-    return grant
-
-
 def vllm_policy(**overrides: object) -> FCFSPolicy:
     """vLLM's default scheduler without chunked prefill (see module docstring)."""
     return FCFSPolicy(**{"name": "vllm", **overrides})  # type: ignore[arg-type]
+
+
+def vllm_v0_policy(**overrides: object) -> FCFSPolicy:
+    """vLLM V0's scheduler as Vidur models it (the paper's baseline): prefill-only iterations whenever
+    prompts can be admitted, at most 128 requests in a batch."""
+    return FCFSPolicy(**{"name": "vllm-v0", "prefill_first": True, "max_num_seqs": 128, **overrides})  # type: ignore[arg-type]
 
 
 def sarathi_policy(**overrides: object) -> FCFSPolicy:

@@ -64,3 +64,25 @@ def fitting_prefix(context: np.ndarray, remaining: np.ndarray, candidate_context
         else:
             high = middle - 1
     return low
+
+
+def residual_quantiles(values: np.ndarray, probabilities: np.ndarray, quantile: float) -> np.ndarray:
+    """With lengths hidden: per decoded count ``d = 0 … max(values)``, the ``quantile`` of the output tokens a
+    request that has decoded ``d`` still has to produce, ``o − d`` given ``o > d`` (1 beyond the longest output).
+
+    A projection with these in place of the true remaining lengths is what Nested WAIT's lookahead uses:
+    exact for a single output length, conservative by the spread of the distribution otherwise.
+    """
+    if not 0 < quantile <= 1:
+        raise ConfigError(f"the lookahead quantile must be in (0, 1], got {quantile}")
+    values = np.asarray(values, np.int64)
+    mass = np.asarray(probabilities, np.float64)
+    top = int(values[-1])
+    residual = np.ones(top + 1, dtype=np.int64)
+    tail = np.cumsum(mass[::-1])[::-1]  # tail[i] = P(o >= values[i])
+    for d in range(top):
+        first = int(np.searchsorted(values, d, side="right"))  # the first value > d
+        survivors = tail[first]
+        cdf = np.cumsum(mass[first:]) / survivors
+        residual[d] = int(values[first + min(int(np.searchsorted(cdf, quantile - 1e-12)), len(cdf) - 1)]) - d
+    return residual

@@ -22,7 +22,19 @@ Each iteration:
    finishing); if not even the deepest fits, the engine's eviction rule (newest first, recompute)
    frees memory, so the system cannot deadlock.
 
-4. **drain** (ours, not in the paper; ``drain_when_idle``, on for ``nested-wait``, off for
+4. **memory lookahead** (ours, ``lookahead``, on for ``nested-wait``): new prompts are admitted only
+   while the projected peak KV of everyone running plus them fits, each request's remaining output
+   taken at the 90th percentile of its residual length given what it has decoded
+   (:func:`baselines.lookahead.residual_quantiles`). Exact for a single output length, conservative by
+   the spread of the distribution otherwise; it never reads a request's own length.
+
+5. **lending spare memory** (ours, ``lend_spare_memory``, on for ``nested-wait``): while the lookahead
+   projection of everyone running stays within the capacity less a reserve (the fluid optimum's memory
+   ``M*`` of the offered load, or ``M^π`` if smaller: with heavy tails ``M^π``, every stage full,
+   over-counts by far), every gate opens and prompts are admitted as far as that projection allows:
+   holding requests at gates costs latency for nothing when memory is plentiful.
+
+6. **drain** (ours, not in the paper; ``drain_when_idle``, on for ``nested-wait``, off for
    ``nested-wait-paper``): when the rule would run nothing although requests wait or hold KV, every
    gate opens for whoever is behind it. Otherwise, once arrivals stop (the end of a trace), requests
    below a threshold would be stranded, with their KV, for ever. The paper's rule pauses cohorts
@@ -40,11 +52,16 @@ from typing import Literal
 import numpy as np
 
 from baselines.cohorts import first_per_group
+from baselines.lookahead import fitting_prefix
+from llmsched_env.kv_cache import projected_peak_blocks
 from baselines.thresholds import NestedWaitThresholds
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
 
 Variant = Literal["measured", "paper"]
+
+#: At most this many waiting requests are considered for lent memory in one iteration.
+_LEND_SCAN = 256
 
 
 @dataclass
@@ -55,6 +72,9 @@ class NestedWaitPolicy:
     variant: Variant = "measured"
     name: str = "nested-wait"
     drain_when_idle: bool = True
+    lookahead: np.ndarray | None = field(default=None, repr=False)  # residual_quantiles per decoded count
+    lend_spare_memory: bool = False
+    reserve_tokens: float | None = None  # kept back from lending (default: the pipelines' memory M^π)
     guard_activations: int = field(default=0, init=False)  # iterations where the overflow guard acted
     guard_fallbacks: int = field(default=0, init=False)  # iterations where nothing fit and the engine evicted
 
@@ -75,6 +95,16 @@ class NestedWaitPolicy:
         entrants = np.bincount(segment[at_boundary], minlength=segments)
         entrants[0] = len(waiting)
         decision = self._select(state, running, decoded, at_boundary, segment, waiting, entrants >= n)
+        if self.lend_spare_memory and self.lookahead is not None and self.variant == "measured":
+            reserve = self.thresholds.memory_tokens if self.reserve_tokens is None else self.reserve_tokens
+            spare = state.capacity_blocks - int(np.ceil(min(reserve, state.capacity_tokens) / state.block_size))
+            if spare > 0 and self._projected_peak(state) <= spare:
+                # Memory is plentiful: every gate opens, admissions bounded by the lookahead within the spare;
+                # lending only ever adds to what the thresholds would admit.
+                lent = self._select(state, running, decoded, at_boundary, segment, waiting, np.ones(segments, bool),
+                                    lend_within=spare)
+                if lent is not None and (decision is None or len(lent.prefill) >= len(decision.prefill)):
+                    decision = lent
         if decision is None:
             # Memory pressure: admit nothing new and let every boundary queue move on toward completion,
             # which is what frees memory, instead of holding requests (and their KV) at the gates.
@@ -92,7 +122,7 @@ class NestedWaitPolicy:
 
     def _select(self, state: SchedulerState, running: np.ndarray, decoded: np.ndarray, at_boundary: np.ndarray,
                 segment: np.ndarray, waiting: np.ndarray, ready: np.ndarray,
-                under_pressure: bool = False) -> Decision | None:
+                under_pressure: bool = False, lend_within: int | None = None) -> Decision | None:
         """The batch for gates ``ready``; ``None`` if it would not fit in memory (unless ``under_pressure``,
         where the shallowest segments are trimmed first, and the engine's eviction rule is the last resort)."""
         n = self.thresholds.n
@@ -103,13 +133,15 @@ class NestedWaitPolicy:
         # Entries: n_k from each open segment's boundary queue (oldest first), n_1 new prompts.
         chosen = np.zeros(len(running), dtype=bool)
         entering = at_boundary & (segment < prefix)
-        chosen[entering] = first_per_group(segment[entering], n[segment[entering]])
+        chosen[entering] = True if lend_within is not None else first_per_group(segment[entering], n[segment[entering]])
         progressing = ~at_boundary & (segment < active)
         if self.variant == "measured":
             chosen[progressing] = True
         else:
             chosen[progressing] = first_per_group(decoded[progressing], n[segment[progressing]])
-        admit = waiting[: n[0]] if prefix > 0 else waiting[:0]
+        admit = waiting[: n[0] if lend_within is None else max(int(n[0]), _LEND_SCAN)] if prefix > 0 else waiting[:0]
+        if len(admit) and self.lookahead is not None and self.variant == "measured":
+            admit = self._within_lookahead(state, admit, state.capacity_blocks if lend_within is None else lend_within)
 
         # KV growth by segment: one block for each request that crosses a block edge, plus the admissions.
         growth = np.bincount(segment[chosen], weights=(state.kv_tokens[running[chosen]] % state.block_size == 0),
@@ -128,3 +160,25 @@ class NestedWaitPolicy:
         if len(decode) == 0 and len(admit) == 0:
             return IDLE
         return Decision(decode=decode, prefill=admit)
+
+    def _trajectories(self, state: SchedulerState) -> tuple[np.ndarray, np.ndarray]:
+        """Every running request's ``(context, remaining)`` with its remaining output at the lookahead quantile
+        (gated requests too: they keep their KV and resume)."""
+        residual = self.lookahead
+        assert residual is not None
+        running = state.running
+        context = state.context_len[running].astype(np.int64)
+        return context, residual[np.minimum(context - state.prompt_len[running], len(residual) - 1)]
+
+    def _projected_peak(self, state: SchedulerState) -> int:
+        return projected_peak_blocks(*self._trajectories(state), state.block_size)
+
+    def _within_lookahead(self, state: SchedulerState, admit: np.ndarray, limit_blocks: int) -> np.ndarray:
+        """The queue-order prefix of ``admit`` whose projected peak stays within ``limit_blocks``, every
+        request's remaining output taken at the lookahead quantile of its residual length."""
+        residual = self.lookahead
+        assert residual is not None
+        context, remaining = self._trajectories(state)
+        count = fitting_prefix(context, remaining, state.context_len[admit].astype(np.int64) - 1,
+                               np.full(len(admit), residual[0] + 1), state.block_size, limit_blocks)
+        return admit[:count]

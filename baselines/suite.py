@@ -16,7 +16,7 @@ import numpy as np
 
 from baselines.compare import SEES_OUTPUT_LENGTHS, compare
 from llmsched_env.errors import ConfigError
-from llmsched_env.report import Comparison
+from llmsched_env.report import Comparison, mean_and_halfwidth
 from llmsched_env.scenarios import NamedScenario
 
 #: Policies the fluid-guided verdict is about, and the engines' own they are held against.
@@ -103,37 +103,49 @@ def merge(plan: SweepPlan, parts: Sequence[Comparison]) -> Comparison:
 
 
 def verdicts(plan: SweepPlan, comparison: Comparison) -> list[dict[str, object]]:
-    """Per rate: the best fluid-guided policy and the best engine policy by mean throughput, and whether
-    the first is level (its 95 % interval reaches the other's mean) and strictly better on throughput or
-    p99 latency (intervals apart)."""
-    summary = comparison.summary()
+    """Per rate: the best fluid-guided policy and the best engine policy by mean throughput over seeds, and
+    the paired differences between them (the same arrivals on every seed, so the arrival noise cancels):
+    *level* when the 95 % interval of the throughput difference reaches 0 or above, *better* when the
+    interval of the throughput difference is above 0 or that of the p99 latency difference below 0."""
     rows = []
     for rate, load in zip(plan.rates, plan.loads):
-        at_rate = {str(r["policy"]): r for r in summary if r["rate_rps"] == rate}
-        guided = [at_rate[p] for p in FLUID_GUIDED if p in at_rate]
-        engines = [at_rate[p] for p in ENGINE_POLICIES if p in at_rate]
+        per_policy: dict[str, dict[int, dict[str, object]]] = {}
+        for run in comparison.runs:
+            if run.rate == rate:
+                per_policy.setdefault(run.policy, {})[run.seed] = run.row
+        guided = [p for p in FLUID_GUIDED if p in per_policy]
+        engines = [p for p in ENGINE_POLICIES if p in per_policy]
         if not guided or not engines:
             continue
-        best_guided = max(guided, key=lambda r: float(r["throughput_rps"]))  # type: ignore[arg-type]
-        best_engine = max(engines, key=lambda r: float(r["throughput_rps"]))  # type: ignore[arg-type]
 
-        def value(row: dict[str, object], field: str) -> tuple[float, float]:
-            mean, half = row[field], row[f"{field}_ci95"]
-            return (float(mean) if mean is not None else float("nan"),  # type: ignore[arg-type]
-                    float(half) if half is not None and np.isfinite(half) else 0.0)  # type: ignore[arg-type]
+        def mean_of(policy: str, field: str) -> float:
+            return float(np.mean([float(row[field]) for row in per_policy[policy].values()]))  # type: ignore[arg-type]
 
-        g_tp, g_tp_ci = value(best_guided, "throughput_rps")
-        e_tp, e_tp_ci = value(best_engine, "throughput_rps")
-        g_p99, g_p99_ci = value(best_guided, "p99_latency_s")
-        e_p99, e_p99_ci = value(best_engine, "p99_latency_s")
-        level = g_tp + g_tp_ci + e_tp_ci >= e_tp
-        better_tp = g_tp - g_tp_ci > e_tp + e_tp_ci
-        better_p99 = g_p99 + g_p99_ci < e_p99 - e_p99_ci
-        rows.append({"scenario": plan.spec.name, "load": load, "rate_rps": rate,
-                     "fluid_guided": best_guided["policy"], "fluid_guided_throughput_rps": g_tp,
-                     "fluid_guided_p99_latency_s": g_p99, "fluid_guided_evictions": best_guided["evictions"],
-                     "engine": best_engine["policy"], "engine_throughput_rps": e_tp, "engine_p99_latency_s": e_p99,
-                     "engine_evictions": best_engine["evictions"],
-                     "level_on_throughput": bool(level), "better_throughput": bool(better_tp),
-                     "better_p99_latency": bool(better_p99)})
+        best_guided = max(guided, key=lambda p: mean_of(p, "throughput_rps"))
+        best_engine = max(engines, key=lambda p: mean_of(p, "throughput_rps"))
+        seeds = sorted(set(per_policy[best_guided]) & set(per_policy[best_engine]))
+
+        def paired(field: str) -> tuple[float, float]:
+            diffs = np.array([_number(per_policy[best_guided][s][field]) - _number(per_policy[best_engine][s][field])
+                              for s in seeds])
+            return mean_and_halfwidth(diffs)
+
+        tp_diff, tp_half = paired("throughput_rps")
+        p99_diff, p99_half = paired("p99_latency_s")
+        rows.append({"scenario": plan.spec.name, "load": load, "rate_rps": rate, "seeds": len(seeds),
+                     "fluid_guided": best_guided, "fluid_guided_throughput_rps": mean_of(best_guided, "throughput_rps"),
+                     "fluid_guided_p99_latency_s": mean_of(best_guided, "p99_latency_s"),
+                     "fluid_guided_evictions": mean_of(best_guided, "evictions"),
+                     "engine": best_engine, "engine_throughput_rps": mean_of(best_engine, "throughput_rps"),
+                     "engine_p99_latency_s": mean_of(best_engine, "p99_latency_s"),
+                     "engine_evictions": mean_of(best_engine, "evictions"),
+                     "throughput_diff_rps": tp_diff, "throughput_diff_ci95": tp_half,
+                     "p99_diff_s": p99_diff, "p99_diff_ci95": p99_half,
+                     "level_on_throughput": bool(tp_diff + tp_half >= 0),
+                     "better_throughput": bool(tp_diff - tp_half > 0),
+                     "better_p99_latency": bool(p99_diff + p99_half < 0)})
     return rows
+
+
+def _number(value: object) -> float:
+    return float("nan") if value is None else float(value)  # type: ignore[arg-type]

@@ -293,6 +293,66 @@ def _compare_scenarios(name: str | None, policies: list[str] | None, rates: list
 
 
 @app.command()
+def stability(
+    scenario: str = typer.Option(..., help="A named scenario (see `llmsched scenarios`) or a scenario TOML file."),
+    policies: str = typer.Option("wait,vllm,sarathi", help="Comma-separated policies (e.g. the V0 presets "
+                                                          "wait-chunked,vllm-v0,sarathi-512)."),
+    seeds: str = typer.Option("0..2", help="Arrival seeds, '0..2' or '0,3,7': the spread over them is reported."),
+    horizon: float = typer.Option(600.0, help="Simulated seconds per run."),
+    tolerance: float = typer.Option(0.01, help="Relative width of the final bracket on the rate."),
+    jobs: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: every core)."),
+    as_json: JsonOption = False,
+) -> None:
+    """Each policy's stability point: the highest rate at which its queue stays bounded over a long run."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    import numpy as np
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from baselines.stability import stability_point
+    from llmsched_env.report import mean_and_halfwidth
+    from llmsched_env.scenarios import load_scenario
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    seed_list = parse_seeds(seeds)
+    try:
+        spec = load_scenario(scenario)
+        points = []
+        progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+        with progress, ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+            task = progress.add_task("bisecting", total=len(names) * len(seed_list))
+            futures = [pool.submit(stability_point, spec.scenario, name, seed=seed, horizon=horizon,
+                                   tolerance=tolerance) for name in names for seed in seed_list]
+            for future in futures:
+                points.append(future.result())
+                progress.update(task, advance=1, description=f"{points[-1].policy}, seed {points[-1].seed}")
+    except LLMSchedError as error:
+        _fail(error)
+        return
+    rows = []
+    for name in names:
+        mine = [p for p in points if p.policy == name]
+        rates = np.array([p.rate_rps for p in mine])
+        mean, half = mean_and_halfwidth(rates)
+        rows.append({"policy": name, "stability_rate_rps": mean, "ci95": half, "min_rps": float(rates.min()),
+                     "max_rps": float(rates.max()), "load": float(np.mean([p.load for p in mine])),
+                     "per_seed_rps": rates.tolist(), "runs": sum(p.runs for p in mine)})
+    if as_json:
+        _print_json({"scenario": spec.name, "horizon_s": horizon, "seeds": seed_list, "rows": rows})
+        return
+    table = Table(title=f"Stability points on {spec.name} ({len(seed_list)} seeds, {horizon:g} s runs, "
+                        f"bounded = backlog <= 10 s of arrivals)")
+    for header in ("policy", "rate req/s (± 95 % CI)", "min – max", "load ρ"):
+        table.add_column(header, justify="left" if header == "policy" else "right")
+    for row in rows:
+        table.add_row(str(row["policy"]), f"{row['stability_rate_rps']:.2f} ± {row['ci95']:.2f}",
+                      f"{row['min_rps']:.2f} – {row['max_rps']:.2f}", f"{row['load']:.3f}")
+    _stdout_console().print(table)
+
+
+@app.command()
 def scenarios(as_json: JsonOption = False) -> None:
     """The named scenarios (for --scenario, the environment's scenario= and load_scenario)."""
     from llmsched_env.scenarios import load_scenario, scenario_names

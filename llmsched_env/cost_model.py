@@ -18,6 +18,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from llmsched_env.config_files import builtin_names, read_json_config
 from llmsched_env.errors import ConfigError
 
@@ -73,10 +75,41 @@ class Profile:
     description: str = ""
 
 
-def prefill_attention(chunk: int, cached: int = 0) -> float:
+def prefill_attention(chunk: int | np.ndarray, cached: int | np.ndarray = 0) -> float | np.ndarray:
     """Query-key pairs a prefill chunk of ``chunk`` tokens attends over, after ``cached`` tokens of its
     context are already in the KV cache: ``chunk·cached + chunk·(chunk + 1)/2`` (causal attention)."""
     return chunk * cached + chunk * (chunk + 1) / 2
+
+
+@dataclass(frozen=True)
+class AttentionFit:
+    """A fit of prefill attention time ``a + b·chunk + c_pf2·prefill_attention(chunk, cached)`` (seconds per
+    iteration, all layers), and its mean and largest relative error on the samples it was fitted to."""
+
+    intercept_s: float
+    per_token_s: float
+    c_pf2: float
+    mean_error: float
+    max_error: float
+
+
+def fit_prefill_attention(chunk: np.ndarray, cached: np.ndarray, seconds: np.ndarray, layers: int = 1) -> AttentionFit:
+    """Fit prefill attention samples (one chunk of ``chunk`` tokens after ``cached`` cached ones took ``seconds``
+    per layer) by non-negative least squares on relative error; ``layers`` scales to the whole model.
+
+    ``c_pf2`` is the coefficient the cost model takes; the constant and linear parts are reported so that
+    the fit can be judged, and are left to ``c0`` and ``c_pf``, which the profile already fits.
+    """
+    from scipy.optimize import nnls
+
+    chunk, cached, seconds = (np.asarray(v, dtype=np.float64) for v in (chunk, cached, seconds))
+    if len(seconds) < 3 or np.any(seconds <= 0):
+        raise ConfigError(f"an attention fit needs >= 3 samples with positive times, got {len(seconds)}")
+    design = np.stack([np.ones_like(chunk), chunk, prefill_attention(chunk, cached)], axis=1)  # type: ignore[arg-type]
+    coefficients, _ = nnls(design / seconds[:, None], np.ones_like(seconds))
+    error = np.abs(design @ coefficients - seconds) / seconds
+    a, b, c = (float(v) * layers for v in coefficients)
+    return AttentionFit(a, b, c, float(error.mean()), float(error.max()))
 
 
 def _profile_from_dict(data: object, source: str) -> Profile:

@@ -411,7 +411,9 @@ _SUITE_COLUMNS = (("scenario", "scenario", "{}"), ("load ρ", "load", "{:g}"),
                   ("fluid-guided", "fluid_guided", "{}"), ("thrpt", "fluid_guided_throughput_rps", "{:.2f}"),
                   ("p99 s", "fluid_guided_p99_latency_s", "{:.1f}"), ("evict", "fluid_guided_evictions", "{:.0f}"),
                   ("engine", "engine", "{}"), ("thrpt ", "engine_throughput_rps", "{:.2f}"),
-                  ("p99 s ", "engine_p99_latency_s", "{:.1f}"), ("evict ", "engine_evictions", "{:.0f}"))
+                  ("p99 s ", "engine_p99_latency_s", "{:.1f}"), ("evict ", "engine_evictions", "{:.0f}"),
+                  ("Δ thrpt", "throughput_diff_rps", "{:+.2f}"), ("±", "throughput_diff_ci95", "{:.2f}"),
+                  ("Δ p99", "p99_diff_s", "{:+.1f}"), ("± ", "p99_diff_ci95", "{:.1f}"))
 
 
 def _suite_cells(row: dict[str, object]) -> list[str]:
@@ -422,8 +424,9 @@ def _suite_cells(row: dict[str, object]) -> list[str]:
 
 
 _SUITE_CAPTION = ("best fluid-guided policy (wait, nested-wait) against the best engine policy (vllm, sarathi) by mean "
-                  "throughput over seeds; better: strictly higher throughput or lower p99 (95 % intervals apart); level: "
-                  "throughput within the intervals; behind: neither")
+                  "throughput over seeds; Δ: their paired difference over seeds (same arrivals) ± its 95 % interval; "
+                  "better: Δ throughput above 0 or Δ p99 below 0 beyond the interval; level: Δ throughput reaches 0 "
+                  "within it; behind: neither")
 
 
 def suite_table(rows: list[dict[str, object]]) -> Table:

@@ -144,3 +144,41 @@ def test_evaluate_runs_the_pretrained_agent_beside_the_baselines(tmp_path: Path)
     assert agent_row["regret_ratio_ci95_low"] <= agent_row["regret_ratio_to_wait"] <= agent_row["regret_ratio_ci95_high"]
     for name in ("comparison.csv", "comparison.json", "comparison.md", "throughput.png", "regret.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_compare_runs_a_named_scenario_with_its_own_memory(tmp_path: Path) -> None:
+    code, out = invoke("compare", "--scenario", "paper-single", "--policies", "wait,vllm", "--loads", "0.5",
+                       "--horizon", "20", "--seeds", "0,1", "--jobs", "1", "--no-plots", "--json", "--out", str(tmp_path))
+    assert code == 0, out
+    payload = json.loads(out)
+    assert payload["seeds"] == [0, 1] and {r["policy"] for r in payload["rows"]} == {"wait", "vllm"}
+    assert all("regret_realised_requests" in r for r in payload["summary"])
+    from llmsched_env.scenarios import load_scenario
+
+    assert payload["rates_rps"] == load_scenario("paper-single").rates((0.5,))  # the scenario's load, not the default
+
+
+def test_compare_suite_writes_a_summary_and_a_report_per_scenario(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import llmsched_env.scenarios as scenarios
+
+    monkeypatch.setattr(scenarios, "scenario_names",
+                        lambda suite_only=False: ["paper-single", "bursty-low"])  # two, to keep it fast
+    code, out = invoke("compare", "--suite", "--policies", "wait,nested-wait,vllm", "--loads", "0.6", "--horizon", "15",
+                       "--seeds", "0,1", "--jobs", "2", "--no-plots", "--out", str(tmp_path))
+    assert code == 0, out
+    summary = json.loads((tmp_path / "suite.json").read_text())["rows"]
+    assert [row["scenario"] for row in summary] == ["paper-single", "bursty-low"]
+    assert {"level_on_throughput", "better_throughput", "better_p99_latency"} <= set(summary[0])
+    assert (tmp_path / "bursty-low" / "comparison.json").exists() and "verdict" in (tmp_path / "suite.md").read_text()
+
+
+def test_scenario_and_stability_commands() -> None:
+    code, out = invoke("scenarios", "--json")
+    assert code == 0 and "azure-code-like-hidden" in {s["name"] for s in json.loads(out)}
+    code, out = invoke("compare", "--scenario", "nope")
+    assert code == 2 and "no scenario 'nope'" in out
+    code, out = invoke("stability", "--scenario", "paper-single", "--policies", "vllm", "--seeds", "0",
+                       "--horizon", "30", "--tolerance", "0.05", "--jobs", "1", "--json")
+    assert code == 0, out
+    (row,) = json.loads(out)["rows"]
+    assert 0.5 < row["load"] < 1.2 and row["runs"] >= 3

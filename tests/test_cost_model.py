@@ -73,3 +73,32 @@ def test_profiles_load_from_json_and_name_their_errors(tmp_path: Path) -> None:
         load_profile(bad)
     with pytest.raises(ConfigError, match="no profile 'h100'"):
         load_profile("h100")
+
+
+def test_the_attention_profile_is_the_fit_to_vidurs_prefill_samples(shared_data: Path) -> None:
+    from llmsched_env.cost_model import fit_prefill_attention, prefill_attention
+
+    rows = [r for r in csv.DictReader((shared_data / "vidur_llama2_7b_a100_tp1_attention_samples.csv").open())
+            if r["phase"] == "prefill"]
+    fit = fit_prefill_attention(np.array([int(r["prefill_chunk_size"]) for r in rows]),
+                                np.array([int(r["kv_cache_size"]) for r in rows]),
+                                np.array([float(r["attn_median_ms_per_layer"]) / 1e3 for r in rows]), layers=32)
+    profile = load_profile("llama2-7b-a100-attention")
+    assert profile.cost.c_pf2 == pytest.approx(fit.c_pf2, rel=0.01)
+    assert fit.mean_error < 0.15
+    base = load_profile("llama2-7b-a100").cost
+    # Everything else is the base profile's; the term adds 1.9 % to a 512-token prefill and 15 % to a 4,096-token one.
+    assert profile.cost.c_pf == base.c_pf and profile.cost.c0 == base.c0
+    for prompt, share in ((512, 0.019), (4096, 0.15)):
+        extra = profile.cost.c_pf2 * prefill_attention(prompt)
+        assert extra / (base.c_pf * prompt) == pytest.approx(share, abs=0.005)
+
+
+def test_the_attention_fit_recovers_a_known_quadratic() -> None:
+    from llmsched_env.cost_model import fit_prefill_attention, prefill_attention
+
+    chunk = np.array([64, 256, 512, 1024, 2048, 64, 512])
+    cached = np.array([0, 0, 512, 0, 1024, 2048, 4096])
+    seconds = 1e-4 + 2e-6 * chunk + 3e-9 * prefill_attention(chunk, cached)
+    fit = fit_prefill_attention(chunk, cached, seconds)
+    assert fit.c_pf2 == pytest.approx(3e-9, rel=1e-6) and fit.max_error < 1e-6
