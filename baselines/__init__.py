@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from baselines.adaptive import AdaptiveNestedWaitPolicy, AdaptiveWaitPolicy
 from baselines.fcfs import FCFSPolicy, sarathi_policy, vllm_policy, vllm_v0_policy
 from baselines.lookahead import residual_quantiles
 from baselines.nested_wait import NestedWaitPolicy
@@ -71,6 +72,11 @@ POLICIES: dict[str, PolicyFactory] = {
     "sarathi-512": lambda scenario, horizon: sarathi_policy(name="sarathi-512",
                                                             max_num_batched_tokens=PAPER_SARATHI_CHUNK),
     "wait-chunked": _wait("measured", PAPER_WAIT_CHUNK),
+    # Learning the rates and the length mix online (baselines.adaptive); wait / nested-wait are their oracles.
+    "wait-adaptive": lambda scenario, horizon: AdaptiveWaitPolicy.create(scenario.cost, scenario.capacity_tokens,
+                                                                         scenario.block_size),
+    "nested-wait-adaptive": lambda scenario, horizon: AdaptiveNestedWaitPolicy.create(
+        scenario.cost, scenario.paged_capacity_tokens, scenario.block_size, horizon_s=horizon),
     "wait": _wait("measured"),
     "wait-paper": _wait("paper"),
     "nested-wait": _nested_wait("measured"),

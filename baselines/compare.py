@@ -22,7 +22,7 @@ from llmsched_env.scenario import Scenario
 from llmsched_env.workload import Arrivals, TypeMix
 
 #: Policies that are defined with output lengths known at arrival.
-SEES_OUTPUT_LENGTHS = frozenset({"wait", "wait-paper", "wait-chunked"})
+SEES_OUTPUT_LENGTHS = frozenset({"wait", "wait-paper", "wait-chunked", "wait-adaptive"})
 
 DEFAULT_LOADS = (0.7, 0.85, 0.9, 0.93, 0.95, 0.97)
 

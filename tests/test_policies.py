@@ -228,7 +228,7 @@ traces = st.lists(st.tuples(st.floats(0.0, 0.5), st.integers(1, 120), st.integer
 
 
 @given(trace=traces, slack=st.integers(0, 400), block=st.sampled_from([1, 4, 16]), mix=mixes,
-       policy=st.sampled_from(["wait", "wait-chunked"]))
+       policy=st.sampled_from(["wait", "wait-chunked", "wait-adaptive"]))
 def test_wait_with_known_lengths_never_evicts_on_any_trace(trace: list[tuple[float, int, int]], slack: int, block: int,
                                                            mix: TypeMix, policy: str) -> None:
     """Bursts (zero gaps), long outputs and a cache barely larger than the longest request: the projected
@@ -344,3 +344,42 @@ def test_nested_wait_lookahead_keeps_it_from_evicting_where_memory_binds() -> No
         rows[name] = result
     assert rows["nested-wait"].evictions == 0 and rows["vllm"].evictions > 0
     assert rows["nested-wait"].finished > rows["vllm"].finished
+
+
+def test_the_rate_estimate_is_unbiased_from_the_start() -> None:
+    from baselines.adaptive import RateEstimator
+
+    rng = np.random.default_rng(0)
+    arrivals = np.cumsum(rng.exponential(1 / 20.0, 20_000))
+    for now in (5.0, 60.0, 600.0):
+        estimator = RateEstimator(60.0)
+        estimator.update(now, arrivals[arrivals <= now])
+        assert estimator.rate == pytest.approx(20.0, rel=0.3 if now == 5.0 else 0.1)
+
+
+def test_adaptive_wait_learns_the_oracles_thresholds_on_a_stationary_load() -> None:
+    from llmsched_env.scenarios import load_scenario
+
+    scenario = load_scenario("paper-two-type").scenario
+    scenario = scenario.at_rate(scenario.rate_for_load(0.9))
+    oracle = make_policy("wait", scenario, 300.0)
+    adaptive = make_policy("wait-adaptive", scenario, 300.0)
+    result = run(scenario.engine(), adaptive, scenario.sample(300.0, 0), 300.0)
+    assert adaptive.learning.solves > 5 and result.evictions == 0
+    assert adaptive.learning.rates.rate == pytest.approx(scenario.base_rate, rel=0.1)
+    # Two types 50 and 100 prompt tokens apart: the learnt grid finds them, with the oracle's thresholds.
+    assert sorted(adaptive.mix.prompt_lens.tolist()) == [50, 100]
+    assert sorted(adaptive.thresholds.n.tolist()) == sorted(oracle.thresholds.n.tolist())
+
+
+def test_adaptive_nested_wait_learns_from_completions_without_seeing_a_length() -> None:
+    from llmsched_env.scenarios import load_scenario
+
+    scenario = load_scenario("paper-two-type-hidden").scenario
+    scenario = scenario.at_rate(scenario.rate_for_load(0.9))
+    engine = scenario.engine()
+    assert engine.state().output_len is None  # the policy could not read a length if it tried
+    policy = make_policy("nested-wait-adaptive", scenario, 200.0)
+    result = run(engine, policy, scenario.sample(200.0, 0), 200.0)
+    assert policy.learning.solves > 3 and result.evictions == 0
+    assert policy.thresholds.boundaries[-1] == 171  # the longest output it has seen finish
