@@ -430,17 +430,20 @@ _SUITE_CAPTION = ("best fluid-guided policy (wait, nested-wait) against the best
 
 
 def suite_table(rows: list[dict[str, object]]) -> Table:
-    """The suite's summary: per scenario and load, the fluid-guided policies against the engines' own."""
-    table = Table(title="Scenario suite", caption=_SUITE_CAPTION, padding=(0, 1))
-    for header, _, _ in _SUITE_COLUMNS:
-        table.add_column(header.strip(), justify="left" if header in ("scenario", "fluid-guided", "engine") else "right",
-                         no_wrap=True)
-    table.add_column("verdict")
+    """The suite's summary for a terminal: per scenario and load, the paired differences and the verdict
+    (:func:`suite_markdown` has every column)."""
+    table = Table(title="Scenario suite: fluid-guided against the engines' own", caption=_SUITE_CAPTION, padding=(0, 1))
+    for header in ("scenario", "ρ", "fluid-guided", "engine", "Δ thrpt req/s", "Δ p99 s", "evictions", "verdict"):
+        table.add_column(header, justify="left" if header in ("scenario", "fluid-guided", "engine", "verdict")
+                         else "right", no_wrap=True)
     for row in rows:
-        cells = _suite_cells(row)
-        colour = {"better": "green", "level": "yellow", "behind": "red"}[cells[-1]]
-        cells[-1] = f"[{colour}]{cells[-1]}[/]"
-        table.add_row(*cells)
+        verdict = _suite_cells(row)[-1]
+        colour = {"better": "green", "level": "yellow", "behind": "red"}[verdict]
+        table.add_row(str(row["scenario"]), "–" if row["load"] is None else f"{row['load']:g}",
+                      str(row["fluid_guided"]), str(row["engine"]),
+                      f"{row['throughput_diff_rps']:+.2f} ± {row['throughput_diff_ci95']:.2f}",
+                      f"{row['p99_diff_s']:+.1f} ± {row['p99_diff_ci95']:.1f}",
+                      f"{row['fluid_guided_evictions']:.0f} / {row['engine_evictions']:.0f}", f"[{colour}]{verdict}[/]")
     return table
 
 
