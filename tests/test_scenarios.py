@@ -167,3 +167,19 @@ def test_the_environment_takes_a_scenario_by_name() -> None:
     assert not terminated and "clipped" in info
     pinned = gym.make("LLMSched-v0", scenario="paper-single", rate=20.0, memory_tokens=60_000).unwrapped
     assert pinned.rate_range == (20.0, 20.0) and pinned.scenario.capacity_tokens == 60_000
+
+
+@pytest.mark.parametrize("name", scenario_names(suite_only=True))
+def test_wait_never_evicts_on_any_suite_scenario_at_its_highest_load(name: str) -> None:
+    """The suite's promise, at the load where memory binds most (a short run; `compare --suite` runs the sweep)."""
+    from dataclasses import replace
+
+    from baselines import make_policy
+    from llmsched_env.runner import run
+
+    spec = load_scenario(name)
+    scenario = replace(spec.scenario.at_rate(spec.rates((max(spec.loads),))[0]), output_lengths_known=True)
+    horizon = 90.0
+    for policy in ("wait", "wait-adaptive"):
+        result = run(scenario.engine(), make_policy(policy, scenario, horizon), scenario.sample(horizon, 0), horizon)
+        assert result.evictions == 0, policy
