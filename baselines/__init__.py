@@ -13,7 +13,7 @@ from typing import Callable
 
 from baselines.adaptive import AdaptiveNestedWaitPolicy, AdaptiveWaitPolicy
 from baselines.fcfs import FCFSPolicy, sarathi_policy, vllm_policy, vllm_v0_policy
-from baselines.lookahead import residual_quantiles
+from baselines.lookahead import LOOKAHEAD_QUANTILE, residual_quantiles
 from baselines.nested_wait import NestedWaitPolicy
 from baselines.thresholds import OutputLengthDistribution, nested_wait_thresholds, wait_thresholds
 from baselines.wait import WaitPolicy
@@ -30,9 +30,6 @@ def threshold_mix(scenario: Scenario) -> TypeMix:
     """The type mix WAIT sizes its thresholds on: the given types, or a 3×3 bucketing of a trace."""
     return scenario.class_mix()
 
-
-#: Nested WAIT's memory lookahead sizes each request's remaining output at this quantile of its residual length.
-NESTED_WAIT_LOOKAHEAD_QUANTILE = 0.9
 
 #: The paper's WAIT on Vidur prefilled in 256-token chunks; its Sarathi-Serve baseline used 512-token chunks.
 PAPER_WAIT_CHUNK = 256
@@ -55,7 +52,7 @@ def _nested_wait(variant: str) -> PolicyFactory:
         thresholds = nested_wait_thresholds(distribution, prompt, mix.total_rate, scenario.cost,
                                             scenario.paged_capacity_tokens, horizon_s=horizon)
         measured = variant == "measured"
-        lookahead = (residual_quantiles(distribution.values, distribution.probabilities, NESTED_WAIT_LOOKAHEAD_QUANTILE)
+        lookahead = (residual_quantiles(distribution.values, distribution.probabilities, LOOKAHEAD_QUANTILE)
                      if measured else None)
         _, _, fluid_memory = equilibrium(mix.rates, mix.prompt_lens, mix.output_lens, scenario.cost)
         return NestedWaitPolicy(thresholds, variant, "nested-wait" if measured else "nested-wait-paper",  # type: ignore[arg-type]

@@ -28,38 +28,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from baselines.lookahead import residual_quantiles
+from baselines.lookahead import LOOKAHEAD_QUANTILE, residual_quantiles
 from baselines.nested_wait import NestedWaitPolicy
-from baselines.thresholds import OutputLengthDistribution, WaitThresholds, nested_wait_thresholds, wait_thresholds
+from baselines.thresholds import (
+    NestedWaitThresholds,
+    OutputLengthDistribution,
+    WaitThresholds,
+    nested_wait_thresholds,
+    wait_thresholds,
+)
 from baselines.wait import WaitPolicy
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import equilibrium
+from llmsched_env.rate_estimate import ArrivalRateEstimator
 from llmsched_env.workload import RequestType, TypeMix
-
-
-@dataclass
-class RateEstimator:
-    """Exponentially weighted arrival rate: ``Σ_i exp(−(t − a_i) / W) / (W (1 − exp(−t / W)))``.
-
-    The denominator corrects the start-up bias (at ``t ≪ W`` fewer arrivals could have been seen).
-    """
-
-    window_s: float
-    _sum: float = 0.0
-    _time: float = 0.0
-
-    def update(self, now: float, arrival_times: np.ndarray) -> None:
-        self._sum *= math.exp(-(now - self._time) / self.window_s)
-        if len(arrival_times):
-            self._sum += float(np.exp(-(now - arrival_times) / self.window_s).sum()) / self.window_s
-        self._time = now
-
-    @property
-    def rate(self) -> float:
-        seen = -math.expm1(-self._time / self.window_s)
-        return self._sum / seen if seen > 0 else 0.0
 
 
 @dataclass
@@ -87,7 +71,7 @@ class _Learning:
         self.reset()
 
     def reset(self) -> None:
-        self.rates = RateEstimator(self.window_s)
+        self.rates = ArrivalRateEstimator(self.window_s)
         self.seen = 0
         self.solved_at = -math.inf
         self.solved_rate = 0.0
@@ -101,12 +85,12 @@ class _Learning:
     def due(self, now: float, enough_data: bool) -> bool:
         if not enough_data:
             return False
-        rate = self.rates.rate
+        rate = self.rates.total
         moved = self.solved_rate > 0 and abs(rate - self.solved_rate) > self.resolve_on_change * self.solved_rate
         return now - self.solved_at >= self.resolve_every_s or moved
 
     def solved(self, now: float) -> None:
-        self.solved_at, self.solved_rate = now, self.rates.rate
+        self.solved_at, self.solved_rate = now, self.rates.total
         self.solves += 1
 
 
@@ -156,7 +140,7 @@ class AdaptiveWaitPolicy(WaitPolicy):
         o_edges = np.unique(np.quantile(output, np.arange(1, self.grid) / self.grid))
         cell = np.searchsorted(p_edges, prompt, side="right") * (len(o_edges) + 1) + \
             np.searchsorted(o_edges, output, side="right")
-        total = learning.rates.rate
+        total = learning.rates.total
         types = []
         for c in np.unique(cell):
             members = cell == c
@@ -175,16 +159,15 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
     and completions; see the module docstring."""
 
     learning: _Learning | None = None
-    lookahead_quantile: float = 0.9
+    lookahead_quantile: float = LOOKAHEAD_QUANTILE
     horizon_s: float = 3600.0
 
     @classmethod
     def create(cls, cost: LinearCostModel, capacity_tokens: int, block_size: int, *, horizon_s: float = 3600.0,
                **learning: float) -> "AdaptiveNestedWaitPolicy":
-        policy = cls(_single_segment(capacity_tokens), name="nested-wait-adaptive",
-                     learning=_Learning(cost, capacity_tokens, block_size, **learning),  # type: ignore[arg-type]
-                     horizon_s=horizon_s, lend_spare_memory=True)
-        return policy
+        return cls(_single_segment(capacity_tokens), name="nested-wait-adaptive",
+                   learning=_Learning(cost, capacity_tokens, block_size, **learning),  # type: ignore[arg-type]
+                   horizon_s=horizon_s, lend_spare_memory=True)
 
     def reset(self, engine: Engine) -> None:
         super().reset(engine)
@@ -211,7 +194,7 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         recent = np.arange(max(0, state.num_requests - learning.memory), state.num_requests)
         prompt = float(state.prompt_len[recent].mean())
         distribution = OutputLengthDistribution.from_samples(lengths)
-        rate = max(learning.rates.rate, 1e-9)
+        rate = max(learning.rates.total, 1e-9)
         self.thresholds = nested_wait_thresholds(distribution, prompt, rate, learning.cost, learning.capacity_tokens,
                                                  horizon_s=self.horizon_s)
         self.lookahead = residual_quantiles(distribution.values, distribution.probabilities, self.lookahead_quantile)
@@ -229,10 +212,8 @@ def _finished_ids(state: SchedulerState) -> np.ndarray:
     return np.flatnonzero(done)
 
 
-def _single_segment(capacity_tokens: int):  # type: ignore[no-untyped-def]
+def _single_segment(capacity_tokens: int) -> NestedWaitThresholds:
     """Before any completion: one segment, threshold 1 (FCFS under the overflow guard)."""
-    from baselines.thresholds import NestedWaitThresholds
-
     return NestedWaitThresholds(boundaries=np.array([10**9]), n=np.array([1]), survival=np.ones(1), prompt_len=0.0,
                                 iteration_time_s=0.0, memory_tokens=0.0, buffer_tokens=0.0, theta=np.zeros(1),
                                 scale=1.0, ratio_conditions_met=True, stability_condition_met=True,

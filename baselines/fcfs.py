@@ -110,43 +110,35 @@ class FCFSPolicy:
         if free < 0 or slots <= 0 or left <= 0:
             # free < 0: the engine preempts the newest running requests; vLLM admits nothing then.
             return self._decision(decode, partial, partial_chunk)
-        waiting = state.waiting[:slots]
+        waiting, chunk = self._admissions(state, state.waiting[:slots], left, free)
         if len(waiting) == 0:
             return self._decision(decode, partial, partial_chunk)
+        return self._decision(decode, np.concatenate([partial, waiting]), np.concatenate([partial_chunk, chunk]))
+
+    def _admissions(self, state: SchedulerState, waiting: np.ndarray, budget: int,
+                    free: int) -> tuple[np.ndarray, np.ndarray]:
+        """The FCFS prefix of ``waiting`` admitted within ``budget`` prefill tokens and ``free`` blocks (less the
+        watermark), and its chunks."""
+        if len(waiting) == 0:
+            return waiting, _NONE
         context = state.context_len[waiting]
-        chunk = fill_in_order(context, left, allow_partial=self.chunked_prefill)
+        chunk = fill_in_order(context, budget, allow_partial=self.chunked_prefill)
         if chunk[0] == 0 and not self.chunked_prefill:
             chunk[0] = context[0]  # longer than the budget: vLLM's budget is >= any prompt, so it goes alone
         count = int(np.count_nonzero(chunk))
         blocks = _cumsum(state.blocks_for(chunk[:count]))
         count = int(np.searchsorted(blocks, free - self._watermark_blocks, side="right"))
-        if count == 0 and len(running) == 0 and state.used_blocks == 0:
+        if count == 0 and len(state.running) == 0 and state.used_blocks == 0:
             count = 1  # an empty engine always takes the head of the queue (it is known to fit)
-        if count == 0:
-            return self._decision(decode, partial, partial_chunk)
-        return self._decision(decode, np.concatenate([partial, waiting[:count]]),
-                              np.concatenate([partial_chunk, chunk[:count]]))
+        return waiting[:count], chunk[:count]
 
     def _prefill_only(self, state: SchedulerState) -> Decision | None:
         """vLLM V0: an iteration that can admit waiting prompts runs those prefills alone (decodes wait).
         ``None`` when nothing can be admitted."""
         slots = self.max_num_seqs - len(state.running)
-        waiting = state.waiting[:slots] if slots > 0 else state.waiting[:0]
-        if len(waiting) == 0:
-            return None
         budget = self.max_num_batched_tokens if self.max_num_batched_tokens is not None else _UNLIMITED
-        context = state.context_len[waiting]
-        chunk = fill_in_order(context, budget, allow_partial=False)
-        if chunk[0] == 0:
-            chunk[0] = context[0]  # longer than the budget: vLLM's budget is >= any prompt, so it goes alone
-        count = int(np.count_nonzero(chunk))
-        blocks = _cumsum(state.blocks_for(chunk[:count]))
-        count = int(np.searchsorted(blocks, state.free_blocks - self._watermark_blocks, side="right"))
-        if count == 0 and len(state.running) == 0 and state.used_blocks == 0:
-            count = 1
-        if count == 0:
-            return None
-        return Decision(prefill=waiting[:count], prefill_tokens=chunk[:count])
+        waiting, chunk = self._admissions(state, state.waiting[:max(slots, 0)], budget, state.free_blocks)
+        return Decision(prefill=waiting, prefill_tokens=chunk) if len(waiting) else None
 
     @staticmethod
     def _decision(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray) -> Decision:

@@ -19,13 +19,20 @@ from llmsched_env.errors import ConfigError
 from llmsched_env.kv_cache import projected_peak_blocks
 
 
-def trajectories(state: SchedulerState, ids: np.ndarray, prefill_chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+#: At most this many waiting requests are considered for lent memory in one iteration (WAIT, Nested WAIT).
+LEND_SCAN = 256
+#: Nested WAIT's lookahead sizes each request's remaining output at this quantile of its residual length.
+LOOKAHEAD_QUANTILE = 0.9
+
+
+def trajectories(state: SchedulerState, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(context, remaining)`` of requests ``ids``, running or waiting (see the module docstring).
 
     * running and decoding (its context cached): ``context_len`` and ``prompt + output − context_len``;
     * waiting: its prefill iteration holds the whole context, so ``context_len − 1`` and one more iteration;
-    * partway through a chunked prefill: ``context_len`` (an upper bound while the prefill lasts) and the
-      decodes plus the prefill iterations left, ``ceil(left / prefill_chunk)`` (1 without chunking).
+    * partway through a prefill the engine split (a live engine's token budget): ``context_len`` (an upper
+      bound while the prefill lasts) and one more iteration. A policy that chunks prefills itself knows
+      when each one finishes and projects them itself (``WaitPolicy._after_prefill``).
     """
     if state.output_len is None:
         raise ConfigError("memory lookahead needs output lengths known at arrival")
@@ -37,11 +44,7 @@ def trajectories(state: SchedulerState, ids: np.ndarray, prefill_chunk: int | No
     prefilling = ~waiting & (cached < context)
     context = np.where(waiting, context - 1, context)
     remaining = np.where(waiting, remaining + 1, remaining)
-    if prefilling.any():
-        left = context - cached
-        steps = -(-left // prefill_chunk) if prefill_chunk else 1
-        remaining = np.where(prefilling, remaining + steps, remaining)
-    return context, remaining
+    return context, np.where(prefilling, remaining + 1, remaining)
 
 
 def fitting_prefix(context: np.ndarray, remaining: np.ndarray, candidate_context: np.ndarray,

@@ -52,16 +52,13 @@ from typing import Literal
 import numpy as np
 
 from baselines.cohorts import first_per_group
-from baselines.lookahead import fitting_prefix
-from llmsched_env.kv_cache import projected_peak_blocks
+from baselines.lookahead import LEND_SCAN, fitting_prefix
 from baselines.thresholds import NestedWaitThresholds
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
+from llmsched_env.kv_cache import projected_peak_blocks
 
 Variant = Literal["measured", "paper"]
-
-#: At most this many waiting requests are considered for lent memory in one iteration.
-_LEND_SCAN = 256
 
 
 @dataclass
@@ -139,7 +136,7 @@ class NestedWaitPolicy:
             chosen[progressing] = True
         else:
             chosen[progressing] = first_per_group(decoded[progressing], n[segment[progressing]])
-        admit = waiting[: n[0] if lend_within is None else max(int(n[0]), _LEND_SCAN)] if prefix > 0 else waiting[:0]
+        admit = waiting[: n[0] if lend_within is None else max(int(n[0]), LEND_SCAN)] if prefix > 0 else waiting[:0]
         if len(admit) and self.lookahead is not None and self.variant == "measured":
             admit = self._within_lookahead(state, admit, state.capacity_blocks if lend_within is None else lend_within)
 
@@ -161,24 +158,23 @@ class NestedWaitPolicy:
             return IDLE
         return Decision(decode=decode, prefill=admit)
 
-    def _trajectories(self, state: SchedulerState) -> tuple[np.ndarray, np.ndarray]:
-        """Every running request's ``(context, remaining)`` with its remaining output at the lookahead quantile
-        (gated requests too: they keep their KV and resume)."""
+    def _trajectories(self, state: SchedulerState, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(context, remaining)`` of ``ids`` with each remaining output at the lookahead quantile of its residual
+        length given what it has decoded. Running requests (gated ones too: they keep their KV) hold their
+        context; a waiting one (an evicted one resumes past its prompt) holds it at its prefill, one iteration
+        more (as :func:`baselines.lookahead.trajectories`)."""
         residual = self.lookahead
         assert residual is not None
-        running = state.running
-        context = state.context_len[running].astype(np.int64)
-        return context, residual[np.minimum(context - state.prompt_len[running], len(residual) - 1)]
+        context = state.context_len[ids].astype(np.int64)
+        remaining = residual[np.minimum(context - state.prompt_len[ids], len(residual) - 1)]
+        waiting = state.kv_tokens[ids] == 0
+        return np.where(waiting, context - 1, context), np.where(waiting, remaining + 1, remaining)
 
     def _projected_peak(self, state: SchedulerState) -> int:
-        return projected_peak_blocks(*self._trajectories(state), state.block_size)
+        return projected_peak_blocks(*self._trajectories(state, state.running), state.block_size)
 
     def _within_lookahead(self, state: SchedulerState, admit: np.ndarray, limit_blocks: int) -> np.ndarray:
-        """The queue-order prefix of ``admit`` whose projected peak stays within ``limit_blocks``, every
-        request's remaining output taken at the lookahead quantile of its residual length."""
-        residual = self.lookahead
-        assert residual is not None
-        context, remaining = self._trajectories(state)
-        count = fitting_prefix(context, remaining, state.context_len[admit].astype(np.int64) - 1,
-                               np.full(len(admit), residual[0] + 1), state.block_size, limit_blocks)
+        """The queue-order prefix of ``admit`` whose projected peak stays within ``limit_blocks``."""
+        context, remaining = self._trajectories(state, state.running)
+        count = fitting_prefix(context, remaining, *self._trajectories(state, admit), state.block_size, limit_blocks)
         return admit[:count]

@@ -12,7 +12,10 @@ rate; the spread over seeds is reported with it.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
 from baselines import make_policy
 from baselines.compare import SEES_OUTPUT_LENGTHS
@@ -66,3 +69,31 @@ def stability_point(scenario: Scenario, policy: str, *, seed: int = 0, horizon: 
         middle = (low + high) / 2
         low, high = (middle, high) if stable(middle) else (low, middle)
     return StabilityPoint(policy, seed, low, low / scenario.rate_for_load(1.0), high, runs)
+
+
+def stability_points(scenario: Scenario, policies: Sequence[str], seeds: Sequence[int], *, horizon: float = 600.0,
+                     tolerance: float = 0.01, jobs: int | None = None,
+                     on_point: Callable[[StabilityPoint], None] | None = None) -> list[dict[str, object]]:
+    """:func:`stability_point` for every policy and seed, on ``jobs`` processes (default: every core), and per
+    policy the mean rate with its 95 % Student-t half-width over seeds, the spread, the mean load and the runs."""
+    import numpy as np
+
+    from llmsched_env.report import mean_and_halfwidth
+
+    points: list[StabilityPoint] = []
+    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        futures = [pool.submit(stability_point, scenario, name, seed=seed, horizon=horizon, tolerance=tolerance)
+                   for name in policies for seed in seeds]
+        for future in futures:
+            points.append(future.result())
+            if on_point is not None:
+                on_point(points[-1])
+    rows: list[dict[str, object]] = []
+    for name in policies:
+        mine = [p for p in points if p.policy == name]
+        rates = np.array([p.rate_rps for p in mine])
+        mean, half = mean_and_halfwidth(rates)
+        rows.append({"policy": name, "stability_rate_rps": mean, "ci95": half, "min_rps": float(rates.min()),
+                     "max_rps": float(rates.max()), "load": float(np.mean([p.load for p in mine])),
+                     "per_seed_rps": rates.tolist(), "runs": sum(p.runs for p in mine)})
+    return rows

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from baselines import DEFAULT_POLICIES
 from baselines.compare import SEES_OUTPUT_LENGTHS, compare
 from llmsched_env.errors import ConfigError
 from llmsched_env.report import Comparison, mean_and_halfwidth
@@ -41,7 +42,7 @@ class SweepPlan:
            seeds: Sequence[int] | None = None) -> "SweepPlan":
         if loads is not None and rates is not None:
             raise ConfigError("give loads or rates, not both")
-        chosen = tuple(policies or spec.policies)
+        chosen = tuple(policies or spec.policies or DEFAULT_POLICIES)
         if not spec.scenario.output_lengths_known:  # a hidden-length scenario: no policy may see lengths
             chosen = tuple(p for p in chosen if p not in SEES_OUTPUT_LENGTHS)
             if not chosen:

@@ -40,7 +40,7 @@ from typing import Literal
 import numpy as np
 
 from baselines.cohorts import fill_in_order, first_per_group
-from baselines.lookahead import fitting_prefix, trajectories
+from baselines.lookahead import LEND_SCAN, fitting_prefix, trajectories
 from baselines.thresholds import WaitThresholds, wait_thresholds
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
@@ -48,9 +48,6 @@ from llmsched_env.errors import ConfigError
 from llmsched_env.workload import TypeMix
 
 Variant = Literal["measured", "paper"]
-
-#: At most this many requests beyond the cohorts are considered for lent memory in one iteration.
-_LEND_SCAN = 256
 
 
 @dataclass
@@ -151,7 +148,7 @@ class WaitPolicy:
         spare = state.capacity_blocks - self.thresholds.memory_blocks
         if not self.lend_spare_memory or count < len(cohorts) or spare <= 0:
             return admit
-        others = waiting[~np.isin(waiting, admit)][:_LEND_SCAN]
+        others = waiting[~np.isin(waiting, admit)][:LEND_SCAN]
         if len(others) == 0:
             return admit
         other_context, other_remaining = trajectories(state, others)
@@ -195,7 +192,7 @@ class WaitPolicy:
         new = self._commit(state, cohorts, base_context, base_remaining, queued, chunk, state.capacity_blocks)
         if self.lend_spare_memory and len(new) == len(cohorts):
             spare = state.capacity_blocks - self.thresholds.memory_blocks
-            others = free[~np.isin(free, new)][:_LEND_SCAN]
+            others = free[~np.isin(free, new)][:LEND_SCAN]
             if spare > 0 and len(others):
                 new_context, new_remaining = self._after_prefill(state, new, state.context_len[new], queued, chunk)
                 lent = self._commit(state, others, np.concatenate([base_context, new_context]),

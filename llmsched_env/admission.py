@@ -41,6 +41,7 @@ from llmsched_env.engine import IDLE, Decision, SchedulerState
 from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import solve_fluid
 from llmsched_env.kv_cache import projected_peak_tokens
+from llmsched_env.rate_estimate import ArrivalRateEstimator
 from llmsched_env.scenario import Scenario
 from llmsched_env.workload import Arrivals, RequestType, TypeMix
 
@@ -179,8 +180,7 @@ class AdmissionControl:
         if arrivals is not None and len(arrivals):
             self._class = self.classify(arrivals.prompt_len, arrivals.output_len if self.known_lengths else None)
         self._seen = 0
-        self._rate_sum = np.zeros(self.num_classes)
-        self._rate_time = 0.0
+        self._rates = ArrivalRateEstimator(self.rate_window_s, self.num_classes)
         self._last_admission = 0.0
         k, b = self.num_classes, self.stage_buckets
         n_star = np.maximum(targets.n_star, 1.0)
@@ -306,10 +306,7 @@ class AdmissionControl:
         peak = projected_peak_tokens(state.context_len[running], remaining)
         capacity = state.capacity_tokens
         elapsed = now - self._last_admission
-        if self._rate_time > 0:
-            estimate = self._rate_sum / (-math.expm1(-self._rate_time / self.rate_window_s))
-        else:
-            estimate = self._rate_sum
+        estimate = self._rates.rates
         parts = [
             squash(candidates.waiting, self._queue_scale),
             squash(cells, self._running_scale).reshape(-1),
@@ -324,16 +321,10 @@ class AdmissionControl:
                        0.0, 1.0).astype(np.float32)
 
     def _update_rates(self, state: SchedulerState, classes: np.ndarray) -> None:
-        """Exponentially weighted arrivals per class: ``Σ exp(−(t − a_i) / W) / W`` over arrivals ``a_i <= t``."""
-        now, window = state.now, self.rate_window_s
-        self._rate_sum *= math.exp(-(now - self._rate_time) / window)
-        n = state.num_requests
-        if n > self._seen:
-            ids = np.arange(self._seen, n)
-            weights = np.exp(-(now - state.arrival_time[ids]) / window) / window
-            self._rate_sum += np.bincount(classes[ids], weights=weights, minlength=self.num_classes)
-            self._seen = n
-        self._rate_time = now
+        """Count the arrivals since the last observation into the per-class rate estimates."""
+        ids = np.arange(self._seen, state.num_requests)
+        self._rates.update(state.now, state.arrival_time[ids], classes[ids])
+        self._seen = state.num_requests
 
 
 def _decodable(state: SchedulerState) -> np.ndarray:

@@ -84,6 +84,14 @@ def _stdout_console() -> Console:
     return out if out.is_terminal else Console(width=120)
 
 
+def _progress():  # type: ignore[no-untyped-def]
+    """The progress bar every long command shows (on stderr, gone when done)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True)
+
+
 def _print_json(payload: object) -> None:
     sys.stdout.write(json.dumps(json_safe(payload), indent=2) + "\n")
 
@@ -215,13 +223,11 @@ def compare(
 
     With --scenario or --suite the sweep (loads, horizon, seeds) is the scenario's unless given.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    from baselines import DEFAULT_POLICIES
     from baselines.compare import DEFAULT_LOADS, compare as run_comparison, default_rates
 
     names = [p.strip() for p in policies.split(",") if p.strip()] if policies is not None else None
-    progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                        MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+    progress = _progress()
     try:
         if rates is not None and loads is not None:
             raise typer.BadParameter("give --rates or --loads, not both")
@@ -237,7 +243,7 @@ def compare(
                                 block_size=block_size, arrivals=arrivals, cv=cv)  # type: ignore[arg-type]
         sweep = _floats(rates, "--rates") or default_rates(chosen, _floats(loads, "--loads") or DEFAULT_LOADS)
         seed_list = parse_seeds(seeds) if seeds is not None else [seed]
-        names = names or ["wait", "nested-wait", "vllm", "sarathi"]
+        names = names or list(DEFAULT_POLICIES)
         with progress:
             task = progress.add_task("simulating", total=len(names) * len(sweep) * len(seed_list))
 
@@ -274,15 +280,8 @@ def _compare_scenarios(name: str | None, policies: list[str] | None, rates: list
         _write_report(comparisons[0], out, plots, as_json)
         return
     rows = []
-    out.mkdir(parents=True, exist_ok=True)
     for plan, comparison in zip(plans, comparisons):
-        folder = out / plan.spec.name
-        folder.mkdir(exist_ok=True)
-        report.write_csv(comparison, folder / "comparison.csv")
-        report.write_json(comparison, folder / "comparison.json")
-        (folder / "comparison.md").write_text(report.to_markdown(comparison))
-        if plots:
-            report.plot(comparison, folder)
+        _write_files(comparison, out / plan.spec.name, plots)
         rows += verdicts(plan, comparison)
     (out / "suite.json").write_text(json.dumps(json_safe({"rows": rows}), indent=2) + "\n")
     (out / "suite.md").write_text(report.suite_markdown(rows))
@@ -305,41 +304,22 @@ def stability(
     as_json: JsonOption = False,
 ) -> None:
     """Each policy's stability point: the highest rate at which its queue stays bounded over a long run."""
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-
-    import numpy as np
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from baselines.stability import stability_point
-    from llmsched_env.report import mean_and_halfwidth
+    from baselines.stability import stability_points
     from llmsched_env.scenarios import load_scenario
 
     names = [p.strip() for p in policies.split(",") if p.strip()]
     seed_list = parse_seeds(seeds)
     try:
         spec = load_scenario(scenario)
-        points = []
-        progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
-        with progress, ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        progress = _progress()
+        with progress:
             task = progress.add_task("bisecting", total=len(names) * len(seed_list))
-            futures = [pool.submit(stability_point, spec.scenario, name, seed=seed, horizon=horizon,
-                                   tolerance=tolerance) for name in names for seed in seed_list]
-            for future in futures:
-                points.append(future.result())
-                progress.update(task, advance=1, description=f"{points[-1].policy}, seed {points[-1].seed}")
+            rows = stability_points(spec.scenario, names, seed_list, horizon=horizon, tolerance=tolerance, jobs=jobs,
+                                    on_point=lambda point: progress.update(
+                                        task, advance=1, description=f"{point.policy}, seed {point.seed}"))
     except LLMSchedError as error:
         _fail(error)
         return
-    rows = []
-    for name in names:
-        mine = [p for p in points if p.policy == name]
-        rates = np.array([p.rate_rps for p in mine])
-        mean, half = mean_and_halfwidth(rates)
-        rows.append({"policy": name, "stability_rate_rps": mean, "ci95": half, "min_rps": float(rates.min()),
-                     "max_rps": float(rates.max()), "load": float(np.mean([p.load for p in mine])),
-                     "per_seed_rps": rates.tolist(), "runs": sum(p.runs for p in mine)})
     if as_json:
         _print_json({"scenario": spec.name, "horizon_s": horizon, "seeds": seed_list, "rows": rows})
         return
@@ -377,15 +357,22 @@ def scenarios(as_json: JsonOption = False) -> None:
     _stdout_console().print(table)
 
 
-def _write_report(comparison, out: Path, plots: bool, as_json: bool) -> None:  # type: ignore[no-untyped-def]
-    """Write the CSV, JSON, Markdown and plots of a comparison; print its table (or its JSON)."""
+def _write_files(comparison, out: Path, plots: bool) -> list[Path]:  # type: ignore[no-untyped-def]
+    """Write the CSV, JSON, Markdown and (with ``plots``) the plots of a comparison into ``out``; the plots' paths."""
     from llmsched_env import report
 
     out.mkdir(parents=True, exist_ok=True)
     report.write_csv(comparison, out / "comparison.csv")
     report.write_json(comparison, out / "comparison.json")
     (out / "comparison.md").write_text(report.to_markdown(comparison))
-    written = report.plot(comparison, out) if plots else []
+    return report.plot(comparison, out) if plots else []
+
+
+def _write_report(comparison, out: Path, plots: bool, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    """Write the CSV, JSON, Markdown and plots of a comparison; print its table (or its JSON)."""
+    from llmsched_env import report
+
+    written = _write_files(comparison, out, plots)
     if as_json:
         _print_json(report.to_json(comparison))
         return
@@ -487,8 +474,6 @@ def evaluate(
 ) -> None:
     """Evaluate policies (and a trained agent) on the same arrivals, on the simulator or on live vLLM: the same
     report as compare."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     if backend not in ("sim", "vllm"):
         _fail(typer.BadParameter(f"expected sim or vllm, got {backend!r}", param_hint="--backend"))
     if agent is None and backend == "sim":
@@ -500,8 +485,7 @@ def evaluate(
     factory = None
     try:
         seed_list = parse_seeds(seeds)
-        progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+        progress = _progress()
         with progress:
             task = progress.add_task("evaluating" if backend == "sim" else "starting vLLM", total=None)
 

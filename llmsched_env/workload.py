@@ -355,12 +355,8 @@ class ArrivalProcess:
     def __post_init__(self) -> None:
         if self.kind not in ("poisson", "gamma", "onoff", "diurnal"):
             raise ConfigError(f"arrival process must be poisson, gamma, onoff or diurnal, got {self.kind!r}")
-        if not (math.isfinite(self.cv) and self.cv > 0):
-            raise ConfigError(f"coefficient of variation must be finite and > 0, got {self.cv!r}")
-        if not (self.mean_on_s > 0 and self.mean_off_s > 0):
-            raise ConfigError(f"mean_on_s and mean_off_s must be > 0 s, got {self.mean_on_s!r}, {self.mean_off_s!r}")
-        if not 0 <= self.off_factor < 1:
-            raise ConfigError(f"off_factor must be in [0, 1), got {self.off_factor!r}")
+        # The workloads check their own parameters (gamma's cv, on-off's sojourns and factor); diurnal's are here.
+        self.workload(TypeMix((RequestType(1, 1, 1.0),)))
         if not (math.isfinite(self.period_s) and self.period_s > 0):
             raise ConfigError(f"period_s must be finite and > 0 s, got {self.period_s!r}")
         if not 0 <= self.amplitude < 1:

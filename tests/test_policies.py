@@ -347,14 +347,14 @@ def test_nested_wait_lookahead_keeps_it_from_evicting_where_memory_binds() -> No
 
 
 def test_the_rate_estimate_is_unbiased_from_the_start() -> None:
-    from baselines.adaptive import RateEstimator
+    from llmsched_env.rate_estimate import ArrivalRateEstimator
 
     rng = np.random.default_rng(0)
     arrivals = np.cumsum(rng.exponential(1 / 20.0, 20_000))
     for now in (5.0, 60.0, 600.0):
-        estimator = RateEstimator(60.0)
+        estimator = ArrivalRateEstimator(60.0)
         estimator.update(now, arrivals[arrivals <= now])
-        assert estimator.rate == pytest.approx(20.0, rel=0.3 if now == 5.0 else 0.1)
+        assert estimator.total == pytest.approx(20.0, rel=0.3 if now == 5.0 else 0.1)
 
 
 def test_adaptive_wait_learns_the_oracles_thresholds_on_a_stationary_load() -> None:
@@ -366,7 +366,7 @@ def test_adaptive_wait_learns_the_oracles_thresholds_on_a_stationary_load() -> N
     adaptive = make_policy("wait-adaptive", scenario, 300.0)
     result = run(scenario.engine(), adaptive, scenario.sample(300.0, 0), 300.0)
     assert adaptive.learning.solves > 5 and result.evictions == 0
-    assert adaptive.learning.rates.rate == pytest.approx(scenario.base_rate, rel=0.1)
+    assert adaptive.learning.rates.total == pytest.approx(scenario.base_rate, rel=0.1)
     # Two types 50 and 100 prompt tokens apart: the learnt grid finds them, with the oracle's thresholds.
     assert sorted(adaptive.mix.prompt_lens.tolist()) == [50, 100]
     assert sorted(adaptive.thresholds.n.tolist()) == sorted(oracle.thresholds.n.tolist())
@@ -383,3 +383,24 @@ def test_adaptive_nested_wait_learns_from_completions_without_seeing_a_length() 
     result = run(engine, policy, scenario.sample(200.0, 0), 200.0)
     assert policy.learning.solves > 3 and result.evictions == 0
     assert policy.thresholds.boundaries[-1] == 171  # the longest output it has seen finish
+
+
+def test_nested_wait_projects_an_evicted_request_from_where_it_resumes() -> None:
+    """A waiting request that was evicted after decoding d tokens resumes with its context: the lookahead takes
+    its remaining output at the residual quantile for d, not for a fresh request."""
+    from llmsched_env.scenarios import load_scenario
+
+    scenario = load_scenario("paper-two-type-hidden").scenario
+    policy = make_policy("nested-wait", scenario, 60.0)
+    engine = scenario.engine()
+    policy.reset(engine)
+    engine.add_requests(np.zeros(1), np.array([50]), np.array([156]))
+    engine.step(Decision(prefill=np.array([0])))
+    for _ in range(100):
+        engine.step(Decision(decode=np.array([0])))
+    engine.step(Decision(preempt=np.array([0])))
+    state = engine.state()
+    assert state.waiting.tolist() == [0] and state.context_len[0] == 150
+    context, remaining = policy._trajectories(state, np.array([0]))
+    assert context.tolist() == [149] and remaining.tolist() == [policy.lookahead[100] + 1]
+    assert policy.lookahead[100] < policy.lookahead[0]  # a fresh request's residual would over-size it

@@ -45,7 +45,6 @@ from llmsched_env.workload import ArrivalProcess, LengthSampleWorkload, Quantile
 HIDDEN_SUFFIX = "-hidden"
 #: Requests drawn from a length distribution once, with a fixed seed, to form a scenario's length sample.
 LENGTH_SAMPLE_SIZE = 20_000
-DEFAULT_SWEEP_POLICIES = ("wait", "nested-wait", "vllm", "sarathi")
 
 _TOP_KEYS = {"description", "suite", "hidden_variant", "workload", "arrivals", "engine", "sweep"}
 _SECTION_KEYS = {
@@ -65,7 +64,8 @@ class NamedScenario:
         description: one line, for tables and ``--help``.
         scenario: the :class:`~llmsched_env.scenario.Scenario` (its rate is a placeholder: loads set it).
         loads: the loads ``ρ`` swept; :meth:`rates` converts them to arrival rates.
-        horizon_s, seeds, policies: the rest of the sweep.
+        horizon_s, seeds: the rest of the sweep.
+        policies: the policies the file names (empty: the comparison's defaults).
         in_suite: whether ``llmsched compare --suite`` runs it.
         source: where it was read from.
     """
@@ -94,11 +94,11 @@ def scenario_names(*, suite_only: bool = False) -> list[str]:
     """The built-in scenarios' names, hidden-length variants included (or only those ``--suite`` runs)."""
     names = []
     for name in sorted(_builtin_files()):
-        spec = load_scenario(name)
-        if suite_only and not spec.in_suite:
+        flags = _read(name)[1]
+        if suite_only and not flags.get("suite", False):
             continue
         names.append(name)
-        if not suite_only and _read(name)[1].get("hidden_variant", False):
+        if not suite_only and flags.get("hidden_variant", False):
             names.append(name + HIDDEN_SUFFIX)
     return names
 
@@ -189,8 +189,8 @@ def _parse(source: str, name: str, data: dict[str, Any]) -> NamedScenario:
     if not (math.isfinite(horizon) and horizon > 0):
         raise ConfigError(f"{source}: sweep.horizon_s must be finite and > 0, got {horizon}")
     seeds = tuple(_integer(source, "sweep.seeds", v, low=0) for v in sweep.get("seeds", (0, 1, 2)))
-    policies = tuple(str(p) for p in sweep.get("policies", DEFAULT_SWEEP_POLICIES))
-    if not seeds or not policies:
+    policies = tuple(str(p) for p in sweep.get("policies", ()))
+    if not seeds or ("policies" in sweep and not policies):
         raise ConfigError(f"{source}: sweep.seeds and sweep.policies must not be empty")
     description = str(data.get("description", ""))
     return NamedScenario(name, description, scenario, loads, horizon, seeds, policies, bool(data.get("suite", False)),

@@ -1,0 +1,52 @@
+"""Online arrival-rate estimates: what a scheduler can know of the load without being told it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from llmsched_env.errors import ConfigError
+
+
+class ArrivalRateEstimator:
+    """Exponentially weighted arrival rates per class, with time constant ``window_s``:
+    ``Σ_i exp(−(t − a_i) / W) / W`` over the class's arrivals ``a_i <= t``, divided by ``1 − exp(−t / W)``
+    (at ``t ≪ W`` fewer arrivals could have been seen: the division removes that start-up bias).
+
+    Used by the agent's observation (:class:`~llmsched_env.admission.AdmissionControl`, per class) and by
+    the adaptive policies (:mod:`baselines.adaptive`, in total).
+    """
+
+    def __init__(self, window_s: float, classes: int = 1) -> None:
+        if not (math.isfinite(window_s) and window_s > 0):
+            raise ConfigError(f"the rate window must be finite and > 0 s, got {window_s!r}")
+        self.window_s = float(window_s)
+        self.classes = int(classes)
+        self._sum = np.zeros(self.classes)
+        self._time = 0.0
+
+    def update(self, now: float, arrival_times: np.ndarray, classes: np.ndarray | None = None) -> None:
+        """Advance the clock to ``now`` and count the arrivals since the last update (``classes``: each one's
+        class; all in class 0 when omitted)."""
+        window = self.window_s
+        self._sum *= math.exp(-(now - self._time) / window)
+        if len(arrival_times):
+            weights = np.exp(-(now - arrival_times) / window) / window
+            if classes is None:
+                self._sum[0] += weights.sum()
+            else:
+                self._sum += np.bincount(classes, weights=weights, minlength=self.classes)
+        self._time = now
+
+    @property
+    def rates(self) -> np.ndarray:
+        """The estimate per class (req/s)."""
+        if self._time > 0:
+            return self._sum / (-math.expm1(-self._time / self.window_s))
+        return self._sum.copy()
+
+    @property
+    def total(self) -> float:
+        """The estimate of the total rate (req/s)."""
+        return float(self.rates.sum())
