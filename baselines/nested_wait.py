@@ -9,7 +9,9 @@ Each iteration:
 
 1. segment 1 is ready when ``n_1`` prompts wait; segment ``k >= 2`` when ``n_k`` requests wait at its
    boundary. Segments run as a *ready prefix*: segment ``k`` runs only if ``1..k-1`` run. A ready
-   segment takes ``n_k`` entrants (oldest first).
+   segment takes ``n_k`` entrants (oldest first); with the memory lookahead (item 4) it takes its whole
+   boundary queue while the lookahead projection of everyone running fits in memory, since the
+   requests held back keep their KV anyway and would only wait for the next ``n_k``.
 2. cohorts in progress: with ``nested-wait-paper`` (the paper's rule) a running segment advances up to
    ``n_k`` requests from each of its stages, and everything else pauses, KV kept (with segment 1 not
    ready nothing runs); with ``nested-wait`` (default, the analogue of the variant the authors
@@ -91,11 +93,17 @@ class NestedWaitPolicy:
         waiting = state.waiting
         entrants = np.bincount(segment[at_boundary], minlength=segments)
         entrants[0] = len(waiting)
-        decision = self._select(state, running, decoded, at_boundary, segment, waiting, entrants >= n)
-        if self.lend_spare_memory and self.lookahead is not None and self.variant == "measured":
+        projects = self.lookahead is not None and self.variant == "measured"
+        peak = self._projected_peak(state) if projects else None
+        # A ready gate lets its whole boundary queue through while the lookahead says the batch fits: the
+        # requests behind it hold their KV either way, and making them wait for the next n_k only delays them.
+        whole_queues = peak is not None and peak <= state.capacity_blocks
+        decision = self._select(state, running, decoded, at_boundary, segment, waiting, entrants >= n,
+                                whole_queues=whole_queues)
+        if self.lend_spare_memory and peak is not None:
             reserve = self.thresholds.memory_tokens if self.reserve_tokens is None else self.reserve_tokens
             spare = state.capacity_blocks - int(np.ceil(min(reserve, state.capacity_tokens) / state.block_size))
-            if spare > 0 and self._projected_peak(state) <= spare:
+            if spare > 0 and peak <= spare:
                 # Memory is plentiful: every gate opens, admissions bounded by the lookahead within the spare;
                 # lending only ever adds to what the thresholds would admit.
                 lent = self._select(state, running, decoded, at_boundary, segment, waiting, np.ones(segments, bool),
@@ -119,18 +127,21 @@ class NestedWaitPolicy:
 
     def _select(self, state: SchedulerState, running: np.ndarray, decoded: np.ndarray, at_boundary: np.ndarray,
                 segment: np.ndarray, waiting: np.ndarray, ready: np.ndarray,
-                under_pressure: bool = False, lend_within: int | None = None) -> Decision | None:
+                under_pressure: bool = False, lend_within: int | None = None,
+                whole_queues: bool = False) -> Decision | None:
         """The batch for gates ``ready``; ``None`` if it would not fit in memory (unless ``under_pressure``,
-        where the shallowest segments are trimmed first, and the engine's eviction rule is the last resort)."""
+        where the shallowest segments are trimmed first, and the engine's eviction rule is the last resort).
+        An open gate takes ``n_k`` from its boundary queue, or all of it with ``whole_queues`` or when lending."""
         n = self.thresholds.n
         segments = len(n)
         prefix = segments if ready.all() else int(np.argmin(ready))  # segments whose entries open
         active = segments if self.variant == "measured" else prefix  # segments whose cohorts advance
 
-        # Entries: n_k from each open segment's boundary queue (oldest first), n_1 new prompts.
+        # Entries: n_k (or all) from each open segment's boundary queue (oldest first), n_1 new prompts.
         chosen = np.zeros(len(running), dtype=bool)
         entering = at_boundary & (segment < prefix)
-        chosen[entering] = True if lend_within is not None else first_per_group(segment[entering], n[segment[entering]])
+        whole = whole_queues or lend_within is not None
+        chosen[entering] = True if whole else first_per_group(segment[entering], n[segment[entering]])
         progressing = ~at_boundary & (segment < active)
         if self.variant == "measured":
             chosen[progressing] = True

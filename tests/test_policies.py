@@ -146,6 +146,32 @@ def test_nested_wait_never_uses_output_lengths(variant: str) -> None:
     assert compared > 40
 
 
+@pytest.mark.parametrize(("capacity", "entering"), [(10_000, 5), (200, 2)])
+def test_a_ready_gate_lets_its_whole_queue_through_while_the_lookahead_fits(capacity: int, entering: int) -> None:
+    """Five requests wait at boundary 8 behind a gate of n_2 = 2. With memory to spare the whole queue enters
+    (they hold their KV either way); when the lookahead projection (each at 28 tokens, 24 more at the
+    residual's 90th percentile: 5 × 52 = 260) exceeds a capacity of 200, only n_2 do, as the paper's rule says."""
+    from baselines.lookahead import residual_quantiles
+
+    base = nested_policy()
+    distribution = OutputLengthDistribution.from_samples(np.array([8, 16, 32]), np.array([0.5, 0.3, 0.2]))
+    policy = NestedWaitPolicy(replace(base.thresholds, n=np.array([1, 2, 2])), "measured", drain_when_idle=True,
+                              lookahead=residual_quantiles(distribution.values, distribution.probabilities, 0.9))
+    engine = SimulatedEngine(LinearCostModel(c0=0.01, c_kv=1e-6), capacity_tokens=capacity, block_size=1,
+                             output_lengths_known=False)
+    policy.reset(engine)
+    engine.add_requests(np.zeros(5), np.full(5, 20), np.full(5, 32))
+    engine.step(Decision(prefill=np.arange(5)))
+    for _ in range(8):
+        engine.step(Decision(decode=np.arange(5)))
+    engine.add_requests(np.full(1, engine.now), np.full(1, 20), np.full(1, 32))  # segment 1 ready (n_1 = 1)
+    state = engine.state()
+    assert (state.context_len[:5] - 20).tolist() == [8] * 5 and policy._projected_peak(state) == 260
+    decision = policy.decide(state)
+    assert decision.decode.tolist() == list(range(entering))
+    assert decision.prefill.tolist() == ([5] if capacity == 10_000 else [])
+
+
 def test_nested_wait_guard_keeps_memory_and_never_deadlocks() -> None:
     """A capacity far below the safety buffer: the guard pauses segments, falls back to the engine's
     evictions when it must, every invariant holds, and once arrivals stop everything finishes."""
