@@ -6,8 +6,10 @@ the vLLM-style policy. Target: at least 1000x real time.
 
 Run:  python benchmarks/simulator_speed.py [--horizon 600] [--repeats 3] [--rho 0.9]
 
-Prints one line per policy with the best of ``--repeats`` runs (the least disturbed by other load on a
-shared machine), plus the share of wall time spent in the policy versus the engine.
+Prints two lines per policy, the engine's compiled iterations (the default) and its NumPy path
+(``SimulatedEngine(compiled=False)``, the reference the kernels are tested against), each the best of
+``--repeats`` runs (the least disturbed by other load on a shared machine), with the share of wall time
+spent in the policy, and the ratio of the two engines' time (wall less policy).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from baselines import sarathi_policy, vllm_policy  # noqa: E402
-from llmsched_env import run  # noqa: E402
+from llmsched_env import SimulatedEngine, run  # noqa: E402
 from llmsched_env.scenario import build_scenario  # noqa: E402
 
 
@@ -58,19 +60,25 @@ def main() -> None:
     print(f"workload: {scenario.mix.to_text()}  rho={fluid.rho:.3f}  fluid tau*={fluid.tau_star_s * 1e3:.1f} ms  "
           f"M*={fluid.memory_tokens:,.0f} of {scenario.capacity_tokens:,} tokens  {len(arrivals):,} requests")
     for make in (vllm_policy, sarathi_policy):
-        best = None
-        for _ in range(args.repeats):
-            policy = _TimedPolicy(make())
-            engine = scenario.engine()
-            start = time.perf_counter()
-            result = run(engine, policy, arrivals, args.horizon)
-            wall = time.perf_counter() - start
-            if best is None or wall < best[0]:
-                best = (wall, result, policy.seconds)
-        assert best is not None
-        wall, result, policy_s = best
-        print(f"{make().name:8s} {args.horizon / wall:8.0f}x real time  {result.iterations / wall:8.0f} iterations/s  "
-              f"{result.iterations:,} iterations in {wall:.2f} s wall  (policy {policy_s / wall:.0%} of wall)")
+        engine_s = {}
+        for compiled in (True, False):
+            best = None
+            for _ in range(args.repeats):
+                policy = _TimedPolicy(make())
+                engine = SimulatedEngine(scenario.cost, capacity_tokens=scenario.capacity_tokens,
+                                         block_size=scenario.block_size, compiled=compiled)
+                start = time.perf_counter()
+                result = run(engine, policy, arrivals, args.horizon)
+                wall = time.perf_counter() - start
+                if best is None or wall < best[0]:
+                    best = (wall, result, policy.seconds)
+            assert best is not None
+            wall, result, policy_s = best
+            engine_s[compiled] = wall - policy_s
+            label = f"{make().name} ({'compiled' if compiled else 'numpy'})"
+            print(f"{label:19s} {args.horizon / wall:6.0f}x real time  {result.iterations / wall:7.0f} iterations/s  "
+                  f"{result.iterations:,} iterations in {wall:.2f} s wall  (policy {policy_s / wall:.0%} of wall)")
+        print(f"{'':19s} engine time, numpy / compiled: {engine_s[False] / engine_s[True]:.2f}")
 
 
 if __name__ == "__main__":

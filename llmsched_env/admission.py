@@ -38,9 +38,9 @@ from typing import NamedTuple
 import numpy as np
 
 from llmsched_env.engine import IDLE, Decision, SchedulerState
+from llmsched_env import kernels
 from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import solve_fluid
-from llmsched_env.kv_cache import projected_peak_tokens
 from llmsched_env.rate_estimate import ArrivalRateEstimator
 from llmsched_env.scenario import Scenario
 from llmsched_env.workload import Arrivals, RequestType, TypeMix
@@ -71,10 +71,15 @@ def mean_residual_output(output_lens: np.ndarray, weights: np.ndarray) -> np.nda
 class Candidates(NamedTuple):
     """What may be admitted at an iteration (see :meth:`AdmissionControl.candidates`)."""
 
-    oldest: list[np.ndarray]  # per class, its oldest waiting ids (up to max_admit), in queue order
+    oldest: np.ndarray  # row k: class k's oldest waiting ids in queue order, the first heads[k] of it
+    heads: np.ndarray  # per class, how many ids its row of oldest holds (up to max_admit)
     fits: np.ndarray  # per class, how many of those fit in memory (the largest allowed count)
     room: int  # KV blocks free once every running request has decoded one more token
     waiting: np.ndarray  # per class, how many wait
+
+    def oldest_of(self, k: int) -> np.ndarray:
+        """Class ``k``'s oldest waiting ids (up to ``max_admit``), in queue order."""
+        return self.oldest[k, : self.heads[k]]
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,7 @@ class AdmissionControl:
         else:
             self._prompt_edges = _prompt_class_edges(offered.prompt_lens, weights, int(max_classes))
             self._segment_edges = _quantile_edges(offered.output_lens, weights, self.stage_buckets)
-            self._residual = mean_residual_output(offered.output_lens, weights)
+            self._residual = np.rint(mean_residual_output(offered.output_lens, weights)).astype(np.int64)
             cls = np.searchsorted(self._prompt_edges, offered.prompt_lens, side="left")
             self.class_mix = _class_summary(offered, cls, len(self._prompt_edges) + 1)
         self.settings = {"max_admit": self.max_admit, "stage_buckets": self.stage_buckets,
@@ -136,6 +141,8 @@ class AdmissionControl:
         self.observation_size = k * (b + 3) + 7
         self._class = np.empty(0, dtype=np.int64)
         self._targets: EpisodeTargets | None = None
+        if self.known_lengths:
+            self._residual = _EMPTY
 
     # -- the spaces' shapes ------------------------------------------------------------------------
     @property
@@ -189,6 +196,11 @@ class AdmissionControl:
         self._queue_scale = n_star
         self._rate_scale = np.where(targets.rates > 0, targets.rates, max(targets.rates.sum(), 1.0) / k)
         self._time_scale = targets.tau_s if targets.tau_s > 0 else 0.05
+        # What the episode fixes: n* per class, then the fluid memory, the share served and the load.
+        self._fixed_observation = np.concatenate([
+            np.minimum(targets.n_star / self.max_admit, 1.0),
+            [min(targets.memory_frac, 2.0) / 2.0 if math.isfinite(targets.memory_frac) else 1.0,
+             min(targets.served_frac, 1.0), min(targets.rho, 2.0) / 2.0]]).astype(np.float64)
 
     @property
     def targets(self) -> EpisodeTargets:
@@ -217,18 +229,10 @@ class AdmissionControl:
     def candidates(self, state: SchedulerState) -> Candidates:
         """Per class, its oldest waiting ids (up to ``max_admit``) and how many of them fit in memory."""
         classes = self._classes(state)
-        running = state.running
-        growth = int(np.count_nonzero(state.kv_tokens[running] % state.block_size == 0))
-        room = state.free_blocks - growth
-        waiting = state.waiting
-        waiting_class = classes[waiting]
-        oldest, fits = [], np.zeros(self.num_classes, dtype=np.int64)
-        for k in range(self.num_classes):
-            ids = waiting[waiting_class == k][: self.max_admit] if len(waiting) else _EMPTY
-            oldest.append(ids)
-            if len(ids) and room > 0:
-                fits[k] = _fitting_count(state, ids, room)
-        return Candidates(oldest, fits, room, np.bincount(waiting_class, minlength=self.num_classes))
+        room = state.free_blocks - kernels.blocks_to_grow(state.running, state.kv_tokens, state.block_size)
+        oldest, heads, fits, queued = kernels.scan_queue(state.waiting, classes, state.context_len, state.block_size,
+                                                         room, self.num_classes, self.max_admit)
+        return Candidates(oldest, heads, fits, room, queued)
 
     @staticmethod
     def is_epoch(candidates: Candidates) -> bool:
@@ -246,17 +250,8 @@ class AdmissionControl:
         action = np.asarray(action, dtype=np.int64).reshape(-1)
         if action.shape != (self.num_classes,):
             raise ConfigError(f"an action has one count per class ({self.num_classes}), got shape {action.shape}")
-        counts = np.clip(action, 0, candidates.fits)
-        clipped = bool((counts != action).any())
-        chosen = [ids[:c] for ids, c in zip(candidates.oldest, counts) if c > 0]
-        admit = _EMPTY
-        if chosen:
-            admit = np.sort(np.concatenate(chosen)) if len(chosen) > 1 else chosen[0]  # queue order = id order
-            keep = _fitting_count(state, admit, candidates.room)
-            if keep < len(admit):
-                clipped = True
-                admit = admit[:keep]
-                counts = np.bincount(self._class[admit], minlength=self.num_classes)
+        admit, counts, clipped = kernels.admissions(action, candidates.oldest, candidates.fits, self._class,
+                                                    state.context_len, state.block_size, candidates.room)
         if len(admit):
             self._last_admission = state.now
         decode = _decodable(state)
@@ -291,34 +286,18 @@ class AdmissionControl:
         now = state.now
         self._update_rates(state, classes)
 
-        running = state.running
-        decoded = state.context_len[running] - state.prompt_len[running]
-        if self.known_lengths:
-            assert state.output_len is not None
-            output = state.output_len[running]
-            bucket = np.minimum(b * decoded // output, b - 1)
-            remaining = output - decoded
-        else:
-            bucket = np.minimum(np.searchsorted(self._segment_edges, decoded, side="right"), b - 1)
-            top = len(self._residual) - 1
-            remaining = np.rint(self._residual[np.minimum(decoded, top)]).astype(np.int64)
-        cells = np.bincount(classes[running] * b + bucket, minlength=k * b).reshape(k, b)
-        peak = projected_peak_tokens(state.context_len[running], remaining)
-        capacity = state.capacity_tokens
-        elapsed = now - self._last_admission
-        estimate = self._rates.rates
-        parts = [
-            squash(candidates.waiting, self._queue_scale),
-            squash(cells, self._running_scale).reshape(-1),
-            [state.used_blocks / state.capacity_blocks, min(peak / capacity, 2.0) / 2.0,
-             squash(elapsed, self._time_scale)],
-            squash(estimate, self._rate_scale),
-            np.minimum(t.n_star / self.max_admit, 1.0),
-            [min(t.memory_frac, 2.0) / 2.0 if math.isfinite(t.memory_frac) else 1.0, min(t.served_frac, 1.0),
-             min(t.rho, 2.0) / 2.0, min(now / t.horizon_s, 1.0)],
-        ]
-        return np.clip(np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1) for p in parts]),
-                       0.0, 1.0).astype(np.float32)
+        output = state.output_len if self.known_lengths else None
+        if self.known_lengths and output is None:
+            raise ConfigError("this agent was built for known output lengths, but the engine hides them")
+        # Known lengths: quarters of each output and its true remaining length; hidden: segments and the
+        # expected residual (rounded) given what was decoded.
+        cells, peak = kernels.running_profile(state.running, classes, state.context_len, state.prompt_len,
+                                              _EMPTY if output is None else output, self._residual,
+                                              self._segment_edges, self.known_lengths, k, b)
+        memory = np.array([state.used_blocks / state.capacity_blocks, min(peak / state.capacity_tokens, 2.0) / 2.0])
+        return kernels.assemble_observation(candidates.waiting, self._queue_scale, cells, self._running_scale, memory,
+                                            now - self._last_admission, self._time_scale, self._rates.rates,
+                                            self._rate_scale, self._fixed_observation, min(now / t.horizon_s, 1.0))
 
     def _update_rates(self, state: SchedulerState, classes: np.ndarray) -> None:
         """Count the arrivals since the last observation into the per-class rate estimates."""
@@ -329,13 +308,12 @@ class AdmissionControl:
 
 def _decodable(state: SchedulerState) -> np.ndarray:
     """The running requests that can decode (their whole context is cached)."""
-    running = state.running
-    return running[state.kv_tokens[running] == state.context_len[running]]
+    return kernels.decodable(state.running, state.kv_tokens, state.context_len)
 
 
 def _fitting_count(state: SchedulerState, ids: np.ndarray, room: int) -> int:
     """How many of ``ids``, admitted in this order, fit in ``room`` free blocks (the engine's rule: a prefix)."""
-    return int(np.searchsorted(np.cumsum(state.blocks_for(state.context_len[ids])), room, side="right"))
+    return int(kernels.fitting_prefix_count(ids, state.context_len, state.block_size, room))
 
 
 def _quantile_edges(values: np.ndarray, weights: np.ndarray, parts: int) -> np.ndarray:

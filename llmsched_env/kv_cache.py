@@ -48,6 +48,12 @@ class PagedKVCache:
         """KV tokens held per request id (read-only view; replaced when ids are reserved)."""
         return self._tokens_view
 
+    @property
+    def token_column(self) -> np.ndarray:
+        """The writable column behind :attr:`tokens`, for a compiled iteration that updates it in place
+        (:func:`llmsched_env.kernels.run_iteration`; the totals then go through :meth:`account`)."""
+        return self._tokens
+
     def blocks_for(self, tokens: np.ndarray | int) -> np.ndarray | int:
         """Blocks that ``tokens`` KV tokens occupy."""
         return -(-tokens // self.block_size)
@@ -70,6 +76,13 @@ class PagedKVCache:
         self.used_tokens += int(np.add.reduce(new_tokens) - np.add.reduce(old_tokens))
         assert self.used_blocks <= self.capacity_blocks, "KV overflow: evictions must be planned before allocating"
         self._tokens[ids] = new_tokens
+
+    def account(self, block_delta: int, token_delta: int) -> None:
+        """Record totals changed in place by a compiled iteration (:func:`llmsched_env.kernels.run_iteration`,
+        which writes the per-request tokens): ``block_delta`` blocks and ``token_delta`` tokens more."""
+        self.used_blocks += int(block_delta)
+        self.used_tokens += int(token_delta)
+        assert self.used_blocks <= self.capacity_blocks, "KV overflow: evictions must be planned before allocating"
 
     def append_token(self, ids: np.ndarray, tokens_before: np.ndarray, new_blocks: int) -> None:
         """Each of ``ids`` (distinct, holding ``tokens_before``) gains one token; ``new_blocks`` of them

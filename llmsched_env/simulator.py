@@ -1,8 +1,10 @@
 """The simulated serving engine: paged KV memory, mixed prefill/decode batches, eviction by recompute.
 
-Per-request data lives in parallel NumPy arrays indexed by request id, so one iteration costs a few
-vectorised operations whatever the batch size: this is what makes the simulator fast enough to
-train on (see ``benchmarks/simulator_speed.py``).
+Per-request data lives in parallel NumPy arrays indexed by request id. An iteration that needs no
+eviction (almost all of them) runs as two compiled passes over its batch
+(:func:`~llmsched_env.kernels.plan_iteration`, :func:`~llmsched_env.kernels.run_iteration`); one that
+preempts, overflows or is invalid takes the general NumPy path, which plans the evictions or names the
+error. Both give the same result (``tests/test_simulator.py``); see ``benchmarks/simulator_speed.py``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 
 import numpy as np
 
+from llmsched_env import kernels
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import (
     FINISHED,
@@ -20,6 +23,7 @@ from llmsched_env.engine import (
     IterationOutcome,
     RequestRecords,
     SchedulerState,
+    as_ids,
     readonly_view,
 )
 from llmsched_env.errors import ConfigError, RequestTooLargeError
@@ -54,6 +58,8 @@ class SimulatedEngine:
         capacity_tokens: KV capacity in tokens (rounded down to whole blocks); or give ``capacity_blocks``.
         block_size: tokens per KV block (vLLM's paging unit).
         output_lengths_known: whether policies may see output lengths before requests finish.
+        compiled: run iterations that need no eviction through the compiled kernels (the default); ``False``
+            keeps every iteration on the NumPy path (the reference the kernels are tested against).
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class SimulatedEngine:
         capacity_blocks: int | None = None,
         block_size: int = 16,
         output_lengths_known: bool = True,
+        compiled: bool = True,
     ) -> None:
         if (capacity_tokens is None) == (capacity_blocks is None):
             raise ConfigError("give exactly one of capacity_tokens and capacity_blocks")
@@ -78,6 +85,8 @@ class SimulatedEngine:
         self._num_waiting = 0
         self._num_finished = 0
         self._first_maybe_waiting = 0
+        self._compiled = compiled
+        self._stamp = -1  # validation marks of the compiled path: negative, new at each iteration
         self._grow(1024)
 
     # -- configuration -------------------------------------------------------------------------
@@ -244,6 +253,10 @@ class SimulatedEngine:
 
     def step(self, decision: Decision) -> IterationOutcome:
         """Run one iteration of ``decision``; see :class:`~llmsched_env.engine.Engine`."""
+        if self._compiled and not len(as_ids(decision.preempt)):
+            outcome = self._step_without_eviction(decision)
+            if outcome is not None:
+                return outcome
         batch = self._validated(decision)
         self._evict(batch.preempt)
         evicted, deferred = batch.preempt, _EMPTY
@@ -303,6 +316,44 @@ class SimulatedEngine:
             batch_kv_tokens=batch_kv, admitted=admitted, finished=finished, evicted=evicted, deferred=deferred,
             kv_tokens_used=kv.used_tokens, kv_blocks_used=kv.used_blocks, peak_blocks_used=peak_blocks,
             capacity_blocks=kv.capacity_blocks)
+
+    def _step_without_eviction(self, decision: Decision) -> IterationOutcome | None:
+        """:meth:`step` in two compiled passes, or ``None`` (nothing changed) when the decision is invalid or
+        the iteration needs evictions: the general path handles those."""
+        decode, prefill = as_ids(decision.decode), as_ids(decision.prefill)
+        whole = decision.prefill_tokens is None
+        chunk = _EMPTY if whole else as_ids(decision.prefill_tokens)
+        kv = self._kv
+        self._stamp -= 1
+        (verdict, decode_before, prefill_before, chunk, decode_new_blocks, prefill_new_blocks, prefill_tokens,
+         batch_kv) = kernels.plan_iteration(decode, prefill, chunk, whole, self._n, self._status, self._context,
+                                            kv.token_column, self._mark, self._stamp, kv.block_size,
+                                            kv.capacity_blocks - kv.used_blocks)
+        if verdict != kernels.PLANNED:
+            return None
+        num_decode = len(decode)
+        attention = 0.0
+        if self.cost.c_pf2 and len(prefill):  # as in step(): NumPy's sum, so that the rounding is the same
+            chunk_f = chunk.astype(np.float64)
+            attention = float(_sum(chunk_f * prefill_before + chunk_f * (chunk_f + 1) / 2))
+        duration = (self.cost.iteration_time(prefill_tokens, num_decode, batch_kv, attention)
+                    if num_decode or len(prefill) else 0.0)
+        start = self._now
+        now = self._now = start + duration
+        admitted, finished, running, tokens_added, blocks_freed, tokens_freed = kernels.run_iteration(
+            decode, decode_before, prefill, prefill_before, chunk, self._running, self._status, self._context,
+            self._final_context, kv.token_column, self._first_token, self._finish, kv.block_size, now)
+        kv.account(decode_new_blocks + prefill_new_blocks, tokens_added)
+        peak_blocks = kv.used_blocks
+        kv.account(-blocks_freed, -tokens_freed)
+        self._running = running
+        self._num_waiting -= len(admitted)
+        self._num_finished += len(finished)
+        return IterationOutcome(
+            start_time=start, duration=duration, prefill_tokens=prefill_tokens, decode_tokens=num_decode,
+            batch_kv_tokens=batch_kv, admitted=admitted if len(admitted) else _EMPTY, finished=finished,
+            evicted=_EMPTY, deferred=_EMPTY, kv_tokens_used=kv.used_tokens, kv_blocks_used=kv.used_blocks,
+            peak_blocks_used=peak_blocks, capacity_blocks=kv.capacity_blocks)
 
     def advance_to(self, time: float) -> None:
         if not math.isfinite(time):

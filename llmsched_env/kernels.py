@@ -1,0 +1,325 @@
+"""Compiled inner loops: the agent's interface (:mod:`llmsched_env.admission`) and the simulator's iteration.
+
+An environment step scans the queue per class, sizes what fits, counts running requests per class and
+stage bucket, projects their peak memory, and runs an engine iteration. As NumPy these are a few dozen
+calls on arrays of a few hundred entries, where each call's fixed cost is most of its time; here each is
+one pass, compiled by Numba (``cache=True``: compiled once per machine, not per process). They compute
+integers, and the one float result (the observation) with the same operations in the same order, so
+their results are exactly those of the NumPy code they replace: ``tests/test_kernels.py`` checks them
+against it, and ``tests/test_simulator.py`` checks the simulator's compiled iterations against its NumPy
+path (``SimulatedEngine(compiled=False)``) iteration by iteration.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from llmsched_env.engine import FINISHED, RUNNING, WAITING
+
+
+@njit(cache=True)
+def blocks_to_grow(running: np.ndarray, kv_tokens: np.ndarray, block_size: int) -> int:
+    """Running requests whose next token starts a new KV block (their KV fills whole blocks)."""
+    growth = 0
+    for i in running:
+        if kv_tokens[i] % block_size == 0:
+            growth += 1
+    return growth
+
+
+@njit(cache=True)
+def scan_queue(waiting: np.ndarray, classes: np.ndarray, context_len: np.ndarray, block_size: int, room: int,
+               num_classes: int, max_admit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over the queue (in queue order): ``(oldest, heads, fits, queued)`` per class.
+
+    ``oldest[k, :heads[k]]`` are class ``k``'s oldest waiting ids (at most ``max_admit``); ``fits[k]`` how
+    many of them, admitted in that order, fit in ``room`` free blocks; ``queued[k]`` how many wait.
+    """
+    oldest = np.empty((num_classes, max_admit), dtype=np.int64)
+    heads = np.zeros(num_classes, dtype=np.int64)
+    fits = np.zeros(num_classes, dtype=np.int64)
+    queued = np.zeros(num_classes, dtype=np.int64)
+    used = np.zeros(num_classes, dtype=np.int64)
+    for i in waiting:
+        k = classes[i]
+        queued[k] += 1
+        h = heads[k]
+        if h < max_admit:
+            oldest[k, h] = i
+            heads[k] = h + 1
+            used[k] += -(-context_len[i] // block_size)
+            if used[k] <= room and fits[k] == h:  # a queue-order prefix: the first that does not fit ends it
+                fits[k] = h + 1
+    return oldest, heads, fits, queued
+
+
+@njit(cache=True)
+def fitting_prefix_count(ids: np.ndarray, context_len: np.ndarray, block_size: int, room: int) -> int:
+    """How many of ``ids``, admitted in this order, fit in ``room`` free blocks (a prefix)."""
+    used = 0
+    for n in range(len(ids)):
+        used += -(-context_len[ids[n]] // block_size)
+        if used > room:
+            return n
+    return len(ids)
+
+
+@njit(cache=True)
+def merge_heads(oldest: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The first ``counts[k]`` ids of each class's ``oldest`` row, merged in id (queue) order."""
+    total = 0
+    for k in range(len(counts)):
+        total += counts[k]
+    merged = np.empty(total, dtype=np.int64)
+    n = 0
+    for k in range(len(counts)):
+        for j in range(counts[k]):
+            merged[n] = oldest[k, j]
+            n += 1
+    merged.sort()
+    return merged
+
+
+@njit(cache=True)
+def admissions(action: np.ndarray, oldest: np.ndarray, fits: np.ndarray, classes: np.ndarray,
+               context_len: np.ndarray, block_size: int, room: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """What an agent's ``action`` (a count per class) admits: ``(ids, counts, clipped)``.
+
+    Each count is clipped to ``0 … fits[k]``; the first ``counts[k]`` of each class's ``oldest`` are merged in
+    queue (id) order and cut at the first that does not fit in ``room`` blocks together with those before it;
+    ``counts`` are then recounted per class. ``clipped`` says whether either cut changed the action.
+    """
+    num_classes = len(fits)
+    counts = np.empty(num_classes, dtype=np.int64)
+    clipped = False
+    for k in range(num_classes):
+        counts[k] = min(max(action[k], 0), fits[k])
+        if counts[k] != action[k]:
+            clipped = True
+    admit = merge_heads(oldest, counts)
+    keep = fitting_prefix_count(admit, context_len, block_size, room)
+    if keep < len(admit):
+        clipped = True
+        admit = admit[:keep]
+        counts[:] = 0
+        for i in admit:
+            counts[classes[i]] += 1
+    return admit, counts, clipped
+
+
+@njit(cache=True)
+def decodable(running: np.ndarray, kv_tokens: np.ndarray, context_len: np.ndarray) -> np.ndarray:
+    """The running requests whose whole context is cached (they can decode)."""
+    keep = np.empty(len(running), dtype=np.int64)
+    n = 0
+    for i in running:
+        if kv_tokens[i] == context_len[i]:
+            keep[n] = i
+            n += 1
+    return keep[:n]
+
+
+@njit(cache=True)
+def running_profile(running: np.ndarray, classes: np.ndarray, context_len: np.ndarray, prompt_len: np.ndarray,
+                    output_len: np.ndarray, residual: np.ndarray, segment_edges: np.ndarray, known: bool,
+                    num_classes: int, buckets: int) -> tuple[np.ndarray, int]:
+    """Running requests per class and stage bucket, and the peak KV tokens they will hold together.
+
+    Known lengths: bucket ``min(b·decoded // output, b − 1)`` and the true remaining output. Hidden:
+    the bucket is the segment of ``decoded`` among ``segment_edges`` and the remaining output is
+    ``residual[decoded]`` (its expectation, rounded). The peak is
+    :func:`llmsched_env.kv_cache.projected_peak_tokens` of those trajectories.
+    """
+    cells = np.zeros((num_classes, buckets), dtype=np.int64)
+    count = len(running)
+    remaining = np.empty(count, dtype=np.int64)
+    top = len(residual) - 1
+    for n in range(count):
+        i = running[n]
+        decoded = context_len[i] - prompt_len[i]
+        if known:
+            output = output_len[i]
+            bucket = min(buckets * decoded // output, buckets - 1)
+            remaining[n] = output - decoded
+        else:
+            bucket = min(np.searchsorted(segment_edges, decoded, side="right"), buckets - 1)
+            remaining[n] = residual[min(decoded, top)]
+        cells[classes[i], bucket] += 1
+    if count == 0:
+        return cells, 0
+    # The total is piecewise linear between finishes, so its maximum is at some t = remaining_i: with the
+    # requests by remaining, longest first, the n-th candidate holds the first n contexts plus n·remaining.
+    order = np.argsort(-remaining, kind="mergesort")
+    peak = 0
+    held = 0
+    for n in range(count):
+        j = order[n]
+        held += context_len[running[j]]
+        total = held + remaining[j] * (n + 1)
+        if total > peak:
+            peak = total
+    return cells, peak
+
+
+@njit(cache=True)
+def _squash_into(out: np.ndarray, at: int, value: float, scale: float) -> None:
+    out[at] = min(max(value / (value + scale), 0.0), 1.0)
+
+
+@njit(cache=True)
+def assemble_observation(queued: np.ndarray, queue_scale: np.ndarray, cells: np.ndarray, running_scale: np.ndarray,
+                         memory: np.ndarray, elapsed: float, time_scale: float, estimate: np.ndarray,
+                         rate_scale: np.ndarray, fixed: np.ndarray, progress: float) -> np.ndarray:
+    """The observation vector, entry by entry as :meth:`~llmsched_env.admission.AdmissionControl.observe`
+    lays it out: each ``x / (x + s)`` (or a fraction) in float64, clipped to ``[0, 1]``, then rounded to float32
+    (the same operations, in the same order, as the NumPy expression it replaces)."""
+    k, b = cells.shape
+    out = np.empty(k * (b + 3) + 7, dtype=np.float64)
+    at = 0
+    for j in range(k):
+        _squash_into(out, at, float(queued[j]), queue_scale[j])
+        at += 1
+    for j in range(k):
+        for s in range(b):
+            _squash_into(out, at, float(cells[j, s]), running_scale[j, s])
+            at += 1
+    for v in memory:
+        out[at] = min(max(v, 0.0), 1.0)
+        at += 1
+    _squash_into(out, at, elapsed, time_scale)
+    at += 1
+    for j in range(k):
+        _squash_into(out, at, estimate[j], rate_scale[j])
+        at += 1
+    for v in fixed:
+        out[at] = min(max(v, 0.0), 1.0)
+        at += 1
+    out[at] = min(max(progress, 0.0), 1.0)
+    return out.astype(np.float32)
+
+
+# -- the simulator's iteration (llmsched_env/simulator.py) ---------------------------------------------------
+#: Outcomes of :func:`plan_iteration`.
+PLANNED, NOT_SIMPLE = 0, 1
+
+
+@njit(cache=True)
+def _claim(i: int, n: int, mark: np.ndarray, stamp: int) -> bool:
+    """Mark id ``i`` as in this decision; ``False`` if it does not exist or is in it already."""
+    if i < 0 or i >= n or mark[i] == stamp:
+        return False
+    mark[i] = stamp
+    return True
+
+
+@njit(cache=True)
+def plan_iteration(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, whole_prefills: bool, n: int,
+                   status: np.ndarray, context: np.ndarray, kv_tokens: np.ndarray, mark: np.ndarray, stamp: int,
+                   block_size: int, free_blocks: int
+                   ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, int, int, int, int]:
+    """Check and size an iteration that decodes ``decode`` and prefills ``prefill`` (``chunk`` tokens each, or
+    their whole remaining context with ``whole_prefills``), with no preemption: reads only.
+
+    Returns ``(verdict, decode_before, prefill_before, chunk, decode_new_blocks, prefill_new_blocks,
+    prefill_tokens, batch_kv_tokens)``; ``verdict`` is ``NOT_SIMPLE`` when an id is invalid or repeated, a
+    request cannot do what is asked of it, or the iteration does not fit in ``free_blocks``: the caller then
+    takes the general path, which names the error or plans the evictions. ``mark[id] == stamp`` marks ids
+    seen (``stamp`` negative and new at each call, so no earlier mark can collide).
+    """
+    empty = np.empty(0, dtype=np.int64)
+    num_decode, num_prefill = len(decode), len(prefill)
+    decode_before = np.empty(num_decode, dtype=np.int64)
+    prefill_before = np.empty(num_prefill, dtype=np.int64)
+    chunks = np.empty(num_prefill, dtype=np.int64)
+    if not whole_prefills and len(chunk) != num_prefill:
+        return NOT_SIMPLE, empty, empty, empty, 0, 0, 0, 0
+    decode_new_blocks, batch_kv = 0, 0
+    for j in range(num_decode):
+        i = decode[j]
+        if not _claim(i, n, mark, stamp):
+            return NOT_SIMPLE, empty, empty, empty, 0, 0, 0, 0
+        held = kv_tokens[i]
+        if held != context[i] or held == 0:  # only a running request with its context cached decodes
+            return NOT_SIMPLE, empty, empty, empty, 0, 0, 0, 0
+        decode_before[j] = held
+        if held % block_size == 0:
+            decode_new_blocks += 1
+        batch_kv += held + 1
+    prefill_new_blocks, prefill_tokens = 0, 0
+    for j in range(num_prefill):
+        i = prefill[j]
+        if not _claim(i, n, mark, stamp):
+            return NOT_SIMPLE, empty, empty, empty, 0, 0, 0, 0
+        held = kv_tokens[i]
+        remaining = context[i] - held
+        if status[i] == FINISHED or remaining <= 0:
+            return NOT_SIMPLE, empty, empty, empty, 0, 0, 0, 0
+        size = remaining if whole_prefills else chunk[j]
+        if size < 1 or size > remaining:
+            return NOT_SIMPLE, empty, empty, empty, 0, 0, 0, 0
+        prefill_before[j] = held
+        chunks[j] = size
+        prefill_new_blocks += -(-(held + size) // block_size) - (-(-held // block_size))
+        prefill_tokens += size
+        batch_kv += held + size
+    if decode_new_blocks + prefill_new_blocks > free_blocks:
+        return NOT_SIMPLE, empty, empty, empty, 0, 0, 0, 0
+    return PLANNED, decode_before, prefill_before, chunks, decode_new_blocks, prefill_new_blocks, prefill_tokens, batch_kv
+
+
+@njit(cache=True)
+def run_iteration(decode: np.ndarray, decode_before: np.ndarray, prefill: np.ndarray, prefill_before: np.ndarray,
+                  chunks: np.ndarray, running: np.ndarray, status: np.ndarray, context: np.ndarray,
+                  final_context: np.ndarray, kv_tokens: np.ndarray, first_token: np.ndarray, finish: np.ndarray,
+                  block_size: int, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int]:
+    """Apply an iteration :func:`plan_iteration` accepted, ending at ``now``: decodes gain a token, prefills
+    their chunk (a new admission starts running; a completed prefill emits the first token), and requests
+    that reach their final context finish and free their KV.
+
+    Returns ``(admitted, finished, running, tokens_added, blocks_freed, tokens_freed)``: the KV grows by
+    ``tokens_added`` tokens (and by the blocks the plan counted) before the finished free theirs.
+    """
+    admitted = np.empty(len(prefill), dtype=np.int64)
+    num_admitted = 0
+    tokens_added = len(decode)
+    for j in range(len(decode)):
+        i = decode[j]
+        kv_tokens[i] = decode_before[j] + 1
+        context[i] = decode_before[j] + 1
+    for j in range(len(prefill)):
+        i = prefill[j]
+        if status[i] == WAITING:  # this prefill admits it
+            status[i] = RUNNING
+            admitted[num_admitted] = i
+            num_admitted += 1
+        after = prefill_before[j] + chunks[j]
+        kv_tokens[i] = after
+        tokens_added += chunks[j]
+        if after == context[i] and not first_token[i] <= now:  # fmin: NaN until the first token
+            first_token[i] = now
+    finished = np.empty(len(decode), dtype=np.int64)
+    num_finished, blocks_freed, tokens_freed = 0, 0, 0
+    for j in range(len(decode)):
+        i = decode[j]
+        if context[i] == final_context[i]:
+            status[i] = FINISHED
+            finish[i] = now
+            held = kv_tokens[i]
+            blocks_freed += -(-held // block_size)
+            tokens_freed += held
+            kv_tokens[i] = 0
+            finished[num_finished] = i
+            num_finished += 1
+    kept = np.empty(len(running) + num_admitted, dtype=np.int64)
+    count = 0
+    for i in running:
+        if status[i] == RUNNING:
+            kept[count] = i
+            count += 1
+    for j in range(num_admitted):
+        i = admitted[j]
+        if status[i] == RUNNING:
+            kept[count] = i
+            count += 1
+    return admitted[:num_admitted], finished[:num_finished], kept[:count], tokens_added, blocks_freed, tokens_freed

@@ -1,0 +1,101 @@
+"""The compiled kernels of the agent's interface give exactly what the NumPy expressions they replace give."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmsched_env import kernels
+from llmsched_env.kv_cache import projected_peak_tokens
+
+
+def _queue_case(seed: int, count: int, classes: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    universe = 3 * count + 1
+    waiting = np.sort(rng.choice(universe, size=count, replace=False)).astype(np.int64)
+    return waiting, rng.integers(0, classes, universe).astype(np.int64), rng.integers(1, 6 * block, universe)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), count=st.integers(0, 300), classes=st.integers(1, 5),
+       block=st.sampled_from([1, 4, 16]), room=st.integers(-5, 400), max_admit=st.integers(1, 70))
+def test_scan_queue_matches_numpy(seed: int, count: int, classes: int, block: int, room: int, max_admit: int) -> None:
+    waiting, cls, context = _queue_case(seed, count, classes, block)
+    oldest, heads, fits, queued = kernels.scan_queue(waiting, cls, context, block, room, classes, max_admit)
+    assert queued.tolist() == np.bincount(cls[waiting], minlength=classes).tolist()
+    for k in range(classes):
+        ids = waiting[cls[waiting] == k][:max_admit]
+        assert oldest[k, : heads[k]].tolist() == ids.tolist()
+        cumulative = np.cumsum(-(-context[ids] // block))
+        expected = int(np.searchsorted(cumulative, room, side="right")) if room > 0 else 0
+        assert fits[k] == expected
+        assert kernels.fitting_prefix_count(ids, context, block, room) == expected
+    counts = np.minimum(heads, fits)
+    merged = kernels.merge_heads(oldest, counts)
+    assert merged.tolist() == sorted(i for k in range(classes) for i in oldest[k, : counts[k]].tolist())
+    # An agent's action: clipped per class to what fits, merged, cut jointly at the room, recounted.
+    action = np.random.default_rng(seed).integers(-2, max_admit + 3, classes)
+    admit, got_counts, clipped = kernels.admissions(action, oldest, fits, cls, context, block, room)
+    want = np.clip(action, 0, fits)
+    ids = np.sort(np.concatenate([oldest[k, : want[k]] for k in range(classes)]))
+    keep = int(np.searchsorted(np.cumsum(-(-context[ids] // block)), room, side="right"))
+    assert admit.tolist() == ids[:keep].tolist()
+    assert got_counts.tolist() == np.bincount(cls[ids[:keep]], minlength=classes).tolist()
+    assert clipped == bool((want != action).any() or keep < len(ids))
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), count=st.integers(0, 200), classes=st.integers(1, 4),
+       buckets=st.integers(1, 6), known=st.booleans())
+def test_running_profile_matches_numpy(seed: int, count: int, classes: int, buckets: int, known: bool) -> None:
+    rng = np.random.default_rng(seed)
+    universe = count + 5
+    running = rng.permutation(universe)[:count].astype(np.int64)
+    prompt = rng.integers(1, 300, universe)
+    output = rng.integers(1, 400, universe)
+    context = prompt + rng.integers(0, output)  # decoded < output: still running
+    cls = rng.integers(0, classes, universe).astype(np.int64)
+    residual = rng.integers(1, 200, 401).astype(np.int64)
+    edges = np.unique(rng.integers(1, 400, max(buckets - 1, 0))).astype(np.int64)
+    cells, peak = kernels.running_profile(running, cls, context, prompt, output, residual, edges, known,
+                                          classes, buckets)
+    decoded = context[running] - prompt[running]
+    if known:
+        bucket = np.minimum(buckets * decoded // output[running], buckets - 1)
+        remaining = output[running] - decoded
+    else:
+        bucket = np.minimum(np.searchsorted(edges, decoded, side="right"), buckets - 1)
+        remaining = residual[np.minimum(decoded, len(residual) - 1)]
+    expected = np.bincount(cls[running] * buckets + bucket, minlength=classes * buckets).reshape(classes, buckets)
+    assert cells.tolist() == expected.tolist()
+    assert peak == projected_peak_tokens(context[running], remaining)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), classes=st.integers(1, 5), buckets=st.integers(1, 5))
+def test_observation_assembly_is_bit_identical_to_numpy(seed: int, classes: int, buckets: int) -> None:
+    rng = np.random.default_rng(seed)
+    queued = rng.integers(0, 500, classes)
+    queue_scale = rng.uniform(0.5, 80, classes)
+    cells = rng.integers(0, 100, (classes, buckets))
+    running_scale = rng.uniform(0.5, 500, (classes, buckets))
+    memory = rng.uniform(0, 1.2, 2)
+    elapsed, time_scale = float(rng.exponential(0.5)), float(rng.uniform(0.01, 0.2))
+    estimate, rate_scale = rng.exponential(20, classes), rng.uniform(1, 40, classes)
+    fixed = rng.uniform(-0.1, 1.1, classes + 3)
+    progress = float(rng.uniform(0, 1.2))
+    got = kernels.assemble_observation(queued, queue_scale, cells, running_scale, memory, elapsed, time_scale,
+                                       estimate, rate_scale, fixed, progress)
+    parts = [queued / (queued + queue_scale), (cells / (cells + running_scale)).reshape(-1), memory,
+             [elapsed / (elapsed + time_scale)], estimate / (estimate + rate_scale), fixed, [progress]]
+    expected = np.clip(np.concatenate([np.asarray(p, dtype=np.float64) for p in parts]), 0.0, 1.0).astype(np.float32)
+    assert got.dtype == np.float32 and got.tobytes() == expected.tobytes()
+
+
+def test_decodable_and_growth() -> None:
+    running = np.array([4, 0, 2, 7], dtype=np.int64)
+    kv = np.array([16, 0, 5, 0, 32, 0, 0, 3])
+    context = np.array([16, 0, 6, 0, 32, 0, 0, 3])
+    assert kernels.decodable(running, kv, context).tolist() == [4, 0, 7]
+    assert kernels.blocks_to_grow(running, kv, 16) == 2
