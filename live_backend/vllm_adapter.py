@@ -10,6 +10,7 @@ functions below (and :mod:`live_backend.scheduler`) against its ``vllm/v1/core/s
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 from llmsched_env.errors import ConfigError, UnsupportedVersionError
@@ -48,6 +49,23 @@ def import_vllm() -> Any:
                           f"(CPU) or 'llmsched[live]' (GPU) ({error})") from None
     check_vllm_version(vllm.__version__)
     return vllm
+
+
+def shield_from_kernel_override_scan() -> None:
+    """Let vLLM's CPU worker start in a process that has imported Numba (the simulator's kernels).
+
+    Starting a worker, vLLM 0.32's CPU platform rebinds Triton kernels to C++ fallbacks by scanning every
+    module global of the process and calling ``vars(value).get("kernel")`` on each one with a ``__dict__``
+    (``vllm/triton_utils/dispatcher.py``). llvmlite's library handle (``llvmlite.binding.ffi.lib``, loaded
+    with Numba) answers every attribute lookup, ``__dict__`` included, with a wrapped C symbol, so the scan
+    fails with ``AttributeError: '_lib_fn_wrapper' object has no attribute 'get'``. An empty ``__dict__``
+    entry in the handle's table of wrapped symbols gives the scan a mapping to read; llvmlite itself never
+    looks ``__dict__`` up. Without llvmlite loaded there is nothing to do.
+    """
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    table = getattr(getattr(ffi, "lib", None), "_fntab", None)
+    if isinstance(table, dict) and not isinstance(table.get("__dict__"), dict):
+        table["__dict__"] = {}
 
 
 def scheduler_of(llm_engine: Any) -> "Scheduler":

@@ -155,3 +155,22 @@ def test_the_markdown_report_carries_the_sim_to_real_table():
     runs = [_run(name, 0, **fields) for name in ("vllm", "vllm (sim)")]
     text = to_markdown(Comparison(runs, {}, 10.0, ("vllm", "vllm (sim)"), (10.0,), (0,)))
     assert "Simulator vs live engine" in text and "| 10.00 | vllm | 0.0100 | 0.0100 | +0.0% |" in text
+
+
+def test_numbas_llvmlite_handle_passes_vllms_kernel_override_scan() -> None:
+    """vLLM's CPU worker scans every module global with ``vars(value).get("kernel")``; with the simulator's
+    kernels loaded (Numba, hence llvmlite), llvmlite's library handle must answer with a mapping."""
+    import sys
+
+    from live_backend.vllm_adapter import shield_from_kernel_override_scan
+    from llmsched_env import kernels
+
+    kernels.blocks_to_grow(np.zeros(1, np.int64), np.zeros(1, np.int64), 16)  # compiled: llvmlite is loaded
+    ffi = sys.modules["llvmlite.binding.ffi"]
+    shield_from_kernel_override_scan()
+    shield_from_kernel_override_scan()  # idempotent
+    for module in list(sys.modules.values()):  # the scan of vllm/triton_utils/dispatcher.py, read-only
+        for value in list((getattr(module, "__dict__", None) or {}).values()):
+            if hasattr(value, "__dict__"):
+                vars(value).get("kernel")  # raised AttributeError on llvmlite's handle before the shield
+    assert vars(ffi.lib) == {}
