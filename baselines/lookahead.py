@@ -7,16 +7,17 @@ never makes the engine evict (each admission keeps the projection within capacit
 grows faster than projected). Used by WAIT (:mod:`baselines.wait`).
 
 A request's trajectory is ``(context, remaining)``: at the ``t``-th iteration from now
-(``t = 1 … remaining``) it holds at most ``context + t`` KV tokens (:func:`projected_peak_blocks`).
+(``t = 1 … remaining``) it holds at most ``context + t`` KV tokens
+(:func:`~llmsched_env.kv_cache.projected_peak_blocks`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from llmsched_env import kernels
 from llmsched_env.engine import SchedulerState
 from llmsched_env.errors import ConfigError
-from llmsched_env.kv_cache import projected_peak_blocks
 
 
 #: At most this many waiting requests are considered for lent memory in one iteration (WAIT, Nested WAIT).
@@ -49,24 +50,13 @@ def trajectories(state: SchedulerState, ids: np.ndarray) -> tuple[np.ndarray, np
 
 def fitting_prefix(context: np.ndarray, remaining: np.ndarray, candidate_context: np.ndarray,
                    candidate_remaining: np.ndarray, block_size: int, limit_blocks: int) -> int:
-    """How many of the candidates, taken in order, can join the batch with its projected peak within
-    ``limit_blocks`` (binary search: the peak only grows as requests join)."""
-    def fits(count: int) -> bool:
-        return projected_peak_blocks(np.concatenate([context, candidate_context[:count]]),
-                                     np.concatenate([remaining, candidate_remaining[:count]]),
-                                     block_size) <= limit_blocks
-
-    low, high = 0, len(candidate_context)
-    if high == 0 or not fits(1):
-        return 0
-    low = 1
-    while low < high:
-        middle = (low + high + 1) // 2
-        if fits(middle):
-            low = middle
-        else:
-            high = middle - 1
-    return low
+    """How many of the candidates, taken in order, can join the batch with its projected peak
+    (:func:`~llmsched_env.kv_cache.projected_peak_blocks`) within ``limit_blocks`` (a binary search: the
+    peak only grows as requests join; compiled, :func:`llmsched_env.kernels.fitting_prefix`)."""
+    return int(kernels.fitting_prefix(np.asarray(context, np.int64), np.asarray(remaining, np.int64),
+                                      np.asarray(candidate_context, np.int64),
+                                      np.asarray(candidate_remaining, np.int64),
+                                      int(block_size), int(limit_blocks)))
 
 
 def residual_quantiles(values: np.ndarray, probabilities: np.ndarray, quantile: float) -> np.ndarray:

@@ -163,6 +163,63 @@ def running_profile(running: np.ndarray, classes: np.ndarray, context_len: np.nd
 
 
 @njit(cache=True)
+def peak_blocks(context: np.ndarray, remaining: np.ndarray, block_size: int) -> int:
+    """:func:`llmsched_env.kv_cache.projected_peak_blocks`: ``max_t Σ_{i: remaining_i >= t} ceil((context_i + t) / B)``,
+    over the candidates ``t = remaining_k``, longest first, with the residues ``context_i mod B`` of the
+    requests alive at ``t`` kept as a histogram (``O(n log n + n·B)``)."""
+    count = len(context)
+    if count == 0:
+        return 0
+    order = np.argsort(-remaining, kind="mergesort")
+    residues = np.zeros(block_size, dtype=np.int64)
+    quotient_sum, peak, alive = 0, 0, 0
+    while alive < count:
+        t = remaining[order[alive]]
+        while alive < count and remaining[order[alive]] == t:  # everyone with remaining >= t is alive at t
+            c = context[order[alive]]
+            quotient_sum += c // block_size
+            residues[c % block_size] += 1
+            alive += 1
+        a, b = t // block_size, t % block_size
+        # ceil((B q + m + B a + b) / B) = q + a + [m + b > 0] + [m > B − b]
+        nonzero = alive if b > 0 else alive - residues[0]
+        over = 0
+        for m in range(block_size - b + 1, block_size):
+            over += residues[m]
+        total = quotient_sum + alive * a + nonzero + over
+        if total > peak:
+            peak = total
+    return peak
+
+
+@njit(cache=True)
+def fitting_prefix(context: np.ndarray, remaining: np.ndarray, candidate_context: np.ndarray,
+                   candidate_remaining: np.ndarray, block_size: int, limit_blocks: int) -> int:
+    """:func:`baselines.lookahead.fitting_prefix`: how many candidates, in order, can join the batch with its
+    projected peak (:func:`peak_blocks`) within ``limit_blocks``; a binary search, as the peak only grows
+    as requests join."""
+    held = len(context)
+    total = held + len(candidate_context)
+    all_context = np.empty(total, dtype=np.int64)
+    all_remaining = np.empty(total, dtype=np.int64)
+    all_context[:held] = context
+    all_remaining[:held] = remaining
+    all_context[held:] = candidate_context
+    all_remaining[held:] = candidate_remaining
+    low, high = 0, len(candidate_context)
+    if high == 0 or peak_blocks(all_context[: held + 1], all_remaining[: held + 1], block_size) > limit_blocks:
+        return 0
+    low = 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if peak_blocks(all_context[: held + middle], all_remaining[: held + middle], block_size) <= limit_blocks:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+@njit(cache=True)
 def _squash_into(out: np.ndarray, at: int, value: float, scale: float) -> None:
     out[at] = min(max(value / (value + scale), 0.0), 1.0)
 

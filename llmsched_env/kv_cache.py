@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmsched_env import kernels
 from llmsched_env.engine import readonly_view
 from llmsched_env.errors import ConfigError
 
@@ -121,26 +122,8 @@ def projected_peak_blocks(context: np.ndarray, remaining: np.ndarray, block_size
 
     Each term is non-decreasing in ``t`` while its request lives, so the maximum is at some
     ``t = remaining_k``; there, writing ``context_i = B q_i + m_i`` and ``t = B a + b`` (``0 <= m_i, b < B``),
-    ``ceil((context_i + t) / B) = q_i + a + [m_i + b > 0] + [m_i > B − b]``, so every candidate ``t``
-    costs a few lookups in prefix counts of the residues ``m_i`` (``O(n·B)`` for ``n`` requests).
+    ``ceil((context_i + t) / B) = q_i + a + [m_i + b > 0] + [m_i > B − b]``: with the requests taken longest
+    first, every candidate ``t`` costs a sum of quotients and a few lookups in a histogram of the residues
+    ``m_i`` (``O(n log n + n·B)`` for ``n`` requests, compiled: :func:`llmsched_env.kernels.peak_blocks`).
     """
-    count = len(context)
-    if count == 0:
-        return 0
-    order = np.argsort(-remaining, kind="stable")
-    r = remaining[order]
-    q, m = np.divmod(context[order], block_size)
-    # The requests alive at t = r[k] are the prefix up to the last one with the same remaining.
-    last = np.searchsorted(-r, -r, side="right") - 1
-    alive = last + 1
-    q_sum = np.cumsum(q)[last]
-    a, b = np.divmod(r, block_size)
-    residues = np.zeros((count, block_size), dtype=np.int64)
-    residues[np.arange(count), m] = 1
-    np.cumsum(residues, axis=0, out=residues)
-    at_least = np.cumsum(residues[:, ::-1], axis=1)[:, ::-1]  # at_least[k, v]: prefix k, residues >= v
-    prefix = at_least[last]
-    nonzero = np.where(b > 0, alive, prefix[:, 1] if block_size > 1 else 0)
-    threshold = block_size - b + 1  # m > B − b  ⇔  m >= B − b + 1 (only possible for b >= 2)
-    over = np.where(threshold < block_size, prefix[np.arange(count), np.minimum(threshold, block_size - 1)], 0)
-    return int((q_sum + alive * a + nonzero + over).max())
+    return int(kernels.peak_blocks(np.asarray(context, np.int64), np.asarray(remaining, np.int64), int(block_size)))

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmsched_env import kernels
-from llmsched_env.kv_cache import projected_peak_tokens
+from llmsched_env.kv_cache import projected_peak_blocks, projected_peak_tokens
 
 
 def _queue_case(seed: int, count: int, classes: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -99,3 +99,12 @@ def test_decodable_and_growth() -> None:
     context = np.array([16, 0, 6, 0, 32, 0, 0, 3])
     assert kernels.decodable(running, kv, context).tolist() == [4, 0, 7]
     assert kernels.blocks_to_grow(running, kv, 16) == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), count=st.integers(0, 40), block=st.sampled_from([1, 2, 4, 16, 32]))
+def test_projected_peak_blocks_is_the_max_over_future_iterations(seed: int, count: int, block: int) -> None:
+    rng = np.random.default_rng(seed)
+    context, remaining = rng.integers(1, 200, count), rng.integers(1, 60, count)
+    brute = max((int((-(-(context + t) // block) * (remaining >= t)).sum()) for t in range(1, 61)), default=0)
+    assert projected_peak_blocks(context, remaining, block) == brute
