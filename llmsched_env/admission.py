@@ -37,8 +37,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from llmsched_env.engine import IDLE, Decision, SchedulerState
 from llmsched_env import kernels
+from llmsched_env.engine import IDLE, Decision, SchedulerState
 from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import solve_fluid
 from llmsched_env.rate_estimate import ArrivalRateEstimator
@@ -46,11 +46,6 @@ from llmsched_env.scenario import Scenario
 from llmsched_env.workload import Arrivals, RequestType, TypeMix
 
 _EMPTY = np.empty(0, dtype=np.int64)
-
-
-def squash(value: np.ndarray | float, scale: np.ndarray | float) -> np.ndarray | float:
-    """``x / (x + s)``: maps ``[0, ∞)`` onto ``[0, 1)``, with ``0.5`` at the scale ``s`` (a fluid target)."""
-    return value / (value + scale)
 
 
 def mean_residual_output(output_lens: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -76,10 +71,6 @@ class Candidates(NamedTuple):
     fits: np.ndarray  # per class, how many of those fit in memory (the largest allowed count)
     room: int  # KV blocks free once every running request has decoded one more token
     waiting: np.ndarray  # per class, how many wait
-
-    def oldest_of(self, k: int) -> np.ndarray:
-        """Class ``k``'s oldest waiting ids (up to ``max_admit``), in queue order."""
-        return self.oldest[k, : self.heads[k]]
 
 
 @dataclass(frozen=True)
@@ -128,6 +119,7 @@ class AdmissionControl:
             self.class_mix = scenario.class_mix()
             self._prompt_edges = _EMPTY
             self._segment_edges = _EMPTY
+            self._residual = _EMPTY  # the remaining output is known exactly
         else:
             self._prompt_edges = _prompt_class_edges(offered.prompt_lens, weights, int(max_classes))
             self._segment_edges = _quantile_edges(offered.output_lens, weights, self.stage_buckets)
@@ -141,8 +133,6 @@ class AdmissionControl:
         self.observation_size = k * (b + 3) + 7
         self._class = np.empty(0, dtype=np.int64)
         self._targets: EpisodeTargets | None = None
-        if self.known_lengths:
-            self._residual = _EMPTY
 
     # -- the spaces' shapes ------------------------------------------------------------------------
     @property
@@ -212,9 +202,7 @@ class AdmissionControl:
     def classify(self, prompt_len: np.ndarray, output_len: np.ndarray | None) -> np.ndarray:
         """The class of each request (output lengths are only read when they are known)."""
         if self.known_lengths:
-            if output_len is None:
-                raise ConfigError("this agent was built for known output lengths, but the engine hides them")
-            return self.class_mix.nearest(prompt_len, output_len)
+            return self.class_mix.nearest(prompt_len, _required(output_len))
         return np.searchsorted(self._prompt_edges, prompt_len, side="left")
 
     def _classes(self, state: SchedulerState) -> np.ndarray:
@@ -286,14 +274,11 @@ class AdmissionControl:
         now = state.now
         self._update_rates(state, classes)
 
-        output = state.output_len if self.known_lengths else None
-        if self.known_lengths and output is None:
-            raise ConfigError("this agent was built for known output lengths, but the engine hides them")
         # Known lengths: quarters of each output and its true remaining length; hidden: segments and the
         # expected residual (rounded) given what was decoded.
-        cells, peak = kernels.running_profile(state.running, classes, state.context_len, state.prompt_len,
-                                              _EMPTY if output is None else output, self._residual,
-                                              self._segment_edges, self.known_lengths, k, b)
+        output = _required(state.output_len) if self.known_lengths else _EMPTY
+        cells, peak = kernels.running_profile(state.running, classes, state.context_len, state.prompt_len, output,
+                                              self._residual, self._segment_edges, self.known_lengths, k, b)
         memory = np.array([state.used_blocks / state.capacity_blocks, min(peak / state.capacity_tokens, 2.0) / 2.0])
         return kernels.assemble_observation(candidates.waiting, self._queue_scale, cells, self._running_scale, memory,
                                             now - self._last_admission, self._time_scale, self._rates.rates,
@@ -304,6 +289,13 @@ class AdmissionControl:
         ids = np.arange(self._seen, state.num_requests)
         self._rates.update(state.now, state.arrival_time[ids], classes[ids])
         self._seen = state.num_requests
+
+
+def _required(output_len: np.ndarray | None) -> np.ndarray:
+    """Output lengths of an agent built for known lengths, or the error that says the engine hides them."""
+    if output_len is None:
+        raise ConfigError("this agent was built for known output lengths, but the engine hides them")
+    return output_len
 
 
 def _decodable(state: SchedulerState) -> np.ndarray:

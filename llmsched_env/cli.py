@@ -261,7 +261,8 @@ def compare(
 def _compare_scenarios(name: str | None, policies: list[str] | None, rates: list[float] | None,
                        loads: list[float] | None, horizon: float | None, seeds: list[int] | None, jobs: int | None,
                        out: Path, plots: bool, as_json: bool, progress) -> None:  # type: ignore[no-untyped-def]
-    """``compare --scenario NAME`` (one report in OUT) or ``--suite`` (a summary, and a report per scenario)."""
+    """``compare --scenario NAME`` (its report in OUT) or ``--suite`` (a report per scenario under OUT); both
+    write the verdicts (``suite.md``, ``suite.json``: a suite of one for ``--scenario``) and print them."""
     from baselines.suite import SweepPlan, run_sweeps, verdicts
     from llmsched_env import report
     from llmsched_env.scenarios import load_scenario, scenario_names
@@ -276,20 +277,23 @@ def _compare_scenarios(name: str | None, policies: list[str] | None, rates: list
             progress.update(task, advance=runs, description=f"{plan.spec.name} @ {rate:g} req/s, seed {seed}")
 
         comparisons = run_sweeps(plans, jobs=jobs, on_job_done=advance)
+    rows = [row for plan, comparison in zip(plans, comparisons) for row in verdicts(plan, comparison)]
     if name is not None:
         _write_report(comparisons[0], out, plots, as_json)
+    else:
+        for plan, comparison in zip(plans, comparisons):
+            _write_files(comparison, out / plan.spec.name, plots)
+    if not rows:  # a single scenario without both a fluid-guided and an engine policy has no verdict
         return
-    rows = []
-    for plan, comparison in zip(plans, comparisons):
-        _write_files(comparison, out / plan.spec.name, plots)
-        rows += verdicts(plan, comparison)
     (out / "suite.json").write_text(json.dumps(json_safe({"rows": rows}), indent=2) + "\n")
     (out / "suite.md").write_text(report.suite_markdown(rows))
     if as_json:
-        _print_json({"rows": rows})
+        if name is None:
+            _print_json({"rows": rows})
         return
     _stdout_console().print(report.suite_table(rows))
-    console.print(f"wrote {out / 'suite.md'}, {out / 'suite.json'} and a report per scenario under {out}/")
+    reports = "its report" if name is not None else "a report per scenario"
+    console.print(f"wrote {out / 'suite.md'}, {out / 'suite.json'} and {reports} under {out}/")
 
 
 @app.command()

@@ -121,6 +121,22 @@ def decodable(running: np.ndarray, kv_tokens: np.ndarray, context_len: np.ndarra
 
 
 @njit(cache=True)
+def peak_tokens(context: np.ndarray, remaining: np.ndarray) -> int:
+    """:func:`llmsched_env.kv_cache.projected_peak_tokens`: the total is piecewise linear between finishes, so its
+    maximum is at some ``t = remaining_i``; with the requests longest first, the ``n``-th candidate holds the
+    first ``n`` contexts plus ``n·remaining``."""
+    order = np.argsort(-remaining, kind="mergesort")
+    peak, held = 0, 0
+    for n in range(len(order)):
+        j = order[n]
+        held += context[j]
+        total = held + remaining[j] * (n + 1)
+        if total > peak:
+            peak = total
+    return peak
+
+
+@njit(cache=True)
 def running_profile(running: np.ndarray, classes: np.ndarray, context_len: np.ndarray, prompt_len: np.ndarray,
                     output_len: np.ndarray, residual: np.ndarray, segment_edges: np.ndarray, known: bool,
                     num_classes: int, buckets: int) -> tuple[np.ndarray, int]:
@@ -128,8 +144,7 @@ def running_profile(running: np.ndarray, classes: np.ndarray, context_len: np.nd
 
     Known lengths: bucket ``min(b·decoded // output, b − 1)`` and the true remaining output. Hidden:
     the bucket is the segment of ``decoded`` among ``segment_edges`` and the remaining output is
-    ``residual[decoded]`` (its expectation, rounded). The peak is
-    :func:`llmsched_env.kv_cache.projected_peak_tokens` of those trajectories.
+    ``residual[decoded]`` (its expectation, rounded). The peak is :func:`peak_tokens` of those trajectories.
     """
     cells = np.zeros((num_classes, buckets), dtype=np.int64)
     count = len(running)
@@ -146,20 +161,10 @@ def running_profile(running: np.ndarray, classes: np.ndarray, context_len: np.nd
             bucket = min(np.searchsorted(segment_edges, decoded, side="right"), buckets - 1)
             remaining[n] = residual[min(decoded, top)]
         cells[classes[i], bucket] += 1
-    if count == 0:
-        return cells, 0
-    # The total is piecewise linear between finishes, so its maximum is at some t = remaining_i: with the
-    # requests by remaining, longest first, the n-th candidate holds the first n contexts plus n·remaining.
-    order = np.argsort(-remaining, kind="mergesort")
-    peak = 0
-    held = 0
+    context = np.empty(count, dtype=np.int64)
     for n in range(count):
-        j = order[n]
-        held += context_len[running[j]]
-        total = held + remaining[j] * (n + 1)
-        if total > peak:
-            peak = total
-    return cells, peak
+        context[n] = context_len[running[n]]
+    return cells, peak_tokens(context, remaining)
 
 
 @njit(cache=True)

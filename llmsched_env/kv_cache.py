@@ -107,14 +107,9 @@ def projected_peak_tokens(context: np.ndarray, remaining: np.ndarray) -> int:
     Request ``i`` holds ``context_i`` tokens and decodes ``remaining_i >= 1`` more; after ``t`` more
     iterations it holds ``context_i + t`` if ``remaining_i >= t`` (finished requests free their KV).
     The total is piecewise linear and increasing between finishes, so its maximum is at some
-    ``t = remaining_i``.
+    ``t = remaining_i`` (compiled: :func:`llmsched_env.kernels.peak_tokens`).
     """
-    if len(context) == 0:
-        return 0
-    order = np.argsort(-remaining, kind="stable")
-    r = remaining[order]
-    totals = np.cumsum(context[order]) + r * np.arange(1, len(r) + 1)
-    return int(totals.max())
+    return int(kernels.peak_tokens(np.asarray(context, np.int64), np.asarray(remaining, np.int64)))
 
 
 def projected_peak_blocks(context: np.ndarray, remaining: np.ndarray, block_size: int) -> int:

@@ -156,6 +156,10 @@ def test_compare_runs_a_named_scenario_with_its_own_memory(tmp_path: Path) -> No
     from llmsched_env.scenarios import load_scenario
 
     assert payload["rates_rps"] == load_scenario("paper-single").rates((0.5,))  # the scenario's load, not the default
+    # Its verdict (a suite of one) beside the report, as `compare --suite` writes it for every scenario.
+    verdict = json.loads((tmp_path / "suite.json").read_text())["rows"]
+    assert [(row["scenario"], row["seeds"], row["fluid_guided"], row["engine"]) for row in verdict] == [
+        ("paper-single", 2, "wait", "vllm")]
 
 
 def test_compare_suite_writes_a_summary_and_a_report_per_scenario(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
