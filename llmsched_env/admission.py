@@ -235,9 +235,7 @@ class AdmissionControl:
     def decision(self, state: SchedulerState, action: np.ndarray,
                  candidates: Candidates) -> tuple[Decision, np.ndarray, bool]:
         """The decision for ``action``: ``(decision, admitted counts per class, clipped)``."""
-        action = np.asarray(action, dtype=np.int64).reshape(-1)
-        if action.shape != (self.num_classes,):
-            raise ConfigError(f"an action has one count per class ({self.num_classes}), got shape {action.shape}")
+        action = self.checked_action(action)
         admit, counts, clipped = kernels.admissions(action, candidates.oldest, candidates.fits, self._class,
                                                     state.context_len, state.block_size, candidates.room)
         if len(admit):
@@ -246,6 +244,13 @@ class AdmissionControl:
         if len(decode) == 0 and len(admit) == 0:
             return IDLE, counts, clipped
         return Decision(decode=decode, prefill=admit), counts, clipped
+
+    def checked_action(self, action: np.ndarray) -> np.ndarray:
+        """``action`` as one int64 count per class, or :class:`ConfigError` naming its shape."""
+        action = np.asarray(action, dtype=np.int64).reshape(-1)
+        if action.shape != (self.num_classes,):
+            raise ConfigError(f"an action has one count per class ({self.num_classes}), got shape {action.shape}")
+        return action
 
     @staticmethod
     def fixed_decision(state: SchedulerState) -> Decision:

@@ -14,11 +14,13 @@ from gymnasium import spaces
 
 from llmsched_env.admission import AdmissionControl, Candidates
 from llmsched_env.engine import Decision, Engine, IterationOutcome, SchedulerState
+from llmsched_env.episode import CompiledEpisode
 from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import FluidSolution
 from llmsched_env.metrics import summarize
 from llmsched_env.runner import Rollout, RunResult
 from llmsched_env.scenario import Scenario, build_scenario
+from llmsched_env.simulator import SimulatedEngine
 from llmsched_env.workload import ArrivalKind
 
 #: The README's tight-memory two-type workload: ρ = 0.8 with 1.5 × M* of KV memory (the paper's setting).
@@ -122,7 +124,10 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
     * ``reward`` (``requests`` or ``tokens``), ``latency_penalty``, ``eviction_penalty``;
     * ``max_admit`` (64), ``stage_buckets`` (4), ``max_classes`` (prompt classes when hidden, 4),
       ``rate_window_s`` (5);
-    * ``render_mode``: ``"ansi"`` (a one-screen status) or ``"rgb_array"`` (memory and queue over time).
+    * ``render_mode``: ``"ansi"`` (a one-screen status) or ``"rgb_array"`` (memory and queue over time);
+    * ``compiled`` (default ``True``): on the simulated engine, run each step as one compiled call
+      (:mod:`llmsched_env.episode`); ``False`` runs the Python loop, which gives exactly the same episodes
+      (``rgb_array`` rendering, which records every iteration, always does).
 
     ``reset(options={"arrival_seed": s, "rate": r})`` pins the arrivals to ``scenario.sample(T, s)`` (the
     requests ``llmsched simulate --seed s`` replays) and the rate.
@@ -130,7 +135,8 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
     ## Version History
 
     * v0: initial version (known and hidden lengths, Poisson, gamma and on-off arrivals, traces); named
-      scenarios of the suite and diurnal arrivals added without changing existing episodes.
+      scenarios of the suite and diurnal arrivals added without changing existing episodes; the compiled
+      step (``compiled``) added, with the same episodes.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
@@ -158,6 +164,7 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
         max_classes: int = 4,
         rate_window_s: float = 5.0,
         render_mode: str | None = None,
+        compiled: bool = True,
     ) -> None:
         if scenario is not None and (types is not None or trace is not None):
             raise ConfigError("give a scenario, or types / trace to build one, not both")
@@ -199,11 +206,13 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
         self.latency_penalty = float(latency_penalty)
         self.eviction_penalty = float(eviction_penalty)
         self.render_mode = render_mode
+        self.compiled = bool(compiled)
         self.control = AdmissionControl(scenario, max_admit=max_admit, stage_buckets=stage_buckets,
                                         max_classes=max_classes, rate_window_s=rate_window_s)
         self.action_space = spaces.MultiDiscrete(self.control.action_nvec)
         self.observation_space = spaces.Box(0.0, 1.0, (self.control.observation_size,), dtype=np.float32)
         self._rollout: Rollout | None = None
+        self._episode: CompiledEpisode | None = None
 
     # -- what the episode runs on ---------------------------------------------------------------------
     @property
@@ -254,6 +263,11 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
         self._accounted_time = 0.0
         self._last_admitted = np.zeros(self.control.num_classes, dtype=np.int64)
         self._last_clipped = False
+        self._episode = None
+        if self.compiled and not callbacks and isinstance(engine, SimulatedEngine) and engine.compiled:
+            self._episode = CompiledEpisode(self)
+            observation, _, self._pending_reward, _, _, self._candidates = self._episode.advance(None, None, 0.0)
+            return observation, self._info(final=False)
         # The time before the first epoch (until the first arrival) is charged to the first step.
         self._pending_reward, _ = self._advance_to_epoch()
         return self._observation(), self._info(final=False)
@@ -262,6 +276,13 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
         self._live_rollout()
         if self._candidates is None:
             raise RuntimeError("the episode is over: call reset()")
+        if self._episode is not None:
+            observation, first, more, admitted, clipped, self._candidates = self._episode.advance(
+                self.control.checked_action(action), self._candidates, self._pending_reward)
+            self._pending_reward = 0.0
+            self._last_admitted, self._last_clipped = admitted, clipped
+            done = self._candidates is None
+            return observation, float(first + more), False, done, self._info(final=done)
         decision, admitted, clipped = self.control.decision(self._state, action, self._candidates)
         reward = self._pending_reward + self._apply(decision)
         self._pending_reward = 0.0

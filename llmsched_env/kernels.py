@@ -121,16 +121,37 @@ def decodable(running: np.ndarray, kv_tokens: np.ndarray, context_len: np.ndarra
 
 
 @njit(cache=True)
-def peak_tokens(context: np.ndarray, remaining: np.ndarray) -> int:
-    """:func:`llmsched_env.kv_cache.projected_peak_tokens`: the total is piecewise linear between finishes, so its
-    maximum is at some ``t = remaining_i``; with the requests longest first, the ``n``-th candidate holds the
-    first ``n`` contexts plus ``n·remaining``."""
+def _peak_tokens_by_argsort(context: np.ndarray, remaining: np.ndarray) -> int:
+    """:func:`peak_tokens` for values that do not pack into an int64 key."""
     order = np.argsort(-remaining, kind="mergesort")
     peak, held = 0, 0
     for n in range(len(order)):
         j = order[n]
         held += context[j]
         total = held + remaining[j] * (n + 1)
+        if total > peak:
+            peak = total
+    return peak
+
+
+@njit(cache=True)
+def peak_tokens(context: np.ndarray, remaining: np.ndarray) -> int:
+    """:func:`llmsched_env.kv_cache.projected_peak_tokens`: the total is piecewise linear between finishes, so its
+    maximum is at some ``t = remaining_i``; with the requests longest first, the ``n``-th candidate holds the
+    first ``n`` contexts plus ``n·remaining``. Among requests with equal ``remaining`` the last candidate is
+    the largest, whatever their order, so one sort of ``(remaining, context)`` packed in an int64 will do."""
+    count = len(context)
+    keys = np.empty(count, dtype=np.int64)
+    for n in range(count):
+        if not (0 <= remaining[n] < 2**31 and 0 <= context[n] < 2**31):
+            return _peak_tokens_by_argsort(context, remaining)
+        keys[n] = (remaining[n] << 31) | context[n]
+    keys.sort()
+    peak, held = 0, 0
+    for n in range(count):
+        key = keys[count - 1 - n]
+        held += key & 0x7FFFFFFF
+        total = held + (key >> 31) * (n + 1)
         if total > peak:
             peak = total
     return peak

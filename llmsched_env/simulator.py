@@ -111,6 +111,11 @@ class SimulatedEngine:
         return self._known
 
     @property
+    def compiled(self) -> bool:
+        """Whether iterations without eviction run through the compiled kernels."""
+        return self._compiled
+
+    @property
     def used_blocks(self) -> int:
         return self._kv.used_blocks
 
@@ -161,6 +166,12 @@ class SimulatedEngine:
             arrival_time=readonly_view(self._arrival),
             num_evictions=readonly_view(self._evictions),
         )
+
+    def reserve(self, count: int) -> None:
+        """Make room for ``count`` requests in all, so that adding them allocates nothing (and a compiled
+        episode loop, :mod:`llmsched_env.episode`, can enqueue them into the columns in place)."""
+        if count > self._size:
+            self._grow(count)
 
     def add_requests(self, arrival_time: np.ndarray, prompt_len: np.ndarray, output_len: np.ndarray) -> np.ndarray:
         """Enqueue requests (they join the queue in the order given); returns their ids."""
