@@ -139,21 +139,35 @@ def peak_tokens(context: np.ndarray, remaining: np.ndarray) -> int:
     """:func:`llmsched_env.kv_cache.projected_peak_tokens`: the total is piecewise linear between finishes, so its
     maximum is at some ``t = remaining_i``; with the requests longest first, the ``n``-th candidate holds the
     first ``n`` contexts plus ``n·remaining``. Among requests with equal ``remaining`` the last candidate is
-    the largest, whatever their order, so one sort of ``(remaining, context)`` packed in an int64 will do."""
+    the largest, whatever their order, so the requests need only be grouped by ``remaining``: counted into
+    one slot per value when the values are few, else sorted as packed ``(remaining, context)`` keys."""
     count = len(context)
-    keys = np.empty(count, dtype=np.int64)
+    top = 0
     for n in range(count):
         if not (0 <= remaining[n] < 2**31 and 0 <= context[n] < 2**31):
             return _peak_tokens_by_argsort(context, remaining)
+        top = max(top, remaining[n])
+    peak, held, alive = 0, 0, 0
+    if top <= 4 * count + 256:
+        contexts = np.zeros(top + 1, dtype=np.int64)
+        members = np.zeros(top + 1, dtype=np.int64)
+        for n in range(count):
+            contexts[remaining[n]] += context[n]
+            members[remaining[n]] += 1
+        for r in range(top, -1, -1):
+            if members[r]:
+                held += contexts[r]
+                alive += members[r]
+                peak = max(peak, held + r * alive)
+        return peak
+    keys = np.empty(count, dtype=np.int64)
+    for n in range(count):
         keys[n] = (remaining[n] << 31) | context[n]
     keys.sort()
-    peak, held = 0, 0
     for n in range(count):
         key = keys[count - 1 - n]
         held += key & 0x7FFFFFFF
-        total = held + (key >> 31) * (n + 1)
-        if total > peak:
-            peak = total
+        peak = max(peak, held + (key >> 31) * (n + 1))
     return peak
 
 
@@ -176,7 +190,10 @@ def running_profile(running: np.ndarray, classes: np.ndarray, context_len: np.nd
         decoded = context_len[i] - prompt_len[i]
         if known:
             output = output_len[i]
-            bucket = min(buckets * decoded // output, buckets - 1)
+            # min(buckets·decoded // output, buckets − 1), by comparisons: an integer division costs more
+            bucket = 0
+            while bucket < buckets - 1 and buckets * decoded >= (bucket + 1) * output:
+                bucket += 1
             remaining[n] = output - decoded
         else:
             bucket = min(np.searchsorted(segment_edges, decoded, side="right"), buckets - 1)

@@ -111,10 +111,11 @@ def test_projected_peak_blocks_is_the_max_over_future_iterations(seed: int, coun
 
 
 @settings(max_examples=200, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), count=st.integers(0, 300), spread=st.sampled_from([3, 50, 2**40]))
+@given(seed=st.integers(0, 2**32 - 1), count=st.integers(0, 300), spread=st.sampled_from([3, 50, 10**6, 2**40]))
 def test_peak_tokens_packed_sort_equals_the_stable_argsort(seed: int, count: int, spread: int) -> None:
-    """The packed ``(remaining, context)`` sort gives the stable argsort's peak, ties (small ``spread``)
-    included; values too large to pack (``2**40``) take the argsort itself."""
+    """Grouping by ``remaining`` (counted when the values are few, ``spread`` 3 and 50; sorted as packed keys
+    when not, ``10**6``) gives the stable argsort's peak, ties included; values too large to pack (``2**40``)
+    take the argsort itself."""
     rng = np.random.default_rng(seed)
     context, remaining = rng.integers(1, spread, count), rng.integers(1, spread, count)
     assert kernels.peak_tokens(context, remaining) == kernels._peak_tokens_by_argsort(context, remaining)
