@@ -85,20 +85,10 @@ def _scan(ints: np.ndarray, running: np.ndarray, status: np.ndarray, context: np
           classes: np.ndarray, block_size: int, capacity_blocks: int, max_admit: int,
           oldest: np.ndarray, heads: np.ndarray, fits: np.ndarray, queued: np.ndarray) -> None:
     """:meth:`AdmissionControl.candidates` of the engine's state into the given arrays (``ROOM`` too),
-    reading the queue as ``SimulatedEngine._waiting_ids`` does (and moving its start as it does)."""
+    reading the queue as the engine does (:func:`~llmsched_env.kernels.waiting_ids`, moving its start too)."""
     room = capacity_blocks - ints[USED_BLOCKS] - kernels.blocks_to_grow(running, kv_tokens, block_size)
-    start, n = ints[FIRST_MAYBE_WAITING], ints[N]
-    if ints[NUM_WAITING] == n - start:
-        waiting = np.arange(start, n)
-    else:
-        waiting = np.empty(ints[NUM_WAITING], dtype=np.int64)
-        count = 0
-        for i in range(start, n):
-            if status[i] == WAITING:
-                waiting[count] = i
-                count += 1
-        waiting = waiting[:count]
-        ints[FIRST_MAYBE_WAITING] = waiting[0] if count else n
+    waiting, ints[FIRST_MAYBE_WAITING] = kernels.waiting_ids(status, ints[FIRST_MAYBE_WAITING], ints[N],
+                                                             ints[NUM_WAITING])
     o, h, f, q = kernels.scan_queue(waiting, classes, context, block_size, room, len(heads), max_admit)
     oldest[:, :] = o
     heads[:] = h
@@ -116,16 +106,8 @@ def _observe(ints: np.ndarray, reals: np.ndarray, running: np.ndarray, classes: 
              observation: np.ndarray) -> None:
     """:meth:`AdmissionControl.observe`, rate update included, into ``observation``."""
     now = reals[NOW]
-    # ArrivalRateEstimator.update: decay, then count the arrivals since the last observation.
-    decay = math.exp(-(now - reals[RATE_TIME]) / window)
-    for k in range(len(rate_sum)):
-        rate_sum[k] *= decay
-    if ints[N] > ints[SEEN]:
-        counted = np.zeros(len(rate_sum))
-        for i in range(ints[SEEN], ints[N]):
-            counted[classes[i]] += math.exp(-(now - arrival[i]) / window) / window
-        for k in range(len(rate_sum)):
-            rate_sum[k] += counted[k]
+    kernels.count_arrivals(rate_sum, reals[RATE_TIME], now, arrival[ints[SEEN]:ints[N]], classes[ints[SEEN]:ints[N]],
+                           window)
     reals[RATE_TIME] = now
     ints[SEEN] = ints[N]
     rates = rate_sum / (-math.expm1(-now / window)) if now > 0 else rate_sum.copy()
@@ -371,10 +353,10 @@ class CompiledEpisode:
             if candidates.oldest is not oldest:  # not the ones this object found
                 oldest[:], fits[:] = candidates.oldest, candidates.fits
             room = candidates.room
+        ints[ROOM] = room  # _load leaves it
         clipped = False
         while True:
             self._load()
-            ints[ROOM] = room
             engine = env._rollout.engine  # type: ignore[union-attr]
             kv = engine._kv
             stop, running, decode, prefill, clipped_now = advance_episode(

@@ -12,10 +12,43 @@ path (``SimulatedEngine(compiled=False)``) iteration by iteration.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
 from llmsched_env.engine import FINISHED, RUNNING, WAITING
+
+
+@njit(cache=True)
+def waiting_ids(status: np.ndarray, start: int, n: int, num_waiting: int) -> tuple[np.ndarray, int]:
+    """The queue of a simulator whose ``num_waiting`` waiting ids are all in ``start … n − 1``: ``(ids, start)``,
+    the ids in queue order and where the next scan may start (the first waiting id, or ``n``)."""
+    if num_waiting == n - start:
+        return np.arange(start, n), start  # the common case: the queue is exactly the newest arrivals
+    ids = np.empty(num_waiting, dtype=np.int64)
+    count = 0
+    for i in range(start, n):
+        if status[i] == WAITING:
+            ids[count] = i
+            count += 1
+    return ids[:count], (ids[0] if count else n)
+
+
+@njit(cache=True)
+def count_arrivals(sums: np.ndarray, since: float, now: float, arrival_times: np.ndarray, classes: np.ndarray,
+                   window: float) -> None:
+    """:meth:`~llmsched_env.rate_estimate.ArrivalRateEstimator.update` per class, in place: decay ``sums`` from
+    ``since`` to ``now``, then add each arrival's ``exp(−(now − a) / W) / W`` to its class."""
+    decay = math.exp(-(now - since) / window)
+    for k in range(len(sums)):
+        sums[k] *= decay
+    if len(arrival_times):
+        counted = np.zeros(len(sums))
+        for j in range(len(arrival_times)):
+            counted[classes[j]] += math.exp(-(now - arrival_times[j]) / window) / window
+        for k in range(len(sums)):
+            sums[k] += counted[k]
 
 
 @njit(cache=True)

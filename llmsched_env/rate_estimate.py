@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from llmsched_env import kernels
 from llmsched_env.errors import ConfigError
 
 
@@ -30,13 +31,13 @@ class ArrivalRateEstimator:
         """Advance the clock to ``now`` and count the arrivals since the last update (``classes``: each one's
         class; all in class 0 when omitted)."""
         window = self.window_s
-        self._sum *= math.exp(-(now - self._time) / window)
-        if len(arrival_times):
-            weights = np.exp(-(now - arrival_times) / window) / window
-            if classes is None:
-                self._sum[0] += weights.sum()
-            else:
-                self._sum += np.bincount(classes, weights=weights, minlength=self.classes)
+        if classes is None:
+            self._sum *= math.exp(-(now - self._time) / window)
+            if len(arrival_times):
+                self._sum[0] += (np.exp(-(now - arrival_times) / window) / window).sum()
+        else:  # compiled, and shared with the environment's compiled step (llmsched_env.episode)
+            kernels.count_arrivals(self._sum, self._time, now, np.asarray(arrival_times, np.float64),
+                                   np.asarray(classes, np.int64), window)
         self._time = now
 
     @property

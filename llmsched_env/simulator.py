@@ -198,11 +198,8 @@ class SimulatedEngine:
     # -- the policy's view -----------------------------------------------------------------------
     def _waiting_ids(self) -> np.ndarray:
         # Invariant: every waiting id is >= _first_maybe_waiting (evictions move it back).
-        start, n = self._first_maybe_waiting, self._n
-        if self._num_waiting == n - start:
-            return np.arange(start, n)  # the common case: the queue is exactly the newest arrivals
-        ids = np.flatnonzero(self._status[start:n] == WAITING) + start
-        self._first_maybe_waiting = int(ids[0]) if len(ids) else n
+        ids, self._first_maybe_waiting = kernels.waiting_ids(self._status, self._first_maybe_waiting, self._n,
+                                                             self._num_waiting)
         return ids
 
     def state(self) -> SchedulerState:
