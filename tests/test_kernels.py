@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmsched_env import kernels
+from llmsched_env.engine import RUNNING, WAITING
 from llmsched_env.kv_cache import projected_peak_blocks, projected_peak_tokens
 
 
@@ -122,3 +125,32 @@ def test_peak_tokens_packed_sort_equals_the_stable_argsort(seed: int, count: int
     if count and spread < 100:
         brute = max(int(((context + t) * (remaining >= t)).sum()) for t in range(1, remaining.max() + 1))
         assert kernels.peak_tokens(context, remaining) == brute
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), count=st.integers(0, 50), classes=st.integers(1, 4))
+def test_count_arrivals_is_the_numpy_rate_update(seed: int, count: int, classes: int) -> None:
+    rng = np.random.default_rng(seed)
+    since, now, window = rng.uniform(0, 50), 0.0, rng.uniform(0.5, 20)
+    now = since + rng.uniform(0, 10)
+    arrivals, cls = np.sort(rng.uniform(since, now, count)), rng.integers(0, classes, count)
+    sums = rng.uniform(0, 30, classes)
+    expected = sums * math.exp(-(now - since) / window)
+    expected += np.bincount(cls, weights=np.exp(-(now - arrivals) / window) / window, minlength=classes)
+    kernels.count_arrivals(sums, since, now, arrivals, cls, window)
+    assert sums.tobytes() == expected.tobytes()
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 60), start=st.integers(0, 60))
+def test_waiting_ids_are_the_waiting_statuses_from_start(seed: int, n: int, start: int) -> None:
+    rng = np.random.default_rng(seed)
+    start = min(start, n)
+    status = rng.integers(0, 3, n).astype(np.int8)
+    status[:start] = np.where(status[:start] == WAITING, RUNNING, status[:start])  # none waits before start
+    ids, first = kernels.waiting_ids(status, start, n, int(np.sum(status == WAITING)))
+    assert ids.tolist() == np.flatnonzero(status == WAITING).tolist()
+    if len(ids) == n - start:  # the queue is exactly start … n − 1: nothing to move
+        assert first == start
+    else:
+        assert first == (ids[0] if len(ids) else n)
