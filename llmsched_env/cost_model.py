@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmsched_env import kernels
 from llmsched_env.config_files import builtin_names, read_json_config
 from llmsched_env.errors import ConfigError
 
@@ -57,8 +58,12 @@ class LinearCostModel:
     def iteration_time(self, prefill_tokens: int, decode_requests: int, kv_tokens: int,
                        prefill_attention: float = 0.0) -> float:
         """Duration in seconds of one iteration with the given batch composition."""
-        return (self.c0 + self.c_pf * prefill_tokens + self.c_dec * decode_requests + self.c_kv * kv_tokens
-                + self.c_pf2 * prefill_attention)
+        return float(kernels.iteration_seconds(self.coefficients(), prefill_tokens, decode_requests, kv_tokens,
+                                               float(prefill_attention)))
+
+    def coefficients(self) -> np.ndarray:
+        """``[c0, c_pf, c_dec, c_kv, c_pf2]``, the form the compiled iteration takes."""
+        return np.array([getattr(self, name) for name in _COEFFICIENTS], dtype=np.float64)
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -26,10 +26,10 @@ import math
 from typing import TYPE_CHECKING
 
 import numpy as np
-from numba import njit
 
 from llmsched_env import kernels
 from llmsched_env.admission import Candidates
+from llmsched_env.compiled import compiled
 from llmsched_env.engine import WAITING, Decision
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,34 +53,7 @@ ACT, ADVANCE = 0, 1
 _EMPTY = np.empty(0, dtype=np.int64)
 
 
-@njit(cache=True)
-def pairwise_sum(values: np.ndarray) -> float:
-    """``np.add.reduce`` of a float64 vector, with NumPy's own order of additions (pairwise, in blocks of 8
-    accumulators up to 128 entries), so that the compiled loop rounds as the Python one does."""
-    n = len(values)
-    if n < 8:
-        total = 0.0
-        for i in range(n):
-            total += values[i]
-        return total
-    if n <= 128:
-        acc = values[:8].copy()
-        i = 8
-        while i < n - n % 8:
-            for j in range(8):
-                acc[j] += values[i + j]
-            i += 8
-        total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
-        while i < n:
-            total += values[i]
-            i += 1
-        return total
-    half = n // 2
-    half -= half % 8
-    return pairwise_sum(values[:half]) + pairwise_sum(values[half:])
-
-
-@njit(cache=True)
+@compiled
 def _scan(ints: np.ndarray, running: np.ndarray, status: np.ndarray, context: np.ndarray, kv_tokens: np.ndarray,
           classes: np.ndarray, block_size: int, capacity_blocks: int, max_admit: int,
           oldest: np.ndarray, heads: np.ndarray, fits: np.ndarray, queued: np.ndarray) -> None:
@@ -97,7 +70,7 @@ def _scan(ints: np.ndarray, running: np.ndarray, status: np.ndarray, context: np
     ints[ROOM] = room
 
 
-@njit(cache=True)
+@compiled
 def _observe(ints: np.ndarray, reals: np.ndarray, running: np.ndarray, classes: np.ndarray, context: np.ndarray,
              prompt: np.ndarray, output: np.ndarray, arrival: np.ndarray, block_size: int, capacity_blocks: int,
              queued: np.ndarray, rate_sum: np.ndarray, window: float, queue_scale: np.ndarray,
@@ -121,7 +94,7 @@ def _observe(ints: np.ndarray, reals: np.ndarray, running: np.ndarray, classes: 
                                                   min(now / horizon, 1.0))
 
 
-@njit(cache=True)
+@compiled
 def _run(decode: np.ndarray, prefill: np.ndarray, ints: np.ndarray, reals: np.ndarray, running: np.ndarray,
          status: np.ndarray, context: np.ndarray, final_context: np.ndarray, prompt: np.ndarray, kv_tokens: np.ndarray,
          mark: np.ndarray, first_token: np.ndarray, finish: np.ndarray, block_size: int, capacity_blocks: int,
@@ -141,12 +114,8 @@ def _run(decode: np.ndarray, prefill: np.ndarray, ints: np.ndarray, reals: np.nd
                                             ints[STAMP], block_size, capacity_blocks - ints[USED_BLOCKS])
         if verdict != kernels.PLANNED:
             return False, running, 0.0
-        attention = 0.0
-        if cost[4] != 0.0 and len(prefill):
-            chunk_f = chunk.astype(np.float64)
-            attention = pairwise_sum(chunk_f * prefill_before + chunk_f * (chunk_f + 1) / 2)
-        duration = (cost[0] + cost[1] * prefill_tokens + cost[2] * len(decode) + cost[3] * batch_kv
-                    + cost[4] * attention)
+        attention = kernels.prefill_attention_sum(chunk, prefill_before) if cost[4] != 0.0 else 0.0
+        duration = kernels.iteration_seconds(cost, prefill_tokens, len(decode), batch_kv, attention)
         now = now + duration
         admitted, finished, running, tokens_added, blocks_freed, tokens_freed = kernels.run_iteration(
             decode, decode_before, prefill, prefill_before, chunk, running, status, context, final_context, kv_tokens,
@@ -189,7 +158,7 @@ def _run(decode: np.ndarray, prefill: np.ndarray, ints: np.ndarray, reals: np.nd
     return True, running, earned
 
 
-@njit(cache=True)
+@compiled
 def advance_episode(start: int, action: np.ndarray, ints: np.ndarray, reals: np.ndarray, running: np.ndarray,
                     status: np.ndarray, prompt: np.ndarray, output: np.ndarray, context: np.ndarray,
                     final_context: np.ndarray, arrival: np.ndarray, first_token: np.ndarray, finish: np.ndarray,
@@ -291,7 +260,7 @@ class CompiledEpisode:
         engine.reserve(len(arrivals))  # the compiled loop enqueues arrivals into columns that are already there
         self._ints = np.zeros(NUM_INTS, dtype=np.int64)
         self._reals = np.zeros(NUM_REALS, dtype=np.float64)
-        coefficients = np.array([cost.c0, cost.c_pf, cost.c_dec, cost.c_kv, cost.c_pf2], dtype=np.float64)
+        coefficients = cost.coefficients()
         self._fixed = (coefficients, rollout._times, arrivals.prompt_len, arrivals.output_len, rollout.horizon,
                        env._fluid_rate(), env.reward_unit == "tokens", env.latency_penalty)
         self._control = (control._class, control.max_admit, control._rates._sum, control._rates.window_s,

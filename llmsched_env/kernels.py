@@ -3,11 +3,12 @@
 An environment step scans the queue per class, sizes what fits, counts running requests per class and
 stage bucket, projects their peak memory, and runs an engine iteration. As NumPy these are a few dozen
 calls on arrays of a few hundred entries, where each call's fixed cost is most of its time; here each is
-one pass, compiled by Numba (``cache=True``: compiled once per machine, not per process). They compute
-integers, and the one float result (the observation) with the same operations in the same order, so
-their results are exactly those of the NumPy code they replace: ``tests/test_kernels.py`` checks them
-against it, and ``tests/test_simulator.py`` checks the simulator's compiled iterations against its NumPy
-path (``SimulatedEngine(compiled=False)``) iteration by iteration.
+one pass, compiled by Numba (:func:`~llmsched_env.compiled.compiled`: cached once per environment, not per
+process). ``tests/test_kernels.py`` checks them against plain NumPy references: integers exactly, floats
+within a stated tolerance. Every path that must behave identically calls the same kernel for each floating-
+point rule (the rate update, the attention sum, the iteration time, the observation), so the simulator's
+compiled and NumPy paths (``tests/test_simulator.py``) and the environment's compiled step and Python loop
+(``tests/test_episode.py``) give the same runs on any CPU.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 
+from llmsched_env.compiled import compiled
 from llmsched_env.engine import FINISHED, RUNNING, WAITING
 
 
-@njit(cache=True)
+@compiled
 def waiting_ids(status: np.ndarray, start: int, n: int, num_waiting: int) -> tuple[np.ndarray, int]:
     """The queue of a simulator whose ``num_waiting`` waiting ids are all in ``start … n − 1``: ``(ids, start)``,
     the ids in queue order and where the next scan may start (the first waiting id, or ``n``)."""
@@ -35,7 +36,7 @@ def waiting_ids(status: np.ndarray, start: int, n: int, num_waiting: int) -> tup
     return ids[:count], (ids[0] if count else n)
 
 
-@njit(cache=True)
+@compiled
 def count_arrivals(sums: np.ndarray, since: float, now: float, arrival_times: np.ndarray, classes: np.ndarray,
                    window: float) -> None:
     """:meth:`~llmsched_env.rate_estimate.ArrivalRateEstimator.update` per class, in place: decay ``sums`` from
@@ -51,7 +52,55 @@ def count_arrivals(sums: np.ndarray, since: float, now: float, arrival_times: np
             sums[k] += counted[k]
 
 
-@njit(cache=True)
+@compiled
+def pairwise_sum(values: np.ndarray) -> float:
+    """The sum of a float64 vector in NumPy's order of additions (pairwise, in blocks of 8 accumulators up to
+    128 entries): within a few ulps of ``np.add.reduce`` and far closer than a left-to-right sum, and, being
+    the one implementation every path calls, rounded the same way on every path."""
+    n = len(values)
+    if n < 8:
+        total = 0.0
+        for i in range(n):
+            total += values[i]
+        return total
+    if n <= 128:
+        acc = values[:8].copy()
+        i = 8
+        while i < n - n % 8:
+            for j in range(8):
+                acc[j] += values[i + j]
+            i += 8
+        total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+        while i < n:
+            total += values[i]
+            i += 1
+        return total
+    half = n // 2
+    half -= half % 8
+    return pairwise_sum(values[:half]) + pairwise_sum(values[half:])
+
+
+@compiled
+def prefill_attention_sum(chunk: np.ndarray, cached: np.ndarray) -> float:
+    """The batch's prefill attention, ``Σ chunk·cached + chunk·(chunk + 1)/2`` over its prefills
+    (:func:`~llmsched_env.cost_model.prefill_attention`), summed by :func:`pairwise_sum`."""
+    if len(chunk) == 0:
+        return 0.0
+    chunk_f = chunk.astype(np.float64)
+    return pairwise_sum(chunk_f * cached + chunk_f * (chunk_f + 1) / 2)
+
+
+@compiled
+def iteration_seconds(cost: np.ndarray, prefill_tokens: int, decode_requests: int, kv_tokens: int,
+                      attention: float) -> float:
+    """``τ = c0 + c_pf·prefill + c_dec·decodes + c_kv·kv + c_pf2·attention`` with ``cost`` the five
+    coefficients in that order (:meth:`~llmsched_env.cost_model.LinearCostModel.coefficients`). Every
+    engine path calls this one function, so an iteration's duration rounds alike on all of them."""
+    return (cost[0] + cost[1] * prefill_tokens + cost[2] * decode_requests + cost[3] * kv_tokens
+            + cost[4] * attention)
+
+
+@compiled
 def blocks_to_grow(running: np.ndarray, kv_tokens: np.ndarray, block_size: int) -> int:
     """Running requests whose next token starts a new KV block (their KV fills whole blocks)."""
     growth = 0
@@ -61,7 +110,7 @@ def blocks_to_grow(running: np.ndarray, kv_tokens: np.ndarray, block_size: int) 
     return growth
 
 
-@njit(cache=True)
+@compiled
 def scan_queue(waiting: np.ndarray, classes: np.ndarray, context_len: np.ndarray, block_size: int, room: int,
                num_classes: int, max_admit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One pass over the queue (in queue order): ``(oldest, heads, fits, queued)`` per class.
@@ -87,7 +136,7 @@ def scan_queue(waiting: np.ndarray, classes: np.ndarray, context_len: np.ndarray
     return oldest, heads, fits, queued
 
 
-@njit(cache=True)
+@compiled
 def fitting_prefix_count(ids: np.ndarray, context_len: np.ndarray, block_size: int, room: int) -> int:
     """How many of ``ids``, admitted in this order, fit in ``room`` free blocks (a prefix)."""
     used = 0
@@ -98,7 +147,7 @@ def fitting_prefix_count(ids: np.ndarray, context_len: np.ndarray, block_size: i
     return len(ids)
 
 
-@njit(cache=True)
+@compiled
 def merge_heads(oldest: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """The first ``counts[k]`` ids of each class's ``oldest`` row, merged in id (queue) order."""
     total = 0
@@ -114,7 +163,7 @@ def merge_heads(oldest: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return merged
 
 
-@njit(cache=True)
+@compiled
 def admissions(action: np.ndarray, oldest: np.ndarray, fits: np.ndarray, classes: np.ndarray,
                context_len: np.ndarray, block_size: int, room: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """What an agent's ``action`` (a count per class) admits: ``(ids, counts, clipped)``.
@@ -141,7 +190,7 @@ def admissions(action: np.ndarray, oldest: np.ndarray, fits: np.ndarray, classes
     return admit, counts, clipped
 
 
-@njit(cache=True)
+@compiled
 def decodable(running: np.ndarray, kv_tokens: np.ndarray, context_len: np.ndarray) -> np.ndarray:
     """The running requests whose whole context is cached (they can decode)."""
     keep = np.empty(len(running), dtype=np.int64)
@@ -153,7 +202,7 @@ def decodable(running: np.ndarray, kv_tokens: np.ndarray, context_len: np.ndarra
     return keep[:n]
 
 
-@njit(cache=True)
+@compiled
 def _peak_tokens_by_argsort(context: np.ndarray, remaining: np.ndarray) -> int:
     """:func:`peak_tokens` for values that do not pack into an int64 key."""
     order = np.argsort(-remaining, kind="mergesort")
@@ -167,7 +216,7 @@ def _peak_tokens_by_argsort(context: np.ndarray, remaining: np.ndarray) -> int:
     return peak
 
 
-@njit(cache=True)
+@compiled
 def peak_tokens(context: np.ndarray, remaining: np.ndarray) -> int:
     """:func:`llmsched_env.kv_cache.projected_peak_tokens`: the total is piecewise linear between finishes, so its
     maximum is at some ``t = remaining_i``; with the requests longest first, the ``n``-th candidate holds the
@@ -204,7 +253,7 @@ def peak_tokens(context: np.ndarray, remaining: np.ndarray) -> int:
     return peak
 
 
-@njit(cache=True)
+@compiled
 def running_profile(running: np.ndarray, classes: np.ndarray, context_len: np.ndarray, prompt_len: np.ndarray,
                     output_len: np.ndarray, residual: np.ndarray, segment_edges: np.ndarray, known: bool,
                     num_classes: int, buckets: int) -> tuple[np.ndarray, int]:
@@ -238,7 +287,7 @@ def running_profile(running: np.ndarray, classes: np.ndarray, context_len: np.nd
     return cells, peak_tokens(context, remaining)
 
 
-@njit(cache=True)
+@compiled
 def peak_blocks(context: np.ndarray, remaining: np.ndarray, block_size: int) -> int:
     """:func:`llmsched_env.kv_cache.projected_peak_blocks`: ``max_t Σ_{i: remaining_i >= t} ceil((context_i + t) / B)``,
     over the candidates ``t = remaining_k``, longest first, with the residues ``context_i mod B`` of the
@@ -268,7 +317,7 @@ def peak_blocks(context: np.ndarray, remaining: np.ndarray, block_size: int) -> 
     return peak
 
 
-@njit(cache=True)
+@compiled
 def fitting_prefix(context: np.ndarray, remaining: np.ndarray, candidate_context: np.ndarray,
                    candidate_remaining: np.ndarray, block_size: int, limit_blocks: int) -> int:
     """:func:`baselines.lookahead.fitting_prefix`: how many candidates, in order, can join the batch with its
@@ -295,12 +344,12 @@ def fitting_prefix(context: np.ndarray, remaining: np.ndarray, candidate_context
     return low
 
 
-@njit(cache=True)
+@compiled
 def _squash_into(out: np.ndarray, at: int, value: float, scale: float) -> None:
     out[at] = min(max(value / (value + scale), 0.0), 1.0)
 
 
-@njit(cache=True)
+@compiled
 def assemble_observation(queued: np.ndarray, queue_scale: np.ndarray, cells: np.ndarray, running_scale: np.ndarray,
                          memory: np.ndarray, elapsed: float, time_scale: float, estimate: np.ndarray,
                          rate_scale: np.ndarray, fixed: np.ndarray, progress: float) -> np.ndarray:
@@ -337,7 +386,7 @@ def assemble_observation(queued: np.ndarray, queue_scale: np.ndarray, cells: np.
 PLANNED, NOT_SIMPLE = 0, 1
 
 
-@njit(cache=True)
+@compiled
 def _claim(i: int, n: int, mark: np.ndarray, stamp: int) -> bool:
     """Mark id ``i`` as in this decision; ``False`` if it does not exist or is in it already."""
     if i < 0 or i >= n or mark[i] == stamp:
@@ -346,7 +395,7 @@ def _claim(i: int, n: int, mark: np.ndarray, stamp: int) -> bool:
     return True
 
 
-@njit(cache=True)
+@compiled
 def plan_iteration(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, whole_prefills: bool, n: int,
                    status: np.ndarray, context: np.ndarray, kv_tokens: np.ndarray, mark: np.ndarray, stamp: int,
                    block_size: int, free_blocks: int
@@ -401,7 +450,7 @@ def plan_iteration(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, w
     return PLANNED, decode_before, prefill_before, chunks, decode_new_blocks, prefill_new_blocks, prefill_tokens, batch_kv
 
 
-@njit(cache=True)
+@compiled
 def run_iteration(decode: np.ndarray, decode_before: np.ndarray, prefill: np.ndarray, prefill_before: np.ndarray,
                   chunks: np.ndarray, running: np.ndarray, status: np.ndarray, context: np.ndarray,
                   final_context: np.ndarray, kv_tokens: np.ndarray, first_token: np.ndarray, finish: np.ndarray,

@@ -30,6 +30,8 @@ from llmsched_env.errors import ConfigError, RequestTooLargeError
 from llmsched_env.kv_cache import PagedKVCache
 from llmsched_env.request_table import (
     EMPTY_IDS as _EMPTY,
+)
+from llmsched_env.request_table import (
     REQUEST_COLUMNS,
     Batch,
     checked_arrivals,
@@ -75,6 +77,7 @@ class SimulatedEngine:
         if (capacity_tokens is None) == (capacity_blocks is None):
             raise ConfigError("give exactly one of capacity_tokens and capacity_blocks")
         self.cost = cost
+        self._cost_coefficients = cost.coefficients()
         self._kv = (PagedKVCache.from_tokens(capacity_tokens, block_size) if capacity_tokens is not None
                     else PagedKVCache(capacity_blocks, block_size))  # type: ignore[arg-type]
         self._known = output_lengths_known
@@ -287,12 +290,7 @@ class SimulatedEngine:
         prefill_tokens = int(_sum(batch.chunk)) if len(prefill) else 0
         batch_kv = int(_sum(decode_before)) + num_decode + (int(_sum(prefill_after)) if len(prefill) else 0)
         start = self._now
-        attention = 0.0
-        if self.cost.c_pf2 and len(prefill):  # the quadratic prefill term, only when the profile has one
-            chunk = batch.chunk.astype(np.float64)
-            attention = float(_sum(chunk * batch.prefill_before + chunk * (chunk + 1) / 2))
-        duration = (self.cost.iteration_time(prefill_tokens, num_decode, batch_kv, attention)
-                    if num_decode or len(prefill) else 0.0)
+        duration = self._duration(prefill_tokens, num_decode, batch_kv, batch.chunk, batch.prefill_before)
         now = self._now = start + duration
 
         kv.append_token(decode, decode_before, decode_new_blocks)
@@ -340,12 +338,7 @@ class SimulatedEngine:
         if verdict != kernels.PLANNED:
             return None
         num_decode = len(decode)
-        attention = 0.0
-        if self.cost.c_pf2 and len(prefill):  # as in step(): NumPy's sum, so that the rounding is the same
-            chunk_f = chunk.astype(np.float64)
-            attention = float(_sum(chunk_f * prefill_before + chunk_f * (chunk_f + 1) / 2))
-        duration = (self.cost.iteration_time(prefill_tokens, num_decode, batch_kv, attention)
-                    if num_decode or len(prefill) else 0.0)
+        duration = self._duration(prefill_tokens, num_decode, batch_kv, chunk, prefill_before)
         start = self._now
         now = self._now = start + duration
         admitted, finished, running, tokens_added, blocks_freed, tokens_freed = kernels.run_iteration(
@@ -362,6 +355,15 @@ class SimulatedEngine:
             batch_kv_tokens=batch_kv, admitted=admitted if len(admitted) else _EMPTY, finished=finished,
             evicted=_EMPTY, deferred=_EMPTY, kv_tokens_used=kv.used_tokens, kv_blocks_used=kv.used_blocks,
             peak_blocks_used=peak_blocks, capacity_blocks=kv.capacity_blocks)
+
+    def _duration(self, prefill_tokens: int, num_decode: int, batch_kv: int, chunk: np.ndarray,
+                  prefill_before: np.ndarray) -> float:
+        """The iteration's time: the compiled formula every path (and the environment's step) shares."""
+        if not (num_decode or len(chunk)):
+            return 0.0
+        cost = self._cost_coefficients
+        attention = kernels.prefill_attention_sum(chunk, prefill_before) if cost[4] != 0.0 else 0.0
+        return float(kernels.iteration_seconds(cost, prefill_tokens, num_decode, batch_kv, attention))
 
     def advance_to(self, time: float) -> None:
         if not math.isfinite(time):

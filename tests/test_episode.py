@@ -7,12 +7,9 @@ import hashlib
 import gymnasium as gym
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import llmsched_env  # noqa: F401  (registers the ids)
 from llmsched_env.env import LLMSchedEnv
-from llmsched_env.episode import pairwise_sum
 from tests.invariants import check_engine
 
 _RECORD_FIELDS = ("arrival_time", "prompt_len", "output_len", "first_token_time", "finish_time", "num_evictions",
@@ -92,10 +89,3 @@ def test_the_compiled_loop_is_the_default_and_rgb_rendering_runs_the_python_loop
     recorded = gym.make("LLMSched-v0", horizon=5.0, render_mode="rgb_array").unwrapped
     recorded.reset(seed=0)
     assert recorded._episode is None
-
-
-@settings(max_examples=300, deadline=None)
-@given(values=st.lists(st.floats(-1e12, 1e12, allow_nan=False), max_size=700))
-def test_pairwise_sum_adds_in_numpys_order(values: list[float]) -> None:
-    array = np.array(values, dtype=np.float64)
-    assert np.float64(pairwise_sum(array)).tobytes() == np.add.reduce(array).tobytes()

