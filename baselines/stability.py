@@ -46,11 +46,17 @@ def is_stable(scenario: Scenario, policy: str, rate: float, horizon: float, seed
     return result.waiting + result.running <= backlog_window_s * rate
 
 
+def _check_tolerance(tolerance: float) -> None:
+    if not (math.isfinite(tolerance) and 0 < tolerance < 1):
+        raise ConfigError(f"tolerance must be in (0, 1) (relative width of the final bracket), got {tolerance!r}")
+
+
 def stability_point(scenario: Scenario, policy: str, *, seed: int = 0, horizon: float = 600.0,
                     low_load: float = 0.5, high_load: float = 1.2, tolerance: float = 0.01,
                     backlog_window_s: float = 10.0) -> StabilityPoint:
     """Bisect the rate between loads ``low_load`` and ``high_load`` of the scenario's fluid model until the
     bracket is narrower than ``tolerance`` (relative)."""
+    _check_tolerance(tolerance)
     if not 0 < low_load < high_load:
         raise ConfigError(f"need 0 < low_load < high_load, got {low_load}, {high_load}")
     low, high = scenario.rate_for_load(low_load), scenario.rate_for_load(high_load)
@@ -80,6 +86,7 @@ def stability_points(scenario: Scenario, policies: Sequence[str], seeds: Sequenc
 
     from llmsched_env.report import mean_and_halfwidth
 
+    _check_tolerance(tolerance)
     points: list[StabilityPoint] = []
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         futures = [pool.submit(stability_point, scenario, name, seed=seed, horizon=horizon, tolerance=tolerance)

@@ -35,7 +35,7 @@ class LiveLLMSchedEnv(LLMSchedEnv):
 
     def __init__(self, *, model: str, live_config: str | None = None, kv_blocks: int | None = None,
                  device: str | None = None, types: str | None = None, trace: str | None = None,
-                 profile: str | None = None, arrivals: str = "poisson", cv: float = 2.0,
+                 profile: str | None = None, arrivals: str | None = None, cv: float | None = None,
                  rate: Any = None, horizon: float = 30.0, output_lengths_known: bool = True,
                  **kwargs: Any) -> None:
         config = load_live_config(live_config, model=model, kv_blocks=kv_blocks, device=device)

@@ -6,23 +6,26 @@ JSON field names printed with ``--json`` are part of the interface and documente
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from llmsched_env.errors import LLMSchedError
+from llmsched_env.errors import RUN_TIME_ERRORS, LLMSchedError
 from llmsched_env.fluid import solve_fluid
-from llmsched_env.metrics import json_safe, summarize
+from llmsched_env.metrics import json_document, summarize
 from llmsched_env.runner import run
-from llmsched_env.scenario import DEFAULT_TYPES, build_scenario
+from llmsched_env.scenario import DEFAULT_TYPES, build_scenario, check_work
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# rich_markup_mode=None: a usage error is click's plain "Error: Invalid value for '--rates': ..." line, not a panel.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="LLM-serving scheduling under KV-cache limits: fluid benchmark, simulator, policy comparison.")
 console = Console(stderr=True)
 
@@ -41,41 +44,121 @@ CostOption = Annotated[Optional[str], typer.Option(help=COST_HELP)]
 ProfileOption = Annotated[Optional[str], typer.Option(help=PROFILE_HELP)]
 MemoryOption = Annotated[Optional[int], typer.Option(help=MEMORY_HELP)]
 BlockSizeOption = Annotated[Optional[int], typer.Option(help="KV block size in tokens (default: the profile's).")]
-ArrivalsOption = Annotated[str, typer.Option(help="Arrival process: poisson, gamma (see --cv), onoff (2-state MMPP), "
-                                                   "diurnal (one-hour cycle); a length-only trace uses it too.")]
-CvOption = Annotated[float, typer.Option(help="Coefficient of variation of gamma inter-arrival times.")]
+ArrivalsOption = Annotated[Optional[str], typer.Option(help="Arrival process: poisson (default), gamma (see --cv), onoff "
+                                                             "(2-state MMPP), diurnal (one-hour cycle); a length-only "
+                                                             "trace uses it too.")]
+CvOption = Annotated[Optional[float], typer.Option(help="Coefficient of variation of gamma inter-arrival times "
+                                                        "(default 2).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
 SeedOption = Annotated[int, typer.Option(min=0, help="Seed (an integer >= 0): the same seed gives the same run.")]
 
 
 def _check_out(path: Path | None) -> Path | None:
-    if path is not None and path.exists() and not path.is_dir():
+    """A results folder must be writable before any work starts (a sweep is not run to fail at its end)."""
+    if path is None:
+        return path
+    if path.exists() and not path.is_dir():
         raise typer.BadParameter(f"{path} exists and is not a folder", param_hint="--out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".llmsched-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise typer.BadParameter(f"cannot write results into {path}: {error.strerror or error}",
+                                 param_hint="--out") from None
     return path
 
 
-OutOption = Annotated[Path, typer.Option(callback=_check_out, help="Folder for the results (created if missing).")]
+def _out_option(command: str) -> Any:
+    """``--out``, defaulting to a folder of the command's own, so that no command overwrites another's results."""
+    return typer.Option(callback=_check_out, help=f"Folder for the results (created if missing; default "
+                                                   f"llmsched-out/{command}).")
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"0..9"`` (inclusive) or ``"0,3,7"`` into a list of seeds >= 0."""
+#: The most seeds one option may name (``0..100000000`` is refused before any list is built).
+MAX_SEEDS = 100_000
+
+
+def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
+    """``"0..9"`` (inclusive) or ``"0,3,7"`` into a list of distinct seeds >= 0."""
     try:
         if ".." in text:
             low, high = (int(part) for part in text.split("..", 1))
+            if high - low + 1 > MAX_SEEDS:
+                raise typer.BadParameter(f"{text!r} names {high - low + 1:,} seeds; at most {MAX_SEEDS:,}",
+                                         param_hint=option)
             seeds = list(range(low, high + 1))
         else:
             seeds = [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
         raise typer.BadParameter(f"expected 'A..B' or comma-separated integers, got {text!r}",
-                                 param_hint="--seeds") from None
+                                 param_hint=option) from None
     if not seeds or min(seeds) < 0:
-        raise typer.BadParameter(f"expected at least one seed, all >= 0, got {text!r}", param_hint="--seeds")
+        raise typer.BadParameter(f"expected at least one seed, all >= 0, got {text!r}", param_hint=option)
+    _refuse_repeats(seeds, option)
     return seeds
 
 
-def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}", soft_wrap=True)  # a path must stay greppable
-    raise typer.Exit(code=2)
+def _refuse_repeats(values: list, option: str) -> None:  # type: ignore[type-arg]
+    repeated = sorted({f"{v:g}" if isinstance(v, float) else str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise typer.BadParameter(f"{', '.join(repeated)} given more than once", param_hint=option)
+
+
+def _names(text: str | None, option: str) -> list[str] | None:
+    """A comma-separated option of names (``--policies``): at least one, none twice; ``None`` when not given."""
+    if text is None:
+        return None
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise typer.BadParameter(f"expected comma-separated names, got {text!r}", param_hint=option)
+    _refuse_repeats(names, option)
+    return names
+
+
+def _horizon(value: float | None, default: float | None) -> float | None:
+    """``--horizon``: finite and > 0 s; ``default`` when not given (``0`` is not "not given")."""
+    if value is None:
+        return default
+    if not (value > 0 and value != float("inf")):
+        raise typer.BadParameter(f"expected a finite number of seconds > 0, got {value!r}", param_hint="--horizon")
+    return value
+
+
+def _fail(error: Exception | str, code: int | None = None) -> None:
+    """One line on stderr and the exit status: 1 for a run that failed (a stall, an engine fault), 2 for bad input."""
+    if code is None:
+        code = 1 if isinstance(error, RUN_TIME_ERRORS) else 2
+    console.print(f"[bold red]error:[/] {error}", soft_wrap=True, highlight=False)  # a path must stay greppable
+    raise typer.Exit(code=code)
+
+
+def _command(name: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``app.command``, with every failure turned into one line and an exit status (never a traceback):
+    bad input 2, a failure at run time 1. ``LLMSCHED_DEBUG=1`` lets an unexpected error's traceback through."""
+
+    def register(function: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(function)
+        def guarded(*args: Any, **kwargs: Any) -> None:
+            try:
+                function(*args, **kwargs)
+            except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own exits and usage errors
+                raise
+            except LLMSchedError as error:
+                _fail(error)
+            except OSError as error:
+                where = f"{error.filename}: " if error.filename else ""
+                _fail(f"{where}{error.strerror or error}", code=1)
+            except Exception as error:
+                if os.environ.get("LLMSCHED_DEBUG"):
+                    raise
+                _fail(f"internal error ({type(error).__name__}: {error}); LLMSCHED_DEBUG=1 shows the traceback",
+                      code=1)
+
+        return app.command(name)(guarded)
+
+    return register
 
 
 def _stdout_console() -> Console:
@@ -92,11 +175,11 @@ def _progress():  # type: ignore[no-untyped-def]
                     TimeElapsedColumn(), console=console, transient=True)
 
 
-def _print_json(payload: object) -> None:
-    sys.stdout.write(json.dumps(json_safe(payload), indent=2) + "\n")
+def _print_json(payload: dict[str, object]) -> None:
+    sys.stdout.write(json_document(payload))
 
 
-@app.command()
+@_command()
 def fluid(
     types: TypesOption = None,
     trace: TraceOption = None,
@@ -136,7 +219,7 @@ def fluid(
     _stdout_console().print(table)
 
 
-@app.command()
+@_command()
 def simulate(
     policy: str = typer.Option("vllm", help="Policy: vllm, sarathi, wait, wait-paper, nested-wait, nested-wait-paper."),
     types: TypesOption = None,
@@ -148,8 +231,8 @@ def simulate(
     profile: ProfileOption = None,
     memory_tokens: MemoryOption = None,
     block_size: BlockSizeOption = None,
-    arrivals: ArrivalsOption = "poisson",
-    cv: CvOption = 2.0,
+    arrivals: ArrivalsOption = None,
+    cv: CvOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run one policy on the simulated engine and report throughput, latency, memory and regret.
@@ -159,6 +242,7 @@ def simulate(
     from baselines import make_policy
     from baselines.compare import SEES_OUTPUT_LENGTHS
 
+    horizon = _horizon(horizon, 300.0)  # type: ignore[assignment]
     try:
         scenario = build_scenario(types=types, trace=trace, rate=rate, cost=cost, profile=profile,
                                   memory_tokens=memory_tokens, block_size=block_size, arrivals=arrivals,  # type: ignore[arg-type]
@@ -175,7 +259,7 @@ def simulate(
         _print_json(summary)
         return
     table = Table(title=f"{policy} on the simulated engine, {horizon:g} s", show_header=False)
-    for key, value in json_safe(summary).items():  # type: ignore[union-attr]
+    for key, value in json.loads(json_document(summary)).items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     _stdout_console().print(table)
 
@@ -187,12 +271,13 @@ def _floats(text: str | None, option: str) -> list[float] | None:
         values = [float(item) for item in text.split(",") if item.strip()]
     except ValueError:
         raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=option) from None
-    if not values or any(not v > 0 for v in values):
-        raise typer.BadParameter(f"expected positive numbers, got {text!r}", param_hint=option)
+    if not values or any(not (0 < v < float("inf")) for v in values):
+        raise typer.BadParameter(f"expected finite numbers > 0, got {text!r}", param_hint=option)
+    _refuse_repeats(values, option)
     return values
 
 
-@app.command()
+@_command()
 def compare(
     policies: Optional[str] = typer.Option(None, help="Comma-separated: wait, wait-paper, nested-wait, vllm, sarathi "
                                                       "(default: all four, or the scenario's)."),
@@ -209,13 +294,13 @@ def compare(
     horizon: Optional[float] = typer.Option(None, help="Simulated seconds per run (default 300, or the scenario's)."),
     seed: SeedOption = 0,
     seeds: Optional[str] = typer.Option(None, help="Several arrival seeds, '0..9' or '0,3,7': means with 95% CIs."),
-    out: OutOption = Path("llmsched-out"),
+    out: Annotated[Path, _out_option("compare")] = Path("llmsched-out/compare"),
     cost: CostOption = None,
     profile: ProfileOption = None,
     memory_tokens: MemoryOption = None,
     block_size: BlockSizeOption = None,
-    arrivals: ArrivalsOption = "poisson",
-    cv: CvOption = 2.0,
+    arrivals: ArrivalsOption = None,
+    cv: CvOption = None,
     plots: bool = typer.Option(True, help="Write the PNG plots."),
     as_json: JsonOption = False,
 ) -> None:
@@ -226,7 +311,8 @@ def compare(
     from baselines import DEFAULT_POLICIES
     from baselines.compare import DEFAULT_LOADS, compare as run_comparison, default_rates
 
-    names = [p.strip() for p in policies.split(",") if p.strip()] if policies is not None else None
+    names = _names(policies, "--policies")
+    horizon = _horizon(horizon, None)
     progress = _progress()
     try:
         if rates is not None and loads is not None:
@@ -244,13 +330,16 @@ def compare(
         sweep = _floats(rates, "--rates") or default_rates(chosen, _floats(loads, "--loads") or DEFAULT_LOADS)
         seed_list = parse_seeds(seeds) if seeds is not None else [seed]
         names = names or list(DEFAULT_POLICIES)
+        horizon = 300.0 if horizon is None else horizon
+        check_work(sum(sweep) * horizon * len(names) * len(seed_list),
+                   f"{len(names)} policies × {len(sweep)} rates × {len(seed_list)} seeds of {horizon:g} s")
         with progress:
             task = progress.add_task("simulating", total=len(names) * len(sweep) * len(seed_list))
 
             def advance(done) -> None:  # type: ignore[no-untyped-def]
                 progress.update(task, advance=1, description=f"{done.policy} @ {done.rate:g} req/s")
 
-            comparison = run_comparison(chosen, names, sweep, horizon or 300.0, seed, on_run_done=advance,
+            comparison = run_comparison(chosen, names, sweep, horizon, seed, on_run_done=advance,
                                         seeds=seed_list)
     except LLMSchedError as error:
         _fail(error)
@@ -285,8 +374,8 @@ def _compare_scenarios(name: str | None, policies: list[str] | None, rates: list
             _write_files(comparison, out / plan.spec.name, plots)
     if not rows:  # a single scenario without both a fluid-guided and an engine policy has no verdict
         return
-    (out / "suite.json").write_text(json.dumps(json_safe({"rows": rows}), indent=2) + "\n")
-    (out / "suite.md").write_text(report.suite_markdown(rows))
+    report.write_text_atomically(out / "suite.json", json_document({"rows": rows}))
+    report.write_text_atomically(out / "suite.md", report.suite_markdown(rows))
     if as_json:
         if name is None:
             _print_json({"rows": rows})
@@ -296,7 +385,7 @@ def _compare_scenarios(name: str | None, policies: list[str] | None, rates: list
     console.print(f"wrote {out / 'suite.md'}, {out / 'suite.json'} and {reports} under {out}/")
 
 
-@app.command()
+@_command()
 def stability(
     scenario: str = typer.Option(..., help="A named scenario (see `llmsched scenarios`) or a scenario TOML file."),
     policies: str = typer.Option("wait,vllm,sarathi", help="Comma-separated policies (e.g. the V0 presets "
@@ -311,8 +400,11 @@ def stability(
     from baselines.stability import stability_points
     from llmsched_env.scenarios import load_scenario
 
-    names = [p.strip() for p in policies.split(",") if p.strip()]
+    names = _names(policies, "--policies")
     seed_list = parse_seeds(seeds)
+    horizon = _horizon(horizon, 600.0)  # type: ignore[assignment]
+    if not 0 < tolerance < 1:
+        raise typer.BadParameter(f"expected a relative width in (0, 1), got {tolerance!r}", param_hint="--tolerance")
     try:
         spec = load_scenario(scenario)
         progress = _progress()
@@ -337,7 +429,7 @@ def stability(
     _stdout_console().print(table)
 
 
-@app.command()
+@_command()
 def scenarios(as_json: JsonOption = False) -> None:
     """The named scenarios (for --scenario, the environment's scenario= and load_scenario)."""
     from llmsched_env.scenarios import load_scenario, scenario_names
@@ -348,9 +440,9 @@ def scenarios(as_json: JsonOption = False) -> None:
         _fail(error)
         return
     if as_json:
-        _print_json([{"name": s.name, "description": s.description, "loads": list(s.loads), "horizon_s": s.horizon_s,
+        _print_json({"scenarios": [{"name": s.name, "description": s.description, "loads": list(s.loads), "horizon_s": s.horizon_s,
                       "seeds": list(s.seeds), "suite": s.in_suite, "output_lengths_known": s.scenario.output_lengths_known}
-                     for s in specs])
+                     for s in specs]})
         return
     table = Table(title="Scenarios (llmsched compare --scenario NAME; --suite runs those marked)")
     for header in ("name", "suite", "loads ρ", "horizon s", "description"):
@@ -368,22 +460,25 @@ def _write_files(comparison, out: Path, plots: bool) -> list[Path]:  # type: ign
     out.mkdir(parents=True, exist_ok=True)
     report.write_csv(comparison, out / "comparison.csv")
     report.write_json(comparison, out / "comparison.json")
-    (out / "comparison.md").write_text(report.to_markdown(comparison))
+    report.write_text_atomically(out / "comparison.md", report.to_markdown(comparison))
     return report.plot(comparison, out) if plots else []
 
 
 def _write_report(comparison, out: Path, plots: bool, as_json: bool) -> None:  # type: ignore[no-untyped-def]
-    """Write the CSV, JSON, Markdown and plots of a comparison; print its table (or its JSON)."""
+    """Print a comparison's table (or its JSON), then write its CSV, JSON, Markdown and plots: the results are
+    shown even if writing them fails."""
     from llmsched_env import report
 
-    written = _write_files(comparison, out, plots)
     if as_json:
         _print_json(report.to_json(comparison))
+    else:
+        _stdout_console().print(report.table(comparison))
+        agreement = report.sim_to_real_table(comparison)
+        if agreement is not None:
+            _stdout_console().print(agreement)
+    written = _write_files(comparison, out, plots)
+    if as_json:
         return
-    _stdout_console().print(report.table(comparison))
-    agreement = report.sim_to_real_table(comparison)
-    if agreement is not None:
-        _stdout_console().print(agreement)
     console.print(f"wrote {out / 'comparison.csv'}, {out / 'comparison.json'}, {out / 'comparison.md'}"
                   + "".join(f", {p}" for p in written))
 
@@ -396,7 +491,7 @@ def _require_agents() -> None:
         _fail(LLMSchedError("the agents need stable-baselines3, sb3-contrib and torch: pip install 'llmsched[agents]'"))
 
 
-@app.command()
+@_command()
 def train(
     out: Annotated[Path, typer.Option(callback=_check_out, help="Folder for model.zip, agent.json, tb/, checkpoints/.")],
     algo: Optional[str] = typer.Option(None, help="ppo or maskable-ppo (default: the config's)."),
@@ -449,7 +544,7 @@ def _live_config(model: str | None, live_config: str | None, kv_blocks: int | No
     return load_live_config(live_config, model=model, kv_blocks=kv_blocks, device=device)
 
 
-@app.command()
+@_command()
 def evaluate(
     agent: Annotated[Optional[Path], typer.Option(help="An agent folder (what `llmsched train --out` wrote, or "
                                                        "agents/pretrained/NAME); optional with --backend vllm.")] = None,
@@ -472,7 +567,7 @@ def evaluate(
     types: TypesOption = None,
     trace: TraceOption = None,
     profile: ProfileOption = None,
-    out: OutOption = Path("llmsched-out"),
+    out: Annotated[Path, _out_option("evaluate")] = Path("llmsched-out/evaluate"),
     plots: bool = typer.Option(True, help="Write the PNG plots."),
     as_json: JsonOption = False,
 ) -> None:
@@ -483,9 +578,14 @@ def evaluate(
     if agent is None and backend == "sim":
         _fail(typer.BadParameter("give --agent DIR (or use `llmsched compare` for baselines only)",
                                  param_hint="--agent"))
+    if agent is not None and backend == "sim" and (types is not None or trace is not None or profile is not None):
+        _fail(typer.BadParameter("a trained agent is evaluated on the workload and profile it was trained on (its "
+                                 "observation's classes come from them): drop --types / --trace / --profile, or "
+                                 "train an agent on that workload", param_hint="--agent"))
     if agent is not None:
         _require_agents()
-    names = [p.strip() for p in policies.split(",") if p.strip()]
+    names = _names(policies, "--policies") or []
+    horizon = _horizon(horizon, None)
     factory = None
     try:
         seed_list = parse_seeds(seeds)
@@ -535,7 +635,7 @@ def evaluate(
     _write_report(comparison, out, plots, as_json)
 
 
-@app.command("make-tiny-model")
+@_command("make-tiny-model")
 def make_tiny_model(
     out: Annotated[Path, typer.Option(help="New folder for the model (config, weights, tokenizer).")],
     seed: SeedOption = 0,
@@ -551,7 +651,7 @@ def make_tiny_model(
     console.print(f"wrote a tiny Llama to {path}")
 
 
-@app.command()
+@_command()
 def calibrate(
     out: Annotated[Path, typer.Option(help="Profile JSON to write (loadable with --profile).")],
     backend: str = typer.Option("vllm", help="vllm: the only live backend."),

@@ -15,7 +15,7 @@ of iteration time, where ``w = (o + 1)(p + o/2)`` is its memory-time (see :mod:`
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,8 @@ from llmsched_env.config_files import builtin_names, read_json_config
 from llmsched_env.errors import ConfigError
 
 _COEFFICIENTS = ("c0", "c_pf", "c_dec", "c_kv", "c_pf2")
+#: The largest coefficient accepted (seconds per iteration, token or request): an hour, far beyond any engine.
+MAX_COEFFICIENT_S = 3600.0
 _PROFILE_FIELDS = {"name", "description", "kv_capacity_tokens", "block_size", *_COEFFICIENTS}
 
 
@@ -45,8 +47,8 @@ class LinearCostModel:
     def __post_init__(self) -> None:
         for name in _COEFFICIENTS:
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ConfigError(f"cost coefficient {name} must be a finite number >= 0 s, got {value!r}")
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= MAX_COEFFICIENT_S):
+                raise ConfigError(f"cost coefficient {name} must be in [0, {MAX_COEFFICIENT_S:g}] s, got {value!r}")
         if self.c0 <= 0:
             raise ConfigError(f"cost coefficient c0 (fixed time per iteration) must be > 0 s, got {self.c0!r}")
 
@@ -156,8 +158,10 @@ def load_profile(name_or_path: str | Path) -> Profile:
 DEFAULT_PROFILE = "llama2-7b-a100"
 
 
-def parse_cost(text: str) -> LinearCostModel:
-    """Parse ``"d0=0.0086,d1=2.75e-7"`` (the paper's model) or ``"c0=..,c_pf=..,c_dec=..,c_kv=.."`` (seconds)."""
+def parse_cost(text: str, base: LinearCostModel | None = None) -> LinearCostModel:
+    """Parse ``"d0=0.0086,d1=2.75e-7"`` (the paper's model: exactly these two terms) or
+    ``"c0=..,c_pf=..,c_dec=..,c_kv=..,c_pf2=.."`` (seconds): the general form overrides the coefficients it
+    names, the others keep ``base``'s (the profile's); without ``base`` they are 0 and ``c0`` is required."""
     values: dict[str, float] = {}
     for item in text.split(","):
         key, sep, raw = item.partition("=")
@@ -166,6 +170,8 @@ def parse_cost(text: str) -> LinearCostModel:
             raise ConfigError(f"cost: expected key=value, got {item.strip()!r}")
         if key not in {"d0", "d1", *_COEFFICIENTS}:
             raise ConfigError(f"cost: unknown field {key!r}; allowed: d0, d1 (paper) or c0, c_pf, c_dec, c_kv, c_pf2")
+        if key in values:
+            raise ConfigError(f"cost: field {key!r} given twice")
         try:
             values[key] = float(raw)
         except ValueError:
@@ -178,6 +184,8 @@ def parse_cost(text: str) -> LinearCostModel:
         if "d0" not in values:
             raise ConfigError("cost: the paper's model needs d0 (and d1)")
         return LinearCostModel.paper(values["d0"], values.get("d1", 0.0))
+    if base is not None:
+        return replace(base, **values)
     if "c0" not in values:
         raise ConfigError("cost: the general model needs c0")
     return LinearCostModel(**values)

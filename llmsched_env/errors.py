@@ -39,5 +39,18 @@ class EngineFailure(LLMSchedError, RuntimeError):
         self.result: object | None = None
 
 
+class StalledRunError(LLMSchedError, RuntimeError):
+    """A run in which requests waited, memory was free, and the policy admitted and finished nothing for a
+    stated span (:class:`llmsched_env.runner.Rollout`). ``result`` is the run up to the stall."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.result: object | None = None
+
+
+#: Errors of a run that started (exit status 1 on the command line); every other LLMSchedError is bad input (2).
+RUN_TIME_ERRORS: tuple[type[LLMSchedError], ...] = (EngineFailure, StalledRunError)
+
+
 class UnsupportedVersionError(LLMSchedError, RuntimeError):
     """An installed engine whose internals this backend was not written against."""

@@ -14,6 +14,7 @@ Definitions (seconds unless stated):
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -91,6 +92,16 @@ def regret_curve(result: RunResult, fluid: FluidSolution, points: int = 200) -> 
     return RegretCurve(time=grid, completions=count,
                        regret_requests=fluid.throughput_rps * grid - count,
                        regret_tokens=fluid.throughput_tps * grid - cumulative_tokens[count])
+
+
+#: The version of every JSON document llmsched writes (``--json`` output, comparison.json, suite.json): raised
+#: when a field is renamed or removed or changes meaning, kept when fields are added (CHANGELOG.md).
+SCHEMA_VERSION = 1
+
+
+def json_document(payload: dict[str, object]) -> str:
+    """``payload`` as indented JSON text led by ``schema_version``, non-finite floats as ``null``."""
+    return json.dumps({"schema_version": SCHEMA_VERSION, **json_safe(payload)}, indent=2) + "\n"  # type: ignore[dict-item]
 
 
 def json_safe(value: object) -> object:

@@ -7,7 +7,8 @@ against rate; and, at every rate (one panel each), regret, KV memory in use and 
 from __future__ import annotations
 
 import csv
-import json
+import io
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 from rich.table import Table
 
 from llmsched_env.fluid import FluidSolution
-from llmsched_env.metrics import RegretCurve, json_safe
+from llmsched_env.metrics import RegretCurve, json_document, json_safe
 
 #: The fields every row of ``llmsched compare --json`` carries first (more follow; see README).
 ROW_FIELDS = ("policy", "rate_rps", "arrived", "completed", "throughput_rps", "fluid_throughput_rps",
@@ -293,13 +294,24 @@ def sim_to_real_table(comparison: Comparison) -> Table | None:
     return table
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it: a reader (or a crash) never sees half a file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_csv(comparison: Comparison, path: Path) -> None:
     rows = comparison.rows
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in json_safe(row).items()})  # type: ignore[union-attr]
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in json_safe(row).items()})  # type: ignore[union-attr]
+    write_text_atomically(path, buffer.getvalue())
 
 
 def to_json(comparison: Comparison) -> dict[str, object]:
@@ -320,7 +332,7 @@ def to_json(comparison: Comparison) -> dict[str, object]:
 
 
 def write_json(comparison: Comparison, path: Path) -> None:
-    path.write_text(json.dumps(to_json(comparison), indent=2) + "\n")
+    write_text_atomically(path, json_document(to_json(comparison)))
 
 
 def plot(comparison: Comparison, out_dir: Path) -> list[Path]:

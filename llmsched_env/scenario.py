@@ -8,13 +8,14 @@ same optimum.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from llmsched_env.cost_model import DEFAULT_PROFILE, LinearCostModel, load_profile, parse_cost
-from llmsched_env.errors import ConfigError
+from llmsched_env.errors import ConfigError, RequestTooLargeError
 from llmsched_env.fluid import FluidSolution, lifetime_work, solve_fluid
 from llmsched_env.simulator import SimulatedEngine
 from llmsched_env.workload import (
@@ -57,6 +58,24 @@ class Scenario:
         if self.capacity_tokens < self.block_size:
             raise ConfigError(f"KV capacity of {self.capacity_tokens} tokens is less than one block of "
                               f"{self.block_size}")
+        self._check_requests_fit()
+
+    def _check_requests_fit(self) -> None:
+        """A request whose last stage needs more KV than the cache holds can never finish, under any policy:
+        refuse the scenario (the fluid benchmark would otherwise report a rate for it)."""
+        if self.mix is not None:
+            prompts, outputs, what = self.mix.prompt_lens, self.mix.output_lens, "request type"
+        else:
+            assert self.trace is not None
+            prompts, outputs, what = self.trace.prompt_len, self.trace.output_len, "trace request"
+        tokens = np.asarray(prompts, np.int64) + np.asarray(outputs, np.int64)
+        too_big = np.flatnonzero(-(-tokens // self.block_size) > self.capacity_blocks)
+        if len(too_big):
+            i = int(too_big[0])
+            raise RequestTooLargeError(
+                f"{what} {i + 1} (p={int(prompts[i])}, o={int(outputs[i])}) needs {int(tokens[i]):,} KV tokens at its "
+                f"last stage, more than the capacity of {self.paged_capacity_tokens:,} tokens: it could never "
+                f"finish ({len(too_big)} such); raise --memory-tokens or shorten it")
 
     @property
     def capacity_blocks(self) -> int:
@@ -105,6 +124,10 @@ class Scenario:
 
     def sample(self, horizon: float, seed: int) -> Arrivals:
         """The requests arriving in ``[0, horizon]`` (the same seed, the same requests)."""
+        if not (math.isfinite(horizon) and horizon > 0):
+            raise ConfigError(f"horizon must be finite and > 0 s, got {horizon!r}")
+        if self.mix is not None or isinstance(self.trace, LengthSampleWorkload):
+            check_work(self.base_rate * horizon, f"a run of {horizon:g} s at {self.base_rate:g} req/s")
         rng = np.random.default_rng(seed)
         if self.trace is not None:
             return self.trace.sample(horizon, rng)
@@ -127,6 +150,24 @@ class Scenario:
                                output_lengths_known=self.output_lengths_known)
 
 
+#: The most requests one command (or one episode) may ask to simulate, over all its runs, unless the
+#: ``LLMSCHED_MAX_REQUESTS`` environment variable sets another cap: beyond it the run is refused up front.
+DEFAULT_MAX_REQUESTS = 10**8
+
+
+def check_work(expected_requests: float, what: str) -> None:
+    """Refuse, in one line with the numbers, a request for more simulated requests than the cap (see
+    :data:`DEFAULT_MAX_REQUESTS`): they would take hours and memory in proportion."""
+    raw = os.environ.get("LLMSCHED_MAX_REQUESTS")
+    try:
+        cap = float(raw) if raw else DEFAULT_MAX_REQUESTS
+    except ValueError:
+        raise ConfigError(f"LLMSCHED_MAX_REQUESTS must be a number, got {raw!r}") from None
+    if not expected_requests <= cap:  # NaN and inf refused too
+        raise ConfigError(f"{what} would simulate about {expected_requests:.3g} requests, above the cap of {cap:.3g} "
+                          "(set LLMSCHED_MAX_REQUESTS to raise it): lower the rate, the horizon or the runs")
+
+
 def build_scenario(
     *,
     types: str | None = None,
@@ -136,39 +177,47 @@ def build_scenario(
     cost: str | None = None,
     memory_tokens: int | None = None,
     block_size: int | None = None,
-    arrivals: ArrivalKind = "poisson",
-    cv: float = 2.0,
+    arrivals: ArrivalKind | None = None,
+    cv: float | None = None,
     hidden_lengths: bool = False,
 ) -> Scenario:
     """Resolve command-line style options into a :class:`Scenario`.
 
     ``types`` or ``trace`` (default: the paper-style two-type mix); ``cost`` overrides the ``profile``'s
     cost model, ``memory_tokens``/``block_size`` its capacity and paging. A length-only trace needs
-    ``rate``; a timed trace is replayed (``rate`` rescales its time axis).
+    ``rate``; a timed trace is replayed (``rate`` rescales its time axis), so ``arrivals`` and ``cv`` are
+    refused with it. ``arrivals`` defaults to poisson; ``cv`` (default 2) applies to gamma arrivals only.
     """
     if types is not None and trace is not None:
         raise ConfigError("give either --types or --trace, not both")
+    if cv is not None and arrivals != "gamma":
+        raise ConfigError(f"--cv sets the variability of gamma arrivals; give --arrivals gamma with it (got "
+                          f"{arrivals or 'poisson'})")
     chosen = load_profile(profile or DEFAULT_PROFILE)
-    model = parse_cost(cost) if cost is not None else chosen.cost
+    model = parse_cost(cost, base=chosen.cost) if cost is not None else chosen.cost
     capacity = memory_tokens if memory_tokens is not None else chosen.kv_capacity_tokens
     block = block_size if block_size is not None else chosen.block_size
     if isinstance(capacity, int) and capacity < 1:
         raise ConfigError(f"--memory-tokens must be >= 1, got {capacity}")
+    cv = 2.0 if cv is None else cv
     if not (math.isfinite(cv) and cv > 0):
         raise ConfigError(f"--cv must be finite and > 0, got {cv}")
-    process = ArrivalProcess(arrivals, cv=cv)
+    process = ArrivalProcess(arrivals or "poisson", cv=cv)
     if trace is not None:
         times, prompts, outputs = read_trace_csv(trace, require_arrivals=False)
+        if times is not None and arrivals is not None:
+            raise ConfigError(f"{trace} has its own arrival times (arrived_at): --arrivals and --cv apply to "
+                              "generated arrivals and length-only traces")
         if times is None:
             if rate is None:
                 raise ConfigError(f"{trace} has no 'arrived_at' column: give --rate (req/s) for its arrivals")
             source: TraceWorkload | LengthSampleWorkload = LengthSampleWorkload(
                 prompts, outputs, rate, process)
         else:
-            replay = TraceWorkload(times - times[0], prompts, outputs)
+            replay = TraceWorkload.from_rows(times, prompts, outputs, source=trace)
             source = replay.with_rate(rate) if rate is not None else replay
         return Scenario(model, capacity, block, trace=source, output_lengths_known=not hidden_lengths)
-    mix = parse_types(types or DEFAULT_TYPES)
+    mix = parse_types(DEFAULT_TYPES if types is None else types)
     if rate is not None:
         mix = mix.scaled_to(rate)
     return Scenario(model, capacity, block, mix=mix, process=process, output_lengths_known=not hidden_lengths)

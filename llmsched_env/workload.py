@@ -22,6 +22,12 @@ import numpy as np
 from llmsched_env.errors import ConfigError, TraceFormatError
 
 
+#: The largest prompt or output length accepted (tokens): int32's range, far beyond any model's context.
+MAX_TOKENS = 2**31 - 1
+#: The largest arrival rate accepted (req/s), per type and in total: ten thousand times any deployed service.
+MAX_RATE = 1e9
+
+
 @dataclass(frozen=True)
 class RequestType:
     """One request type: prompt length ``p``, output length ``o`` (tokens) and arrival rate (req/s)."""
@@ -31,12 +37,12 @@ class RequestType:
     rate: float
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prompt_len, (int, np.integer)) or self.prompt_len < 1:
-            raise ConfigError(f"prompt length must be an integer >= 1, got {self.prompt_len!r}")
-        if not isinstance(self.output_len, (int, np.integer)) or self.output_len < 1:
-            raise ConfigError(f"output length must be an integer >= 1, got {self.output_len!r}")
-        if not (math.isfinite(self.rate) and self.rate >= 0):
-            raise ConfigError(f"arrival rate must be finite and >= 0 req/s, got {self.rate!r}")
+        if not isinstance(self.prompt_len, (int, np.integer)) or not 1 <= self.prompt_len <= MAX_TOKENS:
+            raise ConfigError(f"prompt length must be an integer in [1, {MAX_TOKENS}], got {self.prompt_len!r}")
+        if not isinstance(self.output_len, (int, np.integer)) or not 1 <= self.output_len <= MAX_TOKENS:
+            raise ConfigError(f"output length must be an integer in [1, {MAX_TOKENS}], got {self.output_len!r}")
+        if not (math.isfinite(self.rate) and 0 <= self.rate <= MAX_RATE):
+            raise ConfigError(f"arrival rate must be in [0, {MAX_RATE:g}] req/s, got {self.rate!r}")
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,8 @@ class TypeMix:
 
     def scaled_to(self, total_rate: float) -> "TypeMix":
         """The same mix with its rates scaled proportionally so that they sum to ``total_rate``."""
-        if not (math.isfinite(total_rate) and total_rate > 0):
-            raise ConfigError(f"total rate must be finite and > 0 req/s, got {total_rate!r}")
+        if not (math.isfinite(total_rate) and 0 < total_rate <= MAX_RATE):
+            raise ConfigError(f"total rate must be in (0, {MAX_RATE:g}] req/s, got {total_rate!r}")
         if self.total_rate <= 0:
             raise ConfigError("cannot scale a type mix whose rates are all zero")
         factor = total_rate / self.total_rate
@@ -448,8 +454,9 @@ def _parse_positive_int(value: str, path: Path, line: int, field: str) -> int:
         number = float(value)
     except ValueError:
         raise TraceFormatError(f"{path}:{line}: field {field!r} must be an integer >= 1, got {value!r}") from None
-    if not number.is_integer() or number < 1:
-        raise TraceFormatError(f"{path}:{line}: field {field!r} must be an integer >= 1, got {value!r}")
+    if not (number.is_integer() and 1 <= number <= MAX_TOKENS):
+        raise TraceFormatError(f"{path}:{line}: field {field!r} must be an integer in [1, {MAX_TOKENS}], "
+                               f"got {value!r}")
     return int(number)
 
 
@@ -468,6 +475,16 @@ def read_trace_csv(path: str | Path, *, require_arrivals: bool) -> tuple[np.ndar
         handle = path.open(newline="")
     except OSError as error:
         raise TraceFormatError(f"{path}: cannot open trace: {error.strerror}") from None
+    try:
+        return _read_trace_rows(handle, path, require_arrivals)
+    except UnicodeDecodeError as error:
+        raise TraceFormatError(f"{path}: not a UTF-8 text CSV (undecodable byte at offset {error.start})") from None
+    except csv.Error as error:
+        raise TraceFormatError(f"{path}: not a CSV file: {error}") from None
+
+
+def _read_trace_rows(handle, path: Path, require_arrivals: bool  # type: ignore[no-untyped-def]
+                     ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     with handle:
         reader = csv.reader(handle)
         header = next(reader, None)
@@ -475,6 +492,9 @@ def read_trace_csv(path: str | Path, *, require_arrivals: bool) -> tuple[np.ndar
             raise TraceFormatError(f"{path}:1: empty file; expected a header "
                                    f"'arrived_at,num_prefill_tokens,num_decode_tokens'")
         header = [h.strip() for h in header]
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if repeated:
+            raise TraceFormatError(f"{path}:1: column(s) {', '.join(map(repr, repeated))} given more than once")
         unknown = [h for h in header if h not in _LENGTH_COLUMNS + _OPTIONAL_COLUMNS]
         if unknown:
             raise TraceFormatError(f"{path}:1: unknown column(s) {', '.join(map(repr, unknown))}; allowed: "
@@ -534,6 +554,16 @@ class TraceWorkload:
     def from_csv(cls, path: str | Path) -> "TraceWorkload":
         times, prompts, outputs = read_trace_csv(path, require_arrivals=True)
         assert times is not None
+        return cls.from_rows(times, prompts, outputs, source=path)
+
+    @classmethod
+    def from_rows(cls, times: np.ndarray, prompts: np.ndarray, outputs: np.ndarray,
+                  source: str | Path = "trace") -> "TraceWorkload":
+        """The replay of rows read from ``source`` (sorted arrival times), shifted to start at 0."""
+        if times[-1] == times[0]:
+            raise TraceFormatError(f"{source}: every arrival is at {times[0]:g} s: a replayed trace needs two "
+                                   "distinct arrival times to have a rate (for its lengths alone, drop the "
+                                   "arrived_at column and give --rate)")
         return cls(times - times[0], prompts, outputs)
 
     @property

@@ -46,7 +46,7 @@ def test_a_scenario_is_the_same_every_time_it_is_loaded() -> None:
     ('speed = 3\n[workload]\ntypes = "p=10,o=5,rate=1"\n', r"unknown field 'speed'"),
     ('[workload]\ntypes = "p=10,o=5,rate=1"\nspeed = 3\n', r"unknown field workload\.speed; allowed: lengths, types"),
     ('[workload]\n', r"exactly one of 'types'"),
-    ('[workload]\ntypes = "p=200000,o=5,rate=1"\n', r"needs 200005 KV tokens"),
+    ('[workload]\ntypes = "p=200000,o=5,rate=1"\n', r"needs 200,005 KV tokens"),
     ('[workload.lengths]\nprobabilities = [0, 1]\nprompt = [5, 2]\noutput = [1, 2]\n', r"non-decreasing"),
     ('[workload\n', r"invalid TOML"),
 ])
