@@ -3,6 +3,12 @@
 An agent directory (what ``llmsched train`` writes, and ``agents/pretrained/<name>/``) holds
 ``model.zip`` (the stable-baselines3 model), ``agent.json`` (the algorithm, the environment id and
 keyword arguments it was trained on, the command that produced it) and ``config.toml``.
+
+An agent directory is data, never code. stable-baselines3's ``load`` unpickles the ``data`` entry of
+``model.zip``, which would run whatever code someone put there; :func:`read_agent` never does. It builds the
+network from the project's own description (``agent.json``'s environment gives the spaces, ``config.toml``'s
+``policy_kwargs`` the layers) and loads only ``policy.pth``'s tensors, with ``torch.load(weights_only=True)``;
+a directory whose weights do not match that network is refused.
 """
 
 from __future__ import annotations
@@ -39,13 +45,73 @@ class AgentSpec:
         return {"format": 1, **self.__dict__}
 
 
-def load_model(algo: str, path: Path) -> Any:
-    """The stable-baselines3 model saved at ``path``."""
-    from stable_baselines3 import PPO
+def algorithm_class(algo: str) -> type:
+    """The SB3 algorithm of ``algo`` (``ppo`` or ``maskable-ppo``)."""
     from sb3_contrib import MaskablePPO
+    from stable_baselines3 import PPO
 
-    cls = MaskablePPO if algo == "maskable-ppo" else PPO
-    return cls.load(path, device="cpu")
+    return MaskablePPO if algo == "maskable-ppo" else PPO
+
+
+def read_weights(path: Path, entry: str = "policy.pth") -> dict[str, Any]:
+    """The tensors of ``entry`` in an SB3 archive, read with ``weights_only=True`` (no other object is built)."""
+    import io
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            raw = archive.read(entry)
+    except (zipfile.BadZipFile, KeyError, OSError) as error:
+        raise ConfigError(f"{path}: not a readable model archive with {entry} ({error})") from None
+    try:
+        weights = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{path}: {entry} is not a plain file of tensors, refused (only weights are loaded): "
+                          f"{first}") from None
+    if not isinstance(weights, dict):
+        raise ConfigError(f"{path}: {entry} holds a {type(weights).__name__}, not a dict of tensors")
+    return weights
+
+
+@dataclass(frozen=True)
+class TrainedNetwork:
+    """A trained agent's policy network with its spaces: what :class:`AgentPolicy` needs of an SB3 model."""
+
+    policy: Any
+    observation_space: Any
+    action_space: Any
+
+
+def load_network(spec: "AgentSpec", policy_kwargs: dict[str, Any], path: Path) -> TrainedNetwork:
+    """The network ``spec`` and ``policy_kwargs`` describe, with the weights of ``path`` (weights only)."""
+    from llmsched_env.registration import ENV_IDS
+
+    if spec.env_id not in ENV_IDS:
+        raise ConfigError(f"{path.parent / AGENT_FILE}: unknown environment id {spec.env_id!r}; registered: "
+                          f"{', '.join(ENV_IDS)}")
+    import gymnasium as gym
+    from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+    from stable_baselines3.common.policies import ActorCriticPolicy
+
+    import llmsched_env  # noqa: F401  (registers the ids)
+
+    env = gym.make(spec.env_id, **spec.env_kwargs).unwrapped
+    cls = MaskableActorCriticPolicy if spec.algo == "maskable-ppo" else ActorCriticPolicy
+    try:
+        policy = cls(env.observation_space, env.action_space, lambda _: 0.0, **policy_kwargs)
+    except TypeError as error:
+        raise ConfigError(f"{path.parent / 'config.toml'}: [hyperparameters] policy_kwargs: {error}") from None
+    try:
+        policy.load_state_dict(read_weights(path))
+    except RuntimeError as error:
+        raise ConfigError(f"{path}: its weights do not match the network that agent.json and config.toml describe "
+                          f"({str(error).splitlines()[0]})") from None
+    policy.set_training_mode(False)
+    return TrainedNetwork(policy, env.observation_space, env.action_space)
 
 
 def read_agent(directory: str | Path) -> tuple[AgentSpec, Any]:
@@ -64,7 +130,15 @@ def read_agent(directory: str | Path) -> tuple[AgentSpec, Any]:
         spec = AgentSpec(**data)
     except TypeError as error:
         raise ConfigError(f"{spec_path}: {error}") from None
-    return spec, load_model(spec.algo, model_path)
+    if spec.algo not in ("ppo", "maskable-ppo"):
+        raise ConfigError(f"{spec_path}: field 'algo' must be ppo or maskable-ppo, got {spec.algo!r}")
+    config_path = directory / "config.toml"
+    if not config_path.is_file():
+        raise ConfigError(f"{directory} has no config.toml: its network cannot be built without it")
+    from agents.config import load_config
+
+    policy_kwargs = load_config(str(config_path)).hyperparameters.get("policy_kwargs", {})
+    return spec, load_network(spec, dict(policy_kwargs), model_path)
 
 
 class AgentPolicy:
@@ -76,7 +150,8 @@ class AgentPolicy:
     ``run(engine, agent_policy, ...)`` reproduces the environment's episode on the same arrivals.
 
     Args:
-        model: a stable-baselines3 ``PPO`` or sb3-contrib ``MaskablePPO`` trained on ``LLMSched-*``.
+        model: a stable-baselines3 ``PPO`` or sb3-contrib ``MaskablePPO`` trained on ``LLMSched-*``, or the
+            :class:`TrainedNetwork` that :func:`read_agent` loads.
         scenario: where the agent runs (its classes and fluid targets come from it).
         horizon: the run's horizon (the observation's progress ``t/T``).
         interface: the settings of the training environment's observation and action
@@ -102,9 +177,9 @@ class AgentPolicy:
                 f"{model.action_space.nvec.tolist()}, but the scenario gives {self.control.num_classes} class(es): "
                 f"observation {expected}, action {self.control.action_nvec.tolist()}; evaluate it on a workload "
                 f"with as many request classes as it was trained on")
-        from sb3_contrib import MaskablePPO
+        from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 
-        self._masked = isinstance(model, MaskablePPO)
+        self._masked = isinstance(model.policy, MaskableActorCriticPolicy)
         self._splits = np.cumsum(self.control.action_nvec)[:-1]
         self._rng = np.random.default_rng(seed)
 

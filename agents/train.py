@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from agents.config import TrainConfig
-from agents.policy import AGENT_FILE, MODEL_FILE, AgentPolicy, AgentSpec
+from agents.policy import AGENT_FILE, MODEL_FILE, AgentPolicy, AgentSpec, algorithm_class, read_weights
 from llmsched_env.errors import ConfigError
 from llmsched_env.metrics import summarize
 from llmsched_env.registration import ENV_IDS
@@ -28,13 +28,6 @@ from llmsched_env.runner import run
 
 CHECKPOINTS = "checkpoints"
 BEST_MODEL = "best_model.zip"
-
-
-def _algorithm(algo: str) -> type:
-    from sb3_contrib import MaskablePPO
-    from stable_baselines3 import PPO
-
-    return MaskablePPO if algo == "maskable-ppo" else PPO
 
 
 def make_env(env_id: str, env_kwargs: dict[str, Any]) -> Any:
@@ -73,13 +66,15 @@ def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tup
         def __init__(self) -> None:
             super().__init__()
             self._episodes: list[dict[str, float]] = []
+            self._latest: dict[int, dict[str, float]] = {}  # each env's last step info (its episode so far)
             self.last_evaluated = -1
             self.best_regret = np.inf
 
         def _on_step(self) -> bool:
-            for info in self.locals.get("infos", ()):
+            for index, info in enumerate(self.locals.get("infos", ())):
                 if "throughput_rps" in info:  # an episode's last step carries the run's metrics
                     self._episodes.append(info)
+                self._latest[index] = info
             if self.last_evaluated < 0 or self.num_timesteps - self.last_evaluated >= every:
                 self.evaluate()
             return True
@@ -91,6 +86,13 @@ def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tup
                     if values:
                         self.logger.record(f"serving/{key}", float(np.mean(values)))
                 self._episodes = []
+            elif self._latest:
+                # No training episode ended in this rollout (an episode can be longer than a short run): log the
+                # episodes in progress, whose infos carry the regret and time so far, so a run always has curves.
+                for key in ("regret_requests", "time_s", "completed"):
+                    values = [info[key] for info in self._latest.values() if info.get(key) is not None]
+                    if values:
+                        self.logger.record(f"serving_in_progress/{key}", float(np.mean(values)))
 
         def evaluate(self) -> dict[str, float]:
             self.last_evaluated = self.num_timesteps
@@ -114,6 +116,18 @@ def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tup
             return metrics
 
     return Callback()
+
+
+def _resume_from(model: Any, checkpoint: Path) -> None:
+    """Load a checkpoint's network and optimizer state into ``model`` (weights only, never SB3's pickled
+    ``data``) and its step count from its name."""
+    try:
+        model.policy.load_state_dict(read_weights(checkpoint))
+        model.policy.optimizer.load_state_dict(read_weights(checkpoint, "policy.optimizer.pth"))
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise ConfigError(f"--resume: {checkpoint} does not match this run's network and optimizer "
+                          f"({str(error).splitlines()[0]})") from None
+    model.num_timesteps = int(re.search(r"model_(\d+)_steps", checkpoint.name).group(1))  # type: ignore[union-attr]
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -149,6 +163,12 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
     torch.set_num_threads(1)
     if resume and not (out / "config.toml").is_file():
         raise ConfigError(f"--resume: {out} holds no training run (no config.toml)")
+    if resume:
+        stored = tomllib.loads((out / "config.toml").read_text())
+        for key in ("algo", "env_id"):
+            if stored.get(key) != getattr(config, key):
+                raise ConfigError(f"--resume: the run in {out} was trained with {key} {stored.get(key)!r}, not "
+                                  f"{getattr(config, key)!r}; resume it with the same {key}")
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         _write_toml(config.to_dict(), out / "config.toml")
@@ -156,20 +176,20 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
     make_env(config.env_id, env_kwargs)  # fail here, not in a subprocess, on bad arguments
     vec_env = make_vec_env(lambda: make_env(config.env_id, env_kwargs), n_envs=config.n_envs, seed=seed,
                            vec_env_cls=SubprocVecEnv if config.n_envs > 1 else DummyVecEnv)
-    algorithm = _algorithm(config.algo)
+    algorithm = algorithm_class(config.algo)
     try:
         checkpoint = latest_checkpoint(out) if resume else None
         if resume and checkpoint is None:
             raise ConfigError(f"--resume: no checkpoint in {out / CHECKPOINTS}")
+        try:
+            model = algorithm("MlpPolicy", vec_env, seed=seed, device="cpu", tensorboard_log=str(out / "tb"),
+                              verbose=0, **config.hyperparameters)
+        except TypeError as error:
+            raise ConfigError(f"[hyperparameters]: {error}") from None
         if checkpoint is not None:
             log(f"resuming from {checkpoint}")
-            model = algorithm.load(checkpoint, env=vec_env, device="cpu", tensorboard_log=str(out / "tb"))
+            _resume_from(model, checkpoint)
         else:
-            try:
-                model = algorithm("MlpPolicy", vec_env, seed=seed, device="cpu", tensorboard_log=str(out / "tb"),
-                                  verbose=0, **config.hyperparameters)
-            except TypeError as error:
-                raise ConfigError(f"[hyperparameters]: {error}") from None
             if config.imitation is not None:
                 imitation = config.imitation
                 log(f"imitating {imitation.teacher} for {imitation.episodes} episode(s)")
@@ -189,8 +209,15 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
                 on_eval=lambda m: log("eval @ {timesteps:,}: regret {regret_requests:.1f}, ratio to reference "
                                       "{ratio:.3f}".format(ratio=m[f"regret_ratio_to_{evaluation.reference}"], **m))))
         remaining = max(0, config.timesteps - model.num_timesteps)
+        rollout = int(model.n_steps) * config.n_envs
+        if remaining % rollout:  # PPO learns in whole rollouts: say so rather than overshoot the bar's total
+            log(f"{remaining:,} steps rounded up to {-(-remaining // rollout) * rollout:,}: PPO collects whole "
+                f"rollouts of n_steps × n_envs = {rollout:,}")
+            remaining = -(-remaining // rollout) * rollout
         model.learn(total_timesteps=remaining, callback=CallbackList(callbacks), progress_bar=progress_bar,
                     reset_num_timesteps=not resume, tb_log_name="run")
+        (out / CHECKPOINTS).mkdir(exist_ok=True)
+        model.save(out / CHECKPOINTS / f"model_{model.num_timesteps}_steps.zip")  # --resume starts from the end
         if evaluation.seeds and callbacks[1].last_evaluated != model.num_timesteps:
             callbacks[1].evaluate()  # the final model is always validated
         final = out / BEST_MODEL if (out / BEST_MODEL).is_file() else None

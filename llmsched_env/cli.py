@@ -18,10 +18,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from llmsched_env.errors import RUN_TIME_ERRORS, LLMSchedError
+from llmsched_env.errors import RUN_TIME_ERRORS, LLMSchedError, StalledRunError
 from llmsched_env.fluid import solve_fluid
 from llmsched_env.metrics import json_document, summarize
-from llmsched_env.runner import run
+from llmsched_env.runner import STALL_AFTER_S, run
 from llmsched_env.scenario import DEFAULT_TYPES, build_scenario, check_work
 
 # rich_markup_mode=None: a usage error is click's plain "Error: Invalid value for '--rates': ..." line, not a panel.
@@ -257,11 +257,20 @@ def simulate(
     summary = {"policy": policy, **summarize(result, benchmark)}
     if as_json:
         _print_json(summary)
-        return
-    table = Table(title=f"{policy} on the simulated engine, {horizon:g} s", show_header=False)
-    for key, value in json.loads(json_document(summary)).items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    _stdout_console().print(table)
+    else:
+        table = Table(title=f"{policy} on the simulated engine, {horizon:g} s", show_header=False)
+        for key, value in json.loads(json_document(summary)).items():
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        _stdout_console().print(table)
+    if result.stalled_at is not None:
+        _fail(_stall_error(policy, result))
+
+
+def _stall_error(policy: str, result) -> StalledRunError:  # type: ignore[no-untyped-def]
+    return StalledRunError(
+        f"{policy} stalled: from t = {result.stalled_at:.1f} s it made no progress for {STALL_AFTER_S:g} s while "
+        f"requests waited (no iteration ran, or nothing was admitted or finished with memory free); it completed "
+        f"{result.finished:,} of {result.arrived:,} requests")
 
 
 def _floats(text: str | None, option: str) -> list[float] | None:
@@ -477,6 +486,11 @@ def _write_report(comparison, out: Path, plots: bool, as_json: bool) -> None:  #
         if agreement is not None:
             _stdout_console().print(agreement)
     written = _write_files(comparison, out, plots)
+    stalled = sorted({f"{row['policy']} @ {row['rate_rps']:g} req/s" for row in comparison.rows
+                      if row.get("stalled_at_s") is not None})
+    if stalled:
+        console.print(f"[bold yellow]warning:[/] stalled (no progress for {STALL_AFTER_S:g} s while requests "
+                      f"waited): {', '.join(stalled)}", soft_wrap=True)
     if as_json:
         return
     console.print(f"wrote {out / 'comparison.csv'}, {out / 'comparison.json'}, {out / 'comparison.md'}"

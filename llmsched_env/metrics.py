@@ -60,6 +60,7 @@ def summarize(result: RunResult, fluid: FluidSolution) -> dict[str, float | int 
         "regret_tokens": fluid.throughput_tps * horizon - tokens,
         "rho": fluid.rho,
         "fluid_stable": fluid.stable,
+        "stalled_at_s": result.stalled_at,
     }
     summary.update(_stats(latency, "latency"))
     summary.update(_stats(ttft, "ttft"))

@@ -148,7 +148,8 @@ _LATENCY, _EVICTIONS = 5, 8  # the columns the terminal table highlights
 def _cells(run: PolicyRun) -> list[str]:
     """One run's row, formatted: the same figures in the terminal and in Markdown."""
     r = run.row
-    return [f"{run.rate:.2f}", run.policy, _fmt(r["throughput_rps"]), _fmt(r["fluid_throughput_rps"]),
+    policy = run.policy if r.get("stalled_at_s") is None else f"{run.policy} (stalled at {r['stalled_at_s']:.0f} s)"
+    return [f"{run.rate:.2f}", policy, _fmt(r["throughput_rps"]), _fmt(r["fluid_throughput_rps"]),
             _fmt(r["regret_requests"], 0), _fmt(r["mean_latency_s"], 1), _fmt(r["p99_latency_s"], 1),
             _fmt(r["mean_ttft_s"], 2), _fmt(r["evictions"]), f"{r['peak_memory_frac']:.0%}"]
 

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from llmsched_env.engine import Decision, Engine, IterationOutcome, RequestRecords
-from llmsched_env.errors import ConfigError, EngineFailure
+from llmsched_env.errors import ConfigError, EngineFailure, InvalidDecisionError
 from llmsched_env.policy import Policy
 from llmsched_env.workload import Arrivals
 
@@ -55,6 +55,11 @@ class RunResult:
     running: int
     finished: int
     busy_time: float = 0.0  # seconds the engine spent in iterations (end_time less the idle gaps)
+    stalled_at: float | None = None  # start of the first stall (see Rollout), or None
+
+
+#: The span after which a run that makes no progress while requests wait is reported as stalled (:class:`Rollout`).
+STALL_AFTER_S = 60.0
 
 
 class Rollout:
@@ -66,11 +71,18 @@ class Rollout:
     nothing of it could run (every admission deferred for lack of memory), the clock jumps to the next
     arrival; with none left the rollout ends, and what is stuck is reported as waiting or running.
 
+    A policy can stop making progress while requests wait: no iteration runs at all (paused cohorts that
+    hold the memory: a deadlock), or nothing is admitted or finished although the oldest waiting request
+    would fit in free memory (a threshold rule whose cohorts never fill). With ``stall_after_s`` set, the
+    first time either lasts ``stall_after_s`` simulated seconds is recorded as :attr:`RunResult.stalled_at`
+    (its start); the run goes on, and its reports flag it.
+
     Use: ``while rollout.needs_decision(): rollout.apply(decision_for(engine.state()))``.
     """
 
     def __init__(self, engine: Engine, arrivals: Arrivals, horizon: float,
-                 callbacks: Sequence[IterationCallback] = (), max_iterations: int | None = None) -> None:
+                 callbacks: Sequence[IterationCallback] = (), max_iterations: int | None = None,
+                 stall_after_s: float | None = None) -> None:
         if not (math.isfinite(horizon) and horizon > 0):
             raise ConfigError(f"horizon must be finite and > 0 s, got {horizon!r}")
         arrivals = arrivals.until(horizon)
@@ -88,6 +100,10 @@ class Rollout:
         self.peak_blocks_used = engine.state().used_blocks
         self.block_seconds = 0.0
         self.busy_time = 0.0
+        self.stall_after_s = stall_after_s
+        self.stalled_at: float | None = None
+        self._progress_at = engine.now  # the last admission or finish, or when the queue last became non-empty
+        self._iterated_at = engine.now  # the last iteration that ran, or when the queue last became non-empty
 
     @property
     def next_arrival_time(self) -> float:
@@ -100,6 +116,8 @@ class Rollout:
         if self._next < len(self._times) and self._times[self._next] <= now:
             end = int(np.searchsorted(self._times, now, side="right"))
             a = self._arrivals
+            if self.engine.num_waiting == 0:
+                self._progress_at = self._iterated_at = now
             self.engine.add_requests(self._times[self._next:end], a.prompt_len[self._next:end],
                                      a.output_len[self._next:end])
             self._next = end
@@ -131,7 +149,27 @@ class Rollout:
                 wake = float(self._times[self._next])
                 self.block_seconds += engine.state().used_blocks * max(0.0, wake - engine.now)  # paused KV stays
                 engine.advance_to(wake)
+        if self.stall_after_s is not None and self.stalled_at is None:
+            self._watch_for_stall(outcome)
         return outcome
+
+    def _watch_for_stall(self, outcome: IterationOutcome | None) -> None:
+        engine = self.engine
+        now, span = engine.now, self.stall_after_s
+        if engine.num_waiting == 0:
+            self._progress_at = self._iterated_at = now
+            return
+        if outcome is not None and outcome.duration > 0:
+            self._iterated_at = now
+            if len(outcome.admitted) or len(outcome.finished):
+                self._progress_at = now
+        if now - self._iterated_at >= span:  # type: ignore[operator]
+            self.stalled_at = self._iterated_at
+        elif now - self._progress_at >= span:  # type: ignore[operator]
+            state = engine.state()
+            head = state.waiting[:1]
+            if len(head) and state.blocks_for(int(state.context_len[head[0]])) <= state.free_blocks:
+                self.stalled_at = self._progress_at
 
     def result(self) -> RunResult:
         """What the rollout left so far (final once :meth:`needs_decision` has returned ``False``)."""
@@ -141,22 +179,26 @@ class Rollout:
             capacity_blocks=engine.capacity_blocks, block_size=engine.block_size,
             peak_blocks_used=self.peak_blocks_used, block_seconds=self.block_seconds, evictions=self.evictions,
             arrived=engine.num_requests, waiting=engine.num_waiting, running=engine.num_running,
-            finished=engine.num_finished, busy_time=self.busy_time)
+            finished=engine.num_finished, busy_time=self.busy_time, stalled_at=self.stalled_at)
 
 
 def run(engine: Engine, policy: Policy, arrivals: Arrivals, horizon: float,
-        callbacks: Sequence[IterationCallback] = (), max_iterations: int | None = None) -> RunResult:
+        callbacks: Sequence[IterationCallback] = (), max_iterations: int | None = None,
+        stall_after_s: float | None = STALL_AFTER_S) -> RunResult:
     """Run ``policy`` on ``engine`` over the requests of ``arrivals`` that arrive in ``[0, horizon]``.
 
     See :class:`Rollout` for the loop's rules (arrivals, the horizon, idle and stalled decisions). If a
     live engine fails mid-run, the :class:`~llmsched_env.errors.EngineFailure` it raises carries the
     run's result up to the failure in ``result``.
     """
-    rollout = Rollout(engine, arrivals, horizon, callbacks, max_iterations)
+    rollout = Rollout(engine, arrivals, horizon, callbacks, max_iterations, stall_after_s)
     policy.reset(engine)
     try:
         while rollout.needs_decision():
-            rollout.apply(policy.decide(engine.state()))
+            decision = policy.decide(engine.state())
+            if not isinstance(decision, Decision):
+                raise InvalidDecisionError(f"{type(policy).__name__}.decide returned {decision!r}, not a Decision")
+            rollout.apply(decision)
     except EngineFailure as failure:
         failure.result = rollout.result()  # every request, finished, waiting or running, up to the failure
         raise

@@ -87,13 +87,99 @@ def test_training_saves_an_agent_that_reloads_and_resumes(tmp_path: Path, config
     for name in ("model.zip", "agent.json", "config.toml"):
         assert (out / name).is_file()
     assert json.loads((out / "agent.json").read_text())["env_id"] == "LLMSched-v0"
-    loaded_spec, model = read_agent(out)
-    assert loaded_spec == spec and model.num_timesteps > 0
+    assert (out / "checkpoints" / "model_512_steps.zip").is_file()  # a checkpoint at the end, whatever the cadence
+    loaded_spec, network = read_agent(out)
+    assert loaded_spec == spec
+    from agents.policy import algorithm_class
+
+    trusted = algorithm_class(config_name).load(out / "model.zip", device="cpu")  # our own file: SB3's loader is fine
+    ours, theirs = network.policy.state_dict(), trusted.policy.state_dict()
+    assert ours.keys() == theirs.keys() and all(bool((ours[k] == theirs[k]).all()) for k in ours)
     resumed = train(_tiny(config_name, timesteps=1024), out, seed=1, resume=True, progress_bar=False,
                     log=lambda _: None)
     assert resumed.timesteps == 1024
+    other = "ppo" if config_name == "maskable-ppo" else "maskable-ppo"
+    with pytest.raises(ConfigError, match="was trained with algo"):
+        train(replace(_tiny(config_name, timesteps=2048), algo=other), out, resume=True, progress_bar=False,
+              log=lambda _: None)
     with pytest.raises(ConfigError, match="no checkpoint|holds no training run"):
         train(_tiny(config_name), tmp_path / "empty", resume=True, progress_bar=False, log=lambda _: None)
+
+
+def test_a_short_run_rounds_to_whole_rollouts_and_says_so(tmp_path: Path) -> None:
+    said: list[str] = []
+    spec = train(replace(_tiny(timesteps=300), evaluation=EvaluationConfig(seeds=(), checkpoint_every=10**6)),
+                 tmp_path / "agent", progress_bar=False, log=said.append)
+    assert spec.timesteps == 512 and any("300 steps rounded up to 512" in line for line in said)
+    assert (tmp_path / "agent" / "checkpoints" / "model_512_steps.zip").is_file()
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: a stand-in for code someone hid in a shared agent."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.touch, (self.marker,))
+
+
+def _rewrite_archive(path: Path, replace_entry: str, content: bytes) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    entries[replace_entry] = content
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+
+
+def test_an_agent_directory_is_data_a_pickled_payload_never_runs(tmp_path: Path) -> None:
+    import base64
+    import pickle
+    import shutil
+
+    import torch
+
+    directory = tmp_path / "shared-agent"
+    shutil.copytree(PRETRAINED / "tight-memory-wait", directory)
+    marker = tmp_path / "payload-ran"
+    data = json.loads(__import__("zipfile").ZipFile(directory / "model.zip").read("data"))
+    data["policy_class"][":serialized:"] = base64.b64encode(pickle.dumps(_Payload(marker))).decode()
+    _rewrite_archive(directory / "model.zip", "data", json.dumps(data).encode())
+    from agents.policy import algorithm_class
+
+    spec, network = read_agent(directory)  # the weights are intact: it loads, and the payload never runs
+    assert not marker.exists()
+    assert network.observation_space == gym.make(spec.env_id, **spec.env_kwargs).observation_space
+    with pytest.raises(TypeError):  # SB3's own loader runs the payload (whose result is no policy class) ...
+        algorithm_class("maskable-ppo").load(directory / "model.zip", device="cpu")
+    assert marker.exists()  # ... so the payload is live, and the assertion above could fail
+    marker.unlink()
+
+    buffer = __import__("io").BytesIO()
+    torch.save({"weights": _Payload(marker)}, buffer)  # a payload in the weights themselves: refused, not run
+    _rewrite_archive(directory / "model.zip", "policy.pth", buffer.getvalue())
+    with pytest.raises(ConfigError, match="not a plain file of tensors"):
+        read_agent(directory)
+    assert not marker.exists()
+
+    (directory / "model.zip").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ConfigError, match="not a readable model archive"):
+        read_agent(directory)
+
+
+def test_weights_of_another_network_are_refused(tmp_path: Path) -> None:
+    import shutil
+
+    directory = tmp_path / "agent"
+    shutil.copytree(PRETRAINED / "tight-memory-wait", directory)
+    config = (directory / "config.toml").read_text().replace("net_arch = [128, 128]", "net_arch = [64, 64]")
+    assert config != (directory / "config.toml").read_text()
+    (directory / "config.toml").write_text(config)
+    with pytest.raises(ConfigError, match="do not match the network"):
+        read_agent(directory)
 
 
 def test_read_agent_names_a_folder_that_is_not_one(tmp_path: Path) -> None:
