@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import tomllib
 
 from agents.config import TrainConfig
 from agents.policy import AGENT_FILE, MODEL_FILE, AgentPolicy, AgentSpec, algorithm_class, read_weights
@@ -148,13 +148,12 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
     With ``resume``, training continues from the latest checkpoint in ``out`` up to ``config.timesteps``
     in all. Returns what ``agent.json`` records.
     """
+    import torch
     from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
     from agents.imitation import clone, collect_demonstrations
-
-    import torch
 
     if config.env_id not in ENV_IDS:
         raise ConfigError(f"unknown environment id {config.env_id!r}; registered: {', '.join(ENV_IDS)}")

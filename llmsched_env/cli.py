@@ -11,8 +11,9 @@ import json
 import os
 import shlex
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -175,6 +176,24 @@ def _progress():  # type: ignore[no-untyped-def]
                     TimeElapsedColumn(), console=console, transient=True)
 
 
+@contextmanager
+def _stdout_kept_for_json(as_json: bool) -> Iterator[None]:
+    """With ``--json``, send whatever else writes to stdout (vLLM's logging, C libraries) to stderr at the file
+    descriptor, so that stdout holds the JSON alone."""
+    if not as_json:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _print_json(payload: dict[str, object]) -> None:
     sys.stdout.write(json_document(payload))
 
@@ -318,7 +337,8 @@ def compare(
     With --scenario or --suite the sweep (loads, horizon, seeds) is the scenario's unless given.
     """
     from baselines import DEFAULT_POLICIES
-    from baselines.compare import DEFAULT_LOADS, compare as run_comparison, default_rates
+    from baselines.compare import DEFAULT_LOADS, default_rates
+    from baselines.compare import compare as run_comparison
 
     names = _names(policies, "--policies")
     horizon = _horizon(horizon, None)
@@ -604,7 +624,7 @@ def evaluate(
     try:
         seed_list = parse_seeds(seeds)
         progress = _progress()
-        with progress:
+        with _stdout_kept_for_json(as_json), progress:
             task = progress.add_task("evaluating" if backend == "sim" else "starting vLLM", total=None)
 
             def advance(done) -> None:  # type: ignore[no-untyped-def]
@@ -683,26 +703,8 @@ def calibrate(
         _fail(typer.BadParameter(f"expected vllm, got {backend!r}", param_hint="--backend"))
     if out.exists() and out.is_dir():
         _fail(typer.BadParameter(f"{out} is a folder; give a file name for the profile", param_hint="--out"))
-    try:
-        config = _live_config(model, live_config, kv_blocks, device)
-        with console.status("starting vLLM"):
-            from live_backend.engine import LiveVLLMEngine
-
-            engine = LiveVLLMEngine(config)
-        count = [0]
-
-        def tick(_sample) -> None:  # type: ignore[no-untyped-def]
-            count[0] += 1
-
-        with console.status("sweeping batch compositions") as status:
-            samples = cal.sweep(engine, cal.grid_for(engine), seed, on_sample=lambda s: (tick(s), status.update(
-                f"sweeping batch compositions: {count[0]} iterations measured")))
-            held_out = cal.sweep(engine, cal.held_out_grid_for(engine), seed + 1)
-        engine.close()
-        result = cal.calibrate(samples, held_out)
-    except LLMSchedError as error:
-        _fail(error)
-        return
+    with _stdout_kept_for_json(as_json):
+        result, config, engine = _calibrate(model, live_config, kv_blocks, device, seed)
     cal.write_profile(out, result.chosen, name=out.stem, capacity_tokens=engine.capacity_tokens,
                       block_size=engine.block_size,
                       description=f"calibrated on {config.model} ({config.device}, {config.dtype}) by llmsched calibrate")
@@ -711,6 +713,29 @@ def calibrate(
         return
     _stdout_console().print(cal.report_table(result))
     console.print(f"wrote {out}")
+
+
+def _calibrate(model: str | None, live_config: str | None, kv_blocks: int | None, device: str | None,
+               seed: int):  # type: ignore[no-untyped-def]
+    """Start a live engine, sweep and hold out batch compositions, fit: ``(result, config, engine)``."""
+    from live_backend import calibrate as cal
+
+    config = _live_config(model, live_config, kv_blocks, device)
+    with console.status("starting vLLM"):
+        from live_backend.engine import LiveVLLMEngine
+
+        engine = LiveVLLMEngine(config)
+    count = [0]
+
+    def tick(_sample) -> None:  # type: ignore[no-untyped-def]
+        count[0] += 1
+
+    with console.status("sweeping batch compositions") as status:
+        samples = cal.sweep(engine, cal.grid_for(engine), seed, on_sample=lambda s: (tick(s), status.update(
+            f"sweeping batch compositions: {count[0]} iterations measured")))
+        held_out = cal.sweep(engine, cal.held_out_grid_for(engine), seed + 1)
+    engine.close()
+    return cal.calibrate(samples, held_out), config, engine
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

@@ -29,6 +29,8 @@ from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 
+from llmsched_env.errors import InvalidDecisionError
+
 WAITING, RUNNING, FINISHED = 0, 1, 2
 
 _EMPTY_IDS = np.empty(0, dtype=np.int64)
@@ -36,16 +38,32 @@ _EMPTY_IDS.flags.writeable = False
 
 
 def readonly_view(array: np.ndarray) -> np.ndarray:
-    """A view of ``array`` that cannot be written through (what engines hand to policies)."""
-    view = array.view()
+    """A view of ``array``'s memory that cannot be written through, nor made writable again (what engines hand
+    to policies). A plain view with ``writeable = False`` can be switched back by its holder; this one is built
+    on a read-only buffer, so NumPy refuses. ``array`` must be C-contiguous (the engines' columns are)."""
+    if array.size == 0:
+        view = np.empty(array.shape, array.dtype)  # nothing to protect: its own (empty) memory
+    else:
+        view = np.frombuffer(memoryview(array).toreadonly(), dtype=array.dtype).reshape(array.shape)
     view.flags.writeable = False
     return view
 
 
 def as_ids(values: object) -> np.ndarray:
-    """A 1-D int64 array of request ids (accepts lists, tuples and arrays)."""
-    array = np.asarray(values, dtype=np.int64)
-    return array.reshape(-1)
+    """A 1-D int64 array of request ids (lists, tuples and arrays of integers).
+
+    Anything else is refused rather than converted: a float (``0.9`` would truncate to id 0), a string, a
+    boolean mask (read as ids 0 and 1), ``None``, or an unsigned id beyond int64 (it would wrap negative)."""
+    if isinstance(values, np.ndarray) and values.dtype == np.int64:
+        return values.reshape(-1)
+    array = np.asarray(values) if values is not None else None
+    if array is None or array.dtype == object or (array.size and (array.dtype == np.bool_
+                                                                  or not np.issubdtype(array.dtype, np.integer))):
+        shown = "None" if array is None else f"{array.dtype} values {array.reshape(-1)[:3].tolist()}"
+        raise InvalidDecisionError(f"request ids must be integers (a list or an integer array), got {shown}")
+    if array.dtype == np.uint64 and array.size and int(array.max()) > np.iinfo(np.int64).max:
+        raise InvalidDecisionError(f"request id {int(array.max())} is beyond int64")
+    return array.astype(np.int64, copy=False).reshape(-1)
 
 
 @dataclass(frozen=True)

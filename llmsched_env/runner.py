@@ -17,7 +17,6 @@ from llmsched_env.errors import ConfigError, EngineFailure, InvalidDecisionError
 from llmsched_env.policy import Policy
 from llmsched_env.workload import Arrivals
 
-
 IterationCallback = Callable[[Engine, IterationOutcome], None]
 
 

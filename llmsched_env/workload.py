@@ -21,7 +21,6 @@ import numpy as np
 
 from llmsched_env.errors import ConfigError, TraceFormatError
 
-
 #: The largest prompt or output length accepted (tokens): int32's range, far beyond any model's context.
 MAX_TOKENS = 2**31 - 1
 #: The largest arrival rate accepted (req/s), per type and in total: ten thousand times any deployed service.
