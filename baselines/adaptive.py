@@ -37,6 +37,7 @@ from baselines.thresholds import (
     nested_wait_thresholds,
     wait_thresholds,
 )
+from baselines.type_queues import TypeQueues
 from baselines.wait import WaitPolicy
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import Decision, Engine, SchedulerState
@@ -122,6 +123,7 @@ class AdaptiveWaitPolicy(WaitPolicy):
         self.learning.reset()
         self.mix = TypeMix((RequestType(1, 1, 1.0),))
         self.thresholds = _unit_thresholds(self.mix, self.learning.capacity_tokens, self.learning.block_size)
+        self._queues = TypeQueues(len(self.thresholds.n))
 
     def decide(self, state: SchedulerState) -> Decision:
         learning = self.learning
@@ -149,7 +151,7 @@ class AdaptiveWaitPolicy(WaitPolicy):
                                      total * share))
         self.mix = TypeMix(tuple(types))
         self.thresholds = wait_thresholds(self.mix, learning.cost, learning.capacity_tokens, learning.block_size)
-        self._types = self.mix.nearest(state.prompt_len[: state.num_requests], state.output_len[: state.num_requests])
+        self._reclassify(state)
         learning.solved(state.now)
 
 

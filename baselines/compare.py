@@ -15,9 +15,9 @@ from llmsched_env.engine import Engine
 from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import FluidSolution, solve_fluid
 from llmsched_env.metrics import regret_curve, summarize
+from llmsched_env.policy import Policy
 from llmsched_env.report import SIM_SUFFIX, Comparison, PolicyRun
 from llmsched_env.runner import TimeSeriesRecorder, run
-from llmsched_env.policy import Policy
 from llmsched_env.scenario import Scenario
 from llmsched_env.workload import Arrivals, TypeMix
 

@@ -19,7 +19,6 @@ from llmsched_env import kernels
 from llmsched_env.engine import SchedulerState
 from llmsched_env.errors import ConfigError
 
-
 #: At most this many waiting requests are considered for lent memory in one iteration (WAIT, Nested WAIT).
 LEND_SCAN = 256
 #: Nested WAIT's lookahead sizes each request's remaining output at this quantile of its residual length.

@@ -42,12 +42,14 @@ import numpy as np
 from baselines.cohorts import fill_in_order, first_per_group
 from baselines.lookahead import LEND_SCAN, fitting_prefix, trajectories
 from baselines.thresholds import WaitThresholds, wait_thresholds
+from baselines.type_queues import TypeQueues
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
 from llmsched_env.workload import TypeMix
 
 Variant = Literal["measured", "paper"]
+_EMPTY = np.empty(0, np.int64)
 
 
 @dataclass
@@ -63,7 +65,9 @@ class WaitPolicy:
     lend_spare_memory: bool = True
     prefill_chunk: int | None = None
     _types: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), repr=False)
+    _classified: int = field(default=0, repr=False)
     _committed: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), repr=False)
+    _queues: TypeQueues = field(default_factory=lambda: TypeQueues(0), repr=False)
 
     @classmethod
     def for_mix(cls, mix: TypeMix, cost: LinearCostModel, capacity_tokens: int, block_size: int,
@@ -88,43 +92,67 @@ class WaitPolicy:
                                                or self.prefill_chunk < 1):
             raise ConfigError(f"chunked prefill (prefill_chunk >= 1 tokens, got {self.prefill_chunk!r}) needs the "
                               "measured, memory-safe variant")
-        self._types = np.empty(0, np.int64)
+        self._types = np.empty(1024, np.int64)
+        self._classified = 0
         self._committed = np.empty(0, np.int64)
+        self._queues = TypeQueues(len(self.thresholds.n))
 
     def _classify(self, state: SchedulerState) -> np.ndarray:
-        known = len(self._types)
+        """Every request's type (the nearest of the mix), classified once, on arrival."""
+        known = self._classified
         if state.num_requests > known:
             assert state.output_len is not None
+            if state.num_requests > len(self._types):  # grow geometrically: amortised O(1) per request
+                grown = np.empty(max(state.num_requests, 2 * len(self._types)), np.int64)
+                grown[:known] = self._types[:known]
+                self._types = grown
             ids = np.arange(known, state.num_requests)
-            fresh = self.mix.nearest(state.prompt_len[ids], state.output_len[ids])
-            self._types = np.concatenate([self._types, fresh])
+            self._types[known:state.num_requests] = self.mix.nearest(state.prompt_len[ids], state.output_len[ids])
+            self._classified = state.num_requests
         return self._types
+
+    def _reclassify(self, state: SchedulerState) -> None:
+        """Classify every request again on the current mix (an adaptive policy's new classes), and rebuild the
+        type queues from the engine's queue."""
+        assert state.output_len is not None
+        count = state.num_requests
+        self._types = np.empty(max(1024, 2 * count), np.int64)
+        self._types[:count] = self.mix.nearest(state.prompt_len[:count], state.output_len[:count])
+        self._classified = count
+        self._queues = TypeQueues.of_state(state, self._types, len(self.thresholds.n))
 
     def decide(self, state: SchedulerState) -> Decision:
         types = self._classify(state)
         if self.prefill_chunk is not None:
             return self._decide_chunked(state, types)
+        queues = self._queues
+        queues.update(state, types)  # O(new + taken + running): never the whole queue
         n = self.thresholds.n
-        waiting = state.waiting
-        ready = (np.bincount(types[waiting], minlength=len(n)) >= n) & (n > 0)
-        decision = self._select(state, types, waiting, ready)
-        if decision.is_idle and self.drain_when_idle and (len(waiting) or len(state.running)):
+        queued = queues.counts()
+        ready = (queued >= n) & (n > 0)
+        decision = self._select(state, types, queued, ready)
+        if decision.is_idle and self.drain_when_idle and (queued.any() or len(state.running)):
             # Nothing would run: let every type in (up to n_j) rather than strand requests below a threshold
             # until enough new arrivals come, which may be never.
-            decision = self._select(state, types, waiting, np.ones(len(n), dtype=bool))
+            decision = self._select(state, types, queued, np.ones(len(n), dtype=bool))
+        queues.take(decision.prefill, types)
         return decision
 
-    def _select(self, state: SchedulerState, types: np.ndarray, waiting: np.ndarray, ready: np.ndarray) -> Decision:
+    def _cohorts(self, ready: np.ndarray) -> np.ndarray:
+        """The oldest ``n_j`` waiting requests of every ready type, in queue order."""
         n = np.maximum(self.thresholds.n, 1)
-        waiting_types = types[waiting]
-        candidates = ready[waiting_types]
-        admit = waiting[candidates][first_per_group(waiting_types[candidates], n[waiting_types[candidates]])]
+        parts = [self._queues.oldest(k, int(n[k])) for k in np.flatnonzero(ready)]
+        return np.sort(np.concatenate(parts)) if parts else _EMPTY
+
+    def _select(self, state: SchedulerState, types: np.ndarray, queued: np.ndarray, ready: np.ndarray) -> Decision:
+        n = np.maximum(self.thresholds.n, 1)
+        admit = self._cohorts(ready & (queued > 0))
 
         running = state.running
         if self.variant == "measured":
             decode = running[state.kv_tokens[running] == state.context_len[running]]
-            if self.memory_safe and len(waiting):
-                admit = self._safe_admissions(state, running, waiting, admit)
+            if self.memory_safe and queued.any():
+                admit = self._safe_admissions(state, running, queued, admit, types)
         else:
             running_types = types[running]
             running = running[ready[running_types]]
@@ -136,8 +164,8 @@ class WaitPolicy:
             return IDLE
         return Decision(decode=decode, prefill=admit)
 
-    def _safe_admissions(self, state: SchedulerState, running: np.ndarray, waiting: np.ndarray,
-                         cohorts: np.ndarray) -> np.ndarray:
+    def _safe_admissions(self, state: SchedulerState, running: np.ndarray, queued: np.ndarray,
+                         cohorts: np.ndarray, types: np.ndarray) -> np.ndarray:
         """The cohorts' queue-order prefix whose projected peak fits, then (lending spare memory) whoever
         else waits, in queue order, within the capacity less WAIT's own reserve."""
         context, remaining = trajectories(state, running)
@@ -148,7 +176,11 @@ class WaitPolicy:
         spare = state.capacity_blocks - self.thresholds.memory_blocks
         if not self.lend_spare_memory or count < len(cohorts) or spare <= 0:
             return admit
-        others = waiting[~np.isin(waiting, admit)][:LEND_SCAN]
+        # The oldest LEND_SCAN waiting requests after the cohorts, in queue order: each type's continuation.
+        in_cohorts = np.bincount(types[admit], minlength=len(queued))
+        parts = [self._queues.oldest(k, LEND_SCAN, skip=int(in_cohorts[k]))
+                 for k in np.flatnonzero(queued > in_cohorts)]
+        others = np.sort(np.concatenate(parts))[:LEND_SCAN] if parts else _EMPTY
         if len(others) == 0:
             return admit
         other_context, other_remaining = trajectories(state, others)
