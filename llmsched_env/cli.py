@@ -163,15 +163,58 @@ def _command(name: str | None = None) -> Callable[[Callable[..., None]], Callabl
 
 
 def _stdout_console() -> Console:
-    """Rich falls back to 80 columns when stdout is not a terminal; tables need a little more."""
+    """The console tables print on. Written to a file or a pipe, rich would fit them into 80 columns and cut
+    values short ("236 ± 1…"): there, a table takes the width its values need."""
     out = Console()
-    return out if out.is_terminal else Console(width=120)
+    return out if out.is_terminal else Console(width=100_000)
+
+
+class _LineProgress:
+    """Progress as lines on stderr, for when stderr is not a terminal (a log, CI): at most one line every
+    ``every_s`` seconds, and the last. The subset of rich's ``Progress`` the commands use."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s = every_s
+        self._tasks: dict[int, dict[str, Any]] = {}
+        self._last = 0.0
+
+    def __enter__(self) -> "_LineProgress":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for task in self._tasks.values():
+            self._say(task, force=True)
+
+    def add_task(self, description: str, total: float | None = None) -> int:
+        self._tasks[len(self._tasks)] = {"description": description, "total": total, "completed": 0, "said": -1}
+        return len(self._tasks) - 1
+
+    def update(self, task_id: int, *, advance: float = 0, description: str | None = None,
+               total: float | None = None) -> None:
+        task = self._tasks[task_id]
+        task["completed"] += advance
+        task["description"] = description or task["description"]
+        task["total"] = total if total is not None else task["total"]
+        self._say(task)
+
+    def _say(self, task: dict[str, Any], force: bool = False) -> None:
+        import time
+
+        now = time.monotonic()
+        if task["completed"] == task["said"] or not (force or now - self._last >= self.every_s):
+            return
+        self._last, task["said"] = now, task["completed"]
+        total = f"/{task['total']:,.0f}" if task["total"] else ""
+        console.print(f"{task['completed']:,.0f}{total} done: {task['description']}", highlight=False,
+                      soft_wrap=True)
 
 
 def _progress():  # type: ignore[no-untyped-def]
-    """The progress bar every long command shows (on stderr, gone when done)."""
+    """The progress every long command shows on stderr: a bar (gone when done) on a terminal, else lines."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if not console.is_terminal:
+        return _LineProgress()
     return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=console, transient=True)
 

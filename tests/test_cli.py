@@ -186,3 +186,25 @@ def test_scenario_and_stability_commands() -> None:
     assert code == 0, out
     (row,) = json.loads(out)["rows"]
     assert 0.5 < row["load"] < 1.2 and row["runs"] >= 3
+
+
+def test_each_command_writes_its_own_default_folder(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    code, out = invoke("compare", "--policies", "vllm", "--rates", "20", "--horizon", "10", "--no-plots")
+    assert code == 0, out
+    agent = Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "tight-memory-wait"
+    code, out = invoke("evaluate", "--agent", str(agent), "--policies", "vllm", "--seeds", "0", "--horizon", "10",
+                       "--no-plots")
+    assert code == 0, out
+    compared = json.loads((tmp_path / "llmsched-out" / "compare" / "comparison.json").read_text())
+    evaluated = json.loads((tmp_path / "llmsched-out" / "evaluate" / "comparison.json").read_text())
+    assert compared["policies"] == ["vllm"] and "agent" in evaluated["policies"]
+    assert compared["schema_version"] == evaluated["schema_version"] == 1
+
+
+def test_output_to_a_pipe_keeps_whole_values_and_logs_progress_lines(tmp_path: Path) -> None:
+    code, out = invoke("compare", "--policies", "wait,vllm", "--rates", "30,35", "--horizon", "15", "--seeds", "0..2",
+                       "--out", str(tmp_path), "--no-plots")
+    assert code == 0, out
+    assert "…" not in out and re.search(r"\d+ ± \d+", out)  # the summary's intervals, not cut short
+    assert re.search(r"^\d+/12 done: ", out, re.MULTILINE)  # progress as lines when stderr is not a terminal
