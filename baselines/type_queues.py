@@ -62,7 +62,8 @@ class TypeQueues:
         if state.num_requests > self._seen:
             new = np.arange(self._seen, state.num_requests)
             # Requests the engine ran before this policy first looked (a hand-made step) are not queued.
-            new = new[(state.kv_tokens[new] == 0) & (state.context_len[new] < state.prompt_len[new] + state.output_len[new])]
+            final = state.prompt_len[new] + state.output_len[new]
+            new = new[(state.kv_tokens[new] == 0) & (state.context_len[new] < final)]
             new_types = types[new]
             for k in np.unique(new_types):
                 self._ids[k].extend(new[new_types == k])
@@ -108,8 +109,11 @@ class TypeQueues:
         merged = np.union1d(returned, window) if len(returned) else window  # union1d sorts (queue order)
         return merged[skip: skip + count]
 
-    def take(self, ids: np.ndarray, types: np.ndarray) -> None:
-        """Remove ``ids`` (the decision's admissions, each the oldest of its type after those before it)."""
+    def take(self, ids: np.ndarray, types: np.ndarray, expect_admitted: bool = True) -> None:
+        """Remove ``ids`` (the decision's admissions, each the oldest of its type after those before it).
+
+        With ``expect_admitted``, those the engine does not admit (deferred) are back in the queue at the next
+        :meth:`update`; without, the caller keeps them (a chunked policy's commitments, admitted later)."""
         if len(ids) == 0:
             return
         for k in np.unique(types[ids]):
@@ -120,4 +124,5 @@ class TypeQueues:
                 mine = mine[~np.isin(mine, returned)]
                 self._returned[k] = returned[kept]
             self._head[k] += len(mine)
-        self._taken = np.concatenate([self._taken, ids])
+        if expect_admitted:
+            self._taken = np.concatenate([self._taken, ids])

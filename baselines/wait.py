@@ -123,10 +123,10 @@ class WaitPolicy:
 
     def decide(self, state: SchedulerState) -> Decision:
         types = self._classify(state)
-        if self.prefill_chunk is not None:
-            return self._decide_chunked(state, types)
         queues = self._queues
         queues.update(state, types)  # O(new + taken + running): never the whole queue
+        if self.prefill_chunk is not None:
+            return self._decide_chunked(state, types)
         n = self.thresholds.n
         queued = queues.counts()
         ready = (queued >= n) & (n > 0)
@@ -143,6 +143,13 @@ class WaitPolicy:
         n = np.maximum(self.thresholds.n, 1)
         parts = [self._queues.oldest(k, int(n[k])) for k in np.flatnonzero(ready)]
         return np.sort(np.concatenate(parts)) if parts else _EMPTY
+
+    def _following(self, cohorts: np.ndarray, queued: np.ndarray, types: np.ndarray) -> np.ndarray:
+        """The oldest ``LEND_SCAN`` waiting requests after ``cohorts`` (each type's oldest), in queue order."""
+        in_cohorts = np.bincount(types[cohorts], minlength=len(queued))
+        parts = [self._queues.oldest(k, LEND_SCAN, skip=int(in_cohorts[k]))
+                 for k in np.flatnonzero(queued > in_cohorts)]
+        return np.sort(np.concatenate(parts))[:LEND_SCAN] if parts else _EMPTY
 
     def _select(self, state: SchedulerState, types: np.ndarray, queued: np.ndarray, ready: np.ndarray) -> Decision:
         n = np.maximum(self.thresholds.n, 1)
@@ -176,11 +183,7 @@ class WaitPolicy:
         spare = state.capacity_blocks - self.thresholds.memory_blocks
         if not self.lend_spare_memory or count < len(cohorts) or spare <= 0:
             return admit
-        # The oldest LEND_SCAN waiting requests after the cohorts, in queue order: each type's continuation.
-        in_cohorts = np.bincount(types[admit], minlength=len(queued))
-        parts = [self._queues.oldest(k, LEND_SCAN, skip=int(in_cohorts[k]))
-                 for k in np.flatnonzero(queued > in_cohorts)]
-        others = np.sort(np.concatenate(parts))[:LEND_SCAN] if parts else _EMPTY
+        others = self._following(admit, queued, types)
         if len(others) == 0:
             return admit
         other_context, other_remaining = trajectories(state, others)
@@ -199,13 +202,14 @@ class WaitPolicy:
         committed requests before their first chunk, and the policy still never makes the engine evict.
         """
         chunk = int(self.prefill_chunk)  # type: ignore[arg-type]
-        n = np.maximum(self.thresholds.n, 1)
+        assert state.output_len is not None
         running = state.running
         cached, context = state.kv_tokens[running], state.context_len[running]
         decode, partial = running[cached == context], running[cached < context]
-        waiting = state.waiting
-        committed = self._committed[np.isin(self._committed, waiting)]
-        free = waiting[~np.isin(waiting, committed)]
+        # Committed requests are out of the type queues; those whose prefill has not started still wait.
+        committed = self._committed
+        final = state.prompt_len[committed] + state.output_len[committed]
+        committed = committed[(state.kv_tokens[committed] == 0) & (state.context_len[committed] < final)]
 
         queue = np.concatenate([partial, committed])  # the prefill order
         left = state.context_len[queue] - state.kv_tokens[queue]
@@ -215,22 +219,22 @@ class WaitPolicy:
         base_remaining = np.concatenate([base_remaining, queue_remaining])
         queued = int(left.sum())
 
-        free_types = types[free]
-        ready = (np.bincount(free_types, minlength=len(n)) >= self.thresholds.n) & (self.thresholds.n > 0)
+        free = self._queues.counts()
+        ready = (free >= self.thresholds.n) & (self.thresholds.n > 0)
         if not ready.any() and self.drain_when_idle and len(running) == 0 and len(committed) == 0:
             ready[:] = True  # an idle engine: let every type in rather than strand requests below a threshold
-        candidates = ready[free_types]
-        cohorts = free[candidates][first_per_group(free_types[candidates], n[free_types[candidates]])]
+        cohorts = self._cohorts(ready & (free > 0))
         new = self._commit(state, cohorts, base_context, base_remaining, queued, chunk, state.capacity_blocks)
         if self.lend_spare_memory and len(new) == len(cohorts):
             spare = state.capacity_blocks - self.thresholds.memory_blocks
-            others = free[~np.isin(free, new)][:LEND_SCAN]
+            others = self._following(new, free, types)
             if spare > 0 and len(others):
                 new_context, new_remaining = self._after_prefill(state, new, state.context_len[new], queued, chunk)
                 lent = self._commit(state, others, np.concatenate([base_context, new_context]),
                                     np.concatenate([base_remaining, new_remaining]),
                                     queued + int(state.context_len[new].sum()), chunk, spare)
                 new = np.concatenate([new, lent])
+        self._queues.take(new, types, expect_admitted=False)
         self._committed = np.concatenate([committed, new])
 
         queue = np.concatenate([partial, self._committed])
