@@ -110,7 +110,7 @@ class FCFSPolicy:
         if free < 0 or slots <= 0 or left <= 0:
             # free < 0: the engine preempts the newest running requests; vLLM admits nothing then.
             return self._decision(decode, partial, partial_chunk)
-        waiting, chunk = self._admissions(state, state.waiting[:slots], left, free)
+        waiting, chunk = self._admissions(state, state.oldest_waiting(slots), left, free)
         if len(waiting) == 0:
             return self._decision(decode, partial, partial_chunk)
         return self._decision(decode, np.concatenate([partial, waiting]), np.concatenate([partial_chunk, chunk]))
@@ -137,7 +137,7 @@ class FCFSPolicy:
         ``None`` when nothing can be admitted."""
         slots = self.max_num_seqs - len(state.running)
         budget = self.max_num_batched_tokens if self.max_num_batched_tokens is not None else _UNLIMITED
-        waiting, chunk = self._admissions(state, state.waiting[:max(slots, 0)], budget, state.free_blocks)
+        waiting, chunk = self._admissions(state, state.oldest_waiting(slots), budget, state.free_blocks)
         return Decision(prefill=waiting, prefill_tokens=chunk) if len(waiting) else None
 
     @staticmethod

@@ -90,9 +90,9 @@ class NestedWaitPolicy:
         at_boundary = np.isin(decoded, bounds[:-1])
         segment = np.where(at_boundary, np.searchsorted(bounds, decoded, side="left") + 1,
                            np.minimum(np.searchsorted(bounds, decoded, side="right"), segments - 1))
-        waiting = state.waiting
+        waiting = state.oldest_waiting(max(int(n[0]), LEND_SCAN))  # all an iteration can admit
         entrants = np.bincount(segment[at_boundary], minlength=segments)
-        entrants[0] = len(waiting)
+        entrants[0] = state.num_waiting
         projects = self.lookahead is not None and self.variant == "measured"
         peak = self._projected_peak(state) if projects else None
         # A ready gate lets its whole boundary queue through while the lookahead says the batch fits: the
@@ -117,7 +117,7 @@ class NestedWaitPolicy:
             decision = self._select(state, running, decoded, at_boundary, segment, waiting[:0], entrants > 0,
                                     under_pressure=True)
             assert decision is not None
-        if decision.is_idle and self.drain_when_idle and (len(waiting) or len(running)):
+        if decision.is_idle and self.drain_when_idle and (state.num_waiting or len(running)):
             # Nothing would run: open every gate (a gate with nobody behind it stays shut) rather than strand
             # requests, with their KV, until enough new arrivals come, which may be never.
             decision = self._select(state, running, decoded, at_boundary, segment, waiting, np.ones(segments, bool),

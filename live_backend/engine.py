@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from live_backend import vllm_adapter as adapter
+from live_backend.config import LiveConfig
 from llmsched_env.engine import (
     FINISHED,
     RUNNING,
@@ -44,8 +46,6 @@ from llmsched_env.request_table import (
     records_of,
     validated_batch,
 )
-from live_backend import vllm_adapter as adapter
-from live_backend.config import LiveConfig
 
 # The live engine's columns: the shared ones, plus the KV tokens vLLM has computed for each request and
 # the tokens it returned (checked at finish: o + 1).
@@ -201,8 +201,9 @@ class LiveVLLMEngine:
         return np.arange(start, end, dtype=np.int64)
 
     # -- the policy's view -----------------------------------------------------------------------
-    def _waiting_ids(self) -> np.ndarray:
-        return np.flatnonzero(self._status[: self._n] == WAITING)
+    def _waiting_ids(self, limit: int | None = None) -> np.ndarray:
+        ids = np.flatnonzero(self._status[: self._n] == WAITING)
+        return ids if limit is None else ids[:limit]
 
     def state(self) -> SchedulerState:
         return SchedulerState(
@@ -213,7 +214,7 @@ class LiveVLLMEngine:
             output_len=readonly_view(self._output) if self._known else None,
             context_len=readonly_view(self._context), kv_tokens=readonly_view(self._kv),
             arrival_time=readonly_view(self._arrival), num_evictions=readonly_view(self._evictions),
-            num_requests=self._n, waiting_fn=self._waiting_ids)
+            num_requests=self._n, num_waiting=self.num_waiting, waiting_fn=self._waiting_ids)
 
     # -- the iteration -----------------------------------------------------------------------------
     def _validated(self, decision: Decision) -> tuple[np.ndarray, dict[int, int], np.ndarray]:

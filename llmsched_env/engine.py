@@ -137,12 +137,20 @@ class SchedulerState(NamedTuple):
     arrival_time: np.ndarray
     num_evictions: np.ndarray
     num_requests: int  # ids 0 .. num_requests - 1 exist
-    waiting_fn: Callable[[], np.ndarray]  # computes the queue lazily: policies that never look pay nothing
+    num_waiting: int  # the queue's length
+    waiting_fn: Callable[[int | None], np.ndarray]  # the queue's first ``limit`` ids (all for None), computed
+    # lazily: a policy that never looks pays nothing, and one that reads a prefix pays for the prefix
 
     @property
     def waiting(self) -> np.ndarray:
-        """Ids in the queue, in queue order (arrival order; evicted requests keep their place)."""
-        return self.waiting_fn()
+        """Ids in the queue, in queue order (arrival order; evicted requests keep their place). It costs time
+        in proportion to the queue: a policy that needs its head reads :meth:`oldest_waiting`."""
+        return self.waiting_fn(None)
+
+    def oldest_waiting(self, count: int) -> np.ndarray:
+        """The first ``count`` ids of the queue (fewer if fewer wait), in time proportional to ``count``
+        while the queue is the newest arrivals (the common case)."""
+        return self.waiting_fn(max(int(count), 0))
 
     @property
     def capacity_tokens(self) -> int:

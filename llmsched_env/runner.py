@@ -166,7 +166,7 @@ class Rollout:
             self.stalled_at = self._iterated_at
         elif now - self._progress_at >= span:  # type: ignore[operator]
             state = engine.state()
-            head = state.waiting[:1]
+            head = state.oldest_waiting(1)
             if len(head) and state.blocks_for(int(state.context_len[head[0]])) <= state.free_blocks:
                 self.stalled_at = self._progress_at
 

@@ -199,11 +199,13 @@ class SimulatedEngine:
         return ids
 
     # -- the policy's view -----------------------------------------------------------------------
-    def _waiting_ids(self) -> np.ndarray:
+    def _waiting_ids(self, limit: int | None = None) -> np.ndarray:
         # Invariant: every waiting id is >= _first_maybe_waiting (evictions move it back).
-        ids, self._first_maybe_waiting = kernels.waiting_ids(self._status, self._first_maybe_waiting, self._n,
-                                                             self._num_waiting)
-        return ids
+        start, n = self._first_maybe_waiting, self._n
+        if limit is not None and self._num_waiting == n - start:  # the queue is exactly the newest arrivals
+            return np.arange(start, min(n, start + limit), dtype=np.int64)
+        ids, self._first_maybe_waiting = kernels.waiting_ids(self._status, start, n, self._num_waiting)
+        return ids if limit is None else ids[:limit]
 
     def state(self) -> SchedulerState:
         v = self._views
@@ -220,6 +222,7 @@ class SimulatedEngine:
             arrival_time=v["arrival_time"],
             num_evictions=v["num_evictions"],
             num_requests=self._n,
+            num_waiting=self._num_waiting,
             waiting_fn=self._waiting_ids,
         )
 
