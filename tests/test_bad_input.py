@@ -241,3 +241,13 @@ def test_any_argument_vector_exits_0_1_or_2_without_a_traceback(args: list[str],
         assert not path.name.endswith(".tmp"), path
         if path.suffix == ".json":
             json.loads(path.read_text())  # complete, never half-written
+
+
+def test_an_environment_asked_for_an_absurd_episode_refuses_at_reset() -> None:
+    import gymnasium as gym
+
+    from llmsched_env.errors import ConfigError
+
+    env = gym.make("LLMSched-v0", horizon=1e12)
+    with pytest.raises(ConfigError, match="above the cap of 1e\\+08"):
+        env.reset(seed=0)
