@@ -40,12 +40,8 @@ class EngineFailure(LLMSchedError, RuntimeError):
 
 
 class StalledRunError(LLMSchedError, RuntimeError):
-    """A run in which requests waited, memory was free, and the policy admitted and finished nothing for a
-    stated span (:class:`llmsched_env.runner.Rollout`). ``result`` is the run up to the stall."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.result: object | None = None
+    """A run whose policy made no progress while requests waited, for the span
+    :class:`llmsched_env.runner.Rollout` watches (``RunResult.stalled_at`` says when it began)."""
 
 
 #: Errors of a run that started (exit status 1 on the command line); every other LLMSchedError is bad input (2).
