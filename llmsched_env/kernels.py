@@ -37,6 +37,21 @@ def waiting_ids(status: np.ndarray, start: int, n: int, num_waiting: int) -> tup
 
 
 @compiled
+def first_waiting_ids(status: np.ndarray, start: int, n: int, limit: int) -> np.ndarray:
+    """The first ``limit`` waiting ids from ``start`` on, in queue order: a scan that stops once it has them
+    (its cost is ``limit`` plus the running and finished ids it passes, not the whole queue)."""
+    ids = np.empty(limit, dtype=np.int64)
+    count = 0
+    i = start
+    while i < n and count < limit:
+        if status[i] == WAITING:
+            ids[count] = i
+            count += 1
+        i += 1
+    return ids[:count]
+
+
+@compiled
 def count_arrivals(sums: np.ndarray, since: float, now: float, arrival_times: np.ndarray, classes: np.ndarray,
                    window: float) -> None:
     """:meth:`~llmsched_env.rate_estimate.ArrivalRateEstimator.update` per class, in place: decay ``sums`` from

@@ -202,10 +202,15 @@ class SimulatedEngine:
     def _waiting_ids(self, limit: int | None = None) -> np.ndarray:
         # Invariant: every waiting id is >= _first_maybe_waiting (evictions move it back).
         start, n = self._first_maybe_waiting, self._n
-        if limit is not None and self._num_waiting == n - start:  # the queue is exactly the newest arrivals
+        if limit is None:
+            ids, self._first_maybe_waiting = kernels.waiting_ids(self._status, start, n, self._num_waiting)
+            return ids
+        if self._num_waiting == n - start:  # the queue is exactly the newest arrivals
             return np.arange(start, min(n, start + limit), dtype=np.int64)
-        ids, self._first_maybe_waiting = kernels.waiting_ids(self._status, start, n, self._num_waiting)
-        return ids if limit is None else ids[:limit]
+        ids = kernels.first_waiting_ids(self._status, start, n, min(limit, self._num_waiting))
+        if len(ids):
+            self._first_maybe_waiting = int(ids[0])  # nothing before it waits
+        return ids
 
     def state(self) -> SchedulerState:
         v = self._views

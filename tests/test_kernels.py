@@ -185,6 +185,8 @@ def test_waiting_ids_are_the_waiting_statuses_from_start(seed: int, n: int, star
     status[:start] = np.where(status[:start] == WAITING, RUNNING, status[:start])  # none waits before start
     ids, first = kernels.waiting_ids(status, start, n, int(np.sum(status == WAITING)))
     assert ids.tolist() == np.flatnonzero(status == WAITING).tolist()
+    for limit in (0, 1, 3, n + 1):
+        assert kernels.first_waiting_ids(status, start, n, limit).tolist() == ids[:limit].tolist()
     if len(ids) == n - start:  # the queue is exactly start … n − 1: nothing to move
         assert first == start
     else:
