@@ -58,7 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     policies = args.policies.split(",")
     horizons = [float(h) for h in args.horizons.split(",")]
-    print("time at rho = 2.0: CPU s less a 1 s run's; growth per doubling (linear: 2.0, target <= 2.3)")
+    print(f"time at rho = 2.0: CPU s less a 1 s run's, least of {args.repeats}; growth per doubling "
+          "(linear: 2.0, target <= 2.3)")
     print(f"{'policy':<14}" + "".join(f"{h:>10g}" for h in horizons) + "   growth per doubling")
     for policy in policies:
         def cpu(horizon: float) -> float:

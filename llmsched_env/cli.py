@@ -783,3 +783,7 @@ def _calibrate(model: str | None, live_config: str | None, kv_blocks: int | None
 
 def main() -> None:  # pragma: no cover - console-script entry point
     app()
+
+
+if __name__ == "__main__":  # python -m llmsched_env.cli
+    main()

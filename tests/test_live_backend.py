@@ -201,6 +201,21 @@ def test_cli_make_tiny_model_and_evaluate_on_the_live_backend(model_dir, tmp_pat
     assert missing.exit_code == 2 and "no such directory" in " ".join(missing.output.split())
 
 
+def test_json_on_the_live_backend_keeps_stdout_for_the_json_alone(model_dir, tmp_path):
+    """vLLM logs to stdout; with --json the command moves everything but the JSON to stderr (a real process:
+    the redirection is at the file descriptor, which an in-process runner would not show)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "llmsched_env.cli", "evaluate", "--backend", "vllm", "--model",
+                           str(model_dir), "--policies", "vllm", "--seeds", "0", "--horizon", "2", "--types",
+                           "p=60,o=40,rate=1", "--out", str(tmp_path / "out"), "--no-plots", "--no-with-sim",
+                           "--json"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    payload = json.loads(done.stdout)  # nothing but the JSON
+    assert payload["schema_version"] == 1 and payload["policies"] == ["vllm"]
+
+
 @pytest.mark.slow
 def test_cli_calibrate_writes_a_profile_that_loads(model_dir, tmp_path):
     from llmsched_env import load_profile
