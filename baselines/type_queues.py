@@ -21,8 +21,8 @@ from llmsched_env.engine import SchedulerState
 _EMPTY = np.empty(0, dtype=np.int64)
 
 
-class _Growable:
-    """An int64 array appended to in amortised O(1) per element."""
+class Int64Buffer:
+    """An int64 array appended to in amortised O(1) per element: ``data[:size]`` holds what was appended."""
 
     def __init__(self) -> None:
         self.data = np.empty(64, dtype=np.int64)
@@ -48,7 +48,7 @@ class TypeQueues:
     """
 
     def __init__(self, num_types: int) -> None:
-        self._ids = [_Growable() for _ in range(num_types)]
+        self._ids = [Int64Buffer() for _ in range(num_types)]
         self._head = np.zeros(num_types, dtype=np.int64)
         self._returned: list[np.ndarray] = [_EMPTY] * num_types
         self._seen = 0

@@ -42,7 +42,7 @@ import numpy as np
 from baselines.cohorts import fill_in_order, first_per_group
 from baselines.lookahead import LEND_SCAN, fitting_prefix, trajectories
 from baselines.thresholds import WaitThresholds, wait_thresholds
-from baselines.type_queues import TypeQueues
+from baselines.type_queues import Int64Buffer, TypeQueues
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
@@ -64,8 +64,7 @@ class WaitPolicy:
     memory_safe: bool = True
     lend_spare_memory: bool = True
     prefill_chunk: int | None = None
-    _types: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), repr=False)
-    _classified: int = field(default=0, repr=False)
+    _types: Int64Buffer = field(default_factory=Int64Buffer, repr=False)
     _committed: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), repr=False)
     _queues: TypeQueues = field(default_factory=lambda: TypeQueues(0), repr=False)
 
@@ -92,34 +91,27 @@ class WaitPolicy:
                                                or self.prefill_chunk < 1):
             raise ConfigError(f"chunked prefill (prefill_chunk >= 1 tokens, got {self.prefill_chunk!r}) needs the "
                               "measured, memory-safe variant")
-        self._types = np.empty(1024, np.int64)
-        self._classified = 0
+        self._types = Int64Buffer()
         self._committed = np.empty(0, np.int64)
         self._queues = TypeQueues(len(self.thresholds.n))
 
     def _classify(self, state: SchedulerState) -> np.ndarray:
         """Every request's type (the nearest of the mix), classified once, on arrival."""
-        known = self._classified
+        known = self._types.size
         if state.num_requests > known:
             assert state.output_len is not None
-            if state.num_requests > len(self._types):  # grow geometrically: amortised O(1) per request
-                grown = np.empty(max(state.num_requests, 2 * len(self._types)), np.int64)
-                grown[:known] = self._types[:known]
-                self._types = grown
             ids = np.arange(known, state.num_requests)
-            self._types[known:state.num_requests] = self.mix.nearest(state.prompt_len[ids], state.output_len[ids])
-            self._classified = state.num_requests
-        return self._types
+            self._types.extend(self.mix.nearest(state.prompt_len[ids], state.output_len[ids]))
+        return self._types.data
 
     def _reclassify(self, state: SchedulerState) -> None:
         """Classify every request again on the current mix (an adaptive policy's new classes), and rebuild the
         type queues from the engine's queue."""
         assert state.output_len is not None
         count = state.num_requests
-        self._types = np.empty(max(1024, 2 * count), np.int64)
-        self._types[:count] = self.mix.nearest(state.prompt_len[:count], state.output_len[:count])
-        self._classified = count
-        self._queues = TypeQueues.of_state(state, self._types, len(self.thresholds.n))
+        self._types = Int64Buffer()
+        self._types.extend(self.mix.nearest(state.prompt_len[:count], state.output_len[:count]))
+        self._queues = TypeQueues.of_state(state, self._types.data, len(self.thresholds.n))
 
     def decide(self, state: SchedulerState) -> Decision:
         types = self._classify(state)

@@ -256,14 +256,10 @@ def fluid(
 
     For a trace, its length mix at its mean rate.
     """
-    try:
-        scenario = build_scenario(types=types, trace=trace, rate=rate, cost=cost, profile=profile,
-                                  memory_tokens=memory_tokens)
-        solution = solve_fluid(scenario.offered_mix(), scenario.cost, scenario.capacity_tokens,
-                               objective)  # type: ignore[arg-type]
-    except LLMSchedError as error:
-        _fail(error)
-        return
+    scenario = build_scenario(types=types, trace=trace, rate=rate, cost=cost, profile=profile,
+                              memory_tokens=memory_tokens)
+    solution = solve_fluid(scenario.offered_mix(), scenario.cost, scenario.capacity_tokens,
+                           objective)  # type: ignore[arg-type]
     summary = solution.summary()
     if as_json:
         _print_json(summary)
@@ -305,17 +301,13 @@ def simulate(
     from baselines.compare import SEES_OUTPUT_LENGTHS
 
     horizon = _horizon(horizon, 300.0)  # type: ignore[assignment]
-    try:
-        scenario = build_scenario(types=types, trace=trace, rate=rate, cost=cost, profile=profile,
-                                  memory_tokens=memory_tokens, block_size=block_size, arrivals=arrivals,  # type: ignore[arg-type]
-                                  cv=cv, hidden_lengths=policy not in SEES_OUTPUT_LENGTHS)
-        requests = scenario.sample(horizon, seed)
-        benchmark = scenario.fluid(requests, horizon)
-        chosen = make_policy(policy, scenario, horizon)
-        result = run(scenario.engine(), chosen, requests, horizon)
-    except LLMSchedError as error:
-        _fail(error)
-        return
+    scenario = build_scenario(types=types, trace=trace, rate=rate, cost=cost, profile=profile,
+                              memory_tokens=memory_tokens, block_size=block_size, arrivals=arrivals,  # type: ignore[arg-type]
+                              cv=cv, hidden_lengths=policy not in SEES_OUTPUT_LENGTHS)
+    requests = scenario.sample(horizon, seed)
+    benchmark = scenario.fluid(requests, horizon)
+    chosen = make_policy(policy, scenario, horizon)
+    result = run(scenario.engine(), chosen, requests, horizon)
     summary = {"policy": policy, **summarize(result, benchmark)}
     if as_json:
         _print_json(summary)
@@ -386,36 +378,32 @@ def compare(
     names = _names(policies, "--policies")
     horizon = _horizon(horizon, None)
     progress = _progress()
-    try:
-        if rates is not None and loads is not None:
-            raise typer.BadParameter("give --rates or --loads, not both")
-        if scenario is not None or suite:
-            if scenario is not None and suite:
-                raise typer.BadParameter("give --scenario NAME or --suite, not both")
-            if types is not None or trace is not None:
-                raise typer.BadParameter("a scenario brings its own workload: drop --types / --trace")
-            _compare_scenarios(scenario, names, _floats(rates, "--rates"), _floats(loads, "--loads"), horizon,
-                               parse_seeds(seeds) if seeds is not None else None, jobs, out, plots, as_json, progress)
-            return
-        chosen = build_scenario(types=types, trace=trace, cost=cost, profile=profile, memory_tokens=memory_tokens,
-                                block_size=block_size, arrivals=arrivals, cv=cv)  # type: ignore[arg-type]
-        sweep = _floats(rates, "--rates") or default_rates(chosen, _floats(loads, "--loads") or DEFAULT_LOADS)
-        seed_list = parse_seeds(seeds) if seeds is not None else [seed]
-        names = names or list(DEFAULT_POLICIES)
-        horizon = 300.0 if horizon is None else horizon
-        check_work(sum(sweep) * horizon * len(names) * len(seed_list),
-                   f"{len(names)} policies × {len(sweep)} rates × {len(seed_list)} seeds of {horizon:g} s")
-        with progress:
-            task = progress.add_task("simulating", total=len(names) * len(sweep) * len(seed_list))
-
-            def advance(done) -> None:  # type: ignore[no-untyped-def]
-                progress.update(task, advance=1, description=f"{done.policy} @ {done.rate:g} req/s")
-
-            comparison = run_comparison(chosen, names, sweep, horizon, seed, on_run_done=advance,
-                                        seeds=seed_list)
-    except LLMSchedError as error:
-        _fail(error)
+    if rates is not None and loads is not None:
+        raise typer.BadParameter("give --rates or --loads, not both")
+    if scenario is not None or suite:
+        if scenario is not None and suite:
+            raise typer.BadParameter("give --scenario NAME or --suite, not both")
+        if types is not None or trace is not None:
+            raise typer.BadParameter("a scenario brings its own workload: drop --types / --trace")
+        _compare_scenarios(scenario, names, _floats(rates, "--rates"), _floats(loads, "--loads"), horizon,
+                           parse_seeds(seeds) if seeds is not None else None, jobs, out, plots, as_json, progress)
         return
+    chosen = build_scenario(types=types, trace=trace, cost=cost, profile=profile, memory_tokens=memory_tokens,
+                            block_size=block_size, arrivals=arrivals, cv=cv)  # type: ignore[arg-type]
+    sweep = _floats(rates, "--rates") or default_rates(chosen, _floats(loads, "--loads") or DEFAULT_LOADS)
+    seed_list = parse_seeds(seeds) if seeds is not None else [seed]
+    names = names or list(DEFAULT_POLICIES)
+    horizon = 300.0 if horizon is None else horizon
+    check_work(sum(sweep) * horizon * len(names) * len(seed_list),
+               f"{len(names)} policies × {len(sweep)} rates × {len(seed_list)} seeds of {horizon:g} s")
+    with progress:
+        task = progress.add_task("simulating", total=len(names) * len(sweep) * len(seed_list))
+
+        def advance(done) -> None:  # type: ignore[no-untyped-def]
+            progress.update(task, advance=1, description=f"{done.policy} @ {done.rate:g} req/s")
+
+        comparison = run_comparison(chosen, names, sweep, horizon, seed, on_run_done=advance,
+                                    seeds=seed_list)
     _write_report(comparison, out, plots, as_json)
 
 
@@ -477,17 +465,13 @@ def stability(
     horizon = _horizon(horizon, 600.0)  # type: ignore[assignment]
     if not 0 < tolerance < 1:
         raise typer.BadParameter(f"expected a relative width in (0, 1), got {tolerance!r}", param_hint="--tolerance")
-    try:
-        spec = load_scenario(scenario)
-        progress = _progress()
-        with progress:
-            task = progress.add_task("bisecting", total=len(names) * len(seed_list))
-            rows = stability_points(spec.scenario, names, seed_list, horizon=horizon, tolerance=tolerance, jobs=jobs,
-                                    on_point=lambda point: progress.update(
-                                        task, advance=1, description=f"{point.policy}, seed {point.seed}"))
-    except LLMSchedError as error:
-        _fail(error)
-        return
+    spec = load_scenario(scenario)
+    progress = _progress()
+    with progress:
+        task = progress.add_task("bisecting", total=len(names) * len(seed_list))
+        rows = stability_points(spec.scenario, names, seed_list, horizon=horizon, tolerance=tolerance, jobs=jobs,
+                                on_point=lambda point: progress.update(
+                                    task, advance=1, description=f"{point.policy}, seed {point.seed}"))
     if as_json:
         _print_json({"scenario": spec.name, "horizon_s": horizon, "seeds": seed_list, "rows": rows})
         return
@@ -506,11 +490,7 @@ def scenarios(as_json: JsonOption = False) -> None:
     """The named scenarios (for --scenario, the environment's scenario= and load_scenario)."""
     from llmsched_env.scenarios import load_scenario, scenario_names
 
-    try:
-        specs = [load_scenario(name) for name in scenario_names()]
-    except LLMSchedError as error:
-        _fail(error)
-        return
+    specs = [load_scenario(name) for name in scenario_names()]
     if as_json:
         _print_json({"scenarios": [{"name": s.name, "description": s.description, "loads": list(s.loads), "horizon_s": s.horizon_s,
                       "seeds": list(s.seeds), "suite": s.in_suite, "output_lengths_known": s.scenario.output_lengths_known}
@@ -589,19 +569,15 @@ def train(
     from agents.config import ALGORITHMS, load_config
     from agents.train import train as run_training
 
-    try:
-        chosen = load_config(config)
-        if algo is not None and algo not in ALGORITHMS:
-            raise typer.BadParameter(f"expected one of {', '.join(ALGORITHMS)}, got {algo!r}", param_hint="--algo")
-        chosen = replace(chosen, algo=algo or chosen.algo, env_id=env_id or chosen.env_id,
-                         timesteps=timesteps or chosen.timesteps, n_envs=n_envs or chosen.n_envs)
-        command = shlex.join(["llmsched", *sys.argv[1:]]) if sys.argv[0].endswith("llmsched") else \
-            f"llmsched train --config {config} --out {out} --seed {seed}"
-        spec = run_training(chosen, out, seed=seed, resume=resume, progress_bar=progress, command=command,
-                            log=lambda text: console.print(text))
-    except LLMSchedError as error:
-        _fail(error)
-        return
+    chosen = load_config(config)
+    if algo is not None and algo not in ALGORITHMS:
+        raise typer.BadParameter(f"expected one of {', '.join(ALGORITHMS)}, got {algo!r}", param_hint="--algo")
+    chosen = replace(chosen, algo=algo or chosen.algo, env_id=env_id or chosen.env_id,
+                     timesteps=timesteps or chosen.timesteps, n_envs=n_envs or chosen.n_envs)
+    command = shlex.join(["llmsched", *sys.argv[1:]]) if sys.argv[0].endswith("llmsched") else \
+        f"llmsched train --config {config} --out {out} --seed {seed}"
+    spec = run_training(chosen, out, seed=seed, resume=resume, progress_bar=progress, command=command,
+                        log=lambda text: console.print(text))
     if as_json:
         _print_json(spec.to_json())
     else:
@@ -703,9 +679,6 @@ def evaluate(
                                             engine=factory, with_sim=with_sim)
                 if reference is not None:
                     comparison = replace(comparison, reference=reference)
-    except LLMSchedError as error:
-        _fail(error)
-        return
     finally:
         if factory is not None:
             factory.close()
@@ -720,11 +693,7 @@ def make_tiny_model(
     """Build a tiny random Llama with a locally trained tokenizer (no download) for the live backend's tests and demos."""
     from live_backend.tiny_model import build_tiny_llama
 
-    try:
-        path = build_tiny_llama(out, seed=seed)
-    except LLMSchedError as error:
-        _fail(error)
-        return
+    path = build_tiny_llama(out, seed=seed)
     console.print(f"wrote a tiny Llama to {path}")
 
 
