@@ -1,10 +1,18 @@
 """Reference scheduling policies: pure functions of the scheduler state behind one interface.
 
 * :mod:`baselines.fcfs` — the engines' own schedulers (vLLM FCFS with preemption, Sarathi-Serve), and the
-  paper's presets of them (``vllm-v0``, ``sarathi-512``; ``wait-chunked`` is WAIT's);
-* :mod:`baselines.wait` — WAIT (known output lengths), the measured and the paper's variants;
-* :mod:`baselines.nested_wait` — Nested WAIT (hidden output lengths), the measured and the paper's variants;
-* :mod:`baselines.thresholds` — their thresholds from the fluid model (pure functions).
+  paper's baselines as Vidur simulates them (``vllm-v0``, ``sarathi-512``);
+* :mod:`baselines.wait` — WAIT (known output lengths): the project's measured variant and the paper's
+  Algorithm 1 as written (``wait-pausing``);
+* :mod:`baselines.nested_wait` — Nested WAIT (hidden output lengths), likewise (``nested-wait-pausing``);
+* :mod:`baselines.wait_cp` — WAIT-CP and Nested WAIT-CP, the schedulers the paper's authors ran
+  (``wait-cp``, ``nested-wait-cp``);
+* :mod:`baselines.thresholds` — the thresholds from the fluid model (pure functions).
+
+Renamed presets: ``wait-paper`` and ``nested-wait-paper`` are now ``wait-pausing`` and
+``nested-wait-pausing`` (the old names still resolve, with a warning): the paper's experiments ran WAIT-CP,
+not these. ``wait-chunked`` (a 256-token budget per iteration, which is not how the authors chunked) is
+gone; ``wait-cp`` is the paper's chunked WAIT.
 """
 
 from __future__ import annotations
@@ -12,11 +20,14 @@ from __future__ import annotations
 from typing import Callable
 
 from baselines.adaptive import AdaptiveNestedWaitPolicy, AdaptiveWaitPolicy
-from baselines.fcfs import FCFSPolicy, sarathi_policy, vllm_policy, vllm_v0_policy
+import warnings
+
+from baselines.fcfs import FCFSPolicy, sarathi_policy, sarathi_vidur_policy, vllm_policy, vllm_v0_policy
 from baselines.lookahead import LOOKAHEAD_QUANTILE, residual_quantiles
 from baselines.nested_wait import NestedWaitPolicy
 from baselines.thresholds import OutputLengthDistribution, nested_wait_thresholds, wait_thresholds
 from baselines.wait import WaitPolicy
+from baselines.wait_cp import ChunkedBookingPolicy, fluid_total_limit
 from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import equilibrium
 from llmsched_env.policy import Policy
@@ -31,15 +42,18 @@ def threshold_mix(scenario: Scenario) -> TypeMix:
     return scenario.class_mix()
 
 
-#: The paper's WAIT on Vidur prefilled in 256-token chunks; its Sarathi-Serve baseline used 512-token chunks.
-PAPER_WAIT_CHUNK = 256
-PAPER_SARATHI_CHUNK = 512
-
-
-def _wait(variant: str, prefill_chunk: int | None = None) -> PolicyFactory:
+def _wait(variant: str) -> PolicyFactory:
     def factory(scenario: Scenario, horizon: float) -> Policy:
         return WaitPolicy.for_mix(threshold_mix(scenario), scenario.cost, scenario.capacity_tokens,
-                                  scenario.block_size, variant, prefill_chunk)  # type: ignore[arg-type]
+                                  scenario.block_size, variant)  # type: ignore[arg-type]
+    return factory
+
+
+def _wait_cp(nested: bool) -> PolicyFactory:
+    def factory(scenario: Scenario, horizon: float) -> Policy:
+        # tl from the fluid model at the scenario's rate; `llmsched paper` sweeps it as the authors did.
+        mix = scenario.offered_mix()
+        return ChunkedBookingPolicy.for_mix(mix, fluid_total_limit(mix, scenario.cost), nested=nested)
     return factory
 
 
@@ -55,7 +69,7 @@ def _nested_wait(variant: str) -> PolicyFactory:
         lookahead = (residual_quantiles(distribution.values, distribution.probabilities, LOOKAHEAD_QUANTILE)
                      if measured else None)
         _, _, fluid_memory = equilibrium(mix.rates, mix.prompt_lens, mix.output_lens, scenario.cost)
-        return NestedWaitPolicy(thresholds, variant, "nested-wait" if measured else "nested-wait-paper",  # type: ignore[arg-type]
+        return NestedWaitPolicy(thresholds, variant, "nested-wait" if measured else "nested-wait-pausing",  # type: ignore[arg-type]
                                 drain_when_idle=measured, lookahead=lookahead, lend_spare_memory=measured,
                                 reserve_tokens=min(fluid_memory, thresholds.memory_tokens))
     return factory
@@ -64,33 +78,56 @@ def _nested_wait(variant: str) -> PolicyFactory:
 POLICIES: dict[str, PolicyFactory] = {
     "vllm": lambda scenario, horizon: vllm_policy(),
     "sarathi": lambda scenario, horizon: sarathi_policy(),
-    # The paper's set-up on Vidur (vLLM V0's scheduler, 512-token Sarathi, 256-token chunked WAIT):
+    # The paper's experiments as its authors ran them on Vidur (llmsched paper; docs/paper.md):
     "vllm-v0": lambda scenario, horizon: vllm_v0_policy(),
-    "sarathi-512": lambda scenario, horizon: sarathi_policy(name="sarathi-512",
-                                                            max_num_batched_tokens=PAPER_SARATHI_CHUNK),
-    "wait-chunked": _wait("measured", PAPER_WAIT_CHUNK),
+    "sarathi-512": lambda scenario, horizon: sarathi_vidur_policy(),
+    "wait-cp": _wait_cp(nested=False),
+    "nested-wait-cp": _wait_cp(nested=True),
     # Learning the rates and the length mix online (baselines.adaptive); wait / nested-wait are their oracles.
     "wait-adaptive": lambda scenario, horizon: AdaptiveWaitPolicy.create(scenario.cost, scenario.capacity_tokens,
                                                                          scenario.block_size),
     "nested-wait-adaptive": lambda scenario, horizon: AdaptiveNestedWaitPolicy.create(
         scenario.cost, scenario.paged_capacity_tokens, scenario.block_size, horizon_s=horizon),
     "wait": _wait("measured"),
-    "wait-paper": _wait("paper"),
+    "wait-pausing": _wait("paper"),
     "nested-wait": _nested_wait("measured"),
-    "nested-wait-paper": _nested_wait("paper"),
+    "nested-wait-pausing": _nested_wait("paper"),
 }
 DEFAULT_POLICIES = ("wait", "nested-wait", "vllm", "sarathi")
+
+#: Old names that still resolve, with a warning, to the preset that replaced them.
+DEPRECATED_ALIASES = {"wait-paper": "wait-pausing", "nested-wait-paper": "nested-wait-pausing"}
+#: Old names that are gone, with why.
+REMOVED = {"wait-chunked": "it read the paper's 256-token chunk as a budget for a whole iteration, which is not how "
+                           "the authors chunked; use wait-cp (per-request chunks, the paper's WAIT-CP)"}
+
+
+def resolve_alias(name: str) -> str:
+    """``name``, or the preset that replaced a deprecated one (with a :class:`FutureWarning`); a removed name is
+    a :class:`ConfigError` saying what to use. Other names pass unchanged (an agent's, an unknown one)."""
+    if name in REMOVED:
+        raise ConfigError(f"policy {name!r} was removed: {REMOVED[name]}")
+    if name in DEPRECATED_ALIASES:
+        new = DEPRECATED_ALIASES[name]
+        warnings.warn(f"policy {name!r} is now called {new!r} (the paper's experiments ran WAIT-CP, not this rule); "
+                      f"the old name will be removed", FutureWarning, stacklevel=2)
+        return new
+    return name
+
+
+def canonical_name(name: str) -> str:
+    """:func:`resolve_alias`, and a :class:`ConfigError` listing the presets when the name is none of them."""
+    name = resolve_alias(name)
+    if name not in POLICIES:
+        raise ConfigError(f"unknown policy {name!r}; available: {', '.join(POLICIES)}")
+    return name
 
 
 def make_policy(name: str, scenario: Scenario, horizon: float) -> Policy:
     """The policy called ``name``, configured for ``scenario`` (thresholds come from its fluid model)."""
-    try:
-        factory = POLICIES[name]
-    except KeyError:
-        raise ConfigError(f"unknown policy {name!r}; available: {', '.join(POLICIES)}") from None
-    return factory(scenario, horizon)
+    return POLICIES[canonical_name(name)](scenario, horizon)
 
 
-__all__ = ["DEFAULT_POLICIES", "FCFSPolicy", "NestedWaitPolicy", "POLICIES", "WaitPolicy", "make_policy",
-           "nested_wait_thresholds", "sarathi_policy", "threshold_mix", "vllm_policy", "vllm_v0_policy",
-           "wait_thresholds"]
+__all__ = ["DEFAULT_POLICIES", "DEPRECATED_ALIASES", "ChunkedBookingPolicy", "FCFSPolicy", "NestedWaitPolicy",
+           "POLICIES", "WaitPolicy", "canonical_name", "make_policy", "resolve_alias", "nested_wait_thresholds", "sarathi_policy",
+           "sarathi_vidur_policy", "threshold_mix", "vllm_policy", "vllm_v0_policy", "wait_thresholds"]

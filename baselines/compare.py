@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable, Collection, Mapping, Sequence
 
-from baselines import POLICIES, PolicyFactory
+from baselines import POLICIES, PolicyFactory, resolve_alias
 from llmsched_env.engine import Engine
 from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import FluidSolution, solve_fluid
@@ -22,7 +22,7 @@ from llmsched_env.scenario import Scenario
 from llmsched_env.workload import Arrivals, TypeMix
 
 #: Policies that are defined with output lengths known at arrival.
-SEES_OUTPUT_LENGTHS = frozenset({"wait", "wait-paper", "wait-chunked", "wait-adaptive"})
+SEES_OUTPUT_LENGTHS = frozenset({"wait", "wait-pausing", "wait-adaptive"})
 
 DEFAULT_LOADS = (0.7, 0.85, 0.9, 0.93, 0.95, 0.97)
 
@@ -51,6 +51,7 @@ def compare(scenario: Scenario, policies: Sequence[str], rates: Sequence[float],
     ``<policy> (sim)``: the simulator's prediction beside each live row.
     """
     available = {**POLICIES, **(factories or {})}
+    policies = [resolve_alias(p) for p in policies]
     unknown = [p for p in policies if p not in available]
     if unknown:
         raise ConfigError(f"unknown policy {unknown[0]!r}; available: {', '.join(available)}")

@@ -15,9 +15,16 @@ iteration with decodes. One implementation, :class:`FCFSPolicy`, with two preset
       requires ``max_num_batched_tokens >= max_model_len``, so any prompt fits the budget; here a prompt
       longer than the budget is admitted as the iteration's only prefill.
 
-``vllm-v0`` — vLLM V0's scheduler, as Vidur simulates it for the paper's experiments: an iteration in
-    which waiting prompts can be admitted runs those prefills only (running requests' decodes wait), and
-    a batch holds at most 128 requests (``prefill_first``, ``max_num_seqs=128``).
+``vllm-v0`` — vLLM as Vidur simulates it for the paper's experiments (``vidur/scheduler/replica_scheduler/
+    vllm_replica_scheduler.py`` and ``vidur/config/config.py``): an iteration in which waiting prompts can be
+    admitted runs those prefills only (running requests' decodes wait, ``prefill_first``); a prefill batch
+    counts as its requests times its longest prompt against ``max_tokens_in_batch = 4096``
+    (``padded_prefill``); at most ``batch_size_cap = 128`` requests hold memory (``max_num_seqs=128``);
+    admission keeps 1 % of the blocks free.
+
+``sarathi-512`` — Sarathi as Vidur simulates it (``sarathi_replica_scheduler.py``): decodes and chunks share a
+    512-token budget (a decode counts one token), at most 128 requests hold memory, and a new request's whole
+    prompt is reserved on admission against the 1 % watermark, as Vidur allocates it (``reserve_prompt``).
 
 ``sarathi`` — Sarathi-Serve's stall-free batching (vLLM with ``enable_chunked_prefill=True``):
     * decodes first, then the continuation of partially prefilled requests, then new admissions,
@@ -61,6 +68,8 @@ class FCFSPolicy:
     chunked_prefill: bool = False
     watermark: float = 0.01
     prefill_first: bool = False
+    padded_prefill: bool = False  # Vidur's vLLM: a prefill batch costs (requests × longest prompt) budget tokens
+    reserve_prompt: bool = False  # Vidur: a request's whole prompt is allocated when it is admitted
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -71,6 +80,8 @@ class FCFSPolicy:
             raise ConfigError(f"watermark must be in [0, 1), got {self.watermark}")
         if self.prefill_first and self.chunked_prefill:
             raise ConfigError("prefill_first is vLLM V0's rule without chunking; it cannot be combined with chunked_prefill")
+        if self.padded_prefill and self.chunked_prefill:
+            raise ConfigError("padded_prefill counts whole prompts (Vidur's vLLM); it cannot be combined with chunked_prefill")
         self._watermark_blocks = 0  # sized to the engine's capacity by reset()
 
     def reset(self, engine: Engine) -> None:
@@ -103,7 +114,10 @@ class FCFSPolicy:
             granted = partial_chunk > 0
             partial, partial_kv, partial_chunk = partial[granted], partial_kv[granted], partial_chunk[granted]
             left -= int(_sum(partial_chunk))
-            growth += int(_sum(state.blocks_for(partial_kv + partial_chunk)) - _sum(state.blocks_for(partial_kv)))
+            # With reserve_prompt the rest of every partial prompt is already taken (Vidur allocated it on admission).
+            end = state.context_len[running[~ready]] if self.reserve_prompt else partial_kv + partial_chunk
+            kv_now = kv[~ready] if self.reserve_prompt else partial_kv
+            growth += int(_sum(state.blocks_for(end)) - _sum(state.blocks_for(kv_now)))
 
         free = state.free_blocks - growth
         slots = self.max_num_seqs - len(running)
@@ -122,11 +136,16 @@ class FCFSPolicy:
         if len(waiting) == 0:
             return waiting, _NONE
         context = state.context_len[waiting]
-        chunk = fill_in_order(context, budget, allow_partial=self.chunked_prefill)
+        if self.padded_prefill:
+            # Vidur's vLLM: k prompts cost k × the longest of them; the cost only grows along the queue.
+            padded = np.arange(1, len(context) + 1) * np.maximum.accumulate(context)
+            chunk = np.where(np.arange(len(context)) < np.searchsorted(padded, budget, side="right"), context, 0)
+        else:
+            chunk = fill_in_order(context, budget, allow_partial=self.chunked_prefill)
         if chunk[0] == 0 and not self.chunked_prefill:
             chunk[0] = context[0]  # longer than the budget: vLLM's budget is >= any prompt, so it goes alone
         count = int(np.count_nonzero(chunk))
-        blocks = _cumsum(state.blocks_for(chunk[:count]))
+        blocks = _cumsum(state.blocks_for(context[:count] if self.reserve_prompt else chunk[:count]))
         count = int(np.searchsorted(blocks, free - self._watermark_blocks, side="right"))
         if count == 0 and len(state.running) == 0 and state.used_blocks == 0:
             count = 1  # an empty engine always takes the head of the queue (it is known to fit)
@@ -153,9 +172,19 @@ def vllm_policy(**overrides: object) -> FCFSPolicy:
 
 
 def vllm_v0_policy(**overrides: object) -> FCFSPolicy:
-    """vLLM V0's scheduler as Vidur models it (the paper's baseline): prefill-only iterations whenever
-    prompts can be admitted, at most 128 requests in a batch."""
-    return FCFSPolicy(**{"name": "vllm-v0", "prefill_first": True, "max_num_seqs": 128, **overrides})  # type: ignore[arg-type]
+    """vLLM as Vidur simulates it (the paper's baseline): prefill-only iterations whenever prompts can be
+    admitted, prefill batches padded to their longest prompt within 4,096 tokens, at most 128 requests."""
+    settings: dict[str, object] = {"name": "vllm-v0", "prefill_first": True, "max_num_seqs": 128,
+                                   "max_num_batched_tokens": 4096, "padded_prefill": True}
+    return FCFSPolicy(**{**settings, **overrides})  # type: ignore[arg-type]
+
+
+def sarathi_vidur_policy(**overrides: object) -> FCFSPolicy:
+    """Sarathi as Vidur simulates it (the paper's baseline): 512-token budget shared by decodes and chunks,
+    at most 128 requests, whole prompts reserved on admission."""
+    settings: dict[str, object] = {"name": "sarathi-512", "chunked_prefill": True, "max_num_batched_tokens": 512,
+                                   "max_num_seqs": 128, "reserve_prompt": True}
+    return FCFSPolicy(**{**settings, **overrides})  # type: ignore[arg-type]
 
 
 def sarathi_policy(**overrides: object) -> FCFSPolicy:

@@ -12,7 +12,7 @@ Each iteration:
    segment takes ``n_k`` entrants (oldest first); with the memory lookahead (item 4) it takes its whole
    boundary queue while the lookahead projection of everyone running fits in memory, since the
    requests held back keep their KV anyway and would only wait for the next ``n_k``.
-2. cohorts in progress: with ``nested-wait-paper`` (the paper's rule) a running segment advances up to
+2. cohorts in progress: with ``nested-wait-pausing`` (the paper's rule) a running segment advances up to
    ``n_k`` requests from each of its stages, and everything else pauses, KV kept (with segment 1 not
    ready nothing runs); with ``nested-wait`` (default, the analogue of the variant the authors
    measured for WAIT) every request in progress decodes every iteration and only entries are gated.
@@ -37,7 +37,7 @@ Each iteration:
    holding requests at gates costs latency for nothing when memory is plentiful.
 
 6. **drain** (ours, not in the paper; ``drain_when_idle``, on for ``nested-wait``, off for
-   ``nested-wait-paper``): when the rule would run nothing although requests wait or hold KV, every
+   ``nested-wait-pausing``): when the rule would run nothing although requests wait or hold KV, every
    gate opens for whoever is behind it. Otherwise, once arrivals stop (the end of a trace), requests
    below a threshold would be stranded, with their KV, for ever. The paper's rule pauses cohorts
    exactly when segment 1 is not ready, so it keeps its rule.

@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-from baselines import make_policy
+from baselines import canonical_name, make_policy
 from baselines.compare import SEES_OUTPUT_LENGTHS
 from llmsched_env.errors import ConfigError
 from llmsched_env.runner import run
@@ -87,6 +87,7 @@ def stability_points(scenario: Scenario, policies: Sequence[str], seeds: Sequenc
     from llmsched_env.report import mean_and_halfwidth
 
     _check_tolerance(tolerance)
+    policies = [canonical_name(p) for p in policies]  # refused up front, not in a worker
     points: list[StabilityPoint] = []
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         futures = [pool.submit(stability_point, scenario, name, seed=seed, horizon=horizon, tolerance=tolerance)

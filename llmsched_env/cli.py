@@ -279,7 +279,8 @@ def fluid(
 
 @_command()
 def simulate(
-    policy: str = typer.Option("vllm", help="Policy: vllm, sarathi, wait, wait-paper, nested-wait, nested-wait-paper."),
+    policy: str = typer.Option("vllm", help="Policy: vllm, sarathi, wait, nested-wait, wait-cp, nested-wait-cp, "
+                                            "vllm-v0, sarathi-512, ... (see docs/reference.md)."),
     types: TypesOption = None,
     trace: TraceOption = None,
     rate: Optional[float] = typer.Option(None, help="Total arrival rate (req/s): rescales --types or the trace."),
@@ -295,11 +296,12 @@ def simulate(
 ) -> None:
     """Run one policy on the simulated engine and report throughput, latency, memory and regret.
 
-    Output lengths are visible only to the policies defined with known lengths (wait, wait-paper).
+    Output lengths are visible only to the policies defined with known lengths (wait, wait-pausing, wait-adaptive).
     """
-    from baselines import make_policy
+    from baselines import canonical_name, make_policy
     from baselines.compare import SEES_OUTPUT_LENGTHS
 
+    policy = canonical_name(policy)
     horizon = _horizon(horizon, 300.0)  # type: ignore[assignment]
     scenario = build_scenario(types=types, trace=trace, rate=rate, cost=cost, profile=profile,
                               memory_tokens=memory_tokens, block_size=block_size, arrivals=arrivals,  # type: ignore[arg-type]
@@ -342,8 +344,8 @@ def _floats(text: str | None, option: str) -> list[float] | None:
 
 @_command()
 def compare(
-    policies: Optional[str] = typer.Option(None, help="Comma-separated: wait, wait-paper, nested-wait, vllm, sarathi "
-                                                      "(default: all four, or the scenario's)."),
+    policies: Optional[str] = typer.Option(None, help="Comma-separated: wait, nested-wait, vllm, sarathi "
+                                                      "(default: these four, or the scenario's); see docs/reference.md."),
     scenario: Optional[str] = typer.Option(None, help="A named scenario of the suite (see `llmsched scenarios`) or "
                                                       "a scenario TOML file: its workload, memory and sweep."),
     suite: bool = typer.Option(False, "--suite", help="Every scenario of the suite: a summary table, and one report "
@@ -446,10 +448,76 @@ def _compare_scenarios(name: str | None, policies: list[str] | None, rates: list
 
 
 @_command()
+def paper(
+    workload: str = typer.Option("single", help="The paper's workload: single, two-type or long-decode."),
+    replications: int = typer.Option(10, min=1, help="Runs per (policy, rate), averaged (the paper: 10)."),
+    repeats: int = typer.Option(20, min=0, help="Seeds of the repeated-runs table next to the transition "
+                                               "(the paper: 20; 0 skips it)."),
+    tuning_seeds: int = typer.Option(1, min=1, help="Seeds per (rate, tl) of WAIT-CP's tl sweep, disjoint from "
+                                                   "the reported ones."),
+    requests: int = typer.Option(10_000, min=1, help="Requests per run."),
+    rates: Optional[str] = typer.Option(None, help="Comma-separated arrival rates (default: the paper's grid)."),
+    memory_tokens: MemoryOption = None,
+    profile: ProfileOption = None,
+    cost: CostOption = None,
+    wait_gate: bool = typer.Option(True, help="WAIT-CP's per-segment WAIT gate (off: the authors' WAIT-no-wait)."),
+    token_gate: bool = typer.Option(True, help="WAIT-CP's batch-token gate (the authors' WAIT_CP_GATE)."),
+    jobs: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: every core)."),
+    out: Annotated[Path, _out_option("paper")] = Path("llmsched-out/paper"),
+    as_json: JsonOption = False,
+) -> None:
+    """The paper's experiment as its authors ran it: latency against λ for vLLM, Sarathi and WAIT-CP (docs/paper.md).
+
+    Writes paper.md, paper.json and latency.png into --out; prints each policy's transition λ*.
+    """
+    from dataclasses import replace as replace_setup
+
+    from baselines import paper as protocol
+    from llmsched_env import report
+
+    if workload not in protocol.WORKLOADS:
+        raise typer.BadParameter(f"expected one of {', '.join(protocol.WORKLOADS)}, got {workload!r}",
+                                 param_hint="--workload")
+    grid = _floats(rates, "--rates")
+    setup = protocol.PaperSetup(requests=requests, wait_gate=wait_gate, token_gate=token_gate)
+    if memory_tokens is not None:
+        setup = replace_setup(setup, memory_tokens=memory_tokens)
+    if profile is not None:
+        setup = replace_setup(setup, profile=profile)
+    if cost is not None:
+        setup = replace_setup(setup, cost=cost)
+    protocol.scenario_for(protocol.WORKLOADS[workload], 1.0, setup)  # bad --cost or memory: refused before any run
+    out = _check_out(out)  # type: ignore[assignment]
+    progress = _progress()
+    with progress:
+        task = progress.add_task("paper", total=None)
+        result = protocol.run_paper(workload, replications=replications, repeats=repeats, tuning_seeds=tuning_seeds,
+                                    setup=setup, rates=grid, jobs=jobs,
+                                    on_done=lambda phase, point: progress.update(
+                                        task, advance=1, description=f"{phase}: {point['policy']} at "
+                                                                     f"{point['rate_rps']:g} req/s"))
+    document = result.to_json()
+    report.write_text_atomically(out / "paper.json", json_document(document))
+    report.write_text_atomically(out / "paper.md", protocol.to_markdown(result))
+    protocol.plot(result, out / "latency.png")
+    if as_json:
+        _print_json(document)
+        return
+    table = Table(title=f"Transition λ* on the paper's {workload} workload ({replications} replications, "
+                        f"{result.wall_s / 60:.1f} min)")
+    for header in ("policy", "paper's rule: λ* [λ*, next)", "per replication", "bounded backlog"):
+        table.add_column(header, justify="left" if header == "policy" else "right")
+    for row in protocol.transition_rows(result):
+        table.add_row(*row)
+    _stdout_console().print(table)
+    console.print(f"wrote {out / 'paper.md'}, {out / 'paper.json'} and {out / 'latency.png'}")
+
+
+@_command()
 def stability(
     scenario: str = typer.Option(..., help="A named scenario (see `llmsched scenarios`) or a scenario TOML file."),
-    policies: str = typer.Option("wait,vllm,sarathi", help="Comma-separated policies (e.g. the V0 presets "
-                                                          "wait-chunked,vllm-v0,sarathi-512)."),
+    policies: str = typer.Option("wait,vllm,sarathi", help="Comma-separated policies (e.g. the paper's presets "
+                                                          "wait-cp,vllm-v0,sarathi-512)."),
     seeds: str = typer.Option("0..2", help="Arrival seeds, '0..2' or '0,3,7': the spread over them is reported."),
     horizon: float = typer.Option(600.0, help="Simulated seconds per run."),
     tolerance: float = typer.Option(0.01, help="Relative width of the final bracket on the rate."),

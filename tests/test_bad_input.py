@@ -63,6 +63,12 @@ BAD_INPUT = [
     (("fluid", "--trace", "{same_time}"), "needs two distinct arrival times"),
     (("simulate", "--trace", "{duplicate_column}"), "column(s) 'num_prefill_tokens' given more than once"),
     (("stability", "--scenario", "paper-single", "--tolerance", "0"), "--tolerance"),
+    (("simulate", "--policy", "wait-chunked"), "policy 'wait-chunked' was removed: it read the paper's 256-token"),
+    (("stability", "--scenario", "paper-single", "--policies", "wait-chunked"), "use wait-cp"),
+    (("paper", "--workload", "nope", "--out", "{out}"), "--workload"),
+    (("paper", "--rates", "0", "--out", "{out}"), "--rates"),
+    (("paper", "--requests", "100", "--out", "{out}"), "requests must leave a measurement window"),
+    (("paper", "--cost", "c0=-1", "--out", "{out}"), "c0"),
     (("stability", "--scenario", "paper-single", "--tolerance", "-1"), "--tolerance"),
     (("compare", "--types", "", "--out", "{out}"), "no request type in ''"),
     (("compare", "--policies", "", "--out", "{out}"), "expected comma-separated names"),
@@ -117,17 +123,19 @@ def test_a_corrupted_agent_and_a_mismatched_resume_are_refused(tmp_path: Path) -
 
 
 def test_a_stalled_policy_is_reported_and_exits_1(tmp_path: Path) -> None:
-    code, output, _ = invoke("simulate", "--policy", "nested-wait-paper", "--rate", "32.65", "--memory-tokens",
+    code, output, _ = invoke("simulate", "--policy", "nested-wait-pausing", "--rate", "32.65", "--memory-tokens",
                              "10000", "--horizon", "120")
-    assert code == 1 and "nested-wait-paper stalled" in output and "completed 0 of" in output, output
-    code, output, _ = invoke("simulate", "--policy", "nested-wait-paper", "--rate", "32.65", "--memory-tokens",
+    assert code == 1 and "nested-wait-pausing stalled" in output and "completed 0 of" in output, output
+    code, output, _ = invoke("simulate", "--policy", "nested-wait-pausing", "--rate", "32.65", "--memory-tokens",
                              "54762", "--horizon", "120", "--json")
     assert code == 1 and "stalled" in output
-    code, output, _ = invoke("compare", "--policies", "nested-wait-paper,wait", "--rates", "32.65",
-                             "--memory-tokens", "10000", "--horizon", "90", "--out", str(tmp_path), "--no-plots")
-    assert code == 0 and "nested-wait-paper (stalled at" in output and "warning: stalled" in output, output
+    # The old name still resolves (with a warning) to the renamed preset.
+    with pytest.warns(FutureWarning, match="now called 'nested-wait-pausing'"):
+        code, output, _ = invoke("compare", "--policies", "nested-wait-paper,wait", "--rates", "32.65",
+                                 "--memory-tokens", "10000", "--horizon", "90", "--out", str(tmp_path), "--no-plots")
+    assert code == 0 and "nested-wait-pausing (stalled at" in output and "warning: stalled" in output, output
     row = next(r for r in json.loads((tmp_path / "comparison.json").read_text())["rows"]
-               if r["policy"] == "nested-wait-paper")
+               if r["policy"] == "nested-wait-pausing")
     assert row["stalled_at_s"] is not None
     assert all(r["stalled_at_s"] is None for r in json.loads((tmp_path / "comparison.json").read_text())["rows"]
                if r["policy"] == "wait")

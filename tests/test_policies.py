@@ -254,7 +254,7 @@ traces = st.lists(st.tuples(st.floats(0.0, 0.5), st.integers(1, 120), st.integer
 
 
 @given(trace=traces, slack=st.integers(0, 400), block=st.sampled_from([1, 4, 16]), mix=mixes,
-       policy=st.sampled_from(["wait", "wait-chunked", "wait-adaptive"]))
+       policy=st.sampled_from(["wait", "wait-adaptive"]))
 def test_wait_with_known_lengths_never_evicts_on_any_trace(trace: list[tuple[float, int, int]], slack: int, block: int,
                                                            mix: TypeMix, policy: str) -> None:
     """Bursts (zero gaps), long outputs and a cache barely larger than the longest request: the projected
@@ -302,38 +302,6 @@ def test_wait_admits_a_cohort_only_as_far_as_its_projected_peak_fits() -> None:
     arrive(engine, 2)
     decision = policy.decide(engine.state())
     assert decision.prefill.tolist() == [0]
-
-
-def test_vllm_v0_runs_admissible_prefills_alone_and_caps_the_batch() -> None:
-    engine = SimulatedEngine(COST, capacity_tokens=10_000, block_size=1)
-    policy = make_policy("vllm-v0", scenario_for(TypeMix((RequestType(4, 3, 1.0),)), 10_000, 1), 10.0)
-    policy.reset(engine)
-    arrive(engine, 2)
-    engine.step(policy.decide(engine.state()))
-    arrive(engine, 1)
-    decision = policy.decide(engine.state())
-    assert decision.prefill.tolist() == [2] and decision.decode.size == 0  # V0: the prompt runs alone
-    engine.step(decision)
-    assert policy.decide(engine.state()).decode.tolist() == [0, 1, 2]  # nothing to admit: everyone decodes
-    arrive(engine, 200)
-    engine.step(policy.decide(engine.state()))
-    assert engine.num_running == 128  # vLLM V0 on Vidur: at most 128 requests in a batch
-
-
-def test_wait_chunked_commits_a_cohort_and_prefills_it_within_the_budget() -> None:
-    engine = SimulatedEngine(COST, capacity_tokens=10_000, block_size=1)
-    mix = TypeMix((RequestType(200, 3, 1.0),))
-    thresholds = WaitThresholds(n=np.array([2]), iteration_time_s=1.0, memory_tokens=0.0, memory_blocks=0, scale=1.0,
-                                fluid_memory_tokens=0.0, capacity_blocks=10_000)
-    policy = WaitPolicy(mix, thresholds, "measured", "wait-chunked", lend_spare_memory=False, prefill_chunk=256)
-    policy.reset(engine)
-    engine.add_requests(np.zeros(2), np.full(2, 200), np.full(2, 3))
-    first = policy.decide(engine.state())
-    assert first.prefill.tolist() == [0, 1] and first.prefill_tokens.tolist() == [200, 56]
-    engine.step(first)
-    engine.add_requests(np.full(1, engine.now), np.full(1, 200), np.full(1, 3))  # below the threshold: waits
-    second = policy.decide(engine.state())
-    assert second.prefill.tolist() == [1] and second.prefill_tokens.tolist() == [144] and second.decode.tolist() == [0]
 
 
 def test_a_stability_point_separates_a_stable_rate_from_an_unstable_one() -> None:
