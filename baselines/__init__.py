@@ -53,7 +53,8 @@ def _wait_cp(nested: bool) -> PolicyFactory:
     def factory(scenario: Scenario, horizon: float) -> Policy:
         # tl from the fluid model at the scenario's rate; `llmsched paper` sweeps it as the authors did.
         mix = scenario.offered_mix()
-        return ChunkedBookingPolicy.for_mix(mix, fluid_total_limit(mix, scenario.cost), nested=nested)
+        total_limit = fluid_total_limit(mix, scenario.cost, scenario.paged_capacity_tokens)
+        return ChunkedBookingPolicy.for_mix(mix, total_limit, nested=nested)
     return factory
 
 

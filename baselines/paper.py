@@ -9,8 +9,9 @@ Vidur's Llama-2-7B / A100 model. This module runs that protocol on the simulated
 2. **Policies** with the authors' knobs: ``vllm-v0`` and ``sarathi-512`` as Vidur simulates them, and
    WAIT-CP (single type, long decode) or Nested WAIT-CP (two types) with 256-token chunks.
 3. **The ``tl`` sweep**: for each rate, WAIT-CP's ``tl`` is the value of ``{20, 30, …, 200}`` with the lowest
-   mean latency on *tuning* seeds, disjoint from the reported ones (the authors tuned per λ; their seeds
-   are not stated).
+   mean latency on *tuning* seeds, disjoint from the reported ones, over runs as long as the reported ones
+   (``tuning_requests``; the authors tuned per λ, their seeds and run lengths are not stated; shorter tuning
+   runs hide instability and pick smaller ``tl``, docs/paper.md measures by how much).
 4. **Replications**: each (policy, rate) point is the mean over ``replications`` runs of ``requests``
    requests (Poisson arrivals), each measured over a central window: the authors' ``steady_slice`` drops
    the first quarter of the requests (warm-up) and the last 300 (drain), by arrival order.
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -97,6 +98,7 @@ class PaperSetup:
     memory_tokens: int = 136_992  # ≈ 1.37·10^5 tokens (v4), 8,562 blocks of 16
     block_size: int = 16  # Vidur's default
     requests: int = 10_000  # per replication (assumption: the paper's eviction table and horizon check use 10,000)
+    tuning_requests: int | None = None  # per tl-sweep run; None: as many as the reported runs (see docs/paper.md)
     warmup_fraction: float = 0.25  # the authors' steady_slice: the first quarter ...
     drain_requests: int = 300  # ... and the last 300 requests are left out
     chunk: int = PAPER_CHUNK
@@ -110,6 +112,9 @@ class PaperSetup:
         if self.requests < 4 * self.drain_requests // 3 + 100:
             raise ConfigError(f"requests must leave a measurement window: at least "
                               f"{4 * self.drain_requests // 3 + 100}, got {self.requests}")
+        if self.tuning_requests is not None and self.tuning_requests < 4 * self.drain_requests // 3 + 100:
+            raise ConfigError(f"tuning_requests must leave a measurement window: at least "
+                              f"{4 * self.drain_requests // 3 + 100}, got {self.tuning_requests}")
         if not self.total_limits or min(self.total_limits) < 1:
             raise ConfigError(f"total_limits must be >= 1, got {self.total_limits}")
 
@@ -308,7 +313,8 @@ def run_paper(workload_name: str, *, replications: int = 10, repeats: int = 20, 
         return (lambda point: on_done(name, point)) if on_done else None
 
     # 1. The tl sweep, on tuning seeds.
-    tuning_tasks = [PointTask(workload.name, wait_name, rate, TUNING_SEED_BASE + s, tl, setup)
+    tuning_setup = replace(setup, requests=min(setup.requests, setup.tuning_requests or setup.requests))
+    tuning_tasks = [PointTask(workload.name, wait_name, rate, TUNING_SEED_BASE + s, tl, tuning_setup)
                     for rate in grid for tl in setup.total_limits for s in range(tuning_seeds)]
     tuning = _map(tuning_tasks, jobs, phase("tuning tl"))
     tuned: dict[float, int] = {}
@@ -400,7 +406,9 @@ def to_markdown(result: PaperResult) -> str:
              + ("" if s.prefill_emits_token else "; o = d decode iterations (the prefill's token not counted)")
              + ("" if s.wait_gate else "; WAIT gate off") + ("" if s.token_gate else "; token gate off")
              + f"; WAIT-CP chunk {s.chunk}, tl tuned per rate over "
-             f"{min(s.total_limits)}–{max(s.total_limits)} on seeds disjoint from the reported ones. "
+             f"{min(s.total_limits)}–{max(s.total_limits)} on runs of "
+             f"{min(s.requests, s.tuning_requests or s.requests):,} requests "
+             f"with seeds disjoint from the reported ones. "
              f"Wall time {result.wall_s / 60:.1f} min.", "",
              "## Transition λ* (req/s)", "",
              "| policy | paper's rule: λ* [λ*, next rate) | λ* per replication | bounded-backlog rule |",

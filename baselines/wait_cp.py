@@ -135,16 +135,18 @@ def batch_token_estimate(prompt_lens: np.ndarray, decode_tokens: np.ndarray, wei
     return int(math.ceil(total_limit - prefilling + prefilling * chunk))
 
 
-def fluid_total_limit(mix: TypeMix, cost: LinearCostModel, chunk: int = PAPER_CHUNK) -> int:
+def fluid_total_limit(mix: TypeMix, cost: LinearCostModel, capacity_tokens: int, chunk: int = PAPER_CHUNK) -> int:
     """A ``tl`` from the fluid model, for runs that do not sweep it: the requests in the system at equilibrium,
-    ``Σ_j λ_j ΔT* (K_j + o_j)`` rounded up (the paper picks ``tl`` so that ``ΔT(n) <= n_j / λ_j`` holds; on
-    p=512, o=19 at 20 req/s this gives 24, the paper's v3 choice was 21). Past the fluid stability region,
-    the largest value of the paper's grid."""
-    _, delta_t, _ = equilibrium(mix.rates, mix.prompt_lens, mix.output_lens, cost)
+    ``L = Σ_j λ_j ΔT* (K_j + o_j)`` rounded up (the paper picks ``tl`` so that ``ΔT(n) <= n_j / λ_j`` holds; on
+    p=512, o=19 at 20 req/s this gives 24, the paper's v3 choice was 21), scaled by ``C / M*`` when the
+    equilibrium's memory ``M*`` exceeds the capacity ``C``. Past the fluid stability region (``ρ >= 1``), as many
+    of the longest requests as the capacity holds at their peak."""
+    _, delta_t, memory = equilibrium(mix.rates, mix.prompt_lens, mix.output_lens, cost)
     if not math.isfinite(delta_t):
-        return PAPER_TOTAL_LIMITS[-1]
+        return max(1, int(capacity_tokens // int((mix.prompt_lens + mix.output_lens).max())))
     chunks = np.maximum(1, -(-mix.prompt_lens // chunk))
-    return max(1, min(PAPER_TOTAL_LIMITS[-1], math.ceil(float(mix.rates @ (chunks + mix.output_lens)) * delta_t)))
+    in_system = float(mix.rates @ (chunks + mix.output_lens)) * delta_t
+    return max(1, math.ceil(in_system * min(1.0, capacity_tokens / memory)))
 
 
 @dataclass
@@ -230,14 +232,15 @@ class ChunkedBookingPolicy:
             decode.append(running[internal])
         decode.append(running[stage > self.segments[-1].end])  # longer than the prior: outside every segment
         decode_ids = np.concatenate(decode)
-        prefill, tokens = self._prefills(state, running, stage, len(decode_ids), batch)
+        prefill, tokens = self._prefills(state, running, stage, decode_ids, batch)
         if len(decode_ids) == 0 and len(prefill) == 0:
             return IDLE
         return Decision(decode=decode_ids, prefill=prefill, prefill_tokens=tokens)
 
-    def _prefills(self, state: SchedulerState, running: np.ndarray, stage: np.ndarray, batch_tokens: int,
+    def _prefills(self, state: SchedulerState, running: np.ndarray, stage: np.ndarray, decode: np.ndarray,
                   batch: int) -> tuple[np.ndarray, np.ndarray]:
         budget = self.token_budget if self.token_budget is not None else math.inf
+        batch_tokens = len(decode)  # a decode is one token of the batch
         ids: list[int] = []
         tokens: list[int] = []
         partial = running[stage == 0]
@@ -255,7 +258,7 @@ class ChunkedBookingPolicy:
             # Vidur allocates a request's whole prompt on admission: blocks still to fill count as taken.
             free = state.free_blocks - int(np.sum(state.blocks_for(state.context_len[partial]))
                                            - np.sum(state.blocks_for(state.kv_tokens[partial])))
-            free -= int(np.count_nonzero(state.kv_tokens[running[stage > 0]] % state.block_size == 0))  # decode growth
+            free -= int(np.count_nonzero(state.kv_tokens[decode] % state.block_size == 0))  # this iteration's decodes
             empty = len(running) == 0 and state.used_blocks == 0
             for request in state.oldest_waiting(room).tolist():
                 if batch_tokens >= budget:

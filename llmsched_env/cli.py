@@ -456,6 +456,8 @@ def paper(
     tuning_seeds: int = typer.Option(1, min=1, help="Seeds per (rate, tl) of WAIT-CP's tl sweep, disjoint from "
                                                    "the reported ones."),
     requests: int = typer.Option(10_000, min=1, help="Requests per run."),
+    tuning_requests: Optional[int] = typer.Option(None, min=1, help="Requests per run of the tl sweep "
+                                                                     "(default: --requests)."),
     rates: Optional[str] = typer.Option(None, help="Comma-separated arrival rates (default: the paper's grid)."),
     memory_tokens: MemoryOption = None,
     profile: ProfileOption = None,
@@ -479,7 +481,8 @@ def paper(
         raise typer.BadParameter(f"expected one of {', '.join(protocol.WORKLOADS)}, got {workload!r}",
                                  param_hint="--workload")
     grid = _floats(rates, "--rates")
-    setup = protocol.PaperSetup(requests=requests, wait_gate=wait_gate, token_gate=token_gate)
+    setup = protocol.PaperSetup(requests=requests, tuning_requests=tuning_requests, wait_gate=wait_gate,
+                                token_gate=token_gate)
     if memory_tokens is not None:
         setup = replace_setup(setup, memory_tokens=memory_tokens)
     if profile is not None:

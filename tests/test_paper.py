@@ -115,6 +115,32 @@ def test_wait_cp_on_the_paper_workload_batches_several_chunks_and_never_exceeds_
     assert max(in_system) <= 40  # the system-wide cap tl
 
 
+def test_wait_cp_admits_at_most_the_rotating_stage_limit_per_iteration() -> None:
+    scenario = scenario_for(SINGLE, 22.0, PaperSetup())
+    arrivals = first_requests(scenario, 1_500, seed=1)
+    policy = ChunkedBookingPolicy.for_mix(scenario.offered_mix(), 21, nested=False)
+    admitted: list[tuple[int, int]] = []
+
+    class Recording:
+        name = "recording"
+
+        def reset(self, engine: Engine) -> None:
+            policy.reset(engine)
+
+        def decide(self, state):  # type: ignore[no-untyped-def]
+            batch = policy._batch_index  # noqa: SLF001 - the iteration's place in the rotation
+            decision = policy.decide(state)
+            new = int(np.count_nonzero(state.kv_tokens[decision.prefill] == 0))
+            admitted.append((batch, new))
+            return decision
+
+    result = run(scenario.engine(), Recording(), arrivals, float(arrivals.arrival_time[-1]) + 120)  # type: ignore[arg-type]
+    assert result.finished > 1_000
+    limits = [policy.segments[0].stage_limit(batch) for batch, _ in admitted]
+    assert all(new <= limit for (_, new), limit in zip(admitted, limits))
+    assert sum(new for _, new in admitted) == result.arrived - result.waiting  # every admission was counted
+
+
 def test_wait_gate_pauses_a_segment_until_its_entry_fills() -> None:
     engine = SimulatedEngine(COST, capacity_tokens=136_992, block_size=16)
     policy = single_type_policy(21)
@@ -279,3 +305,21 @@ def test_run_paper_refuses_bad_arguments() -> None:
         run_paper("nope")
     with pytest.raises(ConfigError, match="replications"):
         run_paper("single", replications=0)
+
+
+def test_the_registered_presets_run_on_the_suites_paper_scenarios_with_lengths_hidden() -> None:
+    from dataclasses import replace
+
+    from llmsched_env.scenarios import load_scenario
+
+    for name, preset in (("paper-single", "wait-cp"), ("paper-two-type-512", "nested-wait-cp")):
+        spec = load_scenario(name).scenario
+        scenario = replace(spec.at_rate(spec.rate_for_load(0.9)), output_lengths_known=False)
+        arrivals = scenario.sample(60.0, seed=0)
+        engine = scenario.engine()
+        assert engine.state().output_len is None  # the policy cannot read a length
+        chunks = []
+        result = run(engine, make_policy(preset, scenario, 60.0), arrivals, 60.0,
+                     callbacks=[InvariantChecker(), lambda e, o: chunks.append(len(o.admitted))])
+        assert result.finished > 0.8 * len(arrivals) and result.evictions == 0, name
+        assert max(chunks) >= 2, name  # several requests admitted (their first chunks) in one iteration
