@@ -22,8 +22,9 @@ Vidur's Llama-2-7B / A100 model. This module runs that protocol on the simulated
    within :data:`COMPLETION_TOLERANCE`) and the project's bounded-backlog rule (backlog when arrivals end at
    most 10 s of arrivals, as ``llmsched stability``). Each with its interval: the transition lies between λ* and
    the next rate of the grid; the spread of λ* over replications is given too.
-6. **Repeated runs** at the two rates next to the highest transition (the last rate below it and the first
-   above), ``repeats`` seeds each (20, as the paper's appendix B.3), mean ± sample standard deviation.
+6. **Repeated runs** at the two rates next to the highest transition (λ* and the first rate above it; the two
+   highest rates when λ* is the grid's top), ``repeats`` seeds each (20, as the paper's appendix B.3), mean ±
+   sample standard deviation.
 """
 
 from __future__ import annotations
@@ -362,7 +363,10 @@ def run_paper(workload_name: str, *, replications: int = 10, repeats: int = 20, 
     stars = [t["paper_rate_rps"] for t in result.transitions if t["paper_rate_rps"] is not None]
     if repeats and stars:
         top = max(stars)  # type: ignore[type-var]
-        near = [r for r in (top, _next_rate(grid, top)) if r is not None]
+        above = _next_rate(grid, top)
+        below = [r for r in grid if r < top]
+        # The last rate below the transition and the first above; at the grid's top, the two highest rates.
+        near = [top, above] if above is not None else ([below[-1], top] if below else [top])
         repeat_tasks = [PointTask(workload.name, policy, rate, REPEAT_SEED_BASE + s,
                                   tuned[rate] if policy == wait_name else None, setup)
                         for rate in near for policy in policies for s in range(repeats)]
