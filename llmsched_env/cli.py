@@ -466,6 +466,8 @@ def paper(
     token_gate: bool = typer.Option(True, help="WAIT-CP's batch-token gate (the authors' WAIT_CP_GATE)."),
     jobs: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: every core)."),
     out: Annotated[Path, _out_option("paper")] = Path("llmsched-out/paper"),
+    report_only: bool = typer.Option(False, "--report-only", help="Run nothing: summarise --out's paper.json "
+                                                                 "again and rewrite paper.md and latency.png."),
     as_json: JsonOption = False,
 ) -> None:
     """The paper's experiment as its authors ran it: latency against λ for vLLM, Sarathi and WAIT-CP (docs/paper.md).
@@ -491,14 +493,21 @@ def paper(
         setup = replace_setup(setup, cost=cost)
     protocol.scenario_for(protocol.WORKLOADS[workload], 1.0, setup)  # bad --cost or memory: refused before any run
     out = _check_out(out)  # type: ignore[assignment]
-    progress = _progress()
-    with progress:
-        task = progress.add_task("paper", total=None)
-        result = protocol.run_paper(workload, replications=replications, repeats=repeats, tuning_seeds=tuning_seeds,
-                                    setup=setup, rates=grid, jobs=jobs,
-                                    on_done=lambda phase, point: progress.update(
-                                        task, advance=1, description=f"{phase}: {point['policy']} at "
-                                                                     f"{point['rate_rps']:g} req/s"))
+    if report_only:
+        saved = out / "paper.json"
+        try:
+            result = protocol.load_result(json.loads(saved.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise typer.BadParameter(f"cannot read a paper.json from {saved}: {error}", param_hint="--out") from None
+    else:
+        progress = _progress()
+        with progress:
+            task = progress.add_task("paper", total=None)
+            result = protocol.run_paper(workload, replications=replications, repeats=repeats,
+                                        tuning_seeds=tuning_seeds, setup=setup, rates=grid, jobs=jobs,
+                                        on_done=lambda phase, point: progress.update(
+                                            task, advance=1, description=f"{phase}: {point['policy']} at "
+                                                                         f"{point['rate_rps']:g} req/s"))
     document = result.to_json()
     report.write_text_atomically(out / "paper.json", json_document(document))
     report.write_text_atomically(out / "paper.md", protocol.to_markdown(result))
@@ -506,8 +515,8 @@ def paper(
     if as_json:
         _print_json(document)
         return
-    table = Table(title=f"Transition λ* on the paper's {workload} workload ({replications} replications, "
-                        f"{result.wall_s / 60:.1f} min)")
+    table = Table(title=f"Transition λ* on the paper's {result.workload.name} workload ({result.replications} "
+                        f"replications, {result.wall_s / 60:.1f} min)")
     for header in ("policy", "paper's rule: λ* [λ*, next)", "per replication", "bounded backlog"):
         table.add_column(header, justify="left" if header == "policy" else "right")
     for row in protocol.transition_rows(result):

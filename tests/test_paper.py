@@ -268,6 +268,9 @@ def test_transition_rules() -> None:
     assert transition(rates, [1.0, 2.0, 1.0, 1.0], rates) == 12.0  # the first failure ends it
     assert transition(rates, [2.0, 1.0, 1.0, 1.0], rates) is None
     assert backlog_transition(rates, [10.0, 100.0, 150.0, 400.0]) == 16.0  # 150 <= 10 s × 16; 400 > 10 s × 18
+    # Plus what a request takes when the system keeps up: 12 s at the lowest rate allows 22 s of arrivals.
+    assert backlog_transition(rates, [100.0, 300.0, 350.0, 390.0], base_latency_s=12.0) == 18.0
+    assert backlog_transition(rates, [100.0, 300.0, 360.0, 400.0], base_latency_s=12.0) == 14.0
 
 
 def test_a_point_measures_the_central_window() -> None:
@@ -297,7 +300,14 @@ def test_llmsched_paper_writes_its_report(tmp_path: Path) -> None:
     assert {p["seed"] for p in document["points"]} == {0, 1}
     assert all(r["runs"] == 2 for r in document["repeats"])
     assert (tmp_path / "latency.png").stat().st_size > 10_000
-    assert "## Transition λ*" in (tmp_path / "paper.md").read_text()
+    report = (tmp_path / "paper.md").read_text()
+    assert "## Transition λ*" in report
+    # The report again from the saved runs, without running anything: the same document.
+    (tmp_path / "paper.md").unlink()
+    again = CliRunner().invoke(app, ["paper", "--report-only", "--out", str(tmp_path)], env={"COLUMNS": "200"})
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "paper.md").read_text() == report
+    assert json.loads((tmp_path / "paper.json").read_text()) == document
 
 
 def test_run_paper_refuses_bad_arguments() -> None:
