@@ -1,6 +1,6 @@
 """How much each place where this simulator cannot match the paper's set-up moves its result (docs/paper.md).
 
-Runs ``llmsched paper``'s protocol on one workload near the transitions (default: single type, λ = 18 … 24,
+Runs ``llmsched paper``'s protocol on one workload near the transitions (default: single type, λ = 20 … 24,
 3 replications, no repeated runs) once as the paper's set-up and once per variation, and prints each
 policy's λ* (both rules) and its mean latency at two rates per variation:
 
@@ -15,7 +15,7 @@ policy's λ* (both rules) and its mean latency at two rates per variation:
 * ``tuning-2500`` — ``tl`` tuned on runs of 2,500 requests instead of the reported runs' 10,000 (the authors'
   tuning scripts ran 1,200).
 
-Run:  python benchmarks/paper_sensitivity.py [--workload single] [--rates 18,19,20,21,22,23,24]
+Run:  python benchmarks/paper_sensitivity.py [--workload single] [--rates 20,21,22,23,24]
       [--replications 3] [--only attention,o=d] [--json FILE]
 """
 
@@ -55,7 +55,7 @@ def variations() -> dict[str, PaperSetup]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", default="single")
-    parser.add_argument("--rates", default="18,19,20,21,22,23,24")
+    parser.add_argument("--rates", default="20,21,22,23,24")
     parser.add_argument("--replications", type=int, default=3)
     parser.add_argument("--only", default=None, help="comma-separated variations (default: all)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")

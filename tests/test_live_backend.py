@@ -165,7 +165,7 @@ def test_an_engine_that_dies_mid_run_raises_with_every_request_accounted_for(con
 
     def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls["n"] += 1
-        if calls["n"] > 40:
+        if calls["n"] > 10:  # early: a loaded machine runs few iterations in the 3 s horizon
             raise RuntimeError("simulated device failure")
         return original(*args, **kwargs)
 
