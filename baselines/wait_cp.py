@@ -9,7 +9,9 @@ the project's state and decision types. Its knobs and their defaults are the aut
 * ``total_limit`` (``tl``): a system-wide cap, spread over *segments* of stages. Segment boundaries are the
   distinct output lengths of the workload; segment ``k`` carries ``n_k · count_k`` of ``tl`` (rounded), with
   ``n_{k+1} / n_k = q_k = min(p_k + seg_margin, 0.99)``, ``p_k`` the share of segment ``k``'s traffic that
-  continues into ``k + 1`` (:func:`booking_segments`). A single type is one segment holding all of ``tl``.
+  continues into ``k + 1`` (:func:`booking_segments`). A single type is one segment holding all of ``tl``;
+  above :data:`MAX_SEGMENTS` distinct lengths (a trace), segments are cut at equal widths (the paper's rule on
+  lmsys-chat-1m).
 * Per-stage rotation: a segment of ``S`` stages with budget ``b`` lets ``b // S`` requests through its entry
   per iteration, one more on the first ``b % S`` iterations of every ``S`` (the stages take turns).
 * WAIT gate (``wait_gate``, on): a segment runs in an iteration only when its entry holds at least this
