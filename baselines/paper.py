@@ -29,6 +29,7 @@ Vidur's Llama-2-7B / A100 model. This module runs that protocol on the simulated
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -58,6 +59,8 @@ GROWTH_LIMIT = 1.4
 COMPLETION_TOLERANCE = 0.02
 #: The bounded-backlog rule: at most this many seconds of arrivals still in the system when arrivals end.
 BACKLOG_WINDOW_S = 10.0
+#: The fewest requests a run's measurement window may hold.
+MIN_WINDOW_REQUESTS = 100
 #: Seeds: reported runs 0 .., tuning runs from 10,000, repeated runs from 20,000 (disjoint by construction).
 TUNING_SEED_BASE = 10_000
 REPEAT_SEED_BASE = 20_000
@@ -110,14 +113,19 @@ class PaperSetup:
     prefill_emits_token: bool = True  # Vidur: d decode tokens = the prefill's + d - 1 decode iterations
 
     def __post_init__(self) -> None:
-        if self.requests < 4 * self.drain_requests // 3 + 100:
-            raise ConfigError(f"requests must leave a measurement window: at least "
-                              f"{4 * self.drain_requests // 3 + 100}, got {self.requests}")
-        if self.tuning_requests is not None and self.tuning_requests < 4 * self.drain_requests // 3 + 100:
-            raise ConfigError(f"tuning_requests must leave a measurement window: at least "
-                              f"{4 * self.drain_requests // 3 + 100}, got {self.tuning_requests}")
+        for name in ("requests", "tuning_requests"):
+            count = getattr(self, name)
+            if count is not None and len(range(count)[self.window(count)]) < MIN_WINDOW_REQUESTS:
+                raise ConfigError(f"{name} must leave a measurement window of at least {MIN_WINDOW_REQUESTS} requests "
+                                  f"after the first {self.warmup_fraction:.0%} and before the last "
+                                  f"{self.drain_requests}, got {count}")
         if not self.total_limits or min(self.total_limits) < 1:
             raise ConfigError(f"total_limits must be >= 1, got {self.total_limits}")
+
+
+    def window(self, requests: int) -> slice:
+        """The measured requests of a run of ``requests``, by arrival order (the authors' ``steady_slice``)."""
+        return slice(int(requests * self.warmup_fraction), requests - self.drain_requests)
 
 
 def scenario_for(workload: PaperWorkload, rate: float, setup: PaperSetup) -> Scenario:
@@ -192,8 +200,7 @@ def run_point(task: PointTask) -> dict[str, object]:
     policy = paper_policy(task.policy, workload, scenario, setup, task.total_limit)
     result = run(scenario.engine(), policy, arrivals, horizon, callbacks=[evictions], stall_after_s=None)
     records = result.records
-    start = int(setup.requests * setup.warmup_fraction)
-    window = slice(start, setup.requests - setup.drain_requests)
+    window = setup.window(setup.requests)
     arrived = records.arrival_time[window]
     done = records.status[window] == FINISHED
     finish = np.where(done, records.finish_time[window], result.end_time)
@@ -216,31 +223,32 @@ def run_point(task: PointTask) -> dict[str, object]:
 
 def _map(tasks: Sequence[PointTask], jobs: int, on_done: Callable[[dict[str, object]], None] | None
          ) -> list[dict[str, object]]:
-    results: list[dict[str, object]] = []
-    if jobs <= 1:
-        for task in tasks:
-            results.append(run_point(task))
-            if on_done:
-                on_done(results[-1])
-        return results
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        for result in pool.map(run_point, tasks, chunksize=1):
+    with contextlib.ExitStack() as stack:
+        mapper = map if jobs <= 1 else stack.enter_context(ProcessPoolExecutor(max_workers=jobs)).map
+        results = []
+        for result in mapper(run_point, tasks):
             results.append(result)
             if on_done:
                 on_done(result)
     return results
 
 
+def _last_passing(rates: Sequence[float], passes: Sequence[bool]) -> float | None:
+    """The largest rate up to which every rate passes (``None`` if the first fails)."""
+    best = None
+    for rate, ok in zip(rates, passes):
+        if not ok:
+            break
+        best = rate
+    return best
+
+
 def transition(rates: Sequence[float], growth: Sequence[float], completion: Sequence[float]) -> float | None:
     """The paper's λ*: the largest rate up to which the latency stays bounded (its growth over the window at
     most :data:`GROWTH_LIMIT`) and the effective completion rate within :data:`COMPLETION_TOLERANCE` of the
     offered rate (``None`` if the lowest rate already fails)."""
-    best = None
-    for rate, grows, done in zip(rates, growth, completion):
-        if not (grows <= GROWTH_LIMIT and done >= (1 - COMPLETION_TOLERANCE) * rate):
-            break
-        best = rate
-    return best
+    return _last_passing(rates, [grows <= GROWTH_LIMIT and done >= (1 - COMPLETION_TOLERANCE) * rate
+                                 for rate, grows, done in zip(rates, growth, completion)])
 
 
 def backlog_transition(rates: Sequence[float], backlog: Sequence[float], base_latency_s: float = 0.0) -> float | None:
@@ -248,12 +256,8 @@ def backlog_transition(rates: Sequence[float], backlog: Sequence[float], base_la
     ``BACKLOG_WINDOW_S + base_latency_s`` seconds of arrivals (``base_latency_s``: the policy's latency at the
     lowest rate, what a request takes when the system keeps up; at 0.5 req/s a p512/d1000 request takes 11 s,
     more than the 10 s window alone)."""
-    best = None
-    for rate, left in zip(rates, backlog):
-        if left > (BACKLOG_WINDOW_S + base_latency_s) * rate:
-            break
-        best = rate
-    return best
+    return _last_passing(rates, [left <= (BACKLOG_WINDOW_S + base_latency_s) * rate
+                                 for rate, left in zip(rates, backlog)])
 
 
 def _next_rate(rates: Sequence[float], rate: float | None) -> float | None:
@@ -348,7 +352,6 @@ def run_paper(workload_name: str, *, replications: int = 10, repeats: int = 20, 
     """The whole protocol for one workload (see the module docstring); ``on_done(phase, point)`` after each run."""
     import time
 
-
     if workload_name not in WORKLOADS:
         raise ConfigError(f"unknown workload {workload_name!r}; the paper's are {', '.join(WORKLOADS)}")
     if replications < 1 or repeats < 0 or tuning_seeds < 1:
@@ -428,9 +431,10 @@ def transition_rows(result: PaperResult) -> list[list[str]]:
 def to_markdown(result: PaperResult) -> str:
     """The command's report: set-up, λ* per policy, the latency table, the repeated runs."""
     w, s = result.workload, result.setup
+    window = s.window(s.requests)
     lines = [f"# The paper's experiment: {w.name}", "",
              f"{w.source}; {result.replications} replications of {s.requests:,} requests, measured on requests "
-             f"{int(s.requests * s.warmup_fraction):,} to {s.requests - s.drain_requests:,} (arrival order); "
+             f"{window.start:,} to {window.stop:,} (arrival order); "
              f"{s.memory_tokens:,} KV tokens in blocks of {s.block_size}, profile {s.profile}"
              + (f" with {s.cost}" if s.cost else "")
              + ("" if s.prefill_emits_token else "; o = d decode iterations (the prefill's token not counted)")

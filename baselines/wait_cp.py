@@ -217,10 +217,12 @@ class ChunkedBookingPolicy:
         stage = self.stages(state, running)
         prefilling = stage == 0
         decode: list[np.ndarray] = []
+        occupancy: list[int] = []  # requests inside each segment, past its entry
         for segment in self.segments:
             limit = segment.stage_limit(batch)
             internal = (stage > segment.start) & (stage <= segment.end)
             occupied = int(np.count_nonzero(internal))
+            occupancy.append(occupied)
             if segment.start == 0:
                 entry = _NONE
                 entry_count = state.num_waiting + int(np.count_nonzero(prefilling))
@@ -234,13 +236,15 @@ class ChunkedBookingPolicy:
             decode.append(running[internal])
         decode.append(running[stage > self.segments[-1].end])  # longer than the prior: outside every segment
         decode_ids = np.concatenate(decode)
-        prefill, tokens = self._prefills(state, running, stage, decode_ids, batch)
+        prefill, tokens = self._prefills(state, running, stage, decode_ids, batch, occupancy[0])
         if len(decode_ids) == 0 and len(prefill) == 0:
             return IDLE
         return Decision(decode=decode_ids, prefill=prefill, prefill_tokens=tokens)
 
     def _prefills(self, state: SchedulerState, running: np.ndarray, stage: np.ndarray, decode: np.ndarray,
-                  batch: int) -> tuple[np.ndarray, np.ndarray]:
+                  batch: int, occupied: int) -> tuple[np.ndarray, np.ndarray]:
+        """Chunks for the prefills in progress, then admissions through segment 1's entry (``occupied``: the
+        requests already past it)."""
         budget = self.token_budget if self.token_budget is not None else math.inf
         batch_tokens = len(decode)  # a decode is one token of the batch
         ids: list[int] = []
@@ -254,7 +258,6 @@ class ChunkedBookingPolicy:
                 tokens.append(int(give))
                 batch_tokens += give
         first = self.segments[0]
-        occupied = int(np.count_nonzero((stage > 0) & (stage <= first.end)))
         room = min(first.stage_limit(batch), first.total_limit - occupied, self.total_limit - len(running))
         if room > 0:
             # Vidur allocates a request's whole prompt on admission: blocks still to fill count as taken.
