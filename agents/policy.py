@@ -204,19 +204,30 @@ class AgentPolicy:
         The same as the model's ``predict`` but on the network directly: ``predict`` builds tensors and
         distribution objects per call, which costs more than the whole engine iteration.
         """
-        import torch
-
-        policy = self.model.policy
-        with torch.no_grad():
-            features = policy.extract_features(torch.as_tensor(observation[None]), policy.pi_features_extractor)
-            logits = policy.action_net(policy.mlp_extractor.forward_actor(features))[0].numpy().astype(np.float64)
+        logits = action_logits(self.model, observation[None])[0]
+        if self.deterministic:
+            return greedy_actions(logits[None], None if mask is None else mask[None], self._splits)[0]
         if mask is not None:
             logits = np.where(mask, logits, -np.inf)
         action = np.empty(len(self._splits) + 1, dtype=np.int64)
         for k, part in enumerate(np.split(logits, self._splits)):
-            if self.deterministic:
-                action[k] = int(np.argmax(part))
-            else:
-                p = np.exp(part - part.max())
-                action[k] = int(self._rng.choice(len(p), p=p / p.sum()))
+            p = np.exp(part - part.max())
+            action[k] = int(self._rng.choice(len(p), p=p / p.sum()))
         return action
+
+
+def action_logits(model: Any, observations: np.ndarray) -> np.ndarray:
+    """The policy network's action logits for a batch of observations, ``(N, sum(nvec))`` float64."""
+    import torch
+
+    policy = model.policy
+    with torch.no_grad():
+        features = policy.extract_features(torch.as_tensor(observations), policy.pi_features_extractor)
+        return policy.action_net(policy.mlp_extractor.forward_actor(features)).numpy().astype(np.float64)
+
+
+def greedy_actions(logits: np.ndarray, masks: np.ndarray | None, splits: np.ndarray) -> np.ndarray:
+    """Per row and class, the most likely count (the first on ties), masked counts excluded: ``(N, K)``."""
+    if masks is not None:
+        logits = np.where(masks, logits, -np.inf)
+    return np.stack([part.argmax(axis=1) for part in np.split(logits, splits, axis=1)], axis=1).astype(np.int64)

@@ -20,7 +20,8 @@ import numpy as np
 import tomllib
 
 from agents.config import TrainConfig
-from agents.policy import AGENT_FILE, MODEL_FILE, AgentPolicy, AgentSpec, algorithm_class, read_weights
+from agents.policy import AGENT_FILE, MODEL_FILE, AgentSpec, algorithm_class, read_weights
+from agents.validation import validation_runs
 from llmsched_env.errors import ConfigError
 from llmsched_env.metrics import summarize
 from llmsched_env.registration import ENV_IDS
@@ -52,9 +53,9 @@ def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tup
     from baselines.compare import SEES_OUTPUT_LENGTHS
 
     template = make_env(env_id, env_kwargs)
-    scenario = template.scenario.at_rate(template.nominal_rate)
+    rate = template.nominal_rate
+    scenario = template.scenario.at_rate(rate)
     horizon = template.horizon
-    interface = template.control.settings
     arrivals = {seed: scenario.sample(horizon, seed) for seed in seeds}
     fluids = {seed: scenario.fluid(arrivals[seed], horizon) for seed in seeds}
     ref_setting = replace(scenario, output_lengths_known=reference in SEES_OUTPUT_LENGTHS)
@@ -96,10 +97,7 @@ def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tup
 
         def evaluate(self) -> dict[str, float]:
             self.last_evaluated = self.num_timesteps
-            rows = []
-            for seed in seeds:
-                agent = AgentPolicy(self.model, scenario, horizon, interface)
-                rows.append(summarize(run(scenario.engine(), agent, arrivals[seed], horizon), fluids[seed]))
+            rows = validation_runs(self.model, env_id, env_kwargs, seeds, rate)
             metrics = {key: float(np.mean([r[key] for r in rows if r[key] is not None] or [np.nan]))
                        for key in ("regret_requests", "throughput_rps", "p99_latency_s", "evictions")}
             metrics[f"regret_ratio_to_{reference}"] = float(np.mean([r["regret_requests"] for r in rows])
@@ -150,15 +148,13 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
     """
     import torch
     from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
-    from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
-
     from agents.imitation import clone, collect_demonstrations
+    from agents.vec_env import make_native_vec_env
 
     if config.env_id not in ENV_IDS:
         raise ConfigError(f"unknown environment id {config.env_id!r}; registered: {', '.join(ENV_IDS)}")
-    # The environments step in their own processes; one thread for the small MLP's updates keeps the cores
-    # for them (more threads than cores oversubscribe the machine and slow both).
+    # One thread for the small MLP: its batches are too small to gain from more, and the environments' compiled
+    # step takes every core between updates (more threads than cores oversubscribe the machine and slow both).
     torch.set_num_threads(1)
     if resume and not (out / "config.toml").is_file():
         raise ConfigError(f"--resume: {out} holds no training run (no config.toml)")
@@ -173,8 +169,9 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
         _write_toml(config.to_dict(), out / "config.toml")
     env_kwargs = dict(config.env)
     make_env(config.env_id, env_kwargs)  # fail here, not in a subprocess, on bad arguments
-    vec_env = make_vec_env(lambda: make_env(config.env_id, env_kwargs), n_envs=config.n_envs, seed=seed,
-                           vec_env_cls=SubprocVecEnv if config.n_envs > 1 else DummyVecEnv)
+    # All n_envs episodes step in one compiled call (the native vector environment), seeded seed + i.
+    vec_env = make_native_vec_env(config.env_id, config.n_envs, env_kwargs)
+    vec_env.seed(seed)
     algorithm = algorithm_class(config.algo)
     try:
         checkpoint = latest_checkpoint(out) if resume else None

@@ -87,13 +87,22 @@ class TypeQueues:
     def of_state(cls, state: SchedulerState, types: np.ndarray, num_types: int) -> "TypeQueues":
         """The queues read off the engine's whole queue (``O(queue)``: for a change of types, not every look)."""
         queues = cls(num_types)
+        queues.rebuild(state, types)
+        return queues
+
+    def rebuild(self, state: SchedulerState, types: np.ndarray) -> None:
+        """Read the queues off the engine's whole queue, forgetting what they held (``O(queue)``)."""
+        num_types = len(self._ids)
         waiting = state.waiting
         waiting_types = types[waiting]
+        self._ids = [Int64Buffer() for _ in range(num_types)]
+        self._head = np.zeros(num_types, dtype=np.int64)
+        self._returned = [_EMPTY] * num_types
+        self._taken = _EMPTY
         for k in range(num_types):
-            queues._ids[k].extend(waiting[waiting_types == k])
-        queues._seen = state.num_requests
-        queues._running = np.array(state.running, dtype=np.int64)
-        return queues
+            self._ids[k].extend(waiting[waiting_types == k])
+        self._seen = state.num_requests
+        self._running = np.array(state.running, dtype=np.int64)
 
     def counts(self) -> np.ndarray:
         """How many requests of each type wait."""

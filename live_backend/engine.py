@@ -335,7 +335,9 @@ class LiveVLLMEngine:
         self._now = max(self._now, float(time_s))
 
     def records(self) -> RequestRecords:
-        return records_of(self, self._n)
+        return records_of(self._n, arrival=self._arrival, prompt=self._prompt, output=self._output,
+                          context=self._context, status=self._status, first_token=self._first_token,
+                          finish=self._finish, evictions=self._evictions)
 
     def produced_tokens(self) -> np.ndarray:
         """Tokens vLLM returned per request (``o + 1`` for every finished one; checked as each finishes)."""

@@ -73,6 +73,40 @@ class Candidates(NamedTuple):
     waiting: np.ndarray  # per class, how many wait
 
 
+class ObservationScales(NamedTuple):
+    """What the observation's counts are squashed by (``x / (x + s)``), and its fixed part: an episode's
+    fluid targets (:meth:`AdmissionControl.reset`)."""
+
+    queue: np.ndarray  # per class
+    running: np.ndarray  # per class and stage bucket
+    rate: np.ndarray  # per class
+    time: float  # the time since the last admission
+    fixed: np.ndarray  # the fluid targets' entries: n* per class, M*/C, Θ*/Σλ, ρ
+
+
+class InterfaceParams(NamedTuple):
+    """What an episode fixes for the agent interface, as a compiled loop takes it
+    (:meth:`AdmissionControl.interface_params`)."""
+
+    classes: np.ndarray  # each request's class, by id
+    max_admit: int
+    rate_window: float  # the rate estimator's window (s)
+    scales: ObservationScales
+    residual: np.ndarray  # mean residual output per stage (hidden lengths)
+    segment_edges: np.ndarray
+    known_lengths: bool
+    stage_buckets: int
+
+
+class InterfaceCounters(NamedTuple):
+    """What the agent interface changes during an episode besides the rate sums
+    (:meth:`AdmissionControl.counters`)."""
+
+    seen: int  # requests counted into the rate estimates
+    last_admission: float  # when the last admission ran (s)
+    rate_time: float  # the rate estimates' clock (s)
+
+
 @dataclass(frozen=True)
 class EpisodeTargets:
     """The fluid benchmark of an episode, per class: what the observation is normalised by."""
@@ -182,15 +216,36 @@ class AdmissionControl:
         k, b = self.num_classes, self.stage_buckets
         n_star = np.maximum(targets.n_star, 1.0)
         mean_output = self.class_mix.output_lens.astype(np.float64)
-        self._running_scale = np.repeat(n_star * (mean_output + 1.0) / b, b).reshape(k, b)
-        self._queue_scale = n_star
-        self._rate_scale = np.where(targets.rates > 0, targets.rates, max(targets.rates.sum(), 1.0) / k)
-        self._time_scale = targets.tau_s if targets.tau_s > 0 else 0.05
         # What the episode fixes: n* per class, then the fluid memory, the share served and the load.
-        self._fixed_observation = np.concatenate([
+        fixed = np.concatenate([
             np.minimum(targets.n_star / self.max_admit, 1.0),
             [min(targets.memory_frac, 2.0) / 2.0 if math.isfinite(targets.memory_frac) else 1.0,
              min(targets.served_frac, 1.0), min(targets.rho, 2.0) / 2.0]]).astype(np.float64)
+        self._scales = ObservationScales(
+            queue=np.ascontiguousarray(n_star, dtype=np.float64),
+            running=np.repeat(n_star * (mean_output + 1.0) / b, b).reshape(k, b),
+            rate=np.where(targets.rates > 0, targets.rates, max(targets.rates.sum(), 1.0) / k).astype(np.float64),
+            time=float(targets.tau_s if targets.tau_s > 0 else 0.05), fixed=fixed)
+
+    def interface_params(self) -> InterfaceParams:
+        """What the episode fixes for this interface, for a compiled loop (after :meth:`reset`)."""
+        return InterfaceParams(np.ascontiguousarray(self._class, dtype=np.int64), self.max_admit, self.rate_window_s,
+                               self._scales, self._residual, self._segment_edges, bool(self.known_lengths),
+                               self.stage_buckets)
+
+    @property
+    def rate_sums(self) -> np.ndarray:
+        """The rate estimator's per-class sums (a compiled loop advances them in place)."""
+        return self._rates.sums
+
+    def counters(self) -> InterfaceCounters:
+        """What the interface changes during an episode besides :attr:`rate_sums`."""
+        return InterfaceCounters(self._seen, self._last_admission, self._rates.time)
+
+    def restore(self, counters: InterfaceCounters) -> None:
+        """Take ``counters`` (those a compiled loop reached) as the interface's state: the inverse of
+        :meth:`counters`."""
+        self._seen, self._last_admission, self._rates.time = counters
 
     @property
     def targets(self) -> EpisodeTargets:
@@ -285,9 +340,8 @@ class AdmissionControl:
         cells, peak = kernels.running_profile(state.running, classes, state.context_len, state.prompt_len, output,
                                               self._residual, self._segment_edges, self.known_lengths, k, b)
         memory = np.array([state.used_blocks / state.capacity_blocks, min(peak / state.capacity_tokens, 2.0) / 2.0])
-        return kernels.assemble_observation(candidates.waiting, self._queue_scale, cells, self._running_scale, memory,
-                                            now - self._last_admission, self._time_scale, self._rates.rates,
-                                            self._rate_scale, self._fixed_observation, min(now / t.horizon_s, 1.0))
+        return kernels.assemble_observation(candidates.waiting, cells, memory, now - self._last_admission,
+                                            self._rates.rates, min(now / t.horizon_s, 1.0), self._scales)
 
     def _update_rates(self, state: SchedulerState, classes: np.ndarray) -> None:
         """Count the arrivals since the last observation into the per-class rate estimates."""

@@ -636,7 +636,7 @@ def train(
                                                       "maskable-ppo-bursty-hidden) or a TOML file."),
     env_id: Optional[str] = typer.Option(None, help="Environment id (default: the config's), e.g. LLMSched-Hidden-v0."),
     timesteps: Optional[int] = typer.Option(None, min=1, help="Total environment steps (default: the config's)."),
-    n_envs: Optional[int] = typer.Option(None, min=1, help="Parallel environments; subprocesses when > 1."),
+    n_envs: Optional[int] = typer.Option(None, min=1, help="Episodes stepped together in one compiled call (the native vector environment)."),
     seed: SeedOption = 0,
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
     progress: bool = typer.Option(True, help="Show a progress bar."),

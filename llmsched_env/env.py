@@ -12,9 +12,10 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from llmsched_env.admission import AdmissionControl, Candidates
+from llmsched_env import kernels
+from llmsched_env.admission import AdmissionControl
 from llmsched_env.engine import Decision, Engine, IterationOutcome, SchedulerState
-from llmsched_env.episode import CompiledEpisode
+from llmsched_env.episode import CompiledEpisode, LoopState
 from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import FluidSolution
 from llmsched_env.metrics import summarize
@@ -213,6 +214,7 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
         self.observation_space = spaces.Box(0.0, 1.0, (self.control.observation_size,), dtype=np.float32)
         self._rollout: Rollout | None = None
         self._episode: CompiledEpisode | None = None
+        self._loop_buffers: LoopState | None = None
 
     # -- what the episode runs on ---------------------------------------------------------------------
     @property
@@ -230,6 +232,40 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
     def nominal_rate(self) -> float:
         """The middle of the rate range: where an agent trained on this environment is validated and evaluated."""
         return sum(self.rate_range) / 2
+
+    @property
+    def rollout(self) -> Rollout:
+        """The evaluation loop running the current episode."""
+        return self._live_rollout()
+
+    @property
+    def fluid_rate(self) -> float:
+        """``Θ*`` in the reward's unit (requests or output tokens per second): the reward's charge per second."""
+        return self._fluid_rate()
+
+    @property
+    def accounted_time(self) -> float:
+        """The simulated time charged to the regret so far (s); a compiled loop that advances the episode sets it."""
+        return self._accounted_time
+
+    @accounted_time.setter
+    def accounted_time(self, value: float) -> None:
+        self._accounted_time = float(value)
+
+    @property
+    def compiled_episode(self) -> CompiledEpisode | None:
+        """The compiled loop running the current episode (``None`` on the Python loop)."""
+        return self._episode
+
+    @property
+    def pending_reward(self) -> float:
+        """The reward earned since reset that the next step returns (the fluid charge until the first epoch)."""
+        return self._pending_reward
+
+    def use_loop_buffers(self, buffers: LoopState | None) -> None:
+        """Keep the compiled loop's counters, candidates and observation in ``buffers`` from the next reset on
+        (the vector environment passes rows of its batched arrays); ``None``: arrays of the episode's own."""
+        self._loop_buffers = buffers
 
     def _live_rollout(self) -> Rollout:
         if self._rollout is None:
@@ -265,7 +301,7 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
         self._last_clipped = False
         self._episode = None
         if self.compiled and not callbacks and isinstance(engine, SimulatedEngine) and engine.compiled:
-            self._episode = CompiledEpisode(self)
+            self._episode = CompiledEpisode(self, self._loop_buffers)
             observation, _, self._pending_reward, _, _, self._candidates = self._episode.advance(None, None, 0.0)
             return observation, self._info(final=False)
         # The time before the first epoch (until the first arrival) is charged to the first step.
@@ -284,7 +320,7 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
             done = self._candidates is None
             return observation, float(first + more), False, done, self._info(final=done)
         decision, admitted, clipped = self.control.decision(self._state, action, self._candidates)
-        reward = self._pending_reward + self._apply(decision)
+        reward = self._pending_reward + self.apply_decision(decision)
         self._pending_reward = 0.0
         self._last_admitted, self._last_clipped = admitted, clipped
         more, done = self._advance_to_epoch()
@@ -309,8 +345,9 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
         return self.engine.state()
 
     # -- the loop -----------------------------------------------------------------------------------------
-    def _apply(self, decision: Decision) -> float:
-        """Run one decision through the rollout; the reward it earns."""
+    def apply_decision(self, decision: Decision) -> float:
+        """Run one engine iteration of ``decision`` through the rollout (no epoch logic); the reward it earns.
+        The compiled loop hands back the iterations that need the engine's general path this way."""
         rollout = self._live_rollout()
         engine = rollout.engine
         before = engine.now
@@ -330,13 +367,13 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
                 self._candidates = candidates
                 self._state = state
                 return reward, False
-            reward += self._apply(control.fixed_decision(state))
+            reward += self.apply_decision(control.fixed_decision(state))
         self._candidates = None
         self._state = rollout.engine.state()
         # Regret counts to the horizon: charge the fluid optimum's service of the time left, if the run ended early.
-        rest = max(0.0, self.horizon - self._accounted_time)
-        self._accounted_time = self.horizon
-        return reward - self._fluid_rate() * rest, True
+        charge, self._accounted_time = kernels.reward_increment(0.0, self.horizon, self.horizon, self._accounted_time,
+                                                                self.horizon, self._fluid_rate(), 0.0, 0)
+        return reward + charge, True
 
     def _fluid_rate(self) -> float:
         return self._fluid.throughput_rps if self.reward_unit == "requests" else self._fluid.throughput_tps
@@ -349,12 +386,9 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
             else:  # output tokens: a finished request's context is its prompt and its whole output
                 state = self._live_rollout().engine.state()
                 reward += float(state.context_len[outcome.finished].sum() - state.prompt_len[outcome.finished].sum())
-        end = min(after, self.horizon)
-        elapsed = max(0.0, end - self._accounted_time)
-        self._accounted_time = max(self._accounted_time, end)
-        reward -= self._fluid_rate() * elapsed
-        if self.latency_penalty:
-            reward -= self.latency_penalty * in_system * (after - before)
+        reward, self._accounted_time = kernels.reward_increment(reward, before, after, self._accounted_time,
+                                                                self.horizon, self._fluid_rate(), self.latency_penalty,
+                                                                in_system)
         if self.eviction_penalty and outcome is not None:
             reward -= self.eviction_penalty * len(outcome.evicted)
         return reward
@@ -364,6 +398,11 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
         return self.control.observe(self._state, candidates)
 
     def _info(self, *, final: bool) -> dict[str, Any]:
+        return self.episode_info(final=final, admitted=self._last_admitted, clipped=self._last_clipped)
+
+    def episode_info(self, *, final: bool, admitted: np.ndarray, clipped: bool) -> dict[str, Any]:
+        """The step's ``info`` (see the class docstring) after a step that admitted ``admitted`` per class and
+        was ``clipped`` or not; ``final`` adds the run's metrics."""
         rollout = self._live_rollout()
         engine = rollout.engine
         now = engine.now
@@ -373,7 +412,7 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
             "waiting": engine.num_waiting, "running": engine.num_running, "evictions": rollout.evictions,
             "iterations": rollout.iterations,
             "regret_requests": self._fluid.throughput_rps * min(now, self.horizon) - completed,
-            "admitted": self._last_admitted.copy(), "clipped": self._last_clipped,
+            "admitted": np.array(admitted, dtype=np.int64), "clipped": bool(clipped),
         }
         if final:
             info.update(summarize(self.result(), self._fluid))

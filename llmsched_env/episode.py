@@ -7,9 +7,28 @@ across those objects, each doing a little work on a few hundred requests, and th
 work, take most of its time. On the simulated engine, :class:`CompiledEpisode` runs the same step as
 one compiled call, :func:`advance_episode`: the agent's admissions, the engine iterations up to the
 next decision epoch (with the fixed rule between epochs), the arrivals they let in, the reward and
-the next observation. It updates the engine's, the rollout's and the agent interface's own state in
-place, so everything else (``info``, ``result()``, rendering, a baseline's view of the engine) reads
-them as before.
+the next observation. :func:`advance_episodes` runs that step for many episodes in one call (the
+native vector environment, :mod:`llmsched_env.vector`).
+
+**State.** The compiled loop sees an episode as four explicit structures, each owned by one object and
+built once per episode (:meth:`CompiledEpisode.structures`):
+
+* :class:`~llmsched_env.request_table.RequestColumns`: the engine's request table (its own columns,
+  written in place; :meth:`~llmsched_env.simulator.SimulatedEngine.request_columns`);
+* :class:`EpisodeParams`: what the episode fixes: memory, cost coefficients, the arrivals, the horizon
+  and the reward's terms;
+* :class:`~llmsched_env.admission.InterfaceParams`: what the agent interface fixes: each request's class,
+  the observation's scales and fluid targets, the stage buckets
+  (:meth:`~llmsched_env.admission.AdmissionControl.interface_params`);
+* :class:`LoopState`: what the loop changes besides the table: the counters (``ints``/``reals``, indexed
+  by the constants below), the rate estimator's sums (the interface's own array), the epoch's
+  candidates, the observation and the admitted counts.
+
+The engine, the rollout and the interface hand over their counters as typed tuples
+(``counters()``) and take them back (``restore()``). Typed tuples rather than Numba structrefs: they
+cross the Python/compiled boundary as they are (a tuple of arrays is unboxed without copying), a typed
+list of them is how the vector environment hands N episodes to one call, and ``NUMBA_DISABLE_JIT=1``
+runs the same code as plain Python.
 
 It is the same loop: it calls the simulator's compiled iteration kernels
 (:func:`~llmsched_env.kernels.plan_iteration`, :func:`~llmsched_env.kernels.run_iteration`) and the
@@ -23,14 +42,20 @@ general path, then the compiled loop goes on.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+from numba.typed import List as TypedList
 
 from llmsched_env import kernels
-from llmsched_env.admission import Candidates
-from llmsched_env.compiled import compiled
+from llmsched_env.admission import Candidates, InterfaceCounters, InterfaceParams
+from numba import prange
+
+from llmsched_env.compiled import compiled, compiled_parallel
 from llmsched_env.engine import WAITING, Decision
+from llmsched_env.request_table import RequestColumns
+from llmsched_env.runner import RolloutCounters
+from llmsched_env.simulator import EngineCounters
 
 if TYPE_CHECKING:  # pragma: no cover
     from llmsched_env.env import LLMSchedEnv
@@ -53,56 +78,86 @@ ACT, ADVANCE = 0, 1
 _EMPTY = np.empty(0, dtype=np.int64)
 
 
+class EpisodeParams(NamedTuple):
+    """What an episode fixes for the engine, the arrivals and the reward."""
+
+    block_size: int
+    capacity_blocks: int
+    cost: np.ndarray  # the cost model's coefficients (LinearCostModel.coefficients)
+    times: np.ndarray  # arrival times of the episode's requests, in order
+    arrival_prompt: np.ndarray
+    arrival_output: np.ndarray
+    horizon: float
+    fluid_rate: float  # Θ* in the reward's unit (requests or output tokens per second)
+    tokens_reward: bool
+    latency_penalty: float
+
+
+class LoopState(NamedTuple):
+    """What the loop changes besides the request table (the constants above index ``ints`` and ``reals``)."""
+
+    ints: np.ndarray  # int64[NUM_INTS]
+    reals: np.ndarray  # float64[NUM_REALS]
+    rate_sum: np.ndarray  # the rate estimator's per-class sums (updated in place)
+    oldest: np.ndarray  # the epoch's candidates (Candidates.oldest)
+    heads: np.ndarray
+    fits: np.ndarray
+    queued: np.ndarray
+    observation: np.ndarray  # float32: the observation at the epoch
+    counts: np.ndarray  # admitted per class by the last action
+
+
 @compiled
-def _scan(ints: np.ndarray, running: np.ndarray, status: np.ndarray, context: np.ndarray, kv_tokens: np.ndarray,
-          classes: np.ndarray, block_size: int, capacity_blocks: int, max_admit: int,
-          oldest: np.ndarray, heads: np.ndarray, fits: np.ndarray, queued: np.ndarray) -> None:
-    """:meth:`AdmissionControl.candidates` of the engine's state into the given arrays (``ROOM`` too),
+def _scan(loop: LoopState, running: np.ndarray, columns: RequestColumns, episode: EpisodeParams,
+          interface: InterfaceParams) -> None:
+    """:meth:`AdmissionControl.candidates` of the engine's state into the loop's candidates (``ROOM`` too),
     reading the queue as the engine does (:func:`~llmsched_env.kernels.waiting_ids`, moving its start too)."""
-    room = capacity_blocks - ints[USED_BLOCKS] - kernels.blocks_to_grow(running, kv_tokens, block_size)
-    waiting, ints[FIRST_MAYBE_WAITING] = kernels.waiting_ids(status, ints[FIRST_MAYBE_WAITING], ints[N],
+    ints = loop.ints
+    room = (episode.capacity_blocks - ints[USED_BLOCKS]
+            - kernels.blocks_to_grow(running, columns.kv_tokens, episode.block_size))
+    waiting, ints[FIRST_MAYBE_WAITING] = kernels.waiting_ids(columns.status, ints[FIRST_MAYBE_WAITING], ints[N],
                                                              ints[NUM_WAITING])
-    o, h, f, q = kernels.scan_queue(waiting, classes, context, block_size, room, len(heads), max_admit)
-    oldest[:, :] = o
-    heads[:] = h
-    fits[:] = f
-    queued[:] = q
+    o, h, f, q = kernels.scan_queue(waiting, interface.classes, columns.context, episode.block_size, room,
+                                    len(loop.heads), interface.max_admit)
+    loop.oldest[:, :] = o
+    loop.heads[:] = h
+    loop.fits[:] = f
+    loop.queued[:] = q
     ints[ROOM] = room
 
 
 @compiled
-def _observe(ints: np.ndarray, reals: np.ndarray, running: np.ndarray, classes: np.ndarray, context: np.ndarray,
-             prompt: np.ndarray, output: np.ndarray, arrival: np.ndarray, block_size: int, capacity_blocks: int,
-             queued: np.ndarray, rate_sum: np.ndarray, window: float, queue_scale: np.ndarray,
-             running_scale: np.ndarray, rate_scale: np.ndarray, time_scale: float, fixed: np.ndarray,
-             residual: np.ndarray, segment_edges: np.ndarray, known: bool, buckets: int, horizon: float,
-             observation: np.ndarray) -> None:
-    """:meth:`AdmissionControl.observe`, rate update included, into ``observation``."""
+def _observe(loop: LoopState, running: np.ndarray, columns: RequestColumns, episode: EpisodeParams,
+             interface: InterfaceParams) -> None:
+    """:meth:`AdmissionControl.observe`, rate update included, into ``loop.observation``."""
+    ints, reals = loop.ints, loop.reals
     now = reals[NOW]
-    kernels.count_arrivals(rate_sum, reals[RATE_TIME], now, arrival[ints[SEEN]:ints[N]], classes[ints[SEEN]:ints[N]],
-                           window)
+    seen, n = ints[SEEN], ints[N]
+    kernels.count_arrivals(loop.rate_sum, reals[RATE_TIME], now, columns.arrival[seen:n],
+                           interface.classes[seen:n], interface.rate_window)
     reals[RATE_TIME] = now
-    ints[SEEN] = ints[N]
-    rates = rate_sum / (-math.expm1(-now / window)) if now > 0 else rate_sum.copy()
-    cells, peak = kernels.running_profile(running, classes, context, prompt, output, residual, segment_edges, known,
-                                          len(queued), buckets)
+    ints[SEEN] = n
+    rates = (loop.rate_sum / (-math.expm1(-now / interface.rate_window)) if now > 0
+             else loop.rate_sum.copy())
+    cells, peak = kernels.running_profile(running, interface.classes, columns.context, columns.prompt,
+                                          columns.output, interface.residual, interface.segment_edges,
+                                          interface.known_lengths, len(loop.queued), interface.stage_buckets)
+    capacity_blocks = episode.capacity_blocks
     memory = np.empty(2)
     memory[0] = ints[USED_BLOCKS] / capacity_blocks
-    memory[1] = min(peak / (capacity_blocks * block_size), 2.0) / 2.0
-    observation[:] = kernels.assemble_observation(queued, queue_scale, cells, running_scale, memory,
-                                                  now - reals[LAST_ADMISSION], time_scale, rates, rate_scale, fixed,
-                                                  min(now / horizon, 1.0))
+    memory[1] = min(peak / (capacity_blocks * episode.block_size), 2.0) / 2.0
+    loop.observation[:] = kernels.assemble_observation(loop.queued, cells, memory, now - reals[LAST_ADMISSION], rates,
+                                                       min(now / episode.horizon, 1.0), interface.scales)
 
 
 @compiled
-def _run(decode: np.ndarray, prefill: np.ndarray, ints: np.ndarray, reals: np.ndarray, running: np.ndarray,
-         status: np.ndarray, context: np.ndarray, final_context: np.ndarray, prompt: np.ndarray, kv_tokens: np.ndarray,
-         mark: np.ndarray, first_token: np.ndarray, finish: np.ndarray, block_size: int, capacity_blocks: int,
-         cost: np.ndarray, times: np.ndarray, horizon: float, fluid_rate: float, tokens_reward: bool,
-         latency_penalty: float) -> tuple[bool, np.ndarray, float]:
+def _run(decode: np.ndarray, prefill: np.ndarray, loop: LoopState, running: np.ndarray, columns: RequestColumns,
+         episode: EpisodeParams) -> tuple[bool, np.ndarray, float]:
     """``Rollout.apply`` of an iteration that decodes ``decode`` and admits ``prefill`` (whole prompts), and
     ``LLMSchedEnv._reward`` of it: ``(ran, running, reward)``. ``ran`` is ``False`` (and nothing changed)
     when the iteration needs the engine's general path."""
+    ints, reals, times = loop.ints, loop.reals, episode.times
+    context = columns.context
     now = reals[NOW]
     in_system = ints[NUM_WAITING] + len(running)
     earned = 0.0
@@ -110,16 +165,14 @@ def _run(decode: np.ndarray, prefill: np.ndarray, ints: np.ndarray, reals: np.nd
     if not stalled:
         ints[STAMP] -= 1
         (verdict, decode_before, prefill_before, chunk, decode_new_blocks, prefill_new_blocks, prefill_tokens,
-         batch_kv) = kernels.plan_iteration(decode, prefill, prefill[:0], True, ints[N], status, context, kv_tokens, mark,
-                                            ints[STAMP], block_size, capacity_blocks - ints[USED_BLOCKS])
+         batch_kv) = kernels.plan_iteration(decode, prefill, prefill[:0], True, ints[N], columns, ints[STAMP],
+                                            episode.block_size, episode.capacity_blocks - ints[USED_BLOCKS])
         if verdict != kernels.PLANNED:
             return False, running, 0.0
-        attention = kernels.prefill_attention_sum(chunk, prefill_before) if cost[4] != 0.0 else 0.0
-        duration = kernels.iteration_seconds(cost, prefill_tokens, len(decode), batch_kv, attention)
+        duration = kernels.batch_seconds(episode.cost, prefill_tokens, len(decode), batch_kv, chunk, prefill_before)
         now = now + duration
         admitted, finished, running, tokens_added, blocks_freed, tokens_freed = kernels.run_iteration(
-            decode, decode_before, prefill, prefill_before, chunk, running, status, context, final_context, kv_tokens,
-            first_token, finish, block_size, now)
+            decode, decode_before, prefill, prefill_before, chunk, running, columns, episode.block_size, now)
         ints[USED_BLOCKS] += decode_new_blocks + prefill_new_blocks
         ints[USED_TOKENS] += tokens_added
         peak_blocks = ints[USED_BLOCKS]
@@ -133,50 +186,56 @@ def _run(decode: np.ndarray, prefill: np.ndarray, ints: np.ndarray, reals: np.nd
         reals[BUSY_TIME] += duration
         stalled = duration == 0.0
         if len(finished):
-            if tokens_reward:
+            if episode.tokens_reward:
                 generated = 0
                 for i in finished:
-                    generated += context[i] - prompt[i]
+                    generated += context[i] - columns.prompt[i]
                 earned += float(generated)
             else:
                 earned += len(finished)
     if stalled:
-        if ints[NEXT_ARRIVAL] >= len(times):
+        ended, held, now = kernels.stall(times, ints[NEXT_ARRIVAL], ints[USED_BLOCKS], now)
+        if ended:
             ints[ENDED] = 1
         else:
-            wake = times[ints[NEXT_ARRIVAL]]
-            reals[BLOCK_SECONDS] += ints[USED_BLOCKS] * max(0.0, wake - now)
-            now = max(now, wake)
+            reals[BLOCK_SECONDS] += held
     before = reals[NOW]
     reals[NOW] = now
-    end = min(now, horizon)
-    elapsed = max(0.0, end - reals[ACCOUNTED])
-    reals[ACCOUNTED] = max(reals[ACCOUNTED], end)
-    earned -= fluid_rate * elapsed
-    if latency_penalty:
-        earned -= latency_penalty * in_system * (now - before)
-    return True, running, earned
+    reward, reals[ACCOUNTED] = kernels.reward_increment(earned, before, now, reals[ACCOUNTED], episode.horizon,
+                                                        episode.fluid_rate, episode.latency_penalty, in_system)
+    return True, running, reward
 
 
 @compiled
-def advance_episode(start: int, action: np.ndarray, ints: np.ndarray, reals: np.ndarray, running: np.ndarray,
-                    status: np.ndarray, prompt: np.ndarray, output: np.ndarray, context: np.ndarray,
-                    final_context: np.ndarray, arrival: np.ndarray, first_token: np.ndarray, finish: np.ndarray,
-                    mark: np.ndarray, kv_tokens: np.ndarray, block_size: int, capacity_blocks: int, cost: np.ndarray,
-                    times: np.ndarray, arrival_prompt: np.ndarray, arrival_output: np.ndarray, horizon: float,
-                    fluid_rate: float, tokens_reward: bool, latency_penalty: float, classes: np.ndarray,
-                    max_admit: int, rate_sum: np.ndarray, window: float, queue_scale: np.ndarray,
-                    running_scale: np.ndarray, rate_scale: np.ndarray, time_scale: float, fixed: np.ndarray,
-                    residual: np.ndarray, segment_edges: np.ndarray, known: bool, buckets: int,
-                    oldest: np.ndarray, heads: np.ndarray, fits: np.ndarray, queued: np.ndarray,
-                    observation: np.ndarray, counts: np.ndarray
+def _admit_arrivals(loop: LoopState, columns: RequestColumns, episode: EpisodeParams) -> None:
+    """``Rollout.needs_decision``'s feeding: enqueue the requests that have arrived by now."""
+    ints, times = loop.ints, episode.times
+    now = loop.reals[NOW]
+    nxt = ints[NEXT_ARRIVAL]
+    while nxt < len(times) and times[nxt] <= now:
+        i = ints[N]
+        columns.arrival[i] = times[nxt]
+        columns.prompt[i] = episode.arrival_prompt[nxt]
+        columns.output[i] = episode.arrival_output[nxt]
+        columns.context[i] = episode.arrival_prompt[nxt]
+        columns.final_context[i] = episode.arrival_prompt[nxt] + episode.arrival_output[nxt]
+        columns.status[i] = WAITING
+        ints[N] = i + 1
+        ints[NUM_WAITING] += 1
+        nxt += 1
+    ints[NEXT_ARRIVAL] = nxt
+
+
+@compiled
+def advance_episode(start: int, action: np.ndarray, running: np.ndarray, columns: RequestColumns,
+                    episode: EpisodeParams, interface: InterfaceParams, loop: LoopState
                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, bool]:
     """One environment step from ``start``: ``ACT`` applies ``action`` at the current epoch (the candidates
-    in ``oldest``/``fits`` and ``ints[ROOM]``), then, as ``ADVANCE`` does, runs fixed-rule iterations until the
+    in ``loop``, ``ints[ROOM]`` included), then, as ``ADVANCE`` does, runs fixed-rule iterations until the
     next epoch or the episode's end, and observes.
 
     Returns ``(stop, running, decode, prefill, clipped)``: ``stop`` is ``EPOCH`` or ``DONE`` (the candidates,
-    ``observation`` and, after ``ACT``, the admitted ``counts`` are written), or ``GENERAL_ACTION`` /
+    ``loop.observation`` and, after ``ACT``, the admitted ``loop.counts`` are written), or ``GENERAL_ACTION`` /
     ``GENERAL_FIXED``: the iteration ``decode``/``prefill`` (the agent's, or the fixed rule's) needs the
     engine's general path (nothing of it ran; the caller runs it and its reward, then goes on with
     ``ADVANCE``). The reward of the agent's decision goes to ``FIRST_REWARD``, the
@@ -185,60 +244,104 @@ def advance_episode(start: int, action: np.ndarray, ints: np.ndarray, reals: np.
     # A local empty array, not the module's: Numba types a global array as a read-only constant, and each
     # distinct argument type compiles the callees again.
     nothing = np.empty(0, dtype=np.int64)
+    ints, reals = loop.ints, loop.reals
     clipped = False
     acting = start == ACT  # the agent's decision runs first; then the fixed rule's, until the next epoch
     prefill = nothing
     if acting:
-        prefill, admitted_counts, clipped = kernels.admissions(action, oldest, fits, classes, context, block_size,
-                                                               ints[ROOM])
-        counts[:] = admitted_counts
+        prefill, admitted_counts, clipped = kernels.admissions(action, loop.oldest, loop.fits, interface.classes,
+                                                               columns.context, episode.block_size, ints[ROOM])
+        loop.counts[:] = admitted_counts
         if len(prefill):
             reals[LAST_ADMISSION] = reals[NOW]
     while True:
         if not acting:
-            # Rollout.needs_decision: let in what has arrived; the horizon or a stalled end stops the loop.
-            now = reals[NOW]
-            nxt = ints[NEXT_ARRIVAL]
-            while nxt < len(times) and times[nxt] <= now:
-                i = ints[N]
-                arrival[i] = times[nxt]
-                prompt[i] = arrival_prompt[nxt]
-                output[i] = arrival_output[nxt]
-                context[i] = arrival_prompt[nxt]
-                final_context[i] = arrival_prompt[nxt] + arrival_output[nxt]
-                status[i] = WAITING
-                ints[N] = i + 1
-                ints[NUM_WAITING] += 1
-                nxt += 1
-            ints[NEXT_ARRIVAL] = nxt
-            if ints[ENDED] or now >= horizon:
+            _admit_arrivals(loop, columns, episode)
+            if ints[ENDED] or reals[NOW] >= episode.horizon:
                 break
-            _scan(ints, running, status, context, kv_tokens, classes, block_size, capacity_blocks, max_admit,
-                  oldest, heads, fits, queued)
-            if fits.any():
-                _observe(ints, reals, running, classes, context, prompt, output, arrival, block_size,
-                         capacity_blocks, queued, rate_sum, window, queue_scale, running_scale, rate_scale,
-                         time_scale, fixed, residual, segment_edges, known, buckets, horizon, observation)
+            _scan(loop, running, columns, episode, interface)
+            if loop.fits.any():
+                _observe(loop, running, columns, episode, interface)
                 return EPOCH, running, nothing, nothing, clipped
             prefill = nothing
-        decode = kernels.decodable(running, kv_tokens, context)
-        ran, running, earned = _run(decode, prefill, ints, reals, running, status, context, final_context, prompt,
-                                    kv_tokens, mark, first_token, finish, block_size, capacity_blocks, cost, times,
-                                    horizon, fluid_rate, tokens_reward, latency_penalty)
+        decode = kernels.decodable(running, columns.kv_tokens, columns.context)
+        ran, running, earned = _run(decode, prefill, loop, running, columns, episode)
         if not ran:
             return GENERAL_ACTION if acting else GENERAL_FIXED, running, decode, prefill, clipped
         reals[FIRST_REWARD if acting else MORE_REWARD] += earned
         acting = False
     # The regret counts to the horizon: charge the fluid optimum's service of the time left.
-    rest = max(0.0, horizon - reals[ACCOUNTED])
-    reals[ACCOUNTED] = horizon
-    reals[MORE_REWARD] = reals[MORE_REWARD] - fluid_rate * rest
-    _scan(ints, running, status, context, kv_tokens, classes, block_size, capacity_blocks, max_admit,
-          oldest, heads, fits, queued)
-    _observe(ints, reals, running, classes, context, prompt, output, arrival, block_size, capacity_blocks,
-             queued, rate_sum, window, queue_scale, running_scale, rate_scale, time_scale, fixed, residual,
-             segment_edges, known, buckets, horizon, observation)
+    charge, reals[ACCOUNTED] = kernels.reward_increment(0.0, episode.horizon, episode.horizon, reals[ACCOUNTED],
+                                                        episode.horizon, episode.fluid_rate, 0.0, 0)
+    reals[MORE_REWARD] = reals[MORE_REWARD] + charge
+    _scan(loop, running, columns, episode, interface)
+    _observe(loop, running, columns, episode, interface)
     return DONE, running, nothing, nothing, clipped
+
+
+@compiled_parallel
+def advance_episodes(active: np.ndarray, starts: np.ndarray, actions: np.ndarray, episodes: TypedList,
+                     runnings: TypedList, stops: np.ndarray, decodes: TypedList, prefills: TypedList,
+                     clipped: np.ndarray) -> None:
+    """:func:`advance_episode` for each episode ``e`` with ``active[e]`` (from ``starts[e]``, with
+    ``actions[e]``): ``episodes[e]`` holds its ``(columns, episode, interface, loop)``, ``runnings[e]`` its
+    running ids (replaced); its stop goes to ``stops[e]``, a general-path iteration to ``decodes[e]`` /
+    ``prefills[e]``, and whether its action was clipped is or-ed into ``clipped[e]``."""
+    for j in prange(len(active)):  # the episodes are independent: each thread writes its own e's
+        e = np.int64(j)  # prange counts unsigned; a typed list takes a signed index
+        if not active[e]:
+            continue
+        columns, episode, interface, loop = episodes[e]
+        stop, running, decode, prefill, clipped_now = advance_episode(starts[e], actions[e], runnings[e], columns,
+                                                                      episode, interface, loop)
+        runnings[e] = running
+        stops[e] = stop
+        decodes[e] = decode
+        prefills[e] = prefill
+        clipped[e] = clipped[e] or clipped_now
+
+
+@compiled
+def store_episode(episodes: TypedList, e: int, structures: tuple) -> None:
+    """``episodes[e] = structures`` (compiled: from Python, a typed list's methods compile anew in every process,
+    and assigning a tuple unboxes it slowly)."""
+    episodes[e] = structures
+
+
+@compiled
+def id_lists(count: int) -> TypedList:
+    """A typed list of ``count`` empty id arrays (the vector environment's running, decode and prefill ids)."""
+    lists = TypedList()
+    for _ in range(count):
+        lists.append(np.empty(0, dtype=np.int64))
+    return lists
+
+
+@compiled
+def get_ids(lists: TypedList, e: int) -> np.ndarray:
+    """``lists[e]`` (compiled: a typed list's methods called from Python compile anew in every process)."""
+    return lists[e]
+
+
+@compiled
+def set_ids(lists: TypedList, e: int, ids: np.ndarray) -> None:
+    """``lists[e] = ids`` (compiled, as :func:`get_ids`)."""
+    lists[e] = ids
+
+
+@compiled
+def episode_list(structures: tuple, count: int) -> TypedList:
+    """A typed list of ``count`` references to ``structures`` (the vector environment's table of episodes)."""
+    episodes = TypedList()
+    for _ in range(count):
+        episodes.append(structures)
+    return episodes
+
+
+def _writable(values: np.ndarray, dtype: type) -> np.ndarray:
+    # One array type for every episode (C-contiguous, writable): Numba compiles once per argument type, and a
+    # typed list holds a single type.
+    return np.require(values, dtype=dtype, requirements=["C", "W"])
 
 
 class CompiledEpisode:
@@ -247,59 +350,96 @@ class CompiledEpisode:
 
     Built by the environment at reset when its engine is a compiled
     :class:`~llmsched_env.simulator.SimulatedEngine` and nothing observes single iterations (no
-    ``rgb_array`` rendering); otherwise the environment runs its Python loop.
+    ``rgb_array`` rendering); otherwise the environment runs its Python loop. The request table and the
+    rate sums are the engine's and the interface's own arrays, written in place. Their counters are
+    copied into :class:`LoopState` (:meth:`load`), which is the truth while the loop runs, and handed back
+    by :meth:`store` (after every step of a single environment; in a vector environment only when needed:
+    an iteration on the general path, the episode's end).
+
+    Args:
+        env: the environment whose episode (just reset) this runs.
+        buffers: where the loop's arrays live (the vector environment passes rows of its batched arrays);
+            fresh ones when ``None``. The rate sums are always the agent interface's own.
     """
 
-    def __init__(self, env: "LLMSchedEnv") -> None:
+    def __init__(self, env: "LLMSchedEnv", buffers: LoopState | None = None) -> None:
         self.env = env
-        rollout = env._live_rollout()
+        rollout = env.rollout
         engine = rollout.engine
         control = env.control
-        cost = engine.cost
-        arrivals = rollout._arrivals
+        arrivals = rollout.arrivals
         engine.reserve(len(arrivals))  # the compiled loop enqueues arrivals into columns that are already there
-        self._ints = np.zeros(NUM_INTS, dtype=np.int64)
-        self._reals = np.zeros(NUM_REALS, dtype=np.float64)
-        coefficients = cost.coefficients()
-        self._fixed = (coefficients, rollout._times, arrivals.prompt_len, arrivals.output_len, rollout.horizon,
-                       env._fluid_rate(), env.reward_unit == "tokens", env.latency_penalty)
-        self._control = (control._class, control.max_admit, control._rates._sum, control._rates.window_s,
-                         control._queue_scale, control._running_scale, control._rate_scale, control._time_scale,
-                         control._fixed_observation, control._residual, control._segment_edges,
-                         bool(control.known_lengths), control.stage_buckets)
         k = control.num_classes
-        # The current epoch's candidates (the action applies to them) and the counts admitted.
-        self._buffers = (np.zeros((k, control.max_admit), dtype=np.int64), np.zeros(k, dtype=np.int64),
-                         np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64))
-        self._observation_size = control.observation_size
+        if buffers is None:
+            buffers = LoopState(np.zeros(NUM_INTS, dtype=np.int64), np.zeros(NUM_REALS, dtype=np.float64),
+                                control.rate_sums, np.zeros((k, control.max_admit), dtype=np.int64),
+                                np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64),
+                                np.zeros(k, dtype=np.int64),
+                                np.zeros(control.observation_size, dtype=np.float32), np.zeros(k, dtype=np.int64))
+        else:
+            buffers = buffers._replace(rate_sum=control.rate_sums)
+        self.loop = buffers
+        self.episode = EpisodeParams(
+            int(engine.block_size), int(engine.capacity_blocks), _writable(engine.cost.coefficients(), np.float64),
+            _writable(arrivals.arrival_time, np.float64), _writable(arrivals.prompt_len, np.int64),
+            _writable(arrivals.output_len, np.int64), float(rollout.horizon), float(env.fluid_rate),
+            env.reward_unit == "tokens", float(env.latency_penalty))
+        self.interface = control.interface_params()
+        self.columns = engine.request_columns()
+        self.running = engine.counters().running
+        self.load()
 
-    def _load(self) -> None:
-        """Copy the loop's scalars from the engine, rollout, agent interface and environment."""
-        env = self.env
-        rollout = env._rollout
-        engine = rollout.engine  # type: ignore[union-attr]
-        kv = engine._kv
-        control = env.control
-        self._ints[:ROOM] = (engine._n, engine._num_waiting, engine._num_finished, engine._first_maybe_waiting,
-                             kv.used_blocks, kv.used_tokens, engine._stamp, rollout._next, rollout._ended,
-                             rollout.iterations, rollout.peak_blocks_used, control._seen)
-        self._reals[:FIRST_REWARD] = (engine._now, rollout.block_seconds, rollout.busy_time, env._accounted_time,
-                                      control._last_admission, control._rates._time)
+    def structures(self) -> tuple[RequestColumns, EpisodeParams, InterfaceParams, LoopState]:
+        """What :func:`advance_episode` takes besides the start, the action and the running ids."""
+        return self.columns, self.episode, self.interface, self.loop
 
-    def _store(self, running: np.ndarray) -> None:
-        """Copy the loop's scalars back (the inverse of :meth:`_load`)."""
+    def load(self) -> None:
+        """Read the loop's counters from the engine, the rollout, the agent interface and the environment."""
         env = self.env
-        rollout = env._rollout
-        engine = rollout.engine  # type: ignore[union-attr]
-        kv = engine._kv
-        control = env.control
-        (engine._n, engine._num_waiting, engine._num_finished, engine._first_maybe_waiting, kv.used_blocks,
-         kv.used_tokens, engine._stamp, rollout._next, ended, rollout.iterations, rollout.peak_blocks_used,
-         control._seen, _) = self._ints.tolist()
-        rollout._ended = bool(ended)
-        engine._running = running
-        (engine._now, rollout.block_seconds, rollout.busy_time, env._accounted_time, control._last_admission,
-         control._rates._time, _, _) = self._reals.tolist()
+        rollout = env.rollout
+        engine = rollout.engine.counters()
+        loop = rollout.counters()
+        interface = env.control.counters()
+        ints, reals = self.loop.ints, self.loop.reals
+        ints[:ROOM] = (engine.num_requests, engine.num_waiting, engine.num_finished, engine.first_maybe_waiting,
+                       engine.used_blocks, engine.used_tokens, engine.stamp, loop.next_arrival, loop.ended,
+                       loop.iterations, loop.peak_blocks_used, interface.seen)
+        reals[:FIRST_REWARD] = (engine.now, loop.block_seconds, loop.busy_time, env.accounted_time,
+                                interface.last_admission, interface.rate_time)
+        self.running = engine.running
+
+    def store(self) -> None:
+        """Hand the loop's counters back (the inverse of :meth:`load`)."""
+        env = self.env
+        rollout = env.rollout
+        (n, waiting, finished, first_maybe_waiting, used_blocks, used_tokens, stamp, next_arrival, ended,
+         iterations, peak_blocks, seen, _) = self.loop.ints.tolist()
+        now, block_seconds, busy_time, accounted, last_admission, rate_time, _, _ = self.loop.reals.tolist()
+        rollout.engine.restore(EngineCounters(n, waiting, finished, first_maybe_waiting, used_blocks, used_tokens,
+                                              stamp, now, self.running))
+        rollout.restore(RolloutCounters(next_arrival, bool(ended), iterations, peak_blocks, block_seconds,
+                                        busy_time))
+        env.control.restore(InterfaceCounters(seen, last_admission, rate_time))
+        env.accounted_time = accounted
+
+    def run_general(self, stop: int, decode: np.ndarray, prefill: np.ndarray) -> bool:
+        """Run the iteration :func:`advance_episode` stopped at (``GENERAL_ACTION`` or ``GENERAL_FIXED``)
+        through the rollout and the engine's general path, and add its reward where the loop would.
+        Returns whether :attr:`columns` changed (the structures must be handed over again)."""
+        self.store()
+        reward = self.env.apply_decision(Decision(decode=decode, prefill=prefill))
+        self.load()
+        self.loop.reals[FIRST_REWARD if stop == GENERAL_ACTION else MORE_REWARD] += reward
+        columns = self.env.rollout.engine.request_columns()
+        if any(new is not old for new, old in zip(columns, self.columns)):
+            self.columns = columns  # the general path grew the table (it does not, after reserve(); be safe)
+            return True
+        return False
+
+    def candidates(self) -> Candidates:
+        """The current epoch's candidates (this object's buffers, valid until the next step)."""
+        loop = self.loop
+        return Candidates(loop.oldest, loop.heads, loop.fits, int(loop.ints[ROOM]), loop.queued)
 
     def advance(self, action: np.ndarray | None, candidates: Candidates | None, first_reward: float
                 ) -> tuple[np.ndarray, float, float, np.ndarray, bool, Candidates | None]:
@@ -311,35 +451,27 @@ class CompiledEpisode:
         reward pending from reset), as ``LLMSchedEnv.step`` adds it. The counts and the candidates are
         this object's buffers, valid until the next call; the observation is a new array.
         """
-        env = self.env
-        reals, ints = self._reals, self._ints
-        oldest, heads, fits, queued, counts = self._buffers
-        observation = np.empty(self._observation_size, dtype=np.float32)
+        loop = self.loop
+        reals, ints = loop.reals, loop.ints
         start = ADVANCE if action is None else ACT
         reals[FIRST_REWARD], reals[MORE_REWARD] = first_reward, 0.0
         room = 0
         if action is not None and candidates is not None:
-            if candidates.oldest is not oldest:  # not the ones this object found
-                oldest[:], fits[:] = candidates.oldest, candidates.fits
+            if candidates.oldest is not loop.oldest:  # not the ones this object found
+                loop.oldest[:], loop.fits[:] = candidates.oldest, candidates.fits
             room = candidates.room
-        ints[ROOM] = room  # _load leaves it
+        ints[ROOM] = room
         clipped = False
         while True:
-            self._load()
-            engine = env._rollout.engine  # type: ignore[union-attr]
-            kv = engine._kv
-            stop, running, decode, prefill, clipped_now = advance_episode(
-                start, _EMPTY if action is None else action, ints, reals, engine._running,
-                engine._status, engine._prompt, engine._output, engine._context, engine._final_context,
-                engine._arrival, engine._first_token, engine._finish, engine._mark, kv._tokens, kv.block_size,
-                kv.capacity_blocks, *self._fixed, *self._control, oldest, heads, fits, queued, observation, counts)
-            self._store(running)
+            stop, self.running, decode, prefill, clipped_now = advance_episode(
+                start, _EMPTY if action is None else action, self.running, self.columns, self.episode,
+                self.interface, loop)
             clipped = clipped or clipped_now
             if stop == EPOCH or stop == DONE:
                 break
-            # An iteration that needs eviction: the rollout runs it on the engine's general path.
-            slot = FIRST_REWARD if stop == GENERAL_ACTION else MORE_REWARD
-            reals[slot] += env._apply(Decision(decode=decode, prefill=prefill))
+            self.run_general(stop, decode, prefill)
             start = ADVANCE
-        found = None if stop == DONE else Candidates(oldest, heads, fits, int(ints[ROOM]), queued)
-        return observation, float(reals[FIRST_REWARD]), float(reals[MORE_REWARD]), counts, clipped, found
+        self.store()
+        found = None if stop == DONE else self.candidates()
+        return loop.observation.copy(), float(reals[FIRST_REWARD]), float(reals[MORE_REWARD]), loop.counts, \
+            clipped, found

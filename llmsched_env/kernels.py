@@ -14,11 +14,16 @@ compiled and NumPy paths (``tests/test_simulator.py``) and the environment's com
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llmsched_env.compiled import compiled
 from llmsched_env.engine import FINISHED, RUNNING, WAITING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from llmsched_env.admission import ObservationScales
+    from llmsched_env.request_table import RequestColumns
 
 
 @compiled
@@ -113,6 +118,43 @@ def iteration_seconds(cost: np.ndarray, prefill_tokens: int, decode_requests: in
     engine path calls this one function, so an iteration's duration rounds alike on all of them."""
     return (cost[0] + cost[1] * prefill_tokens + cost[2] * decode_requests + cost[3] * kv_tokens
             + cost[4] * attention)
+
+
+@compiled
+def batch_seconds(cost: np.ndarray, prefill_tokens: int, decode_requests: int, kv_tokens: int, chunk: np.ndarray,
+                  cached: np.ndarray) -> float:
+    """An iteration's duration: :func:`iteration_seconds` with the prefill attention of its prefills (``chunk``
+    tokens each on ``cached`` tokens), or ``0`` for an iteration that runs nothing. The simulator's paths
+    and the environment's compiled step all call it."""
+    if decode_requests == 0 and len(chunk) == 0:
+        return 0.0
+    attention = prefill_attention_sum(chunk, cached) if cost[4] != 0.0 else 0.0
+    return iteration_seconds(cost, prefill_tokens, decode_requests, kv_tokens, attention)
+
+
+@compiled
+def reward_increment(earned: float, before: float, after: float, accounted: float, horizon: float,
+                     fluid_rate: float, latency_penalty: float, in_system: int) -> tuple[float, float]:
+    """The environment's reward for simulated time ``before → after`` in which ``earned`` completions (or
+    output tokens) finished: ``earned − Θ*·Δt − latency_penalty·in_system·(after − before)``, ``Δt`` the time
+    not yet charged (``accounted`` is the time charged so far), up to the horizon. Returns
+    ``(reward, accounted)``. The environment's Python loop and its compiled step both call it."""
+    end = min(after, horizon)
+    elapsed = max(0.0, end - accounted)
+    reward = earned - fluid_rate * elapsed
+    if latency_penalty:
+        reward -= latency_penalty * in_system * (after - before)
+    return reward, max(accounted, end)
+
+
+@compiled
+def stall(times: np.ndarray, next_arrival: int, used_blocks: int, now: float) -> tuple[bool, float, float]:
+    """The stall rule: nothing runs, so the clock jumps to the next arrival, the KV held meanwhile counted.
+    Returns ``(ended, block_seconds, now)``: ``ended`` when no arrival is left (the clock stays)."""
+    if next_arrival >= len(times):
+        return True, 0.0, now
+    wake = times[next_arrival]
+    return False, used_blocks * max(0.0, wake - now), max(now, wake)
 
 
 @compiled
@@ -365,31 +407,30 @@ def _squash_into(out: np.ndarray, at: int, value: float, scale: float) -> None:
 
 
 @compiled
-def assemble_observation(queued: np.ndarray, queue_scale: np.ndarray, cells: np.ndarray, running_scale: np.ndarray,
-                         memory: np.ndarray, elapsed: float, time_scale: float, estimate: np.ndarray,
-                         rate_scale: np.ndarray, fixed: np.ndarray, progress: float) -> np.ndarray:
+def assemble_observation(queued: np.ndarray, cells: np.ndarray, memory: np.ndarray, elapsed: float,
+                         estimate: np.ndarray, progress: float, scales: ObservationScales) -> np.ndarray:
     """The observation vector, entry by entry as :meth:`~llmsched_env.admission.AdmissionControl.observe`
-    lays it out: each ``x / (x + s)`` (or a fraction) in float64, clipped to ``[0, 1]``, then rounded to float32
-    (the same operations, in the same order, as the NumPy expression it replaces)."""
+    lays it out: each ``x / (x + s)`` (``s`` from ``scales``) or a fraction, in float64, clipped to ``[0, 1]``,
+    then rounded to float32 (the same operations, in the same order, as the NumPy expression it replaces)."""
     k, b = cells.shape
     out = np.empty(k * (b + 3) + 7, dtype=np.float64)
     at = 0
     for j in range(k):
-        _squash_into(out, at, float(queued[j]), queue_scale[j])
+        _squash_into(out, at, float(queued[j]), scales.queue[j])
         at += 1
     for j in range(k):
         for s in range(b):
-            _squash_into(out, at, float(cells[j, s]), running_scale[j, s])
+            _squash_into(out, at, float(cells[j, s]), scales.running[j, s])
             at += 1
     for v in memory:
         out[at] = min(max(v, 0.0), 1.0)
         at += 1
-    _squash_into(out, at, elapsed, time_scale)
+    _squash_into(out, at, elapsed, scales.time)
     at += 1
     for j in range(k):
-        _squash_into(out, at, estimate[j], rate_scale[j])
+        _squash_into(out, at, estimate[j], scales.rate[j])
         at += 1
-    for v in fixed:
+    for v in scales.fixed:
         out[at] = min(max(v, 0.0), 1.0)
         at += 1
     out[at] = min(max(progress, 0.0), 1.0)
@@ -412,8 +453,7 @@ def _claim(i: int, n: int, mark: np.ndarray, stamp: int) -> bool:
 
 @compiled
 def plan_iteration(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, whole_prefills: bool, n: int,
-                   status: np.ndarray, context: np.ndarray, kv_tokens: np.ndarray, mark: np.ndarray, stamp: int,
-                   block_size: int, free_blocks: int
+                   columns: RequestColumns, stamp: int, block_size: int, free_blocks: int
                    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, int, int, int, int]:
     """Check and size an iteration that decodes ``decode`` and prefills ``prefill`` (``chunk`` tokens each, or
     their whole remaining context with ``whole_prefills``), with no preemption: reads only.
@@ -424,6 +464,7 @@ def plan_iteration(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, w
     takes the general path, which names the error or plans the evictions. ``mark[id] == stamp`` marks ids
     seen (``stamp`` negative and new at each call, so no earlier mark can collide).
     """
+    status, context, kv_tokens, mark = columns.status, columns.context, columns.kv_tokens, columns.mark
     empty = np.empty(0, dtype=np.int64)
     num_decode, num_prefill = len(decode), len(prefill)
     decode_before = np.empty(num_decode, dtype=np.int64)
@@ -467,9 +508,8 @@ def plan_iteration(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, w
 
 @compiled
 def run_iteration(decode: np.ndarray, decode_before: np.ndarray, prefill: np.ndarray, prefill_before: np.ndarray,
-                  chunks: np.ndarray, running: np.ndarray, status: np.ndarray, context: np.ndarray,
-                  final_context: np.ndarray, kv_tokens: np.ndarray, first_token: np.ndarray, finish: np.ndarray,
-                  block_size: int, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int]:
+                  chunks: np.ndarray, running: np.ndarray, columns: RequestColumns, block_size: int,
+                  now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int]:
     """Apply an iteration :func:`plan_iteration` accepted, ending at ``now``: decodes gain a token, prefills
     their chunk (a new admission starts running; a completed prefill emits the first token), and requests
     that reach their final context finish and free their KV.
@@ -477,6 +517,8 @@ def run_iteration(decode: np.ndarray, decode_before: np.ndarray, prefill: np.nda
     Returns ``(admitted, finished, running, tokens_added, blocks_freed, tokens_freed)``: the KV grows by
     ``tokens_added`` tokens (and by the blocks the plan counted) before the finished free theirs.
     """
+    status, context, kv_tokens = columns.status, columns.context, columns.kv_tokens
+    final_context, first_token, finish = columns.final_context, columns.first_token, columns.finish
     admitted = np.empty(len(prefill), dtype=np.int64)
     num_admitted = 0
     tokens_added = len(decode)

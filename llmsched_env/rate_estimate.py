@@ -24,28 +24,30 @@ class ArrivalRateEstimator:
             raise ConfigError(f"the rate window must be finite and > 0 s, got {window_s!r}")
         self.window_s = float(window_s)
         self.classes = int(classes)
-        self._sum = np.zeros(self.classes)
-        self._time = 0.0
+        #: Per class, ``Σ exp(−(t − a_i) / W) / W`` at :attr:`time` (updated in place: a compiled loop may
+        #: advance it, then sets :attr:`time`).
+        self.sums = np.zeros(self.classes)
+        self.time = 0.0
 
     def update(self, now: float, arrival_times: np.ndarray, classes: np.ndarray | None = None) -> None:
         """Advance the clock to ``now`` and count the arrivals since the last update (``classes``: each one's
         class; all in class 0 when omitted)."""
         window = self.window_s
         if classes is None:
-            self._sum *= math.exp(-(now - self._time) / window)
+            self.sums *= math.exp(-(now - self.time) / window)
             if len(arrival_times):
-                self._sum[0] += (np.exp(-(now - arrival_times) / window) / window).sum()
+                self.sums[0] += (np.exp(-(now - arrival_times) / window) / window).sum()
         else:  # compiled, and shared with the environment's compiled step (llmsched_env.episode)
-            kernels.count_arrivals(self._sum, self._time, now, np.asarray(arrival_times, np.float64),
+            kernels.count_arrivals(self.sums, self.time, now, np.asarray(arrival_times, np.float64),
                                    np.asarray(classes, np.int64), window)
-        self._time = now
+        self.time = now
 
     @property
     def rates(self) -> np.ndarray:
         """The estimate per class (req/s)."""
-        if self._time > 0:
-            return self._sum / (-math.expm1(-self._time / self.window_s))
-        return self._sum.copy()
+        if self.time > 0:
+            return self.sums / (-math.expm1(-self.time / self.window_s))
+        return self.sums.copy()
 
     @property
     def total(self) -> float:

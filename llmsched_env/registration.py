@@ -11,6 +11,8 @@ from typing import Any
 import gymnasium as gym
 
 _ENTRY_POINT = "llmsched_env.env:LLMSchedEnv"
+#: ``gym.make_vec(id, num_envs=N, vectorization_mode="vector_entry_point")``: N episodes in one compiled call.
+_VECTOR_ENTRY_POINT = "llmsched_env.vector:LLMSchedVectorEnv"
 
 #: id → the keyword arguments it fixes (any of them can still be overridden in ``gym.make``).
 ENV_IDS: dict[str, dict[str, Any]] = {
@@ -39,7 +41,8 @@ def register_envs() -> None:
     for env_id, kwargs in ENV_IDS.items():
         if env_id not in gym.registry:
             # Simulated runs are deterministic given the seed; no step cap (the horizon truncates).
-            gym.register(id=env_id, entry_point=_ENTRY_POINT, kwargs=kwargs, nondeterministic=False)
+            gym.register(id=env_id, entry_point=_ENTRY_POINT, vector_entry_point=_VECTOR_ENTRY_POINT, kwargs=kwargs,
+                         nondeterministic=False)
     for env_id, kwargs in LIVE_ENV_IDS.items():
         if env_id not in gym.registry:
             gym.register(id=env_id, entry_point=_LIVE_ENTRY_POINT, kwargs=kwargs, nondeterministic=True)

@@ -34,6 +34,24 @@ REQUEST_COLUMNS: dict[str, tuple[type, float | int]] = {
 }
 
 
+class RequestColumns(NamedTuple):
+    """The simulator's request table, one entry per request id: what its compiled iteration
+    (:func:`~llmsched_env.kernels.plan_iteration`, :func:`~llmsched_env.kernels.run_iteration`) and the
+    environment's compiled step read and write in place. The engine that owns the columns hands out this
+    view (:meth:`~llmsched_env.simulator.SimulatedEngine.request_columns`)."""
+
+    status: np.ndarray  # int8: WAITING, RUNNING or FINISHED
+    prompt: np.ndarray  # int64 prompt tokens
+    output: np.ndarray  # int64 output tokens (the simulator knows them; a policy may not)
+    context: np.ndarray  # int64 prompt + output generated so far
+    final_context: np.ndarray  # int64 prompt + output: finished when reached
+    arrival: np.ndarray  # float64 arrival time (s)
+    first_token: np.ndarray  # float64 time of the first output token (s)
+    finish: np.ndarray  # float64 finish time (s)
+    mark: np.ndarray  # int64 scratch of an iteration's validation
+    kv_tokens: np.ndarray  # int64 KV tokens held
+
+
 def grow_columns(owner: object, columns: dict[str, tuple[type, float | int]], old_size: int, size: int) -> None:
     """Replace ``owner``'s column attributes by arrays of ``size`` slots, keeping the first ``old_size``."""
     for name, (dtype, fill) in columns.items():
@@ -59,14 +77,14 @@ def checked_arrivals(arrival_time: np.ndarray, prompt_len: np.ndarray,
     return arrival_time, prompt_len, output_len
 
 
-def records_of(owner: object, n: int) -> RequestRecords:
+def records_of(n: int, *, arrival: np.ndarray, prompt: np.ndarray, output: np.ndarray, context: np.ndarray,
+               status: np.ndarray, first_token: np.ndarray, finish: np.ndarray,
+               evictions: np.ndarray) -> RequestRecords:
     """Copies of the first ``n`` requests' columns, as :class:`RequestRecords`."""
-    o = owner
     return RequestRecords(
-        arrival_time=o._arrival[:n].copy(), prompt_len=o._prompt[:n].copy(),  # type: ignore[attr-defined]
-        output_len=o._output[:n].copy(), first_token_time=o._first_token[:n].copy(),  # type: ignore[attr-defined]
-        finish_time=o._finish[:n].copy(), num_evictions=o._evictions[:n].copy(),  # type: ignore[attr-defined]
-        decoded=o._context[:n] - o._prompt[:n], status=o._status[:n].copy())  # type: ignore[attr-defined]
+        arrival_time=arrival[:n].copy(), prompt_len=prompt[:n].copy(), output_len=output[:n].copy(),
+        first_token_time=first_token[:n].copy(), finish_time=finish[:n].copy(), num_evictions=evictions[:n].copy(),
+        decoded=context[:n] - prompt[:n], status=status[:n].copy())
 
 
 def describe_request(i: int, status: np.ndarray, prompt: np.ndarray, context: np.ndarray, kv: np.ndarray) -> str:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from llmsched_env import kernels
 from llmsched_env.engine import Decision, Engine, IterationOutcome, RequestRecords
 from llmsched_env.errors import ConfigError, EngineFailure, InvalidDecisionError
 from llmsched_env.policy import Policy
@@ -61,6 +62,17 @@ class RunResult:
 STALL_AFTER_S = 60.0
 
 
+class RolloutCounters(NamedTuple):
+    """The evaluation loop's state besides the engine's (:meth:`Rollout.counters`)."""
+
+    next_arrival: int  # index of the next arrival to enqueue
+    ended: bool  # nothing runs and nothing more arrives
+    iterations: int
+    peak_blocks_used: int
+    block_seconds: float  # ∫ KV blocks held dt
+    busy_time: float  # simulated seconds of iterations
+
+
 class Rollout:
     """The evaluation loop as a stepper: :func:`run` drives it with a policy, the Gymnasium environment
     (:mod:`llmsched_env.env`) drives it with an agent's actions. One loop, so both see the same runs.
@@ -105,6 +117,21 @@ class Rollout:
         self._iterated_at = engine.now  # the last iteration that ran, or when the queue last became non-empty
 
     @property
+    def arrivals(self) -> Arrivals:
+        """The run's arrivals (up to the horizon), in order."""
+        return self._arrivals
+
+    def counters(self) -> RolloutCounters:
+        """The loop's state besides the engine's: what a compiled episode loop advances with it."""
+        return RolloutCounters(self._next, self._ended, self.iterations, self.peak_blocks_used, self.block_seconds,
+                               self.busy_time)
+
+    def restore(self, counters: RolloutCounters) -> None:
+        """Take ``counters`` (those a compiled loop reached) as the loop's state: the inverse of :meth:`counters`."""
+        (self._next, ended, self.iterations, self.peak_blocks_used, self.block_seconds, self.busy_time) = counters
+        self._ended = bool(ended)
+
+    @property
     def next_arrival_time(self) -> float:
         """When the next request arrives (``inf`` when none is left)."""
         return float(self._times[self._next]) if self._next < len(self._times) else math.inf
@@ -142,11 +169,11 @@ class Rollout:
             # would get the same answer, so wait for the world to change, as after an idle decision.
             stalled = outcome.duration == 0.0 and len(outcome.evicted) == 0
         if stalled:
-            if self._next >= len(self._times):
+            ended, held, wake = kernels.stall(self._times, self._next, engine.state().used_blocks, engine.now)
+            if ended:
                 self._ended = True  # nothing runs and nothing more arrives
             else:
-                wake = float(self._times[self._next])
-                self.block_seconds += engine.state().used_blocks * max(0.0, wake - engine.now)  # paused KV stays
+                self.block_seconds += held  # paused KV stays
                 engine.advance_to(wake)
         if self.stall_after_s is not None and self.stalled_at is None:
             self._watch_for_stall(outcome)

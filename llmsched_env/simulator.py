@@ -10,6 +10,7 @@ error. Both give the same result (``tests/test_simulator.py``); see ``benchmarks
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from llmsched_env.request_table import (
 )
 from llmsched_env.request_table import (
     REQUEST_COLUMNS,
+    RequestColumns,
     Batch,
     checked_arrivals,
     grow_columns,
@@ -50,6 +52,20 @@ _COLUMNS: dict[str, tuple[type, float | int]] = {
     **REQUEST_COLUMNS,
     "_final_context": (np.int64, 0),  # prompt + output length: finished when reached
 }
+
+
+class EngineCounters(NamedTuple):
+    """The simulated engine's state besides its request table (:meth:`SimulatedEngine.counters`)."""
+
+    num_requests: int
+    num_waiting: int
+    num_finished: int
+    first_maybe_waiting: int  # no request before this id waits (where the queue scan starts)
+    used_blocks: int
+    used_tokens: int
+    stamp: int  # the last validation mark of the compiled path (negative, new at each iteration)
+    now: float
+    running: np.ndarray  # running ids, in admission order
 
 
 class SimulatedEngine:
@@ -169,6 +185,28 @@ class SimulatedEngine:
             arrival_time=readonly_view(self._arrival),
             num_evictions=readonly_view(self._evictions),
         )
+        self._table = RequestColumns(self._status, self._prompt, self._output, self._context, self._final_context,
+                                     self._arrival, self._first_token, self._finish, self._mark,
+                                     self._kv.token_column)
+
+    def request_columns(self) -> RequestColumns:
+        """The request table's columns, written in place by whoever advances the engine (its own iterations, or
+        a compiled episode loop that then hands back the counters, :meth:`restore`). Valid while the engine
+        holds at most the requests it has room for (:meth:`reserve`)."""
+        return self._table
+
+    def counters(self) -> EngineCounters:
+        """The engine's state besides the request table: what a compiled episode loop advances with it."""
+        kv = self._kv
+        return EngineCounters(self._n, self._num_waiting, self._num_finished, self._first_maybe_waiting,
+                              kv.used_blocks, kv.used_tokens, self._stamp, self._now, self._running)
+
+    def restore(self, counters: EngineCounters) -> None:
+        """Take ``counters`` as the engine's state: those a compiled loop reached after advancing the columns of
+        :meth:`request_columns` in place (the inverse of :meth:`counters`)."""
+        (self._n, self._num_waiting, self._num_finished, self._first_maybe_waiting, used_blocks, used_tokens,
+         self._stamp, self._now, self._running) = counters
+        self._kv.used_blocks, self._kv.used_tokens = used_blocks, used_tokens
 
     def reserve(self, count: int) -> None:
         """Make room for ``count`` requests in all, so that adding them allocates nothing (and a compiled
@@ -340,9 +378,8 @@ class SimulatedEngine:
         kv = self._kv
         self._stamp -= 1
         (verdict, decode_before, prefill_before, chunk, decode_new_blocks, prefill_new_blocks, prefill_tokens,
-         batch_kv) = kernels.plan_iteration(decode, prefill, chunk, whole, self._n, self._status, self._context,
-                                            kv.token_column, self._mark, self._stamp, kv.block_size,
-                                            kv.capacity_blocks - kv.used_blocks)
+         batch_kv) = kernels.plan_iteration(decode, prefill, chunk, whole, self._n, self._table, self._stamp,
+                                            kv.block_size, kv.capacity_blocks - kv.used_blocks)
         if verdict != kernels.PLANNED:
             return None
         num_decode = len(decode)
@@ -350,8 +387,7 @@ class SimulatedEngine:
         start = self._now
         now = self._now = start + duration
         admitted, finished, running, tokens_added, blocks_freed, tokens_freed = kernels.run_iteration(
-            decode, decode_before, prefill, prefill_before, chunk, self._running, self._status, self._context,
-            self._final_context, kv.token_column, self._first_token, self._finish, kv.block_size, now)
+            decode, decode_before, prefill, prefill_before, chunk, self._running, self._table, kv.block_size, now)
         kv.account(decode_new_blocks + prefill_new_blocks, tokens_added)
         peak_blocks = kv.used_blocks
         kv.account(-blocks_freed, -tokens_freed)
@@ -367,11 +403,8 @@ class SimulatedEngine:
     def _duration(self, prefill_tokens: int, num_decode: int, batch_kv: int, chunk: np.ndarray,
                   prefill_before: np.ndarray) -> float:
         """The iteration's time: the compiled formula every path (and the environment's step) shares."""
-        if not (num_decode or len(chunk)):
-            return 0.0
-        cost = self._cost_coefficients
-        attention = kernels.prefill_attention_sum(chunk, prefill_before) if cost[4] != 0.0 else 0.0
-        return float(kernels.iteration_seconds(cost, prefill_tokens, num_decode, batch_kv, attention))
+        return float(kernels.batch_seconds(self._cost_coefficients, prefill_tokens, num_decode, batch_kv, chunk,
+                                           prefill_before))
 
     def advance_to(self, time: float) -> None:
         if not math.isfinite(time):
@@ -379,4 +412,6 @@ class SimulatedEngine:
         self._now = max(self._now, float(time))
 
     def records(self) -> RequestRecords:
-        return records_of(self, self._n)
+        return records_of(self._n, arrival=self._arrival, prompt=self._prompt, output=self._output,
+                          context=self._context, status=self._status, first_token=self._first_token,
+                          finish=self._finish, evictions=self._evictions)

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmsched_env import kernels
+from llmsched_env.admission import ObservationScales
 from llmsched_env.engine import RUNNING, WAITING
 from llmsched_env.kv_cache import projected_peak_blocks, projected_peak_tokens
 
@@ -97,8 +98,8 @@ def test_observation_assembly_is_bit_identical_to_numpy(seed: int, classes: int,
     estimate, rate_scale = rng.exponential(20, classes), rng.uniform(1, 40, classes)
     fixed = rng.uniform(-0.1, 1.1, classes + 3)
     progress = float(rng.uniform(0, 1.2))
-    got = kernels.assemble_observation(queued, queue_scale, cells, running_scale, memory, elapsed, time_scale,
-                                       estimate, rate_scale, fixed, progress)
+    scales = ObservationScales(queue=queue_scale, running=running_scale, rate=rate_scale, time=time_scale, fixed=fixed)
+    got = kernels.assemble_observation(queued, cells, memory, elapsed, estimate, progress, scales)
     parts = [queued / (queued + queue_scale), (cells / (cells + running_scale)).reshape(-1), memory,
              [elapsed / (elapsed + time_scale)], estimate / (estimate + rate_scale), fixed, [progress]]
     expected = np.clip(np.concatenate([np.asarray(p, dtype=np.float64) for p in parts]), 0.0, 1.0).astype(np.float32)
