@@ -280,7 +280,7 @@ class AdmissionControl:
     @staticmethod
     def is_epoch(candidates: Candidates) -> bool:
         """Whether the agent has a choice: someone waits and could be admitted."""
-        return bool(candidates.fits.any())
+        return bool(kernels.has_choice(candidates.fits))
 
     def action_mask(self, candidates: Candidates) -> np.ndarray:
         """The flat boolean mask of sb3-contrib's MultiDiscrete masking: counts ``0 … fits_k`` per class."""

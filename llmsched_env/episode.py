@@ -52,7 +52,7 @@ from llmsched_env.admission import Candidates, InterfaceCounters, InterfaceParam
 from numba import prange
 
 from llmsched_env.compiled import compiled, compiled_parallel
-from llmsched_env.engine import WAITING, Decision
+from llmsched_env.engine import Decision
 from llmsched_env.request_table import RequestColumns
 from llmsched_env.runner import RolloutCounters
 from llmsched_env.simulator import EngineCounters
@@ -211,19 +211,15 @@ def _admit_arrivals(loop: LoopState, columns: RequestColumns, episode: EpisodePa
     """``Rollout.needs_decision``'s feeding: enqueue the requests that have arrived by now."""
     ints, times = loop.ints, episode.times
     now = loop.reals[NOW]
-    nxt = ints[NEXT_ARRIVAL]
-    while nxt < len(times) and times[nxt] <= now:
-        i = ints[N]
-        columns.arrival[i] = times[nxt]
-        columns.prompt[i] = episode.arrival_prompt[nxt]
-        columns.output[i] = episode.arrival_output[nxt]
-        columns.context[i] = episode.arrival_prompt[nxt]
-        columns.final_context[i] = episode.arrival_prompt[nxt] + episode.arrival_output[nxt]
-        columns.status[i] = WAITING
-        ints[N] = i + 1
-        ints[NUM_WAITING] += 1
-        nxt += 1
-    ints[NEXT_ARRIVAL] = nxt
+    first = end = ints[NEXT_ARRIVAL]
+    while end < len(times) and times[end] <= now:
+        end += 1
+    if end > first:
+        kernels.enqueue(columns, ints[N], times[first:end], episode.arrival_prompt[first:end],
+                        episode.arrival_output[first:end])
+        ints[N] += end - first
+        ints[NUM_WAITING] += end - first
+    ints[NEXT_ARRIVAL] = end
 
 
 @compiled
@@ -260,7 +256,7 @@ def advance_episode(start: int, action: np.ndarray, running: np.ndarray, columns
             if ints[ENDED] or reals[NOW] >= episode.horizon:
                 break
             _scan(loop, running, columns, episode, interface)
-            if loop.fits.any():
+            if kernels.has_choice(loop.fits):
                 _observe(loop, running, columns, episode, interface)
                 return EPOCH, running, nothing, nothing, clipped
             prefill = nothing

@@ -158,6 +158,30 @@ def stall(times: np.ndarray, next_arrival: int, used_blocks: int, now: float) ->
 
 
 @compiled
+def enqueue(columns: RequestColumns, start: int, arrival: np.ndarray, prompt: np.ndarray, output: np.ndarray) -> None:
+    """Write new requests into ids ``start, start + 1, …`` of the request table: waiting, their context the
+    prompt, finished when the context reaches prompt + output. The simulator's ``add_requests`` and the
+    environment's compiled step both enqueue through it."""
+    for j in range(len(arrival)):
+        i = start + j
+        columns.arrival[i] = arrival[j]
+        columns.prompt[i] = prompt[j]
+        columns.output[i] = output[j]
+        columns.context[i] = prompt[j]
+        columns.final_context[i] = prompt[j] + output[j]
+        columns.status[i] = WAITING
+
+
+@compiled
+def has_choice(fits: np.ndarray) -> bool:
+    """The decision-epoch rule: some class has a waiting request that fits (``fits`` per class)."""
+    for count in fits:
+        if count > 0:
+            return True
+    return False
+
+
+@compiled
 def blocks_to_grow(running: np.ndarray, kv_tokens: np.ndarray, block_size: int) -> int:
     """Running requests whose next token starts a new KV block (their KV fills whole blocks)."""
     growth = 0

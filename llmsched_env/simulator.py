@@ -226,12 +226,7 @@ class SimulatedEngine:
         if end > self._size:
             self._grow(max(end, 2 * self._size))
         ids = np.arange(start, end, dtype=np.int64)
-        self._arrival[start:end] = arrival_time
-        self._prompt[start:end] = prompt_len
-        self._context[start:end] = prompt_len
-        self._final_context[start:end] = prompt_len + output_len
-        self._output[start:end] = output_len
-        self._status[start:end] = WAITING
+        kernels.enqueue(self._table, start, arrival_time, prompt_len, output_len)
         self._n = end
         self._num_waiting += count
         return ids

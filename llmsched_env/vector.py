@@ -217,7 +217,7 @@ class LLMSchedVectorEnv(VectorEnv):
                 if episode.run_general(int(self._stops[e]), get_ids(self._decodes, e), get_ids(self._prefills, e)):
                     store_episode(self._table, e, episode.structures())
                 set_ids(self._runnings, e, episode.running)
-                self._evictions[e] = episode.env.result().evictions
+                self._evictions[e] = episode.env.rollout.evictions
             np.copyto(self._active, general)
             self._starts[:] = ADVANCE
         rewards = reals[:, FIRST_REWARD] + reals[:, MORE_REWARD]
