@@ -173,8 +173,9 @@ class Rollout:
             if ended:
                 self._ended = True  # nothing runs and nothing more arrives
             else:
-                self.block_seconds += held  # paused KV stays
-                engine.advance_to(wake)
+                # Python floats whether or not the kernel ran compiled (NUMBA_DISABLE_JIT returns NumPy scalars).
+                self.block_seconds += float(held)  # paused KV stays
+                engine.advance_to(float(wake))
         if self.stall_after_s is not None and self.stalled_at is None:
             self._watch_for_stall(outcome)
         return outcome
