@@ -168,7 +168,7 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
     if not resume:
         _write_toml(config.to_dict(), out / "config.toml")
     env_kwargs = dict(config.env)
-    make_env(config.env_id, env_kwargs)  # fail here, not in a subprocess, on bad arguments
+    make_env(config.env_id, env_kwargs)  # bad arguments fail here, with the single environment's message
     # All n_envs episodes step in one compiled call (the native vector environment), seeded seed + i.
     vec_env = make_native_vec_env(config.env_id, config.n_envs, env_kwargs)
     vec_env.seed(seed)
