@@ -17,11 +17,6 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvO
 
 from llmsched_env.vector import LLMSchedVectorEnv, final_info_of
 
-#: The per-step info keys that are one number per environment (``admitted`` is a row per environment).
-_SCALAR_KEYS = ("time_s", "arrived", "completed", "waiting", "running", "evictions", "iterations",
-                "regret_requests", "clipped")
-
-
 class NativeVecEnv(VecEnv):
     """An SB3 ``VecEnv`` whose environments are the episodes of one :class:`LLMSchedVectorEnv`.
 
@@ -63,12 +58,13 @@ class NativeVecEnv(VecEnv):
         return observations, rewards.astype(np.float32), dones, infos
 
     def _infos(self, info: dict[str, Any]) -> list[dict[str, Any]]:
-        """Gymnasium's dict of arrays as SB3's list of dicts."""
-        columns = [info[key].tolist() for key in _SCALAR_KEYS]
-        admitted = info["admitted"]
+        """Gymnasium's dict of arrays (the per-step keys, one value or row per environment) as SB3's list of
+        dicts."""
+        keys = [key for key in info if not key.startswith("_") and key not in ("final_obs", "final_info")]
+        # Python scalars for one value per environment, array rows for a row per environment (``admitted``).
+        columns = [info[key].tolist() if info[key].ndim == 1 else list(info[key]) for key in keys]
         # DummyVecEnv's key on every step: truncated but not terminated (set on an episode's last step).
-        return [dict(zip(_SCALAR_KEYS, row), admitted=admitted[e], **{"TimeLimit.truncated": False})
-                for e, row in enumerate(zip(*columns))]
+        return [dict(zip(keys, row), **{"TimeLimit.truncated": False}) for row in zip(*columns)]
 
     def close(self) -> None:
         self.vector.close()

@@ -14,9 +14,11 @@ that they compare as ratios:
 5. PPO and MaskablePPO frames per second: one environment in SB3's ``DummyVecEnv`` (2,048 steps per
    rollout) next to the native vector environment with the same frames per update (16 × 128, 64 × 32),
    the same batch size (256), epochs (5) and network (SB3's default);
-6. with ``--learn-frames F``: PPO trained for F frames both ways (``--train-seeds`` seeds each), then
-   its deterministic policy's regret on three validation episodes (seeds 1000–1002): the speed must not
-   come from learning less per frame.
+6. one validation as training runs it (three seeds, 600 s each, on the vector environment) beside the
+   same episodes through the evaluation loop;
+7. with ``--learn-frames F``: PPO trained for F frames both ways (``--train-seeds`` seeds each), then
+   its deterministic policy's regret on the validation seeds (1000–1002): the speed must not come from
+   learning less per frame.
 
 Run:  python benchmarks/env_speed.py [--horizon 300] [--repeats 3] [--ppo-steps 16384] [--learn-frames 65536]
 
@@ -141,23 +143,44 @@ def ppo_fps(algo: str, n_envs: int, n_steps: int, frames: int, horizon: float, t
     return model.num_timesteps / (time.perf_counter() - start)
 
 
+VALIDATION_SEEDS = (1000, 1001, 1002)
+
+
 def validation_regret(n_envs: int, n_steps: int, frames: int, horizon: float, seed: int) -> float:
-    """PPO trained for ``frames``; the mean regret of its deterministic policy on seeds 1000–1002."""
+    """PPO trained for ``frames``; the mean regret of its deterministic policy on the validation seeds, as
+    training validates it (:func:`agents.validation.validation_runs`)."""
     import torch
+
+    from agents.validation import validation_runs
 
     torch.set_num_threads(1)
     model = _model("ppo", n_envs, n_steps, horizon, seed=seed)
     model.learn(total_timesteps=frames)
+    rate = gym.make(ENV_ID, horizon=horizon).unwrapped.nominal_rate
+    rows = validation_runs(model, ENV_ID, {"horizon": horizon}, VALIDATION_SEEDS, rate)
+    return float(np.mean([row["regret_requests"] for row in rows]))
+
+
+def validation_seconds(horizon: float) -> tuple[float, float]:
+    """Wall seconds of one validation (an untrained PPO on the validation seeds): on the vector environment,
+    as training runs it, and through the evaluation loop (``run(engine, AgentPolicy)``, one seed after another)."""
+    import torch
+
+    from agents.policy import AgentPolicy
+    from agents.validation import validation_runs
+
+    torch.set_num_threads(1)
+    model = _model("ppo", 1, 2048, horizon, seed=0)
     env = gym.make(ENV_ID, horizon=horizon).unwrapped
-    regrets = []
-    for validation_seed in (1000, 1001, 1002):
-        observation, _ = env.reset(seed=validation_seed)
-        truncated = False
-        while not truncated:
-            action, _ = model.predict(observation, deterministic=True)
-            observation, _, _, truncated, info = env.step(action)
-        regrets.append(info["regret_requests"])
-    return float(np.mean(regrets))
+    scenario = env.scenario.at_rate(env.nominal_rate)
+    start = time.perf_counter()
+    validation_runs(model, ENV_ID, {"horizon": horizon}, VALIDATION_SEEDS, env.nominal_rate)
+    vector = time.perf_counter() - start
+    start = time.perf_counter()
+    for seed in VALIDATION_SEEDS:
+        run(scenario.engine(), AgentPolicy(model, scenario, horizon, env.control.settings),
+            scenario.sample(horizon, seed), horizon)
+    return vector, time.perf_counter() - start
 
 
 def main() -> None:
@@ -168,6 +191,7 @@ def main() -> None:
     parser.add_argument("--ppo-steps", type=int, default=16_384)
     parser.add_argument("--learn-frames", type=int, default=0, help="0: skip the learning check")
     parser.add_argument("--train-seeds", type=int, default=2)
+    parser.add_argument("--validation-horizon", type=float, default=600.0, help="the training configs' horizon")
     args = parser.parse_args()
     cores = numba.config.NUMBA_NUM_THREADS
     print(f"{ENV_ID}, {args.horizon:g} simulated s per episode, {cores} cores for the vector environment")
@@ -195,6 +219,9 @@ def main() -> None:
                 print(f"{algo:<13} {n_envs:>3} x {n_steps:<5} {fps:9,.0f} frames/s       ({fps / baseline:.2f}x; "
                       f"{where}, torch threads {threads}, batch {BATCH_SIZE}, {EPOCHS} epochs, "
                       f"{args.ppo_steps:,} frames)")
+    vector_s, loop_s = validation_seconds(args.validation_horizon)
+    print(f"validation, {len(VALIDATION_SEEDS)} seeds x {args.validation_horizon:g} s: {vector_s:.1f} s on the vector "
+          f"env, {loop_s:.1f} s through run(engine, AgentPolicy)")
     if args.learn_frames:
         for n_envs, n_steps in (PPO_LAYOUTS[0], PPO_LAYOUTS[1]):
             regrets = [validation_regret(n_envs, n_steps, args.learn_frames, args.horizon, seed)

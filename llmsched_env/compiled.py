@@ -54,14 +54,17 @@ def _caching_into(folder: Path) -> Iterator[None]:
         config.CACHE_DIR = before
 
 
+def _cached_njit(function: F, **options: Any) -> F:
+    with _caching_into(cache_dir()):
+        return numba.njit(cache=True, **options)(function)  # type: ignore[return-value]
+
+
 def compiled(function: F) -> F:
     """``numba.njit(cache=True)``, caching into :func:`cache_dir`."""
-    with _caching_into(cache_dir()):
-        return numba.njit(cache=True)(function)  # type: ignore[return-value]
+    return _cached_njit(function)
 
 
 def compiled_parallel(function: F) -> F:
     """:func:`compiled` with ``parallel=True``: the function's ``numba.prange`` loops run on all cores
     (``NUMBA_NUM_THREADS``; :func:`numba.set_num_threads` lowers it at run time)."""
-    with _caching_into(cache_dir()):
-        return numba.njit(cache=True, parallel=True)(function)  # type: ignore[return-value]
+    return _cached_njit(function, parallel=True)

@@ -45,12 +45,11 @@ import math
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+from numba import prange
 from numba.typed import List as TypedList
 
 from llmsched_env import kernels
 from llmsched_env.admission import Candidates, InterfaceCounters, InterfaceParams
-from numba import prange
-
 from llmsched_env.compiled import compiled, compiled_parallel
 from llmsched_env.engine import Decision
 from llmsched_env.request_table import RequestColumns
@@ -297,41 +296,27 @@ def advance_episodes(active: np.ndarray, starts: np.ndarray, actions: np.ndarray
         clipped[e] = clipped[e] or clipped_now
 
 
+# A typed list's methods called from Python compile anew in every process (seconds), and assigning a tuple to
+# one unboxes it slowly: the vector environment builds and updates its typed lists through these.
 @compiled
-def store_episode(episodes: TypedList, e: int, structures: tuple) -> None:
-    """``episodes[e] = structures`` (compiled: from Python, a typed list's methods compile anew in every process,
-    and assigning a tuple unboxes it slowly)."""
-    episodes[e] = structures
-
-
-@compiled
-def id_lists(count: int) -> TypedList:
-    """A typed list of ``count`` empty id arrays (the vector environment's running, decode and prefill ids)."""
-    lists = TypedList()
+def repeated(item: object, count: int) -> TypedList:
+    """A typed list of ``count`` references to ``item``."""
+    items = TypedList()
     for _ in range(count):
-        lists.append(np.empty(0, dtype=np.int64))
-    return lists
+        items.append(item)
+    return items
 
 
 @compiled
-def get_ids(lists: TypedList, e: int) -> np.ndarray:
-    """``lists[e]`` (compiled: a typed list's methods called from Python compile anew in every process)."""
-    return lists[e]
+def get_item(items: TypedList, e: int) -> object:
+    """``items[e]``."""
+    return items[e]
 
 
 @compiled
-def set_ids(lists: TypedList, e: int, ids: np.ndarray) -> None:
-    """``lists[e] = ids`` (compiled, as :func:`get_ids`)."""
-    lists[e] = ids
-
-
-@compiled
-def episode_list(structures: tuple, count: int) -> TypedList:
-    """A typed list of ``count`` references to ``structures`` (the vector environment's table of episodes)."""
-    episodes = TypedList()
-    for _ in range(count):
-        episodes.append(structures)
-    return episodes
+def set_item(items: TypedList, e: int, item: object) -> None:
+    """``items[e] = item``."""
+    items[e] = item
 
 
 def _writable(values: np.ndarray, dtype: type) -> np.ndarray:

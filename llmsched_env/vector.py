@@ -41,14 +41,15 @@ from llmsched_env.episode import (
     CompiledEpisode,
     LoopState,
     advance_episodes,
-    episode_list,
-    get_ids,
-    id_lists,
-    set_ids,
-    store_episode,
+    get_item,
+    repeated,
+    set_item,
 )
 from llmsched_env.episode import N as ARRIVED
 from llmsched_env.errors import ConfigError
+
+
+_NO_IDS = np.empty(0, dtype=np.int64)
 
 
 class LLMSchedVectorEnv(VectorEnv):
@@ -150,16 +151,12 @@ class LLMSchedVectorEnv(VectorEnv):
             seeds = list(seed)
             if len(seeds) != self.num_envs:
                 raise ConfigError(f"reset: {len(seeds)} seeds for {self.num_envs} environments")
-        self._episodes = []
-        for i, env in enumerate(self.envs):
-            self._episodes.append(self._reset_one(i, seeds[i], self._options_of(i, options)))
-        first = self._episodes[0]
-        self._table = episode_list(first.structures(), self.num_envs)
-        self._runnings, self._decodes, self._prefills = (id_lists(self.num_envs) for _ in range(3))
+        self._episodes = [self._reset_one(i, seeds[i], self._options_of(i, options)) for i in range(self.num_envs)]
+        self._table = repeated(self._episodes[0].structures(), self.num_envs)
+        self._runnings, self._decodes, self._prefills = (repeated(_NO_IDS, self.num_envs) for _ in range(3))
         for i, episode in enumerate(self._episodes):
-            if i:
-                store_episode(self._table, i, episode.structures())
-            set_ids(self._runnings, i, episode.running)
+            set_item(self._table, i, episode.structures())
+            set_item(self._runnings, i, episode.running)
         self._stops[:] = EPOCH
         return self._observation.copy(), self._step_info()
 
@@ -213,10 +210,10 @@ class LLMSchedVectorEnv(VectorEnv):
             # An iteration that needs eviction: that episode's rollout runs it on the engine's general path.
             for e in np.flatnonzero(general):
                 episode = self._episodes[e]
-                episode.running = get_ids(self._runnings, e)
-                if episode.run_general(int(self._stops[e]), get_ids(self._decodes, e), get_ids(self._prefills, e)):
-                    store_episode(self._table, e, episode.structures())
-                set_ids(self._runnings, e, episode.running)
+                episode.running = get_item(self._runnings, e)
+                if episode.run_general(int(self._stops[e]), get_item(self._decodes, e), get_item(self._prefills, e)):
+                    set_item(self._table, e, episode.structures())
+                set_item(self._runnings, e, episode.running)
                 self._evictions[e] = episode.env.rollout.evictions
             np.copyto(self._active, general)
             self._starts[:] = ADVANCE
@@ -231,14 +228,14 @@ class LLMSchedVectorEnv(VectorEnv):
     def _end_episode(self, e: int, observations: np.ndarray, info: dict[str, Any]) -> dict[str, Any]:
         """Close episode ``e`` (its final info), start the next one in its place (same-step autoreset)."""
         episode = self._episodes[e]
-        episode.running = get_ids(self._runnings, e)
+        episode.running = get_item(self._runnings, e)
         episode.store()
         final_info = episode.env.episode_info(final=True, admitted=self._counts[e].copy(),
                                               clipped=bool(self._clipped[e]))
         final_obs = observations[e].copy()
         episode = self._episodes[e] = self._reset_one(e, None, None)
-        store_episode(self._table, e, episode.structures())
-        set_ids(self._runnings, e, episode.running)
+        set_item(self._table, e, episode.structures())
+        set_item(self._runnings, e, episode.running)
         self._stops[e] = EPOCH
         observations[e] = self._observation[e]
         for key, value in self._step_info(e).items():  # the new episode's start, as reset() reports it
