@@ -8,7 +8,7 @@ lengths hidden, as a real engine would.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Collection, Mapping, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 from baselines import POLICIES, PolicyFactory, resolve_alias
 from llmsched_env.engine import Engine
@@ -64,10 +64,11 @@ def compare(scenario: Scenario, policies: Sequence[str], rates: Sequence[float],
     for rate in rates:
         at_rate = scenario.at_rate(rate)
         for arrival_seed in seeds:
-            arrivals = at_rate.sample(horizon, arrival_seed)
-            fluid = at_rate.fluid(arrivals, horizon)
+            # Every run reads its own stream of the seed's arrivals (drawn as read: memory bounded by the
+            # requests in the system); the benchmarks read one more.
+            fluid = at_rate.fluid(at_rate.chunks(horizon, arrival_seed), horizon)
             fluids.setdefault(rate, fluid)
-            realised = realised_fluid(at_rate, arrivals, horizon, fluid)
+            realised = realised_fluid(at_rate, at_rate.chunks(horizon, arrival_seed), horizon, fluid)
             for name in policies:
                 setting = replace(at_rate, output_lengths_known=name in sees_output_lengths)
                 backends = [(name, engine, "live")] if engine is not None else [(name, None, None)]
@@ -76,7 +77,8 @@ def compare(scenario: Scenario, policies: Sequence[str], rates: Sequence[float],
                 for label, make_engine, backend in backends:
                     done = _one_run(label, available[name](setting, horizon),
                                     make_engine(setting) if make_engine else setting.engine(),
-                                    arrivals, horizon, fluid, realised, rate, arrival_seed, backend)
+                                    at_rate.chunks(horizon, arrival_seed), horizon, fluid, realised, rate,
+                                    arrival_seed, backend)
                     runs.append(done)
                     if on_run_done is not None:
                         on_run_done(done)
@@ -85,18 +87,22 @@ def compare(scenario: Scenario, policies: Sequence[str], rates: Sequence[float],
     return Comparison(runs, fluids, horizon, names, tuple(rates), tuple(seeds))
 
 
-def realised_fluid(scenario: Scenario, arrivals: Arrivals, horizon: float, offered: FluidSolution) -> FluidSolution:
-    """The fluid optimum for the requests that actually arrived: each (prompt, output) pair at its
-    realised rate (count / horizon). Regret against it removes the arrival noise of the sample. A trace's
-    benchmark is already its realised one."""
-    if scenario.trace is not None or len(arrivals) == 0:
+def realised_fluid(scenario: Scenario, arrivals: Arrivals | Iterable[Arrivals], horizon: float,
+                   offered: FluidSolution) -> FluidSolution:
+    """The fluid optimum for the requests that actually arrived (whole, or a stream of chunks): each (prompt,
+    output) pair at its realised rate (count / horizon). Regret against it removes the arrival noise of the
+    sample. A trace's benchmark is already its realised one."""
+    if scenario.trace is not None:
         return offered
-    mix = TypeMix.from_lengths(arrivals.prompt_len, arrivals.output_len, horizon)
+    try:
+        mix = TypeMix.from_arrivals([arrivals] if isinstance(arrivals, Arrivals) else arrivals, horizon)
+    except ConfigError:  # nothing arrived
+        return offered
     return solve_fluid(mix, scenario.cost, scenario.paged_capacity_tokens)
 
 
-def _one_run(label: str, policy: Policy, engine: Engine, arrivals: Arrivals, horizon: float, fluid: FluidSolution,
-             realised: FluidSolution, rate: float, seed: int, backend: str | None) -> PolicyRun:
+def _one_run(label: str, policy: Policy, engine: Engine, arrivals: Arrivals | Iterable[Arrivals], horizon: float,
+             fluid: FluidSolution, realised: FluidSolution, rate: float, seed: int, backend: str | None) -> PolicyRun:
     recorder = TimeSeriesRecorder()
     try:
         result = run(engine, policy, arrivals, horizon, callbacks=[recorder])

@@ -198,7 +198,8 @@ def run_point(task: PointTask) -> dict[str, object]:
     horizon = 2.0 * last_arrival + 60.0
     evictions = _EvictionTimes()
     policy = paper_policy(task.policy, workload, scenario, setup, task.total_limit)
-    result = run(scenario.engine(), policy, arrivals, horizon, callbacks=[evictions], stall_after_s=None)
+    result = run(scenario.engine(), policy, arrivals, horizon, callbacks=[evictions], stall_after_s=None,
+                 keep_records=True)
     records = result.records
     window = setup.window(setup.requests)
     arrived = records.arrival_time[window]

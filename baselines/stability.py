@@ -41,8 +41,7 @@ def is_stable(scenario: Scenario, policy: str, rate: float, horizon: float, seed
     """Whether ``policy``'s backlog after ``horizon`` seconds at ``rate`` is at most ``backlog_window_s``
     seconds of arrivals (see the module docstring)."""
     at_rate = replace(scenario.at_rate(rate), output_lengths_known=policy in SEES_OUTPUT_LENGTHS)
-    arrivals = at_rate.sample(horizon, seed)
-    result = run(at_rate.engine(), make_policy(policy, at_rate, horizon), arrivals, horizon)
+    result = run(at_rate.engine(), make_policy(policy, at_rate, horizon), at_rate.chunks(horizon, seed), horizon)
     return result.waiting + result.running <= backlog_window_s * rate
 
 

@@ -92,15 +92,16 @@ class WaitPolicy:
             assert state.output_len is not None
             ids = np.arange(known, state.num_requests)
             self._types.extend(self.mix.nearest(state.prompt_len[ids], state.output_len[ids]))
+        self._types.release_below(state.retired)  # retired requests are never looked up again
         return self._types.data
 
     def _reclassify(self, state: SchedulerState) -> None:
         """Classify every request again on the current mix (an adaptive policy's new classes), and rebuild the
         type queues from the engine's queue."""
         assert state.output_len is not None
-        count = state.num_requests
-        self._types = Int64Buffer()
-        self._types.extend(self.mix.nearest(state.prompt_len[:count], state.output_len[:count]))
+        start, count = state.retired, state.num_requests
+        self._types = Int64Buffer(start)  # retired requests are never looked up again
+        self._types.extend(self.mix.nearest(state.prompt_len[start:count], state.output_len[start:count]))
         self._queues = TypeQueues.of_state(state, self._types.data, len(self.thresholds.n))
 
     def decide(self, state: SchedulerState) -> Decision:

@@ -7,7 +7,7 @@ at most 2.3x. Memory: the peak resident memory of runs at ρ = 0.9 for horizons 
 fresh process, less a near-zero horizon's: bounded memory keeps them within 20 % of each other.
 
 Run:  python benchmarks/scaling.py [--policies wait,nested-wait,vllm,sarathi] [--horizons 300,600,1200,2400,4800]
-      [--repeats 2] [--memory-horizons 10000,100000] [--no-memory]
+      [--repeats 2] [--memory-horizons 10000,100000] [--no-memory] [--no-time]
 
 Each time is the least of ``--repeats`` runs (the least disturbed by other load on a shared machine).
 """
@@ -33,11 +33,11 @@ policy, rho, horizon = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 scenario = build_scenario(hidden_lengths=policy not in SEES_OUTPUT_LENGTHS)
 scenario = scenario.at_rate(scenario.rate_for_load(rho))
 start = time.process_time()
-requests = scenario.sample(horizon, 0)
-scenario.fluid(requests, horizon)
-result = run(scenario.engine(), make_policy(policy, scenario, horizon), requests, horizon)
+scenario.fluid(scenario.chunks(horizon, 0), horizon)
+result = run(scenario.engine(), make_policy(policy, scenario, horizon), scenario.chunks(horizon, 0), horizon)
 print(json.dumps({"cpu_s": time.process_time() - start, "iterations": result.iterations,
-                  "arrived": result.arrived, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "arrived": result.arrived, "in_system": result.waiting + result.running,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
@@ -55,32 +55,43 @@ def main() -> None:
     parser.add_argument("--memory-horizons", default="10000,100000")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-time", action="store_true")
     args = parser.parse_args()
     policies = args.policies.split(",")
     horizons = [float(h) for h in args.horizons.split(",")]
-    print(f"time at rho = 2.0: CPU s less a 1 s run's, least of {args.repeats}; growth per doubling "
+    if not args.no_time:
+        time_table(policies, horizons, args.repeats)
+    if not args.no_memory:
+        memory_table(policies, [float(h) for h in args.memory_horizons.split(",")])
+
+
+def time_table(policies: list[str], horizons: list[float], repeats: int) -> None:
+    print(f"time at rho = 2.0: CPU s less a 1 s run's, least of {repeats}; growth per doubling "
           "(linear: 2.0, target <= 2.3)")
     print(f"{'policy':<14}" + "".join(f"{h:>10g}" for h in horizons) + "   growth per doubling")
     for policy in policies:
         def cpu(horizon: float) -> float:
-            return min(measure(policy, 2.0, horizon)["cpu_s"] for _ in range(args.repeats))
+            return min(measure(policy, 2.0, horizon)["cpu_s"] for _ in range(repeats))
 
         base = cpu(1.0)
         times = [max(cpu(h) - base, 1e-9) for h in horizons]
         growth = [b / a for a, b in zip(times, times[1:])]
         print(f"{policy:<14}" + "".join(f"{t:>10.2f}" for t in times) + "   "
               + " ".join(f"{g:.2f}" for g in growth), flush=True)
-    if args.no_memory:
-        return
-    memory_horizons = [float(h) for h in args.memory_horizons.split(",")]
+
+
+def memory_table(policies: list[str], memory_horizons: list[float]) -> None:
     print("\npeak memory at rho = 0.9: MiB above a 1 s run's (bounded: within 20 % of each other)")
-    print(f"{'policy':<14}" + "".join(f"{h:>12g}" for h in memory_horizons) + "   ratio   requests")
+    print(f"{'policy':<14}" + "".join(f"{h:>12g}" for h in memory_horizons) + "   ratio   requests (in the system at "
+          "the end)")
     for policy in policies:
+        measure(policy, 0.9, 1.0)  # compiles the kernels into the cache if they were not (a higher peak)
         base = measure(policy, 0.9, 1.0)["peak_rss_mib"]
         runs = [measure(policy, 0.9, h) for h in memory_horizons]
         extra = [r["peak_rss_mib"] - base for r in runs]
         print(f"{policy:<14}" + "".join(f"{e:>12.1f}" for e in extra)
-              + f"   {extra[-1] / max(extra[0], 1e-9):.2f}   " + " / ".join(f"{r['arrived']:,}" for r in runs),
+              + f"   {extra[-1] / max(extra[0], 1e-9):.2f}   "
+              + " / ".join(f"{r['arrived']:,} ({r['in_system']:,})" for r in runs),
               flush=True)
 
 

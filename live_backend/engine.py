@@ -42,8 +42,11 @@ from llmsched_env.request_table import (
     EMPTY_IDS,
     REQUEST_COLUMNS,
     checked_arrivals,
+    finished_prefix_end,
     grow_columns,
     records_of,
+    release_ids,
+    start_rows,
     validated_batch,
 )
 
@@ -101,6 +104,7 @@ class LiveVLLMEngine:
         self._wall_start = time.perf_counter()
         self._n = 0
         self._size = 0
+        self._retired = 0  # ids before this one are finished and handed over (retire_finished)
         self._num_waiting = 0
         self._num_finished = 0
         self._iterations = 0
@@ -166,7 +170,7 @@ class LiveVLLMEngine:
 
     # -- storage -------------------------------------------------------------------------------
     def _grow(self, size: int) -> None:
-        grow_columns(self, _COLUMNS, self._size, size)
+        grow_columns(self, _COLUMNS, self._size, size, keep_from=self._retired)
         self._size = size
 
     def add_requests(self, arrival_time: np.ndarray, prompt_len: np.ndarray, output_len: np.ndarray) -> np.ndarray:
@@ -180,6 +184,7 @@ class LiveVLLMEngine:
         start, end = self._n, self._n + count
         if end > self._size:
             self._grow(max(end, 2 * self._size))
+        start_rows(self, _COLUMNS, start, end)
         self._arrival[start:end] = arrival_time
         self._prompt[start:end] = prompt_len
         self._output[start:end] = output_len
@@ -202,7 +207,7 @@ class LiveVLLMEngine:
 
     # -- the policy's view -----------------------------------------------------------------------
     def _waiting_ids(self, limit: int | None = None) -> np.ndarray:
-        ids = np.flatnonzero(self._status[: self._n] == WAITING)
+        ids = self._retired + np.flatnonzero(self._status[self._retired:self._n] == WAITING)
         return ids if limit is None else ids[:limit]
 
     def state(self) -> SchedulerState:
@@ -214,7 +219,8 @@ class LiveVLLMEngine:
             output_len=readonly_view(self._output) if self._known else None,
             context_len=readonly_view(self._context), kv_tokens=readonly_view(self._kv),
             arrival_time=readonly_view(self._arrival), num_evictions=readonly_view(self._evictions),
-            num_requests=self._n, num_waiting=self.num_waiting, waiting_fn=self._waiting_ids)
+            num_requests=self._n, num_waiting=self.num_waiting, waiting_fn=self._waiting_ids,
+            retired=self._retired)
 
     # -- the iteration -----------------------------------------------------------------------------
     def _validated(self, decision: Decision) -> tuple[np.ndarray, dict[int, int], np.ndarray]:
@@ -291,7 +297,7 @@ class LiveVLLMEngine:
             batch_kv_tokens=batch_kv, admitted=np.array(executed.admitted, dtype=np.int64),
             finished=np.array(finished, dtype=np.int64), evicted=evicted,
             deferred=np.array(executed.deferred, dtype=np.int64),
-            kv_tokens_used=int(self._kv[: self._n].sum()), kv_blocks_used=adapter.used_blocks(scheduler),
+            kv_tokens_used=int(self._kv[self._retired:self._n].sum()), kv_blocks_used=adapter.used_blocks(scheduler),
             peak_blocks_used=executed.peak_used_blocks, capacity_blocks=self._capacity)
 
     def _finish_request(self, i: int, produced: int, now: float) -> None:
@@ -322,7 +328,7 @@ class LiveVLLMEngine:
             self._status[i] = RUNNING if running else WAITING
             self._kv[i] = adapter.computed_tokens(request) if running else 0
         self._running = [i for i in self._running if self._status[i] == RUNNING]
-        self._num_waiting = int(np.count_nonzero(self._status[: self._n] == WAITING))
+        self._num_waiting = int(np.count_nonzero(self._status[self._retired:self._n] == WAITING))
 
     def advance_to(self, time_s: float) -> None:
         """Let engine time pass until ``time_s`` (slept through with ``pace=True``)."""
@@ -334,14 +340,30 @@ class LiveVLLMEngine:
                 time.sleep(lag)
         self._now = max(self._now, float(time_s))
 
+    def retire_finished(self) -> RequestRecords:
+        """Hand over the records of the finished requests before every unfinished one, and free their rows
+        (see :meth:`llmsched_env.simulator.SimulatedEngine.retire_finished`)."""
+        start = self._retired
+        end = finished_prefix_end(self._status, start, self._n)
+        records = self._records(start, end)
+        for name in _COLUMNS:
+            release_ids(getattr(self, name), start, end)
+        self._retired = end
+        return records
+
     def records(self) -> RequestRecords:
-        return records_of(self._n, arrival=self._arrival, prompt=self._prompt, output=self._output,
+        """The records of the requests not retired yet (every request, until some are retired)."""
+        return self._records(self._retired, self._n)
+
+    def _records(self, start: int, end: int) -> RequestRecords:
+        return records_of(start, end, arrival=self._arrival, prompt=self._prompt, output=self._output,
                           context=self._context, status=self._status, first_token=self._first_token,
                           finish=self._finish, evictions=self._evictions)
 
     def produced_tokens(self) -> np.ndarray:
-        """Tokens vLLM returned per request (``o + 1`` for every finished one; checked as each finishes)."""
-        return self._produced[: self._n].copy()
+        """Tokens vLLM returned per request not retired yet (``o + 1`` for every finished one; checked as each
+        finishes)."""
+        return self._produced[self._retired:self._n].copy()
 
     def close(self) -> None:
         """Release the engine's memory (the engine cannot step afterwards)."""

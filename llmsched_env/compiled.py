@@ -6,6 +6,10 @@ cache files, and one Numba's files can break another's calls (``SystemError: ...
 exception set``). :func:`compiled` keeps a cache folder per environment instead: keyed by the interpreter, the
 Numba, llvmlite and NumPy versions, the machine type and the environment's prefix. ``NUMBA_CACHE_DIR``, when
 set, is honoured as Numba documents it.
+
+The key also holds a hash of the package's sources: Numba checks a cached function against its own file only, so
+a compiled function that calls a kernel of another module would otherwise keep the callee's old machine code
+after the callee changed (an upgrade, or an edit in a checkout).
 """
 
 from __future__ import annotations
@@ -26,11 +30,21 @@ from numba.core import config
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def sources_hash() -> str:
+    """A hash of the package's Python sources (the compiled functions and everything they call)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def cache_key() -> str:
-    """What a cache folder is keyed by: ``cp3.11-numba0.68.1-llvmlite0.50.0-numpy2.4.6-x86_64-<prefix hash>``."""
+    """What a cache folder is keyed by: ``cp3.11-numba0.68.1-llvmlite0.50.0-numpy2.4.6-x86_64-<prefix hash>-src<sources
+    hash>``."""
     prefix = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:10]
     return (f"{sys.implementation.name[:2]}{sys.version_info[0]}.{sys.version_info[1]}-numba{numba.__version__}"
-            f"-llvmlite{llvmlite.__version__}-numpy{np.__version__}-{platform.machine()}-{prefix}")
+            f"-llvmlite{llvmlite.__version__}-numpy{np.__version__}-{platform.machine()}-{prefix}-src{sources_hash()}")
 
 
 def cache_dir() -> Path:

@@ -140,6 +140,8 @@ class SchedulerState(NamedTuple):
     num_waiting: int  # the queue's length
     waiting_fn: Callable[[int | None], np.ndarray]  # the queue's first ``limit`` ids (all for None), computed
     # lazily: a policy that never looks pays nothing, and one that reads a prefix pays for the prefix
+    retired: int = 0  # ids below are finished and handed over (Engine.retire_finished): their rows read as
+    # zeros, and a policy may drop what it keeps per request for them
 
     @property
     def waiting(self) -> np.ndarray:
@@ -227,7 +229,14 @@ class Engine(Protocol):
         ...
 
     def records(self) -> "RequestRecords":
-        """Per-request timings for metrics."""
+        """Per-request timings for metrics, of the requests not retired yet (all of them until
+        :meth:`retire_finished` is called)."""
+        ...
+
+    def retire_finished(self) -> "RequestRecords":
+        """Hand over the records of the finished requests that precede every unfinished one (and were not handed
+        over before) and free their memory: a long run's evaluation loop calls it so that its memory stays bounded
+        by the requests in the system. Their ids stay taken."""
         ...
 
 

@@ -160,8 +160,8 @@ def stall(times: np.ndarray, next_arrival: int, used_blocks: int, now: float) ->
 @compiled
 def enqueue(columns: RequestColumns, start: int, arrival: np.ndarray, prompt: np.ndarray, output: np.ndarray) -> None:
     """Write new requests into ids ``start, start + 1, …`` of the request table: waiting, their context the
-    prompt, finished when the context reaches prompt + output. The simulator's ``add_requests`` and the
-    environment's compiled step both enqueue through it."""
+    prompt, finished when the context reaches prompt + output, no token yet. The simulator's ``add_requests``
+    and the environment's compiled step both enqueue through it. (The rows were zero: KV tokens held.)"""
     for j in range(len(arrival)):
         i = start + j
         columns.arrival[i] = arrival[j]
@@ -170,6 +170,9 @@ def enqueue(columns: RequestColumns, start: int, arrival: np.ndarray, prompt: np
         columns.context[i] = prompt[j]
         columns.final_context[i] = prompt[j] + output[j]
         columns.status[i] = WAITING
+        columns.first_token[i] = np.nan
+        columns.finish[i] = np.nan
+        columns.mark[i] = -1
 
 
 @compiled

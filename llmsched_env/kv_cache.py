@@ -7,6 +7,7 @@ import numpy as np
 from llmsched_env import kernels
 from llmsched_env.engine import readonly_view
 from llmsched_env.errors import ConfigError
+from llmsched_env.request_table import allocate_column, release_ids
 
 
 class PagedKVCache:
@@ -59,13 +60,18 @@ class PagedKVCache:
         """Blocks that ``tokens`` KV tokens occupy."""
         return -(-tokens // self.block_size)
 
-    def reserve_ids(self, count: int) -> None:
-        """Make room for request ids ``0 .. count - 1``."""
+    def reserve_ids(self, count: int, keep_from: int = 0) -> None:
+        """Make room for request ids ``0 .. count - 1``; those before ``keep_from`` are retired (not copied)."""
         if count > len(self._tokens):
-            grown = np.zeros(max(count, 2 * len(self._tokens)), dtype=np.int64)
-            grown[: len(self._tokens)] = self._tokens
+            grown = allocate_column(max(count, 2 * len(self._tokens)), np.int64)
+            grown[keep_from:len(self._tokens)] = self._tokens[keep_from:]
+            release_ids(self._tokens, 0, len(self._tokens))  # a view kept of the old column must not keep its memory
             self._tokens = grown
             self._tokens_view = readonly_view(grown)
+
+    def release_ids(self, start: int, end: int) -> None:
+        """Retired ids ``start .. end - 1`` (finished: they hold nothing) need no memory any more."""
+        release_ids(self._tokens, start, end)
 
     def held_blocks(self, ids: np.ndarray) -> np.ndarray:
         return self.blocks_for(self._tokens[ids])

@@ -20,29 +20,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmsched_env.engine import FINISHED
 from llmsched_env.fluid import FluidSolution
 from llmsched_env.runner import RunResult
 
 
-def _stats(values: np.ndarray, prefix: str) -> dict[str, float | None]:
-    if len(values) == 0:
-        return {f"mean_{prefix}_s": None, f"p50_{prefix}_s": None, f"p90_{prefix}_s": None, f"p99_{prefix}_s": None}
-    p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return {f"mean_{prefix}_s": float(values.mean()), f"p50_{prefix}_s": float(p50),
-            f"p90_{prefix}_s": float(p90), f"p99_{prefix}_s": float(p99)}
-
-
 def summarize(result: RunResult, fluid: FluidSolution) -> dict[str, float | int | None]:
-    """One flat dict of the run's figures; the field names are the CLI's JSON interface (see README)."""
-    r = result.records
-    done = r.status == FINISHED
-    latency = r.finish_time[done] - r.arrival_time[done]
-    started = ~np.isnan(r.first_token_time)
-    ttft = r.first_token_time[started] - r.arrival_time[started]
-    tbt = (r.finish_time[done] - r.first_token_time[done]) / r.output_len[done]
-    completed = int(done.sum())
-    tokens = int(r.output_len[done].sum())
+    """One flat dict of the run's figures; the field names are the CLI's JSON interface (see README).
+
+    Exact up to :data:`~llmsched_env.completions.EXACT_REQUESTS` requests per run; beyond, quantiles are within
+    a relative :data:`~llmsched_env.completions.RELATIVE_ACCURACY` (counts, throughput and means stay exact)."""
+    log = result.completions
+    completed, tokens = log.completed()
     horizon = result.horizon
     summary: dict[str, float | int | None] = {
         "horizon_s": horizon,
@@ -62,9 +50,9 @@ def summarize(result: RunResult, fluid: FluidSolution) -> dict[str, float | int 
         "fluid_stable": fluid.stable,
         "stalled_at_s": result.stalled_at,
     }
-    summary.update(_stats(latency, "latency"))
-    summary.update(_stats(ttft, "ttft"))
-    summary.update(_stats(tbt, "tbt"))
+    for prefix, stats in log.distributions().items():
+        summary.update({f"mean_{prefix}_s": stats.mean, f"p50_{prefix}_s": stats.p50, f"p90_{prefix}_s": stats.p90,
+                        f"p99_{prefix}_s": stats.p99})
     summary["peak_memory_frac"] = result.peak_blocks_used / result.capacity_blocks
     summary["mean_memory_frac"] = (result.block_seconds / result.end_time / result.capacity_blocks
                                    if result.end_time > 0 else 0.0)
@@ -83,16 +71,11 @@ class RegretCurve:
 
 def regret_curve(result: RunResult, fluid: FluidSolution, points: int = 200) -> RegretCurve:
     """``Θ* t − completions(t)`` on ``points`` evenly spaced times in ``(0, horizon]``."""
-    r = result.records
-    done = r.status == FINISHED
-    order = np.argsort(r.finish_time[done])
-    finish = r.finish_time[done][order]
-    cumulative_tokens = np.concatenate([[0], np.cumsum(r.output_len[done][order])])
     grid = np.linspace(result.horizon / points, result.horizon, points)
-    count = np.searchsorted(finish, grid, side="right")
+    count, tokens = result.completions.completions_by(grid)
     return RegretCurve(time=grid, completions=count,
                        regret_requests=fluid.throughput_rps * grid - count,
-                       regret_tokens=fluid.throughput_tps * grid - cumulative_tokens[count])
+                       regret_tokens=fluid.throughput_tps * grid - tokens)
 
 
 #: The version of every JSON document llmsched writes (``--json`` output, comparison.json, suite.json): raised

@@ -7,6 +7,7 @@ and a bad one gets the same message on both.
 
 from __future__ import annotations
 
+import mmap
 from typing import NamedTuple
 
 import numpy as np
@@ -20,7 +21,8 @@ _EMPTY_BOOL = np.empty(0, dtype=bool)
 # arrays, where the ndarray-method wrappers cost as much as the work.
 _max, _any = np.maximum.reduce, np.logical_or.reduce
 
-#: The columns every engine keeps, indexed by id: attribute name → (dtype, value of a slot not yet used).
+#: The columns every engine keeps, indexed by id: attribute name → (dtype, value a new request starts with; the
+#: engine writes it when the request is added, :func:`start_rows`).
 REQUEST_COLUMNS: dict[str, tuple[type, float | int]] = {
     "_arrival": (np.float64, np.nan),
     "_prompt": (np.int64, 0),
@@ -52,13 +54,59 @@ class RequestColumns(NamedTuple):
     kv_tokens: np.ndarray  # int64 KV tokens held
 
 
-def grow_columns(owner: object, columns: dict[str, tuple[type, float | int]], old_size: int, size: int) -> None:
-    """Replace ``owner``'s column attributes by arrays of ``size`` slots, keeping the first ``old_size``."""
-    for name, (dtype, fill) in columns.items():
-        fresh = np.full(size, fill, dtype=dtype)
+#: Columns of at least this many bytes live in an anonymous memory map: the OS commits a page when it is first
+#: written, and :func:`release_ids` hands the pages of retired requests back (a NumPy array cannot shrink in place).
+_MAPPED_FROM_BYTES = 1 << 20
+
+
+def allocate_column(size: int, dtype: type) -> np.ndarray:
+    """A zero-filled column of ``size`` slots; large ones are memory-mapped so that :func:`release_ids` can free
+    the memory of a prefix while the ids keep indexing the column."""
+    nbytes = size * np.dtype(dtype).itemsize
+    if nbytes < _MAPPED_FROM_BYTES or not hasattr(mmap.mmap, "madvise"):
+        return np.zeros(size, dtype)
+    # Private: released pages of a shared mapping would stay in the shared-memory object (out of the RSS, not freed).
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype)
+
+
+def release_ids(column: np.ndarray, start: int, end: int) -> None:
+    """Give back to the OS the whole pages of ``column`` that hold only ids ``start .. end - 1`` (retired
+    requests: never read again). They read as zeros afterwards. A column not memory-mapped keeps its memory."""
+    base = column.base
+    buffer = base.obj if isinstance(base, memoryview) else None
+    if not isinstance(buffer, mmap.mmap):
+        return
+    item = column.itemsize
+    first = -(-start * item // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = end * item // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        buffer.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def grow_columns(owner: object, columns: dict[str, tuple[type, float | int]], old_size: int, size: int,
+                 keep_from: int = 0) -> None:
+    """Replace ``owner``'s column attributes by zero-filled arrays of ``size`` slots that keep ids ``keep_from ..
+    old_size - 1`` (those before ``keep_from`` are retired: their memory is not copied, nor committed)."""
+    for name, (dtype, _) in columns.items():
+        fresh = allocate_column(size, dtype)
         if old_size:
-            fresh[:old_size] = getattr(owner, name)[:old_size]
+            old = getattr(owner, name)
+            if old_size > keep_from:
+                fresh[keep_from:old_size] = old[keep_from:old_size]
+            release_ids(old, 0, old_size)  # a view a policy kept of the old column must not keep its memory
         setattr(owner, name, fresh)
+
+
+def start_rows(owner: object, columns: dict[str, tuple[type, float | int]], start: int, end: int) -> None:
+    """Write the starting value of every column into the rows of new ids ``start .. end - 1``."""
+    for name, (_, value) in columns.items():
+        getattr(owner, name)[start:end] = value
+
+
+def finished_prefix_end(status: np.ndarray, start: int, n: int) -> int:
+    """The first id from ``start`` on that is not finished (``n`` if all are)."""
+    unfinished = np.flatnonzero(status[start:n] != FINISHED)
+    return start + int(unfinished[0]) if len(unfinished) else n
 
 
 def checked_arrivals(arrival_time: np.ndarray, prompt_len: np.ndarray,
@@ -77,14 +125,16 @@ def checked_arrivals(arrival_time: np.ndarray, prompt_len: np.ndarray,
     return arrival_time, prompt_len, output_len
 
 
-def records_of(n: int, *, arrival: np.ndarray, prompt: np.ndarray, output: np.ndarray, context: np.ndarray,
-               status: np.ndarray, first_token: np.ndarray, finish: np.ndarray,
+def records_of(start: int, end: int, *, arrival: np.ndarray, prompt: np.ndarray, output: np.ndarray,
+               context: np.ndarray, status: np.ndarray, first_token: np.ndarray, finish: np.ndarray,
                evictions: np.ndarray) -> RequestRecords:
-    """Copies of the first ``n`` requests' columns, as :class:`RequestRecords`."""
+    """Copies of the columns of ids ``start .. end - 1``, as :class:`RequestRecords`."""
+    window = slice(start, end)
     return RequestRecords(
-        arrival_time=arrival[:n].copy(), prompt_len=prompt[:n].copy(), output_len=output[:n].copy(),
-        first_token_time=first_token[:n].copy(), finish_time=finish[:n].copy(), num_evictions=evictions[:n].copy(),
-        decoded=context[:n] - prompt[:n], status=status[:n].copy())
+        arrival_time=arrival[window].copy(), prompt_len=prompt[window].copy(), output_len=output[window].copy(),
+        first_token_time=first_token[window].copy(), finish_time=finish[window].copy(),
+        num_evictions=evictions[window].copy(), decoded=context[window] - prompt[window],
+        status=status[window].copy())
 
 
 def describe_request(i: int, status: np.ndarray, prompt: np.ndarray, context: np.ndarray, kv: np.ndarray) -> str:

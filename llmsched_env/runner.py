@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
 from llmsched_env import kernels
+from llmsched_env.completions import CompletionLog
 from llmsched_env.engine import Decision, Engine, IterationOutcome, RequestRecords
 from llmsched_env.errors import ConfigError, EngineFailure, InvalidDecisionError
 from llmsched_env.policy import Policy
@@ -22,12 +23,30 @@ IterationCallback = Callable[[Engine, IterationOutcome], None]
 
 
 class TimeSeriesRecorder:
-    """Records one row per iteration: end time, KV blocks used, queue length, running, finished."""
+    """Records one row per iteration: end time, KV blocks used, queue length, running, finished.
 
-    def __init__(self) -> None:
+    At most ``max_rows`` rows are kept: when they are full, every other row is dropped and from then on every
+    other iteration is recorded (then every fourth, …), so a long run's series stays evenly spaced in
+    iterations and its memory bounded (a plot shows no more points than that anyway).
+    """
+
+    def __init__(self, max_rows: int = 20_000) -> None:
+        if max_rows < 2:
+            raise ConfigError(f"max_rows must be >= 2, got {max_rows}")
+        self.max_rows = max_rows
         self._rows: list[tuple[float, int, int, int, int]] = []
+        self._stride = 1  # record every stride-th iteration
+        self._seen = 0
 
     def __call__(self, engine: Engine, outcome: IterationOutcome) -> None:
+        self._seen += 1
+        if (self._seen - 1) % self._stride:
+            return
+        if len(self._rows) == self.max_rows:
+            del self._rows[1::2]
+            self._stride *= 2
+            if (self._seen - 1) % self._stride:
+                return
         self._rows.append((outcome.end_time, outcome.kv_blocks_used, engine.num_waiting,
                            engine.num_running, engine.num_finished))
 
@@ -39,9 +58,10 @@ class TimeSeriesRecorder:
 
 @dataclass(frozen=True)
 class RunResult:
-    """What a run leaves: per-request records, counters at the end, and the run's bounds."""
+    """What a run leaves: its requests' records (:class:`~llmsched_env.completions.CompletionLog`), counters at
+    the end, and the run's bounds."""
 
-    records: RequestRecords
+    completions: CompletionLog
     horizon: float
     end_time: float
     iterations: int
@@ -57,9 +77,18 @@ class RunResult:
     busy_time: float = 0.0  # seconds the engine spent in iterations (end_time less the idle gaps)
     stalled_at: float | None = None  # start of the first stall (see Rollout), or None
 
+    @property
+    def records(self) -> RequestRecords:
+        """Every request's record, indexed by id: kept for runs of up to
+        :data:`~llmsched_env.completions.EXACT_REQUESTS` requests, or any run with ``keep_records=True``."""
+        return self.completions.records()
+
 
 #: The span after which a run that makes no progress while requests wait is reported as stalled (:class:`Rollout`).
 STALL_AFTER_S = 60.0
+#: Requests finished between two retirements (:meth:`~llmsched_env.engine.Engine.retire_finished`) of a run.
+RETIRE_EVERY = 1 << 12
+_NO_ARRIVALS = Arrivals(np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64))
 
 
 class RolloutCounters(NamedTuple):
@@ -88,23 +117,35 @@ class Rollout:
     first time either lasts ``stall_after_s`` simulated seconds is recorded as :attr:`RunResult.stalled_at`
     (its start); the run goes on, and its reports flag it.
 
+    Arrivals come whole (:class:`Arrivals`) or as a stream of chunks in time order (a workload's ``chunks``),
+    which the loop reads as the clock reaches them. Finished requests are handed from the engine to a
+    :class:`~llmsched_env.completions.CompletionLog` every :data:`RETIRE_EVERY` finishes, so with a stream a
+    run's memory is bounded by the requests in the system, whatever its horizon.
+
     Use: ``while rollout.needs_decision(): rollout.apply(decision_for(engine.state()))``.
     """
 
-    def __init__(self, engine: Engine, arrivals: Arrivals, horizon: float,
+    def __init__(self, engine: Engine, arrivals: Arrivals | Iterable[Arrivals], horizon: float,
                  callbacks: Sequence[IterationCallback] = (), max_iterations: int | None = None,
-                 stall_after_s: float | None = None) -> None:
+                 stall_after_s: float | None = None, keep_records: bool = False) -> None:
         if not (math.isfinite(horizon) and horizon > 0):
             raise ConfigError(f"horizon must be finite and > 0 s, got {horizon!r}")
-        arrivals = arrivals.until(horizon)
-        engine.check_fits(arrivals.prompt_len, arrivals.output_len)  # fail before running, not midway
         self.engine = engine
         self.horizon = horizon
         self.callbacks = tuple(callbacks)
         self.max_iterations = max_iterations
-        self._arrivals = arrivals
-        self._times = arrivals.arrival_time
+        self._whole: Arrivals | None = None
+        if isinstance(arrivals, Arrivals):
+            self._whole = arrivals.until(horizon)
+            engine.check_fits(self._whole.prompt_len, self._whole.output_len)  # fail before running, not midway
+            self._stream: Iterable[Arrivals] = iter(())
+            self._chunk = self._whole
+        else:
+            self._stream = iter(arrivals)
+            self._chunk = _NO_ARRIVALS
+        self._times = self._chunk.arrival_time
         self._next = 0
+        self._pull()
         self._ended = False
         self.iterations = 0
         self.evictions = 0
@@ -115,11 +156,27 @@ class Rollout:
         self.stalled_at: float | None = None
         self._progress_at = engine.now  # the last admission or finish, or when the queue last became non-empty
         self._iterated_at = engine.now  # the last iteration that ran, or when the queue last became non-empty
+        self._log = CompletionLog(horizon, keep_records=keep_records)
+        self._retire_at = RETIRE_EVERY
+
+    def _pull(self) -> None:
+        """Once the current chunk is used up, read the stream's next non-empty chunk (within the horizon)."""
+        while self._next >= len(self._times):
+            chunk = next(self._stream, None)  # type: ignore[call-overload]
+            if chunk is None:
+                return
+            within = chunk.until(self.horizon)
+            if len(within) < len(chunk):
+                self._stream = iter(())  # the rest arrives after the horizon
+            self.engine.check_fits(within.prompt_len, within.output_len)
+            self._chunk, self._times, self._next = within, within.arrival_time, 0
 
     @property
     def arrivals(self) -> Arrivals:
-        """The run's arrivals (up to the horizon), in order."""
-        return self._arrivals
+        """The run's arrivals (up to the horizon), in order: given whole only."""
+        if self._whole is None:
+            raise ConfigError("this rollout reads its arrivals as a stream; it has no whole arrivals to hand out")
+        return self._whole
 
     def counters(self) -> RolloutCounters:
         """The loop's state besides the engine's: what a compiled episode loop advances with it."""
@@ -139,14 +196,15 @@ class Rollout:
     def needs_decision(self) -> bool:
         """Enqueue the requests that have arrived by now; whether the loop goes on (a decision is due)."""
         now = self.engine.now
-        if self._next < len(self._times) and self._times[self._next] <= now:
+        while self._next < len(self._times) and self._times[self._next] <= now:
             end = int(np.searchsorted(self._times, now, side="right"))
-            a = self._arrivals
+            a = self._chunk
             if self.engine.num_waiting == 0:
                 self._progress_at = self._iterated_at = now
             self.engine.add_requests(self._times[self._next:end], a.prompt_len[self._next:end],
                                      a.output_len[self._next:end])
             self._next = end
+            self._pull()
         if self._ended or now >= self.horizon:
             return False
         return self.max_iterations is None or self.iterations < self.max_iterations
@@ -163,6 +221,9 @@ class Rollout:
             self.peak_blocks_used = max(self.peak_blocks_used, outcome.peak_blocks_used)
             self.block_seconds += outcome.peak_blocks_used * outcome.duration
             self.busy_time += outcome.duration
+            if engine.num_finished >= self._retire_at:
+                self._log.add(engine.retire_finished())
+                self._retire_at = engine.num_finished + RETIRE_EVERY  # even if an old request held most back
             for callback in self.callbacks:
                 callback(engine, outcome)
             # Nothing could run (every admission deferred for memory) and nothing changed: asking again
@@ -201,24 +262,28 @@ class Rollout:
     def result(self) -> RunResult:
         """What the rollout left so far (final once :meth:`needs_decision` has returned ``False``)."""
         engine = self.engine
+        completions = self._log.copy()
+        completions.add(engine.records())  # the requests not retired yet
         return RunResult(
-            records=engine.records(), horizon=self.horizon, end_time=engine.now, iterations=self.iterations,
+            completions=completions, horizon=self.horizon, end_time=engine.now, iterations=self.iterations,
             capacity_blocks=engine.capacity_blocks, block_size=engine.block_size,
             peak_blocks_used=self.peak_blocks_used, block_seconds=self.block_seconds, evictions=self.evictions,
             arrived=engine.num_requests, waiting=engine.num_waiting, running=engine.num_running,
             finished=engine.num_finished, busy_time=self.busy_time, stalled_at=self.stalled_at)
 
 
-def run(engine: Engine, policy: Policy, arrivals: Arrivals, horizon: float,
+def run(engine: Engine, policy: Policy, arrivals: Arrivals | Iterable[Arrivals], horizon: float,
         callbacks: Sequence[IterationCallback] = (), max_iterations: int | None = None,
-        stall_after_s: float | None = STALL_AFTER_S) -> RunResult:
+        stall_after_s: float | None = STALL_AFTER_S, keep_records: bool = False) -> RunResult:
     """Run ``policy`` on ``engine`` over the requests of ``arrivals`` that arrive in ``[0, horizon]``.
 
-    See :class:`Rollout` for the loop's rules (arrivals, the horizon, idle and stalled decisions). If a
-    live engine fails mid-run, the :class:`~llmsched_env.errors.EngineFailure` it raises carries the
-    run's result up to the failure in ``result``.
+    ``arrivals`` is whole or a stream of chunks (``scenario.chunks(horizon, seed)``: memory bounded whatever the
+    horizon). See :class:`Rollout` for the loop's rules (arrivals, the horizon, idle and stalled decisions).
+    Per-request records are kept up to :data:`~llmsched_env.completions.EXACT_REQUESTS` requests, or always with
+    ``keep_records``. If a live engine fails mid-run, the :class:`~llmsched_env.errors.EngineFailure` it raises
+    carries the run's result up to the failure in ``result``.
     """
-    rollout = Rollout(engine, arrivals, horizon, callbacks, max_iterations, stall_after_s)
+    rollout = Rollout(engine, arrivals, horizon, callbacks, max_iterations, stall_after_s, keep_records)
     policy.reset(engine)
     try:
         while rollout.needs_decision():

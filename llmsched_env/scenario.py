@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -124,25 +125,35 @@ class Scenario:
 
     def sample(self, horizon: float, seed: int) -> Arrivals:
         """The requests arriving in ``[0, horizon]`` (the same seed, the same requests)."""
+        return Arrivals.concatenate(self.chunks(horizon, seed))
+
+    def chunks(self, horizon: float, seed: int) -> Iterator[Arrivals]:
+        """:meth:`sample`'s requests as a stream of chunks in time order, drawn as they are read (what a run
+        consumes: its memory then does not grow with the horizon). The work is checked against the cap
+        (:func:`check_work`) when the stream is made."""
         if not (math.isfinite(horizon) and horizon > 0):
             raise ConfigError(f"horizon must be finite and > 0 s, got {horizon!r}")
         if self.mix is not None or isinstance(self.trace, LengthSampleWorkload):
             check_work(self.base_rate * horizon, f"a run of {horizon:g} s at {self.base_rate:g} req/s")
         rng = np.random.default_rng(seed)
         if self.trace is not None:
-            return self.trace.sample(horizon, rng)
+            return self.trace.chunks(horizon, rng)
         assert self.mix is not None
-        return self.process.workload(self.mix).sample(horizon, rng)
+        return self.process.workload(self.mix).chunks(horizon, rng)
 
-    def fluid_mix(self, arrivals: Arrivals, horizon: float) -> TypeMix:
-        """The type mix the fluid benchmark is computed on: the given rates, or a trace's empirical mix."""
+    def fluid_mix(self, arrivals: Arrivals | Iterable[Arrivals], horizon: float) -> TypeMix:
+        """The type mix the fluid benchmark is computed on: the given rates, or the empirical mix of a trace's
+        ``arrivals`` (whole, or a stream of chunks: read only for a trace)."""
         if self.mix is not None:
             return self.mix
-        if len(arrivals) == 0:
+        if isinstance(arrivals, Arrivals) and not len(arrivals):
             raise ConfigError(f"no request of the trace arrives within the horizon of {horizon} s")
-        return TypeMix.from_lengths(arrivals.prompt_len, arrivals.output_len, horizon)
+        try:
+            return TypeMix.from_arrivals([arrivals] if isinstance(arrivals, Arrivals) else arrivals, horizon)
+        except ConfigError:
+            raise ConfigError(f"no request of the trace arrives within the horizon of {horizon} s") from None
 
-    def fluid(self, arrivals: Arrivals, horizon: float) -> FluidSolution:
+    def fluid(self, arrivals: Arrivals | Iterable[Arrivals], horizon: float) -> FluidSolution:
         return solve_fluid(self.fluid_mix(arrivals, horizon), self.cost, self.paged_capacity_tokens)
 
     def engine(self) -> SimulatedEngine:

@@ -37,8 +37,10 @@ from llmsched_env.request_table import (
     RequestColumns,
     Batch,
     checked_arrivals,
+    finished_prefix_end,
     grow_columns,
     records_of,
+    release_ids,
     validated_batch,
 )
 
@@ -106,6 +108,7 @@ class SimulatedEngine:
         self._first_maybe_waiting = 0
         self._compiled = compiled
         self._stamp = -1  # validation marks of the compiled path: negative, new at each iteration
+        self._retired = 0  # ids before this one are finished and handed over (retire_finished): their rows are gone
         self._grow(1024)
 
     # -- configuration -------------------------------------------------------------------------
@@ -175,8 +178,8 @@ class SimulatedEngine:
         old = self._size
         if size <= old:
             return
-        grow_columns(self, _COLUMNS, old, size)
-        self._kv.reserve_ids(size)
+        grow_columns(self, _COLUMNS, old, size, keep_from=self._retired)
+        self._kv.reserve_ids(size, keep_from=self._retired)
         self._size = size
         self._views = dict(
             prompt_len=readonly_view(self._prompt),
@@ -262,6 +265,7 @@ class SimulatedEngine:
             num_requests=self._n,
             num_waiting=self._num_waiting,
             waiting_fn=self._waiting_ids,
+            retired=self._retired,
         )
 
     # -- validation ------------------------------------------------------------------------------
@@ -406,7 +410,31 @@ class SimulatedEngine:
             raise ValueError(f"cannot advance the clock to {time!r}")
         self._now = max(self._now, float(time))
 
+    @property
+    def retired(self) -> int:
+        """Ids ``0 .. retired - 1`` are finished and were handed over by :meth:`retire_finished`."""
+        return self._retired
+
+    def retire_finished(self) -> RequestRecords:
+        """Hand over the records of the finished requests that come before every unfinished one (in id order)
+        and were not handed over yet, and free their rows: what keeps a long run's memory bounded by the
+        requests in the system (from the oldest unfinished one to the newest), not by all that ever arrived.
+        Their ids stay taken; no policy sees them again (they are finished)."""
+        start = self._retired
+        end = finished_prefix_end(self._status, start, self._n)
+        records = self._records(start, end)
+        for name in _COLUMNS:
+            release_ids(getattr(self, name), start, end)
+        self._kv.release_ids(start, end)
+        self._retired = end
+        self._first_maybe_waiting = max(self._first_maybe_waiting, end)  # released rows read as zeros (WAITING)
+        return records
+
     def records(self) -> RequestRecords:
-        return records_of(self._n, arrival=self._arrival, prompt=self._prompt, output=self._output,
+        """The records of ids ``retired .. num_requests - 1`` (every request, until some are retired)."""
+        return self._records(self._retired, self._n)
+
+    def _records(self, start: int, end: int) -> RequestRecords:
+        return records_of(start, end, arrival=self._arrival, prompt=self._prompt, output=self._output,
                           context=self._context, status=self._status, first_token=self._first_token,
                           finish=self._finish, evictions=self._evictions)

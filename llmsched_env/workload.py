@@ -1,8 +1,10 @@
 """Workloads: request types, arrival processes and trace replay.
 
-A workload produces :class:`Arrivals`, the requests that arrive in ``[0, horizon]`` sorted by time.
-Every generator takes an explicit :class:`numpy.random.Generator`, so the same seed gives the same
-requests. Whether the scheduler may *see* output lengths is not a property of the workload but of
+A workload produces :class:`Arrivals`, the requests that arrive in ``[0, horizon]`` sorted by time, either
+all at once (``sample``) or as a stream of chunks in time order (``chunks``), which is what a long run
+consumes so that its memory does not grow with the horizon. ``sample`` is the chunks put together, so both
+give the same requests. Every generator takes an explicit :class:`numpy.random.Generator`, so the same seed
+gives the same requests. Whether the scheduler may *see* output lengths is not a property of the workload but of
 the engine (``SimulatedEngine(output_lengths_known=...)``): the same arrivals serve both settings.
 
 Types follow the paper's notation: type ``j`` has prompt length ``p_j``, output length ``o_j`` and
@@ -15,7 +17,8 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, Sequence
+import copy
+from typing import Iterable, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 
@@ -96,10 +99,23 @@ class TypeMix:
 
         This is exact for the fluid model, whose terms are linear in ``λ_j w_j`` and ``λ_j u_j``.
         """
+        return cls.from_arrivals([Arrivals(np.empty(len(prompt_lens)), np.asarray(prompt_lens, np.int64),
+                                           np.asarray(output_lens, np.int64))], duration_s)
+
+    @classmethod
+    def from_arrivals(cls, chunks: Iterable["Arrivals"], duration_s: float) -> "TypeMix":
+        """:meth:`from_lengths` of requests read chunk by chunk (memory: one entry per distinct pair)."""
         if duration_s <= 0:
             raise ConfigError(f"duration must be > 0 s, got {duration_s!r}")
-        pairs, counts = np.unique(np.stack([prompt_lens, output_lens], axis=1), axis=0, return_counts=True)
-        return cls(tuple(RequestType(int(p), int(o), c / duration_s) for (p, o), c in zip(pairs, counts)))
+        counts: dict[tuple[int, int], int] = {}
+        for chunk in chunks:
+            pairs, found = np.unique(np.stack([chunk.prompt_len, chunk.output_len], axis=1), axis=0,
+                                     return_counts=True)
+            for (p, o), c in zip(pairs.tolist(), found.tolist()):
+                counts[p, o] = counts.get((p, o), 0) + c
+        if not counts:
+            raise ConfigError("no request to take a type mix from")
+        return cls(tuple(RequestType(p, o, c / duration_s) for (p, o), c in sorted(counts.items())))
 
     @classmethod
     def bucketed(cls, prompt_lens: np.ndarray, output_lens: np.ndarray, total_rate: float,
@@ -194,6 +210,19 @@ class Arrivals:
         return Arrivals(self.arrival_time[:end], self.prompt_len[:end], self.output_len[:end])
 
     @classmethod
+    def concatenate(cls, chunks: Iterable["Arrivals"]) -> "Arrivals":
+        """Consecutive chunks of one stream (each after the last) as one :class:`Arrivals`."""
+        chunks = [cls(np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64)), *chunks]
+        return cls(np.concatenate([c.arrival_time for c in chunks]), np.concatenate([c.prompt_len for c in chunks]),
+                   np.concatenate([c.output_len for c in chunks]))
+
+    def chunked(self, size: int = 4096) -> Iterator["Arrivals"]:
+        """These requests as a stream of chunks of ``size`` (views, no copy)."""
+        for start in range(0, len(self), size):
+            end = start + size
+            yield Arrivals(self.arrival_time[start:end], self.prompt_len[start:end], self.output_len[start:end])
+
+    @classmethod
     def merge(cls, parts: Sequence["Arrivals"]) -> "Arrivals":
         """All the requests of ``parts``, in arrival order (stable: ties keep the order of ``parts``)."""
         parts = [cls(np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64)), *parts]
@@ -210,6 +239,11 @@ class Workload(Protocol):
         """Requests arriving in ``[0, horizon]``, sorted by arrival time."""
         ...
 
+    def chunks(self, horizon: float, rng: np.random.Generator) -> Iterator[Arrivals]:
+        """The same requests as :meth:`sample` with the same generator, generated lazily: chunks in time order,
+        whose concatenation is :meth:`sample`'s result. A run holds one chunk at a time."""
+        ...
+
     @property
     def mean_rate(self) -> float:
         """Long-run arrival rate in requests per second."""
@@ -224,26 +258,70 @@ def _check_horizon(horizon: float) -> None:
 _DRAW = 1024  # gaps drawn per batch: fixed, so that a longer horizon extends a shorter one's arrivals
 
 
-def _renewal_times(rate: float, horizon: float, cv: float, rng: np.random.Generator) -> np.ndarray:
-    """Arrival times in ``[0, horizon]`` of a renewal process with gamma gaps (cv = 1: Poisson).
+def _renewal_chunks(rate: float, horizon: float, cv: float, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Arrival times in ``[0, horizon]`` of a renewal process with gamma gaps (cv = 1: Poisson), in non-empty
+    chunks of at most ``_DRAW``, drawn as the stream is read.
 
     Prefix-consistent: with the same generator state, the arrivals before ``t`` do not depend on the horizon.
     """
     if rate <= 0:
-        return np.empty(0)
+        return
     shape = 1.0 / cv**2
     scale = 1.0 / (rate * shape)
-    times: list[np.ndarray] = []
     start = 0.0
     while True:
         gaps = rng.exponential(scale, _DRAW) if cv == 1.0 else rng.gamma(shape, scale, _DRAW)
         chunk = start + np.cumsum(gaps)
-        times.append(chunk)
         if chunk[-1] > horizon:
-            break
+            if chunk[0] <= horizon:
+                yield chunk[chunk <= horizon]
+            return
+        yield chunk
         start = float(chunk[-1])
-    all_times = np.concatenate(times)
-    return all_times[all_times <= horizon]
+
+
+def _renewal_times(rate: float, horizon: float, cv: float, rng: np.random.Generator) -> np.ndarray:
+    """All of :func:`_renewal_chunks` at once."""
+    return np.concatenate([np.empty(0), *_renewal_chunks(rate, horizon, cv, rng)])
+
+
+def _typed(times: np.ndarray, prompt_len: int, output_len: int) -> Arrivals:
+    return Arrivals(times, np.full(len(times), prompt_len, np.int64), np.full(len(times), output_len, np.int64))
+
+
+def _typed_chunks(request_type: RequestType, times: Iterator[np.ndarray]) -> Iterator[Arrivals]:
+    for chunk in times:
+        yield _typed(chunk, request_type.prompt_len, request_type.output_len)
+
+
+def _merged_streams(streams: Sequence[Iterator[Arrivals]]) -> Iterator[Arrivals]:
+    """Merge time-ordered streams into one, lazily, as :meth:`Arrivals.merge` would merge them whole (ties in
+    the order of ``streams``): a request is let out once every stream not yet exhausted has drawn past it."""
+    buffered = [Arrivals(np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64)) for _ in streams]
+    frontier = [-math.inf] * len(streams)  # the last time each stream has drawn (inf once exhausted)
+    while True:
+        lagging = min(frontier)
+        for j, stream in enumerate(streams):
+            if frontier[j] == lagging:  # the streams that hold the merge back draw on (all of them at the start)
+                chunk = next(stream, None)
+                if chunk is None:
+                    frontier[j] = math.inf
+                elif len(chunk):
+                    buffered[j] = Arrivals.concatenate([buffered[j], chunk])
+                    frontier[j] = float(chunk.arrival_time[-1])
+        safe = min(frontier)
+        if safe == math.inf:
+            out, buffered = list(buffered), []
+        else:
+            # Strictly before ``safe``: the stream that drew ``safe`` last may still draw another request at it.
+            cut = [int(np.searchsorted(b.arrival_time, safe, side="left")) for b in buffered]
+            out = [Arrivals(b.arrival_time[:k], b.prompt_len[:k], b.output_len[:k]) for b, k in zip(buffered, cut)]
+            buffered = [Arrivals(b.arrival_time[k:], b.prompt_len[k:], b.output_len[k:]) for b, k in zip(buffered, cut)]
+        merged = Arrivals.merge(out)
+        if len(merged):
+            yield merged
+        if safe == math.inf:
+            return
 
 
 @dataclass(frozen=True)
@@ -257,7 +335,10 @@ class PoissonWorkload:
         return self.mix.total_rate
 
     def sample(self, horizon: float, rng: np.random.Generator) -> Arrivals:
-        return GammaWorkload(self.mix, cv=1.0).sample(horizon, rng)
+        return Arrivals.concatenate(self.chunks(horizon, rng))
+
+    def chunks(self, horizon: float, rng: np.random.Generator) -> Iterator[Arrivals]:
+        return GammaWorkload(self.mix, cv=1.0).chunks(horizon, rng)
 
 
 @dataclass(frozen=True)
@@ -279,13 +360,13 @@ class GammaWorkload:
         return self.mix.total_rate
 
     def sample(self, horizon: float, rng: np.random.Generator) -> Arrivals:
+        return Arrivals.concatenate(self.chunks(horizon, rng))
+
+    def chunks(self, horizon: float, rng: np.random.Generator) -> Iterator[Arrivals]:
         _check_horizon(horizon)
-        parts = []
-        for t, stream in zip(self.mix.types, rng.spawn(len(self.mix.types))):  # one stream per type
-            times = _renewal_times(t.rate, horizon, self.cv, stream)
-            parts.append(Arrivals(times, np.full(len(times), t.prompt_len, np.int64),
-                                  np.full(len(times), t.output_len, np.int64)))
-        return Arrivals.merge(parts)
+        streams = [_typed_chunks(t, _renewal_chunks(t.rate, horizon, self.cv, g))
+                   for t, g in zip(self.mix.types, rng.spawn(len(self.mix.types)))]  # one generator per type
+        return _merged_streams(streams)
 
 
 @dataclass(frozen=True)
@@ -318,8 +399,16 @@ class OnOffWorkload:
         return (1.0 - (1.0 - share_on) * self.off_factor) / share_on
 
     def sample(self, horizon: float, rng: np.random.Generator) -> Arrivals:
+        return Arrivals.concatenate(self.chunks(horizon, rng))
+
+    def chunks(self, horizon: float, rng: np.random.Generator) -> Iterator[Arrivals]:
         _check_horizon(horizon)
-        parts = []
+        return self._chunks(horizon, rng)
+
+    def _chunks(self, horizon: float, rng: np.random.Generator) -> Iterator[Arrivals]:
+        # A sojourn's arrivals all come at or before the next one's: merging sojourn by sojourn is merging all.
+        parts: list[Arrivals] = []
+        pending = 0
         start, on = 0.0, bool(rng.random() < self.mean_on_s / (self.mean_on_s + self.mean_off_s))
         while start < horizon:
             length = rng.exponential(self.mean_on_s if on else self.mean_off_s)
@@ -327,11 +416,14 @@ class OnOffWorkload:
             factor = self.peak_factor if on else self.off_factor
             for t in self.mix.types:
                 count = rng.poisson(t.rate * factor * (end - start))
-                times = np.sort(rng.uniform(start, end, count))
-                parts.append(Arrivals(times, np.full(count, t.prompt_len, np.int64),
-                                      np.full(count, t.output_len, np.int64)))
+                parts.append(_typed(np.sort(rng.uniform(start, end, count)), t.prompt_len, t.output_len))
+                pending += count
             start, on = end, not on
-        return Arrivals.merge(parts)
+            if pending >= _DRAW:
+                yield Arrivals.merge(parts)
+                parts, pending = [], 0
+        if pending:
+            yield Arrivals.merge(parts)
 
 
 ArrivalKind = Literal["poisson", "gamma", "onoff", "diurnal"]
@@ -369,20 +461,33 @@ class ArrivalProcess:
 
     def times(self, rate: float, horizon: float, rng: np.random.Generator) -> np.ndarray:
         """Arrival times in ``[0, horizon]`` at long-run mean ``rate`` (req/s), sorted."""
+        return np.concatenate([np.empty(0), *self.time_chunks(rate, horizon, rng)])
+
+    def time_chunks(self, rate: float, horizon: float, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        """:meth:`times` in chunks, drawn as they are read."""
         _check_horizon(horizon)
         if rate <= 0:
-            return np.empty(0)
+            return iter(())
         if self.kind in ("poisson", "gamma"):
-            return _renewal_times(rate, horizon, 1.0 if self.kind == "poisson" else self.cv, rng)
+            return _renewal_chunks(rate, horizon, 1.0 if self.kind == "poisson" else self.cv, rng)
         if self.kind == "onoff":
             one = TypeMix((RequestType(1, 1, rate),))
-            return OnOffWorkload(one, self.mean_on_s, self.mean_off_s, self.off_factor).sample(horizon, rng).arrival_time
-        # Diurnal: thin a Poisson process at the peak rate (Lewis and Shedler).
+            return (chunk.arrival_time for chunk in
+                    OnOffWorkload(one, self.mean_on_s, self.mean_off_s, self.off_factor).chunks(horizon, rng))
+        return self._thinned_chunks(rate, horizon, rng)
+
+    def _thinned_chunks(self, rate: float, horizon: float, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        # Diurnal: thin a Poisson process at the peak rate (Lewis and Shedler). The thinning draws come after all
+        # the candidates from the same generator; a copy run past the candidates first draws them in step.
         peak = rate * (1.0 + self.amplitude)
-        candidates = _renewal_times(peak, horizon, 1.0, rng)
-        keep = rng.random(len(candidates)) * (1.0 + self.amplitude) < (
-            1.0 - self.amplitude * np.cos(2.0 * np.pi * candidates / self.period_s))
-        return candidates[keep]
+        thinning = copy.deepcopy(rng)
+        for _ in _renewal_chunks(peak, horizon, 1.0, thinning):
+            pass
+        for candidates in _renewal_chunks(peak, horizon, 1.0, rng):
+            keep = thinning.random(len(candidates)) * (1.0 + self.amplitude) < (
+                1.0 - self.amplitude * np.cos(2.0 * np.pi * candidates / self.period_s))
+            if keep.any():
+                yield candidates[keep]
 
     def workload(self, mix: "TypeMix") -> "Workload":
         """The workload of this process over a type mix."""
@@ -408,10 +513,15 @@ class ModulatedWorkload:
         return self.mix.total_rate
 
     def sample(self, horizon: float, rng: np.random.Generator) -> Arrivals:
+        return Arrivals.concatenate(self.chunks(horizon, rng))
+
+    def chunks(self, horizon: float, rng: np.random.Generator) -> Iterator[Arrivals]:
         arrival_stream, type_stream = rng.spawn(2)
-        times = self.process.times(self.mix.total_rate, horizon, arrival_stream)
-        kinds = type_stream.choice(len(self.mix.types), size=len(times), p=self.mix.rates / self.mix.total_rate)
-        return Arrivals(times, self.mix.prompt_lens[kinds], self.mix.output_lens[kinds])
+        shares = self.mix.rates / self.mix.total_rate
+        for times in self.process.time_chunks(self.mix.total_rate, horizon, arrival_stream):
+            # Drawn chunk by chunk, the types are those drawn all at once (each draw takes one uniform).
+            kinds = type_stream.choice(len(self.mix.types), size=len(times), p=shares)
+            yield Arrivals(times, self.mix.prompt_lens[kinds], self.mix.output_lens[kinds])
 
 
 @dataclass(frozen=True)
@@ -584,6 +694,9 @@ class TraceWorkload:
         _check_horizon(horizon)
         return Arrivals(self.arrival_time * self.time_scale, self.prompt_len, self.output_len).until(horizon)
 
+    def chunks(self, horizon: float, rng: np.random.Generator) -> Iterator[Arrivals]:
+        return self.sample(horizon, rng).chunked()  # the trace is in memory already
+
 
 @dataclass(frozen=True)
 class LengthSampleWorkload:
@@ -612,8 +725,12 @@ class LengthSampleWorkload:
         return LengthSampleWorkload(self.prompt_len, self.output_len, total_rate, self.process)
 
     def sample(self, horizon: float, rng: np.random.Generator) -> Arrivals:
+        return Arrivals.concatenate(self.chunks(horizon, rng))
+
+    def chunks(self, horizon: float, rng: np.random.Generator) -> Iterator[Arrivals]:
         _check_horizon(horizon)
         arrival_stream, length_stream = rng.spawn(2)
-        times = self.process.times(self.rate, horizon, arrival_stream)
-        rows = length_stream.integers(0, len(self.prompt_len), len(times))
-        return Arrivals(times, self.prompt_len[rows], self.output_len[rows])
+        for times in self.process.time_chunks(self.rate, horizon, arrival_stream):
+            # NumPy's bounded integers keep their buffered bits in the generator: chunk by chunk draws the same rows.
+            rows = length_stream.integers(0, len(self.prompt_len), len(times))
+            yield Arrivals(times, self.prompt_len[rows], self.output_len[rows])

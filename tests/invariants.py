@@ -25,18 +25,21 @@ class InvariantChecker:
 
 
 def check_engine(engine: SimulatedEngine) -> None:
-    records = engine.records()
+    records = engine.records()  # of the requests not retired (finished and handed over) yet
     status = records.status
+    retired = engine.retired
     # Every request is accounted for: arrived = finished + waiting + running.
     assert engine.num_requests == engine.num_finished + engine.num_waiting + engine.num_running
+    assert engine.num_requests == retired + len(status)
     assert engine.num_waiting == int(np.sum(status == WAITING))
     assert engine.num_running == int(np.sum(status == RUNNING))
-    assert engine.num_finished == int(np.sum(status == FINISHED))
+    assert engine.num_finished == retired + int(np.sum(status == FINISHED))
     state = engine.state()
-    assert sorted(state.running.tolist()) == np.flatnonzero(status == RUNNING).tolist()
-    assert state.waiting.tolist() == np.flatnonzero(status == WAITING).tolist()
+    assert state.retired == retired
+    assert sorted(state.running.tolist()) == (retired + np.flatnonzero(status == RUNNING)).tolist()
+    assert state.waiting.tolist() == (retired + np.flatnonzero(status == WAITING)).tolist()
     # Memory: the accountant agrees with a recount, and never exceeds capacity.
-    tokens = state.kv_tokens[: engine.num_requests]
+    tokens = state.kv_tokens[retired: engine.num_requests]
     blocks = -(-tokens // engine.block_size)
     assert engine.used_blocks == int(blocks.sum()) <= engine.capacity_blocks
     assert engine.used_tokens == int(tokens.sum())

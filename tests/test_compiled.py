@@ -25,6 +25,18 @@ def test_the_cache_key_names_every_version_that_changes_the_machine_code(monkeyp
     assert compiled.cache_key() != key
 
 
+def test_the_cache_key_changes_with_any_source_of_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Numba checks a cached function against its own file only: a caller compiled against an older callee of
+    another module would keep the old callee's code. A change to any source gives a new cache folder."""
+    for name in ("kernels.py", "episode.py"):
+        (tmp_path / name).write_text("x = 1\n")
+    monkeypatch.setattr(compiled, "__file__", str(tmp_path / "compiled.py"))
+    before = compiled.sources_hash()
+    assert compiled.sources_hash() == before
+    (tmp_path / "kernels.py").write_text("x = 2\n")  # a callee changes, its caller's file does not
+    assert compiled.sources_hash() != before
+
+
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="nothing is compiled or cached")
 def test_kernels_cache_into_the_environments_folder_and_honour_numba_cache_dir(tmp_path: Path) -> None:
     script = ("import numpy as np; from llmsched_env import kernels; from llmsched_env.compiled import cache_dir; "
