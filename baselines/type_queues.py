@@ -17,40 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from llmsched_env.engine import SchedulerState
-from llmsched_env.request_table import allocate_column, release_ids
+from llmsched_env.request_table import Int64Buffer
 
 _EMPTY = np.empty(0, dtype=np.int64)
-_RELEASE_STEP = 4096
-
-
-class Int64Buffer:
-    """An int64 array appended to in amortised O(1) per element: ``data[:size]`` holds what was appended.
-
-    A prefix that will not be read again can be released (:meth:`release_below`): its memory goes back to the OS
-    (it reads as zeros), so a buffer indexed by request id or queue position stays as large as its live part.
-    """
-
-    def __init__(self, start: int = 0) -> None:
-        """An empty buffer, or with ``start`` entries already released (never to be read)."""
-        self.data = allocate_column(max(64, 2 * start), np.int64)  # untouched pages cost nothing
-        self.size = start
-        self.released = start  # data[:released] is given back
-
-    def extend(self, values: np.ndarray) -> None:
-        end = self.size + len(values)
-        if end > len(self.data):
-            grown = allocate_column(max(end, 2 * len(self.data)), np.int64)
-            grown[self.released:self.size] = self.data[self.released:self.size]
-            release_ids(self.data, 0, self.size)
-            self.data = grown
-        self.data[self.size:end] = values
-        self.size = end
-
-    def release_below(self, index: int) -> None:
-        """``data[:index]`` will not be read again (released in steps of 4,096 entries, a few pages)."""
-        if index - self.released >= _RELEASE_STEP:
-            release_ids(self.data, self.released, index)
-            self.released = index
 
 
 class TypeQueues:

@@ -42,10 +42,11 @@ import numpy as np
 from baselines.cohorts import first_per_group
 from baselines.lookahead import LEND_SCAN, fitting_prefix, trajectories
 from baselines.thresholds import WaitThresholds, wait_thresholds
-from baselines.type_queues import Int64Buffer, TypeQueues
+from baselines.type_queues import TypeQueues
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
+from llmsched_env.request_table import Int64Buffer
 from llmsched_env.workload import TypeMix
 
 Variant = Literal["measured", "paper"]

@@ -42,6 +42,7 @@ from llmsched_env.engine import IDLE, Decision, SchedulerState
 from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import solve_fluid
 from llmsched_env.rate_estimate import ArrivalRateEstimator
+from llmsched_env.request_table import Int64Buffer
 from llmsched_env.scenario import Scenario
 from llmsched_env.workload import Arrivals, RequestType, TypeMix
 
@@ -165,7 +166,7 @@ class AdmissionControl:
         self.num_classes = len(self.class_mix.types)
         k, b = self.num_classes, self.stage_buckets
         self.observation_size = k * (b + 3) + 7
-        self._class = np.empty(0, dtype=np.int64)
+        self._class = Int64Buffer()  # each request's class, by id
         self._targets: EpisodeTargets | None = None
 
     # -- the spaces' shapes ------------------------------------------------------------------------
@@ -207,9 +208,9 @@ class AdmissionControl:
         rather than a few at every epoch; the result is the same.
         """
         self._targets = targets
-        self._class = np.empty(0, dtype=np.int64)
+        self._class = Int64Buffer()
         if arrivals is not None and len(arrivals):
-            self._class = self.classify(arrivals.prompt_len, arrivals.output_len if self.known_lengths else None)
+            self._class.extend(self.classify(arrivals.prompt_len, arrivals.output_len if self.known_lengths else None))
         self._seen = 0
         self._rates = ArrivalRateEstimator(self.rate_window_s, self.num_classes)
         self._last_admission = 0.0
@@ -229,7 +230,7 @@ class AdmissionControl:
 
     def interface_params(self) -> InterfaceParams:
         """What the episode fixes for this interface, for a compiled loop (after :meth:`reset`)."""
-        return InterfaceParams(np.ascontiguousarray(self._class, dtype=np.int64), self.max_admit, self.rate_window_s,
+        return InterfaceParams(self._class.data[:self._class.size], self.max_admit, self.rate_window_s,
                                self._scales, self._residual, self._segment_edges, bool(self.known_lengths),
                                self.stage_buckets)
 
@@ -261,12 +262,13 @@ class AdmissionControl:
         return np.searchsorted(self._prompt_edges, prompt_len, side="left")
 
     def _classes(self, state: SchedulerState) -> np.ndarray:
-        known = len(self._class)
+        known = self._class.size
         if state.num_requests > known:
             ids = np.arange(known, state.num_requests)
             output = state.output_len[ids] if state.output_len is not None else None
-            self._class = np.concatenate([self._class, self.classify(state.prompt_len[ids], output)])
-        return self._class
+            self._class.extend(self.classify(state.prompt_len[ids], output))  # amortised O(1) per request
+        self._class.release_below(state.retired)  # retired requests are never looked up again
+        return self._class.data
 
     # -- what may be admitted -----------------------------------------------------------------------
     def candidates(self, state: SchedulerState) -> Candidates:
@@ -291,7 +293,7 @@ class AdmissionControl:
                  candidates: Candidates) -> tuple[Decision, np.ndarray, bool]:
         """The decision for ``action``: ``(decision, admitted counts per class, clipped)``."""
         action = self.checked_action(action)
-        admit, counts, clipped = kernels.admissions(action, candidates.oldest, candidates.fits, self._class,
+        admit, counts, clipped = kernels.admissions(action, candidates.oldest, candidates.fits, self._class.data,
                                                     state.context_len, state.block_size, candidates.room)
         if len(admit):
             self._last_admission = state.now

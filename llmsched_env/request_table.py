@@ -57,6 +57,7 @@ class RequestColumns(NamedTuple):
 #: Columns of at least this many bytes live in an anonymous memory map: the OS commits a page when it is first
 #: written, and :func:`release_ids` hands the pages of retired requests back (a NumPy array cannot shrink in place).
 _MAPPED_FROM_BYTES = 1 << 20
+_RELEASE_STEP = 4096  # entries: a few pages
 
 
 def allocate_column(size: int, dtype: type) -> np.ndarray:
@@ -70,14 +71,16 @@ def allocate_column(size: int, dtype: type) -> np.ndarray:
 
 
 def release_ids(column: np.ndarray, start: int, end: int) -> None:
-    """Give back to the OS the whole pages of ``column`` that hold only ids ``start .. end - 1`` (retired
-    requests: never read again). They read as zeros afterwards. A column not memory-mapped keeps its memory."""
+    """Ids before ``end`` will never be read again, and those before ``start`` were released already: give the
+    pages from the one holding ``start`` up to the last that holds only ids before ``end`` back to the OS. They
+    read as zeros afterwards. A column not memory-mapped keeps its memory."""
     base = column.base
     buffer = base.obj if isinstance(base, memoryview) else None
     if not isinstance(buffer, mmap.mmap):
         return
     item = column.itemsize
-    first = -(-start * item // mmap.PAGESIZE) * mmap.PAGESIZE
+    # Rounding the start down takes the page that the last release had to keep (it held ids then live).
+    first = start * item // mmap.PAGESIZE * mmap.PAGESIZE
     last = end * item // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
         buffer.madvise(mmap.MADV_DONTNEED, first, last - first)
@@ -107,6 +110,37 @@ def finished_prefix_end(status: np.ndarray, start: int, n: int) -> int:
     """The first id from ``start`` on that is not finished (``n`` if all are)."""
     unfinished = np.flatnonzero(status[start:n] != FINISHED)
     return start + int(unfinished[0]) if len(unfinished) else n
+
+
+class Int64Buffer:
+    """An int64 array appended to in amortised O(1) per element: ``data[:size]`` holds what was appended.
+
+    A prefix that will not be read again can be released (:meth:`release_below`): its memory goes back to the OS
+    (it reads as zeros), so a buffer indexed by request id or queue position stays as large as its live part.
+    """
+
+    def __init__(self, start: int = 0) -> None:
+        """An empty buffer, or with ``start`` entries already released (never to be read)."""
+        self.data = allocate_column(max(64, 2 * start), np.int64)  # untouched pages cost nothing
+        self.size = start
+        self.released = start  # data[:released] is given back
+
+    def extend(self, values: np.ndarray) -> None:
+        end = self.size + len(values)
+        if end > len(self.data):
+            grown = allocate_column(max(end, 2 * len(self.data)), np.int64)
+            grown[self.released:self.size] = self.data[self.released:self.size]
+            release_ids(self.data, 0, self.size)
+            self.data = grown
+        self.data[self.size:end] = values
+        self.size = end
+
+    def release_below(self, index: int) -> None:
+        """``data[:index]`` will not be read again (released in steps of 4,096 entries, a few pages)."""
+        index = min(index, self.size)
+        if index - self.released >= _RELEASE_STEP:
+            release_ids(self.data, self.released, index)
+            self.released = index
 
 
 def checked_arrivals(arrival_time: np.ndarray, prompt_len: np.ndarray,

@@ -50,8 +50,12 @@ def test_builtin_configs_load_and_bad_ones_name_the_key(tmp_path: Path) -> None:
         load_config("nope")
 
 
-def test_an_agent_runs_through_run_exactly_as_in_the_environment() -> None:
+def test_an_agent_runs_through_run_exactly_as_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """… also when the run retires finished requests every 32 finishes (the agent's interface then releases the
+    classes it kept for them: reading a released one would change its choices)."""
     from sb3_contrib import MaskablePPO
+
+    from llmsched_env import runner
 
     env = gym.make("LLMSched-v0", horizon=60.0, memory_tokens=20_000).unwrapped
     model = MaskablePPO("MlpPolicy", env, seed=0, device="cpu")  # untrained: its choices are arbitrary, not trivial
@@ -61,8 +65,10 @@ def test_an_agent_runs_through_run_exactly_as_in_the_environment() -> None:
         action, _ = model.predict(obs, deterministic=True, action_masks=env.action_masks())
         obs, _, _, truncated, info = env.step(action)
     scenario = env.scenario.at_rate(env.rate)
-    result = run(scenario.engine(), AgentPolicy(model, scenario, env.horizon), scenario.sample(env.horizon, 5),
-                 env.horizon)
+    monkeypatch.setattr(runner, "RETIRE_EVERY", 32)
+    engine = scenario.engine()
+    result = run(engine, AgentPolicy(model, scenario, env.horizon), scenario.chunks(env.horizon, 5), env.horizon)
+    assert engine.retired > 500
     ours = env.result().records
     assert np.array_equal(ours.finish_time, result.records.finish_time, equal_nan=True)
     assert np.array_equal(ours.num_evictions, result.records.num_evictions)
