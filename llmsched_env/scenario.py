@@ -168,7 +168,8 @@ DEFAULT_MAX_REQUESTS = 10**8
 
 def check_work(expected_requests: float, what: str) -> None:
     """Refuse, in one line with the numbers, a request for more simulated requests than the cap (see
-    :data:`DEFAULT_MAX_REQUESTS`): they would take hours and memory in proportion."""
+    :data:`DEFAULT_MAX_REQUESTS`): they would take hours (memory is bounded by the requests in the system, not
+    by those that arrive)."""
     raw = os.environ.get("LLMSCHED_MAX_REQUESTS")
     try:
         cap = float(raw) if raw else DEFAULT_MAX_REQUESTS
