@@ -94,9 +94,8 @@ def realised_fluid(scenario: Scenario, arrivals: Arrivals | Iterable[Arrivals], 
     sample. A trace's benchmark is already its realised one."""
     if scenario.trace is not None:
         return offered
-    try:
-        mix = TypeMix.from_arrivals([arrivals] if isinstance(arrivals, Arrivals) else arrivals, horizon)
-    except ConfigError:  # nothing arrived
+    mix = TypeMix.from_arrivals([arrivals] if isinstance(arrivals, Arrivals) else arrivals, horizon)
+    if mix is None:  # nothing arrived
         return offered
     return solve_fluid(mix, scenario.cost, scenario.paged_capacity_tokens)
 

@@ -42,10 +42,9 @@ from llmsched_env.request_table import (
     EMPTY_IDS,
     REQUEST_COLUMNS,
     checked_arrivals,
-    finished_prefix_end,
     grow_columns,
     records_of,
-    release_ids,
+    retire_rows,
     start_rows,
     validated_batch,
 )
@@ -343,22 +342,12 @@ class LiveVLLMEngine:
     def retire_finished(self) -> RequestRecords:
         """Hand over the records of the finished requests before every unfinished one, and free their rows
         (see :meth:`llmsched_env.simulator.SimulatedEngine.retire_finished`)."""
-        start = self._retired
-        end = finished_prefix_end(self._status, start, self._n)
-        records = self._records(start, end)
-        for name in _COLUMNS:
-            release_ids(getattr(self, name), start, end)
-        self._retired = end
+        records, self._retired = retire_rows(self, _COLUMNS, self._retired, self._n)
         return records
 
     def records(self) -> RequestRecords:
         """The records of the requests not retired yet (every request, until some are retired)."""
-        return self._records(self._retired, self._n)
-
-    def _records(self, start: int, end: int) -> RequestRecords:
-        return records_of(start, end, arrival=self._arrival, prompt=self._prompt, output=self._output,
-                          context=self._context, status=self._status, first_token=self._first_token,
-                          finish=self._finish, evictions=self._evictions)
+        return records_of(self, self._retired, self._n)
 
     def produced_tokens(self) -> np.ndarray:
         """Tokens vLLM returned per request not retired yet (``o + 1`` for every finished one; checked as each

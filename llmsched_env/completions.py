@@ -94,9 +94,47 @@ def exact_distribution(values: np.ndarray) -> Distribution:
     return Distribution(float(values.mean()), float(p50), float(p90), float(p99))
 
 
+class RecordSummary:
+    """Fixed-size summaries of request records (see the module's docstring): what a :class:`CompletionLog` keeps
+    once it holds more than its exact limit."""
+
+    def __init__(self, horizon: float) -> None:
+        self.horizon = horizon
+        self.completed = 0
+        self.tokens = 0
+        self.latency = QuantileSketch()
+        self.ttft = QuantileSketch()
+        self.tbt = QuantileSketch()
+        self.curve_counts = np.zeros(CURVE_BINS, dtype=np.int64)
+        self.curve_tokens = np.zeros(CURVE_BINS, dtype=np.int64)
+
+    def add(self, r: RequestRecords) -> None:
+        done = r.status == FINISHED
+        finish, output = r.finish_time[done], r.output_len[done]
+        self.completed += int(np.count_nonzero(done))
+        self.tokens += int(np.add.reduce(output))
+        self.latency.add(finish - r.arrival_time[done])
+        started = ~np.isnan(r.first_token_time)
+        self.ttft.add(r.first_token_time[started] - r.arrival_time[started])
+        self.tbt.add((finish - r.first_token_time[done]) / output)
+        # Bin b holds finishes in (b w, (b + 1) w]; those past the horizon go to no bin (no grid point reaches them).
+        width = self.horizon / CURVE_BINS
+        bins = np.ceil(finish / width).astype(np.int64) - 1
+        inside = (bins >= 0) & (bins < CURVE_BINS)
+        self.curve_counts += np.bincount(bins[inside], minlength=CURVE_BINS)
+        self.curve_tokens += np.bincount(bins[inside], weights=output[inside], minlength=CURVE_BINS).astype(np.int64)
+
+    def completions_by(self, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        edges = np.floor(np.asarray(grid) / (self.horizon / CURVE_BINS) + 1e-9).astype(np.int64)
+        edges = np.clip(edges, 0, CURVE_BINS)
+        counts = np.concatenate([[0], np.cumsum(self.curve_counts)])
+        tokens = np.concatenate([[0], np.cumsum(self.curve_tokens)])
+        return counts[edges], tokens[edges]
+
+
 class CompletionLog:
-    """A run's request records: every one up to ``exact_limit`` requests (or all with ``keep_records``),
-    fixed-size summaries beyond (see the module's docstring).
+    """A run's request records: every one up to ``exact_limit`` requests (or all with ``keep_records``), a
+    :class:`RecordSummary` beyond (see the module's docstring).
 
     Args:
         horizon: the run's horizon (s), which the completion curve's bins divide.
@@ -109,47 +147,26 @@ class CompletionLog:
         self.keep_records = keep_records
         self.exact_limit = EXACT_REQUESTS if exact_limit is None else exact_limit
         self.requests = 0
-        self._chunks: list[RequestRecords] | None = []
-        self._completed = 0
-        self._tokens = 0
-        self._latency = QuantileSketch()
-        self._ttft = QuantileSketch()
-        self._tbt = QuantileSketch()
-        self._curve_counts = np.zeros(CURVE_BINS, dtype=np.int64)
-        self._curve_tokens = np.zeros(CURVE_BINS, dtype=np.int64)
+        self._chunks: list[RequestRecords] = []  # every record, while the log is exact
+        self._summary: RecordSummary | None = None  # once it is not (made then: runs that stay exact never pay)
 
     @property
     def exact(self) -> bool:
         """Whether every record is kept (and every figure is exact)."""
-        return self._chunks is not None
+        return self._summary is None
 
     def add(self, records: RequestRecords) -> None:
         """Take the records of requests handed over (each request once, in id order)."""
         self.requests += len(records.status)
-        if self._chunks is not None:
-            self._chunks.append(records)
-            if self.requests > self.exact_limit and not self.keep_records:
-                kept, self._chunks = self._chunks, None
-                for chunk in kept:
-                    self._summarize(chunk)
+        if self._summary is not None:
+            self._summary.add(records)
             return
-        self._summarize(records)
-
-    def _summarize(self, r: RequestRecords) -> None:
-        done = r.status == FINISHED
-        finish, output = r.finish_time[done], r.output_len[done]
-        self._completed += int(np.count_nonzero(done))
-        self._tokens += int(np.add.reduce(output))
-        self._latency.add(finish - r.arrival_time[done])
-        started = ~np.isnan(r.first_token_time)
-        self._ttft.add(r.first_token_time[started] - r.arrival_time[started])
-        self._tbt.add((finish - r.first_token_time[done]) / output)
-        # Bin b holds finishes in (b w, (b + 1) w]; those past the horizon go to no bin (no grid point reaches them).
-        width = self.horizon / CURVE_BINS
-        bins = np.ceil(finish / width).astype(np.int64) - 1
-        inside = (bins >= 0) & (bins < CURVE_BINS)
-        self._curve_counts += np.bincount(bins[inside], minlength=CURVE_BINS)
-        self._curve_tokens += np.bincount(bins[inside], weights=output[inside], minlength=CURVE_BINS).astype(np.int64)
+        self._chunks.append(records)
+        if self.requests > self.exact_limit and not self.keep_records:
+            self._summary = RecordSummary(self.horizon)
+            for chunk in self._chunks:
+                self._summary.add(chunk)
+            self._chunks = []
 
     def copy(self) -> "CompletionLog":
         """An independent copy (what a result takes, while its run may go on)."""
@@ -157,27 +174,31 @@ class CompletionLog:
 
     def records(self) -> RequestRecords:
         """Every request's record, in id order; refused once the log keeps summaries only."""
-        if self._chunks is None:
+        if self._summary is not None:
             raise ConfigError(f"the run's per-request records were not kept: it had {self.requests:,} requests, more "
                               f"than the {self.exact_limit:,} kept by default; run it with keep_records=True")
         fields = RequestRecords.__dataclass_fields__
         if not self._chunks:
             return RequestRecords(**{name: np.empty(0) for name in fields})
-        return RequestRecords(**{name: np.concatenate([getattr(c, name) for c in self._chunks]) for name in fields})
+        if len(self._chunks) > 1:  # joined once, for every later reader
+            self._chunks = [RequestRecords(**{name: np.concatenate([getattr(c, name) for c in self._chunks])
+                                              for name in fields})]
+        return self._chunks[0]
 
     def completed(self) -> tuple[int, int]:
         """Finished requests and their output tokens."""
-        if self._chunks is None:
-            return self._completed, self._tokens
+        if self._summary is not None:
+            return self._summary.completed, self._summary.tokens
         r = self.records()
         done = r.status == FINISHED
         return int(done.sum()), int(r.output_len[done].sum())
 
     def distributions(self) -> dict[str, Distribution]:
         """Latency, TTFT and time between tokens (see :mod:`llmsched_env.metrics` for their definitions)."""
-        if self._chunks is None:
-            return {"latency": self._latency.distribution(), "ttft": self._ttft.distribution(),
-                    "tbt": self._tbt.distribution()}
+        if self._summary is not None:
+            summary = self._summary
+            return {"latency": summary.latency.distribution(), "ttft": summary.ttft.distribution(),
+                    "tbt": summary.tbt.distribution()}
         r = self.records()
         done = r.status == FINISHED
         started = ~np.isnan(r.first_token_time)
@@ -187,12 +208,8 @@ class CompletionLog:
 
     def completions_by(self, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Requests finished, and their output tokens, by each time of ``grid`` (in ``(0, horizon]``)."""
-        if self._chunks is None:
-            edges = np.floor(np.asarray(grid) / (self.horizon / CURVE_BINS) + 1e-9).astype(np.int64)
-            counts = np.concatenate([[0], np.cumsum(self._curve_counts)])
-            tokens = np.concatenate([[0], np.cumsum(self._curve_tokens)])
-            edges = np.clip(edges, 0, CURVE_BINS)
-            return counts[edges], tokens[edges]
+        if self._summary is not None:
+            return self._summary.completions_by(grid)
         r = self.records()
         done = r.status == FINISHED
         order = np.argsort(r.finish_time[done])

@@ -106,12 +106,6 @@ def start_rows(owner: object, columns: dict[str, tuple[type, float | int]], star
         getattr(owner, name)[start:end] = value
 
 
-def finished_prefix_end(status: np.ndarray, start: int, n: int) -> int:
-    """The first id from ``start`` on that is not finished (``n`` if all are)."""
-    unfinished = np.flatnonzero(status[start:n] != FINISHED)
-    return start + int(unfinished[0]) if len(unfinished) else n
-
-
 class Int64Buffer:
     """An int64 array appended to in amortised O(1) per element: ``data[:size]`` holds what was appended.
 
@@ -159,16 +153,29 @@ def checked_arrivals(arrival_time: np.ndarray, prompt_len: np.ndarray,
     return arrival_time, prompt_len, output_len
 
 
-def records_of(start: int, end: int, *, arrival: np.ndarray, prompt: np.ndarray, output: np.ndarray,
-               context: np.ndarray, status: np.ndarray, first_token: np.ndarray, finish: np.ndarray,
-               evictions: np.ndarray) -> RequestRecords:
-    """Copies of the columns of ids ``start .. end - 1``, as :class:`RequestRecords`."""
+def records_of(owner: object, start: int, end: int) -> RequestRecords:
+    """Copies of ``owner``'s columns (:data:`REQUEST_COLUMNS`) for ids ``start .. end - 1``, as
+    :class:`RequestRecords`."""
     window = slice(start, end)
+    column = {name: getattr(owner, name)[window] for name in REQUEST_COLUMNS}
     return RequestRecords(
-        arrival_time=arrival[window].copy(), prompt_len=prompt[window].copy(), output_len=output[window].copy(),
-        first_token_time=first_token[window].copy(), finish_time=finish[window].copy(),
-        num_evictions=evictions[window].copy(), decoded=context[window] - prompt[window],
-        status=status[window].copy())
+        arrival_time=column["_arrival"].copy(), prompt_len=column["_prompt"].copy(),
+        output_len=column["_output"].copy(), first_token_time=column["_first_token"].copy(),
+        finish_time=column["_finish"].copy(), num_evictions=column["_evictions"].copy(),
+        decoded=column["_context"] - column["_prompt"], status=column["_status"].copy())
+
+
+def retire_rows(owner: object, columns: dict[str, tuple[type, float | int]], start: int,
+                n: int) -> tuple[RequestRecords, int]:
+    """Retire the finished requests from id ``start`` up to the first unfinished one (of ``n``): their records,
+    and the id where the prefix ends. Their rows in ``columns`` are released (:func:`release_ids`). What both
+    engines' ``retire_finished`` do."""
+    unfinished = np.flatnonzero(getattr(owner, "_status")[start:n] != FINISHED)  # columns go by their names
+    end = start + int(unfinished[0]) if len(unfinished) else n
+    records = records_of(owner, start, end)
+    for name in columns:
+        release_ids(getattr(owner, name), start, end)
+    return records, end
 
 
 def describe_request(i: int, status: np.ndarray, prompt: np.ndarray, context: np.ndarray, kv: np.ndarray) -> str:

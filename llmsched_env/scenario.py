@@ -146,12 +146,10 @@ class Scenario:
         ``arrivals`` (whole, or a stream of chunks: read only for a trace)."""
         if self.mix is not None:
             return self.mix
-        if isinstance(arrivals, Arrivals) and not len(arrivals):
+        mix = TypeMix.from_arrivals([arrivals] if isinstance(arrivals, Arrivals) else arrivals, horizon)
+        if mix is None:
             raise ConfigError(f"no request of the trace arrives within the horizon of {horizon} s")
-        try:
-            return TypeMix.from_arrivals([arrivals] if isinstance(arrivals, Arrivals) else arrivals, horizon)
-        except ConfigError:
-            raise ConfigError(f"no request of the trace arrives within the horizon of {horizon} s") from None
+        return mix
 
     def fluid(self, arrivals: Arrivals | Iterable[Arrivals], horizon: float) -> FluidSolution:
         return solve_fluid(self.fluid_mix(arrivals, horizon), self.cost, self.paged_capacity_tokens)

@@ -37,10 +37,9 @@ from llmsched_env.request_table import (
     RequestColumns,
     Batch,
     checked_arrivals,
-    finished_prefix_end,
     grow_columns,
     records_of,
-    release_ids,
+    retire_rows,
     validated_batch,
 )
 
@@ -421,20 +420,11 @@ class SimulatedEngine:
         requests in the system (from the oldest unfinished one to the newest), not by all that ever arrived.
         Their ids stay taken; no policy sees them again (they are finished)."""
         start = self._retired
-        end = finished_prefix_end(self._status, start, self._n)
-        records = self._records(start, end)
-        for name in _COLUMNS:
-            release_ids(getattr(self, name), start, end)
-        self._kv.release_ids(start, end)
-        self._retired = end
-        self._first_maybe_waiting = max(self._first_maybe_waiting, end)  # released rows read as zeros (WAITING)
+        records, self._retired = retire_rows(self, _COLUMNS, start, self._n)
+        self._kv.release_ids(start, self._retired)
+        self._first_maybe_waiting = max(self._first_maybe_waiting, self._retired)  # released rows read as zeros
         return records
 
     def records(self) -> RequestRecords:
         """The records of ids ``retired .. num_requests - 1`` (every request, until some are retired)."""
-        return self._records(self._retired, self._n)
-
-    def _records(self, start: int, end: int) -> RequestRecords:
-        return records_of(start, end, arrival=self._arrival, prompt=self._prompt, output=self._output,
-                          context=self._context, status=self._status, first_token=self._first_token,
-                          finish=self._finish, evictions=self._evictions)
+        return records_of(self, self._retired, self._n)

@@ -99,12 +99,16 @@ class TypeMix:
 
         This is exact for the fluid model, whose terms are linear in ``λ_j w_j`` and ``λ_j u_j``.
         """
-        return cls.from_arrivals([Arrivals(np.empty(len(prompt_lens)), np.asarray(prompt_lens, np.int64),
-                                           np.asarray(output_lens, np.int64))], duration_s)
+        mix = cls.from_arrivals([Arrivals(np.empty(len(prompt_lens)), np.asarray(prompt_lens, np.int64),
+                                          np.asarray(output_lens, np.int64))], duration_s)
+        if mix is None:
+            raise ConfigError("a type mix needs at least one request type")
+        return mix
 
     @classmethod
-    def from_arrivals(cls, chunks: Iterable["Arrivals"], duration_s: float) -> "TypeMix":
-        """:meth:`from_lengths` of requests read chunk by chunk (memory: one entry per distinct pair)."""
+    def from_arrivals(cls, chunks: Iterable["Arrivals"], duration_s: float) -> "TypeMix | None":
+        """:meth:`from_lengths` of requests read chunk by chunk (memory: one entry per distinct pair); ``None``
+        when no request arrived."""
         if duration_s <= 0:
             raise ConfigError(f"duration must be > 0 s, got {duration_s!r}")
         counts: dict[tuple[int, int], int] = {}
@@ -114,7 +118,7 @@ class TypeMix:
             for (p, o), c in zip(pairs.tolist(), found.tolist()):
                 counts[p, o] = counts.get((p, o), 0) + c
         if not counts:
-            raise ConfigError("no request to take a type mix from")
+            return None
         return cls(tuple(RequestType(p, o, c / duration_s) for (p, o), c in sorted(counts.items())))
 
     @classmethod
@@ -278,11 +282,6 @@ def _renewal_chunks(rate: float, horizon: float, cv: float, rng: np.random.Gener
             return
         yield chunk
         start = float(chunk[-1])
-
-
-def _renewal_times(rate: float, horizon: float, cv: float, rng: np.random.Generator) -> np.ndarray:
-    """All of :func:`_renewal_chunks` at once."""
-    return np.concatenate([np.empty(0), *_renewal_chunks(rate, horizon, cv, rng)])
 
 
 def _typed(times: np.ndarray, prompt_len: int, output_len: int) -> Arrivals:

@@ -97,7 +97,7 @@ def test_beyond_the_exact_limit_counts_stay_exact_and_quantiles_within_the_state
 
 def test_a_run_past_the_exact_limit_reports_the_same_counts_and_close_quantiles(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    _, _, want = _outcome("vllm", 60.0, 1, stream=True)
+    _, exact, want = _outcome("vllm", 60.0, 1, stream=True)
     monkeypatch.setattr(completions, "EXACT_REQUESTS", 300)
     monkeypatch.setattr(runner, "RETIRE_EVERY", 100)
     _, result, got = _outcome("vllm", 60.0, 1, stream=True)
@@ -111,8 +111,7 @@ def test_a_run_past_the_exact_limit_reports_the_same_counts_and_close_quantiles(
             assert got[key] == value, key
     scenario = build_scenario(hidden_lengths=True)
     fluid = scenario.fluid(scenario.sample(60.0, 1), 60.0)
-    assert regret_curve(result, fluid).completions.tolist() == regret_curve(_outcome("vllm", 60.0, 1, True)[1],
-                                                                           fluid).completions.tolist()
+    assert regret_curve(result, fluid).completions.tolist() == regret_curve(exact, fluid).completions.tolist()
 
 
 def test_the_time_series_keeps_at_most_its_rows_evenly_spaced() -> None:
