@@ -46,12 +46,19 @@ vLLM's OpenAI-server default on an A100 and Sarathi-Serve's usual budget.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from baselines.cohorts import fill_in_order
+from llmsched_env import compiled_run
+from llmsched_env.compiled import compiled
+from llmsched_env.compiled_run import GO_ON, ChunkArrays, RunState, oldest_waiting
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
+from llmsched_env.iteration import NUM_WAITING, USED_BLOCKS, EngineParams
+from llmsched_env.policy import CompiledLoop
+from llmsched_env.request_table import RequestColumns
 
 _NONE = np.empty(0, dtype=np.int64)
 _UNLIMITED = np.iinfo(np.int64).max
@@ -86,6 +93,14 @@ class FCFSPolicy:
 
     def reset(self, engine: Engine) -> None:
         self._watermark_blocks = int(self.watermark * engine.capacity_blocks)
+
+    def compiled_loop(self) -> CompiledLoop:
+        """This policy's rule compiled (:func:`run_fcfs`): the same decisions as :meth:`decide`, bit for bit."""
+        rule = FCFSRule(self.max_num_seqs,
+                        _UNLIMITED if self.max_num_batched_tokens is None else self.max_num_batched_tokens,
+                        self.chunked_prefill, self._watermark_blocks, self.prefill_first, self.padded_prefill,
+                        self.reserve_prompt)
+        return lambda run, running, columns, arrivals, engine: run_fcfs(run, running, columns, arrivals, engine, rule)
 
     def decide(self, state: SchedulerState) -> Decision:
         if self.prefill_first:
@@ -164,6 +179,153 @@ class FCFSPolicy:
         if len(decode) == 0 and len(prefill) == 0:
             return IDLE
         return Decision(decode=decode, prefill=prefill, prefill_tokens=chunk)
+
+
+class FCFSRule(NamedTuple):
+    """:class:`FCFSPolicy`'s settings as its compiled rule takes them (the budget ``int64`` max when unlimited)."""
+
+    max_num_seqs: int
+    budget: int
+    chunked_prefill: bool
+    watermark_blocks: int
+    prefill_first: bool
+    padded_prefill: bool
+    reserve_prompt: bool
+
+
+@compiled
+def _fill_in_order(sizes: np.ndarray, budget: int, allow_partial: bool) -> np.ndarray:
+    """:func:`baselines.cohorts.fill_in_order`, compiled."""
+    grant = np.zeros(len(sizes), dtype=np.int64)
+    if len(sizes) == 0 or budget <= 0:
+        return grant
+    total = 0
+    for j in range(len(sizes)):
+        if total + sizes[j] > budget:
+            if allow_partial:
+                grant[j] = budget - total
+            break
+        total += sizes[j]
+        grant[j] = sizes[j]
+    return grant
+
+
+@compiled
+def _admissions(rule: FCFSRule, waiting: np.ndarray, budget: int, free: int, columns: RequestColumns,
+                empty_engine: bool, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`FCFSPolicy._admissions`: the FCFS prefix of ``waiting`` admitted within ``budget`` prefill tokens
+    and ``free`` blocks (less the watermark), and its chunks."""
+    if len(waiting) == 0:
+        return waiting, np.empty(0, dtype=np.int64)
+    context = columns.context[waiting]
+    if rule.padded_prefill:
+        chunk = np.zeros(len(context), dtype=np.int64)
+        longest = 0
+        for j in range(len(context)):
+            longest = max(longest, context[j])
+            if (j + 1) * longest > budget:
+                break
+            chunk[j] = context[j]
+    else:
+        chunk = _fill_in_order(context, budget, rule.chunked_prefill)
+    if chunk[0] == 0 and not rule.chunked_prefill:
+        chunk[0] = context[0]  # longer than the budget: vLLM's budget is >= any prompt, so it goes alone
+    count = 0
+    while count < len(chunk) and chunk[count] != 0:
+        count += 1
+    limit = free - rule.watermark_blocks
+    blocks, fitting = 0, 0
+    while fitting < count:
+        size = context[fitting] if rule.reserve_prompt else chunk[fitting]
+        blocks += -(-size // block_size)
+        if blocks > limit:
+            break
+        fitting += 1
+    if fitting == 0 and empty_engine:
+        fitting = 1  # an empty engine always takes the head of the queue (it is known to fit)
+    return waiting[:fitting], chunk[:fitting]
+
+
+@compiled
+def fcfs_decision(rule: FCFSRule, running: np.ndarray, columns: RequestColumns, counters: np.ndarray,
+                  engine: EngineParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:meth:`FCFSPolicy.decide`, compiled: ``(decode, prefill, prefill_tokens)``, all empty to wait."""
+    block_size = engine.block_size
+    free_blocks = engine.capacity_blocks - counters[USED_BLOCKS]
+    empty_engine = len(running) == 0 and counters[USED_BLOCKS] == 0
+    slots = rule.max_num_seqs - len(running)
+    nothing = np.empty(0, dtype=np.int64)
+    if rule.prefill_first:
+        waiting, chunk = _admissions(rule, oldest_waiting(counters, columns.status, slots), rule.budget,
+                                     free_blocks, columns, empty_engine, block_size)
+        if len(waiting):
+            return nothing, waiting, chunk
+    kv_tokens, context = columns.kv_tokens, columns.context
+    num_ready = 0
+    for i in running:
+        if kv_tokens[i] == context[i]:
+            num_ready += 1
+    decode = np.empty(num_ready, dtype=np.int64)
+    partial = np.empty(len(running) - num_ready, dtype=np.int64)
+    d = p = 0
+    for i in running:
+        if kv_tokens[i] == context[i]:
+            decode[d] = i
+            d += 1
+        else:
+            partial[p] = i
+            p += 1
+    budget = rule.budget
+    if rule.chunked_prefill:
+        if len(decode) > budget:
+            decode = decode[:budget]  # the oldest decode; the rest pause
+        left = budget - len(decode)
+    else:
+        left = budget  # without chunking the budget bounds prefill tokens (vLLM: >= max_model_len)
+    growth = 0
+    for i in decode:
+        if kv_tokens[i] % block_size == 0:
+            growth += 1
+    partial_chunk = nothing
+    if len(partial):
+        # Requests partway through a chunked prefill continue, oldest first.
+        grants = _fill_in_order(context[partial] - kv_tokens[partial], left, True)
+        granted = grants > 0
+        if rule.reserve_prompt:  # the rest of every partial prompt is already taken (Vidur)
+            for i in partial:
+                growth += -(-context[i] // block_size) - (-(-kv_tokens[i] // block_size))
+        partial, partial_chunk = partial[granted], grants[granted]
+        for j in range(len(partial)):
+            left -= partial_chunk[j]
+            if not rule.reserve_prompt:
+                held = kv_tokens[partial[j]]
+                growth += -(-(held + partial_chunk[j]) // block_size) - (-(-held // block_size))
+    free = free_blocks - growth
+    if free < 0 or slots <= 0 or left <= 0:
+        # free < 0: the engine preempts the newest running requests; vLLM admits nothing then.
+        return decode, partial, partial_chunk
+    if counters[NUM_WAITING] == 0:
+        return decode, partial, partial_chunk
+    waiting, chunk = _admissions(rule, oldest_waiting(counters, columns.status, slots), left, free, columns,
+                                 empty_engine, block_size)
+    if len(waiting) == 0:
+        return decode, partial, partial_chunk
+    return decode, np.concatenate((partial, waiting)), np.concatenate((partial_chunk, chunk))
+
+
+@compiled
+def run_fcfs(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+             engine: EngineParams, rule: FCFSRule) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:class:`FCFSPolicy`'s compiled loop (see :data:`~llmsched_env.policy.CompiledLoop`)."""
+    nothing = np.empty(0, dtype=np.int64)
+    while True:
+        stop = compiled_run.begin(run, columns, arrivals)
+        if stop != GO_ON:
+            return stop, running, nothing, nothing, nothing
+        decode, prefill, chunk = fcfs_decision(rule, running, columns, run.counters, engine)
+        stop, running = compiled_run.apply(decode, prefill, chunk, running, run, columns, arrivals, engine)
+        if stop != GO_ON:
+            return stop, running, decode, prefill, chunk
 
 
 def vllm_policy(**overrides: object) -> FCFSPolicy:

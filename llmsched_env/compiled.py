@@ -31,10 +31,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def sources_hash() -> str:
-    """A hash of the package's Python sources (the compiled functions and everything they call)."""
+    """A hash of the Python sources of the packages that hold compiled functions (``llmsched_env``, and
+    ``baselines``: the policies' compiled rules), everything those functions can call."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode())
+    root = Path(__file__).parent.parent
+    for path in sorted([*root.joinpath("llmsched_env").glob("*.py"), *root.joinpath("baselines").glob("*.py")]):
+        digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:10]
 

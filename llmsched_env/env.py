@@ -300,7 +300,7 @@ class LLMSchedEnv(gym.Env[np.ndarray, np.ndarray]):
         self._last_admitted = np.zeros(self.control.num_classes, dtype=np.int64)
         self._last_clipped = False
         self._episode = None
-        if self.compiled and not callbacks and isinstance(engine, SimulatedEngine) and engine.compiled:
+        if self.compiled and not callbacks and isinstance(engine, SimulatedEngine):
             self._episode = CompiledEpisode(self, self._loop_buffers)
             observation, _, self._pending_reward, _, _, self._candidates = self._episode.advance(None, None, 0.0)
             return observation, self._info(final=False)

@@ -465,8 +465,10 @@ def assemble_observation(queued: np.ndarray, cells: np.ndarray, memory: np.ndarr
 
 
 # -- the simulator's iteration (llmsched_env/simulator.py) ---------------------------------------------------
-#: Outcomes of :func:`plan_iteration`.
-PLANNED, NOT_SIMPLE = 0, 1
+#: Verdicts of :func:`plan_iteration`: the batch fits; it is invalid (an unknown or repeated id, a request that
+#: cannot do what is asked of it); it is valid but needs more blocks than are free (evictions, see
+#: :mod:`llmsched_env.iteration`).
+PLANNED, INVALID, OVERFLOW = 0, 1, 2
 
 
 @compiled
@@ -486,10 +488,12 @@ def plan_iteration(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, w
     their whole remaining context with ``whole_prefills``), with no preemption: reads only.
 
     Returns ``(verdict, decode_before, prefill_before, chunk, decode_new_blocks, prefill_new_blocks,
-    prefill_tokens, batch_kv_tokens)``; ``verdict`` is ``NOT_SIMPLE`` when an id is invalid or repeated, a
-    request cannot do what is asked of it, or the iteration does not fit in ``free_blocks``: the caller then
-    takes the general path, which names the error or plans the evictions. ``mark[id] == stamp`` marks ids
-    seen (``stamp`` negative and new at each call, so no earlier mark can collide).
+    prefill_tokens, batch_kv_tokens)``; ``verdict`` is ``INVALID`` when an id is invalid or repeated or a
+    request cannot do what is asked of it (the other values are then empty: the caller names the error with
+    :func:`~llmsched_env.request_table.validated_batch`), ``OVERFLOW`` when the batch is valid but needs more
+    than ``free_blocks`` (the values are its sizes, for the eviction plan), else ``PLANNED``. ``mark[id] ==
+    stamp`` marks ids seen (``stamp`` negative and new at each call, so no earlier mark can collide; ids
+    claimed before the call with the same stamp count as repeated).
     """
     status, context, kv_tokens, mark = columns.status, columns.context, columns.kv_tokens, columns.mark
     empty = np.empty(0, dtype=np.int64)
@@ -498,15 +502,15 @@ def plan_iteration(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, w
     prefill_before = np.empty(num_prefill, dtype=np.int64)
     chunks = np.empty(num_prefill, dtype=np.int64)
     if not whole_prefills and len(chunk) != num_prefill:
-        return NOT_SIMPLE, empty, empty, empty, 0, 0, 0, 0
+        return INVALID, empty, empty, empty, 0, 0, 0, 0
     decode_new_blocks, batch_kv = 0, 0
     for j in range(num_decode):
         i = decode[j]
         if not _claim(i, n, mark, stamp):
-            return NOT_SIMPLE, empty, empty, empty, 0, 0, 0, 0
+            return INVALID, empty, empty, empty, 0, 0, 0, 0
         held = kv_tokens[i]
         if held != context[i] or held == 0:  # only a running request with its context cached decodes
-            return NOT_SIMPLE, empty, empty, empty, 0, 0, 0, 0
+            return INVALID, empty, empty, empty, 0, 0, 0, 0
         decode_before[j] = held
         if held % block_size == 0:
             decode_new_blocks += 1
@@ -515,21 +519,21 @@ def plan_iteration(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, w
     for j in range(num_prefill):
         i = prefill[j]
         if not _claim(i, n, mark, stamp):
-            return NOT_SIMPLE, empty, empty, empty, 0, 0, 0, 0
+            return INVALID, empty, empty, empty, 0, 0, 0, 0
         held = kv_tokens[i]
         remaining = context[i] - held
         if status[i] == FINISHED or remaining <= 0:
-            return NOT_SIMPLE, empty, empty, empty, 0, 0, 0, 0
+            return INVALID, empty, empty, empty, 0, 0, 0, 0
         size = remaining if whole_prefills else chunk[j]
         if size < 1 or size > remaining:
-            return NOT_SIMPLE, empty, empty, empty, 0, 0, 0, 0
+            return INVALID, empty, empty, empty, 0, 0, 0, 0
         prefill_before[j] = held
         chunks[j] = size
         prefill_new_blocks += -(-(held + size) // block_size) - (-(-held // block_size))
         prefill_tokens += size
         batch_kv += held + size
     if decode_new_blocks + prefill_new_blocks > free_blocks:
-        return NOT_SIMPLE, empty, empty, empty, 0, 0, 0, 0
+        return OVERFLOW, decode_before, prefill_before, chunks, decode_new_blocks, prefill_new_blocks, prefill_tokens, batch_kv
     return PLANNED, decode_before, prefill_before, chunks, decode_new_blocks, prefill_new_blocks, prefill_tokens, batch_kv
 
 

@@ -38,7 +38,7 @@ REQUEST_COLUMNS: dict[str, tuple[type, float | int]] = {
 
 class RequestColumns(NamedTuple):
     """The simulator's request table, one entry per request id: what its compiled iteration
-    (:func:`~llmsched_env.kernels.plan_iteration`, :func:`~llmsched_env.kernels.run_iteration`) and the
+    (:func:`~llmsched_env.iteration.iterate`) and the
     environment's compiled step read and write in place. The engine that owns the columns hands out this
     view (:meth:`~llmsched_env.simulator.SimulatedEngine.request_columns`)."""
 
@@ -50,8 +50,9 @@ class RequestColumns(NamedTuple):
     arrival: np.ndarray  # float64 arrival time (s)
     first_token: np.ndarray  # float64 time of the first output token (s)
     finish: np.ndarray  # float64 finish time (s)
-    mark: np.ndarray  # int64 scratch of an iteration's validation
+    mark: np.ndarray  # int64 scratch of an iteration's validation and eviction plan
     kv_tokens: np.ndarray  # int64 KV tokens held
+    evictions: np.ndarray  # int64 times evicted
 
 
 #: Columns of at least this many bytes live in an anonymous memory map: the OS commits a page when it is first

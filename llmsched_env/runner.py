@@ -12,11 +12,12 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-from llmsched_env import kernels
+from llmsched_env import compiled_run, kernels
 from llmsched_env.completions import CompletionLog
 from llmsched_env.engine import Decision, Engine, IterationOutcome, RequestRecords
 from llmsched_env.errors import ConfigError, EngineFailure, InvalidDecisionError
-from llmsched_env.policy import Policy
+from llmsched_env.policy import CompiledLoop, Policy
+from llmsched_env.simulator import EngineCounters, SimulatedEngine
 from llmsched_env.workload import Arrivals
 
 IterationCallback = Callable[[Engine, IterationOutcome], None]
@@ -49,6 +50,20 @@ class TimeSeriesRecorder:
                 return
         self._rows.append((outcome.end_time, outcome.kv_blocks_used, engine.num_waiting,
                            engine.num_running, engine.num_finished))
+
+    def add_rows(self, rows: np.ndarray) -> None:
+        """Record iterations given as rows (end time, KV blocks used, waiting, running, finished), as calls for
+        each would (a compiled run's iterations, :meth:`Rollout.run_compiled`)."""
+        for row in rows.tolist():
+            self._seen += 1
+            if (self._seen - 1) % self._stride:
+                continue
+            if len(self._rows) == self.max_rows:
+                del self._rows[1::2]
+                self._stride *= 2
+                if (self._seen - 1) % self._stride:
+                    continue
+            self._rows.append((row[0], int(row[1]), int(row[2]), int(row[3]), int(row[4])))
 
     def arrays(self) -> dict[str, np.ndarray]:
         rows = np.array(self._rows, dtype=np.float64).reshape(-1, 5)
@@ -88,6 +103,8 @@ class RunResult:
 STALL_AFTER_S = 60.0
 #: Requests finished between two retirements (:meth:`~llmsched_env.engine.Engine.retire_finished`) of a run.
 RETIRE_EVERY = 1 << 12
+#: Iterations a compiled run records before it hands its time-series rows over.
+_ROW_BUFFER = 1 << 12
 _NO_ARRIVALS = Arrivals(np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64))
 
 
@@ -145,6 +162,7 @@ class Rollout:
             self._chunk = _NO_ARRIVALS
         self._times = self._chunk.arrival_time
         self._next = 0
+        self._more = self._whole is None  # the stream may hold more chunks
         self._pull()
         self._ended = False
         self.iterations = 0
@@ -164,6 +182,7 @@ class Rollout:
         while self._next >= len(self._times):
             chunk = next(self._stream, None)  # type: ignore[call-overload]
             if chunk is None:
+                self._more = False
                 return
             within = chunk.until(self.horizon)
             if len(within) < len(chunk):
@@ -259,6 +278,62 @@ class Rollout:
             if len(head) and state.blocks_for(int(state.context_len[head[0]])) <= state.free_blocks:
                 self.stalled_at = self._progress_at
 
+    def can_run_compiled(self) -> bool:
+        """Whether :meth:`run_compiled` can run this rollout: a simulated engine, and no callback but time
+        series (which the compiled loop records itself)."""
+        return (isinstance(self.engine, SimulatedEngine)
+                and all(type(callback) is TimeSeriesRecorder for callback in self.callbacks))
+
+    def run_compiled(self, loop: CompiledLoop) -> None:
+        """Run to the end with a policy's compiled loop (:mod:`llmsched_env.compiled_run`): the same rules as
+        :meth:`needs_decision` / :meth:`apply`, many iterations per call. Between calls the loop's state is
+        handed back to the engine and this rollout, which refill the arrivals, retire finished requests and
+        take the time series' rows; an invalid decision is run through :meth:`apply`, which names the error."""
+        engine = self.engine
+        assert isinstance(engine, SimulatedEngine) and self.can_run_compiled()
+        params = engine.engine_params()
+        run = compiled_run.new_run_state(engine.counter_array(), _ROW_BUFFER if self.callbacks else 0)
+        running = engine.counters().running
+        while True:
+            engine.reserve(engine.num_requests + len(self._times) - self._next)  # the chunk's arrivals, in place
+            self._load(run)
+            chunk = self._chunk
+            arrivals = compiled_run.ChunkArrays(self._times, chunk.prompt_len, chunk.output_len)
+            stop, running, decode, prefill, tokens = loop(run, running, engine.request_columns(), arrivals, params)
+            self._store(run, running)
+            if stop == compiled_run.INVALID_DECISION:
+                self.apply(Decision(decode=decode, prefill=prefill, prefill_tokens=tokens))
+                raise AssertionError("a compiled policy's decision was refused by its loop but not by the engine")
+            if stop == compiled_run.DONE:
+                return
+            if engine.num_finished >= self._retire_at:
+                self._log.add(engine.retire_finished())
+                self._retire_at = engine.num_finished + RETIRE_EVERY
+            if self._next >= len(self._times):
+                self._pull()
+            running = engine.counters().running
+
+    def _load(self, run: compiled_run.RunState) -> None:
+        """Copy the engine's counters and this rollout's state into ``run`` (a compiled loop's)."""
+        run.counters[:] = self.engine.counter_array()  # type: ignore[attr-defined]
+        run.ints[:] = (self._next, self._ended, self.iterations, self.peak_blocks_used, self.evictions,
+                       self._retire_at, 0, self._more, -1 if self.max_iterations is None else self.max_iterations)
+        run.reals[:] = (self.engine.now, self.block_seconds, self.busy_time, self._progress_at, self._iterated_at,
+                        math.nan if self.stalled_at is None else self.stalled_at,
+                        math.inf if self.stall_after_s is None else self.stall_after_s, self.horizon)
+
+    def _store(self, run: compiled_run.RunState, running: np.ndarray) -> None:
+        """Take back what a compiled loop advanced (the inverse of :meth:`_load`), and the time series' rows."""
+        counters = run.counters.tolist()
+        (self._next, ended, self.iterations, self.peak_blocks_used, self.evictions, _, rows, _, _) = run.ints.tolist()
+        (now, self.block_seconds, self.busy_time, self._progress_at, self._iterated_at, stalled_at, _,
+         _) = run.reals.tolist()
+        self.engine.restore(EngineCounters(*counters, now, running))  # type: ignore[attr-defined]
+        self._ended = bool(ended)
+        self.stalled_at = None if math.isnan(stalled_at) else stalled_at
+        for recorder in self.callbacks:
+            recorder.add_rows(run.rows[:rows])  # type: ignore[attr-defined]
+
     def result(self) -> RunResult:
         """What the rollout left so far (final once :meth:`needs_decision` has returned ``False``)."""
         engine = self.engine
@@ -285,6 +360,11 @@ def run(engine: Engine, policy: Policy, arrivals: Arrivals | Iterable[Arrivals],
     """
     rollout = Rollout(engine, arrivals, horizon, callbacks, max_iterations, stall_after_s, keep_records)
     policy.reset(engine)
+    compiled_loop = getattr(policy, "compiled_loop", None)
+    loop = compiled_loop() if callable(compiled_loop) and rollout.can_run_compiled() else None
+    if loop is not None:
+        rollout.run_compiled(loop)
+        return rollout.result()
     try:
         while rollout.needs_decision():
             decision = policy.decide(engine.state())

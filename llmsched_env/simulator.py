@@ -1,10 +1,9 @@
 """The simulated serving engine: paged KV memory, mixed prefill/decode batches, eviction by recompute.
 
-Per-request data lives in parallel NumPy arrays indexed by request id. An iteration that needs no
-eviction (almost all of them) runs as two compiled passes over its batch
-(:func:`~llmsched_env.kernels.plan_iteration`, :func:`~llmsched_env.kernels.run_iteration`); one that
-preempts, overflows or is invalid takes the general NumPy path, which plans the evictions or names the
-error. Both give the same result (``tests/test_simulator.py``); see ``benchmarks/simulator_speed.py``.
+Per-request data lives in parallel NumPy arrays indexed by request id (the request table), and an iteration is
+one compiled call on them (:func:`~llmsched_env.iteration.iterate`: evictions, the batch, its accounting).
+``tests/reference_engine.py`` keeps the same model written with NumPy array operations, and the tests compare
+both iteration by iteration (``tests/test_simulator.py``); see ``benchmarks/simulator_speed.py``.
 """
 
 from __future__ import annotations
@@ -17,9 +16,6 @@ import numpy as np
 from llmsched_env import kernels
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import (
-    FINISHED,
-    RUNNING,
-    WAITING,
     Decision,
     IterationOutcome,
     RequestRecords,
@@ -28,6 +24,7 @@ from llmsched_env.engine import (
     readonly_view,
 )
 from llmsched_env.errors import ConfigError, RequestTooLargeError
+from llmsched_env.iteration import INVALID, STAMP, EngineParams, iterate
 from llmsched_env.kv_cache import PagedKVCache
 from llmsched_env.request_table import (
     EMPTY_IDS as _EMPTY,
@@ -35,7 +32,6 @@ from llmsched_env.request_table import (
 from llmsched_env.request_table import (
     REQUEST_COLUMNS,
     RequestColumns,
-    Batch,
     checked_arrivals,
     grow_columns,
     records_of,
@@ -77,8 +73,6 @@ class SimulatedEngine:
         capacity_tokens: KV capacity in tokens (rounded down to whole blocks); or give ``capacity_blocks``.
         block_size: tokens per KV block (vLLM's paging unit).
         output_lengths_known: whether policies may see output lengths before requests finish.
-        compiled: run iterations that need no eviction through the compiled kernels (the default); ``False``
-            keeps every iteration on the NumPy path (the reference the kernels are tested against).
     """
 
     def __init__(
@@ -89,12 +83,10 @@ class SimulatedEngine:
         capacity_blocks: int | None = None,
         block_size: int = 16,
         output_lengths_known: bool = True,
-        compiled: bool = True,
     ) -> None:
         if (capacity_tokens is None) == (capacity_blocks is None):
             raise ConfigError("give exactly one of capacity_tokens and capacity_blocks")
         self.cost = cost
-        self._cost_coefficients = cost.coefficients()
         self._kv = (PagedKVCache.from_tokens(capacity_tokens, block_size) if capacity_tokens is not None
                     else PagedKVCache(capacity_blocks, block_size))  # type: ignore[arg-type]
         self._known = output_lengths_known
@@ -105,9 +97,10 @@ class SimulatedEngine:
         self._num_waiting = 0
         self._num_finished = 0
         self._first_maybe_waiting = 0
-        self._compiled = compiled
-        self._stamp = -1  # validation marks of the compiled path: negative, new at each iteration
+        self._stamp = -1  # validation marks of the compiled iteration: negative, new at each iteration
         self._retired = 0  # ids before this one are finished and handed over (retire_finished): their rows are gone
+        self._params = EngineParams(self._kv.block_size, self._kv.capacity_blocks,
+                                    np.ascontiguousarray(cost.coefficients(), dtype=np.float64))
         self._grow(1024)
 
     # -- configuration -------------------------------------------------------------------------
@@ -130,11 +123,6 @@ class SimulatedEngine:
     @property
     def output_lengths_known(self) -> bool:
         return self._known
-
-    @property
-    def compiled(self) -> bool:
-        """Whether iterations without eviction run through the compiled kernels."""
-        return self._compiled
 
     @property
     def used_blocks(self) -> int:
@@ -189,7 +177,7 @@ class SimulatedEngine:
         )
         self._table = RequestColumns(self._status, self._prompt, self._output, self._context, self._final_context,
                                      self._arrival, self._first_token, self._finish, self._mark,
-                                     self._kv.token_column)
+                                     self._kv.token_column, self._evictions)
 
     def request_columns(self) -> RequestColumns:
         """The request table's columns, written in place by whoever advances the engine (its own iterations, or
@@ -214,7 +202,7 @@ class SimulatedEngine:
         """Make room for ``count`` requests in all, so that adding them allocates nothing (and a compiled
         episode loop, :mod:`llmsched_env.episode`, can enqueue them into the columns in place)."""
         if count > self._size:
-            self._grow(count)
+            self._grow(max(count, 2 * self._size))  # doubling: a stream reserves chunk by chunk
 
     def add_requests(self, arrival_time: np.ndarray, prompt_len: np.ndarray, output_len: np.ndarray) -> np.ndarray:
         """Enqueue requests (they join the queue in the order given); returns their ids."""
@@ -267,142 +255,49 @@ class SimulatedEngine:
             retired=self._retired,
         )
 
-    # -- validation ------------------------------------------------------------------------------
-    def _validated(self, decision: Decision) -> Batch:
-        """The decision's batch with what validating it gathered, or :class:`InvalidDecisionError`."""
-        return validated_batch(decision, self._n, self._status, self._prompt, self._context, self._kv.tokens,
-                               self._mark)
-
     # -- the iteration -----------------------------------------------------------------------------
-    def _evict(self, ids: np.ndarray) -> None:
-        if not len(ids):
-            return
-        self._kv.free(ids)
-        self._status[ids] = WAITING  # generated tokens are kept; the whole context is prefilled again
-        self._evictions[ids] += 1
-        self._num_waiting += len(ids)
-        self._running = self._running[~np.isin(self._running, ids)]
-        self._first_maybe_waiting = min(self._first_maybe_waiting, int(ids.min()))
-
-    def _fit_to_capacity(self, batch: Batch) -> tuple[Batch, np.ndarray, np.ndarray]:
-        """Remove newest-admitted requests until the iteration fits: ``(batch, evicted, deferred)``.
-
-        Admission order is the running list (oldest first) followed by this decision's new admissions;
-        removed running requests are to be evicted, removed admissions are deferred (they stay waiting).
-        """
+    def counter_array(self) -> np.ndarray:
+        """The engine's counters as the compiled iteration takes them (:mod:`llmsched_env.iteration`'s indices):
+        a new array; :meth:`take_counter_array` takes it back once a compiled call has advanced it."""
         kv = self._kv
-        after = self._mark  # scratch, indexed by id: blocks each candidate would hold after the iteration
-        after[self._running] = kv.held_blocks(self._running)
-        after[batch.decode] = kv.blocks_for(batch.decode_before + 1)
-        after[batch.prefill] = kv.blocks_for(batch.prefill_before + batch.chunk)
-        order = np.concatenate([self._running, batch.prefill[batch.is_new]])
-        keep = int(np.searchsorted(np.cumsum(after[order]), kv.capacity_blocks, side="right"))
-        removed = order[keep:]
-        is_new = self._status[removed] == WAITING
-        kept_decode = ~np.isin(batch.decode, removed)
-        kept_prefill = ~np.isin(batch.prefill, removed)
-        fitted = Batch(batch.decode[kept_decode], batch.decode_before[kept_decode], batch.prefill[kept_prefill],
-                        batch.prefill_before[kept_prefill], batch.chunk[kept_prefill], batch.is_new[kept_prefill],
-                        batch.preempt)
-        return fitted, removed[~is_new], removed[is_new]
+        return np.array([self._n, self._num_waiting, self._num_finished, self._first_maybe_waiting, kv.used_blocks,
+                         kv.used_tokens, self._stamp], dtype=np.int64)
+
+    def take_counter_array(self, counters: np.ndarray) -> None:
+        """Take ``counters`` (advanced by compiled iterations on :meth:`request_columns`) as the engine's own."""
+        (self._n, self._num_waiting, self._num_finished, self._first_maybe_waiting, used_blocks, used_tokens,
+         self._stamp) = counters.tolist()
+        self._kv.used_blocks, self._kv.used_tokens = used_blocks, used_tokens
+
+    def engine_params(self) -> EngineParams:
+        """What the compiled iteration takes of the engine's fixed configuration."""
+        return self._params
 
     def step(self, decision: Decision) -> IterationOutcome:
-        """Run one iteration of ``decision``; see :class:`~llmsched_env.engine.Engine`."""
-        if self._compiled and not len(as_ids(decision.preempt)):
-            outcome = self._step_without_eviction(decision)
-            if outcome is not None:
-                return outcome
-        batch = self._validated(decision)
-        self._evict(batch.preempt)
-        evicted, deferred = batch.preempt, _EMPTY
-        kv = self._kv
-        edge = kv.block_size
-        decode_new_blocks = int(np.count_nonzero(batch.decode_before % edge == 0))
-        prefill_after = batch.prefill_before + batch.chunk
-        prefill_new_blocks = (int(_sum(kv.blocks_for(prefill_after)) - _sum(kv.blocks_for(batch.prefill_before)))
-                              if len(batch.prefill) else 0)
-        if kv.used_blocks + decode_new_blocks + prefill_new_blocks > kv.capacity_blocks:
-            batch, overflow_evicted, deferred = self._fit_to_capacity(batch)
-            self._evict(overflow_evicted)
-            evicted = np.concatenate([evicted, overflow_evicted])
-            decode_new_blocks = int(np.count_nonzero(batch.decode_before % edge == 0))
-            prefill_after = batch.prefill_before + batch.chunk
-            prefill_new_blocks = int(kv.blocks_for(prefill_after).sum() - kv.blocks_for(batch.prefill_before).sum())
-        decode, decode_before, prefill = batch.decode, batch.decode_before, batch.prefill
-
-        num_decode = len(decode)
-        prefill_tokens = int(_sum(batch.chunk)) if len(prefill) else 0
-        batch_kv = int(_sum(decode_before)) + num_decode + (int(_sum(prefill_after)) if len(prefill) else 0)
-        start = self._now
-        duration = self._duration(prefill_tokens, num_decode, batch_kv, batch.chunk, batch.prefill_before)
-        now = self._now = start + duration
-
-        kv.append_token(decode, decode_before, decode_new_blocks)
-        decode_after = decode_before + 1  # a decoding request's KV is its whole context
-        self._context[decode] = decode_after
-        admitted = _EMPTY
-        if len(prefill):
-            admitted = prefill[batch.is_new]
-            if len(admitted):
-                self._status[admitted] = RUNNING
-                self._num_waiting -= len(admitted)
-                self._running = np.concatenate([self._running, admitted])
-            kv.set_tokens(prefill, batch.prefill_before, prefill_after, prefill_new_blocks)
-            # A completed prefill emits a token; the first one ever is the request's first token (stage 0).
-            done = prefill[prefill_after == self._context[prefill]]
-            self._first_token[done] = np.fmin(self._first_token[done], now)
-
-        peak_blocks = kv.used_blocks
-        finished = decode[decode_after == self._final_context[decode]]
-        if len(finished):
-            self._status[finished] = FINISHED
-            self._finish[finished] = now
-            kv.free(finished)
-            self._running = self._running[self._status[self._running] == RUNNING]
-            self._num_finished += len(finished)
-
-        return IterationOutcome(
-            start_time=start, duration=duration, prefill_tokens=prefill_tokens, decode_tokens=num_decode,
-            batch_kv_tokens=batch_kv, admitted=admitted, finished=finished, evicted=evicted, deferred=deferred,
-            kv_tokens_used=kv.used_tokens, kv_blocks_used=kv.used_blocks, peak_blocks_used=peak_blocks,
-            capacity_blocks=kv.capacity_blocks)
-
-    def _step_without_eviction(self, decision: Decision) -> IterationOutcome | None:
-        """:meth:`step` in two compiled passes, or ``None`` (nothing changed) when the decision is invalid or
-        the iteration needs evictions: the general path handles those."""
-        decode, prefill = as_ids(decision.decode), as_ids(decision.prefill)
+        """Run one iteration of ``decision``; see :class:`~llmsched_env.engine.Engine`. One compiled call
+        (:func:`~llmsched_env.iteration.iterate`): evictions, the batch and its accounting."""
+        decode, prefill, preempt = as_ids(decision.decode), as_ids(decision.prefill), as_ids(decision.preempt)
         whole = decision.prefill_tokens is None
         chunk = _EMPTY if whole else as_ids(decision.prefill_tokens)
-        kv = self._kv
-        self._stamp -= 1
-        (verdict, decode_before, prefill_before, chunk, decode_new_blocks, prefill_new_blocks, prefill_tokens,
-         batch_kv) = kernels.plan_iteration(decode, prefill, chunk, whole, self._n, self._table, self._stamp,
-                                            kv.block_size, kv.capacity_blocks - kv.used_blocks)
-        if verdict != kernels.PLANNED:
-            return None
-        num_decode = len(decode)
-        duration = self._duration(prefill_tokens, num_decode, batch_kv, chunk, prefill_before)
+        counters = self.counter_array()
         start = self._now
-        now = self._now = start + duration
-        admitted, finished, running, tokens_added, blocks_freed, tokens_freed = kernels.run_iteration(
-            decode, decode_before, prefill, prefill_before, chunk, self._running, self._table, kv.block_size, now)
-        kv.account(decode_new_blocks + prefill_new_blocks, tokens_added)
-        peak_blocks = kv.used_blocks
-        kv.account(-blocks_freed, -tokens_freed)
-        self._running = running
-        self._num_waiting -= len(admitted)
-        self._num_finished += len(finished)
+        done = iterate(decode, prefill, chunk, whole, preempt, self._running, self._table, counters, self._params,
+                       start)
+        if done.verdict == INVALID:
+            self._stamp = int(counters[STAMP])
+            validated_batch(decision, self._n, self._status, self._prompt, self._context, self._kv.tokens, self._mark)
+            raise AssertionError(f"the compiled iteration refused a decision that validation accepts: {decision}")
+        self.take_counter_array(counters)
+        self._running = done.running
+        self._now = start + done.duration
+        kv = self._kv
         return IterationOutcome(
-            start_time=start, duration=duration, prefill_tokens=prefill_tokens, decode_tokens=num_decode,
-            batch_kv_tokens=batch_kv, admitted=admitted if len(admitted) else _EMPTY, finished=finished,
-            evicted=_EMPTY, deferred=_EMPTY, kv_tokens_used=kv.used_tokens, kv_blocks_used=kv.used_blocks,
-            peak_blocks_used=peak_blocks, capacity_blocks=kv.capacity_blocks)
-
-    def _duration(self, prefill_tokens: int, num_decode: int, batch_kv: int, chunk: np.ndarray,
-                  prefill_before: np.ndarray) -> float:
-        """The iteration's time: the compiled formula every path (and the environment's step) shares."""
-        return float(kernels.batch_seconds(self._cost_coefficients, prefill_tokens, num_decode, batch_kv, chunk,
-                                           prefill_before))
+            start_time=start, duration=done.duration, prefill_tokens=done.prefill_tokens,
+            decode_tokens=done.decode_tokens, batch_kv_tokens=done.batch_kv_tokens,
+            admitted=done.admitted if len(done.admitted) else _EMPTY, finished=done.finished,
+            evicted=done.evicted if len(done.evicted) else _EMPTY,
+            deferred=done.deferred if len(done.deferred) else _EMPTY, kv_tokens_used=kv.used_tokens,
+            kv_blocks_used=kv.used_blocks, peak_blocks_used=done.peak_blocks, capacity_blocks=kv.capacity_blocks)
 
     def advance_to(self, time: float) -> None:
         if not math.isfinite(time):

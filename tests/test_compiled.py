@@ -27,14 +27,19 @@ def test_the_cache_key_names_every_version_that_changes_the_machine_code(monkeyp
 
 def test_the_cache_key_changes_with_any_source_of_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Numba checks a cached function against its own file only: a caller compiled against an older callee of
-    another module would keep the old callee's code. A change to any source gives a new cache folder."""
-    for name in ("kernels.py", "episode.py"):
+    another module would keep the old callee's code. A change to any source of the packages with compiled
+    functions (the simulator's, and the policies' compiled rules) gives a new cache folder."""
+    for name in ("llmsched_env/kernels.py", "llmsched_env/episode.py", "baselines/fcfs.py"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text("x = 1\n")
-    monkeypatch.setattr(compiled, "__file__", str(tmp_path / "compiled.py"))
+    monkeypatch.setattr(compiled, "__file__", str(tmp_path / "llmsched_env" / "compiled.py"))
     before = compiled.sources_hash()
     assert compiled.sources_hash() == before
-    (tmp_path / "kernels.py").write_text("x = 2\n")  # a callee changes, its caller's file does not
-    assert compiled.sources_hash() != before
+    (tmp_path / "llmsched_env" / "kernels.py").write_text("x = 2\n")  # a callee changes, its caller's file does not
+    changed = compiled.sources_hash()
+    assert changed != before
+    (tmp_path / "baselines" / "fcfs.py").write_text("x = 2\n")  # a policy's rule changes, the loop's file does not
+    assert compiled.sources_hash() != changed
 
 
 @pytest.mark.skipif(os.environ.get("NUMBA_DISABLE_JIT") == "1", reason="nothing is compiled or cached")

@@ -28,6 +28,7 @@ from llmsched_env.runner import TimeSeriesRecorder
 from llmsched_env.scenario import build_scenario
 from llmsched_env.fluid import solve_fluid
 from tests.invariants import InvariantChecker, check_engine
+from tests.reference_engine import ReferenceEngine
 
 PAPER = LinearCostModel.paper(d0=1.0, d1=0.1)
 
@@ -261,16 +262,16 @@ def test_invariants_hold_under_every_policy_on_random_workloads(mix: TypeMix, sl
        policy=st.sampled_from(["vllm", "sarathi", "random"]), attention=st.booleans())
 def test_compiled_iterations_match_the_numpy_path_exactly(mix: TypeMix, slack: int, block: int, seed: int,
                                                           policy: str, attention: bool) -> None:
-    """The compiled fast path (iterations without eviction) and the NumPy path give the same outcome at every
-    iteration and the same records, bit for bit: random policies mix chunks, preemptions and overflows, so
-    both paths alternate within a run."""
+    """The compiled iteration and the NumPy reference (tests/reference_engine.py) give the same outcome at every
+    iteration and the same records, bit for bit, under random policies that mix chunks, preemptions and
+    overflows."""
     largest = int((mix.prompt_lens + mix.output_lens).max())
     capacity = (-(-largest // block)) * block + slack
     cost = LinearCostModel(c0=0.01, c_pf=1e-4, c_dec=1e-4, c_kv=1e-5, c_pf2=3e-7 if attention else 0.0)
     arrivals = PoissonWorkload(mix).sample(15.0, np.random.default_rng(seed))
     runs = []
-    for compiled in (True, False):
-        engine = SimulatedEngine(cost, capacity_tokens=capacity, block_size=block, compiled=compiled)
+    for engine_class in (SimulatedEngine, ReferenceEngine):
+        engine = engine_class(cost, capacity_tokens=capacity, block_size=block)
         chosen = {"vllm": lambda: vllm_policy(max_num_batched_tokens=64),
                   "sarathi": lambda: sarathi_policy(max_num_batched_tokens=32),
                   "random": lambda: RandomPolicy(seed)}[policy]()

@@ -1,0 +1,147 @@
+"""Policies with a compiled loop (llmsched_env.compiled_run) run exactly as through the Python evaluation loop."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from baselines import POLICIES, make_policy
+from baselines.fcfs import FCFSPolicy, sarathi_policy, sarathi_vidur_policy, vllm_policy, vllm_v0_policy
+from llmsched_env import (Arrivals, InvalidDecisionError, LinearCostModel, PoissonWorkload, RequestType,
+                          SimulatedEngine, TypeMix, runner)
+from llmsched_env.compiled_run import INVALID_DECISION
+from llmsched_env.engine import Engine, SchedulerState
+from llmsched_env.policy import CompiledPolicy
+from llmsched_env.runner import TimeSeriesRecorder, run
+from llmsched_env.scenario import build_scenario
+
+PRESETS = {
+    "vllm": lambda: vllm_policy(max_num_batched_tokens=64),
+    "vllm-seqs": lambda: vllm_policy(max_num_batched_tokens=48, max_num_seqs=3, watermark=0.1),
+    "vllm-v0": lambda: vllm_v0_policy(max_num_batched_tokens=64, max_num_seqs=4),
+    "sarathi": lambda: sarathi_policy(max_num_batched_tokens=32),
+    "sarathi-tight": lambda: sarathi_policy(max_num_batched_tokens=3, max_num_seqs=5),
+    "sarathi-512": lambda: sarathi_vidur_policy(max_num_batched_tokens=24, max_num_seqs=6),
+}
+
+
+class PythonOnly:
+    """The same policy without its compiled loop: the evaluation loop calls ``decide`` every iteration."""
+
+    def __init__(self, policy: FCFSPolicy) -> None:
+        self.policy, self.name = policy, policy.name
+
+    def reset(self, engine: Engine) -> None:
+        self.policy.reset(engine)
+
+    def decide(self, state: SchedulerState):  # type: ignore[no-untyped-def]
+        return self.policy.decide(state)
+
+
+def _both_ways(make, mix: TypeMix, capacity: int, block: int, seed: int, horizon: float, stream: bool,
+               stall_after_s: float | None) -> list[tuple]:
+    cost = LinearCostModel(c0=0.01, c_pf=1e-4, c_dec=1e-4, c_kv=1e-5, c_pf2=2e-7)
+    workload = PoissonWorkload(mix)
+    runs = []
+    for wrap in (lambda policy: policy, PythonOnly):
+        whole = workload.sample(horizon, np.random.default_rng(seed))
+        arrivals = _in_chunks(whole, 17) if stream else whole
+        engine = SimulatedEngine(cost, capacity_tokens=capacity, block_size=block)
+        recorder = TimeSeriesRecorder(max_rows=8)
+        result = run(engine, wrap(make()), arrivals, horizon, callbacks=[recorder], stall_after_s=stall_after_s,
+                     keep_records=True)
+        runs.append((result, recorder.arrays()))
+    return runs
+
+
+def _in_chunks(arrivals: Arrivals, size: int) -> Iterator[Arrivals]:
+    for start in range(0, len(arrivals), size):
+        end = start + size
+        yield Arrivals(arrivals.arrival_time[start:end], arrivals.prompt_len[start:end], arrivals.output_len[start:end])
+
+
+mixes = st.lists(
+    st.tuples(st.integers(1, 40), st.integers(1, 40), st.floats(1.0, 12.0)), min_size=1, max_size=3
+).map(lambda rows: TypeMix(tuple(RequestType(p, o, r) for p, o, r in rows)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(mix=mixes, slack=st.integers(0, 150), block=st.sampled_from([1, 4, 16]), seed=st.integers(0, 2**16),
+       preset=st.sampled_from(sorted(PRESETS)), stream=st.booleans(), watch=st.booleans())
+def test_a_compiled_loop_runs_exactly_as_the_python_loop(mix: TypeMix, slack: int, block: int, seed: int,
+                                                         preset: str, stream: bool, watch: bool) -> None:
+    """Every result field, every request's record and the time series, bit for bit; with retirement, a small row
+    buffer and a chunked stream, so that the compiled loop hands over to Python often."""
+    largest = int((mix.prompt_lens + mix.output_lens).max())
+    capacity = (-(-largest // block)) * block + slack
+    compiled_runs = []
+    run_compiled = runner.Rollout.run_compiled
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "RETIRE_EVERY", 7)
+        patch.setattr(runner, "_ROW_BUFFER", 5)
+        patch.setattr(runner.Rollout, "run_compiled",
+                      lambda rollout, loop: (compiled_runs.append(loop), run_compiled(rollout, loop))[1])
+        (fast, fast_rows), (python, python_rows) = _both_ways(PRESETS[preset], mix, capacity, block, seed, 12.0,
+                                                              stream, 0.5 if watch else None)
+    assert len(compiled_runs) == 1  # the first run took the compiled loop, the second the Python one
+    for field in ("horizon", "end_time", "iterations", "capacity_blocks", "block_size", "peak_blocks_used",
+                  "block_seconds", "evictions", "arrived", "waiting", "running", "finished", "busy_time",
+                  "stalled_at"):
+        assert getattr(fast, field) == getattr(python, field), field
+    for field in fast.records.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(fast.records, field), getattr(python.records, field), err_msg=field)
+    for key in fast_rows:
+        np.testing.assert_array_equal(fast_rows[key], python_rows[key], err_msg=key)
+
+
+def test_the_default_workload_runs_compiled_and_identically_at_full_size() -> None:
+    """vLLM at ρ = 0.9 on the default mix evicts (the engine's eviction rule inside the compiled loop) and
+    retires thousands of requests: the same run both ways."""
+    base = build_scenario(types="p=50,o=156,rate=1;p=100,o=171,rate=1", profile="llama2-7b-a100")
+    scenario = base.at_rate(base.rate_for_load(0.9))
+    results = []
+    for wrap in (lambda policy: policy, PythonOnly):
+        engine = scenario.engine()
+        results.append(run(engine, wrap(vllm_policy()), scenario.chunks(600.0, seed=0), 600.0))
+    fast, python = results
+    assert fast.evictions > 0 and fast.finished > runner.RETIRE_EVERY
+    for field in ("end_time", "iterations", "peak_blocks_used", "block_seconds", "evictions", "arrived", "waiting",
+                  "running", "finished", "busy_time", "stalled_at"):
+        assert getattr(fast, field) == getattr(python, field), field
+    for field in fast.records.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(fast.records, field), getattr(python.records, field), err_msg=field)
+
+
+def test_every_engine_policy_has_a_compiled_loop() -> None:
+    scenario = build_scenario(types="p=30,o=40,rate=30", memory_tokens=3000, block_size=16)
+    for name in POLICIES:
+        policy = make_policy(name, scenario, 10.0)
+        if isinstance(policy, FCFSPolicy):
+            policy.reset(scenario.engine())
+            assert isinstance(policy, CompiledPolicy) and policy.compiled_loop() is not None, name
+
+
+class _RefusedLoop:
+    """A compiled policy whose loop hands back an invalid decision at once."""
+
+    name = "refused"
+
+    def reset(self, engine: Engine) -> None:
+        pass
+
+    def decide(self, state: SchedulerState):  # type: ignore[no-untyped-def]
+        raise AssertionError("not called")
+
+    def compiled_loop(self):  # type: ignore[no-untyped-def]
+        bad = np.array([10**6], dtype=np.int64)
+        return lambda run, running, columns, arrivals, engine: (INVALID_DECISION, running, bad, bad[:0], bad[:0])
+
+
+def test_an_invalid_compiled_decision_is_named_by_the_engine() -> None:
+    scenario = build_scenario(types="p=30,o=40,rate=30", memory_tokens=3000, block_size=16)
+    with pytest.raises(InvalidDecisionError, match="decode: unknown request id 1000000"):
+        run(scenario.engine(), _RefusedLoop(), scenario.sample(5.0, seed=0), 5.0)
