@@ -49,16 +49,22 @@ last segment.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
 from baselines.cohorts import first_per_group
 from baselines.lookahead import LEND_SCAN, fitting_prefix
 from baselines.thresholds import NestedWaitThresholds
+from llmsched_env import compiled_run, kernels
+from llmsched_env.compiled import compiled
+from llmsched_env.compiled_run import GO_ON, ChunkArrays, RunState, oldest_waiting
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
+from llmsched_env.iteration import NUM_WAITING, USED_BLOCKS, EngineParams
 from llmsched_env.kv_cache import projected_peak_blocks
+from llmsched_env.policy import CompiledLoop
+from llmsched_env.request_table import RequestColumns
 
 Variant = Literal["measured", "paper"]
 
@@ -81,6 +87,33 @@ class NestedWaitPolicy:
         if self.variant not in ("measured", "paper"):
             raise ConfigError(f"Nested WAIT variant must be 'measured' or 'paper', got {self.variant!r}")
         self.guard_activations = self.guard_fallbacks = 0
+        self._capacity_blocks, self._block_size = engine.capacity_blocks, engine.block_size
+
+    def compiled_loop(self) -> CompiledLoop | None:
+        """The measured variant's rule, with its lookahead, compiled (:func:`run_nested_wait`): the same decisions
+        as :meth:`decide`, bit for bit, and the same guard counts. ``None`` for the paper's variant (pausing
+        cohorts), without a lookahead, and for subclasses that change the rule (the adaptive policy re-solves its
+        thresholds between iterations)."""
+        if type(self) is not NestedWaitPolicy or self.variant != "measured" or self.lookahead is None:
+            return None
+        spare = -1
+        if self.lend_spare_memory:
+            reserve = self.thresholds.memory_tokens if self.reserve_tokens is None else self.reserve_tokens
+            spare = self._capacity_blocks - int(np.ceil(min(reserve, self._capacity_blocks * self._block_size)
+                                                        / self._block_size))
+        rule = NestedWaitRule(np.ascontiguousarray(self.thresholds.boundaries, dtype=np.int64),
+                              np.ascontiguousarray(self.thresholds.n, dtype=np.int64),
+                              np.ascontiguousarray(self.lookahead, dtype=np.int64), spare, self.drain_when_idle)
+        guard = np.zeros(2, dtype=np.int64)
+
+        def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+                 engine: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            stop = run_nested_wait(run, running, columns, arrivals, engine, rule, guard)
+            self.guard_activations += int(guard[0])
+            self.guard_fallbacks += int(guard[1])
+            guard[:] = 0
+            return stop
+        return loop
 
     def decide(self, state: SchedulerState) -> Decision:
         bounds, n = self.thresholds.boundaries, self.thresholds.n
@@ -189,3 +222,159 @@ class NestedWaitPolicy:
         context, remaining = self._trajectories(state, state.running)
         count = fitting_prefix(context, remaining, *self._trajectories(state, admit), state.block_size, limit_blocks)
         return admit[:count]
+
+
+class NestedWaitRule(NamedTuple):
+    """Nested WAIT's measured rule, with its lookahead, as its compiled loop takes it."""
+
+    boundaries: np.ndarray  # int64 b_1 < … < b_K
+    n: np.ndarray  # int64 threshold per segment
+    residual: np.ndarray  # int64 lookahead: remaining output assumed per decoded count
+    spare_blocks: int  # lending's limit (capacity less the reserve); -1 without lending
+    drain_when_idle: bool
+
+
+@compiled
+def _residual_trajectories(ids: np.ndarray, columns: RequestColumns,
+                           residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`NestedWaitPolicy._trajectories`, compiled."""
+    context = np.empty(len(ids), dtype=np.int64)
+    remaining = np.empty(len(ids), dtype=np.int64)
+    top = len(residual) - 1
+    for j in range(len(ids)):
+        i = ids[j]
+        c = columns.context[i]
+        left = residual[min(c - columns.prompt[i], top)]
+        if columns.kv_tokens[i] == 0:  # waiting: held at its prefill, one iteration more
+            c -= 1
+            left += 1
+        context[j] = c
+        remaining[j] = left
+    return context, remaining
+
+
+@compiled
+def _nested_select(rule: NestedWaitRule, running: np.ndarray, at_boundary: np.ndarray, segment: np.ndarray,
+                   waiting: np.ndarray, ready: np.ndarray, mode: int, columns: RequestColumns,
+                   counters: np.ndarray, engine: EngineParams) -> tuple[bool, np.ndarray, np.ndarray, bool]:
+    """:meth:`NestedWaitPolicy._select` (measured): ``(fits, decode, admit, fell_back)``. ``mode`` is the call's
+    keywords: 0 thresholds only, 1 ``whole_queues``, 2 lending within ``rule.spare_blocks``, 3 ``under_pressure``."""
+    n = rule.n
+    segments = len(n)
+    prefix = segments
+    for k in range(segments):
+        if not ready[k]:
+            prefix = k
+            break
+    whole = mode == 1 or mode == 2
+    chosen = np.zeros(len(running), dtype=np.bool_)
+    entered = np.zeros(segments, dtype=np.int64)
+    for j in range(len(running)):
+        k = segment[j]
+        if at_boundary[j]:
+            if k < prefix and (whole or entered[k] < n[k]):
+                chosen[j] = True
+                entered[k] += 1
+        else:
+            chosen[j] = True  # measured: every request in progress decodes
+    admit = waiting[:0]
+    if prefix > 0:
+        admit = waiting[:n[0] if mode != 2 else max(n[0], LEND_SCAN)]
+    block_size, capacity = engine.block_size, engine.capacity_blocks
+    if len(admit):
+        context, remaining = _residual_trajectories(running, columns, rule.residual)
+        admit_context, admit_remaining = _residual_trajectories(admit, columns, rule.residual)
+        admit = admit[:kernels.fitting_prefix(context, remaining, admit_context, admit_remaining, block_size,
+                                              rule.spare_blocks if mode == 2 else capacity)]
+    growth = np.zeros(segments, dtype=np.int64)
+    for j in range(len(running)):
+        if chosen[j] and columns.kv_tokens[running[j]] % block_size == 0:
+            growth[segment[j]] += 1
+    room = capacity - counters[USED_BLOCKS]
+    for i in admit:
+        room -= -(-columns.context[i] // block_size)
+    fell_back = False
+    if growth.sum() > room:
+        if mode != 3:
+            return False, admit[:0], admit, False
+        # Keep the deepest segments (closest to finishing); trim from segment 1 upward.
+        kept_from, suffix = segments, 0
+        for k in range(segments - 1, -1, -1):
+            suffix += growth[k]
+            if suffix > room:
+                break
+            kept_from = k
+        if kept_from >= segments:
+            fell_back = True  # not even the deepest fits: the engine evicts (newest first)
+        else:
+            for j in range(len(running)):
+                if segment[j] < kept_from:
+                    chosen[j] = False
+    return True, running[chosen], admit, fell_back
+
+
+@compiled
+def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: RequestColumns, counters: np.ndarray,
+                         engine: EngineParams, guard: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`NestedWaitPolicy.decide` (measured, with its lookahead), compiled: ``(decode, admit)``; the guard's
+    activations and fallbacks are added to ``guard``."""
+    bounds, n = rule.boundaries, rule.n
+    segments = len(bounds)
+    at_boundary = np.zeros(len(running), dtype=np.bool_)
+    segment = np.empty(len(running), dtype=np.int64)
+    entrants = np.zeros(segments, dtype=np.int64)
+    for j in range(len(running)):
+        i = running[j]
+        decoded = columns.context[i] - columns.prompt[i]  # never the output length
+        below = np.searchsorted(bounds, decoded, side="left")
+        if below < segments - 1 and bounds[below] == decoded:
+            at_boundary[j] = True
+            segment[j] = below + 1
+            entrants[below + 1] += 1
+        else:
+            segment[j] = min(np.searchsorted(bounds, decoded, side="right"), segments - 1)
+    entrants[0] = counters[NUM_WAITING]
+    waiting = oldest_waiting(counters, columns.status, max(n[0], LEND_SCAN))  # all an iteration can admit
+    context, remaining = _residual_trajectories(running, columns, rule.residual)
+    peak = kernels.peak_blocks(context, remaining, engine.block_size)
+    fits, decode, admit, _ = _nested_select(rule, running, at_boundary, segment, waiting, entrants >= n,
+                                            1 if peak <= engine.capacity_blocks else 0, columns, counters, engine)
+    if rule.spare_blocks > 0 and peak <= rule.spare_blocks:
+        # Memory is plentiful: every gate opens, admissions bounded by the lookahead within the spare.
+        lent, lent_decode, lent_admit, _ = _nested_select(rule, running, at_boundary, segment, waiting,
+                                                          np.ones(segments, dtype=np.bool_), 2, columns, counters,
+                                                          engine)
+        if lent and (not fits or len(lent_admit) >= len(admit)):
+            fits, decode, admit = True, lent_decode, lent_admit
+    if not fits:
+        # Memory pressure: admit nothing new and let every boundary queue move on toward completion.
+        guard[0] += 1
+        _, decode, admit, fell_back = _nested_select(rule, running, at_boundary, segment, waiting[:0], entrants > 0,
+                                                     3, columns, counters, engine)
+        guard[1] += fell_back
+    if len(decode) == 0 and len(admit) == 0 and rule.drain_when_idle and (counters[NUM_WAITING] or len(running)):
+        # Nothing would run: open every gate rather than strand requests, with their KV.
+        _, decode, admit, fell_back = _nested_select(rule, running, at_boundary, segment, waiting,
+                                                     np.ones(segments, dtype=np.bool_), 3, columns, counters, engine)
+        guard[1] += fell_back
+    return decode, admit
+
+
+@compiled
+def run_nested_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+                    engine: EngineParams, rule: NestedWaitRule, guard: np.ndarray
+                    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:class:`NestedWaitPolicy`'s compiled loop (measured, with its lookahead; see
+    :data:`~llmsched_env.policy.CompiledLoop`)."""
+    nothing = np.empty(0, dtype=np.int64)
+    while True:
+        stop = compiled_run.begin(run, columns, arrivals)
+        if stop != GO_ON:
+            return stop, running, nothing, nothing, nothing
+        decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard)
+        chunk = np.empty(len(admit), dtype=np.int64)
+        for j in range(len(admit)):
+            chunk[j] = columns.context[admit[j]] - columns.kv_tokens[admit[j]]  # whole prefills
+        stop, running, _, _ = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals, engine)
+        if stop != GO_ON:
+            return stop, running, decode, admit, chunk

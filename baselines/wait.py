@@ -35,7 +35,7 @@ is the whole cache and WAIT is WAIT; where memory is plentiful it admits like vL
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -43,10 +43,15 @@ from baselines.cohorts import first_per_group
 from baselines.lookahead import LEND_SCAN, fitting_prefix, trajectories
 from baselines.thresholds import WaitThresholds, wait_thresholds
 from baselines.type_queues import TypeQueues
+from llmsched_env import compiled_run, kernels
+from llmsched_env.compiled import compiled
+from llmsched_env.compiled_run import GO_ON, RETIRED, ChunkArrays, RunState
 from llmsched_env.cost_model import LinearCostModel
-from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
+from llmsched_env.engine import IDLE, WAITING, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
-from llmsched_env.request_table import Int64Buffer
+from llmsched_env.iteration import NUM_WAITING, EngineParams, N
+from llmsched_env.policy import CompiledLoop
+from llmsched_env.request_table import Int64Buffer, RequestColumns
 from llmsched_env.workload import TypeMix
 
 Variant = Literal["measured", "paper"]
@@ -85,6 +90,29 @@ class WaitPolicy:
                               "iteration: the paper's variant pauses cohorts, so it cannot use them")
         self._types = Int64Buffer()
         self._queues = TypeQueues(len(self.thresholds.n))
+
+    def compiled_loop(self) -> CompiledLoop | None:
+        """The measured variant's rule compiled (:func:`run_wait`): the same decisions as :meth:`decide`, bit for
+        bit. ``None`` for the paper's variant (pausing cohorts) and for subclasses that change the rule (the
+        adaptive policy re-solves its thresholds between iterations)."""
+        if type(self) is not WaitPolicy or self.variant != "measured" or not self.memory_safe:
+            return None
+        rule = WaitRule(np.ascontiguousarray(self.thresholds.n, dtype=np.int64), int(self.thresholds.memory_blocks),
+                        self.drain_when_idle, self.lend_spare_memory)
+        types = Int64Buffer()
+        queue = WaitQueue(np.zeros(len(rule.n), dtype=np.int64), np.zeros(1, dtype=np.int64))
+        classified: list[np.ndarray] = []  # the chunk whose requests have types
+
+        def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+                 engine: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            if not classified or classified[0] is not arrivals.times:  # a new chunk: its requests' types
+                start = int(run.ints[compiled_run.NEXT_ARRIVAL])
+                assert types.size == run.counters[N], "a chunk's requests are classified as the chunk arrives"
+                types.extend(self.mix.nearest(arrivals.prompt[start:], arrivals.output[start:]))
+                classified[:] = [arrivals.times]
+            types.release_below(int(run.ints[RETIRED]))
+            return run_wait(run, running, columns, arrivals, engine, rule, types.data, queue)
+        return loop
 
     def _classify(self, state: SchedulerState) -> np.ndarray:
         """Every request's type (the nearest of the mix), classified once, on arrival."""
@@ -173,3 +201,171 @@ class WaitPolicy:
                                np.concatenate([remaining, cohort_remaining[:count]]),
                                other_context, other_remaining, state.block_size, spare)
         return np.sort(np.concatenate([admit, others[:extra]])) if extra else admit
+
+
+class WaitRule(NamedTuple):
+    """WAIT's measured, memory-safe rule as its compiled loop takes it."""
+
+    n: np.ndarray  # int64 threshold per type
+    memory_blocks: int  # the reserve of WAIT's own pipelines, Σ n_j·w_j in blocks
+    drain_when_idle: bool
+    lend_spare_memory: bool
+
+
+class WaitQueue(NamedTuple):
+    """What WAIT's compiled loop follows of the queue: how many requests of each type wait, and where a scan of the
+    queue may start (no request before it waits; evictions move it back)."""
+
+    queued: np.ndarray  # int64 per type
+    scan_from: np.ndarray  # int64[1]
+
+
+@compiled
+def _trajectories(ids: np.ndarray, columns: RequestColumns) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`baselines.lookahead.trajectories`, compiled."""
+    context = np.empty(len(ids), dtype=np.int64)
+    remaining = np.empty(len(ids), dtype=np.int64)
+    for j in range(len(ids)):
+        i = ids[j]
+        c = columns.context[i]
+        left = columns.prompt[i] + columns.output[i] - c
+        cached = columns.kv_tokens[i]
+        if cached == 0:  # waiting: its prefill iteration holds the whole context
+            c -= 1
+            left += 1
+        elif cached < c:  # partway through a prefill the engine split
+            left += 1
+        context[j] = c
+        remaining[j] = left
+    return context, remaining
+
+
+@compiled
+def _cohorts(need: np.ndarray, types: np.ndarray, queue: WaitQueue, columns: RequestColumns,
+             n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The oldest ``need[k]`` waiting requests of every type ``k`` (fewer where fewer wait), in queue order, and
+    the last id taken of each type (-1 for none): a scan of the queue that stops once it has them."""
+    expected = 0
+    for k in range(len(need)):
+        expected += min(need[k], queue.queued[k])
+    found = np.empty(expected, dtype=np.int64)
+    taken = np.zeros(len(need), dtype=np.int64)
+    last = np.full(len(need), -1, dtype=np.int64)
+    status = columns.status
+    count, i, first = 0, queue.scan_from[0], -1
+    while count < expected and i < n:
+        if status[i] == WAITING:
+            if first < 0:
+                first = i
+            k = types[i]
+            if taken[k] < need[k]:
+                taken[k] += 1
+                last[k] = i
+                found[count] = i
+                count += 1
+        i += 1
+    if first >= 0:
+        queue.scan_from[0] = first  # nothing before the first waiting id waits
+    return found[:count], last
+
+
+@compiled
+def _following(last: np.ndarray, types: np.ndarray, queue: WaitQueue, columns: RequestColumns,
+               n: int) -> np.ndarray:
+    """The oldest ``LEND_SCAN`` waiting requests that are not in the cohorts (of type ``k``, the cohort holds the
+    waiting ids up to ``last[k]``), in queue order."""
+    found = np.empty(LEND_SCAN, dtype=np.int64)
+    count, i = 0, queue.scan_from[0]
+    while count < LEND_SCAN and i < n:
+        if columns.status[i] == WAITING and i > last[types[i]]:
+            found[count] = i
+            count += 1
+        i += 1
+    return found[:count]
+
+
+@compiled
+def _select(rule: WaitRule, gates: np.ndarray, types: np.ndarray, queue: WaitQueue, running: np.ndarray,
+            columns: RequestColumns, counters: np.ndarray, engine: EngineParams) -> np.ndarray:
+    """:meth:`WaitPolicy._select`'s admissions (measured, memory-safe) with the types ``gates`` let in."""
+    need = np.zeros(len(rule.n), dtype=np.int64)
+    for k in range(len(need)):
+        if gates[k] and queue.queued[k] > 0:
+            need[k] = max(rule.n[k], 1)
+    cohorts, last = _cohorts(need, types, queue, columns, counters[N])
+    if counters[NUM_WAITING] == 0:
+        return cohorts
+    block_size, capacity = engine.block_size, engine.capacity_blocks
+    context, remaining = _trajectories(running, columns)
+    cohort_context, cohort_remaining = _trajectories(cohorts, columns)
+    count = kernels.fitting_prefix(context, remaining, cohort_context, cohort_remaining, block_size, capacity)
+    admit = cohorts[:count]
+    spare = capacity - rule.memory_blocks
+    if not rule.lend_spare_memory or count < len(cohorts) or spare <= 0:
+        return admit
+    others = _following(last, types, queue, columns, counters[N])
+    if len(others) == 0:
+        return admit
+    other_context, other_remaining = _trajectories(others, columns)
+    extra = kernels.fitting_prefix(np.concatenate((context, cohort_context[:count])),
+                                   np.concatenate((remaining, cohort_remaining[:count])), other_context,
+                                   other_remaining, block_size, spare)
+    if extra == 0:
+        return admit
+    return np.sort(np.concatenate((admit, others[:extra])))
+
+
+@compiled
+def wait_decision(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: np.ndarray, columns: RequestColumns,
+                  counters: np.ndarray, engine: EngineParams) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`WaitPolicy.decide` (measured, memory-safe), compiled: ``(decode, admit)``."""
+    kv_tokens, context = columns.kv_tokens, columns.context
+    num_ready = 0
+    for i in running:
+        if kv_tokens[i] == context[i]:
+            num_ready += 1
+    decode = np.empty(num_ready, dtype=np.int64)
+    d = 0
+    for i in running:
+        if kv_tokens[i] == context[i]:
+            decode[d] = i
+            d += 1
+    queued, n = queue.queued, rule.n
+    gates = (queued >= n) & (n > 0)
+    admit = _select(rule, gates, types, queue, running, columns, counters, engine)
+    if len(decode) == 0 and len(admit) == 0 and rule.drain_when_idle and (queued.any() or len(running)):
+        # Nothing would run: let every type in (up to n_j) rather than strand requests below a threshold.
+        admit = _select(rule, np.ones(len(n), dtype=np.bool_), types, queue, running, columns, counters, engine)
+    return decode, admit
+
+
+@compiled
+def run_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+             engine: EngineParams, rule: WaitRule, types: np.ndarray, queue: WaitQueue
+             ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:class:`WaitPolicy`'s compiled loop (measured, memory-safe; see :data:`~llmsched_env.policy.CompiledLoop`).
+    ``types`` holds every request's type (by id), ``queue`` the waiting counts per type, both followed through
+    the arrivals, admissions and evictions of each iteration."""
+    nothing = np.empty(0, dtype=np.int64)
+    counters, queued = run.counters, queue.queued
+    queue.scan_from[0] = max(queue.scan_from[0], run.ints[RETIRED])  # retired rows read as zeros
+    while True:
+        arrived_from = counters[N]
+        stop = compiled_run.begin(run, columns, arrivals)
+        for i in range(arrived_from, counters[N]):
+            queued[types[i]] += 1
+        if stop != GO_ON:
+            return stop, running, nothing, nothing, nothing
+        decode, admit = wait_decision(rule, types, queue, running, columns, counters, engine)
+        chunk = np.empty(len(admit), dtype=np.int64)
+        for j in range(len(admit)):
+            chunk[j] = columns.context[admit[j]] - columns.kv_tokens[admit[j]]  # whole prefills
+        stop, running, admitted, evicted = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals,
+                                                              engine)
+        for i in admitted:
+            queued[types[i]] -= 1
+        for i in evicted:
+            queued[types[i]] += 1
+            queue.scan_from[0] = min(queue.scan_from[0], i)
+        if stop != GO_ON:
+            return stop, running, decode, admit, chunk

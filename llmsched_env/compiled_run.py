@@ -41,8 +41,9 @@ from llmsched_env.iteration import (
 from llmsched_env.request_table import RequestColumns
 
 # -- the rollout's integers and reals, as indices of RunState.ints / RunState.reals ---------------------------
-NEXT_ARRIVAL, ENDED, ITERATIONS, PEAK_BLOCKS, EVICTIONS, RETIRE_AT, ROWS, MORE_CHUNKS, MAX_ITERATIONS = range(9)
-NUM_RUN_INTS = 9
+(NEXT_ARRIVAL, ENDED, ITERATIONS, PEAK_BLOCKS, EVICTIONS, RETIRE_AT, ROWS, MORE_CHUNKS, MAX_ITERATIONS,
+ RETIRED) = range(10)
+NUM_RUN_INTS = 10
 NOW, BLOCK_SECONDS, BUSY_TIME, PROGRESS_AT, ITERATED_AT, STALLED_AT, STALL_AFTER, HORIZON = range(8)
 NUM_RUN_REALS = 8
 
@@ -65,9 +66,10 @@ class RunState(NamedTuple):
     """The rollout's and the engine's state while a compiled loop runs (handed back to both at each stop).
 
     ``counters`` are the engine's (:mod:`llmsched_env.iteration`'s indices), ``ints`` and ``reals`` the
-    rollout's (the indices above: ``MAX_ITERATIONS`` is ``-1`` without a cap, ``STALL_AFTER`` ``inf`` without
-    a watch, ``STALLED_AT`` NaN until a stall), ``rows`` the time series' row buffer (end time, KV blocks used,
-    waiting, running, finished; ``ints[ROWS]`` rows filled; no rows when nothing records).
+    rollout's (the indices above: ``RETIRED`` the engine's retired ids, ``MAX_ITERATIONS`` is ``-1`` without a
+    cap, ``STALL_AFTER`` ``inf`` without a watch, ``STALLED_AT`` NaN until a stall), ``rows`` the time series'
+    row buffer (end time, KV blocks used, waiting, running, finished; ``ints[ROWS]`` rows filled; no rows when
+    nothing records).
     """
 
     counters: np.ndarray  # int64[NUM_ENGINE_COUNTERS]
@@ -145,20 +147,24 @@ def _watch_for_stall(run: RunState, ran: bool, duration: float, progressed: bool
 
 @compiled
 def apply(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, running: np.ndarray, run: RunState,
-          columns: RequestColumns, arrivals: ChunkArrays, engine: EngineParams) -> tuple[int, np.ndarray]:
+          columns: RequestColumns, arrivals: ChunkArrays, engine: EngineParams
+          ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """``Rollout.apply`` of the decision to decode ``decode`` and prefill ``prefill`` (``chunk`` tokens each),
-    with the time series' row. Returns ``(stop, running)``: ``stop`` is ``GO_ON``, ``PAUSE`` (Python retires
-    finished requests or empties the row buffer) or ``INVALID_DECISION`` (nothing changed)."""
+    with the time series' row. Returns ``(stop, running, admitted, evicted)``: ``stop`` is ``GO_ON``, ``PAUSE``
+    (Python retires finished requests or empties the row buffer) or ``INVALID_DECISION`` (nothing changed); the
+    iteration's admitted and evicted ids (for a policy that follows its queue)."""
     counters, ints, reals = run.counters, run.ints, run.reals
     nothing = np.empty(0, dtype=np.int64)
     now = reals[NOW]
     ran, duration, progressed = False, 0.0, False
+    admitted, evicted = nothing, nothing
     stalled = len(decode) == 0 and len(prefill) == 0
     if not stalled:
         done = iterate(decode, prefill, chunk, False, nothing, running, columns, counters, engine, now)
         if done.verdict == INVALID:
-            return INVALID_DECISION, running
+            return INVALID_DECISION, running, nothing, nothing
         ran, duration, running = True, done.duration, done.running
+        admitted, evicted = done.admitted, done.evicted
         now = now + duration
         reals[NOW] = now
         ints[ITERATIONS] += 1
@@ -186,8 +192,8 @@ def apply(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, running: n
     if math.isfinite(reals[STALL_AFTER]) and math.isnan(reals[STALLED_AT]):
         _watch_for_stall(run, ran, duration, progressed, columns, engine.block_size, engine.capacity_blocks)
     if counters[NUM_FINISHED] >= ints[RETIRE_AT] or (len(run.rows) and ints[ROWS] == len(run.rows)):
-        return PAUSE, running
-    return GO_ON, running
+        return PAUSE, running, admitted, evicted
+    return GO_ON, running, admitted, evicted
 
 
 def new_run_state(counters: np.ndarray, rows: int) -> RunState:

@@ -372,14 +372,43 @@ def running_profile(running: np.ndarray, classes: np.ndarray, context_len: np.nd
 
 
 @compiled
+def _longest_first(remaining: np.ndarray) -> np.ndarray:
+    """Indices of ``remaining`` in decreasing order of value (ties in any order: the caller takes a tie's members
+    together): a counting sort when the values are small and non-negative, else a sort."""
+    count = len(remaining)
+    top = 0
+    for n in range(count):
+        if remaining[n] < 0:
+            return np.argsort(-remaining, kind="mergesort")
+        top = max(top, remaining[n])
+    if top > 4 * count + 256:
+        return np.argsort(-remaining, kind="mergesort")
+    starts = np.zeros(top + 1, dtype=np.int64)
+    for n in range(count):
+        starts[remaining[n]] += 1
+    position = 0
+    for r in range(top, -1, -1):
+        members = starts[r]
+        starts[r] = position
+        position += members
+    order = np.empty(count, dtype=np.int64)
+    for n in range(count):
+        r = remaining[n]
+        order[starts[r]] = n
+        starts[r] += 1
+    return order
+
+
+@compiled
 def peak_blocks(context: np.ndarray, remaining: np.ndarray, block_size: int) -> int:
     """:func:`llmsched_env.kv_cache.projected_peak_blocks`: ``max_t Σ_{i: remaining_i >= t} ceil((context_i + t) / B)``,
     over the candidates ``t = remaining_k``, longest first, with the residues ``context_i mod B`` of the
-    requests alive at ``t`` kept as a histogram (``O(n log n + n·B)``)."""
+    requests alive at ``t`` kept as a histogram (``O(n log n + n·B)``, or ``O(n + max remaining + n·B)`` when the
+    remaining lengths are few enough to be counted into one slot each, as per iteration they are)."""
     count = len(context)
     if count == 0:
         return 0
-    order = np.argsort(-remaining, kind="mergesort")
+    order = _longest_first(remaining)
     residues = np.zeros(block_size, dtype=np.int64)
     quotient_sum, peak, alive = 0, 0, 0
     while alive < count:
@@ -405,27 +434,55 @@ def peak_blocks(context: np.ndarray, remaining: np.ndarray, block_size: int) -> 
 def fitting_prefix(context: np.ndarray, remaining: np.ndarray, candidate_context: np.ndarray,
                    candidate_remaining: np.ndarray, block_size: int, limit_blocks: int) -> int:
     """:func:`baselines.lookahead.fitting_prefix`: how many candidates, in order, can join the batch with its
-    projected peak (:func:`peak_blocks`) within ``limit_blocks``; a binary search, as the peak only grows
-    as requests join."""
-    held = len(context)
-    total = held + len(candidate_context)
-    all_context = np.empty(total, dtype=np.int64)
-    all_remaining = np.empty(total, dtype=np.int64)
-    all_context[:held] = context
-    all_remaining[:held] = remaining
-    all_context[held:] = candidate_context
-    all_remaining[held:] = candidate_remaining
-    low, high = 0, len(candidate_context)
-    if high == 0 or peak_blocks(all_context[: held + 1], all_remaining[: held + 1], block_size) > limit_blocks:
+    projected peak (:func:`peak_blocks`) within ``limit_blocks``.
+
+    The projection is a sum over requests, so the batch's part is computed once, at every point where some
+    request (of the batch or a candidate) finishes (the peak of any subset is at one of them), as
+    :func:`peak_blocks` computes it; candidates then join one at a time, each adding its own blocks at the points
+    it lives through, until the first one whose peak does not fit: ``O((n + m)·B + k·(n + m))`` for ``n``
+    requests, ``m`` candidates of which ``k`` fit, where a search over the prefixes recomputed the whole
+    projection at every probe."""
+    held, count = len(context), len(candidate_context)
+    if count == 0:
         return 0
-    low = 1
-    while low < high:
-        middle = (low + high + 1) // 2
-        if peak_blocks(all_context[: held + middle], all_remaining[: held + middle], block_size) <= limit_blocks:
-            low = middle
-        else:
-            high = middle - 1
-    return low
+    every = np.empty(held + count, dtype=np.int64)
+    every[:held] = remaining
+    every[held:] = candidate_remaining
+    points = np.empty(held + count, dtype=np.int64)  # the distinct finishing points, latest first
+    num_points = 0
+    for j in _longest_first(every):
+        if num_points == 0 or points[num_points - 1] != every[j]:
+            points[num_points] = every[j]
+            num_points += 1
+    # The batch's blocks at each point (peak_blocks' sweep: quotients and a histogram of residues of the living).
+    total = np.empty(num_points, dtype=np.int64)
+    order = _longest_first(remaining)
+    residues = np.zeros(block_size, dtype=np.int64)
+    quotient_sum, alive = 0, 0
+    for p in range(num_points):
+        t = points[p]
+        while alive < held and remaining[order[alive]] >= t:
+            c = context[order[alive]]
+            quotient_sum += c // block_size
+            residues[c % block_size] += 1
+            alive += 1
+        a, b = t // block_size, t % block_size
+        nonzero = alive if b > 0 else alive - residues[0]
+        over = 0
+        for m in range(block_size - b + 1, block_size):
+            over += residues[m]
+        total[p] = quotient_sum + alive * a + nonzero + over
+    for j in range(count):
+        c, r = candidate_context[j], candidate_remaining[j]
+        peak = 0
+        for p in range(num_points):
+            t = points[p]
+            if t <= r:
+                total[p] += -(-(c + t) // block_size)
+            peak = max(peak, total[p])
+        if peak > limit_blocks:
+            return j
+    return count
 
 
 @compiled

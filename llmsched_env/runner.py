@@ -317,7 +317,8 @@ class Rollout:
         """Copy the engine's counters and this rollout's state into ``run`` (a compiled loop's)."""
         run.counters[:] = self.engine.counter_array()  # type: ignore[attr-defined]
         run.ints[:] = (self._next, self._ended, self.iterations, self.peak_blocks_used, self.evictions,
-                       self._retire_at, 0, self._more, -1 if self.max_iterations is None else self.max_iterations)
+                       self._retire_at, 0, self._more, -1 if self.max_iterations is None else self.max_iterations,
+                       self.engine.retired)
         run.reals[:] = (self.engine.now, self.block_seconds, self.busy_time, self._progress_at, self._iterated_at,
                         math.nan if self.stalled_at is None else self.stalled_at,
                         math.inf if self.stall_after_s is None else self.stall_after_s, self.horizon)
@@ -325,7 +326,8 @@ class Rollout:
     def _store(self, run: compiled_run.RunState, running: np.ndarray) -> None:
         """Take back what a compiled loop advanced (the inverse of :meth:`_load`), and the time series' rows."""
         counters = run.counters.tolist()
-        (self._next, ended, self.iterations, self.peak_blocks_used, self.evictions, _, rows, _, _) = run.ints.tolist()
+        (self._next, ended, self.iterations, self.peak_blocks_used, self.evictions, _, rows, _, _,
+         _) = run.ints.tolist()
         (now, self.block_seconds, self.busy_time, self._progress_at, self._iterated_at, stalled_at, _,
          _) = run.reals.tolist()
         self.engine.restore(EngineCounters(*counters, now, running))  # type: ignore[attr-defined]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import replace
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -10,29 +11,34 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from baselines import POLICIES, make_policy
-from baselines.fcfs import FCFSPolicy, sarathi_policy, sarathi_vidur_policy, vllm_policy, vllm_v0_policy
+from baselines.fcfs import sarathi_policy, sarathi_vidur_policy, vllm_policy, vllm_v0_policy
 from llmsched_env import (Arrivals, InvalidDecisionError, LinearCostModel, PoissonWorkload, RequestType,
                           SimulatedEngine, TypeMix, runner)
 from llmsched_env.compiled_run import INVALID_DECISION
 from llmsched_env.engine import Engine, SchedulerState
-from llmsched_env.policy import CompiledPolicy
+from llmsched_env.policy import CompiledPolicy, Policy
 from llmsched_env.runner import TimeSeriesRecorder, run
-from llmsched_env.scenario import build_scenario
+from llmsched_env.scenario import Scenario, build_scenario
 
 PRESETS = {
-    "vllm": lambda: vllm_policy(max_num_batched_tokens=64),
-    "vllm-seqs": lambda: vllm_policy(max_num_batched_tokens=48, max_num_seqs=3, watermark=0.1),
-    "vllm-v0": lambda: vllm_v0_policy(max_num_batched_tokens=64, max_num_seqs=4),
-    "sarathi": lambda: sarathi_policy(max_num_batched_tokens=32),
-    "sarathi-tight": lambda: sarathi_policy(max_num_batched_tokens=3, max_num_seqs=5),
-    "sarathi-512": lambda: sarathi_vidur_policy(max_num_batched_tokens=24, max_num_seqs=6),
+    "vllm": lambda scenario: vllm_policy(max_num_batched_tokens=64),
+    "vllm-seqs": lambda scenario: vllm_policy(max_num_batched_tokens=48, max_num_seqs=3, watermark=0.1),
+    "vllm-v0": lambda scenario: vllm_v0_policy(max_num_batched_tokens=64, max_num_seqs=4),
+    "sarathi": lambda scenario: sarathi_policy(max_num_batched_tokens=32),
+    "sarathi-tight": lambda scenario: sarathi_policy(max_num_batched_tokens=3, max_num_seqs=5),
+    "sarathi-512": lambda scenario: sarathi_vidur_policy(max_num_batched_tokens=24, max_num_seqs=6),
+    "wait": lambda scenario: make_policy("wait", scenario, 12.0),
+    "wait-no-lending": lambda scenario: replace(make_policy("wait", scenario, 12.0), lend_spare_memory=False),
+    "nested-wait": lambda scenario: make_policy("nested-wait", scenario, 12.0),
+    "nested-wait-no-lending": lambda scenario: replace(make_policy("nested-wait", scenario, 12.0),
+                                                       lend_spare_memory=False),
 }
 
 
 class PythonOnly:
     """The same policy without its compiled loop: the evaluation loop calls ``decide`` every iteration."""
 
-    def __init__(self, policy: FCFSPolicy) -> None:
+    def __init__(self, policy: Policy) -> None:
         self.policy, self.name = policy, policy.name
 
     def reset(self, engine: Engine) -> None:
@@ -42,18 +48,18 @@ class PythonOnly:
         return self.policy.decide(state)
 
 
-def _both_ways(make, mix: TypeMix, capacity: int, block: int, seed: int, horizon: float, stream: bool,
-               stall_after_s: float | None) -> list[tuple]:
+def _both_ways(make: Callable[[Scenario], Policy], mix: TypeMix, capacity: int, block: int, seed: int,
+               horizon: float, stream: bool, stall_after_s: float | None) -> list[tuple]:
     cost = LinearCostModel(c0=0.01, c_pf=1e-4, c_dec=1e-4, c_kv=1e-5, c_pf2=2e-7)
-    workload = PoissonWorkload(mix)
+    scenario = Scenario(cost, capacity, block, mix)
     runs = []
     for wrap in (lambda policy: policy, PythonOnly):
-        whole = workload.sample(horizon, np.random.default_rng(seed))
+        whole = PoissonWorkload(mix).sample(horizon, np.random.default_rng(seed))
         arrivals = _in_chunks(whole, 17) if stream else whole
         engine = SimulatedEngine(cost, capacity_tokens=capacity, block_size=block)
         recorder = TimeSeriesRecorder(max_rows=8)
-        result = run(engine, wrap(make()), arrivals, horizon, callbacks=[recorder], stall_after_s=stall_after_s,
-                     keep_records=True)
+        result = run(engine, wrap(make(scenario)), arrivals, horizon, callbacks=[recorder],
+                     stall_after_s=stall_after_s, keep_records=True)
         runs.append((result, recorder.arrays()))
     return runs
 
@@ -69,7 +75,7 @@ mixes = st.lists(
 ).map(lambda rows: TypeMix(tuple(RequestType(p, o, r) for p, o, r in rows)))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(mix=mixes, slack=st.integers(0, 150), block=st.sampled_from([1, 4, 16]), seed=st.integers(0, 2**16),
        preset=st.sampled_from(sorted(PRESETS)), stream=st.booleans(), watch=st.booleans())
 def test_a_compiled_loop_runs_exactly_as_the_python_loop(mix: TypeMix, slack: int, block: int, seed: int,
@@ -116,13 +122,18 @@ def test_the_default_workload_runs_compiled_and_identically_at_full_size() -> No
         np.testing.assert_array_equal(getattr(fast.records, field), getattr(python.records, field), err_msg=field)
 
 
-def test_every_engine_policy_has_a_compiled_loop() -> None:
+COMPILED = {"vllm", "sarathi", "vllm-v0", "sarathi-512", "wait", "nested-wait"}
+
+
+def test_the_policies_that_run_compiled() -> None:
+    """The registered policies with a compiled loop; the others (adaptive, pausing, chunk-booking) run one Python
+    decision per iteration."""
     scenario = build_scenario(types="p=30,o=40,rate=30", memory_tokens=3000, block_size=16)
     for name in POLICIES:
         policy = make_policy(name, scenario, 10.0)
-        if isinstance(policy, FCFSPolicy):
-            policy.reset(scenario.engine())
-            assert isinstance(policy, CompiledPolicy) and policy.compiled_loop() is not None, name
+        policy.reset(scenario.engine())
+        loop = policy.compiled_loop() if isinstance(policy, CompiledPolicy) else None
+        assert (loop is not None) == (name in COMPILED), name
 
 
 class _RefusedLoop:

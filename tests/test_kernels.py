@@ -126,6 +126,25 @@ def test_projected_peak_blocks_is_the_max_over_future_iterations(seed: int, coun
     assert projected_peak_blocks(context, remaining, block) == brute
 
 
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), held=st.integers(0, 40), candidates=st.integers(0, 12),
+       block=st.sampled_from([1, 2, 4, 16, 32]), spread=st.sampled_from([60, 5_000]), slack=st.integers(-20, 60))
+def test_fitting_prefix_is_the_longest_prefix_whose_projected_peak_fits(seed: int, held: int, candidates: int,
+                                                                        block: int, spread: int, slack: int) -> None:
+    """The incremental search gives what projecting every prefix from scratch gives (``spread`` 5,000 sorts the
+    remaining lengths instead of counting them)."""
+    rng = np.random.default_rng(seed)
+    context, remaining = rng.integers(1, 200, held), rng.integers(1, spread, held)
+    candidate_context, candidate_remaining = rng.integers(1, 200, candidates), rng.integers(1, spread, candidates)
+    limit = projected_peak_blocks(context, remaining, block) + slack
+    expected = 0
+    while expected < candidates and projected_peak_blocks(
+            np.concatenate([context, candidate_context[:expected + 1]]),
+            np.concatenate([remaining, candidate_remaining[:expected + 1]]), block) <= limit:
+        expected += 1
+    assert kernels.fitting_prefix(context, remaining, candidate_context, candidate_remaining, block, limit) == expected
+
+
 @settings(max_examples=200, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), count=st.integers(0, 300), spread=st.sampled_from([3, 50, 10**6, 2**40]))
 def test_peak_tokens_packed_sort_equals_the_stable_argsort(seed: int, count: int, spread: int) -> None:
