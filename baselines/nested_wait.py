@@ -90,20 +90,21 @@ class NestedWaitPolicy:
         self._capacity_blocks, self._block_size = engine.capacity_blocks, engine.block_size
 
     def compiled_loop(self) -> CompiledLoop | None:
-        """The measured variant's rule, with its lookahead, compiled (:func:`run_nested_wait`): the same decisions
-        as :meth:`decide`, bit for bit, and the same guard counts. ``None`` for the paper's variant (pausing
-        cohorts), without a lookahead, and for subclasses that change the rule (the adaptive policy re-solves its
-        thresholds between iterations)."""
-        if type(self) is not NestedWaitPolicy or self.variant != "measured" or self.lookahead is None:
+        """This policy's rule compiled (:func:`run_nested_wait`, either variant): the same decisions as
+        :meth:`decide`, bit for bit, and the same guard counts. ``None`` for subclasses that change the rule (the
+        adaptive policy re-solves its thresholds between iterations)."""
+        if type(self) is not NestedWaitPolicy:
             return None
+        projects = self.lookahead is not None and self.variant == "measured"
         spare = -1
-        if self.lend_spare_memory:
+        if self.lend_spare_memory and projects:
             reserve = self.thresholds.memory_tokens if self.reserve_tokens is None else self.reserve_tokens
             spare = self._capacity_blocks - int(np.ceil(min(reserve, self._capacity_blocks * self._block_size)
                                                         / self._block_size))
         rule = NestedWaitRule(np.ascontiguousarray(self.thresholds.boundaries, dtype=np.int64),
                               np.ascontiguousarray(self.thresholds.n, dtype=np.int64),
-                              np.ascontiguousarray(self.lookahead, dtype=np.int64), spare, self.drain_when_idle)
+                              np.ascontiguousarray(self.lookahead if projects else [], dtype=np.int64), spare,
+                              self.drain_when_idle, self.variant == "paper")
         guard = np.zeros(2, dtype=np.int64)
 
         def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
@@ -225,13 +226,14 @@ class NestedWaitPolicy:
 
 
 class NestedWaitRule(NamedTuple):
-    """Nested WAIT's measured rule, with its lookahead, as its compiled loop takes it."""
+    """Nested WAIT's rule as its compiled loop takes it."""
 
     boundaries: np.ndarray  # int64 b_1 < … < b_K
     n: np.ndarray  # int64 threshold per segment
-    residual: np.ndarray  # int64 lookahead: remaining output assumed per decoded count
+    residual: np.ndarray  # int64 lookahead: remaining output assumed per decoded count (empty: no lookahead)
     spare_blocks: int  # lending's limit (capacity less the reserve); -1 without lending
     drain_when_idle: bool
+    pausing: bool  # the paper's variant: only the ready prefix's cohorts advance, n_k per stage
 
 
 @compiled
@@ -257,8 +259,8 @@ def _residual_trajectories(ids: np.ndarray, columns: RequestColumns,
 def _nested_select(rule: NestedWaitRule, running: np.ndarray, at_boundary: np.ndarray, segment: np.ndarray,
                    waiting: np.ndarray, ready: np.ndarray, mode: int, columns: RequestColumns,
                    counters: np.ndarray, engine: EngineParams) -> tuple[bool, np.ndarray, np.ndarray, bool]:
-    """:meth:`NestedWaitPolicy._select` (measured): ``(fits, decode, admit, fell_back)``. ``mode`` is the call's
-    keywords: 0 thresholds only, 1 ``whole_queues``, 2 lending within ``rule.spare_blocks``, 3 ``under_pressure``."""
+    """:meth:`NestedWaitPolicy._select`: ``(fits, decode, admit, fell_back)``. ``mode`` is the call's keywords:
+    0 thresholds only, 1 ``whole_queues``, 2 lending within ``rule.spare_blocks``, 3 ``under_pressure``."""
     n = rule.n
     segments = len(n)
     prefix = segments
@@ -266,22 +268,34 @@ def _nested_select(rule: NestedWaitRule, running: np.ndarray, at_boundary: np.nd
         if not ready[k]:
             prefix = k
             break
+    active = prefix if rule.pausing else segments  # segments whose cohorts advance
     whole = mode == 1 or mode == 2
     chosen = np.zeros(len(running), dtype=np.bool_)
     entered = np.zeros(segments, dtype=np.int64)
+    stride = 1
+    if rule.pausing:
+        for i in running:
+            stride = max(stride, columns.context[i] - columns.prompt[i] + 1)
+    at_stage = np.zeros(stride, dtype=np.int64)  # the paper's variant: taken per decoded count
     for j in range(len(running)):
         k = segment[j]
         if at_boundary[j]:
             if k < prefix and (whole or entered[k] < n[k]):
                 chosen[j] = True
                 entered[k] += 1
-        else:
-            chosen[j] = True  # measured: every request in progress decodes
+        elif k < active:
+            if not rule.pausing:
+                chosen[j] = True  # measured: every request in progress decodes
+            else:
+                stage = columns.context[running[j]] - columns.prompt[running[j]]
+                if at_stage[stage] < n[k]:
+                    at_stage[stage] += 1
+                    chosen[j] = True
     admit = waiting[:0]
     if prefix > 0:
         admit = waiting[:n[0] if mode != 2 else max(n[0], LEND_SCAN)]
     block_size, capacity = engine.block_size, engine.capacity_blocks
-    if len(admit):
+    if len(admit) and len(rule.residual) and not rule.pausing:
         context, remaining = _residual_trajectories(running, columns, rule.residual)
         admit_context, admit_remaining = _residual_trajectories(admit, columns, rule.residual)
         admit = admit[:kernels.fitting_prefix(context, remaining, admit_context, admit_remaining, block_size,
@@ -316,8 +330,8 @@ def _nested_select(rule: NestedWaitRule, running: np.ndarray, at_boundary: np.nd
 @compiled
 def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: RequestColumns, counters: np.ndarray,
                          engine: EngineParams, guard: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:meth:`NestedWaitPolicy.decide` (measured, with its lookahead), compiled: ``(decode, admit)``; the guard's
-    activations and fallbacks are added to ``guard``."""
+    """:meth:`NestedWaitPolicy.decide`, compiled: ``(decode, admit)``; the guard's activations and fallbacks are
+    added to ``guard``."""
     bounds, n = rule.boundaries, rule.n
     segments = len(bounds)
     at_boundary = np.zeros(len(running), dtype=np.bool_)
@@ -335,11 +349,15 @@ def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: Req
             segment[j] = min(np.searchsorted(bounds, decoded, side="right"), segments - 1)
     entrants[0] = counters[NUM_WAITING]
     waiting = oldest_waiting(counters, columns.status, max(n[0], LEND_SCAN))  # all an iteration can admit
-    context, remaining = _residual_trajectories(running, columns, rule.residual)
-    peak = kernels.peak_blocks(context, remaining, engine.block_size)
+    projects = len(rule.residual) > 0 and not rule.pausing
+    peak = 0
+    if projects:
+        context, remaining = _residual_trajectories(running, columns, rule.residual)
+        peak = kernels.peak_blocks(context, remaining, engine.block_size)
     fits, decode, admit, _ = _nested_select(rule, running, at_boundary, segment, waiting, entrants >= n,
-                                            1 if peak <= engine.capacity_blocks else 0, columns, counters, engine)
-    if rule.spare_blocks > 0 and peak <= rule.spare_blocks:
+                                            1 if projects and peak <= engine.capacity_blocks else 0, columns,
+                                            counters, engine)
+    if projects and rule.spare_blocks > 0 and peak <= rule.spare_blocks:
         # Memory is plentiful: every gate opens, admissions bounded by the lookahead within the spare.
         lent, lent_decode, lent_admit, _ = _nested_select(rule, running, at_boundary, segment, waiting,
                                                           np.ones(segments, dtype=np.bool_), 2, columns, counters,
@@ -364,8 +382,7 @@ def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: Req
 def run_nested_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                     engine: EngineParams, rule: NestedWaitRule, guard: np.ndarray
                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:class:`NestedWaitPolicy`'s compiled loop (measured, with its lookahead; see
-    :data:`~llmsched_env.policy.CompiledLoop`)."""
+    """:class:`NestedWaitPolicy`'s compiled loop (see :data:`~llmsched_env.policy.CompiledLoop`)."""
     nothing = np.empty(0, dtype=np.int64)
     while True:
         stop = compiled_run.begin(run, columns, arrivals)

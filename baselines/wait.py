@@ -92,13 +92,13 @@ class WaitPolicy:
         self._queues = TypeQueues(len(self.thresholds.n))
 
     def compiled_loop(self) -> CompiledLoop | None:
-        """The measured variant's rule compiled (:func:`run_wait`): the same decisions as :meth:`decide`, bit for
-        bit. ``None`` for the paper's variant (pausing cohorts) and for subclasses that change the rule (the
-        adaptive policy re-solves its thresholds between iterations)."""
-        if type(self) is not WaitPolicy or self.variant != "measured" or not self.memory_safe:
+        """This policy's rule compiled (:func:`run_wait`, either variant): the same decisions as :meth:`decide`, bit
+        for bit. ``None`` for subclasses that change the rule (the adaptive policy re-solves its thresholds
+        between iterations)."""
+        if type(self) is not WaitPolicy:
             return None
         rule = WaitRule(np.ascontiguousarray(self.thresholds.n, dtype=np.int64), int(self.thresholds.memory_blocks),
-                        self.drain_when_idle, self.lend_spare_memory)
+                        self.drain_when_idle, self.lend_spare_memory, self.memory_safe, self.variant == "paper")
         types = Int64Buffer()
         queue = WaitQueue(np.zeros(len(rule.n), dtype=np.int64), np.zeros(1, dtype=np.int64))
         classified: list[np.ndarray] = []  # the chunk whose requests have types
@@ -204,12 +204,14 @@ class WaitPolicy:
 
 
 class WaitRule(NamedTuple):
-    """WAIT's measured, memory-safe rule as its compiled loop takes it."""
+    """WAIT's rule as its compiled loop takes it."""
 
     n: np.ndarray  # int64 threshold per type
     memory_blocks: int  # the reserve of WAIT's own pipelines, Σ n_j·w_j in blocks
     drain_when_idle: bool
     lend_spare_memory: bool
+    memory_safe: bool
+    pausing: bool  # the paper's variant: cohorts of types that are not ready pause
 
 
 class WaitQueue(NamedTuple):
@@ -287,13 +289,13 @@ def _following(last: np.ndarray, types: np.ndarray, queue: WaitQueue, columns: R
 @compiled
 def _select(rule: WaitRule, gates: np.ndarray, types: np.ndarray, queue: WaitQueue, running: np.ndarray,
             columns: RequestColumns, counters: np.ndarray, engine: EngineParams) -> np.ndarray:
-    """:meth:`WaitPolicy._select`'s admissions (measured, memory-safe) with the types ``gates`` let in."""
+    """:meth:`WaitPolicy._select`'s admissions with the types ``gates`` let in."""
     need = np.zeros(len(rule.n), dtype=np.int64)
     for k in range(len(need)):
         if gates[k] and queue.queued[k] > 0:
             need[k] = max(rule.n[k], 1)
     cohorts, last = _cohorts(need, types, queue, columns, counters[N])
-    if counters[NUM_WAITING] == 0:
+    if not rule.memory_safe or counters[NUM_WAITING] == 0:
         return cohorts
     block_size, capacity = engine.block_size, engine.capacity_blocks
     context, remaining = _trajectories(running, columns)
@@ -316,26 +318,45 @@ def _select(rule: WaitRule, gates: np.ndarray, types: np.ndarray, queue: WaitQue
 
 
 @compiled
+def _decodes(rule: WaitRule, gates: np.ndarray, types: np.ndarray, running: np.ndarray,
+             columns: RequestColumns) -> np.ndarray:
+    """Who decodes: every running request with its context cached (measured); with ``rule.pausing``, up to ``n_j``
+    running requests from each decode stage of every type ``j`` that ``gates`` let run, oldest first."""
+    kv_tokens, context, prompt = columns.kv_tokens, columns.context, columns.prompt
+    chosen = np.zeros(len(running), dtype=np.bool_)
+    if not rule.pausing:
+        for j in range(len(running)):
+            chosen[j] = kv_tokens[running[j]] == context[running[j]]
+        return running[chosen]
+    stride = 1
+    for i in running:
+        if gates[types[i]]:
+            stride = max(stride, context[i] - prompt[i] + 1)
+    taken = np.zeros(len(rule.n) * stride, dtype=np.int64)  # per (type, stage)
+    for j in range(len(running)):
+        i = running[j]
+        k = types[i]
+        if gates[k]:
+            group = k * stride + context[i] - prompt[i]
+            if taken[group] < max(rule.n[k], 1):
+                taken[group] += 1
+                chosen[j] = True
+    return running[chosen]
+
+
+@compiled
 def wait_decision(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: np.ndarray, columns: RequestColumns,
                   counters: np.ndarray, engine: EngineParams) -> tuple[np.ndarray, np.ndarray]:
-    """:meth:`WaitPolicy.decide` (measured, memory-safe), compiled: ``(decode, admit)``."""
-    kv_tokens, context = columns.kv_tokens, columns.context
-    num_ready = 0
-    for i in running:
-        if kv_tokens[i] == context[i]:
-            num_ready += 1
-    decode = np.empty(num_ready, dtype=np.int64)
-    d = 0
-    for i in running:
-        if kv_tokens[i] == context[i]:
-            decode[d] = i
-            d += 1
+    """:meth:`WaitPolicy.decide`, compiled: ``(decode, admit)``."""
     queued, n = queue.queued, rule.n
     gates = (queued >= n) & (n > 0)
+    decode = _decodes(rule, gates, types, running, columns)
     admit = _select(rule, gates, types, queue, running, columns, counters, engine)
     if len(decode) == 0 and len(admit) == 0 and rule.drain_when_idle and (queued.any() or len(running)):
         # Nothing would run: let every type in (up to n_j) rather than strand requests below a threshold.
-        admit = _select(rule, np.ones(len(n), dtype=np.bool_), types, queue, running, columns, counters, engine)
+        gates = np.ones(len(n), dtype=np.bool_)
+        decode = _decodes(rule, gates, types, running, columns)
+        admit = _select(rule, gates, types, queue, running, columns, counters, engine)
     return decode, admit
 
 
@@ -343,7 +364,7 @@ def wait_decision(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: 
 def run_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
              engine: EngineParams, rule: WaitRule, types: np.ndarray, queue: WaitQueue
              ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:class:`WaitPolicy`'s compiled loop (measured, memory-safe; see :data:`~llmsched_env.policy.CompiledLoop`).
+    """:class:`WaitPolicy`'s compiled loop (see :data:`~llmsched_env.policy.CompiledLoop`).
     ``types`` holds every request's type (by id), ``queue`` the waiting counts per type, both followed through
     the arrivals, admissions and evictions of each iteration."""
     nothing = np.empty(0, dtype=np.int64)

@@ -41,13 +41,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+from llmsched_env import compiled_run
+from llmsched_env.compiled import compiled
+from llmsched_env.compiled_run import GO_ON, ChunkArrays, RunState, oldest_waiting
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import equilibrium
+from llmsched_env.iteration import NUM_WAITING, USED_BLOCKS, EngineParams
+from llmsched_env.policy import CompiledLoop
+from llmsched_env.request_table import RequestColumns
 from llmsched_env.workload import TypeMix
 
 #: The authors' scheduler this module follows (``Luoxiaogan/vidur_or``).
@@ -60,6 +67,7 @@ PAPER_TOTAL_LIMITS = tuple(range(20, 201, 10))
 MAX_SEGMENTS = 50
 _RATIO_CAP = 0.99
 _NONE = np.empty(0, dtype=np.int64)
+_UNLIMITED = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
@@ -204,6 +212,25 @@ class ChunkedBookingPolicy:
         self._batch_index = 0
         self._watermark_blocks = int(self.watermark * engine.capacity_blocks)
 
+    def compiled_loop(self) -> CompiledLoop:
+        """This policy's rule compiled (:func:`run_chunked_booking`): the same decisions as :meth:`decide`, bit for
+        bit (its rotation counter included)."""
+        rule = BookingRule(np.array([segment.start for segment in self.segments], dtype=np.int64),
+                           np.array([segment.end for segment in self.segments], dtype=np.int64),
+                           np.array([segment.total_limit for segment in self.segments], dtype=np.int64),
+                           self.total_limit, self.chunk,
+                           _UNLIMITED if self.token_budget is None else self.token_budget, self.wait_gate,
+                           self._watermark_blocks)
+        batch = np.zeros(1, dtype=np.int64)
+
+        def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+                 engine: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            batch[0] = self._batch_index
+            stop = run_chunked_booking(run, running, columns, arrivals, engine, rule, batch)
+            self._batch_index = int(batch[0])
+            return stop
+        return loop
+
     @staticmethod
     def stages(state: SchedulerState, running: np.ndarray) -> np.ndarray:
         """Vidur's stage of each running request: 0 while prefilling, ``s + 1`` after ``s`` decodes."""
@@ -280,3 +307,136 @@ class ChunkedBookingPolicy:
                 tokens.append(int(give))
                 batch_tokens += give
         return np.array(ids, dtype=np.int64), np.array(tokens, dtype=np.int64)
+
+
+class BookingRule(NamedTuple):
+    """:class:`ChunkedBookingPolicy`'s settings as its compiled rule takes them (the token budget ``int64`` max when
+    the gate is off)."""
+
+    starts: np.ndarray  # int64 first stage of each segment
+    ends: np.ndarray  # int64 last stage of each segment
+    limits: np.ndarray  # int64 each segment's share of tl
+    total_limit: int
+    chunk: int
+    token_budget: int
+    wait_gate: bool
+    watermark_blocks: int
+
+
+@compiled
+def _stage_limit(rule: BookingRule, k: int, batch: int) -> int:
+    """:meth:`BookingSegment.stage_limit` of segment ``k``."""
+    stages = rule.ends[k] - rule.starts[k] + 1
+    base, remainder = rule.limits[k] // stages, rule.limits[k] % stages
+    return base + 1 if batch % stages < remainder else base
+
+
+@compiled
+def booking_decision(rule: BookingRule, batch: int, running: np.ndarray, columns: RequestColumns,
+                     counters: np.ndarray, engine: EngineParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:meth:`ChunkedBookingPolicy.decide` for iteration ``batch``, compiled: ``(decode, prefill, tokens)``."""
+    kv_tokens, context, prompt = columns.kv_tokens, columns.context, columns.prompt
+    count = len(running)
+    stage = np.empty(count, dtype=np.int64)
+    prefilling = 0
+    for j in range(count):
+        i = running[j]
+        stage[j] = context[i] - prompt[i] + 1 if kv_tokens[i] == context[i] else 0
+        prefilling += stage[j] == 0
+    decode = np.empty(count, dtype=np.int64)
+    d = 0
+    first_occupied = 0
+    for k in range(len(rule.starts)):
+        start, end, segment_limit = rule.starts[k], rule.ends[k], rule.limits[k]
+        limit = _stage_limit(rule, k, batch)
+        occupied = 0
+        for j in range(count):
+            if start < stage[j] <= end:
+                occupied += 1
+        if k == 0:
+            first_occupied = occupied
+        entry_count = 0
+        if start == 0:
+            entry_count = counters[NUM_WAITING] + prefilling
+        else:
+            for j in range(count):
+                entry_count += stage[j] == start
+        if rule.wait_gate and entry_count + occupied < segment_limit and entry_count < limit:
+            continue  # WAIT: the segment pauses, its KV kept
+        if start > 0:
+            let_in = min(limit, max(0, segment_limit - occupied))
+            for j in range(count):
+                if let_in == 0:
+                    break
+                if stage[j] == start:
+                    decode[d] = running[j]
+                    d += 1
+                    let_in -= 1
+        for j in range(count):
+            if start < stage[j] <= end:
+                decode[d] = running[j]
+                d += 1
+    last = rule.ends[len(rule.ends) - 1]
+    for j in range(count):
+        if stage[j] > last:  # longer than the prior: outside every segment
+            decode[d] = running[j]
+            d += 1
+    decode = decode[:d]
+    # Prefills: chunks for those in progress, then admissions through segment 1's entry.
+    block_size, budget, chunk = engine.block_size, rule.token_budget, rule.chunk
+    ids = np.empty(count + max(0, _stage_limit(rule, 0, batch)), dtype=np.int64)
+    tokens = np.empty(len(ids), dtype=np.int64)
+    p = 0
+    batch_tokens = d
+    to_fill = 0
+    for j in range(count):
+        if stage[j] == 0:
+            i = running[j]
+            to_fill += -(-context[i] // block_size) - (-(-kv_tokens[i] // block_size))
+            give = min(context[i] - kv_tokens[i], chunk, max(0, budget - batch_tokens))
+            if give > 0:
+                ids[p] = i
+                tokens[p] = give
+                p += 1
+                batch_tokens += give
+    room = min(_stage_limit(rule, 0, batch), rule.limits[0] - first_occupied, rule.total_limit - count)
+    if room > 0:
+        # Vidur allocates a request's whole prompt on admission: blocks still to fill count as taken.
+        free = engine.capacity_blocks - counters[USED_BLOCKS] - to_fill
+        for i in decode:
+            if kv_tokens[i] % block_size == 0:  # this iteration's decodes
+                free -= 1
+        empty = count == 0 and counters[USED_BLOCKS] == 0
+        for i in oldest_waiting(counters, columns.status, room):
+            if batch_tokens >= budget:
+                break
+            need = -(-context[i] // block_size)
+            if free - need < rule.watermark_blocks and not (empty and p == 0):
+                break
+            give = min(context[i] - kv_tokens[i], chunk, budget - batch_tokens)
+            if give <= 0:
+                break
+            free -= need
+            ids[p] = i
+            tokens[p] = give
+            p += 1
+            batch_tokens += give
+    return decode, ids[:p], tokens[:p]
+
+
+@compiled
+def run_chunked_booking(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+                        engine: EngineParams, rule: BookingRule, batch: np.ndarray
+                        ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:class:`ChunkedBookingPolicy`'s compiled loop (see :data:`~llmsched_env.policy.CompiledLoop`); ``batch``
+    holds its rotation counter."""
+    nothing = np.empty(0, dtype=np.int64)
+    while True:
+        stop = compiled_run.begin(run, columns, arrivals)
+        if stop != GO_ON:
+            return stop, running, nothing, nothing, nothing
+        decode, prefill, tokens = booking_decision(rule, batch[0], running, columns, run.counters, engine)
+        batch[0] += 1
+        stop, running, _, _ = compiled_run.apply(decode, prefill, tokens, running, run, columns, arrivals, engine)
+        if stop != GO_ON:
+            return stop, running, decode, prefill, tokens

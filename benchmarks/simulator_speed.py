@@ -64,7 +64,8 @@ def main() -> None:
         assert best is not None
         wall, result = best
         walls[name] = wall
-        path = "compiled" if callable(getattr(policy, "compiled_loop", None)) else "python"
+        compiled_loop = getattr(policy, "compiled_loop", None)  # the policy was reset by its run
+        path = "compiled" if callable(compiled_loop) and compiled_loop() is not None else "python"
         print(f"{name:21s} {args.horizon / wall:7,.0f}x real time  {result.iterations / wall:8,.0f} iterations/s  "
               f"{result.iterations:6,} iterations  {wall:6.3f} s wall  {path:8s}  {wall / walls['vllm']:5.2f}x vLLM's time")
 

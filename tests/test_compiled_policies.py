@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from baselines import POLICIES, make_policy
+from baselines import POLICIES, ChunkedBookingPolicy, make_policy
 from baselines.fcfs import sarathi_policy, sarathi_vidur_policy, vllm_policy, vllm_v0_policy
 from llmsched_env import (Arrivals, InvalidDecisionError, LinearCostModel, PoissonWorkload, RequestType,
                           SimulatedEngine, TypeMix, runner)
@@ -32,6 +32,13 @@ PRESETS = {
     "nested-wait": lambda scenario: make_policy("nested-wait", scenario, 12.0),
     "nested-wait-no-lending": lambda scenario: replace(make_policy("nested-wait", scenario, 12.0),
                                                        lend_spare_memory=False),
+    "wait-pausing": lambda scenario: make_policy("wait-pausing", scenario, 12.0),
+    "nested-wait-pausing": lambda scenario: make_policy("nested-wait-pausing", scenario, 12.0),
+    "wait-cp": lambda scenario: ChunkedBookingPolicy.for_mix(scenario.offered_mix(), 6, nested=False, chunk=8),
+    "nested-wait-cp": lambda scenario: ChunkedBookingPolicy.for_mix(scenario.offered_mix(), 9, nested=True, chunk=5,
+                                                                     token_gate=False),
+    "nested-wait-cp-open": lambda scenario: ChunkedBookingPolicy.for_mix(scenario.offered_mix(), 12, nested=True,
+                                                                          chunk=16, wait_gate=False),
 }
 
 
@@ -75,7 +82,7 @@ mixes = st.lists(
 ).map(lambda rows: TypeMix(tuple(RequestType(p, o, r) for p, o, r in rows)))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(mix=mixes, slack=st.integers(0, 150), block=st.sampled_from([1, 4, 16]), seed=st.integers(0, 2**16),
        preset=st.sampled_from(sorted(PRESETS)), stream=st.booleans(), watch=st.booleans())
 def test_a_compiled_loop_runs_exactly_as_the_python_loop(mix: TypeMix, slack: int, block: int, seed: int,
@@ -122,12 +129,13 @@ def test_the_default_workload_runs_compiled_and_identically_at_full_size() -> No
         np.testing.assert_array_equal(getattr(fast.records, field), getattr(python.records, field), err_msg=field)
 
 
-COMPILED = {"vllm", "sarathi", "vllm-v0", "sarathi-512", "wait", "nested-wait"}
+COMPILED = {"vllm", "sarathi", "vllm-v0", "sarathi-512", "wait", "nested-wait", "wait-pausing", "nested-wait-pausing",
+            "wait-cp", "nested-wait-cp"}
 
 
 def test_the_policies_that_run_compiled() -> None:
-    """The registered policies with a compiled loop; the others (adaptive, pausing, chunk-booking) run one Python
-    decision per iteration."""
+    """The registered policies with a compiled loop; the others (the adaptive ones) run one Python decision per
+    iteration."""
     scenario = build_scenario(types="p=30,o=40,rate=30", memory_tokens=3000, block_size=16)
     for name in POLICIES:
         policy = make_policy(name, scenario, 10.0)
