@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from baselines.lookahead import LOOKAHEAD_QUANTILE, residual_quantiles
-from baselines.nested_wait import NestedWaitPolicy
+from baselines.nested_wait import NestedWaitPolicy, NestedWaitRule, nested_wait_decision
 from baselines.thresholds import (
     NestedWaitThresholds,
     OutputLengthDistribution,
@@ -38,12 +39,18 @@ from baselines.thresholds import (
     wait_thresholds,
 )
 from baselines.type_queues import TypeQueues
-from baselines.wait import WaitPolicy
+from baselines.wait import WaitPolicy, WaitQueue, WaitQueueFollower, WaitRule, wait_decision
+from llmsched_env import compiled_run, kernels
+from llmsched_env.compiled import compiled
+from llmsched_env.compiled_run import GO_ON, NOW, PAUSE, RETIRED, ChunkArrays, RunState
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import equilibrium
+from llmsched_env.iteration import N, EngineParams
+from llmsched_env.policy import CompiledLoop
 from llmsched_env.rate_estimate import ArrivalRateEstimator
+from llmsched_env.request_table import RequestColumns
 from llmsched_env.workload import RequestType, TypeMix
 
 
@@ -94,6 +101,121 @@ class _Learning:
         self.solved_at, self.solved_rate = now, self.rates.total
         self.solves += 1
 
+    def loop_state(self) -> "LearningState":
+        """The learning's state as a compiled loop follows it (the rate estimator's sums are shared, in place)."""
+        reals = np.array([self.rates.time, self.solved_at, self.solved_rate, self.window_s, self.resolve_every_s,
+                          self.resolve_on_change], dtype=np.float64)
+        return LearningState(self.rates.sums, reals, np.array([self.seen, self.warmup, 0, 0], dtype=np.int64))
+
+    def to_loop(self, learn: "LearningState") -> None:
+        """Hand the learning's state to a compiled loop (before each call)."""
+        learn.reals[TIME], learn.reals[SOLVED_AT], learn.reals[SOLVED_RATE] = (self.rates.time, self.solved_at,
+                                                                               self.solved_rate)
+        learn.ints[SEEN] = self.seen
+
+    def from_loop(self, learn: "LearningState") -> None:
+        """Take back what a compiled loop observed (after each call)."""
+        self.rates.time, self.seen = float(learn.reals[TIME]), int(learn.ints[SEEN])
+
+
+# -- the learning's state in a compiled loop, as indices of LearningState.reals / .ints ---------------------------
+TIME, SOLVED_AT, SOLVED_RATE, WINDOW, RESOLVE_EVERY, RESOLVE_ON_CHANGE = range(6)
+SEEN, WARMUP, RESUME, DUE = range(4)
+
+
+class LearningState(NamedTuple):
+    """:class:`_Learning` in a compiled loop: the rate estimate, when it was last solved, and the loop's flags
+    (``DUE``: thresholds are due to be solved again, in Python; ``RESUME``: go on with the decision whose
+    observation found that, without observing again)."""
+
+    sums: np.ndarray  # the rate estimator's sums (ArrivalRateEstimator.sums), updated in place
+    reals: np.ndarray  # float64, indexed by TIME … RESOLVE_ON_CHANGE
+    ints: np.ndarray  # int64, indexed by SEEN … DUE
+
+
+@compiled
+def _observe(learn: LearningState, run: RunState, columns: RequestColumns, enough_data: bool) -> bool:
+    """:meth:`_Learning.observe` of the requests that arrived since the last look, then :meth:`_Learning.due`."""
+    reals, now = learn.reals, run.reals[NOW]
+    seen, n = learn.ints[SEEN], run.counters[N]
+    kernels.count_arrivals(learn.sums, reals[TIME], now, columns.arrival[seen:n], np.zeros(n - seen, dtype=np.int64),
+                           reals[WINDOW])
+    reals[TIME] = now
+    learn.ints[SEEN] = n
+    if not enough_data:
+        return False
+    rate = learn.sums[0] / (-math.expm1(-now / reals[WINDOW])) if now > 0 else learn.sums[0]
+    solved_rate = reals[SOLVED_RATE]
+    moved = solved_rate > 0 and abs(rate - solved_rate) > reals[RESOLVE_ON_CHANGE] * solved_rate
+    return now - reals[SOLVED_AT] >= reals[RESOLVE_EVERY] or moved
+
+
+@compiled
+def run_adaptive_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+                      engine: EngineParams, rule: WaitRule, types: np.ndarray, queue: WaitQueue,
+                      learn: LearningState) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:class:`AdaptiveWaitPolicy`'s compiled loop: WAIT's (:func:`baselines.wait.run_wait`) with the rate
+    observed before each decision, pausing for Python when the thresholds are due to be solved again."""
+    nothing = np.empty(0, dtype=np.int64)
+    counters, queued = run.counters, queue.queued
+    queue.scan_from[0] = max(queue.scan_from[0], run.ints[RETIRED])  # retired rows read as zeros
+    while True:
+        if not learn.ints[RESUME]:
+            arrived_from = counters[N]
+            stop = compiled_run.begin(run, columns, arrivals)
+            for i in range(arrived_from, counters[N]):
+                queued[types[i]] += 1
+            if stop != GO_ON:
+                return stop, running, nothing, nothing, nothing
+            if _observe(learn, run, columns, counters[N] >= learn.ints[WARMUP]):
+                learn.ints[DUE] = 1
+                learn.ints[RESUME] = 1
+                return PAUSE, running, nothing, nothing, nothing
+        learn.ints[RESUME] = 0
+        decode, admit = wait_decision(rule, types, queue, running, columns, counters, engine)
+        chunk = np.empty(len(admit), dtype=np.int64)
+        for j in range(len(admit)):
+            chunk[j] = columns.context[admit[j]] - columns.kv_tokens[admit[j]]  # whole prefills
+        stop, running, admitted, evicted, _ = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals,
+                                                              engine)
+        for i in admitted:
+            queued[types[i]] -= 1
+        for i in evicted:
+            queued[types[i]] += 1
+            queue.scan_from[0] = min(queue.scan_from[0], i)
+        if stop != GO_ON:
+            return stop, running, decode, admit, chunk
+
+
+@compiled
+def run_adaptive_nested_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+                             engine: EngineParams, rule: NestedWaitRule, guard: np.ndarray, learn: LearningState,
+                             completed: "CompletionSample"
+                             ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:class:`AdaptiveNestedWaitPolicy`'s compiled loop: Nested WAIT's with the rate observed before each
+    decision and the finished requests' lengths recorded after each iteration, pausing for Python when the
+    thresholds are due to be solved again."""
+    nothing = np.empty(0, dtype=np.int64)
+    while True:
+        if not learn.ints[RESUME]:
+            stop = compiled_run.begin(run, columns, arrivals)
+            if stop != GO_ON:
+                return stop, running, nothing, nothing, nothing
+            if _observe(learn, run, columns, True):
+                learn.ints[DUE] = 1
+                learn.ints[RESUME] = 1
+                return PAUSE, running, nothing, nothing, nothing
+        learn.ints[RESUME] = 0
+        decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard)
+        chunk = np.empty(len(admit), dtype=np.int64)
+        for j in range(len(admit)):
+            chunk[j] = columns.context[admit[j]] - columns.kv_tokens[admit[j]]  # whole prefills
+        stop, running, _, _, finished = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals,
+                                                           engine)
+        _record_completions(completed, finished, columns)
+        if stop != GO_ON:
+            return stop, running, decode, admit, chunk
+
 
 def _unit_thresholds(mix: TypeMix, capacity_tokens: int, block_size: int) -> WaitThresholds:
     count = len(mix.types)
@@ -121,6 +243,7 @@ class AdaptiveWaitPolicy(WaitPolicy):
         super().reset(engine)
         assert self.learning is not None
         self.learning.reset()
+        self._engine = engine
         self.mix = TypeMix((RequestType(1, 1, 1.0),))
         self.thresholds = _unit_thresholds(self.mix, self.learning.capacity_tokens, self.learning.block_size)
         self._queues = TypeQueues(len(self.thresholds.n))
@@ -133,10 +256,44 @@ class AdaptiveWaitPolicy(WaitPolicy):
             self._resolve(state)
         return super().decide(state)
 
+    def compiled_loop(self) -> CompiledLoop:
+        """This policy compiled (:func:`run_adaptive_wait`): WAIT's compiled rule between solves, the solves in
+        Python; the same decisions as :meth:`decide`, bit for bit."""
+        learning, engine = self.learning, self._engine
+        assert learning is not None
+        follow, learn = WaitQueueFollower(len(self.thresholds.n)), learning.loop_state()
+        rule = [self.compiled_rule()]
+
+        def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+                 params: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            if learn.ints[DUE]:  # the loop stopped for a solve, its decision still to make
+                state = engine.state()
+                self._learn_mix(state)
+                follow.reclassify(self.mix, state, run, arrivals)
+                learning.solved(state.now)
+                rule[0], learn.ints[DUE] = self.compiled_rule(), 0
+                run.counters[:] = engine.counter_array()  # type: ignore[attr-defined]  # the queue was read
+            follow.classify(self.mix, run, arrivals)
+            learning.to_loop(learn)
+            stop = run_adaptive_wait(run, running, columns, arrivals, params, rule[0], follow.types.data,
+                                     follow.queue, learn)
+            learning.from_loop(learn)
+            return stop
+        return loop
+
     def _resolve(self, state: SchedulerState) -> None:
         learning = self.learning
+        assert learning is not None
+        self._learn_mix(state)
+        self._reclassify(state)
+        learning.solved(state.now)
+
+    def _learn_mix(self, state: SchedulerState) -> None:
+        """New classes (a quantile grid of the recent arrivals' lengths) and their thresholds."""
+        learning = self.learning
         assert learning is not None and state.output_len is not None
-        recent = np.arange(max(0, state.num_requests - learning.memory), state.num_requests)
+        # The last `memory` arrivals still in the engine (retired rows are gone): a sample of arrivals, unbiased.
+        recent = np.arange(max(state.retired, state.num_requests - learning.memory), state.num_requests)
         prompt, output = state.prompt_len[recent], state.output_len[recent]
         p_edges = np.unique(np.quantile(prompt, np.arange(1, self.grid) / self.grid))
         o_edges = np.unique(np.quantile(output, np.arange(1, self.grid) / self.grid))
@@ -151,8 +308,6 @@ class AdaptiveWaitPolicy(WaitPolicy):
                                      total * share))
         self.mix = TypeMix(tuple(types))
         self.thresholds = wait_thresholds(self.mix, learning.cost, learning.capacity_tokens, learning.block_size)
-        self._reclassify(state)
-        learning.solved(state.now)
 
 
 @dataclass
@@ -178,22 +333,45 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         self.thresholds = _single_segment(self.learning.capacity_tokens)
         self.lookahead = None
         self.reserve_tokens = None
+        self._engine = engine
+        self._completed = Completions(self.learning.memory)
+
+    def compiled_loop(self) -> CompiledLoop:
+        """This policy compiled (:func:`run_adaptive_nested_wait`): Nested WAIT's compiled rule between solves, the
+        solves in Python; the same decisions as :meth:`decide`, bit for bit."""
+        learning, engine = self.learning, self._engine
+        assert learning is not None
+        learn, guard, rule = learning.loop_state(), np.zeros(2, dtype=np.int64), [self.compiled_rule()]
+
+        def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+                 params: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            if learn.ints[DUE]:  # the loop stopped for a solve, its decision still to make
+                if self._completed.count >= learning.warmup:
+                    self._resolve(engine.state(), self._completed.lengths())
+                    rule[0] = self.compiled_rule()
+                learn.ints[DUE] = 0
+            learning.to_loop(learn)
+            stop = run_adaptive_nested_wait(run, running, columns, arrivals, params, rule[0], guard, learn,
+                                            self._completed.sample)
+            learning.from_loop(learn)
+            self.count_guard(guard)
+            return stop
+        return loop
 
     def decide(self, state: SchedulerState) -> Decision:
         learning = self.learning
         assert learning is not None
         learning.observe(state)
-        if learning.due(state.now, True):
-            finished = _finished_ids(state)
-            if len(finished) >= learning.warmup:
-                self._resolve(state, finished[-learning.memory:])
+        self._completed.observe(state)
+        if learning.due(state.now, True) and self._completed.count >= learning.warmup:
+            self._resolve(state, self._completed.lengths())
         return super().decide(state)
 
-    def _resolve(self, state: SchedulerState, finished: np.ndarray) -> None:
+    def _resolve(self, state: SchedulerState, lengths: np.ndarray) -> None:
+        """New thresholds, lookahead and reserve from the recent completions' output ``lengths``."""
         learning = self.learning
         assert learning is not None
-        lengths = state.context_len[finished] - state.prompt_len[finished]  # a finished request's output, known now
-        recent = np.arange(max(0, state.num_requests - learning.memory), state.num_requests)
+        recent = np.arange(max(state.retired, state.num_requests - learning.memory), state.num_requests)
         prompt = float(state.prompt_len[recent].mean())
         distribution = OutputLengthDistribution.from_samples(lengths)
         rate = max(learning.rates.total, 1e-9)
@@ -206,12 +384,63 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         learning.solved(state.now)
 
 
-def _finished_ids(state: SchedulerState) -> np.ndarray:
-    """Requests that have finished (neither waiting nor running), in arrival order."""
-    done = np.ones(state.num_requests, dtype=bool)
-    done[state.running] = False
-    done[state.waiting] = False
-    return np.flatnonzero(done)
+class CompletionSample(NamedTuple):
+    """The output lengths of the last ``len(lengths)`` requests to finish (a ring), and how many finished in all."""
+
+    lengths: np.ndarray  # int64 ring
+    count: np.ndarray  # int64[1]
+
+
+@compiled
+def _record_completions(sample: CompletionSample, finished: np.ndarray, columns: RequestColumns) -> None:
+    """Add the lengths of requests that have just finished (their rows still hold them) to ``sample``."""
+    size = len(sample.lengths)
+    for i in finished:
+        sample.lengths[sample.count[0] % size] = columns.context[i] - columns.prompt[i]
+        sample.count[0] += 1
+
+
+class Completions:
+    """What the adaptive Nested WAIT learns its length distribution from: the output lengths of the last ``memory``
+    requests to finish, seen as they finish. A finished request's row may be retired (released) before the
+    policy's next look, so the length is taken from what the policy saw the iteration before: a request that
+    decoded ``d`` tokens and then left the batch without going back to the queue has finished with ``d + 1``
+    (finishing takes a decode; an evicted one keeps its context). The compiled loop records the same lengths
+    right after each iteration (:func:`_record_completions`)."""
+
+    def __init__(self, memory: int) -> None:
+        self.sample = CompletionSample(np.zeros(memory, dtype=np.int64), np.zeros(1, dtype=np.int64))
+        self._ids = np.empty(0, dtype=np.int64)  # running at the last look
+        self._decoded = np.empty(0, dtype=np.int64)  # and what each had decoded then
+
+    @property
+    def count(self) -> int:
+        """Requests seen to finish."""
+        return int(self.sample.count[0])
+
+    def lengths(self) -> np.ndarray:
+        """The recorded lengths, oldest first."""
+        size, count = len(self.sample.lengths), self.count
+        if count <= size:
+            return self.sample.lengths[:count].copy()
+        return np.roll(self.sample.lengths, -(count % size))
+
+    def observe(self, state: SchedulerState) -> None:
+        """Record the requests that finished since the last look (the Python path, one look per decision)."""
+        running = state.running
+        if len(self._ids):
+            left = ~np.isin(self._ids, running)
+            ids, decoded = self._ids[left], self._decoded[left]
+            if len(ids):
+                retired = ids < state.retired  # finished and handed over: the row is gone
+                alive = np.flatnonzero(~retired)
+                grew = np.zeros(len(ids), dtype=bool)
+                grew[alive] = state.context_len[ids[alive]] - state.prompt_len[ids[alive]] == decoded[alive] + 1
+                for length in (decoded[retired | grew] + 1).tolist():
+                    self.sample.lengths[self.count % len(self.sample.lengths)] = length
+                    self.sample.count[0] += 1
+        self._ids = np.array(running, dtype=np.int64)
+        self._decoded = state.context_len[running] - state.prompt_len[running]
 
 
 def _single_segment(capacity_tokens: int) -> NestedWaitThresholds:

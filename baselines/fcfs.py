@@ -323,7 +323,7 @@ def run_fcfs(run: RunState, running: np.ndarray, columns: RequestColumns, arriva
         if stop != GO_ON:
             return stop, running, nothing, nothing, nothing
         decode, prefill, chunk = fcfs_decision(rule, running, columns, run.counters, engine)
-        stop, running, _, _ = compiled_run.apply(decode, prefill, chunk, running, run, columns, arrivals, engine)
+        stop, running, _, _, _ = compiled_run.apply(decode, prefill, chunk, running, run, columns, arrivals, engine)
         if stop != GO_ON:
             return stop, running, decode, prefill, chunk
 

@@ -91,30 +91,37 @@ class NestedWaitPolicy:
 
     def compiled_loop(self) -> CompiledLoop | None:
         """This policy's rule compiled (:func:`run_nested_wait`, either variant): the same decisions as
-        :meth:`decide`, bit for bit, and the same guard counts. ``None`` for subclasses that change the rule (the
-        adaptive policy re-solves its thresholds between iterations)."""
+        :meth:`decide`, bit for bit, and the same guard counts. Subclasses that change the rule between iterations
+        have their own (the adaptive policy's)."""
         if type(self) is not NestedWaitPolicy:
             return None
+        rule, guard = self.compiled_rule(), np.zeros(2, dtype=np.int64)
+
+        def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+                 engine: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            stop = run_nested_wait(run, running, columns, arrivals, engine, rule, guard)
+            self.count_guard(guard)
+            return stop
+        return loop
+
+    def compiled_rule(self) -> "NestedWaitRule":
+        """The current thresholds, lookahead and settings, as the compiled rule takes them."""
         projects = self.lookahead is not None and self.variant == "measured"
         spare = -1
         if self.lend_spare_memory and projects:
             reserve = self.thresholds.memory_tokens if self.reserve_tokens is None else self.reserve_tokens
             spare = self._capacity_blocks - int(np.ceil(min(reserve, self._capacity_blocks * self._block_size)
                                                         / self._block_size))
-        rule = NestedWaitRule(np.ascontiguousarray(self.thresholds.boundaries, dtype=np.int64),
+        return NestedWaitRule(np.ascontiguousarray(self.thresholds.boundaries, dtype=np.int64),
                               np.ascontiguousarray(self.thresholds.n, dtype=np.int64),
                               np.ascontiguousarray(self.lookahead if projects else [], dtype=np.int64), spare,
                               self.drain_when_idle, self.variant == "paper")
-        guard = np.zeros(2, dtype=np.int64)
 
-        def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
-                 engine: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-            stop = run_nested_wait(run, running, columns, arrivals, engine, rule, guard)
-            self.guard_activations += int(guard[0])
-            self.guard_fallbacks += int(guard[1])
-            guard[:] = 0
-            return stop
-        return loop
+    def count_guard(self, guard: np.ndarray) -> None:
+        """Add the guard's activations and fallbacks a compiled loop counted into ``guard`` (and clear it)."""
+        self.guard_activations += int(guard[0])
+        self.guard_fallbacks += int(guard[1])
+        guard[:] = 0
 
     def decide(self, state: SchedulerState) -> Decision:
         bounds, n = self.thresholds.boundaries, self.thresholds.n
@@ -392,6 +399,6 @@ def run_nested_wait(run: RunState, running: np.ndarray, columns: RequestColumns,
         chunk = np.empty(len(admit), dtype=np.int64)
         for j in range(len(admit)):
             chunk[j] = columns.context[admit[j]] - columns.kv_tokens[admit[j]]  # whole prefills
-        stop, running, _, _ = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals, engine)
+        stop, running, _, _, _ = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals, engine)
         if stop != GO_ON:
             return stop, running, decode, admit, chunk

@@ -45,7 +45,7 @@ from baselines.thresholds import WaitThresholds, wait_thresholds
 from baselines.type_queues import TypeQueues
 from llmsched_env import compiled_run, kernels
 from llmsched_env.compiled import compiled
-from llmsched_env.compiled_run import GO_ON, RETIRED, ChunkArrays, RunState
+from llmsched_env.compiled_run import GO_ON, NEXT_ARRIVAL, RETIRED, ChunkArrays, RunState
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import IDLE, WAITING, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
@@ -93,26 +93,21 @@ class WaitPolicy:
 
     def compiled_loop(self) -> CompiledLoop | None:
         """This policy's rule compiled (:func:`run_wait`, either variant): the same decisions as :meth:`decide`, bit
-        for bit. ``None`` for subclasses that change the rule (the adaptive policy re-solves its thresholds
-        between iterations)."""
+        for bit. Subclasses that change the rule between iterations have their own (the adaptive policy's)."""
         if type(self) is not WaitPolicy:
             return None
-        rule = WaitRule(np.ascontiguousarray(self.thresholds.n, dtype=np.int64), int(self.thresholds.memory_blocks),
-                        self.drain_when_idle, self.lend_spare_memory, self.memory_safe, self.variant == "paper")
-        types = Int64Buffer()
-        queue = WaitQueue(np.zeros(len(rule.n), dtype=np.int64), np.zeros(1, dtype=np.int64))
-        classified: list[np.ndarray] = []  # the chunk whose requests have types
+        rule, follow = self.compiled_rule(), WaitQueueFollower(len(self.thresholds.n))
 
         def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                  engine: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-            if not classified or classified[0] is not arrivals.times:  # a new chunk: its requests' types
-                start = int(run.ints[compiled_run.NEXT_ARRIVAL])
-                assert types.size == run.counters[N], "a chunk's requests are classified as the chunk arrives"
-                types.extend(self.mix.nearest(arrivals.prompt[start:], arrivals.output[start:]))
-                classified[:] = [arrivals.times]
-            types.release_below(int(run.ints[RETIRED]))
-            return run_wait(run, running, columns, arrivals, engine, rule, types.data, queue)
+            follow.classify(self.mix, run, arrivals)
+            return run_wait(run, running, columns, arrivals, engine, rule, follow.types.data, follow.queue)
         return loop
+
+    def compiled_rule(self) -> "WaitRule":
+        """The current thresholds and settings, as the compiled rule takes them."""
+        return WaitRule(np.ascontiguousarray(self.thresholds.n, dtype=np.int64), int(self.thresholds.memory_blocks),
+                        self.drain_when_idle, self.lend_spare_memory, self.memory_safe, self.variant == "paper")
 
     def _classify(self, state: SchedulerState) -> np.ndarray:
         """Every request's type (the nearest of the mix), classified once, on arrival."""
@@ -212,6 +207,37 @@ class WaitRule(NamedTuple):
     lend_spare_memory: bool
     memory_safe: bool
     pausing: bool  # the paper's variant: cohorts of types that are not ready pause
+
+
+class WaitQueueFollower:
+    """What WAIT's compiled loop keeps between its calls: every request's type (classified as its chunk of
+    arrivals comes in, released with the engine's retired rows) and the waiting counts per type."""
+
+    def __init__(self, num_types: int) -> None:
+        self.types = Int64Buffer()
+        self.queue = WaitQueue(np.zeros(num_types, dtype=np.int64), np.zeros(1, dtype=np.int64))
+        self._classified: np.ndarray | None = None  # the arrivals chunk whose requests have types
+
+    def classify(self, mix: TypeMix, run: RunState, arrivals: ChunkArrays) -> None:
+        """Type the requests of a new chunk (those the loop has not enqueued yet), and let retired ones go."""
+        if self._classified is not arrivals.times:
+            start = int(run.ints[NEXT_ARRIVAL])
+            assert self.types.size == run.counters[N], "a chunk's requests are typed as the chunk comes in"
+            self.types.extend(mix.nearest(arrivals.prompt[start:], arrivals.output[start:]))
+            self._classified = arrivals.times
+        self.types.release_below(int(run.ints[RETIRED]))
+
+    def reclassify(self, mix: TypeMix, state: SchedulerState, run: RunState, arrivals: ChunkArrays) -> None:
+        """Type every request again on a new ``mix`` (those in the system and those of the chunk still to come),
+        and count the queue per new type (as :meth:`WaitPolicy._reclassify` rebuilds its queues)."""
+        assert state.output_len is not None
+        start, count, next_arrival = state.retired, state.num_requests, int(run.ints[NEXT_ARRIVAL])
+        types = Int64Buffer(start)  # retired requests are never looked up again
+        types.extend(mix.nearest(state.prompt_len[start:count], state.output_len[start:count]))
+        types.extend(mix.nearest(arrivals.prompt[next_arrival:], arrivals.output[next_arrival:]))
+        self.types, self._classified = types, arrivals.times
+        queued = np.bincount(types.data[state.waiting], minlength=len(mix.types)).astype(np.int64)
+        self.queue = WaitQueue(queued, np.array([start], dtype=np.int64))
 
 
 class WaitQueue(NamedTuple):
@@ -381,7 +407,7 @@ def run_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arriva
         chunk = np.empty(len(admit), dtype=np.int64)
         for j in range(len(admit)):
             chunk[j] = columns.context[admit[j]] - columns.kv_tokens[admit[j]]  # whole prefills
-        stop, running, admitted, evicted = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals,
+        stop, running, admitted, evicted, _ = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals,
                                                               engine)
         for i in admitted:
             queued[types[i]] -= 1

@@ -437,6 +437,6 @@ def run_chunked_booking(run: RunState, running: np.ndarray, columns: RequestColu
             return stop, running, nothing, nothing, nothing
         decode, prefill, tokens = booking_decision(rule, batch[0], running, columns, run.counters, engine)
         batch[0] += 1
-        stop, running, _, _ = compiled_run.apply(decode, prefill, tokens, running, run, columns, arrivals, engine)
+        stop, running, _, _, _ = compiled_run.apply(decode, prefill, tokens, running, run, columns, arrivals, engine)
         if stop != GO_ON:
             return stop, running, decode, prefill, tokens

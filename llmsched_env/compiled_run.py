@@ -148,23 +148,24 @@ def _watch_for_stall(run: RunState, ran: bool, duration: float, progressed: bool
 @compiled
 def apply(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, running: np.ndarray, run: RunState,
           columns: RequestColumns, arrivals: ChunkArrays, engine: EngineParams
-          ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+          ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``Rollout.apply`` of the decision to decode ``decode`` and prefill ``prefill`` (``chunk`` tokens each),
-    with the time series' row. Returns ``(stop, running, admitted, evicted)``: ``stop`` is ``GO_ON``, ``PAUSE``
-    (Python retires finished requests or empties the row buffer) or ``INVALID_DECISION`` (nothing changed); the
-    iteration's admitted and evicted ids (for a policy that follows its queue)."""
+    with the time series' row. Returns ``(stop, running, admitted, evicted, finished)``: ``stop`` is ``GO_ON``,
+    ``PAUSE`` (Python retires finished requests or empties the row buffer) or ``INVALID_DECISION`` (nothing
+    changed); the iteration's admitted, evicted and finished ids (for a policy that follows its queue or learns
+    from completions: a finished request's row is intact until Python's next turn)."""
     counters, ints, reals = run.counters, run.ints, run.reals
     nothing = np.empty(0, dtype=np.int64)
     now = reals[NOW]
     ran, duration, progressed = False, 0.0, False
-    admitted, evicted = nothing, nothing
+    admitted, evicted, finished = nothing, nothing, nothing
     stalled = len(decode) == 0 and len(prefill) == 0
     if not stalled:
         done = iterate(decode, prefill, chunk, False, nothing, running, columns, counters, engine, now)
         if done.verdict == INVALID:
-            return INVALID_DECISION, running, nothing, nothing
+            return INVALID_DECISION, running, nothing, nothing, nothing
         ran, duration, running = True, done.duration, done.running
-        admitted, evicted = done.admitted, done.evicted
+        admitted, evicted, finished = done.admitted, done.evicted, done.finished
         now = now + duration
         reals[NOW] = now
         ints[ITERATIONS] += 1
@@ -192,8 +193,8 @@ def apply(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, running: n
     if math.isfinite(reals[STALL_AFTER]) and math.isnan(reals[STALLED_AT]):
         _watch_for_stall(run, ran, duration, progressed, columns, engine.block_size, engine.capacity_blocks)
     if counters[NUM_FINISHED] >= ints[RETIRE_AT] or (len(run.rows) and ints[ROWS] == len(run.rows)):
-        return PAUSE, running, admitted, evicted
-    return GO_ON, running, admitted, evicted
+        return PAUSE, running, admitted, evicted, finished
+    return GO_ON, running, admitted, evicted, finished
 
 
 def new_run_state(counters: np.ndarray, rows: int) -> RunState:

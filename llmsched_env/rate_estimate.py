@@ -32,15 +32,12 @@ class ArrivalRateEstimator:
     def update(self, now: float, arrival_times: np.ndarray, classes: np.ndarray | None = None) -> None:
         """Advance the clock to ``now`` and count the arrivals since the last update (``classes``: each one's
         class; all in class 0 when omitted)."""
-        window = self.window_s
-        if classes is None:
-            self.sums *= math.exp(-(now - self.time) / window)
-            if len(arrival_times):
-                self.sums[0] += (np.exp(-(now - arrival_times) / window) / window).sum()
-        else:  # compiled, and shared with the environment's compiled step (llmsched_env.episode)
-            kernels.count_arrivals(self.sums, self.time, now, np.asarray(arrival_times, np.float64),
-                                   np.asarray(classes, np.int64), window)
-        self.time = now
+        arrival_times = np.asarray(arrival_times, np.float64)
+        classes = np.zeros(len(arrival_times), np.int64) if classes is None else np.asarray(classes, np.int64)
+        # One compiled rule, shared with the environment's compiled step (llmsched_env.episode) and the adaptive
+        # policies' compiled loops (baselines.adaptive): every path gets the same estimate on any CPU.
+        kernels.count_arrivals(self.sums, self.time, now, arrival_times, classes, self.window_s)
+        self.time = float(now)
 
     @property
     def rates(self) -> np.ndarray:
