@@ -36,6 +36,7 @@ from llmsched_env.iteration import (
     USED_BLOCKS,
     EngineParams,
     N,
+    enqueue_due,
     iterate,
 )
 from llmsched_env.request_table import RequestColumns
@@ -88,17 +89,10 @@ def begin(run: RunState, columns: RequestColumns, arrivals: ChunkArrays) -> int:
     now = reals[NOW]
     first = ints[NEXT_ARRIVAL]
     if first < len(times) and times[first] <= now:
-        end = first
-        while end < len(times) and times[end] <= now:
-            end += 1
         if counters[NUM_WAITING] == 0:
             reals[PROGRESS_AT] = now
             reals[ITERATED_AT] = now
-        kernels.enqueue(columns, counters[N], times[first:end], arrivals.prompt[first:end],
-                        arrivals.output[first:end])
-        counters[N] += end - first
-        counters[NUM_WAITING] += end - first
-        ints[NEXT_ARRIVAL] = end
+        ints[NEXT_ARRIVAL] = enqueue_due(times, arrivals.prompt, arrivals.output, first, now, columns, counters)
     if ints[NEXT_ARRIVAL] >= len(times) and ints[MORE_CHUNKS]:
         return PAUSE
     if ints[ENDED] or now >= reals[HORIZON]:

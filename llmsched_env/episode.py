@@ -52,6 +52,17 @@ from llmsched_env import kernels
 from llmsched_env.admission import Candidates, InterfaceCounters, InterfaceParams
 from llmsched_env.compiled import compiled, compiled_parallel
 from llmsched_env.engine import Decision
+from llmsched_env.iteration import (
+    FIRST_MAYBE_WAITING,
+    INVALID,
+    NUM_ENGINE_COUNTERS,
+    NUM_WAITING,
+    USED_BLOCKS,
+    EngineParams,
+    N,
+    enqueue_due,
+    iterate,
+)
 from llmsched_env.request_table import RequestColumns
 from llmsched_env.runner import RolloutCounters
 from llmsched_env.simulator import EngineCounters
@@ -60,16 +71,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from llmsched_env.env import LLMSchedEnv
 
 # -- the loop's scalars, kept in two small arrays so that the compiled loop updates them in place -----------
-# integers
-N, NUM_WAITING, NUM_FINISHED, FIRST_MAYBE_WAITING, USED_BLOCKS, USED_TOKENS, STAMP = range(7)
-NEXT_ARRIVAL, ENDED, ITERATIONS, PEAK_BLOCKS, SEEN, ROOM = range(7, 13)
-NUM_INTS = 13
+# integers: the engine's counters first (llmsched_env.iteration's N … STAMP, which the compiled iteration
+# advances in place), then the rollout's and the agent interface's
+NEXT_ARRIVAL, ENDED, ITERATIONS, PEAK_BLOCKS, EVICTIONS, SEEN, ROOM = range(NUM_ENGINE_COUNTERS,
+                                                                          NUM_ENGINE_COUNTERS + 7)
+NUM_INTS = NUM_ENGINE_COUNTERS + 7
 # reals
 NOW, BLOCK_SECONDS, BUSY_TIME, ACCOUNTED, LAST_ADMISSION, RATE_TIME, FIRST_REWARD, MORE_REWARD = range(8)
 NUM_REALS = 8
 
-#: What :func:`advance_episode` stopped at: an epoch, the episode's end, or an iteration for the engine's
-#: general path (the agent's decision, or one of the fixed rule's).
+#: What :func:`advance_episode` stopped at: an epoch, the episode's end, or a decision the compiled iteration
+#: refused as invalid (the agent's, or the fixed rule's: neither happens, the interface only admits what it
+#: may; Python runs it through the rollout, which names the error).
 EPOCH, DONE, GENERAL_ACTION, GENERAL_FIXED = 0, 1, 2, 3
 #: Where it starts: with the agent's action at an epoch, or going on to the next epoch.
 ACT, ADVANCE = 0, 1
@@ -80,9 +93,7 @@ _EMPTY = np.empty(0, dtype=np.int64)
 class EpisodeParams(NamedTuple):
     """What an episode fixes for the engine, the arrivals and the reward."""
 
-    block_size: int
-    capacity_blocks: int
-    cost: np.ndarray  # the cost model's coefficients (LinearCostModel.coefficients)
+    engine: EngineParams  # the simulated engine's paging, capacity and cost model
     times: np.ndarray  # arrival times of the episode's requests, in order
     arrival_prompt: np.ndarray
     arrival_output: np.ndarray
@@ -90,6 +101,7 @@ class EpisodeParams(NamedTuple):
     fluid_rate: float  # Θ* in the reward's unit (requests or output tokens per second)
     tokens_reward: bool
     latency_penalty: float
+    eviction_penalty: float
 
 
 class LoopState(NamedTuple):
@@ -112,11 +124,12 @@ def _scan(loop: LoopState, running: np.ndarray, columns: RequestColumns, episode
     """:meth:`AdmissionControl.candidates` of the engine's state into the loop's candidates (``ROOM`` too),
     reading the queue as the engine does (:func:`~llmsched_env.kernels.waiting_ids`, moving its start too)."""
     ints = loop.ints
-    room = (episode.capacity_blocks - ints[USED_BLOCKS]
-            - kernels.blocks_to_grow(running, columns.kv_tokens, episode.block_size))
+    block_size = episode.engine.block_size
+    room = (episode.engine.capacity_blocks - ints[USED_BLOCKS]
+            - kernels.blocks_to_grow(running, columns.kv_tokens, block_size))
     waiting, ints[FIRST_MAYBE_WAITING] = kernels.waiting_ids(columns.status, ints[FIRST_MAYBE_WAITING], ints[N],
                                                              ints[NUM_WAITING])
-    o, h, f, q = kernels.scan_queue(waiting, interface.classes, columns.context, episode.block_size, room,
+    o, h, f, q = kernels.scan_queue(waiting, interface.classes, columns.context, block_size, room,
                                     len(loop.heads), interface.max_admit)
     loop.oldest[:, :] = o
     loop.heads[:] = h
@@ -141,10 +154,10 @@ def _observe(loop: LoopState, running: np.ndarray, columns: RequestColumns, epis
     cells, peak = kernels.running_profile(running, interface.classes, columns.context, columns.prompt,
                                           columns.output, interface.residual, interface.segment_edges,
                                           interface.known_lengths, len(loop.queued), interface.stage_buckets)
-    capacity_blocks = episode.capacity_blocks
+    capacity_blocks = episode.engine.capacity_blocks
     memory = np.empty(2)
     memory[0] = ints[USED_BLOCKS] / capacity_blocks
-    memory[1] = min(peak / (capacity_blocks * episode.block_size), 2.0) / 2.0
+    memory[1] = min(peak / (capacity_blocks * episode.engine.block_size), 2.0) / 2.0
     loop.observation[:] = kernels.assemble_observation(loop.queued, cells, memory, now - reals[LAST_ADMISSION], rates,
                                                        min(now / episode.horizon, 1.0), interface.scales)
 
@@ -152,46 +165,39 @@ def _observe(loop: LoopState, running: np.ndarray, columns: RequestColumns, epis
 @compiled
 def _run(decode: np.ndarray, prefill: np.ndarray, loop: LoopState, running: np.ndarray, columns: RequestColumns,
          episode: EpisodeParams) -> tuple[bool, np.ndarray, float]:
-    """``Rollout.apply`` of an iteration that decodes ``decode`` and admits ``prefill`` (whole prompts), and
-    ``LLMSchedEnv._reward`` of it: ``(ran, running, reward)``. ``ran`` is ``False`` (and nothing changed)
-    when the iteration needs the engine's general path."""
+    """``Rollout.apply`` of an iteration that decodes ``decode`` and admits ``prefill`` (whole prompts), through the
+    engine's compiled iteration (:func:`~llmsched_env.iteration.iterate`: evictions included), and
+    ``LLMSchedEnv._reward`` of it: ``(ran, running, reward)``. ``ran`` is ``False`` (and nothing changed) when
+    the decision is invalid (Python names the error)."""
     ints, reals, times = loop.ints, loop.reals, episode.times
     context = columns.context
     now = reals[NOW]
     in_system = ints[NUM_WAITING] + len(running)
     earned = 0.0
+    evicted = 0
+    ran = False
     stalled = len(decode) == 0 and len(prefill) == 0
     if not stalled:
-        ints[STAMP] -= 1
-        (verdict, decode_before, prefill_before, chunk, decode_new_blocks, prefill_new_blocks, prefill_tokens,
-         batch_kv) = kernels.plan_iteration(decode, prefill, prefill[:0], True, ints[N], columns, ints[STAMP],
-                                            episode.block_size, episode.capacity_blocks - ints[USED_BLOCKS])
-        if verdict != kernels.PLANNED:
+        done = iterate(decode, prefill, prefill[:0], True, prefill[:0], running, columns, ints, episode.engine, now)
+        if done.verdict == INVALID:
             return False, running, 0.0
-        duration = kernels.batch_seconds(episode.cost, prefill_tokens, len(decode), batch_kv, chunk, prefill_before)
+        ran, running, duration = True, done.running, done.duration
         now = now + duration
-        admitted, finished, running, tokens_added, blocks_freed, tokens_freed = kernels.run_iteration(
-            decode, decode_before, prefill, prefill_before, chunk, running, columns, episode.block_size, now)
-        ints[USED_BLOCKS] += decode_new_blocks + prefill_new_blocks
-        ints[USED_TOKENS] += tokens_added
-        peak_blocks = ints[USED_BLOCKS]
-        ints[USED_BLOCKS] -= blocks_freed
-        ints[USED_TOKENS] -= tokens_freed
-        ints[NUM_WAITING] -= len(admitted)
-        ints[NUM_FINISHED] += len(finished)
+        evicted = len(done.evicted)
         ints[ITERATIONS] += 1
-        ints[PEAK_BLOCKS] = max(ints[PEAK_BLOCKS], peak_blocks)
-        reals[BLOCK_SECONDS] += peak_blocks * duration
+        ints[EVICTIONS] += evicted
+        ints[PEAK_BLOCKS] = max(ints[PEAK_BLOCKS], done.peak_blocks)
+        reals[BLOCK_SECONDS] += done.peak_blocks * duration
         reals[BUSY_TIME] += duration
-        stalled = duration == 0.0
-        if len(finished):
+        stalled = duration == 0.0 and evicted == 0
+        if len(done.finished):
             if episode.tokens_reward:
                 generated = 0
-                for i in finished:
+                for i in done.finished:
                     generated += context[i] - columns.prompt[i]
                 earned += float(generated)
             else:
-                earned += len(finished)
+                earned += len(done.finished)
     if stalled:
         ended, held, now = kernels.stall(times, ints[NEXT_ARRIVAL], ints[USED_BLOCKS], now)
         if ended:
@@ -202,23 +208,9 @@ def _run(decode: np.ndarray, prefill: np.ndarray, loop: LoopState, running: np.n
     reals[NOW] = now
     reward, reals[ACCOUNTED] = kernels.reward_increment(earned, before, now, reals[ACCOUNTED], episode.horizon,
                                                         episode.fluid_rate, episode.latency_penalty, in_system)
+    if episode.eviction_penalty and ran:
+        reward -= episode.eviction_penalty * evicted
     return True, running, reward
-
-
-@compiled
-def _admit_arrivals(loop: LoopState, columns: RequestColumns, episode: EpisodeParams) -> None:
-    """``Rollout.needs_decision``'s feeding: enqueue the requests that have arrived by now."""
-    ints, times = loop.ints, episode.times
-    now = loop.reals[NOW]
-    first = end = ints[NEXT_ARRIVAL]
-    while end < len(times) and times[end] <= now:
-        end += 1
-    if end > first:
-        kernels.enqueue(columns, ints[N], times[first:end], episode.arrival_prompt[first:end],
-                        episode.arrival_output[first:end])
-        ints[N] += end - first
-        ints[NUM_WAITING] += end - first
-    ints[NEXT_ARRIVAL] = end
 
 
 @compiled
@@ -245,13 +237,15 @@ def advance_episode(start: int, action: np.ndarray, running: np.ndarray, columns
     prefill = nothing
     if acting:
         prefill, admitted_counts, clipped = kernels.admissions(action, loop.oldest, loop.fits, interface.classes,
-                                                               columns.context, episode.block_size, ints[ROOM])
+                                                               columns.context, episode.engine.block_size,
+                                                               ints[ROOM])
         loop.counts[:] = admitted_counts
         if len(prefill):
             reals[LAST_ADMISSION] = reals[NOW]
     while True:
         if not acting:
-            _admit_arrivals(loop, columns, episode)
+            ints[NEXT_ARRIVAL] = enqueue_due(episode.times, episode.arrival_prompt, episode.arrival_output,
+                                             ints[NEXT_ARRIVAL], reals[NOW], columns, ints)
             if ints[ENDED] or reals[NOW] >= episode.horizon:
                 break
             _scan(loop, running, columns, episode, interface)
@@ -361,10 +355,10 @@ class CompiledEpisode:
             buffers = buffers._replace(rate_sum=control.rate_sums)
         self.loop = buffers
         self.episode = EpisodeParams(
-            int(engine.block_size), int(engine.capacity_blocks), _writable(engine.cost.coefficients(), np.float64),
-            _writable(arrivals.arrival_time, np.float64), _writable(arrivals.prompt_len, np.int64),
-            _writable(arrivals.output_len, np.int64), float(rollout.horizon), float(env.fluid_rate),
-            env.reward_unit == "tokens", float(env.latency_penalty))
+            engine.engine_params(), _writable(arrivals.arrival_time, np.float64),
+            _writable(arrivals.prompt_len, np.int64), _writable(arrivals.output_len, np.int64),
+            float(rollout.horizon), float(env.fluid_rate), env.reward_unit == "tokens", float(env.latency_penalty),
+            float(env.eviction_penalty))
         self.interface = control.interface_params()
         self.columns = engine.request_columns()
         self.running = engine.counters().running
@@ -384,7 +378,7 @@ class CompiledEpisode:
         ints, reals = self.loop.ints, self.loop.reals
         ints[:ROOM] = (engine.num_requests, engine.num_waiting, engine.num_finished, engine.first_maybe_waiting,
                        engine.used_blocks, engine.used_tokens, engine.stamp, loop.next_arrival, loop.ended,
-                       loop.iterations, loop.peak_blocks_used, interface.seen)
+                       loop.iterations, loop.peak_blocks_used, loop.evictions, interface.seen)
         reals[:FIRST_REWARD] = (engine.now, loop.block_seconds, loop.busy_time, env.accounted_time,
                                 interface.last_admission, interface.rate_time)
         self.running = engine.running
@@ -394,11 +388,11 @@ class CompiledEpisode:
         env = self.env
         rollout = env.rollout
         (n, waiting, finished, first_maybe_waiting, used_blocks, used_tokens, stamp, next_arrival, ended,
-         iterations, peak_blocks, seen, _) = self.loop.ints.tolist()
+         iterations, peak_blocks, evictions, seen, _) = self.loop.ints.tolist()
         now, block_seconds, busy_time, accounted, last_admission, rate_time, _, _ = self.loop.reals.tolist()
         rollout.engine.restore(EngineCounters(n, waiting, finished, first_maybe_waiting, used_blocks, used_tokens,
                                               stamp, now, self.running))
-        rollout.restore(RolloutCounters(next_arrival, bool(ended), iterations, peak_blocks, block_seconds,
+        rollout.restore(RolloutCounters(next_arrival, bool(ended), iterations, peak_blocks, evictions, block_seconds,
                                         busy_time))
         env.control.restore(InterfaceCounters(seen, last_admission, rate_time))
         env.accounted_time = accounted

@@ -27,7 +27,7 @@ import numpy as np
 
 from llmsched_env.compiled import compiled
 from llmsched_env.engine import RUNNING, WAITING
-from llmsched_env.kernels import INVALID, OVERFLOW, batch_seconds, plan_iteration, run_iteration
+from llmsched_env.kernels import INVALID, OVERFLOW, batch_seconds, enqueue, plan_iteration, run_iteration
 from llmsched_env.request_table import RequestColumns
 
 # -- the engine's counters, as indices of its int64 counter array -------------------------------------------
@@ -211,3 +211,20 @@ def iterate(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, whole_pr
     counters[NUM_FINISHED] += len(finished)
     return Iteration(verdict, running, duration, prefill_tokens, len(decode), batch_kv, admitted, finished, evicted,
                      deferred, peak_blocks)
+
+
+@compiled
+def enqueue_due(times: np.ndarray, prompt: np.ndarray, output: np.ndarray, first: int, now: float,
+                columns: RequestColumns, counters: np.ndarray) -> int:
+    """Enqueue the arrivals ``first, first + 1, …`` (of ``times``, ``prompt``, ``output``) that have arrived by
+    ``now`` (arrival time ``<= now``), as new requests of the table; returns the index of the first not due. The
+    compiled loops' arrival rule (:mod:`llmsched_env.compiled_run`, :mod:`llmsched_env.episode`);
+    ``Rollout.needs_decision`` applies the same rule to any engine, and tests compare them step by step."""
+    end = first
+    while end < len(times) and times[end] <= now:
+        end += 1
+    if end > first:
+        enqueue(columns, counters[N], times[first:end], prompt[first:end], output[first:end])
+        counters[N] += end - first
+        counters[NUM_WAITING] += end - first
+    return end

@@ -115,6 +115,7 @@ class RolloutCounters(NamedTuple):
     ended: bool  # nothing runs and nothing more arrives
     iterations: int
     peak_blocks_used: int
+    evictions: int
     block_seconds: float  # ∫ KV blocks held dt
     busy_time: float  # simulated seconds of iterations
 
@@ -199,12 +200,13 @@ class Rollout:
 
     def counters(self) -> RolloutCounters:
         """The loop's state besides the engine's: what a compiled episode loop advances with it."""
-        return RolloutCounters(self._next, self._ended, self.iterations, self.peak_blocks_used, self.block_seconds,
-                               self.busy_time)
+        return RolloutCounters(self._next, self._ended, self.iterations, self.peak_blocks_used, self.evictions,
+                               self.block_seconds, self.busy_time)
 
     def restore(self, counters: RolloutCounters) -> None:
         """Take ``counters`` (those a compiled loop reached) as the loop's state: the inverse of :meth:`counters`."""
-        (self._next, ended, self.iterations, self.peak_blocks_used, self.block_seconds, self.busy_time) = counters
+        (self._next, ended, self.iterations, self.peak_blocks_used, self.evictions, self.block_seconds,
+         self.busy_time) = counters
         self._ended = bool(ended)
 
     @property

@@ -29,15 +29,14 @@ from llmsched_env.episode import (
     ADVANCE,
     DONE,
     EPOCH,
+    EVICTIONS,
     FIRST_REWARD,
     GENERAL_ACTION,
     ITERATIONS,
     MORE_REWARD,
     NOW,
-    NUM_FINISHED,
     NUM_INTS,
     NUM_REALS,
-    NUM_WAITING,
     CompiledEpisode,
     LoopState,
     advance_episodes,
@@ -45,7 +44,8 @@ from llmsched_env.episode import (
     repeated,
     set_item,
 )
-from llmsched_env.episode import N as ARRIVED
+from llmsched_env.iteration import N as ARRIVED
+from llmsched_env.iteration import NUM_FINISHED, NUM_WAITING
 from llmsched_env.errors import ConfigError
 
 
@@ -132,7 +132,6 @@ class LLMSchedVectorEnv(VectorEnv):
         self._pending = np.zeros(n, dtype=np.float64)
         self._fluid_rps = np.zeros(n, dtype=np.float64)
         self._horizon = np.array([env.horizon for env in self.envs], dtype=np.float64)
-        self._evictions = np.zeros(n, dtype=np.int64)
         self._stops = np.zeros(n, dtype=np.int64)
         self._starts = np.zeros(n, dtype=np.int64)
         self._active = np.ones(n, dtype=bool)
@@ -180,7 +179,6 @@ class LLMSchedVectorEnv(VectorEnv):
         assert episode is not None, "a simulated LLMSchedEnv without rendering runs the compiled loop"
         self._pending[i] = env.pending_reward
         self._fluid_rps[i] = env.fluid.throughput_rps
-        self._evictions[i] = 0
         self._clipped[i] = False
         self._counts[i] = 0
         return episode
@@ -207,14 +205,13 @@ class LLMSchedVectorEnv(VectorEnv):
             general = self._stops >= GENERAL_ACTION
             if not general.any():
                 break
-            # An iteration that needs eviction: that episode's rollout runs it on the engine's general path.
+            # A decision the compiled iteration refused: that episode's rollout runs it, and names the error.
             for e in np.flatnonzero(general):
                 episode = self._episodes[e]
                 episode.running = get_item(self._runnings, e)
                 if episode.run_general(int(self._stops[e]), get_item(self._decodes, e), get_item(self._prefills, e)):
                     set_item(self._table, e, episode.structures())
                 set_item(self._runnings, e, episode.running)
-                self._evictions[e] = episode.env.rollout.evictions
             np.copyto(self._active, general)
             self._starts[:] = ADVANCE
         rewards = reals[:, FIRST_REWARD] + reals[:, MORE_REWARD]
@@ -252,7 +249,7 @@ class LLMSchedVectorEnv(VectorEnv):
         now = reals[..., NOW].copy()
         info = {
             "time_s": now, "arrived": arrived, "completed": completed, "waiting": waiting,
-            "running": arrived - completed - waiting, "evictions": self._evictions[rows].copy(),
+            "running": arrived - completed - waiting, "evictions": ints[..., EVICTIONS].copy(),
             "iterations": ints[..., ITERATIONS].copy(),
             "regret_requests": self._fluid_rps[rows] * np.minimum(now, self._horizon[rows]) - completed,
             "admitted": self._counts[rows].copy(), "clipped": self._clipped[rows].copy(),
