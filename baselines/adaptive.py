@@ -268,8 +268,8 @@ class AdaptiveWaitPolicy(WaitPolicy):
                  params: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             if learn.ints[DUE]:  # the loop stopped for a solve, its decision still to make
                 state = engine.state()
-                self._learn_mix(state)
-                follow.reclassify(self.mix, state, run, arrivals)
+                if self._learn_mix(state):
+                    follow.reclassify(self.mix, state, run, arrivals)
                 learning.solved(state.now)
                 rule[0], learn.ints[DUE] = self.compiled_rule(), 0
                 run.counters[:] = engine.counter_array()  # type: ignore[attr-defined]  # the queue was read
@@ -284,16 +284,19 @@ class AdaptiveWaitPolicy(WaitPolicy):
     def _resolve(self, state: SchedulerState) -> None:
         learning = self.learning
         assert learning is not None
-        self._learn_mix(state)
-        self._reclassify(state)
+        if self._learn_mix(state):
+            self._reclassify(state)
         learning.solved(state.now)
 
-    def _learn_mix(self, state: SchedulerState) -> None:
-        """New classes (a quantile grid of the recent arrivals' lengths) and their thresholds."""
+    def _learn_mix(self, state: SchedulerState) -> bool:
+        """New classes (a quantile grid of the recent arrivals' lengths) and their thresholds; ``False`` (nothing
+        changed) when no arrival is left in the engine to learn from (all retired)."""
         learning = self.learning
         assert learning is not None and state.output_len is not None
         # The last `memory` arrivals still in the engine (retired rows are gone): a sample of arrivals, unbiased.
         recent = np.arange(max(state.retired, state.num_requests - learning.memory), state.num_requests)
+        if len(recent) == 0:
+            return False
         prompt, output = state.prompt_len[recent], state.output_len[recent]
         p_edges = np.unique(np.quantile(prompt, np.arange(1, self.grid) / self.grid))
         o_edges = np.unique(np.quantile(output, np.arange(1, self.grid) / self.grid))
@@ -308,6 +311,7 @@ class AdaptiveWaitPolicy(WaitPolicy):
                                      total * share))
         self.mix = TypeMix(tuple(types))
         self.thresholds = wait_thresholds(self.mix, learning.cost, learning.capacity_tokens, learning.block_size)
+        return True
 
 
 @dataclass
@@ -372,6 +376,9 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         learning = self.learning
         assert learning is not None
         recent = np.arange(max(state.retired, state.num_requests - learning.memory), state.num_requests)
+        if len(recent) == 0:  # every request retired: nothing to learn the prompt from; keep the thresholds
+            learning.solved(state.now)
+            return
         prompt = float(state.prompt_len[recent].mean())
         distribution = OutputLengthDistribution.from_samples(lengths)
         rate = max(learning.rates.total, 1e-9)

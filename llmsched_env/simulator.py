@@ -289,15 +289,16 @@ class SimulatedEngine:
             raise AssertionError(f"the compiled iteration refused a decision that validation accepts: {decision}")
         self.take_counter_array(counters)
         self._running = done.running
-        self._now = start + done.duration
+        duration = float(done.duration)  # a Python float whether or not the iteration ran compiled (NUMBA_DISABLE_JIT)
+        self._now = start + duration
         kv = self._kv
         return IterationOutcome(
-            start_time=start, duration=done.duration, prefill_tokens=done.prefill_tokens,
-            decode_tokens=done.decode_tokens, batch_kv_tokens=done.batch_kv_tokens,
+            start_time=start, duration=duration, prefill_tokens=int(done.prefill_tokens),
+            decode_tokens=int(done.decode_tokens), batch_kv_tokens=int(done.batch_kv_tokens),
             admitted=done.admitted if len(done.admitted) else _EMPTY, finished=done.finished,
             evicted=done.evicted if len(done.evicted) else _EMPTY,
             deferred=done.deferred if len(done.deferred) else _EMPTY, kv_tokens_used=kv.used_tokens,
-            kv_blocks_used=kv.used_blocks, peak_blocks_used=done.peak_blocks, capacity_blocks=kv.capacity_blocks)
+            kv_blocks_used=kv.used_blocks, peak_blocks_used=int(done.peak_blocks), capacity_blocks=kv.capacity_blocks)
 
     def advance_to(self, time: float) -> None:
         if not math.isfinite(time):
