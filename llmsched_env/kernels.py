@@ -448,30 +448,31 @@ def fitting_prefix(context: np.ndarray, remaining: np.ndarray, candidate_context
     every = np.empty(held + count, dtype=np.int64)
     every[:held] = remaining
     every[held:] = candidate_remaining
+    order = _longest_first(every)
     points = np.empty(held + count, dtype=np.int64)  # the distinct finishing points, latest first
-    num_points = 0
-    for j in _longest_first(every):
-        if num_points == 0 or points[num_points - 1] != every[j]:
-            points[num_points] = every[j]
-            num_points += 1
-    # The batch's blocks at each point (peak_blocks' sweep: quotients and a histogram of residues of the living).
-    total = np.empty(num_points, dtype=np.int64)
-    order = _longest_first(remaining)
+    total = np.empty(held + count, dtype=np.int64)  # the batch's blocks at each point
+    # peak_blocks' sweep over the batch (quotients and a histogram of residues of the living), one point per
+    # distinct finishing time of anyone, the candidates' included.
     residues = np.zeros(block_size, dtype=np.int64)
-    quotient_sum, alive = 0, 0
-    for p in range(num_points):
-        t = points[p]
-        while alive < held and remaining[order[alive]] >= t:
-            c = context[order[alive]]
-            quotient_sum += c // block_size
-            residues[c % block_size] += 1
-            alive += 1
+    quotient_sum, alive, num_points, k = 0, 0, 0, 0
+    while k < held + count:
+        t = every[order[k]]
+        while k < held + count and every[order[k]] == t:
+            j = order[k]
+            if j < held:
+                c = context[j]
+                quotient_sum += c // block_size
+                residues[c % block_size] += 1
+                alive += 1
+            k += 1
         a, b = t // block_size, t % block_size
         nonzero = alive if b > 0 else alive - residues[0]
         over = 0
         for m in range(block_size - b + 1, block_size):
             over += residues[m]
-        total[p] = quotient_sum + alive * a + nonzero + over
+        points[num_points] = t
+        total[num_points] = quotient_sum + alive * a + nonzero + over
+        num_points += 1
     for j in range(count):
         c, r = candidate_context[j], candidate_remaining[j]
         peak = 0
