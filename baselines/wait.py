@@ -214,17 +214,15 @@ class WaitQueueFollower:
     arrivals comes in, released with the engine's retired rows) and the waiting counts per type."""
 
     def __init__(self, num_types: int) -> None:
-        self.types = Int64Buffer()
+        self.types = Int64Buffer()  # by request id: the requests in the engine, then those of `arrivals` to come
         self.queue = WaitQueue(np.zeros(num_types, dtype=np.int64), np.zeros(1, dtype=np.int64))
-        self._classified: np.ndarray | None = None  # the arrivals chunk whose requests have types
 
     def classify(self, mix: TypeMix, run: RunState, arrivals: ChunkArrays) -> None:
-        """Type the requests of a new chunk (those the loop has not enqueued yet), and let retired ones go."""
-        if self._classified is not arrivals.times:
-            start = int(run.ints[NEXT_ARRIVAL])
-            assert self.types.size == run.counters[N], "a chunk's requests are typed as the chunk comes in"
-            self.types.extend(mix.nearest(arrivals.prompt[start:], arrivals.output[start:]))
-            self._classified = arrivals.times
+        """Type the arrivals the loop will read that have no type yet, and let retired requests go."""
+        start, count = int(run.ints[NEXT_ARRIVAL]), int(run.counters[N])
+        typed = start + self.types.size - count  # arrivals[start:typed] are typed (ids count … types.size − 1)
+        if typed < len(arrivals.times):
+            self.types.extend(mix.nearest(arrivals.prompt[typed:], arrivals.output[typed:]))
         self.types.release_below(int(run.ints[RETIRED]))
 
     def reclassify(self, mix: TypeMix, state: SchedulerState, run: RunState, arrivals: ChunkArrays) -> None:
@@ -235,7 +233,7 @@ class WaitQueueFollower:
         types = Int64Buffer(start)  # retired requests are never looked up again
         types.extend(mix.nearest(state.prompt_len[start:count], state.output_len[start:count]))
         types.extend(mix.nearest(arrivals.prompt[next_arrival:], arrivals.output[next_arrival:]))
-        self.types, self._classified = types, arrivals.times
+        self.types = types
         queued = np.bincount(types.data[state.waiting], minlength=len(mix.types)).astype(np.int64)
         self.queue = WaitQueue(queued, np.array([start], dtype=np.int64))
 

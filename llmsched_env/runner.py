@@ -105,6 +105,8 @@ STALL_AFTER_S = 60.0
 RETIRE_EVERY = 1 << 12
 #: Iterations a compiled run records before it hands its time-series rows over.
 _ROW_BUFFER = 1 << 12
+#: Arrivals a compiled run reads per call (a window of the current chunk).
+_ARRIVALS_WINDOW = 1 << 12
 _NO_ARRIVALS = Arrivals(np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64))
 
 
@@ -297,12 +299,16 @@ class Rollout:
         run = compiled_run.new_run_state(engine.counter_array(), _ROW_BUFFER if self.callbacks else 0)
         running = engine.counters().running
         while True:
-            engine.reserve(engine.num_requests + len(self._times) - self._next)  # the chunk's arrivals, in place
-            self._load(run)
-            chunk = self._chunk
-            arrivals = compiled_run.ChunkArrays(self._times, chunk.prompt_len, chunk.output_len)
+            # The loop reads the arrivals a window at a time (a whole run's arrivals are one chunk): what a policy
+            # prepares per arrival (WAIT types them) stays bounded, and a window ends like a chunk.
+            start, chunk = self._next, self._chunk
+            end = min(len(self._times), start + _ARRIVALS_WINDOW)
+            engine.reserve(engine.num_requests + end - start)  # the window's arrivals, enqueued in place
+            self._load(run, start, end < len(self._times))
+            arrivals = compiled_run.ChunkArrays(self._times[start:end], chunk.prompt_len[start:end],
+                                                chunk.output_len[start:end])
             stop, running, decode, prefill, tokens = loop(run, running, engine.request_columns(), arrivals, params)
-            self._store(run, running)
+            self._store(run, running, start)
             if stop == compiled_run.INVALID_DECISION:
                 self.apply(Decision(decode=decode, prefill=prefill, prefill_tokens=tokens))
                 raise AssertionError("a compiled policy's decision was refused by its loop but not by the engine")
@@ -315,23 +321,25 @@ class Rollout:
                 self._pull()
             running = engine.counters().running
 
-    def _load(self, run: compiled_run.RunState) -> None:
-        """Copy the engine's counters and this rollout's state into ``run`` (a compiled loop's)."""
+    def _load(self, run: compiled_run.RunState, window_start: int, window_cut: bool) -> None:
+        """Copy the engine's counters and this rollout's state into ``run`` (a compiled loop's), which reads the
+        current chunk's arrivals from ``window_start`` on (``window_cut``: the window ends before the chunk)."""
         run.counters[:] = self.engine.counter_array()  # type: ignore[attr-defined]
-        run.ints[:] = (self._next, self._ended, self.iterations, self.peak_blocks_used, self.evictions,
-                       self._retire_at, 0, self._more, -1 if self.max_iterations is None else self.max_iterations,
-                       self.engine.retired)
+        run.ints[:] = (self._next - window_start, self._ended, self.iterations, self.peak_blocks_used,
+                       self.evictions, self._retire_at, 0, self._more or window_cut,
+                       -1 if self.max_iterations is None else self.max_iterations, self.engine.retired)
         run.reals[:] = (self.engine.now, self.block_seconds, self.busy_time, self._progress_at, self._iterated_at,
                         math.nan if self.stalled_at is None else self.stalled_at,
                         math.inf if self.stall_after_s is None else self.stall_after_s, self.horizon)
 
-    def _store(self, run: compiled_run.RunState, running: np.ndarray) -> None:
+    def _store(self, run: compiled_run.RunState, running: np.ndarray, window_start: int) -> None:
         """Take back what a compiled loop advanced (the inverse of :meth:`_load`), and the time series' rows."""
         counters = run.counters.tolist()
-        (self._next, ended, self.iterations, self.peak_blocks_used, self.evictions, _, rows, _, _,
+        (next_in_window, ended, self.iterations, self.peak_blocks_used, self.evictions, _, rows, _, _,
          _) = run.ints.tolist()
         (now, self.block_seconds, self.busy_time, self._progress_at, self._iterated_at, stalled_at, _,
          _) = run.reals.tolist()
+        self._next = window_start + next_in_window
         self.engine.restore(EngineCounters(*counters, now, running))  # type: ignore[attr-defined]
         self._ended = bool(ended)
         self.stalled_at = None if math.isnan(stalled_at) else stalled_at

@@ -99,7 +99,8 @@ mixes = st.lists(
 def test_a_compiled_loop_runs_exactly_as_the_python_loop(mix: TypeMix, slack: int, block: int, seed: int,
                                                          preset: str, stream: bool, watch: bool) -> None:
     """Every result field, every request's record and the time series, bit for bit; with retirement, a small row
-    buffer and a chunked stream, so that the compiled loop hands over to Python often."""
+    buffer, small windows of arrivals and a chunked stream, so that the compiled loop hands over to Python
+    often."""
     largest = int((mix.prompt_lens + mix.output_lens).max())
     capacity = (-(-largest // block)) * block + slack
     compiled_runs = []
@@ -107,6 +108,7 @@ def test_a_compiled_loop_runs_exactly_as_the_python_loop(mix: TypeMix, slack: in
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(runner, "RETIRE_EVERY", 7)
         patch.setattr(runner, "_ROW_BUFFER", 5)
+        patch.setattr(runner, "_ARRIVALS_WINDOW", 9)
         patch.setattr(runner.Rollout, "run_compiled",
                       lambda rollout, loop: (compiled_runs.append(loop), run_compiled(rollout, loop))[1])
         (fast, fast_rows), (python, python_rows) = _both_ways(PRESETS[preset], mix, capacity, block, seed, 12.0,
