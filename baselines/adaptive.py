@@ -340,6 +340,11 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         self._engine = engine
         self._completed = Completions(self.learning.memory)
 
+    @property
+    def completions(self) -> "Completions":
+        """The output lengths it has seen requests finish with (what it learns its distribution from)."""
+        return self._completed
+
     def compiled_loop(self) -> CompiledLoop:
         """This policy compiled (:func:`run_adaptive_nested_wait`): Nested WAIT's compiled rule between solves, the
         solves in Python; the same decisions as :meth:`decide`, bit for bit."""

@@ -170,3 +170,25 @@ def test_an_invalid_compiled_decision_is_named_by_the_engine() -> None:
     scenario = build_scenario(types="p=30,o=40,rate=30", memory_tokens=3000, block_size=16)
     with pytest.raises(InvalidDecisionError, match="decode: unknown request id 1000000"):
         run(scenario.engine(), _RefusedLoop(), scenario.sample(5.0, seed=0), 5.0)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_adaptive_nested_wait_learns_the_true_lengths_of_the_requests_that_finished(compiled: bool) -> None:
+    """The completion sample holds exactly the output lengths of the requests that finished, read before their
+    rows are retired (here every 7 finishes), on the compiled path and on the Python one."""
+    scenario = build_scenario(types="p=20,o=5,rate=6;p=10,o=30,rate=4", memory_tokens=2000, block_size=4,
+                              hidden_lengths=True)
+    policy = AdaptiveNestedWaitPolicy.create(scenario.cost, scenario.capacity_tokens, scenario.block_size,
+                                             horizon_s=30.0, memory=10_000, warmup=5, resolve_every_s=2.0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "RETIRE_EVERY", 7)
+        result = run(scenario.engine(), policy if compiled else PythonOnly(policy), scenario.sample(30.0, seed=2),
+                     30.0, keep_records=True)
+    records = result.records
+    finished = records.finish_time < np.inf
+    assert result.finished > 50 and policy.learning is not None and policy.learning.solves > 0
+    seen = np.sort(policy.completions.lengths())
+    if not compiled and len(seen) < result.finished:
+        # The Python path sees an iteration's finishes at its next decision: none follows a run's last iteration.
+        finished &= records.finish_time < result.end_time
+    np.testing.assert_array_equal(seen, np.sort(records.decoded[finished]))
