@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from baselines.lookahead import LOOKAHEAD_QUANTILE, residual_quantiles
-from baselines.nested_wait import NestedWaitPolicy, NestedWaitRule, nested_wait_decision
+from baselines.nested_wait import NestedWaitPolicy, NestedWaitRule, nested_wait_step
 from baselines.thresholds import (
     NestedWaitThresholds,
     OutputLengthDistribution,
@@ -39,7 +39,7 @@ from baselines.thresholds import (
     wait_thresholds,
 )
 from baselines.type_queues import TypeQueues
-from baselines.wait import WaitPolicy, WaitQueue, WaitQueueFollower, WaitRule, wait_decision
+from baselines.wait import WaitPolicy, WaitQueue, WaitQueueFollower, WaitRule, wait_begin, wait_step
 from llmsched_env import compiled_run, kernels
 from llmsched_env.compiled import compiled
 from llmsched_env.compiled_run import GO_ON, NOW, PAUSE, RETIRED, ChunkArrays, RunState
@@ -157,32 +157,18 @@ def run_adaptive_wait(run: RunState, running: np.ndarray, columns: RequestColumn
     """:class:`AdaptiveWaitPolicy`'s compiled loop: WAIT's (:func:`baselines.wait.run_wait`) with the rate
     observed before each decision, pausing for Python when the thresholds are due to be solved again."""
     nothing = np.empty(0, dtype=np.int64)
-    counters, queued = run.counters, queue.queued
     queue.scan_from[0] = max(queue.scan_from[0], run.ints[RETIRED])  # retired rows read as zeros
     while True:
         if not learn.ints[RESUME]:
-            arrived_from = counters[N]
-            stop = compiled_run.begin(run, columns, arrivals)
-            for i in range(arrived_from, counters[N]):
-                queued[types[i]] += 1
+            stop = wait_begin(run, columns, arrivals, types, queue)
             if stop != GO_ON:
                 return stop, running, nothing, nothing, nothing
-            if _observe(learn, run, columns, counters[N] >= learn.ints[WARMUP]):
+            if _observe(learn, run, columns, run.counters[N] >= learn.ints[WARMUP]):
                 learn.ints[DUE] = 1
                 learn.ints[RESUME] = 1
                 return PAUSE, running, nothing, nothing, nothing
         learn.ints[RESUME] = 0
-        decode, admit = wait_decision(rule, types, queue, running, columns, counters, engine)
-        chunk = np.empty(len(admit), dtype=np.int64)
-        for j in range(len(admit)):
-            chunk[j] = columns.context[admit[j]] - columns.kv_tokens[admit[j]]  # whole prefills
-        stop, running, admitted, evicted, _ = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals,
-                                                              engine)
-        for i in admitted:
-            queued[types[i]] -= 1
-        for i in evicted:
-            queued[types[i]] += 1
-            queue.scan_from[0] = min(queue.scan_from[0], i)
+        stop, running, decode, admit, chunk = wait_step(rule, types, queue, running, run, columns, arrivals, engine)
         if stop != GO_ON:
             return stop, running, decode, admit, chunk
 
@@ -206,12 +192,8 @@ def run_adaptive_nested_wait(run: RunState, running: np.ndarray, columns: Reques
                 learn.ints[RESUME] = 1
                 return PAUSE, running, nothing, nothing, nothing
         learn.ints[RESUME] = 0
-        decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard)
-        chunk = np.empty(len(admit), dtype=np.int64)
-        for j in range(len(admit)):
-            chunk[j] = columns.context[admit[j]] - columns.kv_tokens[admit[j]]  # whole prefills
-        stop, running, _, _, finished = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals,
-                                                           engine)
+        stop, running, decode, admit, chunk, finished = nested_wait_step(rule, guard, running, run, columns,
+                                                                         arrivals, engine)
         _record_completions(completed, finished, columns)
         if stop != GO_ON:
             return stop, running, decode, admit, chunk

@@ -386,6 +386,18 @@ def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: Req
 
 
 @compiled
+def nested_wait_step(rule: NestedWaitRule, guard: np.ndarray, running: np.ndarray, run: RunState,
+                     columns: RequestColumns, arrivals: ChunkArrays, engine: EngineParams
+                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Nested WAIT's decision and its iteration: ``(stop, running, decode, admit, chunk, finished)``
+    (:func:`~llmsched_env.compiled_run.apply`'s stop, and the requests that finished)."""
+    decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard)
+    chunk = compiled_run.whole_prefills(admit, columns)
+    stop, running, _, _, finished = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals, engine)
+    return stop, running, decode, admit, chunk, finished
+
+
+@compiled
 def run_nested_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                     engine: EngineParams, rule: NestedWaitRule, guard: np.ndarray
                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -395,10 +407,7 @@ def run_nested_wait(run: RunState, running: np.ndarray, columns: RequestColumns,
         stop = compiled_run.begin(run, columns, arrivals)
         if stop != GO_ON:
             return stop, running, nothing, nothing, nothing
-        decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard)
-        chunk = np.empty(len(admit), dtype=np.int64)
-        for j in range(len(admit)):
-            chunk[j] = columns.context[admit[j]] - columns.kv_tokens[admit[j]]  # whole prefills
-        stop, running, _, _, _ = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals, engine)
+        stop, running, decode, admit, chunk, _ = nested_wait_step(rule, guard, running, run, columns, arrivals,
+                                                                  engine)
         if stop != GO_ON:
             return stop, running, decode, admit, chunk

@@ -385,6 +385,35 @@ def wait_decision(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: 
 
 
 @compiled
+def wait_begin(run: RunState, columns: RequestColumns, arrivals: ChunkArrays, types: np.ndarray,
+               queue: WaitQueue) -> int:
+    """:func:`~llmsched_env.compiled_run.begin`, counting the requests it enqueues into their types' queues."""
+    arrived_from = run.counters[N]
+    stop = compiled_run.begin(run, columns, arrivals)
+    for i in range(arrived_from, run.counters[N]):
+        queue.queued[types[i]] += 1
+    return stop
+
+
+@compiled
+def wait_step(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: np.ndarray, run: RunState,
+              columns: RequestColumns, arrivals: ChunkArrays, engine: EngineParams
+              ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """WAIT's decision and its iteration, following the queue through the admissions and evictions:
+    ``(stop, running, decode, admit, chunk)`` (:func:`~llmsched_env.compiled_run.apply`'s stop)."""
+    decode, admit = wait_decision(rule, types, queue, running, columns, run.counters, engine)
+    chunk = compiled_run.whole_prefills(admit, columns)
+    stop, running, admitted, evicted, _ = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals,
+                                                          engine)
+    for i in admitted:
+        queue.queued[types[i]] -= 1
+    for i in evicted:
+        queue.queued[types[i]] += 1
+        queue.scan_from[0] = min(queue.scan_from[0], i)
+    return stop, running, decode, admit, chunk
+
+
+@compiled
 def run_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
              engine: EngineParams, rule: WaitRule, types: np.ndarray, queue: WaitQueue
              ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -392,25 +421,11 @@ def run_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arriva
     ``types`` holds every request's type (by id), ``queue`` the waiting counts per type, both followed through
     the arrivals, admissions and evictions of each iteration."""
     nothing = np.empty(0, dtype=np.int64)
-    counters, queued = run.counters, queue.queued
     queue.scan_from[0] = max(queue.scan_from[0], run.ints[RETIRED])  # retired rows read as zeros
     while True:
-        arrived_from = counters[N]
-        stop = compiled_run.begin(run, columns, arrivals)
-        for i in range(arrived_from, counters[N]):
-            queued[types[i]] += 1
+        stop = wait_begin(run, columns, arrivals, types, queue)
         if stop != GO_ON:
             return stop, running, nothing, nothing, nothing
-        decode, admit = wait_decision(rule, types, queue, running, columns, counters, engine)
-        chunk = np.empty(len(admit), dtype=np.int64)
-        for j in range(len(admit)):
-            chunk[j] = columns.context[admit[j]] - columns.kv_tokens[admit[j]]  # whole prefills
-        stop, running, admitted, evicted, _ = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals,
-                                                              engine)
-        for i in admitted:
-            queued[types[i]] -= 1
-        for i in evicted:
-            queued[types[i]] += 1
-            queue.scan_from[0] = min(queue.scan_from[0], i)
+        stop, running, decode, admit, chunk = wait_step(rule, types, queue, running, run, columns, arrivals, engine)
         if stop != GO_ON:
             return stop, running, decode, admit, chunk

@@ -104,16 +104,10 @@ def begin(run: RunState, columns: RequestColumns, arrivals: ChunkArrays) -> int:
 
 @compiled
 def oldest_waiting(counters: np.ndarray, status: np.ndarray, limit: int) -> np.ndarray:
-    """``SchedulerState.oldest_waiting(limit)`` of the simulator: the first ``limit`` waiting ids in queue order
-    (moving the engine's scan start as its ``_waiting_ids`` does)."""
-    start, n = counters[FIRST_MAYBE_WAITING], counters[N]
-    if limit <= 0:
-        return np.empty(0, dtype=np.int64)
-    if counters[NUM_WAITING] == n - start:  # the queue is exactly the newest arrivals
-        return np.arange(start, min(n, start + limit))
-    ids = kernels.first_waiting_ids(status, start, n, min(limit, counters[NUM_WAITING]))
-    if len(ids):
-        counters[FIRST_MAYBE_WAITING] = ids[0]
+    """``SchedulerState.oldest_waiting(limit)`` of the simulator (:func:`~llmsched_env.kernels.oldest_waiting`, the
+    engine's own rule, moving its scan start)."""
+    ids, counters[FIRST_MAYBE_WAITING] = kernels.oldest_waiting(status, counters[FIRST_MAYBE_WAITING], counters[N],
+                                                                counters[NUM_WAITING], max(limit, 0))
     return ids
 
 
@@ -137,6 +131,16 @@ def _watch_for_stall(run: RunState, ran: bool, duration: float, progressed: bool
         head = oldest_waiting(counters, columns.status, 1)
         if len(head) and -(-columns.context[head[0]] // block_size) <= capacity_blocks - counters[USED_BLOCKS]:
             reals[STALLED_AT] = reals[PROGRESS_AT]
+
+
+@compiled
+def whole_prefills(ids: np.ndarray, columns: RequestColumns) -> np.ndarray:
+    """The chunk that prefills each of ``ids`` whole: its context less what it holds (a policy that admits whole
+    prompts hands these to :func:`apply`)."""
+    chunk = np.empty(len(ids), dtype=np.int64)
+    for j in range(len(ids)):
+        chunk[j] = columns.context[ids[j]] - columns.kv_tokens[ids[j]]
+    return chunk
 
 
 @compiled

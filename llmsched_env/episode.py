@@ -376,9 +376,9 @@ class CompiledEpisode:
         loop = rollout.counters()
         interface = env.control.counters()
         ints, reals = self.loop.ints, self.loop.reals
-        ints[:ROOM] = (engine.num_requests, engine.num_waiting, engine.num_finished, engine.first_maybe_waiting,
-                       engine.used_blocks, engine.used_tokens, engine.stamp, loop.next_arrival, loop.ended,
-                       loop.iterations, loop.peak_blocks_used, loop.evictions, interface.seen)
+        ints[:NUM_ENGINE_COUNTERS] = engine[:NUM_ENGINE_COUNTERS]  # in the compiled iteration's order
+        ints[NUM_ENGINE_COUNTERS:ROOM] = (loop.next_arrival, loop.ended, loop.iterations, loop.peak_blocks_used,
+                                          loop.evictions, interface.seen)
         reals[:FIRST_REWARD] = (engine.now, loop.block_seconds, loop.busy_time, env.accounted_time,
                                 interface.last_admission, interface.rate_time)
         self.running = engine.running
@@ -387,19 +387,18 @@ class CompiledEpisode:
         """Hand the loop's counters back (the inverse of :meth:`load`)."""
         env = self.env
         rollout = env.rollout
-        (n, waiting, finished, first_maybe_waiting, used_blocks, used_tokens, stamp, next_arrival, ended,
-         iterations, peak_blocks, evictions, seen, _) = self.loop.ints.tolist()
+        ints = self.loop.ints.tolist()
+        next_arrival, ended, iterations, peak_blocks, evictions, seen, _ = ints[NUM_ENGINE_COUNTERS:]
         now, block_seconds, busy_time, accounted, last_admission, rate_time, _, _ = self.loop.reals.tolist()
-        rollout.engine.restore(EngineCounters(n, waiting, finished, first_maybe_waiting, used_blocks, used_tokens,
-                                              stamp, now, self.running))
+        rollout.engine.restore(EngineCounters(*ints[:NUM_ENGINE_COUNTERS], now, self.running))
         rollout.restore(RolloutCounters(next_arrival, bool(ended), iterations, peak_blocks, evictions, block_seconds,
                                         busy_time))
         env.control.restore(InterfaceCounters(seen, last_admission, rate_time))
         env.accounted_time = accounted
 
     def run_general(self, stop: int, decode: np.ndarray, prefill: np.ndarray) -> bool:
-        """Run the iteration :func:`advance_episode` stopped at (``GENERAL_ACTION`` or ``GENERAL_FIXED``)
-        through the rollout and the engine's general path, and add its reward where the loop would.
+        """Run the decision :func:`advance_episode` stopped at (``GENERAL_ACTION`` or ``GENERAL_FIXED``: refused as
+        invalid) through the rollout, which names the error (or runs it, and its reward goes where the loop's would).
         Returns whether :attr:`columns` changed (the structures must be handed over again)."""
         self.store()
         reward = self.env.apply_decision(Decision(decode=decode, prefill=prefill))

@@ -57,6 +57,16 @@ def first_waiting_ids(status: np.ndarray, start: int, n: int, limit: int) -> np.
 
 
 @compiled
+def oldest_waiting(status: np.ndarray, start: int, n: int, num_waiting: int, limit: int) -> tuple[np.ndarray, int]:
+    """The first ``limit`` (>= 0) ids of a simulator's queue whose ``num_waiting`` waiting ids are all in
+    ``start … n − 1``, in queue order, and where the next scan may start (the first of them, when found)."""
+    if num_waiting == n - start:  # the queue is exactly the newest arrivals
+        return np.arange(start, min(n, start + limit)), start
+    ids = first_waiting_ids(status, start, n, min(limit, num_waiting))
+    return ids, (ids[0] if len(ids) else start)
+
+
+@compiled
 def count_arrivals(sums: np.ndarray, since: float, now: float, arrival_times: np.ndarray, classes: np.ndarray,
                    window: float) -> None:
     """:meth:`~llmsched_env.rate_estimate.ArrivalRateEstimator.update` per class, in place: decay ``sums`` from
@@ -400,64 +410,20 @@ def _longest_first(remaining: np.ndarray) -> np.ndarray:
 
 
 @compiled
-def peak_blocks(context: np.ndarray, remaining: np.ndarray, block_size: int) -> int:
-    """:func:`llmsched_env.kv_cache.projected_peak_blocks`: ``max_t Σ_{i: remaining_i >= t} ceil((context_i + t) / B)``,
-    over the candidates ``t = remaining_k``, longest first, with the residues ``context_i mod B`` of the
-    requests alive at ``t`` kept as a histogram (``O(n log n + n·B)``, or ``O(n + max remaining + n·B)`` when the
-    remaining lengths are few enough to be counted into one slot each, as per iteration they are)."""
-    count = len(context)
-    if count == 0:
-        return 0
-    order = _longest_first(remaining)
-    residues = np.zeros(block_size, dtype=np.int64)
-    quotient_sum, peak, alive = 0, 0, 0
-    while alive < count:
-        t = remaining[order[alive]]
-        while alive < count and remaining[order[alive]] == t:  # everyone with remaining >= t is alive at t
-            c = context[order[alive]]
-            quotient_sum += c // block_size
-            residues[c % block_size] += 1
-            alive += 1
-        a, b = t // block_size, t % block_size
-        # ceil((B q + m + B a + b) / B) = q + a + [m + b > 0] + [m > B − b]
-        nonzero = alive if b > 0 else alive - residues[0]
-        over = 0
-        for m in range(block_size - b + 1, block_size):
-            over += residues[m]
-        total = quotient_sum + alive * a + nonzero + over
-        if total > peak:
-            peak = total
-    return peak
-
-
-@compiled
-def fitting_prefix(context: np.ndarray, remaining: np.ndarray, candidate_context: np.ndarray,
-                   candidate_remaining: np.ndarray, block_size: int, limit_blocks: int) -> int:
-    """:func:`baselines.lookahead.fitting_prefix`: how many candidates, in order, can join the batch with its
-    projected peak (:func:`peak_blocks`) within ``limit_blocks``.
-
-    The projection is a sum over requests, so the batch's part is computed once, at every point where some
-    request (of the batch or a candidate) finishes (the peak of any subset is at one of them), as
-    :func:`peak_blocks` computes it; candidates then join one at a time, each adding its own blocks at the points
-    it lives through, until the first one whose peak does not fit: ``O((n + m)·B + k·(n + m))`` for ``n``
-    requests, ``m`` candidates of which ``k`` fit, where a search over the prefixes recomputed the whole
-    projection at every probe."""
-    held, count = len(context), len(candidate_context)
-    if count == 0:
-        return 0
-    every = np.empty(held + count, dtype=np.int64)
-    every[:held] = remaining
-    every[held:] = candidate_remaining
-    order = _longest_first(every)
-    points = np.empty(held + count, dtype=np.int64)  # the distinct finishing points, latest first
-    total = np.empty(held + count, dtype=np.int64)  # the batch's blocks at each point
-    # peak_blocks' sweep over the batch (quotients and a histogram of residues of the living), one point per
-    # distinct finishing time of anyone, the candidates' included.
+def _batch_blocks(context: np.ndarray, finishing: np.ndarray, held: int,
+                  block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The KV blocks the batch (requests ``0 … held − 1``: ``context``, ``finishing[:held]`` iterations left) holds
+    at each distinct value ``t`` of ``finishing`` (the batch's and, after it, other requests' remaining lengths),
+    latest first: ``(points, blocks)``. Requests are taken longest first with the residues ``context_i mod B`` of
+    the living kept as a histogram: ``ceil((B q + m + B a + b) / B) = q + a + [m + b > 0] + [m > B − b]``."""
+    order = _longest_first(finishing)
+    points = np.empty(len(finishing), dtype=np.int64)
+    blocks = np.empty(len(finishing), dtype=np.int64)
     residues = np.zeros(block_size, dtype=np.int64)
     quotient_sum, alive, num_points, k = 0, 0, 0, 0
-    while k < held + count:
-        t = every[order[k]]
-        while k < held + count and every[order[k]] == t:
+    while k < len(finishing):
+        t = finishing[order[k]]
+        while k < len(finishing) and finishing[order[k]] == t:  # everyone with remaining >= t lives at t
             j = order[k]
             if j < held:
                 c = context[j]
@@ -471,12 +437,46 @@ def fitting_prefix(context: np.ndarray, remaining: np.ndarray, candidate_context
         for m in range(block_size - b + 1, block_size):
             over += residues[m]
         points[num_points] = t
-        total[num_points] = quotient_sum + alive * a + nonzero + over
+        blocks[num_points] = quotient_sum + alive * a + nonzero + over
         num_points += 1
+    return points[:num_points], blocks[:num_points]
+
+
+@compiled
+def peak_blocks(context: np.ndarray, remaining: np.ndarray, block_size: int) -> int:
+    """:func:`llmsched_env.kv_cache.projected_peak_blocks`: ``max_t Σ_{i: remaining_i >= t} ceil((context_i + t) / B)``,
+    over the candidates ``t = remaining_k`` (:func:`_batch_blocks`: ``O(n log n + n·B)``, or
+    ``O(n + max remaining + n·B)`` when the remaining lengths are few enough to be counted into one slot each, as
+    per iteration they are)."""
+    _, blocks = _batch_blocks(context, remaining, len(context), block_size)
+    peak = 0
+    for total in blocks:
+        peak = max(peak, total)
+    return peak
+
+
+@compiled
+def fitting_prefix(context: np.ndarray, remaining: np.ndarray, candidate_context: np.ndarray,
+                   candidate_remaining: np.ndarray, block_size: int, limit_blocks: int) -> int:
+    """:func:`baselines.lookahead.fitting_prefix`: how many candidates, in order, can join the batch with its
+    projected peak (:func:`peak_blocks`) within ``limit_blocks``.
+
+    The projection is a sum over requests, so the batch's part is computed once (:func:`_batch_blocks`), at every
+    point where some request (of the batch or a candidate) finishes (the peak of any subset is at one of them);
+    candidates then join one at a time, each adding its own blocks at the points it lives through, until the
+    first one whose peak does not fit: ``O((n + m)·B + k·(n + m))`` for ``n`` requests, ``m`` candidates of which
+    ``k`` fit, where a search over the prefixes recomputed the whole projection at every probe."""
+    held, count = len(context), len(candidate_context)
+    if count == 0:
+        return 0
+    finishing = np.empty(held + count, dtype=np.int64)
+    finishing[:held] = remaining
+    finishing[held:] = candidate_remaining
+    points, total = _batch_blocks(context, finishing, held, block_size)
     for j in range(count):
         c, r = candidate_context[j], candidate_remaining[j]
         peak = 0
-        for p in range(num_points):
+        for p in range(len(points)):
             t = points[p]
             if t <= r:
                 total[p] += -(-(c + t) // block_size)
@@ -590,9 +590,9 @@ def plan_iteration(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, w
         prefill_new_blocks += -(-(held + size) // block_size) - (-(-held // block_size))
         prefill_tokens += size
         batch_kv += held + size
-    if decode_new_blocks + prefill_new_blocks > free_blocks:
-        return OVERFLOW, decode_before, prefill_before, chunks, decode_new_blocks, prefill_new_blocks, prefill_tokens, batch_kv
-    return PLANNED, decode_before, prefill_before, chunks, decode_new_blocks, prefill_new_blocks, prefill_tokens, batch_kv
+    verdict = OVERFLOW if decode_new_blocks + prefill_new_blocks > free_blocks else PLANNED
+    return (verdict, decode_before, prefill_before, chunks, decode_new_blocks, prefill_new_blocks, prefill_tokens,
+            batch_kv)
 
 
 @compiled

@@ -40,6 +40,16 @@ class TimeSeriesRecorder:
         self._seen = 0
 
     def __call__(self, engine: Engine, outcome: IterationOutcome) -> None:
+        self._add((outcome.end_time, outcome.kv_blocks_used, engine.num_waiting, engine.num_running,
+                   engine.num_finished))
+
+    def add_rows(self, rows: np.ndarray) -> None:
+        """Record iterations given as rows (end time, KV blocks used, waiting, running, finished), as calls for
+        each would (a compiled run's iterations, :meth:`Rollout.run_compiled`)."""
+        for time, blocks, waiting, running, finished in rows.tolist():
+            self._add((time, int(blocks), int(waiting), int(running), int(finished)))
+
+    def _add(self, row: tuple[float, int, int, int, int]) -> None:
         self._seen += 1
         if (self._seen - 1) % self._stride:
             return
@@ -48,22 +58,7 @@ class TimeSeriesRecorder:
             self._stride *= 2
             if (self._seen - 1) % self._stride:
                 return
-        self._rows.append((outcome.end_time, outcome.kv_blocks_used, engine.num_waiting,
-                           engine.num_running, engine.num_finished))
-
-    def add_rows(self, rows: np.ndarray) -> None:
-        """Record iterations given as rows (end time, KV blocks used, waiting, running, finished), as calls for
-        each would (a compiled run's iterations, :meth:`Rollout.run_compiled`)."""
-        for row in rows.tolist():
-            self._seen += 1
-            if (self._seen - 1) % self._stride:
-                continue
-            if len(self._rows) == self.max_rows:
-                del self._rows[1::2]
-                self._stride *= 2
-                if (self._seen - 1) % self._stride:
-                    continue
-            self._rows.append((row[0], int(row[1]), int(row[2]), int(row[3]), int(row[4])))
+        self._rows.append(row)
 
     def arrays(self) -> dict[str, np.ndarray]:
         rows = np.array(self._rows, dtype=np.float64).reshape(-1, 5)
@@ -319,7 +314,6 @@ class Rollout:
                 self._retire_at = engine.num_finished + RETIRE_EVERY
             if self._next >= len(self._times):
                 self._pull()
-            running = engine.counters().running
 
     def _load(self, run: compiled_run.RunState, window_start: int, window_cut: bool) -> None:
         """Copy the engine's counters and this rollout's state into ``run`` (a compiled loop's), which reads the

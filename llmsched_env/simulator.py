@@ -24,7 +24,7 @@ from llmsched_env.engine import (
     readonly_view,
 )
 from llmsched_env.errors import ConfigError, RequestTooLargeError
-from llmsched_env.iteration import INVALID, STAMP, EngineParams, iterate
+from llmsched_env.iteration import INVALID, NUM_ENGINE_COUNTERS, STAMP, EngineParams, iterate
 from llmsched_env.kv_cache import PagedKVCache
 from llmsched_env.request_table import (
     EMPTY_IDS as _EMPTY,
@@ -228,11 +228,8 @@ class SimulatedEngine:
         if limit is None:
             ids, self._first_maybe_waiting = kernels.waiting_ids(self._status, start, n, self._num_waiting)
             return ids
-        if self._num_waiting == n - start:  # the queue is exactly the newest arrivals
-            return np.arange(start, min(n, start + limit), dtype=np.int64)
-        ids = kernels.first_waiting_ids(self._status, start, n, min(limit, self._num_waiting))
-        if len(ids):
-            self._first_maybe_waiting = int(ids[0])  # nothing before it waits
+        ids, first = kernels.oldest_waiting(self._status, start, n, self._num_waiting, limit)
+        self._first_maybe_waiting = int(first)  # nothing before it waits
         return ids
 
     def state(self) -> SchedulerState:
@@ -257,17 +254,9 @@ class SimulatedEngine:
 
     # -- the iteration -----------------------------------------------------------------------------
     def counter_array(self) -> np.ndarray:
-        """The engine's counters as the compiled iteration takes them (:mod:`llmsched_env.iteration`'s indices):
-        a new array; :meth:`take_counter_array` takes it back once a compiled call has advanced it."""
-        kv = self._kv
-        return np.array([self._n, self._num_waiting, self._num_finished, self._first_maybe_waiting, kv.used_blocks,
-                         kv.used_tokens, self._stamp], dtype=np.int64)
-
-    def take_counter_array(self, counters: np.ndarray) -> None:
-        """Take ``counters`` (advanced by compiled iterations on :meth:`request_columns`) as the engine's own."""
-        (self._n, self._num_waiting, self._num_finished, self._first_maybe_waiting, used_blocks, used_tokens,
-         self._stamp) = counters.tolist()
-        self._kv.used_blocks, self._kv.used_tokens = used_blocks, used_tokens
+        """:meth:`counters` less the clock and the running ids, as the compiled iteration takes them (an int64
+        array in :mod:`llmsched_env.iteration`'s order): a new array, which :meth:`restore` takes back."""
+        return np.array(self.counters()[:NUM_ENGINE_COUNTERS], dtype=np.int64)
 
     def engine_params(self) -> EngineParams:
         """What the compiled iteration takes of the engine's fixed configuration."""
@@ -287,10 +276,8 @@ class SimulatedEngine:
             self._stamp = int(counters[STAMP])
             validated_batch(decision, self._n, self._status, self._prompt, self._context, self._kv.tokens, self._mark)
             raise AssertionError(f"the compiled iteration refused a decision that validation accepts: {decision}")
-        self.take_counter_array(counters)
-        self._running = done.running
         duration = float(done.duration)  # a Python float whether or not the iteration ran compiled (NUMBA_DISABLE_JIT)
-        self._now = start + duration
+        self.restore(EngineCounters(*counters.tolist(), start + duration, done.running))
         kv = self._kv
         return IterationOutcome(
             start_time=start, duration=duration, prefill_tokens=int(done.prefill_tokens),
