@@ -416,14 +416,15 @@ def _batch_blocks(context: np.ndarray, finishing: np.ndarray, held: int,
     at each distinct value ``t`` of ``finishing`` (the batch's and, after it, other requests' remaining lengths),
     latest first: ``(points, blocks)``. Requests are taken longest first with the residues ``context_i mod B`` of
     the living kept as a histogram: ``ceil((B q + m + B a + b) / B) = q + a + [m + b > 0] + [m > B − b]``."""
+    count = len(finishing)
     order = _longest_first(finishing)
-    points = np.empty(len(finishing), dtype=np.int64)
-    blocks = np.empty(len(finishing), dtype=np.int64)
+    points = np.empty(count, dtype=np.int64)
+    blocks = np.empty(count, dtype=np.int64)
     residues = np.zeros(block_size, dtype=np.int64)
     quotient_sum, alive, num_points, k = 0, 0, 0, 0
-    while k < len(finishing):
+    while k < count:
         t = finishing[order[k]]
-        while k < len(finishing) and finishing[order[k]] == t:  # everyone with remaining >= t lives at t
+        while k < count and finishing[order[k]] == t:  # everyone with remaining >= t lives at t
             j = order[k]
             if j < held:
                 c = context[j]
