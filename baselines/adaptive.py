@@ -30,7 +30,8 @@ from typing import NamedTuple
 import numpy as np
 
 from baselines.lookahead import LOOKAHEAD_QUANTILE, residual_quantiles
-from baselines.nested_wait import NestedWaitPolicy, NestedWaitRule, nested_wait_step
+from baselines.nested_wait import NestedWaitPolicy, NestedWaitRule, batch_projection, nested_wait_step
+
 from baselines.thresholds import (
     NestedWaitThresholds,
     OutputLengthDistribution,
@@ -39,7 +40,15 @@ from baselines.thresholds import (
     wait_thresholds,
 )
 from baselines.type_queues import TypeQueues
-from baselines.wait import WaitPolicy, WaitQueue, WaitQueueFollower, WaitRule, wait_begin, wait_step
+from baselines.wait import (
+    WaitPolicy,
+    WaitQueue,
+    WaitQueueFollower,
+    WaitRule,
+    batch_profile,
+    wait_begin,
+    wait_step,
+)
 from llmsched_env import compiled_run, kernels
 from llmsched_env.compiled import compiled
 from llmsched_env.compiled_run import GO_ON, NOW, PAUSE, RETIRED, ChunkArrays, RunState
@@ -158,6 +167,7 @@ def run_adaptive_wait(run: RunState, running: np.ndarray, columns: RequestColumn
     observed before each decision, pausing for Python when the thresholds are due to be solved again."""
     nothing = np.empty(0, dtype=np.int64)
     queue.scan_from[0] = max(queue.scan_from[0], run.ints[RETIRED])  # retired rows read as zeros
+    held = batch_profile(rule, running, columns, engine, run)
     while True:
         if not learn.ints[RESUME]:
             stop = wait_begin(run, columns, arrivals, types, queue)
@@ -168,7 +178,8 @@ def run_adaptive_wait(run: RunState, running: np.ndarray, columns: RequestColumn
                 learn.ints[RESUME] = 1
                 return PAUSE, running, nothing, nothing, nothing
         learn.ints[RESUME] = 0
-        stop, running, decode, admit, chunk = wait_step(rule, types, queue, running, run, columns, arrivals, engine)
+        stop, running, decode, admit, chunk, held = wait_step(rule, types, queue, running, run, columns, arrivals,
+                                                              engine, held)
         if stop != GO_ON:
             return stop, running, decode, admit, chunk
 
@@ -182,6 +193,7 @@ def run_adaptive_nested_wait(run: RunState, running: np.ndarray, columns: Reques
     decision and the finished requests' lengths recorded after each iteration, pausing for Python when the
     thresholds are due to be solved again."""
     nothing = np.empty(0, dtype=np.int64)
+    projection = batch_projection(rule, running, columns, engine, run)  # of this call's rule (its lookahead)
     while True:
         if not learn.ints[RESUME]:
             stop = compiled_run.begin(run, columns, arrivals)
@@ -192,8 +204,8 @@ def run_adaptive_nested_wait(run: RunState, running: np.ndarray, columns: Reques
                 learn.ints[RESUME] = 1
                 return PAUSE, running, nothing, nothing, nothing
         learn.ints[RESUME] = 0
-        stop, running, decode, admit, chunk, finished = nested_wait_step(rule, guard, running, run, columns,
-                                                                         arrivals, engine)
+        stop, running, decode, admit, chunk, finished, projection = nested_wait_step(
+            rule, guard, running, run, columns, arrivals, engine, projection)
         _record_completions(completed, finished, columns)
         if stop != GO_ON:
             return stop, running, decode, admit, chunk

@@ -13,11 +13,15 @@ A request's trajectory is ``(context, remaining)``: at the ``t``-th iteration fr
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from llmsched_env import kernels
+from llmsched_env.compiled import compiled
 from llmsched_env.engine import SchedulerState
 from llmsched_env.errors import ConfigError
+from llmsched_env.request_table import RequestColumns
 
 #: At most this many waiting requests are considered for lent memory in one iteration (WAIT, Nested WAIT).
 LEND_SCAN = 256
@@ -72,9 +76,277 @@ def residual_quantiles(values: np.ndarray, probabilities: np.ndarray, quantile: 
     top = int(values[-1])
     residual = np.ones(top + 1, dtype=np.int64)
     tail = np.cumsum(mass[::-1])[::-1]  # tail[i] = P(o >= values[i])
-    for d in range(top):
-        first = int(np.searchsorted(values, d, side="right"))  # the first value > d
-        survivors = tail[first]
-        cdf = np.cumsum(mass[first:]) / survivors
-        residual[d] = int(values[first + min(int(np.searchsorted(cdf, quantile - 1e-12)), len(cdf) - 1)]) - d
+    below = 0  # decoded counts d in [below, values[first]) survive to the same values[first:]
+    for first in range(len(values)):
+        if values[first] <= below:
+            continue
+        cdf = np.cumsum(mass[first:]) / tail[first]
+        quantile_value = int(values[first + min(int(np.searchsorted(cdf, quantile - 1e-12)), len(cdf) - 1)])
+        decoded = np.arange(below, int(values[first]))
+        residual[below:int(values[first])] = quantile_value - decoded
+        below = int(values[first])
     return residual
+
+
+# -- the batch's projection kept from one iteration to the next --------------------------------------------------
+ORIGIN, END = 0, 1  # indices of HeldProfile.span
+
+
+class HeldProfile(NamedTuple):
+    """The KV blocks a running batch is projected to hold at each coming iteration, by absolute iteration number.
+
+    A request with trajectory ``(context, remaining)`` after iteration ``now`` holds ``ceil((base + τ) / B)``
+    blocks at iterations ``τ = now + 1 … end`` with ``base = context − now`` and ``end = now + remaining``. One
+    that decodes in the iteration keeps its ``base``, and with known lengths its ``end`` too: the batch's
+    projection is a sum of staircases that mostly stay put from one iteration to the next, so a compiled policy
+    loop keeps it (:class:`BatchProjection`) and moves only the staircases that changed, ``O(batch)`` per
+    iteration, where recomputing it (:func:`~llmsched_env.kernels.fitting_prefix`) costs ``O(batch · B)``; a
+    candidate is then tested in ``O(longest projection)`` (:func:`held_fits`).
+
+    ``blocks`` is circular (iteration ``τ`` at ``τ mod len(blocks)``, a power of two) and holds iterations
+    ``span[ORIGIN] + 1 … span[END]``, zeros everywhere else.
+    """
+
+    blocks: np.ndarray  # int64[2^k]
+    span: np.ndarray  # int64[2]: ORIGIN (the last iteration done), END (the last iteration anyone holds KV)
+
+
+class BatchProjection(NamedTuple):
+    """A running batch's :class:`HeldProfile` with each request's staircase, ``base[j]`` and ``end[j]`` for the
+    ``j``-th running request, so that :func:`follow_batch` can move the ones that changed."""
+
+    held: HeldProfile
+    base: np.ndarray  # int64, by position in the running array
+    end: np.ndarray  # int64
+
+
+@compiled
+def _empty_profile(length: int, origin: int) -> HeldProfile:
+    size = 16
+    while size <= length:
+        size *= 2
+    span = np.empty(2, dtype=np.int64)
+    span[ORIGIN] = origin
+    span[END] = origin
+    return HeldProfile(np.zeros(size, dtype=np.int64), span)
+
+
+@compiled
+def held_profile(context: np.ndarray, remaining: np.ndarray, block_size: int, origin: int) -> HeldProfile:
+    """The projection of the batch ``(context, remaining)`` (:func:`trajectories`) after iteration ``origin``."""
+    held = _empty_profile(16, origin)
+    for j in range(len(context)):
+        held = held_add(held, context[j], remaining[j], block_size)
+    return held
+
+
+@compiled
+def held_advance(held: HeldProfile, origin: int) -> None:
+    """Move the profile's start to after iteration ``origin`` (the iterations done since are forgotten)."""
+    blocks, span = held.blocks, held.span
+    mask = len(blocks) - 1
+    for tau in range(span[ORIGIN] + 1, min(origin, span[END]) + 1):
+        blocks[tau & mask] = 0
+    span[ORIGIN] = origin
+    span[END] = max(span[END], origin)
+
+
+@compiled
+def _add_run(blocks: np.ndarray, first: int, last: int, value: int) -> None:
+    """Add ``value`` at iterations ``first … last`` (fewer than ``len(blocks)``): one or two contiguous loops."""
+    mask = len(blocks) - 1
+    start, stop = first & mask, (last & mask) + 1
+    if start < stop:
+        for x in range(start, stop):
+            blocks[x] += value
+    else:  # wraps around the end of the buffer
+        for x in range(start, len(blocks)):
+            blocks[x] += value
+        for x in range(stop):
+            blocks[x] += value
+
+
+@compiled
+def _max_run(blocks: np.ndarray, first: int, last: int) -> int:
+    """The most blocks held at iterations ``first … last`` (0 for none)."""
+    if last < first:
+        return 0
+    mask = len(blocks) - 1
+    start, stop = first & mask, (last & mask) + 1
+    most = 0
+    if start < stop:
+        for x in range(start, stop):
+            most = max(most, blocks[x])
+    else:
+        for x in range(start, len(blocks)):
+            most = max(most, blocks[x])
+        for x in range(stop):
+            most = max(most, blocks[x])
+    return most
+
+
+@compiled
+def _staircase(held: HeldProfile, base: int, first: int, last: int, sign: int, block_size: int) -> HeldProfile:
+    """Add ``sign · ceil((base + τ) / B)`` at iterations ``τ = first … last`` (all after the origin): the profile,
+    a larger one where ``last`` is beyond its reach. The staircase is constant over runs of ``B`` iterations,
+    each added as one contiguous run."""
+    origin, end = held.span[ORIGIN], held.span[END]
+    if last - origin >= len(held.blocks):
+        grown = _empty_profile(2 * (last - origin), origin)
+        mask, grown_mask = len(held.blocks) - 1, len(grown.blocks) - 1
+        for tau in range(origin + 1, end + 1):
+            grown.blocks[tau & grown_mask] = held.blocks[tau & mask]
+        grown.span[END] = end
+        held = grown
+    tau = first
+    own = -(-(base + first) // block_size)
+    while tau <= last:
+        run_last = min(last, own * block_size - base)  # the last τ with ceil((base + τ) / B) = own
+        _add_run(held.blocks, tau, run_last, sign * own)
+        tau = run_last + 1
+        own += 1
+    if sign > 0:
+        held.span[END] = max(end, last)
+    return held
+
+
+@compiled
+def held_add(held: HeldProfile, context: int, remaining: int, block_size: int) -> HeldProfile:
+    """The profile with request ``(context, remaining)`` in the batch (see :func:`_staircase` on growth)."""
+    origin = held.span[ORIGIN]
+    return _staircase(held, context - origin, origin + 1, origin + remaining, 1, block_size)
+
+
+@compiled
+def held_remove(held: HeldProfile, context: np.ndarray, remaining: np.ndarray, block_size: int) -> None:
+    """Take requests :func:`held_add` put in back out (the origin unchanged since)."""
+    origin = held.span[ORIGIN]
+    for j in range(len(context)):
+        _staircase(held, context[j] - origin, origin + 1, origin + remaining[j], -1, block_size)
+
+
+@compiled
+def held_peak(held: HeldProfile) -> int:
+    """The projected peak: the most blocks the batch holds at any coming iteration
+    (:func:`~llmsched_env.kernels.peak_blocks` of its trajectories)."""
+    return _max_run(held.blocks, held.span[ORIGIN] + 1, held.span[END])
+
+
+@compiled
+def held_fits(held: HeldProfile, context: int, remaining: int, block_size: int, limit_blocks: int) -> bool:
+    """Whether the batch's projected peak with one more request ``(context, remaining)`` stays within
+    ``limit_blocks``: ``max_t held(now + t) + [t <= remaining]·ceil((context + t) / B) <= limit``."""
+    origin, end = held.span[ORIGIN], held.span[END]
+    base, last = context - origin, origin + remaining
+    tau = origin + 1
+    own = -(-(base + tau) // block_size)
+    while tau <= last:  # the request's staircase, a run of B iterations at a time
+        run_last = min(last, own * block_size - base)
+        if _max_run(held.blocks, tau, min(run_last, end)) + own > limit_blocks:
+            return False
+        tau = run_last + 1
+        own += 1
+    return _max_run(held.blocks, last + 1, end) <= limit_blocks
+
+
+@compiled
+def held_fitting_prefix(held: HeldProfile, context: np.ndarray, remaining: np.ndarray, block_size: int,
+                        limit_blocks: int) -> tuple[int, HeldProfile]:
+    """:func:`fitting_prefix` against the profile: how many of the candidates, in order, fit (:func:`held_fits`),
+    and the profile with them added (:func:`held_remove` takes them out again)."""
+    for j in range(len(context)):
+        if not held_fits(held, context[j], remaining[j], block_size, limit_blocks):
+            return j, held
+        held = held_add(held, context[j], remaining[j], block_size)
+    return len(context), held
+
+
+@compiled
+def trajectory(i: int, columns: RequestColumns, residual: np.ndarray) -> tuple[int, int]:
+    """Request ``i``'s ``(context, remaining)``: :func:`trajectories` with its output length known (``residual``
+    empty), else with its remaining output taken from ``residual`` by decoded count (Nested WAIT's lookahead,
+    :func:`residual_quantiles`; a request partway through a prefill is not distinguished there)."""
+    context, cached = columns.context[i], columns.kv_tokens[i]
+    if len(residual) == 0:
+        remaining = columns.prompt[i] + columns.output[i] - context
+        if cached > 0 and cached < context:  # partway through a prefill the engine split
+            remaining += 1
+    else:
+        remaining = residual[min(context - columns.prompt[i], len(residual) - 1)]
+    if cached == 0:  # waiting: its prefill iteration holds the whole context
+        context -= 1
+        remaining += 1
+    return context, remaining
+
+
+@compiled
+def trajectories_of(ids: np.ndarray, columns: RequestColumns, residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`trajectory` of each of ``ids``."""
+    context = np.empty(len(ids), dtype=np.int64)
+    remaining = np.empty(len(ids), dtype=np.int64)
+    for j in range(len(ids)):
+        context[j], remaining[j] = trajectory(ids[j], columns, residual)
+    return context, remaining
+
+
+@compiled
+def project_batch(running: np.ndarray, columns: RequestColumns, residual: np.ndarray, block_size: int,
+                  origin: int) -> BatchProjection:
+    """The projection of the running batch after iteration ``origin`` (:func:`trajectory` of each). With
+    ``residual`` lengths, no trajectory is longer than ``max(residual) + 1``: the profile is made that long at
+    once, so that it never grows (and :func:`held_fitting_prefix` hands back the same profile)."""
+    base = np.empty(len(running), dtype=np.int64)
+    end = np.empty(len(running), dtype=np.int64)
+    longest = 16
+    for r in residual:
+        longest = max(longest, r + 1)
+    held = _empty_profile(longest, origin)
+    for j in range(len(running)):
+        context, remaining = trajectory(running[j], columns, residual)
+        base[j], end[j] = context - origin, origin + remaining
+        held = _staircase(held, base[j], origin + 1, end[j], 1, block_size)
+    return BatchProjection(held, base, end)
+
+
+@compiled
+def follow_batch(projection: BatchProjection, before: np.ndarray, running: np.ndarray, columns: RequestColumns,
+                 residual: np.ndarray, block_size: int, origin: int) -> BatchProjection:
+    """The projection after an iteration that took the batch from ``before`` to ``running`` (the survivors in
+    their order, then the new admissions, as the engine keeps them) and ended iteration ``origin``: the
+    staircases of the requests that left are taken out, those of the new ones put in, and those whose
+    trajectory moved (a request that did not decode, or whose projected end jumped) redrawn. One pass over the
+    batch notes what moved; only that is redrawn."""
+    held = projection.held
+    held_advance(held, origin)
+    base = np.empty(len(running), dtype=np.int64)
+    end = np.empty(len(running), dtype=np.int64)
+    old_base, old_end = projection.base, projection.end
+    moved = np.empty(len(before), dtype=np.int64)  # positions in `before`
+    moved_to = np.empty(len(before), dtype=np.int64)  # positions in `running`, -1 for one that left
+    num_moved, k = 0, 0
+    for j in range(len(before)):
+        if k < len(running) and running[k] == before[j]:
+            context, remaining = trajectory(running[k], columns, residual)
+            base[k], end[k] = context - origin, origin + remaining
+            if base[k] != old_base[j] or end[k] != old_end[j]:
+                moved[num_moved], moved_to[num_moved] = j, k
+                num_moved += 1
+            k += 1
+        else:  # finished or evicted
+            moved[num_moved], moved_to[num_moved] = j, -1
+            num_moved += 1
+    for m in range(num_moved):
+        j, k_new = moved[m], moved_to[m]
+        if k_new < 0 or base[k_new] != old_base[j]:
+            held = _staircase(held, old_base[j], origin + 1, old_end[j], -1, block_size)
+            if k_new >= 0:
+                held = _staircase(held, base[k_new], origin + 1, end[k_new], 1, block_size)
+        elif end[k_new] > old_end[j]:
+            held = _staircase(held, old_base[j], max(old_end[j], origin) + 1, end[k_new], 1, block_size)
+        else:
+            held = _staircase(held, old_base[j], end[k_new] + 1, old_end[j], -1, block_size)
+    for j in range(k, len(running)):
+        context, remaining = trajectory(running[j], columns, residual)
+        base[j], end[j] = context - origin, origin + remaining
+        held = _staircase(held, base[j], origin + 1, end[j], 1, block_size)
+    return BatchProjection(held, base, end)

@@ -54,11 +54,22 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from baselines.cohorts import first_per_group
-from baselines.lookahead import LEND_SCAN, fitting_prefix
+from baselines.lookahead import (
+    LEND_SCAN,
+    BatchProjection,
+    HeldProfile,
+    fitting_prefix,
+    follow_batch,
+    held_fitting_prefix,
+    held_peak,
+    held_remove,
+    project_batch,
+    trajectories_of,
+)
 from baselines.thresholds import NestedWaitThresholds
-from llmsched_env import compiled_run, kernels
+from llmsched_env import compiled_run
 from llmsched_env.compiled import compiled
-from llmsched_env.compiled_run import GO_ON, ChunkArrays, RunState, oldest_waiting
+from llmsched_env.compiled_run import GO_ON, ITERATIONS, ChunkArrays, RunState, oldest_waiting
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
 from llmsched_env.iteration import NUM_WAITING, USED_BLOCKS, EngineParams
@@ -243,31 +254,33 @@ class NestedWaitRule(NamedTuple):
     pausing: bool  # the paper's variant: only the ready prefix's cohorts advance, n_k per stage
 
 
-@compiled
-def _residual_trajectories(ids: np.ndarray, columns: RequestColumns,
-                           residual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:meth:`NestedWaitPolicy._trajectories`, compiled."""
-    context = np.empty(len(ids), dtype=np.int64)
-    remaining = np.empty(len(ids), dtype=np.int64)
-    top = len(residual) - 1
-    for j in range(len(ids)):
-        i = ids[j]
-        c = columns.context[i]
-        left = residual[min(c - columns.prompt[i], top)]
-        if columns.kv_tokens[i] == 0:  # waiting: held at its prefill, one iteration more
-            c -= 1
-            left += 1
-        context[j] = c
-        remaining[j] = left
-    return context, remaining
+class RunningSegments(NamedTuple):
+    """The running requests as Nested WAIT's compiled rule sees them."""
+
+    ids: np.ndarray  # int64 running ids, in the engine's order
+    at_boundary: np.ndarray  # bool: waiting at a boundary for its segment's gate
+    segment: np.ndarray  # int64: the segment it is in (or enters)
 
 
 @compiled
-def _nested_select(rule: NestedWaitRule, running: np.ndarray, at_boundary: np.ndarray, segment: np.ndarray,
-                   waiting: np.ndarray, ready: np.ndarray, mode: int, columns: RequestColumns,
-                   counters: np.ndarray, engine: EngineParams) -> tuple[bool, np.ndarray, np.ndarray, bool]:
+def batch_projection(rule: NestedWaitRule, running: np.ndarray, columns: RequestColumns, engine: EngineParams,
+                     run: RunState) -> BatchProjection:
+    """The running batch's projection at the lookahead's lengths (:class:`~baselines.lookahead.BatchProjection`)
+    that Nested WAIT's admissions are tested against, kept through its compiled loop (empty without a
+    lookahead)."""
+    projects = len(rule.residual) > 0 and not rule.pausing
+    return project_batch(running if projects else running[:0], columns, rule.residual, engine.block_size,
+                         run.ints[ITERATIONS])
+
+
+@compiled
+def _nested_select(rule: NestedWaitRule, batch: RunningSegments, waiting: np.ndarray, ready: np.ndarray, mode: int,
+                   columns: RequestColumns, counters: np.ndarray, engine: EngineParams,
+                   held: HeldProfile) -> tuple[bool, np.ndarray, np.ndarray, bool]:
     """:meth:`NestedWaitPolicy._select`: ``(fits, decode, admit, fell_back)``. ``mode`` is the call's keywords:
-    0 thresholds only, 1 ``whole_queues``, 2 lending within ``rule.spare_blocks``, 3 ``under_pressure``."""
+    0 thresholds only, 1 ``whole_queues``, 2 lending within ``rule.spare_blocks``, 3 ``under_pressure``;
+    ``held`` the running batch's projection (:func:`batch_projection`), left as it was."""
+    running, at_boundary, segment = batch.ids, batch.at_boundary, batch.segment
     n = rule.n
     segments = len(n)
     prefix = segments
@@ -303,10 +316,11 @@ def _nested_select(rule: NestedWaitRule, running: np.ndarray, at_boundary: np.nd
         admit = waiting[:n[0] if mode != 2 else max(n[0], LEND_SCAN)]
     block_size, capacity = engine.block_size, engine.capacity_blocks
     if len(admit) and len(rule.residual) and not rule.pausing:
-        context, remaining = _residual_trajectories(running, columns, rule.residual)
-        admit_context, admit_remaining = _residual_trajectories(admit, columns, rule.residual)
-        admit = admit[:kernels.fitting_prefix(context, remaining, admit_context, admit_remaining, block_size,
-                                              rule.spare_blocks if mode == 2 else capacity)]
+        admit_context, admit_remaining = trajectories_of(admit, columns, rule.residual)
+        count, held = held_fitting_prefix(held, admit_context, admit_remaining, block_size,
+                                          rule.spare_blocks if mode == 2 else capacity)
+        held_remove(held, admit_context[:count], admit_remaining[:count], block_size)  # the profile never grows
+        admit = admit[:count]
     growth = np.zeros(segments, dtype=np.int64)
     for j in range(len(running)):
         if chosen[j] and columns.kv_tokens[running[j]] % block_size == 0:
@@ -336,9 +350,9 @@ def _nested_select(rule: NestedWaitRule, running: np.ndarray, at_boundary: np.nd
 
 @compiled
 def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: RequestColumns, counters: np.ndarray,
-                         engine: EngineParams, guard: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                         engine: EngineParams, guard: np.ndarray, held: HeldProfile) -> tuple[np.ndarray, np.ndarray]:
     """:meth:`NestedWaitPolicy.decide`, compiled: ``(decode, admit)``; the guard's activations and fallbacks are
-    added to ``guard``."""
+    added to ``guard``; ``held`` is the running batch's projection (:func:`batch_projection`)."""
     bounds, n = rule.boundaries, rule.n
     segments = len(bounds)
     at_boundary = np.zeros(len(running), dtype=np.bool_)
@@ -347,54 +361,59 @@ def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: Req
     for j in range(len(running)):
         i = running[j]
         decoded = columns.context[i] - columns.prompt[i]  # never the output length
-        below = np.searchsorted(bounds, decoded, side="left")
+        below = 0  # the first boundary >= decoded (a scan: there are few boundaries)
+        while below < segments and bounds[below] < decoded:
+            below += 1
         if below < segments - 1 and bounds[below] == decoded:
             at_boundary[j] = True
             segment[j] = below + 1
             entrants[below + 1] += 1
         else:
-            segment[j] = min(np.searchsorted(bounds, decoded, side="right"), segments - 1)
+            segment[j] = min(below + (below < segments and bounds[below] == decoded), segments - 1)
     entrants[0] = counters[NUM_WAITING]
-    waiting = oldest_waiting(counters, columns.status, max(n[0], LEND_SCAN))  # all an iteration can admit
+    waiting = oldest_waiting(counters, columns.status, n[0])  # all but lending can admit
     projects = len(rule.residual) > 0 and not rule.pausing
-    peak = 0
-    if projects:
-        context, remaining = _residual_trajectories(running, columns, rule.residual)
-        peak = kernels.peak_blocks(context, remaining, engine.block_size)
-    fits, decode, admit, _ = _nested_select(rule, running, at_boundary, segment, waiting, entrants >= n,
+    peak = held_peak(held) if projects else 0
+    batch = RunningSegments(running, at_boundary, segment)
+    fits, decode, admit, _ = _nested_select(rule, batch, waiting, entrants >= n,
                                             1 if projects and peak <= engine.capacity_blocks else 0, columns,
-                                            counters, engine)
+                                            counters, engine, held)
     if projects and rule.spare_blocks > 0 and peak <= rule.spare_blocks:
         # Memory is plentiful: every gate opens, admissions bounded by the lookahead within the spare.
-        lent, lent_decode, lent_admit, _ = _nested_select(rule, running, at_boundary, segment, waiting,
-                                                          np.ones(segments, dtype=np.bool_), 2, columns, counters,
-                                                          engine)
+        lendable = oldest_waiting(counters, columns.status, max(n[0], LEND_SCAN))
+        lent, lent_decode, lent_admit, _ = _nested_select(rule, batch, lendable, np.ones(segments, dtype=np.bool_), 2,
+                                                          columns, counters, engine, held)
         if lent and (not fits or len(lent_admit) >= len(admit)):
             fits, decode, admit = True, lent_decode, lent_admit
     if not fits:
         # Memory pressure: admit nothing new and let every boundary queue move on toward completion.
         guard[0] += 1
-        _, decode, admit, fell_back = _nested_select(rule, running, at_boundary, segment, waiting[:0], entrants > 0,
-                                                     3, columns, counters, engine)
+        _, decode, admit, fell_back = _nested_select(rule, batch, waiting[:0], entrants > 0, 3, columns, counters,
+                                                     engine, held)
         guard[1] += fell_back
     if len(decode) == 0 and len(admit) == 0 and rule.drain_when_idle and (counters[NUM_WAITING] or len(running)):
         # Nothing would run: open every gate rather than strand requests, with their KV.
-        _, decode, admit, fell_back = _nested_select(rule, running, at_boundary, segment, waiting,
-                                                     np.ones(segments, dtype=np.bool_), 3, columns, counters, engine)
+        _, decode, admit, fell_back = _nested_select(rule, batch, waiting, np.ones(segments, dtype=np.bool_), 3,
+                                                     columns, counters, engine, held)
         guard[1] += fell_back
     return decode, admit
 
 
 @compiled
 def nested_wait_step(rule: NestedWaitRule, guard: np.ndarray, running: np.ndarray, run: RunState,
-                     columns: RequestColumns, arrivals: ChunkArrays, engine: EngineParams
-                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Nested WAIT's decision and its iteration: ``(stop, running, decode, admit, chunk, finished)``
-    (:func:`~llmsched_env.compiled_run.apply`'s stop, and the requests that finished)."""
-    decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard)
+                     columns: RequestColumns, arrivals: ChunkArrays, engine: EngineParams, projection: BatchProjection
+                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, BatchProjection]:
+    """Nested WAIT's decision and its iteration: ``(stop, running, decode, admit, chunk, finished, projection)``
+    (:func:`~llmsched_env.compiled_run.apply`'s stop, the requests that finished, and the running batch's
+    projection followed through the iteration)."""
+    decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard, projection.held)
     chunk = compiled_run.whole_prefills(admit, columns)
+    before = running
     stop, running, _, _, finished = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals, engine)
-    return stop, running, decode, admit, chunk, finished
+    if len(rule.residual) and not rule.pausing:
+        projection = follow_batch(projection, before, running, columns, rule.residual, engine.block_size,
+                                  run.ints[ITERATIONS])
+    return stop, running, decode, admit, chunk, finished, projection
 
 
 @compiled
@@ -403,11 +422,12 @@ def run_nested_wait(run: RunState, running: np.ndarray, columns: RequestColumns,
                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:class:`NestedWaitPolicy`'s compiled loop (see :data:`~llmsched_env.policy.CompiledLoop`)."""
     nothing = np.empty(0, dtype=np.int64)
+    projection = batch_projection(rule, running, columns, engine, run)
     while True:
         stop = compiled_run.begin(run, columns, arrivals)
         if stop != GO_ON:
             return stop, running, nothing, nothing, nothing
-        stop, running, decode, admit, chunk, _ = nested_wait_step(rule, guard, running, run, columns, arrivals,
-                                                                  engine)
+        stop, running, decode, admit, chunk, _, projection = nested_wait_step(rule, guard, running, run, columns,
+                                                                             arrivals, engine, projection)
         if stop != GO_ON:
             return stop, running, decode, admit, chunk

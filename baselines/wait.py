@@ -40,12 +40,29 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from baselines.cohorts import first_per_group
-from baselines.lookahead import LEND_SCAN, fitting_prefix, trajectories
+from baselines.lookahead import (
+    LEND_SCAN,
+    HeldProfile,
+    fitting_prefix,
+    held_advance,
+    held_fitting_prefix,
+    project_batch,
+    trajectories,
+    trajectories_of,
+)
 from baselines.thresholds import WaitThresholds, wait_thresholds
 from baselines.type_queues import TypeQueues
-from llmsched_env import compiled_run, kernels
+from llmsched_env import compiled_run
 from llmsched_env.compiled import compiled
-from llmsched_env.compiled_run import GO_ON, NEXT_ARRIVAL, RETIRED, ChunkArrays, RunState
+from llmsched_env.compiled_run import (
+    GO_ON,
+    INVALID_DECISION,
+    ITERATIONS,
+    NEXT_ARRIVAL,
+    RETIRED,
+    ChunkArrays,
+    RunState,
+)
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import IDLE, WAITING, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
@@ -247,26 +264,6 @@ class WaitQueue(NamedTuple):
 
 
 @compiled
-def _trajectories(ids: np.ndarray, columns: RequestColumns) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`baselines.lookahead.trajectories`, compiled."""
-    context = np.empty(len(ids), dtype=np.int64)
-    remaining = np.empty(len(ids), dtype=np.int64)
-    for j in range(len(ids)):
-        i = ids[j]
-        c = columns.context[i]
-        left = columns.prompt[i] + columns.output[i] - c
-        cached = columns.kv_tokens[i]
-        if cached == 0:  # waiting: its prefill iteration holds the whole context
-            c -= 1
-            left += 1
-        elif cached < c:  # partway through a prefill the engine split
-            left += 1
-        context[j] = c
-        remaining[j] = left
-    return context, remaining
-
-
-@compiled
 def _cohorts(need: np.ndarray, types: np.ndarray, queue: WaitQueue, columns: RequestColumns,
              n: int) -> tuple[np.ndarray, np.ndarray]:
     """The oldest ``need[k]`` waiting requests of every type ``k`` (fewer where fewer wait), in queue order, and
@@ -311,34 +308,43 @@ def _following(last: np.ndarray, types: np.ndarray, queue: WaitQueue, columns: R
 
 
 @compiled
-def _select(rule: WaitRule, gates: np.ndarray, types: np.ndarray, queue: WaitQueue, running: np.ndarray,
-            columns: RequestColumns, counters: np.ndarray, engine: EngineParams) -> np.ndarray:
-    """:meth:`WaitPolicy._select`'s admissions with the types ``gates`` let in."""
+def batch_profile(rule: WaitRule, running: np.ndarray, columns: RequestColumns, engine: EngineParams,
+                  run: RunState) -> HeldProfile:
+    """The running batch's projection (:class:`~baselines.lookahead.HeldProfile`, lengths known) that WAIT's
+    memory-safe admissions test candidates against, kept through its compiled loop (empty without
+    ``rule.memory_safe``)."""
+    known = np.empty(0, dtype=np.int64)
+    return project_batch(running if rule.memory_safe else known, columns, known, engine.block_size,
+                         run.ints[ITERATIONS]).held
+
+
+@compiled
+def _select(rule: WaitRule, gates: np.ndarray, types: np.ndarray, queue: WaitQueue, columns: RequestColumns,
+            counters: np.ndarray, engine: EngineParams, held: HeldProfile) -> tuple[np.ndarray, HeldProfile]:
+    """:meth:`WaitPolicy._select`'s admissions with the types ``gates`` let in, tested against the running batch's
+    projection ``held`` (which comes back with the admissions in it)."""
     need = np.zeros(len(rule.n), dtype=np.int64)
     for k in range(len(need)):
         if gates[k] and queue.queued[k] > 0:
             need[k] = max(rule.n[k], 1)
     cohorts, last = _cohorts(need, types, queue, columns, counters[N])
     if not rule.memory_safe or counters[NUM_WAITING] == 0:
-        return cohorts
-    block_size, capacity = engine.block_size, engine.capacity_blocks
-    context, remaining = _trajectories(running, columns)
-    cohort_context, cohort_remaining = _trajectories(cohorts, columns)
-    count = kernels.fitting_prefix(context, remaining, cohort_context, cohort_remaining, block_size, capacity)
+        return cohorts, held
+    block_size, capacity, known = engine.block_size, engine.capacity_blocks, np.empty(0, dtype=np.int64)
+    cohort_context, cohort_remaining = trajectories_of(cohorts, columns, known)
+    count, held = held_fitting_prefix(held, cohort_context, cohort_remaining, block_size, capacity)
     admit = cohorts[:count]
     spare = capacity - rule.memory_blocks
     if not rule.lend_spare_memory or count < len(cohorts) or spare <= 0:
-        return admit
+        return admit, held
     others = _following(last, types, queue, columns, counters[N])
     if len(others) == 0:
-        return admit
-    other_context, other_remaining = _trajectories(others, columns)
-    extra = kernels.fitting_prefix(np.concatenate((context, cohort_context[:count])),
-                                   np.concatenate((remaining, cohort_remaining[:count])), other_context,
-                                   other_remaining, block_size, spare)
+        return admit, held
+    other_context, other_remaining = trajectories_of(others, columns, known)
+    extra, held = held_fitting_prefix(held, other_context, other_remaining, block_size, spare)
     if extra == 0:
-        return admit
-    return np.sort(np.concatenate((admit, others[:extra])))
+        return admit, held
+    return np.sort(np.concatenate((admit, others[:extra]))), held
 
 
 @compiled
@@ -370,18 +376,20 @@ def _decodes(rule: WaitRule, gates: np.ndarray, types: np.ndarray, running: np.n
 
 @compiled
 def wait_decision(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: np.ndarray, columns: RequestColumns,
-                  counters: np.ndarray, engine: EngineParams) -> tuple[np.ndarray, np.ndarray]:
-    """:meth:`WaitPolicy.decide`, compiled: ``(decode, admit)``."""
+                  counters: np.ndarray, engine: EngineParams, held: HeldProfile
+                  ) -> tuple[np.ndarray, np.ndarray, HeldProfile]:
+    """:meth:`WaitPolicy.decide`, compiled: ``(decode, admit, held)``, ``held`` the running batch's projection
+    with the admissions in it."""
     queued, n = queue.queued, rule.n
     gates = (queued >= n) & (n > 0)
     decode = _decodes(rule, gates, types, running, columns)
-    admit = _select(rule, gates, types, queue, running, columns, counters, engine)
+    admit, held = _select(rule, gates, types, queue, columns, counters, engine, held)
     if len(decode) == 0 and len(admit) == 0 and rule.drain_when_idle and (queued.any() or len(running)):
         # Nothing would run: let every type in (up to n_j) rather than strand requests below a threshold.
         gates = np.ones(len(n), dtype=np.bool_)
         decode = _decodes(rule, gates, types, running, columns)
-        admit = _select(rule, gates, types, queue, running, columns, counters, engine)
-    return decode, admit
+        admit, held = _select(rule, gates, types, queue, columns, counters, engine, held)
+    return decode, admit, held
 
 
 @compiled
@@ -397,11 +405,17 @@ def wait_begin(run: RunState, columns: RequestColumns, arrivals: ChunkArrays, ty
 
 @compiled
 def wait_step(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: np.ndarray, run: RunState,
-              columns: RequestColumns, arrivals: ChunkArrays, engine: EngineParams
-              ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """WAIT's decision and its iteration, following the queue through the admissions and evictions:
-    ``(stop, running, decode, admit, chunk)`` (:func:`~llmsched_env.compiled_run.apply`'s stop)."""
-    decode, admit = wait_decision(rule, types, queue, running, columns, run.counters, engine)
+              columns: RequestColumns, arrivals: ChunkArrays, engine: EngineParams, held: HeldProfile
+              ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, HeldProfile]:
+    """WAIT's decision and its iteration, following the queue through the admissions and evictions and the
+    running batch's projection (:func:`batch_profile`) through the iteration:
+    ``(stop, running, decode, admit, chunk, held)`` (:func:`~llmsched_env.compiled_run.apply`'s stop).
+
+    With lengths known, every running request decoding each iteration, a request's staircase in the projection
+    never moves (:class:`~baselines.lookahead.HeldProfile`): the admissions the decision put in stay, and a
+    finished request's staircase has run out. Anything else (an eviction, an admission the engine deferred, a
+    refused decision) calls for the projection drawn anew."""
+    decode, admit, held = wait_decision(rule, types, queue, running, columns, run.counters, engine, held)
     chunk = compiled_run.whole_prefills(admit, columns)
     stop, running, admitted, evicted, _ = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals,
                                                           engine)
@@ -410,7 +424,12 @@ def wait_step(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: np.n
     for i in evicted:
         queue.queued[types[i]] += 1
         queue.scan_from[0] = min(queue.scan_from[0], i)
-    return stop, running, decode, admit, chunk
+    if rule.memory_safe:
+        if len(evicted) or len(admitted) != len(admit) or stop == INVALID_DECISION:
+            held = batch_profile(rule, running, columns, engine, run)
+        else:
+            held_advance(held, run.ints[ITERATIONS])
+    return stop, running, decode, admit, chunk, held
 
 
 @compiled
@@ -422,10 +441,12 @@ def run_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arriva
     the arrivals, admissions and evictions of each iteration."""
     nothing = np.empty(0, dtype=np.int64)
     queue.scan_from[0] = max(queue.scan_from[0], run.ints[RETIRED])  # retired rows read as zeros
+    held = batch_profile(rule, running, columns, engine, run)
     while True:
         stop = wait_begin(run, columns, arrivals, types, queue)
         if stop != GO_ON:
             return stop, running, nothing, nothing, nothing
-        stop, running, decode, admit, chunk = wait_step(rule, types, queue, running, run, columns, arrivals, engine)
+        stop, running, decode, admit, chunk, held = wait_step(rule, types, queue, running, run, columns, arrivals,
+                                                              engine, held)
         if stop != GO_ON:
             return stop, running, decode, admit, chunk

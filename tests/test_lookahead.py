@@ -1,0 +1,74 @@
+"""The running batch's projection kept across iterations (:class:`baselines.lookahead.HeldProfile`) against the
+projection recomputed from scratch each iteration (:func:`llmsched_env.kernels.fitting_prefix`): the same
+admissions, exactly, through arrivals, finishes, jumps of the iteration count and growth of the profile."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from baselines.lookahead import held_add, held_advance, held_fitting_prefix, held_fits, held_profile
+from llmsched_env import kernels
+from llmsched_env.kv_cache import projected_peak_blocks
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), start=st.integers(0, 40), block=st.sampled_from([1, 2, 16, 32]),
+       longest=st.sampled_from([8, 200, 3_000]), origin=st.integers(0, 10**9), slack=st.integers(-10, 40))
+def test_held_profile_admits_what_the_recomputed_projection_admits(seed: int, start: int, block: int, longest: int,
+                                                                   origin: int, slack: int) -> None:
+    rng = np.random.default_rng(seed)
+    context, remaining = rng.integers(0, 300, start), rng.integers(1, longest, start)
+    held = held_profile(context, remaining, block, origin)
+    for _ in range(30):
+        candidates = int(rng.integers(0, 6))
+        candidate_context, candidate_remaining = rng.integers(0, 300, candidates), rng.integers(1, longest, candidates)
+        limit = projected_peak_blocks(context, remaining, block) + slack + int(rng.integers(0, 30))
+        expected = kernels.fitting_prefix(context, remaining, candidate_context, candidate_remaining, block, limit)
+        count, held = held_fitting_prefix(held, candidate_context, candidate_remaining, block, limit)
+        assert count == expected
+        context = np.concatenate([context, candidate_context[:count]])
+        remaining = np.concatenate([remaining, candidate_remaining[:count]])
+        # Every request decodes for `steps` iterations (one, as a policy's loop runs; more, as a jump).
+        steps = 1 if rng.random() < 0.8 else int(rng.integers(0, 2 * longest))
+        context, remaining = context + steps, remaining - steps
+        alive = remaining > 0
+        context, remaining = context[alive], remaining[alive]
+        origin += steps
+        held_advance(held, origin)
+        assert held.span[1] - held.span[0] <= (int(remaining.max()) if len(remaining) else 0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), count=st.integers(0, 30), block=st.sampled_from([1, 4, 16]))
+def test_held_fits_is_the_peak_with_the_candidate_within_the_limit(seed: int, count: int, block: int) -> None:
+    rng = np.random.default_rng(seed)
+    context, remaining = rng.integers(0, 100, count), rng.integers(1, 80, count)
+    held = held_profile(np.empty(0, np.int64), np.empty(0, np.int64), block, 7)
+    for c, r in zip(context, remaining):
+        held = held_add(held, int(c), int(r), block)
+    c, r = int(rng.integers(0, 100)), int(rng.integers(1, 120))
+    peak = projected_peak_blocks(np.append(context, c), np.append(remaining, r), block)
+    for limit in (peak - 1, peak, peak + 1):
+        assert held_fits(held, c, r, block, limit) == (peak <= limit)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.integers(1, 300), min_size=1, max_size=30, unique=True),
+       weights=st.lists(st.integers(1, 8), min_size=30, max_size=30), quantile=st.sampled_from([0.1, 0.5, 0.9, 1.0]))
+def test_residual_quantiles_are_the_conditional_quantiles(values: list[int], weights: list[int],
+                                                         quantile: float) -> None:
+    """Per decoded count ``d``: the ``quantile`` of ``o − d`` given ``o > d``, read off the conditional
+    distribution itself (1 beyond the longest output)."""
+    from baselines.lookahead import residual_quantiles
+
+    support = np.array(sorted(values), dtype=np.int64)
+    mass = np.array(weights[:len(support)], dtype=np.float64)
+    mass /= mass.sum()
+    residual = residual_quantiles(support, mass, quantile)
+    assert len(residual) == support[-1] + 1 and residual[-1] == 1
+    for d in range(int(support[-1])):
+        alive = support > d
+        cdf = np.cumsum(mass[alive]) / mass[alive].sum()
+        assert residual[d] == support[alive][min(np.searchsorted(cdf, quantile - 1e-12), alive.sum() - 1)] - d
