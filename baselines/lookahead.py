@@ -99,9 +99,9 @@ class HeldProfile(NamedTuple):
     blocks at iterations ``τ = now + 1 … end`` with ``base = context − now`` and ``end = now + remaining``. One
     that decodes in the iteration keeps its ``base``, and with known lengths its ``end`` too: the batch's
     projection is a sum of staircases that mostly stay put from one iteration to the next, so a compiled policy
-    loop keeps it (:class:`BatchProjection`) and moves only the staircases that changed, ``O(batch)`` per
-    iteration, where recomputing it (:func:`~llmsched_env.kernels.fitting_prefix`) costs ``O(batch · B)``; a
-    candidate is then tested in ``O(longest projection)`` (:func:`held_fits`).
+    loop keeps it (:class:`BatchProjection`) and moves only the staircases that changed, where recomputing it
+    (:func:`~llmsched_env.kernels.fitting_prefix`) costs ``O(batch · B)``; a candidate is then tested in
+    ``O(longest projection)`` (:func:`held_fits`).
 
     ``blocks`` is circular (iteration ``τ`` at ``τ mod len(blocks)``, a power of two) and holds iterations
     ``span[ORIGIN] + 1 … span[END]``, zeros everywhere else.
@@ -113,7 +113,8 @@ class HeldProfile(NamedTuple):
 
 class BatchProjection(NamedTuple):
     """A running batch's :class:`HeldProfile` with each request's staircase, ``base[j]`` and ``end[j]`` for the
-    ``j``-th running request, so that :func:`follow_batch` can move the ones that changed."""
+    ``j``-th running request, so that the ones that leave or move can be taken out or redrawn
+    (:func:`carry_batch`, :func:`redraw`)."""
 
     held: HeldProfile
     base: np.ndarray  # int64, by position in the running array
@@ -152,21 +153,6 @@ def held_advance(held: HeldProfile, origin: int) -> None:
 
 
 @compiled
-def _add_run(blocks: np.ndarray, first: int, last: int, value: int) -> None:
-    """Add ``value`` at iterations ``first … last`` (fewer than ``len(blocks)``): one or two contiguous loops."""
-    mask = len(blocks) - 1
-    start, stop = first & mask, (last & mask) + 1
-    if start < stop:
-        for x in range(start, stop):
-            blocks[x] += value
-    else:  # wraps around the end of the buffer
-        for x in range(start, len(blocks)):
-            blocks[x] += value
-        for x in range(stop):
-            blocks[x] += value
-
-
-@compiled
 def _max_run(blocks: np.ndarray, first: int, last: int) -> int:
     """The most blocks held at iterations ``first … last`` (0 for none)."""
     if last < first:
@@ -188,8 +174,7 @@ def _max_run(blocks: np.ndarray, first: int, last: int) -> int:
 @compiled
 def _staircase(held: HeldProfile, base: int, first: int, last: int, sign: int, block_size: int) -> HeldProfile:
     """Add ``sign · ceil((base + τ) / B)`` at iterations ``τ = first … last`` (all after the origin): the profile,
-    a larger one where ``last`` is beyond its reach. The staircase is constant over runs of ``B`` iterations,
-    each added as one contiguous run."""
+    a larger one where ``last`` is beyond its reach."""
     origin, end = held.span[ORIGIN], held.span[END]
     if last - origin >= len(held.blocks):
         grown = _empty_profile(2 * (last - origin), origin)
@@ -198,13 +183,25 @@ def _staircase(held: HeldProfile, base: int, first: int, last: int, sign: int, b
             grown.blocks[tau & grown_mask] = held.blocks[tau & mask]
         grown.span[END] = end
         held = grown
-    tau = first
-    own = -(-(base + first) // block_size)
-    while tau <= last:
-        run_last = min(last, own * block_size - base)  # the last τ with ceil((base + τ) / B) = own
-        _add_run(held.blocks, tau, run_last, sign * own)
-        tau = run_last + 1
-        own += 1
+    if last >= first:
+        blocks = held.blocks
+        mask = len(blocks) - 1
+        own = -(-(base + first) // block_size)
+        left = own * block_size - base - first + 1  # iterations before the staircase steps up
+        start, stop = first & mask, (last & mask) + 1
+        for x in range(start, stop if start < stop else len(blocks)):
+            blocks[x] += sign * own
+            left -= 1
+            if left == 0:
+                own += 1
+                left = block_size
+        if start >= stop:  # wrapped around the end of the buffer
+            for x in range(stop):
+                blocks[x] += sign * own
+                left -= 1
+                if left == 0:
+                    own += 1
+                    left = block_size
     if sign > 0:
         held.span[END] = max(end, last)
     return held
@@ -236,17 +233,32 @@ def held_peak(held: HeldProfile) -> int:
 def held_fits(held: HeldProfile, context: int, remaining: int, block_size: int, limit_blocks: int) -> bool:
     """Whether the batch's projected peak with one more request ``(context, remaining)`` stays within
     ``limit_blocks``: ``max_t held(now + t) + [t <= remaining]·ceil((context + t) / B) <= limit``."""
-    origin, end = held.span[ORIGIN], held.span[END]
-    base, last = context - origin, origin + remaining
-    tau = origin + 1
-    own = -(-(base + tau) // block_size)
-    while tau <= last:  # the request's staircase, a run of B iterations at a time
-        run_last = min(last, own * block_size - base)
-        if _max_run(held.blocks, tau, min(run_last, end)) + own > limit_blocks:
-            return False
-        tau = run_last + 1
-        own += 1
-    return _max_run(held.blocks, last + 1, end) <= limit_blocks
+    blocks, origin, end = held.blocks, held.span[ORIGIN], held.span[END]
+    mask = len(blocks) - 1
+    last = origin + remaining
+    own = -(-(context + 1) // block_size)  # the request's blocks at t = 1 …
+    left = own * block_size - context  # … for this many iterations, then one more
+    covered = min(last, end)  # beyond the batch's end, the request's own blocks alone
+    if covered > origin:
+        start, stop = (origin + 1) & mask, (covered & mask) + 1
+        for x in range(start, stop if start < stop else len(blocks)):
+            if blocks[x] + own > limit_blocks:
+                return False
+            left -= 1
+            if left == 0:
+                own += 1
+                left = block_size
+        if start >= stop:
+            for x in range(stop):
+                if blocks[x] + own > limit_blocks:
+                    return False
+                left -= 1
+                if left == 0:
+                    own += 1
+                    left = block_size
+    if last > end and -(-(context + remaining) // block_size) > limit_blocks:
+        return False
+    return _max_run(blocks, last + 1, end) <= limit_blocks
 
 
 @compiled
@@ -309,42 +321,45 @@ def project_batch(running: np.ndarray, columns: RequestColumns, residual: np.nda
 
 
 @compiled
-def follow_batch(projection: BatchProjection, before: np.ndarray, running: np.ndarray, columns: RequestColumns,
-                 residual: np.ndarray, block_size: int, origin: int) -> BatchProjection:
+def redraw(projection: BatchProjection, j: int, context: int, remaining: int, block_size: int) -> None:
+    """Move the ``j``-th running request's staircase to its trajectory now, ``(context, remaining)`` after the
+    profile's origin (a request that did not decode, or whose projected end jumped). The profile must not
+    grow (a :func:`project_batch` of residual lengths never does)."""
+    held = projection.held
+    origin = held.span[ORIGIN]
+    base, end = context - origin, origin + remaining
+    old_base, old_end = projection.base[j], projection.end[j]
+    if end - origin >= len(held.blocks):
+        raise AssertionError("redraw: a trajectory longer than the projection was made for")
+    if base != old_base:
+        _staircase(held, old_base, origin + 1, old_end, -1, block_size)
+        _staircase(held, base, origin + 1, end, 1, block_size)
+    elif end > old_end:
+        _staircase(held, base, max(old_end, origin) + 1, end, 1, block_size)
+    elif end < old_end:
+        _staircase(held, base, end + 1, old_end, -1, block_size)
+    projection.base[j], projection.end[j] = base, end
+
+
+@compiled
+def carry_batch(projection: BatchProjection, before: np.ndarray, running: np.ndarray, columns: RequestColumns,
+                residual: np.ndarray, block_size: int, origin: int) -> BatchProjection:
     """The projection after an iteration that took the batch from ``before`` to ``running`` (the survivors in
     their order, then the new admissions, as the engine keeps them) and ended iteration ``origin``: the
-    staircases of the requests that left are taken out, those of the new ones put in, and those whose
-    trajectory moved (a request that did not decode, or whose projected end jumped) redrawn. One pass over the
-    batch notes what moved; only that is redrawn."""
+    staircases of the requests that left are taken out and those of the new ones put in. The survivors keep
+    theirs as drawn; a policy redraws those that moved (:func:`redraw`) when it next reads them (Nested WAIT, as it
+    sorts its running requests into segments)."""
     held = projection.held
     held_advance(held, origin)
     base = np.empty(len(running), dtype=np.int64)
     end = np.empty(len(running), dtype=np.int64)
-    old_base, old_end = projection.base, projection.end
-    moved = np.empty(len(before), dtype=np.int64)  # positions in `before`
-    moved_to = np.empty(len(before), dtype=np.int64)  # positions in `running`, -1 for one that left
-    num_moved, k = 0, 0
+    k = 0
     for j in range(len(before)):
         if k < len(running) and running[k] == before[j]:
-            context, remaining = trajectory(running[k], columns, residual)
-            base[k], end[k] = context - origin, origin + remaining
-            if base[k] != old_base[j] or end[k] != old_end[j]:
-                moved[num_moved], moved_to[num_moved] = j, k
-                num_moved += 1
+            base[k], end[k] = projection.base[j], projection.end[j]
             k += 1
         else:  # finished or evicted
-            moved[num_moved], moved_to[num_moved] = j, -1
-            num_moved += 1
-    for m in range(num_moved):
-        j, k_new = moved[m], moved_to[m]
-        if k_new < 0 or base[k_new] != old_base[j]:
-            held = _staircase(held, old_base[j], origin + 1, old_end[j], -1, block_size)
-            if k_new >= 0:
-                held = _staircase(held, base[k_new], origin + 1, end[k_new], 1, block_size)
-        elif end[k_new] > old_end[j]:
-            held = _staircase(held, old_base[j], max(old_end[j], origin) + 1, end[k_new], 1, block_size)
-        else:
-            held = _staircase(held, old_base[j], end[k_new] + 1, old_end[j], -1, block_size)
+            held = _staircase(held, projection.base[j], origin + 1, projection.end[j], -1, block_size)
     for j in range(k, len(running)):
         context, remaining = trajectory(running[j], columns, residual)
         base[j], end[j] = context - origin, origin + remaining

@@ -55,16 +55,19 @@ import numpy as np
 
 from baselines.cohorts import first_per_group
 from baselines.lookahead import (
+    ORIGIN,
     LEND_SCAN,
     BatchProjection,
     HeldProfile,
     fitting_prefix,
-    follow_batch,
+    carry_batch,
     held_fitting_prefix,
     held_peak,
     held_remove,
     project_batch,
+    redraw,
     trajectories_of,
+    trajectory,
 )
 from baselines.thresholds import NestedWaitThresholds
 from llmsched_env import compiled_run
@@ -321,14 +324,19 @@ def _nested_select(rule: NestedWaitRule, batch: RunningSegments, waiting: np.nda
                                           rule.spare_blocks if mode == 2 else capacity)
         held_remove(held, admit_context[:count], admit_remaining[:count], block_size)  # the profile never grows
         admit = admit[:count]
-    growth = np.zeros(segments, dtype=np.int64)
-    for j in range(len(running)):
-        if chosen[j] and columns.kv_tokens[running[j]] % block_size == 0:
-            growth[segment[j]] += 1
     room = capacity - counters[USED_BLOCKS]
     for i in admit:
         room -= -(-columns.context[i] // block_size)
     fell_back = False
+    decoding = 0
+    for j in range(len(running)):
+        decoding += chosen[j]
+    if decoding <= room:  # each decode grows by at most one block: it fits (no need to count which grow)
+        return True, running[chosen], admit, False
+    growth = np.zeros(segments, dtype=np.int64)
+    for j in range(len(running)):
+        if chosen[j] and columns.kv_tokens[running[j]] % block_size == 0:
+            growth[segment[j]] += 1
     if growth.sum() > room:
         if mode != 3:
             return False, admit[:0], admit, False
@@ -350,16 +358,25 @@ def _nested_select(rule: NestedWaitRule, batch: RunningSegments, waiting: np.nda
 
 @compiled
 def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: RequestColumns, counters: np.ndarray,
-                         engine: EngineParams, guard: np.ndarray, held: HeldProfile) -> tuple[np.ndarray, np.ndarray]:
+                         engine: EngineParams, guard: np.ndarray,
+                         projection: BatchProjection) -> tuple[np.ndarray, np.ndarray]:
     """:meth:`NestedWaitPolicy.decide`, compiled: ``(decode, admit)``; the guard's activations and fallbacks are
-    added to ``guard``; ``held`` is the running batch's projection (:func:`batch_projection`)."""
+    added to ``guard``; ``projection`` is the running batch's (:func:`batch_projection`, aligned with
+    ``running``), brought up to date here as the running requests are sorted into segments."""
     bounds, n = rule.boundaries, rule.n
     segments = len(bounds)
     at_boundary = np.zeros(len(running), dtype=np.bool_)
     segment = np.empty(len(running), dtype=np.int64)
     entrants = np.zeros(segments, dtype=np.int64)
+    projects = len(rule.residual) > 0 and not rule.pausing
+    held = projection.held
+    origin = held.span[ORIGIN]
     for j in range(len(running)):
         i = running[j]
+        if projects:
+            context, remaining = trajectory(i, columns, rule.residual)
+            if context - origin != projection.base[j] or origin + remaining != projection.end[j]:
+                redraw(projection, j, context, remaining, engine.block_size)  # it did not decode, or its end jumped
         decoded = columns.context[i] - columns.prompt[i]  # never the output length
         below = 0  # the first boundary >= decoded (a scan: there are few boundaries)
         while below < segments and bounds[below] < decoded:
@@ -372,7 +389,6 @@ def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: Req
             segment[j] = min(below + (below < segments and bounds[below] == decoded), segments - 1)
     entrants[0] = counters[NUM_WAITING]
     waiting = oldest_waiting(counters, columns.status, n[0])  # all but lending can admit
-    projects = len(rule.residual) > 0 and not rule.pausing
     peak = held_peak(held) if projects else 0
     batch = RunningSegments(running, at_boundary, segment)
     fits, decode, admit, _ = _nested_select(rule, batch, waiting, entrants >= n,
@@ -406,13 +422,13 @@ def nested_wait_step(rule: NestedWaitRule, guard: np.ndarray, running: np.ndarra
     """Nested WAIT's decision and its iteration: ``(stop, running, decode, admit, chunk, finished, projection)``
     (:func:`~llmsched_env.compiled_run.apply`'s stop, the requests that finished, and the running batch's
     projection followed through the iteration)."""
-    decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard, projection.held)
+    decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard, projection)
     chunk = compiled_run.whole_prefills(admit, columns)
     before = running
     stop, running, _, _, finished = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals, engine)
     if len(rule.residual) and not rule.pausing:
-        projection = follow_batch(projection, before, running, columns, rule.residual, engine.block_size,
-                                  run.ints[ITERATIONS])
+        projection = carry_batch(projection, before, running, columns, rule.residual, engine.block_size,
+                                 run.ints[ITERATIONS])
     return stop, running, decode, admit, chunk, finished, projection
 
 

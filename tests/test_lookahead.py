@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from baselines.lookahead import held_add, held_advance, held_fitting_prefix, held_fits, held_profile
+from baselines.lookahead import held_add, held_advance, held_fitting_prefix, held_fits, held_peak, held_profile
 from llmsched_env import kernels
 from llmsched_env.kv_cache import projected_peak_blocks
 
@@ -72,3 +72,49 @@ def test_residual_quantiles_are_the_conditional_quantiles(values: list[int], wei
         alive = support > d
         cdf = np.cumsum(mass[alive]) / mass[alive].sum()
         assert residual[d] == support[alive][min(np.searchsorted(cdf, quantile - 1e-12), alive.sum() - 1)] - d
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), block=st.sampled_from([1, 4, 16]), top=st.integers(1, 60),
+       origin=st.integers(0, 10**6))
+def test_batch_projection_followed_through_iterations_is_the_recomputed_projection(seed: int, block: int, top: int,
+                                                                                    origin: int) -> None:
+    """With lengths from a residual table (Nested WAIT's lookahead): requests that do not decode, ends that jump,
+    finishes and admissions, followed by :func:`carry_batch` and :func:`redraw`, leave the kept projection equal to
+    the one recomputed from the requests' trajectories (its peak, and what fits)."""
+    from baselines.lookahead import carry_batch, project_batch, redraw, trajectories_of, trajectory
+    from llmsched_env.request_table import RequestColumns
+
+    rng = np.random.default_rng(seed)
+    size = 400
+    columns = RequestColumns(**{name: np.zeros(size, dtype=np.int64) for name in RequestColumns._fields})
+    columns.prompt[:] = rng.integers(1, 50, size)
+    columns.context[:] = columns.prompt + rng.integers(0, top + 5, size)
+    columns.kv_tokens[:] = columns.context
+    residual = rng.integers(1, top + 1, top + 1)
+    residual[-1] = 1
+    running = np.arange(int(rng.integers(0, 20)), dtype=np.int64)
+    next_id = len(running)
+    projection = project_batch(running, columns, residual, block, origin)
+    for _ in range(25):
+        for j, i in enumerate(running):  # what Nested WAIT's decision does as it reads its running requests
+            context, remaining = trajectory(i, columns, residual)
+            if context - origin != projection.base[j] or origin + remaining != projection.end[j]:
+                redraw(projection, j, context, remaining, block)
+        context, remaining = trajectories_of(running, columns, residual)
+        assert held_peak(projection.held) == kernels.peak_blocks(context, remaining, block)
+        c, r = int(rng.integers(0, 100)), int(rng.integers(1, top + 2))
+        limit = int(rng.integers(0, 40)) + held_peak(projection.held)
+        with_it = kernels.peak_blocks(np.append(context, c), np.append(remaining, r), block)
+        assert held_fits(projection.held, c, r, block, limit) == (with_it <= limit)
+        # An iteration: most decode, some finish, a few are admitted (and prefilled whole).
+        before = running
+        decodes = rng.random(len(running)) < 0.8
+        columns.context[running[decodes]] += 1
+        columns.kv_tokens[running] = columns.context[running]
+        survivors = running[rng.random(len(running)) >= 0.15]
+        admitted = np.arange(next_id, min(size, next_id + int(rng.integers(0, 4))), dtype=np.int64)
+        next_id += len(admitted)
+        running = np.concatenate([survivors, admitted])
+        origin += 1
+        projection = carry_batch(projection, before, running, columns, residual, block, origin)
