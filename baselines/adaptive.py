@@ -199,7 +199,7 @@ def run_adaptive_nested_wait(run: RunState, running: np.ndarray, columns: Reques
             stop = compiled_run.begin(run, columns, arrivals)
             if stop != GO_ON:
                 return stop, running, nothing, nothing, nothing
-            if _observe(learn, run, columns, True):
+            if _observe(learn, run, columns, completed.count[0] >= learn.ints[WARMUP]):
                 learn.ints[DUE] = 1
                 learn.ints[RESUME] = 1
                 return PAUSE, running, nothing, nothing, nothing
