@@ -265,12 +265,42 @@ def held_fits(held: HeldProfile, context: int, remaining: int, block_size: int, 
 def held_fitting_prefix(held: HeldProfile, context: np.ndarray, remaining: np.ndarray, block_size: int,
                         limit_blocks: int) -> tuple[int, HeldProfile]:
     """:func:`fitting_prefix` against the profile: how many of the candidates, in order, fit (:func:`held_fits`),
-    and the profile with them added (:func:`held_remove` takes them out again)."""
+    and the profile with them added (:func:`held_remove` takes them out again). When the peak plus every
+    candidate's largest size fits, all do, and none is tested."""
+    if _all_fit(held, context, remaining, block_size, limit_blocks):
+        for j in range(len(context)):
+            held = held_add(held, context[j], remaining[j], block_size)
+        return len(context), held
     for j in range(len(context)):
         if not held_fits(held, context[j], remaining[j], block_size, limit_blocks):
             return j, held
         held = held_add(held, context[j], remaining[j], block_size)
     return len(context), held
+
+
+@compiled
+def _all_fit(held: HeldProfile, context: np.ndarray, remaining: np.ndarray, block_size: int,
+             limit_blocks: int) -> bool:
+    """A sufficient test: the batch's peak plus each candidate's largest size (at its last iteration) fits."""
+    bound = held_peak(held)
+    for j in range(len(context)):
+        bound += -(-(context[j] + remaining[j]) // block_size)
+    return bound <= limit_blocks
+
+
+@compiled
+def held_fitting_count(held: HeldProfile, context: np.ndarray, remaining: np.ndarray, block_size: int,
+                       limit_blocks: int) -> int:
+    """How many of the candidates, in order, fit (:func:`held_fitting_prefix`), the profile left as it was (it must
+    not grow: see :func:`project_batch`). When the peak plus every candidate's largest size fits, all do,
+    without a pass over the profile per candidate."""
+    if _all_fit(held, context, remaining, block_size, limit_blocks):
+        return len(context)
+    count, grown = held_fitting_prefix(held, context, remaining, block_size, limit_blocks)
+    if len(grown.blocks) != len(held.blocks):
+        raise AssertionError("held_fitting_count: a candidate longer than the projection was made for")
+    held_remove(held, context[:count], remaining[:count], block_size)
+    return count
 
 
 @compiled

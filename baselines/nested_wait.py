@@ -61,9 +61,8 @@ from baselines.lookahead import (
     HeldProfile,
     fitting_prefix,
     carry_batch,
-    held_fitting_prefix,
+    held_fitting_count,
     held_peak,
-    held_remove,
     project_batch,
     redraw,
     trajectories_of,
@@ -320,10 +319,8 @@ def _nested_select(rule: NestedWaitRule, batch: RunningSegments, waiting: np.nda
     block_size, capacity = engine.block_size, engine.capacity_blocks
     if len(admit) and len(rule.residual) and not rule.pausing:
         admit_context, admit_remaining = trajectories_of(admit, columns, rule.residual)
-        count, held = held_fitting_prefix(held, admit_context, admit_remaining, block_size,
-                                          rule.spare_blocks if mode == 2 else capacity)
-        held_remove(held, admit_context[:count], admit_remaining[:count], block_size)  # the profile never grows
-        admit = admit[:count]
+        admit = admit[:held_fitting_count(held, admit_context, admit_remaining, block_size,
+                                          rule.spare_blocks if mode == 2 else capacity)]
     room = capacity - counters[USED_BLOCKS]
     for i in admit:
         room -= -(-columns.context[i] // block_size)

@@ -8,7 +8,15 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from baselines.lookahead import held_add, held_advance, held_fitting_prefix, held_fits, held_peak, held_profile
+from baselines.lookahead import (
+    held_add,
+    held_advance,
+    held_fitting_count,
+    held_fitting_prefix,
+    held_fits,
+    held_peak,
+    held_profile,
+)
 from llmsched_env import kernels
 from llmsched_env.kv_cache import projected_peak_blocks
 
@@ -107,6 +115,13 @@ def test_batch_projection_followed_through_iterations_is_the_recomputed_projecti
         limit = int(rng.integers(0, 40)) + held_peak(projection.held)
         with_it = kernels.peak_blocks(np.append(context, c), np.append(remaining, r), block)
         assert held_fits(projection.held, c, r, block, limit) == (with_it <= limit)
+        candidates = int(rng.integers(0, 5))
+        candidate_context = rng.integers(0, 100, candidates)
+        candidate_remaining = rng.integers(1, int(residual.max()) + 2, candidates)  # a waiting request's longest
+        expected = kernels.fitting_prefix(context, remaining, candidate_context, candidate_remaining, block, limit)
+        peak = held_peak(projection.held)
+        assert held_fitting_count(projection.held, candidate_context, candidate_remaining, block, limit) == expected
+        assert held_peak(projection.held) == peak  # left as it was
         # An iteration: most decode, some finish, a few are admitted (and prefilled whole).
         before = running
         decodes = rng.random(len(running)) < 0.8
