@@ -267,7 +267,7 @@ def held_fitting_prefix(held: HeldProfile, context: np.ndarray, remaining: np.nd
     """:func:`fitting_prefix` against the profile: how many of the candidates, in order, fit (:func:`held_fits`),
     and the profile with them added (:func:`held_remove` takes them out again). When the peak plus every
     candidate's largest size fits, all do, and none is tested."""
-    if _all_fit(held, context, remaining, block_size, limit_blocks):
+    if _all_fit(held_peak(held), context, remaining, block_size, limit_blocks):
         for j in range(len(context)):
             held = held_add(held, context[j], remaining[j], block_size)
         return len(context), held
@@ -279,22 +279,21 @@ def held_fitting_prefix(held: HeldProfile, context: np.ndarray, remaining: np.nd
 
 
 @compiled
-def _all_fit(held: HeldProfile, context: np.ndarray, remaining: np.ndarray, block_size: int,
-             limit_blocks: int) -> bool:
-    """A sufficient test: the batch's peak plus each candidate's largest size (at its last iteration) fits."""
-    bound = held_peak(held)
+def _all_fit(peak: int, context: np.ndarray, remaining: np.ndarray, block_size: int, limit_blocks: int) -> bool:
+    """A sufficient test: the batch's ``peak`` plus each candidate's largest size (at its last iteration) fits."""
+    bound = peak
     for j in range(len(context)):
         bound += -(-(context[j] + remaining[j]) // block_size)
     return bound <= limit_blocks
 
 
 @compiled
-def held_fitting_count(held: HeldProfile, context: np.ndarray, remaining: np.ndarray, block_size: int,
+def held_fitting_count(held: HeldProfile, peak: int, context: np.ndarray, remaining: np.ndarray, block_size: int,
                        limit_blocks: int) -> int:
     """How many of the candidates, in order, fit (:func:`held_fitting_prefix`), the profile left as it was (it must
-    not grow: see :func:`project_batch`). When the peak plus every candidate's largest size fits, all do,
-    without a pass over the profile per candidate."""
-    if _all_fit(held, context, remaining, block_size, limit_blocks):
+    not grow: see :func:`project_batch`); ``peak`` is its :func:`held_peak`. When the peak plus every
+    candidate's largest size fits, all do, without a pass over the profile per candidate."""
+    if _all_fit(peak, context, remaining, block_size, limit_blocks):
         return len(context)
     count, grown = held_fitting_prefix(held, context, remaining, block_size, limit_blocks)
     if len(grown.blocks) != len(held.blocks):

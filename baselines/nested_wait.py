@@ -262,6 +262,9 @@ class RunningSegments(NamedTuple):
     ids: np.ndarray  # int64 running ids, in the engine's order
     at_boundary: np.ndarray  # bool: waiting at a boundary for its segment's gate
     segment: np.ndarray  # int64: the segment it is in (or enters)
+    decoded: np.ndarray  # int64: the tokens it has decoded
+    stages: int  # 1 + the most any has decoded (the paper's variant counts per decoded count)
+    peak: int  # the batch's projected peak in blocks (lookahead.held_peak; 0 without a lookahead)
 
 
 @compiled
@@ -282,7 +285,7 @@ def _nested_select(rule: NestedWaitRule, batch: RunningSegments, waiting: np.nda
     """:meth:`NestedWaitPolicy._select`: ``(fits, decode, admit, fell_back)``. ``mode`` is the call's keywords:
     0 thresholds only, 1 ``whole_queues``, 2 lending within ``rule.spare_blocks``, 3 ``under_pressure``;
     ``held`` the running batch's projection (:func:`batch_projection`), left as it was."""
-    running, at_boundary, segment = batch.ids, batch.at_boundary, batch.segment
+    running, at_boundary, segment, decoded = batch.ids, batch.at_boundary, batch.segment, batch.decoded
     n = rule.n
     segments = len(n)
     prefix = segments
@@ -294,40 +297,35 @@ def _nested_select(rule: NestedWaitRule, batch: RunningSegments, waiting: np.nda
     whole = mode == 1 or mode == 2
     chosen = np.zeros(len(running), dtype=np.bool_)
     entered = np.zeros(segments, dtype=np.int64)
-    stride = 1
-    if rule.pausing:
-        for i in running:
-            stride = max(stride, columns.context[i] - columns.prompt[i] + 1)
-    at_stage = np.zeros(stride, dtype=np.int64)  # the paper's variant: taken per decoded count
+    at_stage = np.zeros(batch.stages if rule.pausing else 1, dtype=np.int64)  # the paper's: per decoded count
+    decoding = 0
     for j in range(len(running)):
         k = segment[j]
         if at_boundary[j]:
             if k < prefix and (whole or entered[k] < n[k]):
                 chosen[j] = True
                 entered[k] += 1
+                decoding += 1
         elif k < active:
             if not rule.pausing:
                 chosen[j] = True  # measured: every request in progress decodes
-            else:
-                stage = columns.context[running[j]] - columns.prompt[running[j]]
-                if at_stage[stage] < n[k]:
-                    at_stage[stage] += 1
-                    chosen[j] = True
+                decoding += 1
+            elif at_stage[decoded[j]] < n[k]:
+                at_stage[decoded[j]] += 1
+                chosen[j] = True
+                decoding += 1
     admit = waiting[:0]
     if prefix > 0:
         admit = waiting[:n[0] if mode != 2 else max(n[0], LEND_SCAN)]
     block_size, capacity = engine.block_size, engine.capacity_blocks
     if len(admit) and len(rule.residual) and not rule.pausing:
         admit_context, admit_remaining = trajectories_of(admit, columns, rule.residual)
-        admit = admit[:held_fitting_count(held, admit_context, admit_remaining, block_size,
+        admit = admit[:held_fitting_count(held, batch.peak, admit_context, admit_remaining, block_size,
                                           rule.spare_blocks if mode == 2 else capacity)]
     room = capacity - counters[USED_BLOCKS]
     for i in admit:
         room -= -(-columns.context[i] // block_size)
     fell_back = False
-    decoding = 0
-    for j in range(len(running)):
-        decoding += chosen[j]
     if decoding <= room:  # each decode grows by at most one block: it fits (no need to count which grow)
         return True, running[chosen], admit, False
     growth = np.zeros(segments, dtype=np.int64)
@@ -364,30 +362,33 @@ def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: Req
     segments = len(bounds)
     at_boundary = np.zeros(len(running), dtype=np.bool_)
     segment = np.empty(len(running), dtype=np.int64)
+    decoded = np.empty(len(running), dtype=np.int64)
     entrants = np.zeros(segments, dtype=np.int64)
     projects = len(rule.residual) > 0 and not rule.pausing
     held = projection.held
     origin = held.span[ORIGIN]
+    stages = 1
     for j in range(len(running)):
         i = running[j]
         if projects:
             context, remaining = trajectory(i, columns, rule.residual)
             if context - origin != projection.base[j] or origin + remaining != projection.end[j]:
                 redraw(projection, j, context, remaining, engine.block_size)  # it did not decode, or its end jumped
-        decoded = columns.context[i] - columns.prompt[i]  # never the output length
-        below = 0  # the first boundary >= decoded (a scan: there are few boundaries)
-        while below < segments and bounds[below] < decoded:
+        d = decoded[j] = columns.context[i] - columns.prompt[i]  # never the output length
+        stages = max(stages, d + 1)
+        below = 0  # the first boundary >= d (a scan: there are few boundaries)
+        while below < segments and bounds[below] < d:
             below += 1
-        if below < segments - 1 and bounds[below] == decoded:
+        if below < segments - 1 and bounds[below] == d:
             at_boundary[j] = True
             segment[j] = below + 1
             entrants[below + 1] += 1
         else:
-            segment[j] = min(below + (below < segments and bounds[below] == decoded), segments - 1)
+            segment[j] = min(below + (below < segments and bounds[below] == d), segments - 1)
     entrants[0] = counters[NUM_WAITING]
     waiting = oldest_waiting(counters, columns.status, n[0])  # all but lending can admit
     peak = held_peak(held) if projects else 0
-    batch = RunningSegments(running, at_boundary, segment)
+    batch = RunningSegments(running, at_boundary, segment, decoded, stages, peak)
     fits, decode, admit, _ = _nested_select(rule, batch, waiting, entrants >= n,
                                             1 if projects and peak <= engine.capacity_blocks else 0, columns,
                                             counters, engine, held)

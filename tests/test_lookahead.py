@@ -120,7 +120,8 @@ def test_batch_projection_followed_through_iterations_is_the_recomputed_projecti
         candidate_remaining = rng.integers(1, int(residual.max()) + 2, candidates)  # a waiting request's longest
         expected = kernels.fitting_prefix(context, remaining, candidate_context, candidate_remaining, block, limit)
         peak = held_peak(projection.held)
-        assert held_fitting_count(projection.held, candidate_context, candidate_remaining, block, limit) == expected
+        assert held_fitting_count(projection.held, peak, candidate_context, candidate_remaining, block,
+                                  limit) == expected
         assert held_peak(projection.held) == peak  # left as it was
         # An iteration: most decode, some finish, a few are admitted (and prefilled whole).
         before = running
