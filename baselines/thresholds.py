@@ -95,11 +95,12 @@ def _wait_fixed_point(rates: np.ndarray, u: np.ndarray, c0: float) -> np.ndarray
     load = float(rates @ u)
     if load >= 1.0:
         return None
-    n = np.maximum(np.where(rates > 0, 1, 0), np.ceil(rates * c0 / (1.0 - load) - 1e-9)).astype(np.int64)
+    least = (rates > 0).astype(np.int64)  # one request per stage of every type that arrives
+    n = np.maximum(least, np.ceil(rates * c0 / (1.0 - load) - 1e-9)).astype(np.int64)
     for _ in range(_MAX_FIXED_POINT_STEPS):
         tau = c0 + float(n @ u)
-        target = np.maximum(np.where(rates > 0, 1, 0), np.ceil(rates * tau - 1e-9)).astype(np.int64)
-        if np.array_equal(target, n):
+        target = np.maximum(least, np.ceil(rates * tau - 1e-9)).astype(np.int64)
+        if (target == n).all():
             return n
         n = np.maximum(n, target)
     return None
