@@ -31,7 +31,6 @@ import numpy as np
 
 from baselines.lookahead import LOOKAHEAD_QUANTILE, residual_quantiles
 from baselines.nested_wait import NestedWaitPolicy, NestedWaitRule, batch_projection, nested_wait_step
-
 from baselines.thresholds import (
     NestedWaitThresholds,
     OutputLengthDistribution,
@@ -56,7 +55,7 @@ from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import equilibrium
-from llmsched_env.iteration import N, EngineParams
+from llmsched_env.iteration import EngineParams, N
 from llmsched_env.policy import CompiledLoop
 from llmsched_env.rate_estimate import ArrivalRateEstimator
 from llmsched_env.request_table import RequestColumns

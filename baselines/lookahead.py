@@ -155,19 +155,10 @@ def held_advance(held: HeldProfile, origin: int) -> None:
 @compiled
 def _max_run(blocks: np.ndarray, first: int, last: int) -> int:
     """The most blocks held at iterations ``first … last`` (0 for none)."""
-    if last < first:
-        return 0
     mask = len(blocks) - 1
-    start, stop = first & mask, (last & mask) + 1
     most = 0
-    if start < stop:
-        for x in range(start, stop):
-            most = max(most, blocks[x])
-    else:
-        for x in range(start, len(blocks)):
-            most = max(most, blocks[x])
-        for x in range(stop):
-            most = max(most, blocks[x])
+    for tau in range(first, last + 1):
+        most = max(most, blocks[tau & mask])
     return most
 
 
@@ -183,25 +174,16 @@ def _staircase(held: HeldProfile, base: int, first: int, last: int, sign: int, b
             grown.blocks[tau & grown_mask] = held.blocks[tau & mask]
         grown.span[END] = end
         held = grown
-    if last >= first:
-        blocks = held.blocks
-        mask = len(blocks) - 1
-        own = -(-(base + first) // block_size)
-        left = own * block_size - base - first + 1  # iterations before the staircase steps up
-        start, stop = first & mask, (last & mask) + 1
-        for x in range(start, stop if start < stop else len(blocks)):
-            blocks[x] += sign * own
-            left -= 1
-            if left == 0:
-                own += 1
-                left = block_size
-        if start >= stop:  # wrapped around the end of the buffer
-            for x in range(stop):
-                blocks[x] += sign * own
-                left -= 1
-                if left == 0:
-                    own += 1
-                    left = block_size
+    blocks = held.blocks
+    mask = len(blocks) - 1
+    own = -(-(base + first) // block_size)
+    left = own * block_size - base - first + 1  # iterations before the staircase steps up
+    for tau in range(first, last + 1):
+        blocks[tau & mask] += sign * own
+        left -= 1
+        if left == 0:
+            own += 1
+            left = block_size
     if sign > 0:
         held.span[END] = max(end, last)
     return held
@@ -238,24 +220,13 @@ def held_fits(held: HeldProfile, context: int, remaining: int, block_size: int, 
     last = origin + remaining
     own = -(-(context + 1) // block_size)  # the request's blocks at t = 1 …
     left = own * block_size - context  # … for this many iterations, then one more
-    covered = min(last, end)  # beyond the batch's end, the request's own blocks alone
-    if covered > origin:
-        start, stop = (origin + 1) & mask, (covered & mask) + 1
-        for x in range(start, stop if start < stop else len(blocks)):
-            if blocks[x] + own > limit_blocks:
-                return False
-            left -= 1
-            if left == 0:
-                own += 1
-                left = block_size
-        if start >= stop:
-            for x in range(stop):
-                if blocks[x] + own > limit_blocks:
-                    return False
-                left -= 1
-                if left == 0:
-                    own += 1
-                    left = block_size
+    for tau in range(origin + 1, min(last, end) + 1):  # beyond the batch's end, the request's own blocks alone
+        if blocks[tau & mask] + own > limit_blocks:
+            return False
+        left -= 1
+        if left == 0:
+            own += 1
+            left = block_size
     if last > end and -(-(context + remaining) // block_size) > limit_blocks:
         return False
     return _max_run(blocks, last + 1, end) <= limit_blocks

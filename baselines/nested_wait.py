@@ -55,12 +55,12 @@ import numpy as np
 
 from baselines.cohorts import first_per_group
 from baselines.lookahead import (
-    ORIGIN,
     LEND_SCAN,
+    ORIGIN,
     BatchProjection,
     HeldProfile,
-    fitting_prefix,
     carry_batch,
+    fitting_prefix,
     held_fitting_count,
     held_peak,
     project_batch,

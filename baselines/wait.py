@@ -46,7 +46,7 @@ from baselines.lookahead import (
     fitting_prefix,
     held_advance,
     held_fitting_prefix,
-    project_batch,
+    held_profile,
     trajectories,
     trajectories_of,
 )
@@ -314,8 +314,8 @@ def batch_profile(rule: WaitRule, running: np.ndarray, columns: RequestColumns, 
     memory-safe admissions test candidates against, kept through its compiled loop (empty without
     ``rule.memory_safe``)."""
     known = np.empty(0, dtype=np.int64)
-    return project_batch(running if rule.memory_safe else known, columns, known, engine.block_size,
-                         run.ints[ITERATIONS]).held
+    context, remaining = trajectories_of(running if rule.memory_safe else known, columns, known)
+    return held_profile(context, remaining, engine.block_size, run.ints[ITERATIONS])
 
 
 @compiled
