@@ -66,7 +66,6 @@ from baselines.lookahead import (
     project_batch,
     redraw,
     trajectories_of,
-    trajectory,
 )
 from baselines.thresholds import NestedWaitThresholds
 from llmsched_env import compiled_run
@@ -126,6 +125,7 @@ class NestedWaitPolicy:
             spare = self._capacity_blocks - int(np.ceil(min(reserve, self._capacity_blocks * self._block_size)
                                                         / self._block_size))
         return NestedWaitRule(np.ascontiguousarray(self.thresholds.boundaries, dtype=np.int64),
+                              segment_codes(self.thresholds.boundaries),
                               np.ascontiguousarray(self.thresholds.n, dtype=np.int64),
                               np.ascontiguousarray(self.lookahead if projects else [], dtype=np.int64), spare,
                               self.drain_when_idle, self.variant == "paper")
@@ -141,9 +141,9 @@ class NestedWaitPolicy:
         segments = len(bounds)
         running = state.running
         decoded = state.context_len[running] - state.prompt_len[running]  # never the output length
-        at_boundary = np.isin(decoded, bounds[:-1])
-        segment = np.where(at_boundary, np.searchsorted(bounds, decoded, side="left") + 1,
-                           np.minimum(np.searchsorted(bounds, decoded, side="right"), segments - 1))
+        codes = segment_codes(bounds)
+        code = codes[np.minimum(decoded, len(codes) - 1)]
+        at_boundary, segment = code % 2 == 1, code // 2
         waiting = state.oldest_waiting(max(int(n[0]), LEND_SCAN))  # all an iteration can admit
         entrants = np.bincount(segment[at_boundary], minlength=segments)
         entrants[0] = state.num_waiting
@@ -245,10 +245,24 @@ class NestedWaitPolicy:
         return admit[:count]
 
 
+def segment_codes(boundaries: np.ndarray) -> np.ndarray:
+    """Where a running request stands, by the tokens ``d`` it has decoded: ``2·k + b``, with ``k`` the segment it
+    is in (or enters) and ``b`` 1 where it waits at that segment's entry boundary (``d`` one of ``b_1 … b_{K-1}``).
+    The last entry stands for every larger ``d``: past ``b_{K-1}`` every request is in the last segment."""
+    bounds = np.asarray(boundaries, dtype=np.int64)
+    segments = len(bounds)
+    decoded = np.arange(int(bounds[-2]) + 2 if segments > 1 else 1)
+    at_boundary = np.isin(decoded, bounds[:-1])
+    segment = np.where(at_boundary, np.searchsorted(bounds, decoded, side="left") + 1,
+                       np.minimum(np.searchsorted(bounds, decoded, side="right"), segments - 1))
+    return (2 * segment + at_boundary).astype(np.int64)
+
+
 class NestedWaitRule(NamedTuple):
     """Nested WAIT's rule as its compiled loop takes it."""
 
     boundaries: np.ndarray  # int64 b_1 < … < b_K
+    codes: np.ndarray  # int64 segment_codes(boundaries): segment and boundary by decoded count
     n: np.ndarray  # int64 threshold per segment
     residual: np.ndarray  # int64 lookahead: remaining output assumed per decoded count (empty: no lookahead)
     spare_blocks: int  # lending's limit (capacity less the reserve); -1 without lending
@@ -263,8 +277,24 @@ class RunningSegments(NamedTuple):
     at_boundary: np.ndarray  # bool: waiting at a boundary for its segment's gate
     segment: np.ndarray  # int64: the segment it is in (or enters)
     decoded: np.ndarray  # int64: the tokens it has decoded
+    queued: np.ndarray  # int64 per segment: how many wait at its entry boundary (0 for segment 1)
     stages: int  # 1 + the most any has decoded (the paper's variant counts per decoded count)
     peak: int  # the batch's projected peak in blocks (lookahead.held_peak; 0 without a lookahead)
+
+
+class Selection(NamedTuple):
+    """One of :meth:`NestedWaitPolicy._select`'s batches, compiled: which decodes (positions in the running batch,
+    drawn by :func:`_selected_decodes` only for the batch that is kept), the admissions, and whether it fits."""
+
+    fits: bool
+    admit: np.ndarray  # int64 ids, in queue order
+    prefix: int  # segments whose entries open
+    whole: bool  # an open gate takes its whole boundary queue
+    kept_from: int  # segments below it are trimmed (0: none)
+    decodes: int  # how many decode
+    positions: np.ndarray  # int64 positions of the decodes before trimming, when counting them needed a pass
+    counted: bool  # whether ``positions`` holds them
+    fell_back: bool  # not even the deepest segment fits: the engine evicts
 
 
 @compiled
@@ -279,13 +309,61 @@ def batch_projection(rule: NestedWaitRule, running: np.ndarray, columns: Request
 
 
 @compiled
+def _chosen(rule: NestedWaitRule, batch: RunningSegments, prefix: int, whole: bool, kept_from: int,
+            positions: bool) -> np.ndarray:
+    """The requests that decode with gates ``[0, prefix)`` open, in the engine's order: their running ids, or
+    their positions in the running batch if ``positions``. An open gate lets in ``n_k`` from its boundary queue
+    (oldest first), or all of it if ``whole``; cohorts in progress all decode (measured), or up to ``n_k`` of each
+    stage within the ready prefix (the paper's); segments below ``kept_from`` are trimmed."""
+    n, segment, decoded = rule.n, batch.segment, batch.decoded
+    active = prefix if rule.pausing else len(n)  # segments whose cohorts advance
+    entered = np.zeros(len(n), dtype=np.int64)
+    at_stage = np.zeros(batch.stages if rule.pausing else 1, dtype=np.int64)  # the paper's: per decoded count
+    chosen = np.empty(len(batch.ids), dtype=np.int64)
+    count = 0
+    for j in range(len(batch.ids)):
+        k = segment[j]
+        if batch.at_boundary[j]:
+            if k < prefix and (whole or entered[k] < n[k]):
+                entered[k] += 1
+            else:
+                continue
+        elif k >= active:
+            continue
+        elif rule.pausing:
+            if at_stage[decoded[j]] >= n[k]:
+                continue
+            at_stage[decoded[j]] += 1
+        if k >= kept_from:
+            chosen[count] = j if positions else batch.ids[j]
+            count += 1
+    return chosen[:count]
+
+
+@compiled
+def _selected_decodes(batch: RunningSegments, rule: NestedWaitRule, selection: Selection) -> np.ndarray:
+    """The running ids that decode in ``selection``, in the engine's order."""
+    if selection.decodes == len(batch.ids) and selection.kept_from == 0:
+        return batch.ids.copy()  # all of them (the common case: nothing waits at a shut gate)
+    if not selection.counted:
+        return _chosen(rule, batch, selection.prefix, selection.whole, selection.kept_from, False)
+    decode = np.empty(len(selection.positions), dtype=np.int64)
+    count = 0
+    for j in selection.positions:
+        if batch.segment[j] >= selection.kept_from:
+            decode[count] = batch.ids[j]
+            count += 1
+    return decode[:count]
+
+
+@compiled
 def _nested_select(rule: NestedWaitRule, batch: RunningSegments, waiting: np.ndarray, ready: np.ndarray, mode: int,
                    columns: RequestColumns, counters: np.ndarray, engine: EngineParams,
-                   held: HeldProfile) -> tuple[bool, np.ndarray, np.ndarray, bool]:
-    """:meth:`NestedWaitPolicy._select`: ``(fits, decode, admit, fell_back)``. ``mode`` is the call's keywords:
-    0 thresholds only, 1 ``whole_queues``, 2 lending within ``rule.spare_blocks``, 3 ``under_pressure``;
-    ``held`` the running batch's projection (:func:`batch_projection`), left as it was."""
-    running, at_boundary, segment, decoded = batch.ids, batch.at_boundary, batch.segment, batch.decoded
+                   held: HeldProfile) -> Selection:
+    """:meth:`NestedWaitPolicy._select`. ``mode`` is the call's keywords: 0 thresholds only, 1 ``whole_queues``,
+    2 lending within ``rule.spare_blocks``, 3 ``under_pressure``; ``held`` the running batch's projection
+    (:func:`batch_projection`), left as it was. Measured, the decodes are counted from the segments' tallies;
+    a pass over the batch is made only where the paper's per-stage rule or the memory check needs one."""
     n = rule.n
     segments = len(n)
     prefix = segments
@@ -293,27 +371,17 @@ def _nested_select(rule: NestedWaitRule, batch: RunningSegments, waiting: np.nda
         if not ready[k]:
             prefix = k
             break
-    active = prefix if rule.pausing else segments  # segments whose cohorts advance
     whole = mode == 1 or mode == 2
-    chosen = np.zeros(len(running), dtype=np.bool_)
-    entered = np.zeros(segments, dtype=np.int64)
-    at_stage = np.zeros(batch.stages if rule.pausing else 1, dtype=np.int64)  # the paper's: per decoded count
-    decoding = 0
-    for j in range(len(running)):
-        k = segment[j]
-        if at_boundary[j]:
-            if k < prefix and (whole or entered[k] < n[k]):
-                chosen[j] = True
-                entered[k] += 1
-                decoding += 1
-        elif k < active:
-            if not rule.pausing:
-                chosen[j] = True  # measured: every request in progress decodes
-                decoding += 1
-            elif at_stage[decoded[j]] < n[k]:
-                at_stage[decoded[j]] += 1
-                chosen[j] = True
-                decoding += 1
+    positions, counted = batch.ids[:0], False
+    if rule.pausing:
+        positions, counted = _chosen(rule, batch, prefix, whole, 0, True), True
+        decoding = len(positions)
+    else:
+        decoding = len(batch.ids)  # every request in progress, and each open gate's entrants
+        for k in range(segments):
+            decoding -= batch.queued[k]
+            if k < prefix:
+                decoding += batch.queued[k] if whole else min(batch.queued[k], n[k])
     admit = waiting[:0]
     if prefix > 0:
         admit = waiting[:n[0] if mode != 2 else max(n[0], LEND_SCAN)]
@@ -325,30 +393,31 @@ def _nested_select(rule: NestedWaitRule, batch: RunningSegments, waiting: np.nda
     room = capacity - counters[USED_BLOCKS]
     for i in admit:
         room -= -(-columns.context[i] // block_size)
-    fell_back = False
     if decoding <= room:  # each decode grows by at most one block: it fits (no need to count which grow)
-        return True, running[chosen], admit, False
+        return Selection(True, admit, prefix, whole, 0, decoding, positions, counted, False)
+    if not counted:
+        positions, counted = _chosen(rule, batch, prefix, whole, 0, True), True
     growth = np.zeros(segments, dtype=np.int64)
-    for j in range(len(running)):
-        if chosen[j] and columns.kv_tokens[running[j]] % block_size == 0:
-            growth[segment[j]] += 1
-    if growth.sum() > room:
-        if mode != 3:
-            return False, admit[:0], admit, False
-        # Keep the deepest segments (closest to finishing); trim from segment 1 upward.
-        kept_from, suffix = segments, 0
-        for k in range(segments - 1, -1, -1):
-            suffix += growth[k]
-            if suffix > room:
-                break
-            kept_from = k
-        if kept_from >= segments:
-            fell_back = True  # not even the deepest fits: the engine evicts (newest first)
-        else:
-            for j in range(len(running)):
-                if segment[j] < kept_from:
-                    chosen[j] = False
-    return True, running[chosen], admit, fell_back
+    for j in positions:
+        if columns.kv_tokens[batch.ids[j]] % block_size == 0:
+            growth[batch.segment[j]] += 1
+    if growth.sum() <= room:
+        return Selection(True, admit, prefix, whole, 0, decoding, positions, counted, False)
+    if mode != 3:
+        return Selection(False, admit, prefix, whole, 0, decoding, positions, counted, False)
+    # Keep the deepest segments (closest to finishing); trim from segment 1 upward.
+    kept_from, suffix = segments, 0
+    for k in range(segments - 1, -1, -1):
+        suffix += growth[k]
+        if suffix > room:
+            break
+        kept_from = k
+    if kept_from >= segments:  # not even the deepest fits: the engine evicts (newest first)
+        return Selection(True, admit, prefix, whole, 0, decoding, positions, counted, True)
+    kept = 0
+    for j in positions:
+        kept += batch.segment[j] >= kept_from
+    return Selection(True, admit, prefix, whole, kept_from, kept, positions, counted, False)
 
 
 @compiled
@@ -358,59 +427,60 @@ def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: Req
     """:meth:`NestedWaitPolicy.decide`, compiled: ``(decode, admit)``; the guard's activations and fallbacks are
     added to ``guard``; ``projection`` is the running batch's (:func:`batch_projection`, aligned with
     ``running``), brought up to date here as the running requests are sorted into segments."""
-    bounds, n = rule.boundaries, rule.n
-    segments = len(bounds)
+    codes, n, residual = rule.codes, rule.n, rule.residual
+    segments = len(n)
     at_boundary = np.zeros(len(running), dtype=np.bool_)
     segment = np.empty(len(running), dtype=np.int64)
-    decoded = np.empty(len(running), dtype=np.int64)
-    entrants = np.zeros(segments, dtype=np.int64)
-    projects = len(rule.residual) > 0 and not rule.pausing
-    held = projection.held
+    decoded = np.empty(len(running) if rule.pausing else 0, dtype=np.int64)  # only the paper's counts by stage
+    queued = np.zeros(segments, dtype=np.int64)
+    projects = len(residual) > 0 and not rule.pausing
+    held, base, end = projection.held, projection.base, projection.end
     origin = held.span[ORIGIN]
-    stages = 1
+    stages, beyond, longest = 1, len(codes) - 1, len(residual) - 1
     for j in range(len(running)):
         i = running[j]
+        context = columns.context[i]
+        d = context - columns.prompt[i]  # never the output length
         if projects:
-            context, remaining = trajectory(i, columns, rule.residual)
-            if context - origin != projection.base[j] or origin + remaining != projection.end[j]:
-                redraw(projection, j, context, remaining, engine.block_size)  # it did not decode, or its end jumped
-        d = decoded[j] = columns.context[i] - columns.prompt[i]  # never the output length
-        stages = max(stages, d + 1)
-        below = 0  # the first boundary >= d (a scan: there are few boundaries)
-        while below < segments and bounds[below] < d:
-            below += 1
-        if below < segments - 1 and bounds[below] == d:
+            # Its trajectory (lookahead.trajectory of a request holding its KV, as every running one does) is as
+            # drawn unless it did not decode, or its projected end jumped.
+            remaining = residual[min(d, longest)]
+            if context - origin != base[j] or origin + remaining != end[j]:
+                redraw(projection, j, context, remaining, engine.block_size)
+        code = codes[min(d, beyond)]
+        segment[j] = code >> 1
+        if code & 1:
             at_boundary[j] = True
-            segment[j] = below + 1
-            entrants[below + 1] += 1
-        else:
-            segment[j] = min(below + (below < segments and bounds[below] == d), segments - 1)
+            queued[code >> 1] += 1
+        if rule.pausing:
+            decoded[j] = d
+            stages = max(stages, d + 1)
+    entrants = queued.copy()  # who waits to enter each segment: its boundary queue, prompts for segment 1
     entrants[0] = counters[NUM_WAITING]
     waiting = oldest_waiting(counters, columns.status, n[0])  # all but lending can admit
     peak = held_peak(held) if projects else 0
-    batch = RunningSegments(running, at_boundary, segment, decoded, stages, peak)
-    fits, decode, admit, _ = _nested_select(rule, batch, waiting, entrants >= n,
-                                            1 if projects and peak <= engine.capacity_blocks else 0, columns,
-                                            counters, engine, held)
+    batch = RunningSegments(running, at_boundary, segment, decoded, queued, stages, peak)
+    chosen = _nested_select(rule, batch, waiting, entrants >= n,
+                            1 if projects and peak <= engine.capacity_blocks else 0, columns, counters, engine, held)
     if projects and rule.spare_blocks > 0 and peak <= rule.spare_blocks:
         # Memory is plentiful: every gate opens, admissions bounded by the lookahead within the spare.
         lendable = oldest_waiting(counters, columns.status, max(n[0], LEND_SCAN))
-        lent, lent_decode, lent_admit, _ = _nested_select(rule, batch, lendable, np.ones(segments, dtype=np.bool_), 2,
-                                                          columns, counters, engine, held)
-        if lent and (not fits or len(lent_admit) >= len(admit)):
-            fits, decode, admit = True, lent_decode, lent_admit
-    if not fits:
+        lent = _nested_select(rule, batch, lendable, np.ones(segments, dtype=np.bool_), 2, columns, counters, engine,
+                              held)
+        if lent.fits and (not chosen.fits or len(lent.admit) >= len(chosen.admit)):
+            chosen = lent
+    if not chosen.fits:
         # Memory pressure: admit nothing new and let every boundary queue move on toward completion.
         guard[0] += 1
-        _, decode, admit, fell_back = _nested_select(rule, batch, waiting[:0], entrants > 0, 3, columns, counters,
-                                                     engine, held)
-        guard[1] += fell_back
-    if len(decode) == 0 and len(admit) == 0 and rule.drain_when_idle and (counters[NUM_WAITING] or len(running)):
+        chosen = _nested_select(rule, batch, waiting[:0], entrants > 0, 3, columns, counters, engine, held)
+        guard[1] += chosen.fell_back
+    if chosen.decodes == 0 and len(chosen.admit) == 0 and rule.drain_when_idle and (counters[NUM_WAITING]
+                                                                                     or len(running)):
         # Nothing would run: open every gate rather than strand requests, with their KV.
-        _, decode, admit, fell_back = _nested_select(rule, batch, waiting, np.ones(segments, dtype=np.bool_), 3,
-                                                     columns, counters, engine, held)
-        guard[1] += fell_back
-    return decode, admit
+        chosen = _nested_select(rule, batch, waiting, np.ones(segments, dtype=np.bool_), 3, columns, counters,
+                                engine, held)
+        guard[1] += chosen.fell_back
+    return _selected_decodes(batch, rule, chosen), chosen.admit
 
 
 @compiled
