@@ -12,9 +12,9 @@ a deployed scheduler knows neither in advance. The adaptive variants learn both 
   ``memory`` arrivals (cells with too few members merge into their neighbours by being skipped); each
   class is represented by its members' mean lengths, and its rate is its share of the estimated total.
 * **Output lengths** (Nested WAIT, lengths hidden): the lengths of the last ``memory`` *completed*
-  requests (a finished request's context less its prompt: the state shows it once it has finished). In a stationary system completions have the arrivals' length distribution, so this
-  sample is unbiased once the system has run for a few lifetimes; no request's own length is read
-  before it finishes.
+  requests (a finished request's context less its prompt: the state shows it once it has finished). In a
+  stationary system completions have the arrivals' length distribution, so this sample is unbiased once the
+  system has run for a few lifetimes; no request's own length is read before it finishes.
 
 Thresholds are re-solved every ``resolve_every_s`` of engine time, and at once when the rate estimate
 moves by more than ``resolve_on_change`` (relative) since the last solve. Until ``warmup`` arrivals (or
@@ -210,6 +210,44 @@ def run_adaptive_nested_wait(run: RunState, running: np.ndarray, columns: Reques
             return stop, running, decode, admit, chunk
 
 
+@compiled
+def _quantile_edges(values: np.ndarray, grid: int) -> np.ndarray:
+    """``np.unique(np.quantile(values, np.arange(1, grid) / grid))`` (NumPy's default, linear, method) of
+    ``values`` sorted, in NumPy's arithmetic: the same edges."""
+    count = len(values)
+    edges = np.empty(grid - 1, dtype=np.float64)
+    for k in range(1, grid):
+        virtual = (count - 1) * (k / grid)
+        if virtual >= count - 1:
+            edges[k - 1] = values[count - 1]
+            continue
+        below = int(math.floor(virtual))
+        weight, low, high = virtual - below, values[below], values[below + 1]
+        edges[k - 1] = high - (high - low) * (1 - weight) if weight >= 0.5 else low + (high - low) * weight
+    return np.unique(edges)
+
+
+@compiled
+def quantile_classes(prompt: np.ndarray, output: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The adaptive WAIT's classes of a length sample: the non-empty cells of its ``grid × grid`` quantile grid of
+    (prompt, output), in cell order (prompt cell major), each as its members' mean prompt, mean output and share
+    of the sample."""
+    prompt_edges, output_edges = _quantile_edges(np.sort(prompt), grid), _quantile_edges(np.sort(output), grid)
+    columns = len(output_edges) + 1
+    cells = (len(prompt_edges) + 1) * columns
+    members = np.zeros(cells, dtype=np.int64)
+    prompt_sum = np.zeros(cells, dtype=np.float64)  # sums of integers, exact in any order
+    output_sum = np.zeros(cells, dtype=np.float64)
+    for i in range(len(prompt)):
+        cell = np.searchsorted(prompt_edges, prompt[i], side="right") * columns + np.searchsorted(
+            output_edges, output[i], side="right")
+        members[cell] += 1
+        prompt_sum[cell] += prompt[i]
+        output_sum[cell] += output[i]
+    found = np.flatnonzero(members)
+    return prompt_sum[found] / members[found], output_sum[found] / members[found], members[found] / len(prompt)
+
+
 def _unit_thresholds(mix: TypeMix, capacity_tokens: int, block_size: int) -> WaitThresholds:
     count = len(mix.types)
     return WaitThresholds(n=np.ones(count, np.int64), iteration_time_s=0.0, memory_tokens=0.0, memory_blocks=0,
@@ -290,18 +328,11 @@ class AdaptiveWaitPolicy(WaitPolicy):
         recent = np.arange(max(state.retired, state.num_requests - learning.memory), state.num_requests)
         if len(recent) == 0:
             return False
-        prompt, output = state.prompt_len[recent], state.output_len[recent]
-        p_edges = np.unique(np.quantile(prompt, np.arange(1, self.grid) / self.grid))
-        o_edges = np.unique(np.quantile(output, np.arange(1, self.grid) / self.grid))
-        cell = np.searchsorted(p_edges, prompt, side="right") * (len(o_edges) + 1) + \
-            np.searchsorted(o_edges, output, side="right")
         total = learning.rates.total
-        types = []
-        for c in np.unique(cell):
-            members = cell == c
-            share = members.mean()
-            types.append(RequestType(max(1, int(round(prompt[members].mean()))), max(1, int(round(output[members].mean()))),
-                                     total * share))
+        mean_prompt, mean_output, share = quantile_classes(np.ascontiguousarray(state.prompt_len[recent]),
+                                                           np.ascontiguousarray(state.output_len[recent]), self.grid)
+        types = [RequestType(max(1, int(round(p))), max(1, int(round(o))), total * f)
+                 for p, o, f in zip(mean_prompt.tolist(), mean_output.tolist(), share.tolist())]
         self.mix = TypeMix(tuple(types))
         self.thresholds = wait_thresholds(self.mix, learning.cost, learning.capacity_tokens, learning.block_size)
         return True

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import brentq
 
+from llmsched_env.compiled import compiled
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.errors import ConfigError
 from llmsched_env.fluid import equilibrium, lifetime_work, memory_time
@@ -90,20 +91,56 @@ class WaitThresholds:
         return self.scale == 1.0 and self.memory_blocks <= self.capacity_blocks
 
 
-def _wait_fixed_point(rates: np.ndarray, u: np.ndarray, c0: float) -> np.ndarray | None:
-    """Least integer ``n >= 1`` (for positive rates) with ``n_j >= λ_j (c0 + n·u)``; None if it diverges."""
-    load = float(rates @ u)
+@compiled
+def _wait_fixed_point(rates: np.ndarray, u: np.ndarray, c0: float) -> tuple[np.ndarray, bool]:
+    """Least integer ``n >= 1`` (for positive rates) with ``n_j >= λ_j (c0 + n·u)``, and whether it exists (the
+    iteration from the fluid point diverges when ``λ·u >= 1``, or has not settled in ``_MAX_FIXED_POINT_STEPS``).
+    Sums run in index order; ``n`` is exact whenever no ``λ_j τ`` lies within rounding of an integer + 1e-9."""
+    count = len(rates)
+    n = np.zeros(count, dtype=np.int64)
+    load = 0.0
+    for j in range(count):
+        load += rates[j] * u[j]
     if load >= 1.0:
-        return None
-    least = (rates > 0).astype(np.int64)  # one request per stage of every type that arrives
-    n = np.maximum(least, np.ceil(rates * c0 / (1.0 - load) - 1e-9)).astype(np.int64)
+        return n, False
+    for j in range(count):  # from the fluid point n* = λ c0 / (1 − λ·u), one request per stage of every type
+        n[j] = max(rates[j] > 0, math.ceil(rates[j] * c0 / (1.0 - load) - 1e-9))
     for _ in range(_MAX_FIXED_POINT_STEPS):
-        tau = c0 + float(n @ u)
-        target = np.maximum(least, np.ceil(rates * tau - 1e-9)).astype(np.int64)
-        if (target == n).all():
-            return n
-        n = np.maximum(n, target)
-    return None
+        tau = c0
+        for j in range(count):
+            tau += n[j] * u[j]
+        settled = True
+        for j in range(count):
+            target = max(rates[j] > 0, math.ceil(rates[j] * tau - 1e-9))
+            if target != n[j]:
+                settled = False
+                n[j] = max(n[j], target)
+        if settled:
+            return n, True
+    return n, False
+
+
+@compiled
+def _wait_counts(rates: np.ndarray, u: np.ndarray, c0: float, blocks: np.ndarray,
+                 capacity_blocks: int) -> tuple[np.ndarray, float]:
+    """WAIT's thresholds and the share ``α`` of the rates they are sized for (see :func:`wait_thresholds`)."""
+    n, found = _wait_fixed_point(rates, u, c0)
+    if found and np.sum(n * blocks) <= capacity_blocks:
+        return n, 1.0
+    low, high = 0.0, 1.0  # the thresholds of low·λ fit in the limit: n = 1 per type (checked below)
+    for _ in range(40):
+        middle = (low + high) / 2
+        n, found = _wait_fixed_point(rates * middle, u, c0)
+        if found and np.sum(n * blocks) <= capacity_blocks:
+            low = middle
+        else:
+            high = middle
+    found = False
+    if low > 0:
+        n, found = _wait_fixed_point(rates * low, u, c0)
+    if not found or np.sum(n * blocks) > capacity_blocks:
+        n = (rates > 0).astype(np.int64)  # one request per stage: the least WAIT can run
+    return n, low
 
 
 def wait_thresholds(mix: TypeMix, cost: LinearCostModel, capacity_tokens: int, block_size: int = 1) -> WaitThresholds:
@@ -116,23 +153,8 @@ def wait_thresholds(mix: TypeMix, cost: LinearCostModel, capacity_tokens: int, b
     w = memory_time(p, o)
     blocks = lifetime_blocks(p, o, block_size)
 
-    def fits(n: np.ndarray | None) -> bool:
-        return n is not None and int(n @ blocks) <= capacity_blocks
-
-    scale = 1.0
-    n = _wait_fixed_point(lam, u, cost.c0)
-    if not fits(n):
-        low, high = 0.0, 1.0  # fits(low·λ) is true in the limit: n = 1 per type (checked below)
-        for _ in range(40):
-            middle = (low + high) / 2
-            if fits(_wait_fixed_point(lam * middle, u, cost.c0)):
-                low = middle
-            else:
-                high = middle
-        scale = low
-        n = _wait_fixed_point(lam * scale, u, cost.c0) if scale > 0 else None
-        if n is None or not fits(n):
-            n = np.where(lam > 0, 1, 0).astype(np.int64)  # one request per stage: the least WAIT can run
+    n, scale = _wait_counts(np.ascontiguousarray(lam, dtype=np.float64), np.ascontiguousarray(u, dtype=np.float64),
+                            float(cost.c0), blocks, capacity_blocks)
     _, _, fluid_memory = equilibrium(lam, p, o, cost)
     return WaitThresholds(n=n, iteration_time_s=cost.c0 + float(n @ u), memory_tokens=float(n @ w),
                           memory_blocks=int(n @ blocks), scale=scale, fluid_memory_tokens=fluid_memory,

@@ -27,6 +27,24 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @compiled
+def nearest_types(prompt: np.ndarray, output: np.ndarray, type_prompt: np.ndarray,
+                  type_output: np.ndarray) -> np.ndarray:
+    """For each request ``(prompt, output)`` (float64 lengths), the index of the type ``(type_prompt,
+    type_output)`` nearest in log-length space, ``|ln p − ln P_k| + |ln o − ln O_k|`` least (the first such type
+    on a tie)."""
+    log_type_prompt, log_type_output = np.log(type_prompt), np.log(type_output)
+    nearest = np.zeros(len(prompt), dtype=np.int64)
+    for i in range(len(prompt)):
+        log_prompt, log_output = np.log(prompt[i]), np.log(output[i])
+        best = np.inf
+        for k in range(len(type_prompt)):
+            distance = abs(log_prompt - log_type_prompt[k]) + abs(log_output - log_type_output[k])
+            if distance < best:
+                best, nearest[i] = distance, k
+    return nearest
+
+
+@compiled
 def waiting_ids(status: np.ndarray, start: int, n: int, num_waiting: int) -> tuple[np.ndarray, int]:
     """The queue of a simulator whose ``num_waiting`` waiting ids are all in ``start … n − 1``: ``(ids, start)``,
     the ids in queue order and where the next scan may start (the first waiting id, or ``n``)."""

@@ -13,16 +13,17 @@ Poisson rate ``λ_j`` (requests per second).
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-import copy
 from typing import Iterable, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 
 from llmsched_env.errors import ConfigError, TraceFormatError
+from llmsched_env.kernels import nearest_types
 
 #: The largest prompt or output length accepted (tokens): int32's range, far beyond any model's context.
 MAX_TOKENS = 2**31 - 1
@@ -88,10 +89,11 @@ class TypeMix:
 
     def nearest(self, prompt_len: np.ndarray, output_len: np.ndarray) -> np.ndarray:
         """Index of the type nearest to each request in log-length space (exact when lengths match a type)."""
-        prompt_len, output_len = np.asarray(prompt_len), np.asarray(output_len)
-        distance = (np.abs(np.log(prompt_len[:, None]) - np.log(self.prompt_lens[None, :]))
-                    + np.abs(np.log(output_len[:, None]) - np.log(self.output_lens[None, :])))
-        return np.argmin(distance, axis=1)
+        def lengths(values: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+
+        return nearest_types(lengths(prompt_len), lengths(output_len), lengths(self.prompt_lens),
+                             lengths(self.output_lens))
 
     @classmethod
     def from_lengths(cls, prompt_lens: np.ndarray, output_lens: np.ndarray, duration_s: float) -> "TypeMix":

@@ -399,3 +399,37 @@ def test_nested_wait_projects_an_evicted_request_from_where_it_resumes() -> None
     context, remaining = policy._trajectories(state, np.array([0]))
     assert context.tolist() == [149] and remaining.tolist() == [policy.lookahead[100] + 1]
     assert policy.lookahead[100] < policy.lookahead[0]  # a fresh request's residual would over-size it
+
+
+@given(prompt=st.lists(st.integers(1, 5000), min_size=1, max_size=300), output=st.data(), grid=st.integers(1, 4))
+def test_adaptive_wait_classes_are_the_quantile_grid_numpy_draws(prompt: list[int], output: st.DataObject,
+                                                                  grid: int) -> None:
+    """The compiled class learning does NumPy's arithmetic (quantiles, cells, means): exactly NumPy's classes."""
+    from baselines.adaptive import quantile_classes
+
+    prompts = np.array(prompt, dtype=np.int64)
+    outputs = np.array(output.draw(st.lists(st.integers(1, 5000), min_size=len(prompt), max_size=len(prompt))),
+                       dtype=np.int64)
+    p_edges = np.unique(np.quantile(prompts, np.arange(1, grid) / grid))
+    o_edges = np.unique(np.quantile(outputs, np.arange(1, grid) / grid))
+    cell = np.searchsorted(p_edges, prompts, side="right") * (len(o_edges) + 1) + \
+        np.searchsorted(o_edges, outputs, side="right")
+    expected = [(prompts[cell == c].mean(), outputs[cell == c].mean(), (cell == c).mean()) for c in np.unique(cell)]
+    mean_prompt, mean_output, share = quantile_classes(prompts, outputs, grid)
+    assert list(zip(mean_prompt.tolist(), mean_output.tolist(), share.tolist())) == expected
+
+
+@given(types=st.lists(st.tuples(st.integers(1, 4000), st.integers(1, 4000)), min_size=1, max_size=9),
+       requests=st.lists(st.tuples(st.integers(1, 4000), st.integers(1, 4000)), max_size=50))
+def test_a_request_is_typed_by_the_nearest_type_in_log_length(types: list[tuple[int, int]],
+                                                               requests: list[tuple[int, int]]) -> None:
+    mix = TypeMix(tuple(RequestType(p, o, 1.0) for p, o in types))
+    prompt = np.array([p for p, _ in requests], dtype=np.int64)
+    output = np.array([o for _, o in requests], dtype=np.int64)
+    nearest = mix.nearest(prompt, output)
+    assert nearest.dtype == np.int64 and len(nearest) == len(requests)
+    for (p, o), k in zip(requests, nearest.tolist()):
+        distance = [abs(np.log(p) - np.log(tp)) + abs(np.log(o) - np.log(to)) for tp, to in types]
+        assert distance[k] <= min(distance) * (1 + 1e-12) + 1e-12  # the least (ties within rounding)
+        if (p, o) in types:
+            assert distance[k] == 0.0  # a request of a type's lengths is typed by (one of) its type(s)

@@ -60,6 +60,9 @@ def test_wait_thresholds_meet_the_conditions_whenever_they_claim_to(rows, capaci
     assert t.iteration_time_s == pytest.approx(cost.c0 + float(t.n @ u))
     if t.scale == 1.0:  # the least fixed point: every cohort of n_j arrivals takes at least one iteration
         assert np.all(t.iteration_time_s <= t.n / mix.rates * (1 + 1e-9))
+        for j in np.flatnonzero(t.n > 1):  # and one fewer of any type would not be one (within rounding)
+            fewer = t.n - np.eye(len(t.n), dtype=np.int64)[j]
+            assert np.any(fewer < mix.rates * (cost.c0 + float(fewer @ u)) + 1e-6)
     if t.conditions_met:
         assert np.all(t.iteration_time_s <= t.n / mix.rates * (1 + 1e-9))
         assert t.memory_blocks <= capacity // block
