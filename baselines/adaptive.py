@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from baselines.lookahead import LOOKAHEAD_QUANTILE, residual_quantiles
+from baselines.lookahead import LOOKAHEAD_QUANTILE, HeldProfile, residual_quantiles
 from baselines.nested_wait import NestedWaitPolicy, NestedWaitRule, batch_projection, nested_wait_step
 from baselines.thresholds import (
     NestedWaitThresholds,
@@ -44,7 +44,7 @@ from baselines.wait import (
     WaitQueue,
     WaitQueueFollower,
     WaitRule,
-    batch_profile,
+    kept_profile,
     wait_begin,
     wait_step,
 )
@@ -161,26 +161,28 @@ def _observe(learn: LearningState, run: RunState, columns: RequestColumns, enoug
 @compiled
 def run_adaptive_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                       engine: EngineParams, rule: WaitRule, types: np.ndarray, queue: WaitQueue,
-                      learn: LearningState) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:class:`AdaptiveWaitPolicy`'s compiled loop: WAIT's (:func:`baselines.wait.run_wait`) with the rate
-    observed before each decision, pausing for Python when the thresholds are due to be solved again."""
+                      learn: LearningState, held: HeldProfile
+                      ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, HeldProfile]:
+    """:class:`AdaptiveWaitPolicy`'s compiled loop: WAIT's (:func:`baselines.wait.run_wait`, the projection kept
+    from call to call) with the rate observed before each decision, pausing for Python when the thresholds are due
+    to be solved again (they do not move the projection: it is the running batch's at its known lengths)."""
     nothing = np.empty(0, dtype=np.int64)
     queue.scan_from[0] = max(queue.scan_from[0], run.ints[RETIRED])  # retired rows read as zeros
-    held = batch_profile(rule, running, columns, engine, run)
+    held = kept_profile(rule, held, running, columns, engine, run)
     while True:
         if not learn.ints[RESUME]:
-            stop = wait_begin(run, columns, arrivals, types, queue)
+            stop = wait_begin(rule, run, columns, arrivals, types, queue)
             if stop != GO_ON:
-                return stop, running, nothing, nothing, nothing
+                return stop, running, nothing, nothing, nothing, held
             if _observe(learn, run, columns, run.counters[N] >= learn.ints[WARMUP]):
                 learn.ints[DUE] = 1
                 learn.ints[RESUME] = 1
-                return PAUSE, running, nothing, nothing, nothing
+                return PAUSE, running, nothing, nothing, nothing, held
         learn.ints[RESUME] = 0
         stop, running, decode, admit, chunk, held = wait_step(rule, types, queue, running, run, columns, arrivals,
                                                               engine, held)
         if stop != GO_ON:
-            return stop, running, decode, admit, chunk
+            return stop, running, decode, admit, chunk, held
 
 
 @compiled
@@ -304,12 +306,12 @@ class AdaptiveWaitPolicy(WaitPolicy):
                 learning.solved(state.now)
                 rule[0], learn.ints[DUE] = self.compiled_rule(), 0
                 run.counters[:] = engine.counter_array()  # type: ignore[attr-defined]  # the queue was read
-            follow.classify(self.mix, run, arrivals)
+            follow.make_room(run, arrivals)
             learning.to_loop(learn)
-            stop = run_adaptive_wait(run, running, columns, arrivals, params, rule[0], follow.types.data,
-                                     follow.queue, learn)
+            *stop, follow.held = run_adaptive_wait(run, running, columns, arrivals, params, rule[0],
+                                                   follow.types.data, follow.queue, learn, follow.held)
             learning.from_loop(learn)
-            return stop
+            return tuple(stop)  # type: ignore[return-value]
         return loop
 
     def _resolve(self, state: SchedulerState) -> None:

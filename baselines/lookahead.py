@@ -133,6 +133,13 @@ def _empty_profile(length: int, origin: int) -> HeldProfile:
 
 
 @compiled
+def no_profile() -> HeldProfile:
+    """A profile of no batch, drawn after no iteration (``origin`` −1): what a compiled loop that keeps its
+    batch's projection from call to call starts from, so that its first call draws one."""
+    return _empty_profile(16, -1)
+
+
+@compiled
 def held_profile(context: np.ndarray, remaining: np.ndarray, block_size: int, origin: int) -> HeldProfile:
     """The projection of the batch ``(context, remaining)`` (:func:`trajectories`) after iteration ``origin``."""
     held = _empty_profile(16, origin)

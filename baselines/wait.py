@@ -5,9 +5,10 @@ for traces the mix is a (prompt, output) bucketing, see :meth:`TypeMix.bucketed`
 come from :func:`baselines.thresholds.wait_thresholds`. Type ``j`` is *ready* when at least ``n_j`` of
 its requests wait. Two variants, both named policies:
 
-``wait-pausing`` — the paper's Algorithm 1 as written (formerly ``wait-paper``): an iteration takes, for every ready type, ``n_j`` waiting requests
-    (its prefill cohort) and up to ``n_j`` running requests from each of its decode stages; types that
-    are not ready pause, their KV kept. With no type ready, nothing runs until the next arrival.
+``wait-pausing`` — the paper's Algorithm 1 as written (formerly ``wait-paper``): an iteration takes, for
+    every ready type, ``n_j`` waiting requests (its prefill cohort) and up to ``n_j`` running requests from
+    each of its decode stages; types that are not ready pause, their KV kept. With no type ready, nothing
+    runs until the next arrival.
 ``wait`` (default) — the variant the authors measured: admissions are gated the same way (``n_j`` per
     ready type), but every running request decodes every iteration.
 
@@ -42,11 +43,13 @@ import numpy as np
 from baselines.cohorts import first_per_group
 from baselines.lookahead import (
     LEND_SCAN,
+    ORIGIN,
     HeldProfile,
     fitting_prefix,
     held_advance,
     held_fitting_prefix,
     held_profile,
+    no_profile,
     trajectories,
     trajectories_of,
 )
@@ -67,6 +70,7 @@ from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import IDLE, WAITING, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
 from llmsched_env.iteration import NUM_WAITING, EngineParams, N
+from llmsched_env.kernels import nearest_type
 from llmsched_env.policy import CompiledLoop
 from llmsched_env.request_table import Int64Buffer, RequestColumns
 from llmsched_env.workload import TypeMix
@@ -117,14 +121,17 @@ class WaitPolicy:
 
         def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                  engine: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-            follow.classify(self.mix, run, arrivals)
-            return run_wait(run, running, columns, arrivals, engine, rule, follow.types.data, follow.queue)
+            follow.make_room(run, arrivals)
+            *stop, follow.held = run_wait(run, running, columns, arrivals, engine, rule, follow.types.data,
+                                          follow.queue, follow.held)
+            return tuple(stop)  # type: ignore[return-value]
         return loop
 
     def compiled_rule(self) -> "WaitRule":
         """The current thresholds and settings, as the compiled rule takes them."""
-        return WaitRule(np.ascontiguousarray(self.thresholds.n, dtype=np.int64), int(self.thresholds.memory_blocks),
-                        self.drain_when_idle, self.lend_spare_memory, self.memory_safe, self.variant == "paper")
+        return WaitRule(np.ascontiguousarray(self.thresholds.n, dtype=np.int64), *self.mix.log_lengths(),
+                        int(self.thresholds.memory_blocks), self.drain_when_idle, self.lend_spare_memory,
+                        self.memory_safe, self.variant == "paper")
 
     def _classify(self, state: SchedulerState) -> np.ndarray:
         """Every request's type (the nearest of the mix), classified once, on arrival."""
@@ -219,6 +226,8 @@ class WaitRule(NamedTuple):
     """WAIT's rule as its compiled loop takes it."""
 
     n: np.ndarray  # int64 threshold per type
+    log_prompt: np.ndarray  # float64 ln of each type's prompt and output lengths (TypeMix.log_lengths): arrivals
+    log_output: np.ndarray  # are typed as they come (kernels.nearest_type)
     memory_blocks: int  # the reserve of WAIT's own pipelines, Σ n_j·w_j in blocks
     drain_when_idle: bool
     lend_spare_memory: bool
@@ -227,30 +236,31 @@ class WaitRule(NamedTuple):
 
 
 class WaitQueueFollower:
-    """What WAIT's compiled loop keeps between its calls: every request's type (classified as its chunk of
-    arrivals comes in, released with the engine's retired rows) and the waiting counts per type."""
+    """What WAIT's compiled loop keeps between its calls: every request's type (typed by the loop as it arrives,
+    :func:`wait_begin`; released with the engine's retired rows) and the waiting counts per type."""
 
     def __init__(self, num_types: int) -> None:
         self.types = Int64Buffer()  # by request id: the requests in the engine, then those of `arrivals` to come
         self.queue = WaitQueue(np.zeros(num_types, dtype=np.int64), np.zeros(1, dtype=np.int64))
+        self.held = no_profile()  # the running batch's projection where the loop last stopped (none yet)
 
-    def classify(self, mix: TypeMix, run: RunState, arrivals: ChunkArrays) -> None:
-        """Type the arrivals the loop will read that have no type yet, and let retired requests go."""
+    def make_room(self, run: RunState, arrivals: ChunkArrays) -> None:
+        """Room for the types of the arrivals the loop will read, and let retired requests go."""
         start, count = int(run.ints[NEXT_ARRIVAL]), int(run.counters[N])
-        typed = start + self.types.size - count  # arrivals[start:typed] are typed (ids count … types.size − 1)
-        if typed < len(arrivals.times):
-            self.types.extend(mix.nearest(arrivals.prompt[typed:], arrivals.output[typed:]))
+        room = start + self.types.size - count  # arrivals[start:room] have room (ids count … types.size − 1)
+        if room < len(arrivals.times):
+            self.types.extend(np.zeros(len(arrivals.times) - room, dtype=np.int64))
         self.types.release_below(int(run.ints[RETIRED]))
 
     def reclassify(self, mix: TypeMix, state: SchedulerState, run: RunState, arrivals: ChunkArrays) -> None:
-        """Type every request again on a new ``mix`` (those in the system and those of the chunk still to come),
-        and count the queue per new type (as :meth:`WaitPolicy._reclassify` rebuilds its queues)."""
+        """Type every request in the system again on a new ``mix`` (those of the chunk still to come are typed as
+        they arrive), and count the queue per new type (as :meth:`WaitPolicy._reclassify` rebuilds its queues)."""
         assert state.output_len is not None
-        start, count, next_arrival = state.retired, state.num_requests, int(run.ints[NEXT_ARRIVAL])
+        start, count = state.retired, state.num_requests
         types = Int64Buffer(start)  # retired requests are never looked up again
         types.extend(mix.nearest(state.prompt_len[start:count], state.output_len[start:count]))
-        types.extend(mix.nearest(arrivals.prompt[next_arrival:], arrivals.output[next_arrival:]))
         self.types = types
+        self.make_room(run, arrivals)
         queued = np.bincount(types.data[state.waiting], minlength=len(mix.types)).astype(np.int64)
         self.queue = WaitQueue(queued, np.array([start], dtype=np.int64))
 
@@ -316,6 +326,17 @@ def batch_profile(rule: WaitRule, running: np.ndarray, columns: RequestColumns, 
     known = np.empty(0, dtype=np.int64)
     context, remaining = trajectories_of(running if rule.memory_safe else known, columns, known)
     return held_profile(context, remaining, engine.block_size, run.ints[ITERATIONS])
+
+
+@compiled
+def kept_profile(rule: WaitRule, held: HeldProfile, running: np.ndarray, columns: RequestColumns,
+                 engine: EngineParams, run: RunState) -> HeldProfile:
+    """The projection a compiled loop stopped with, ``held``, if it is the running batch's still (the engine has
+    not iterated since: between a loop's calls nothing else moves the batch), else the batch's drawn anew
+    (:func:`batch_profile`)."""
+    if held.span[ORIGIN] == run.ints[ITERATIONS]:
+        return held
+    return batch_profile(rule, running, columns, engine, run)
 
 
 @compiled
@@ -393,12 +414,14 @@ def wait_decision(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: 
 
 
 @compiled
-def wait_begin(run: RunState, columns: RequestColumns, arrivals: ChunkArrays, types: np.ndarray,
+def wait_begin(rule: WaitRule, run: RunState, columns: RequestColumns, arrivals: ChunkArrays, types: np.ndarray,
                queue: WaitQueue) -> int:
-    """:func:`~llmsched_env.compiled_run.begin`, counting the requests it enqueues into their types' queues."""
+    """:func:`~llmsched_env.compiled_run.begin`, typing the requests it enqueues (the nearest of the rule's types,
+    as :meth:`WaitPolicy._classify` types them) and counting them into their types' queues."""
     arrived_from = run.counters[N]
     stop = compiled_run.begin(run, columns, arrivals)
     for i in range(arrived_from, run.counters[N]):
+        types[i] = nearest_type(columns.prompt[i], columns.output[i], rule.log_prompt, rule.log_output)
         queue.queued[types[i]] += 1
     return stop
 
@@ -434,19 +457,20 @@ def wait_step(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: np.n
 
 @compiled
 def run_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
-             engine: EngineParams, rule: WaitRule, types: np.ndarray, queue: WaitQueue
-             ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:class:`WaitPolicy`'s compiled loop (see :data:`~llmsched_env.policy.CompiledLoop`).
-    ``types`` holds every request's type (by id), ``queue`` the waiting counts per type, both followed through
-    the arrivals, admissions and evictions of each iteration."""
+             engine: EngineParams, rule: WaitRule, types: np.ndarray, queue: WaitQueue, held: HeldProfile
+             ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, HeldProfile]:
+    """:class:`WaitPolicy`'s compiled loop (see :data:`~llmsched_env.policy.CompiledLoop`), and the running batch's
+    projection where it stopped. ``types`` holds every request's type (by id), ``queue`` the waiting counts per
+    type, ``held`` the projection where the last call stopped (:func:`kept_profile`), all followed through the
+    arrivals, admissions and evictions of each iteration."""
     nothing = np.empty(0, dtype=np.int64)
     queue.scan_from[0] = max(queue.scan_from[0], run.ints[RETIRED])  # retired rows read as zeros
-    held = batch_profile(rule, running, columns, engine, run)
+    held = kept_profile(rule, held, running, columns, engine, run)
     while True:
-        stop = wait_begin(run, columns, arrivals, types, queue)
+        stop = wait_begin(rule, run, columns, arrivals, types, queue)
         if stop != GO_ON:
-            return stop, running, nothing, nothing, nothing
+            return stop, running, nothing, nothing, nothing, held
         stop, running, decode, admit, chunk, held = wait_step(rule, types, queue, running, run, columns, arrivals,
                                                               engine, held)
         if stop != GO_ON:
-            return stop, running, decode, admit, chunk
+            return stop, running, decode, admit, chunk, held

@@ -27,20 +27,35 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @compiled
-def nearest_types(prompt: np.ndarray, output: np.ndarray, type_prompt: np.ndarray,
-                  type_output: np.ndarray) -> np.ndarray:
-    """For each request ``(prompt, output)`` (float64 lengths), the index of the type ``(type_prompt,
-    type_output)`` nearest in log-length space, ``|ln p − ln P_k| + |ln o − ln O_k|`` least (the first such type
-    on a tie)."""
-    log_type_prompt, log_type_output = np.log(type_prompt), np.log(type_output)
-    nearest = np.zeros(len(prompt), dtype=np.int64)
+def log_lengths(lengths: np.ndarray) -> np.ndarray:
+    """``ln`` of each length (as :func:`nearest_type` takes a request's, so that equal lengths are at distance 0)."""
+    logs = np.empty(len(lengths), dtype=np.float64)
+    for k in range(len(lengths)):
+        logs[k] = np.log(float(lengths[k]))
+    return logs
+
+
+@compiled
+def nearest_type(prompt: int, output: int, log_type_prompt: np.ndarray, log_type_output: np.ndarray) -> int:
+    """The index of the type nearest to a request ``(prompt, output)`` in log-length space, the one with
+    ``|ln p − ln P_k| + |ln o − ln O_k|`` least (the first such type on a tie), the types given by the logarithms
+    of their lengths."""
+    log_prompt, log_output = np.log(float(prompt)), np.log(float(output))
+    best, nearest = np.inf, 0
+    for k in range(len(log_type_prompt)):
+        distance = abs(log_prompt - log_type_prompt[k]) + abs(log_output - log_type_output[k])
+        if distance < best:
+            best, nearest = distance, k
+    return nearest
+
+
+@compiled
+def nearest_types(prompt: np.ndarray, output: np.ndarray, log_type_prompt: np.ndarray,
+                  log_type_output: np.ndarray) -> np.ndarray:
+    """:func:`nearest_type` of each request."""
+    nearest = np.empty(len(prompt), dtype=np.int64)
     for i in range(len(prompt)):
-        log_prompt, log_output = np.log(prompt[i]), np.log(output[i])
-        best = np.inf
-        for k in range(len(type_prompt)):
-            distance = abs(log_prompt - log_type_prompt[k]) + abs(log_output - log_type_output[k])
-            if distance < best:
-                best, nearest[i] = distance, k
+        nearest[i] = nearest_type(prompt[i], output[i], log_type_prompt, log_type_output)
     return nearest
 
 

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Literal, Protocol, Sequence
 import numpy as np
 
 from llmsched_env.errors import ConfigError, TraceFormatError
-from llmsched_env.kernels import nearest_types
+from llmsched_env.kernels import log_lengths, nearest_types
 
 #: The largest prompt or output length accepted (tokens): int32's range, far beyond any model's context.
 MAX_TOKENS = 2**31 - 1
@@ -89,11 +89,13 @@ class TypeMix:
 
     def nearest(self, prompt_len: np.ndarray, output_len: np.ndarray) -> np.ndarray:
         """Index of the type nearest to each request in log-length space (exact when lengths match a type)."""
-        def lengths(values: np.ndarray) -> np.ndarray:
-            return np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+        log_prompt, log_output = self.log_lengths()
+        return nearest_types(np.ascontiguousarray(prompt_len, dtype=np.int64).reshape(-1),
+                             np.ascontiguousarray(output_len, dtype=np.int64).reshape(-1), log_prompt, log_output)
 
-        return nearest_types(lengths(prompt_len), lengths(output_len), lengths(self.prompt_lens),
-                             lengths(self.output_lens))
+    def log_lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """The logarithms of the types' prompt and output lengths (what :meth:`nearest` measures distance in)."""
+        return log_lengths(self.prompt_lens), log_lengths(self.output_lens)
 
     @classmethod
     def from_lengths(cls, prompt_lens: np.ndarray, output_lens: np.ndarray, duration_s: float) -> "TypeMix":
