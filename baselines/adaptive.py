@@ -29,8 +29,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from baselines.lookahead import LOOKAHEAD_QUANTILE, HeldProfile, residual_quantiles
-from baselines.nested_wait import NestedWaitPolicy, NestedWaitRule, batch_projection, nested_wait_step
+from baselines.lookahead import LOOKAHEAD_QUANTILE, BatchProjection, HeldProfile, no_projection, residual_quantiles
+from baselines.nested_wait import NestedWaitPolicy, NestedWaitRule, kept_projection, nested_wait_step
 from baselines.thresholds import (
     NestedWaitThresholds,
     OutputLengthDistribution,
@@ -188,28 +188,29 @@ def run_adaptive_wait(run: RunState, running: np.ndarray, columns: RequestColumn
 @compiled
 def run_adaptive_nested_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                              engine: EngineParams, rule: NestedWaitRule, guard: np.ndarray, learn: LearningState,
-                             completed: "CompletionSample"
-                             ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                             completed: "CompletionSample", projection: BatchProjection
+                             ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, BatchProjection]:
     """:class:`AdaptiveNestedWaitPolicy`'s compiled loop: Nested WAIT's with the rate observed before each
     decision and the finished requests' lengths recorded after each iteration, pausing for Python when the
-    thresholds are due to be solved again."""
+    thresholds are due to be solved again. ``projection`` is the running batch's where the last call stopped, at
+    this call's lookahead (see :func:`~baselines.nested_wait.kept_projection`)."""
     nothing = np.empty(0, dtype=np.int64)
-    projection = batch_projection(rule, running, columns, engine, run)  # of this call's rule (its lookahead)
+    projection = kept_projection(rule, projection, running, columns, engine, run)
     while True:
         if not learn.ints[RESUME]:
             stop = compiled_run.begin(run, columns, arrivals)
             if stop != GO_ON:
-                return stop, running, nothing, nothing, nothing
+                return stop, running, nothing, nothing, nothing, projection
             if _observe(learn, run, columns, completed.count[0] >= learn.ints[WARMUP]):
                 learn.ints[DUE] = 1
                 learn.ints[RESUME] = 1
-                return PAUSE, running, nothing, nothing, nothing
+                return PAUSE, running, nothing, nothing, nothing, projection
         learn.ints[RESUME] = 0
         stop, running, decode, admit, chunk, finished, projection = nested_wait_step(
             rule, guard, running, run, columns, arrivals, engine, projection)
         _record_completions(completed, finished, columns)
         if stop != GO_ON:
-            return stop, running, decode, admit, chunk
+            return stop, running, decode, admit, chunk, projection
 
 
 @compiled
@@ -377,20 +378,24 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         learning, engine = self.learning, self._engine
         assert learning is not None
         learn, guard, rule = learning.loop_state(), np.zeros(2, dtype=np.int64), [self.compiled_rule()]
+        kept = [no_projection()]  # the running batch's projection where the loop last stopped
 
         def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                  params: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             if learn.ints[DUE]:  # the loop stopped for a solve, its decision still to make
                 if self._completed.count >= learning.warmup:
                     self._resolve(engine.state(), self._completed.lengths())
-                    rule[0] = self.compiled_rule()
+                    solved = self.compiled_rule()
+                    if not np.array_equal(solved.residual, rule[0].residual):
+                        kept[0] = no_projection()  # drawn at another lookahead
+                    rule[0] = solved
                 learn.ints[DUE] = 0
             learning.to_loop(learn)
-            stop = run_adaptive_nested_wait(run, running, columns, arrivals, params, rule[0], guard, learn,
-                                            self._completed.sample)
+            *stop, kept[0] = run_adaptive_nested_wait(run, running, columns, arrivals, params, rule[0], guard,
+                                                      learn, self._completed.sample, kept[0])
             learning.from_loop(learn)
             self.count_guard(guard)
-            return stop
+            return tuple(stop)  # type: ignore[return-value]
         return loop
 
     def decide(self, state: SchedulerState) -> Decision:

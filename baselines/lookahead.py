@@ -331,6 +331,13 @@ def project_batch(running: np.ndarray, columns: RequestColumns, residual: np.nda
 
 
 @compiled
+def no_projection() -> BatchProjection:
+    """The projection of no batch after no iteration (:func:`no_profile`): what a compiled loop that keeps its
+    batch's projection from call to call starts from, so that its first call draws one."""
+    return BatchProjection(no_profile(), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
+
+
+@compiled
 def redraw(projection: BatchProjection, j: int, context: int, remaining: int, block_size: int) -> None:
     """Move the ``j``-th running request's staircase to its trajectory now, ``(context, remaining)`` after the
     profile's origin (a request that did not decode, or whose projected end jumped). The profile must not

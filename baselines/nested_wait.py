@@ -63,6 +63,7 @@ from baselines.lookahead import (
     fitting_prefix,
     held_fitting_count,
     held_peak,
+    no_projection,
     project_batch,
     redraw,
     trajectories_of,
@@ -107,13 +108,13 @@ class NestedWaitPolicy:
         have their own (the adaptive policy's)."""
         if type(self) is not NestedWaitPolicy:
             return None
-        rule, guard = self.compiled_rule(), np.zeros(2, dtype=np.int64)
+        rule, guard, kept = self.compiled_rule(), np.zeros(2, dtype=np.int64), [no_projection()]
 
         def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                  engine: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-            stop = run_nested_wait(run, running, columns, arrivals, engine, rule, guard)
+            *stop, kept[0] = run_nested_wait(run, running, columns, arrivals, engine, rule, guard, kept[0])
             self.count_guard(guard)
-            return stop
+            return tuple(stop)  # type: ignore[return-value]
         return loop
 
     def compiled_rule(self) -> "NestedWaitRule":
@@ -306,6 +307,17 @@ def batch_projection(rule: NestedWaitRule, running: np.ndarray, columns: Request
     projects = len(rule.residual) > 0 and not rule.pausing
     return project_batch(running if projects else running[:0], columns, rule.residual, engine.block_size,
                          run.ints[ITERATIONS])
+
+
+@compiled
+def kept_projection(rule: NestedWaitRule, projection: BatchProjection, running: np.ndarray, columns: RequestColumns,
+                    engine: EngineParams, run: RunState) -> BatchProjection:
+    """The projection a compiled loop stopped with, if it is the running batch's still (the engine has not iterated
+    since: between a loop's calls nothing else moves the batch; one drawn at another lookahead is reset by its
+    owner, see :meth:`NestedWaitPolicy.compiled_loop`), else the batch's drawn anew (:func:`batch_projection`)."""
+    if projection.held.span[ORIGIN] == run.ints[ITERATIONS] and len(projection.base) == len(running):
+        return projection
+    return batch_projection(rule, running, columns, engine, run)
 
 
 @compiled
@@ -502,16 +514,17 @@ def nested_wait_step(rule: NestedWaitRule, guard: np.ndarray, running: np.ndarra
 
 @compiled
 def run_nested_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
-                    engine: EngineParams, rule: NestedWaitRule, guard: np.ndarray
-                    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:class:`NestedWaitPolicy`'s compiled loop (see :data:`~llmsched_env.policy.CompiledLoop`)."""
+                    engine: EngineParams, rule: NestedWaitRule, guard: np.ndarray, projection: BatchProjection
+                    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, BatchProjection]:
+    """:class:`NestedWaitPolicy`'s compiled loop (see :data:`~llmsched_env.policy.CompiledLoop`), and the running
+    batch's projection where it stopped; ``projection`` is where the last call stopped (:func:`kept_projection`)."""
     nothing = np.empty(0, dtype=np.int64)
-    projection = batch_projection(rule, running, columns, engine, run)
+    projection = kept_projection(rule, projection, running, columns, engine, run)
     while True:
         stop = compiled_run.begin(run, columns, arrivals)
         if stop != GO_ON:
-            return stop, running, nothing, nothing, nothing
+            return stop, running, nothing, nothing, nothing, projection
         stop, running, decode, admit, chunk, _, projection = nested_wait_step(rule, guard, running, run, columns,
                                                                              arrivals, engine, projection)
         if stop != GO_ON:
-            return stop, running, decode, admit, chunk
+            return stop, running, decode, admit, chunk, projection
