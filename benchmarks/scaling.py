@@ -1,15 +1,15 @@
 """Time and memory against the horizon, per policy.
 
 Time: CPU seconds of ``llmsched simulate``'s work (arrivals, fluid benchmark, the run) at ρ = 2.0 (twice what
-the default mix's memory and compute carry, so the queue grows all run long) for horizons 300 … 4,800 s, less
+the default mix's memory and compute carry, so the queue grows all run long) for horizons 1,200 … 19,200 s, less
 a near-zero horizon's run (start-up excluded), and the growth per doubling: linear time doubles, the target is
 at most 2.3x. Memory: the peak resident memory of runs at ρ = 0.9 (``--memory-rho``) for horizons 10^4 and
 10^5 s, each in a fresh process, less a near-zero horizon's, with the requests in the system at the end: memory
 bounded by the requests in the system keeps them within 20 % of each other for a policy that is stable at that
 load (one whose queue grows holds its queue).
 
-Run:  python benchmarks/scaling.py [--policies wait,nested-wait,vllm,sarathi] [--horizons 300,600,1200,2400,4800]
-      [--repeats 2] [--memory-horizons 10000,100000] [--memory-rho 0.9] [--no-memory] [--no-time]
+Run:  python benchmarks/scaling.py [--policies wait,nested-wait,vllm,sarathi] [--horizons 1200,2400,4800,9600,19200]
+      [--repeats 3] [--memory-horizons 10000,100000] [--memory-rho 0.9] [--no-memory] [--no-time]
 
 Each time is the least of ``--repeats`` runs (the least disturbed by other load on a shared machine).
 """
@@ -53,11 +53,11 @@ def measure(policy: str, rho: float, horizon: float) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policies", default="wait,nested-wait,vllm,sarathi")
-    parser.add_argument("--horizons", default="300,600,1200,2400,4800")
+    parser.add_argument("--horizons", default="1200,2400,4800,9600,19200")
     parser.add_argument("--memory-horizons", default="10000,100000")
     parser.add_argument("--memory-rho", type=float, default=0.9,
                         help="load of the memory runs (a policy whose queue grows at it holds more requests)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-time", action="store_true")
     args = parser.parse_args()
