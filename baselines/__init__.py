@@ -17,15 +17,26 @@ gone; ``wait-cp`` is the paper's chunked WAIT.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
-from baselines.adaptive import AdaptiveNestedWaitPolicy, AdaptiveWaitPolicy
-import warnings
+import numpy as np
 
-from baselines.fcfs import FCFSPolicy, sarathi_policy, sarathi_vidur_policy, vllm_policy, vllm_v0_policy
-from baselines.lookahead import LOOKAHEAD_QUANTILE, residual_quantiles
+from baselines.adaptive import AdaptiveNestedWaitPolicy, AdaptiveWaitPolicy
+from baselines.fcfs import (
+    FCFSPolicy,
+    sarathi_policy,
+    sarathi_vidur_policy,
+    vllm_policy,
+    vllm_v0_policy,
+)
+from baselines.lookahead import LOOKAHEAD_QUANTILE, MARGIN_QUANTILES, MARGIN_RESERVES, residual_quantiles
 from baselines.nested_wait import NestedWaitPolicy
-from baselines.thresholds import OutputLengthDistribution, nested_wait_thresholds, wait_thresholds
+from baselines.thresholds import (
+    OutputLengthDistribution,
+    nested_wait_thresholds,
+    wait_thresholds,
+)
 from baselines.wait import WaitPolicy
 from baselines.wait_cp import ChunkedBookingPolicy, fluid_total_limit
 from llmsched_env.errors import ConfigError
@@ -58,7 +69,7 @@ def _wait_cp(nested: bool) -> PolicyFactory:
     return factory
 
 
-def _nested_wait(variant: str) -> PolicyFactory:
+def _nested_wait(variant: str, adaptive_margin: bool = False) -> PolicyFactory:
     def factory(scenario: Scenario, horizon: float) -> Policy:
         # Sized on the output-length *distribution* only; the policy never sees a request's length.
         mix = scenario.offered_mix()
@@ -69,10 +80,14 @@ def _nested_wait(variant: str) -> PolicyFactory:
         measured = variant == "measured"
         lookahead = (residual_quantiles(distribution.values, distribution.probabilities, LOOKAHEAD_QUANTILE)
                      if measured else None)
+        levels = (np.stack([residual_quantiles(distribution.values, distribution.probabilities, quantile)
+                            for quantile in MARGIN_QUANTILES]) if adaptive_margin else None)
         _, _, fluid_memory = equilibrium(mix.rates, mix.prompt_lens, mix.output_lens, scenario.cost)
-        return NestedWaitPolicy(thresholds, variant, "nested-wait" if measured else "nested-wait-pausing",  # type: ignore[arg-type]
-                                drain_when_idle=measured, lookahead=lookahead, lend_spare_memory=measured,
-                                reserve_tokens=min(fluid_memory, thresholds.memory_tokens))
+        name = ("nested-wait-margin" if adaptive_margin else "nested-wait") if measured else "nested-wait-pausing"
+        return NestedWaitPolicy(thresholds, variant, name, drain_when_idle=measured,  # type: ignore[arg-type]
+                                lookahead=lookahead, lend_spare_memory=measured,
+                                reserve_tokens=min(fluid_memory, thresholds.memory_tokens), lookahead_levels=levels,
+                                reserve_levels=MARGIN_RESERVES if adaptive_margin else ())
     return factory
 
 
@@ -93,6 +108,8 @@ POLICIES: dict[str, PolicyFactory] = {
     "wait-pausing": _wait("paper"),
     "nested-wait": _nested_wait("measured"),
     "nested-wait-pausing": _nested_wait("paper"),
+    # Nested WAIT with its lookahead's margin adapted to the evictions seen (nested_wait.adapt_lookahead).
+    "nested-wait-margin": _nested_wait("measured", adaptive_margin=True),
 }
 DEFAULT_POLICIES = ("wait", "nested-wait", "vllm", "sarathi")
 

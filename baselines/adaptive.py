@@ -194,7 +194,7 @@ def run_adaptive_nested_wait(run: RunState, running: np.ndarray, columns: Reques
     decision and the finished requests' lengths recorded after each iteration, pausing for Python when the
     thresholds are due to be solved again. ``projection`` is the running batch's where the last call stopped, at
     this call's lookahead (see :func:`~baselines.nested_wait.kept_projection`)."""
-    nothing = np.empty(0, dtype=np.int64)
+    nothing, no_margin = np.empty(0, dtype=np.int64), np.zeros(4, dtype=np.int64)  # its lookahead is learnt
     projection = kept_projection(rule, projection, running, columns, engine, run)
     while True:
         if not learn.ints[RESUME]:
@@ -207,7 +207,7 @@ def run_adaptive_nested_wait(run: RunState, running: np.ndarray, columns: Reques
                 return PAUSE, running, nothing, nothing, nothing, projection
         learn.ints[RESUME] = 0
         stop, running, decode, admit, chunk, finished, projection = nested_wait_step(
-            rule, guard, running, run, columns, arrivals, engine, projection)
+            rule, guard, running, run, columns, arrivals, engine, projection, no_margin)
         _record_completions(completed, finished, columns)
         if stop != GO_ON:
             return stop, running, decode, admit, chunk, projection

@@ -27,6 +27,11 @@ from llmsched_env.request_table import RequestColumns
 LEND_SCAN = 256
 #: Nested WAIT's lookahead sizes each request's remaining output at this quantile of its residual length.
 LOOKAHEAD_QUANTILE = 0.9
+#: The adaptive margin's levels (``nested-wait-margin``), from the boldest to the most cautious, where it starts:
+#: the quantile of each request's residual length its lookahead projects, and the share of the fluid reserve it
+#: keeps from lending.
+MARGIN_QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9)
+MARGIN_RESERVES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def trajectories(state: SchedulerState, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

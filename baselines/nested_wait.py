@@ -42,6 +42,15 @@ Each iteration:
    below a threshold would be stranded, with their KV, for ever. The paper's rule pauses cohorts
    exactly when segment 1 is not ready, so it keeps its rule.
 
+7. **adaptive margin** (ours, ``nested-wait-margin``): the lookahead's quantile and the lending reserve are
+   safety margins against overflow, and what they cost depends on the tail of the length distribution: on
+   heavy tails a request projected at the 90th percentile of its residual holds back memory it rarely uses.
+   The margin moves between levels (``lookahead.MARGIN_QUANTILES`` × ``MARGIN_RESERVES``, from the median
+   with no reserve to today's 0.9 with the whole reserve, where it starts) on the eviction risk actually
+   seen: ``calm_decisions`` decisions in a row with requests waiting and no eviction step it down a level,
+   an eviction steps it up a level and bars the level that evicted for the rest of the run
+   (:func:`adapt_lookahead`, one function for the Python and the compiled rule).
+
 Requests longer than ``b_K`` (outside the distribution the thresholds were sized on) continue in the
 last segment.
 """
@@ -71,7 +80,7 @@ from baselines.lookahead import (
 from baselines.thresholds import NestedWaitThresholds
 from llmsched_env import compiled_run
 from llmsched_env.compiled import compiled
-from llmsched_env.compiled_run import GO_ON, ITERATIONS, ChunkArrays, RunState, oldest_waiting
+from llmsched_env.compiled_run import EVICTIONS, GO_ON, ITERATIONS, ChunkArrays, RunState, oldest_waiting
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
 from llmsched_env.iteration import NUM_WAITING, USED_BLOCKS, EngineParams
@@ -92,6 +101,11 @@ class NestedWaitPolicy:
     drain_when_idle: bool = True
     lookahead: np.ndarray | None = field(default=None, repr=False)  # residual_quantiles per decoded count
     lend_spare_memory: bool = False
+    # The adaptive margin (item 7 of the module docstring): lookahead tables from the least to the most cautious
+    # quantile, one row each (None: the fixed `lookahead`); the policy starts at the last.
+    lookahead_levels: np.ndarray | None = field(default=None, repr=False)
+    reserve_levels: tuple[float, ...] = ()  # per level, the share of `reserve_tokens` kept from lending (default 1)
+    calm_decisions: int = 200  # eviction-free decisions before the margin steps down a level
     reserve_tokens: float | None = None  # kept back from lending (default: the pipelines' memory M^π)
     guard_activations: int = field(default=0, init=False)  # iterations where the overflow guard acted
     guard_fallbacks: int = field(default=0, init=False)  # iterations where nothing fit and the engine evicted
@@ -101,6 +115,24 @@ class NestedWaitPolicy:
             raise ConfigError(f"Nested WAIT variant must be 'measured' or 'paper', got {self.variant!r}")
         self.guard_activations = self.guard_fallbacks = 0
         self._capacity_blocks, self._block_size = engine.capacity_blocks, engine.block_size
+        if self.lookahead_levels is not None:
+            if self.variant != "measured" or len(self.lookahead_levels) == 0 or self.calm_decisions < 1:
+                raise ConfigError("an adaptive lookahead margin needs the measured variant, at least one level and "
+                                  f"calm_decisions >= 1, got {self.variant!r}, {len(self.lookahead_levels)} levels, "
+                                  f"{self.calm_decisions}")
+            if self.reserve_levels and len(self.reserve_levels) != len(self.lookahead_levels):
+                raise ConfigError(f"{len(self.reserve_levels)} reserve levels for {len(self.lookahead_levels)} "
+                                  "lookahead levels")
+            self.lookahead = np.array(self.lookahead_levels[-1], dtype=np.int64)  # the most cautious to start
+        self._margin = new_margin(self.lookahead_levels)
+        self._margin_rule = self.compiled_rule()  # the Python rule's margin moves by the compiled rule's steps
+        self._last_batch = np.empty(0, dtype=np.int64)  # running or admitted at the last decision
+        self._last_evictions = np.empty(0, dtype=np.int64)  # and how often each had been evicted then
+
+    @property
+    def lookahead_level(self) -> int:
+        """The adaptive margin's level now (an index of ``lookahead_levels``; 0 without one)."""
+        return int(self._margin[LEVEL])
 
     def compiled_loop(self) -> CompiledLoop | None:
         """This policy's rule compiled (:func:`run_nested_wait`, either variant): the same decisions as
@@ -109,10 +141,12 @@ class NestedWaitPolicy:
         if type(self) is not NestedWaitPolicy:
             return None
         rule, guard, kept = self.compiled_rule(), np.zeros(2, dtype=np.int64), [no_projection()]
+        self._margin = new_margin(self.lookahead_levels)
 
         def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                  engine: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-            *stop, kept[0] = run_nested_wait(run, running, columns, arrivals, engine, rule, guard, kept[0])
+            *stop, kept[0] = run_nested_wait(run, running, columns, arrivals, engine, rule, guard, kept[0],
+                                             self._margin)
             self.count_guard(guard)
             return tuple(stop)  # type: ignore[return-value]
         return loop
@@ -120,16 +154,27 @@ class NestedWaitPolicy:
     def compiled_rule(self) -> "NestedWaitRule":
         """The current thresholds, lookahead and settings, as the compiled rule takes them."""
         projects = self.lookahead is not None and self.variant == "measured"
-        spare = -1
-        if self.lend_spare_memory and projects:
-            reserve = self.thresholds.memory_tokens if self.reserve_tokens is None else self.reserve_tokens
-            spare = self._capacity_blocks - int(np.ceil(min(reserve, self._capacity_blocks * self._block_size)
-                                                        / self._block_size))
+        levels = self.lookahead_levels if projects and self.lookahead_levels is not None else np.empty((0, 0))
+        shares = self.reserve_levels or (1.0,) * len(levels)
+        level_spares = np.array([self._spare_blocks(share) for share in shares], dtype=np.int64)
+        spare = level_spares[-1] if len(levels) else self._spare_blocks(1.0)
         return NestedWaitRule(np.ascontiguousarray(self.thresholds.boundaries, dtype=np.int64),
                               segment_codes(self.thresholds.boundaries),
                               np.ascontiguousarray(self.thresholds.n, dtype=np.int64),
-                              np.ascontiguousarray(self.lookahead if projects else [], dtype=np.int64), spare,
-                              self.drain_when_idle, self.variant == "paper")
+                              np.array(self.lookahead if projects else [], dtype=np.int64),  # a copy: it moves
+                              np.array([spare], dtype=np.int64), self.drain_when_idle, self.variant == "paper",
+                              np.ascontiguousarray(levels, dtype=np.int64), level_spares, int(self.calm_decisions))
+
+    def _reserve(self) -> float:
+        return self.thresholds.memory_tokens if self.reserve_tokens is None else self.reserve_tokens
+
+    def _spare_blocks(self, share: float) -> int:
+        """Lending's limit: the capacity less ``share`` of the reserve, in blocks (-1: no lending)."""
+        if not (self.lend_spare_memory and self.lookahead is not None and self.variant == "measured"):
+            return -1
+        reserve = share * self._reserve()
+        return self._capacity_blocks - int(np.ceil(min(reserve, self._capacity_blocks * self._block_size)
+                                                   / self._block_size))
 
     def count_guard(self, guard: np.ndarray) -> None:
         """Add the guard's activations and fallbacks a compiled loop counted into ``guard`` (and clear it)."""
@@ -138,6 +183,17 @@ class NestedWaitPolicy:
         guard[:] = 0
 
     def decide(self, state: SchedulerState) -> Decision:
+        if self.lookahead_levels is not None:
+            evicted = bool(np.any(state.num_evictions[self._last_batch] > self._last_evictions))
+            adapt_lookahead(self._margin_rule, self._margin, int(self._margin[SEEN]) + evicted, state.num_waiting)
+            self.lookahead = self._margin_rule.residual
+        decision = self._decide(state)
+        if self.lookahead_levels is not None:
+            self._last_batch = np.concatenate([state.running, decision.prefill]).astype(np.int64)
+            self._last_evictions = state.num_evictions[self._last_batch].copy()
+        return decision
+
+    def _decide(self, state: SchedulerState) -> Decision:
         bounds, n = self.thresholds.boundaries, self.thresholds.n
         segments = len(bounds)
         running = state.running
@@ -156,8 +212,9 @@ class NestedWaitPolicy:
         decision = self._select(state, running, decoded, at_boundary, segment, waiting, entrants >= n,
                                 whole_queues=whole_queues)
         if self.lend_spare_memory and peak is not None:
-            reserve = self.thresholds.memory_tokens if self.reserve_tokens is None else self.reserve_tokens
-            spare = state.capacity_blocks - int(np.ceil(min(reserve, state.capacity_tokens) / state.block_size))
+            reserve_blocks = int(np.ceil(min(self._reserve(), state.capacity_tokens) / state.block_size))
+            spare = (int(self._margin_rule.spare[0]) if self.lookahead_levels is not None else
+                     state.capacity_blocks - reserve_blocks)
             if spare > 0 and peak <= spare:
                 # Memory is plentiful: every gate opens, admissions bounded by the lookahead within the spare;
                 # lending only ever adds to what the thresholds would admit.
@@ -266,9 +323,50 @@ class NestedWaitRule(NamedTuple):
     codes: np.ndarray  # int64 segment_codes(boundaries): segment and boundary by decoded count
     n: np.ndarray  # int64 threshold per segment
     residual: np.ndarray  # int64 lookahead: remaining output assumed per decoded count (empty: no lookahead)
-    spare_blocks: int  # lending's limit (capacity less the reserve); -1 without lending
+    spare: np.ndarray  # int64[1]: lending's limit now (capacity less the reserve); -1 without lending
     drain_when_idle: bool
     pausing: bool  # the paper's variant: only the ready prefix's cohorts advance, n_k per stage
+    levels: np.ndarray  # int64 (levels, len(residual)): the adaptive margin's tables (no rows: `residual` fixed)
+    level_spares: np.ndarray  # int64 per level: its lending limit (`spare` follows the level)
+    calm_decisions: int  # eviction-free decisions before the margin steps down a level
+
+
+LEVEL, FLOOR, CALM, SEEN = range(4)  # indices of the adaptive margin's state (new_margin)
+
+
+def new_margin(levels: np.ndarray | None) -> np.ndarray:
+    """The adaptive margin's state at the start of a run: at the most cautious level, no level barred, no decision
+    counted, no eviction seen (int64, indexed by LEVEL … SEEN)."""
+    return np.array([0 if levels is None else len(levels) - 1, 0, 0, 0], dtype=np.int64)
+
+
+@compiled
+def adapt_lookahead(rule: NestedWaitRule, margin: np.ndarray, evictions: int, waiting: int) -> bool:
+    """The adaptive lookahead margin, before a decision, given the engine's ``evictions`` so far: an eviction
+    since the last decision steps it up a level and bars the level that evicted for the rest of the run;
+    ``rule.calm_decisions`` decisions in a row without one step it down a level, to the lowest not barred.
+    The level's table is copied into ``rule.residual``. Returns whether it stepped up (trajectories grew: a kept
+    projection may be too short for them)."""
+    if len(rule.levels) == 0:
+        return False
+    level = margin[LEVEL]
+    if evictions > margin[SEEN]:
+        margin[SEEN] = evictions
+        margin[FLOOR] = min(level + 1, len(rule.levels) - 1)
+        margin[CALM] = 0
+        moved = margin[FLOOR]
+    else:
+        margin[CALM] += waiting > 0  # caution costs only while requests wait
+        if margin[CALM] < rule.calm_decisions or level <= margin[FLOOR]:
+            return False
+        margin[CALM] = 0
+        moved = level - 1
+    if moved == level:
+        return False
+    margin[LEVEL] = moved
+    rule.residual[:] = rule.levels[moved]
+    rule.spare[0] = rule.level_spares[moved]
+    return moved > level
 
 
 class RunningSegments(NamedTuple):
@@ -373,7 +471,7 @@ def _nested_select(rule: NestedWaitRule, batch: RunningSegments, waiting: np.nda
                    columns: RequestColumns, counters: np.ndarray, engine: EngineParams,
                    held: HeldProfile) -> Selection:
     """:meth:`NestedWaitPolicy._select`. ``mode`` is the call's keywords: 0 thresholds only, 1 ``whole_queues``,
-    2 lending within ``rule.spare_blocks``, 3 ``under_pressure``; ``held`` the running batch's projection
+    2 lending within ``rule.spare[0]``, 3 ``under_pressure``; ``held`` the running batch's projection
     (:func:`batch_projection`), left as it was. Measured, the decodes are counted from the segments' tallies;
     a pass over the batch is made only where the paper's per-stage rule or the memory check needs one."""
     n = rule.n
@@ -401,7 +499,7 @@ def _nested_select(rule: NestedWaitRule, batch: RunningSegments, waiting: np.nda
     if len(admit) and len(rule.residual) and not rule.pausing:
         admit_context, admit_remaining = trajectories_of(admit, columns, rule.residual)
         admit = admit[:held_fitting_count(held, batch.peak, admit_context, admit_remaining, block_size,
-                                          rule.spare_blocks if mode == 2 else capacity)]
+                                          rule.spare[0] if mode == 2 else capacity)]
     room = capacity - counters[USED_BLOCKS]
     for i in admit:
         room -= -(-columns.context[i] // block_size)
@@ -474,7 +572,7 @@ def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: Req
     batch = RunningSegments(running, at_boundary, segment, decoded, queued, stages, peak)
     chosen = _nested_select(rule, batch, waiting, entrants >= n,
                             1 if projects and peak <= engine.capacity_blocks else 0, columns, counters, engine, held)
-    if projects and rule.spare_blocks > 0 and peak <= rule.spare_blocks:
+    if projects and rule.spare[0] > 0 and peak <= rule.spare[0]:
         # Memory is plentiful: every gate opens, admissions bounded by the lookahead within the spare.
         lendable = oldest_waiting(counters, columns.status, max(n[0], LEND_SCAN))
         lent = _nested_select(rule, batch, lendable, np.ones(segments, dtype=np.bool_), 2, columns, counters, engine,
@@ -497,11 +595,14 @@ def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: Req
 
 @compiled
 def nested_wait_step(rule: NestedWaitRule, guard: np.ndarray, running: np.ndarray, run: RunState,
-                     columns: RequestColumns, arrivals: ChunkArrays, engine: EngineParams, projection: BatchProjection
+                     columns: RequestColumns, arrivals: ChunkArrays, engine: EngineParams, projection: BatchProjection,
+                     margin: np.ndarray
                      ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, BatchProjection]:
     """Nested WAIT's decision and its iteration: ``(stop, running, decode, admit, chunk, finished, projection)``
     (:func:`~llmsched_env.compiled_run.apply`'s stop, the requests that finished, and the running batch's
     projection followed through the iteration)."""
+    if adapt_lookahead(rule, margin, run.ints[EVICTIONS], run.counters[NUM_WAITING]):
+        projection = batch_projection(rule, running, columns, engine, run)  # longer trajectories: drawn anew
     decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard, projection)
     chunk = compiled_run.whole_prefills(admit, columns)
     before = running
@@ -514,8 +615,8 @@ def nested_wait_step(rule: NestedWaitRule, guard: np.ndarray, running: np.ndarra
 
 @compiled
 def run_nested_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
-                    engine: EngineParams, rule: NestedWaitRule, guard: np.ndarray, projection: BatchProjection
-                    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, BatchProjection]:
+                    engine: EngineParams, rule: NestedWaitRule, guard: np.ndarray, projection: BatchProjection,
+                    margin: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, BatchProjection]:
     """:class:`NestedWaitPolicy`'s compiled loop (see :data:`~llmsched_env.policy.CompiledLoop`), and the running
     batch's projection where it stopped; ``projection`` is where the last call stopped (:func:`kept_projection`)."""
     nothing = np.empty(0, dtype=np.int64)
@@ -525,6 +626,6 @@ def run_nested_wait(run: RunState, running: np.ndarray, columns: RequestColumns,
         if stop != GO_ON:
             return stop, running, nothing, nothing, nothing, projection
         stop, running, decode, admit, chunk, _, projection = nested_wait_step(rule, guard, running, run, columns,
-                                                                             arrivals, engine, projection)
+                                                                             arrivals, engine, projection, margin)
         if stop != GO_ON:
             return stop, running, decode, admit, chunk, projection

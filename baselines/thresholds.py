@@ -103,15 +103,17 @@ def _wait_fixed_point(rates: np.ndarray, u: np.ndarray, c0: float) -> tuple[np.n
         load += rates[j] * u[j]
     if load >= 1.0:
         return n, False
-    for j in range(count):  # from the fluid point n* = λ c0 / (1 − λ·u), one request per stage of every type
-        n[j] = max(rates[j] > 0, math.ceil(rates[j] * c0 / (1.0 - load) - 1e-9))
+    least = np.zeros(count, dtype=np.int64)  # one request per stage of every type that arrives
+    for j in range(count):  # from the fluid point n* = λ c0 / (1 − λ·u)
+        least[j] = 1 if rates[j] > 0 else 0
+        n[j] = max(least[j], math.ceil(rates[j] * c0 / (1.0 - load) - 1e-9))
     for _ in range(_MAX_FIXED_POINT_STEPS):
         tau = c0
         for j in range(count):
             tau += n[j] * u[j]
         settled = True
         for j in range(count):
-            target = max(rates[j] > 0, math.ceil(rates[j] * tau - 1e-9))
+            target = max(least[j], math.ceil(rates[j] * tau - 1e-9))
             if target != n[j]:
                 settled = False
                 n[j] = max(n[j], target)

@@ -37,6 +37,9 @@ PRESETS = {
                                                        lend_spare_memory=False),
     "wait-pausing": lambda scenario: make_policy("wait-pausing", scenario, 12.0),
     "nested-wait-pausing": lambda scenario: make_policy("nested-wait-pausing", scenario, 12.0),
+    # The adaptive margin moving every few decisions: its steps, and the projection drawn anew when it steps up.
+    "nested-wait-margin": lambda scenario: replace(make_policy("nested-wait-margin", scenario, 12.0),
+                                                   calm_decisions=3),
     "wait-adaptive": lambda scenario: AdaptiveWaitPolicy.create(scenario.cost, scenario.capacity_tokens,
                                                                 scenario.block_size, **LEARN_FAST),
     "nested-wait-adaptive": lambda scenario: AdaptiveNestedWaitPolicy.create(

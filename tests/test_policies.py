@@ -433,3 +433,45 @@ def test_a_request_is_typed_by_the_nearest_type_in_log_length(types: list[tuple[
         assert distance[k] <= min(distance) * (1 + 1e-12) + 1e-12  # the least (ties within rounding)
         if (p, o) in types:
             assert distance[k] == 0.0  # a request of a type's lengths is typed by (one of) its type(s)
+
+
+def test_the_adaptive_margin_steps_down_while_calm_and_up_for_good_on_an_eviction() -> None:
+    from baselines.nested_wait import CALM, FLOOR, LEVEL, NestedWaitRule, adapt_lookahead, new_margin
+
+    levels = np.array([[3, 2, 1], [5, 4, 3], [9, 8, 7]], dtype=np.int64)  # boldest first
+    rule = NestedWaitRule(np.array([3]), np.zeros(1, np.int64), np.array([1]), levels[-1].copy(),
+                          np.array([100]), True, False, levels, np.array([10, 50, 100]), 2)
+    margin = new_margin(levels)
+    assert margin[LEVEL] == 2
+    assert not adapt_lookahead(rule, margin, 0, 0) and not adapt_lookahead(rule, margin, 0, 0)
+    assert margin[LEVEL] == 2 and margin[CALM] == 0  # an empty queue is no evidence: caution costs nothing
+    assert not adapt_lookahead(rule, margin, 0, 3) and not adapt_lookahead(rule, margin, 0, 3)
+    assert margin[LEVEL] == 1 and rule.residual.tolist() == [5, 4, 3] and rule.spare[0] == 50
+    for _ in range(2):
+        adapt_lookahead(rule, margin, 0, 1)
+    assert margin[LEVEL] == 0 and rule.residual.tolist() == [3, 2, 1] and rule.spare[0] == 10
+    assert adapt_lookahead(rule, margin, 1, 1)  # an eviction: one level up (longer trajectories), level 0 barred
+    assert margin[LEVEL] == 1 and margin[FLOOR] == 1 and rule.residual.tolist() == [5, 4, 3]
+    for _ in range(10):
+        adapt_lookahead(rule, margin, 1, 1)
+    assert margin[LEVEL] == 1  # never back to a level that evicted
+    assert adapt_lookahead(rule, margin, 4, 1) and margin[LEVEL] == 2 and margin[FLOOR] == 2
+    assert not adapt_lookahead(rule, margin, 9, 1) and margin[LEVEL] == 2  # the most cautious stays
+
+
+def test_an_adaptive_margin_of_one_level_is_nested_wait() -> None:
+    """Levels that all hold one lookahead and reserve: the margin's steps, up on evictions too, change nothing."""
+    from baselines.lookahead import residual_quantiles
+
+    scenario = build_scenario(types="p=40,o=60,rate=1;p=80,o=200,rate=1", memory_tokens=6_000, block_size=16,
+                              hidden_lengths=True)
+    scenario = scenario.at_rate(scenario.rate_for_load(1.1))
+    arrivals = scenario.sample(120.0, 3)
+    # A bold lookahead (the median: a request of 200 tokens is projected to stop at 60), so that it evicts.
+    table = residual_quantiles(np.array([60, 200]), np.array([0.5, 0.5]), 0.5)
+    plain = replace(make_policy("nested-wait", scenario, 120.0), lookahead=table)
+    margin = replace(make_policy("nested-wait-margin", scenario, 120.0), lookahead_levels=np.stack([table] * 3),
+                     reserve_levels=(1.0, 1.0, 1.0), calm_decisions=1)
+    first, second = (run(scenario.engine(), policy, arrivals, 120.0) for policy in (plain, margin))
+    assert first.iterations == second.iterations and first.evictions == second.evictions
+    assert first.finished == second.finished and first.end_time == second.end_time and first.evictions > 0
