@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from baselines.lookahead import LOOKAHEAD_QUANTILE, BatchProjection, HeldProfile, no_projection, residual_quantiles
-from baselines.nested_wait import NestedWaitPolicy, NestedWaitRule, kept_projection, nested_wait_step
+from baselines.nested_wait import Margin, NestedWaitPolicy, NestedWaitRule, kept_projection, nested_wait_step
 from baselines.thresholds import (
     NestedWaitThresholds,
     OutputLengthDistribution,
@@ -194,7 +194,8 @@ def run_adaptive_nested_wait(run: RunState, running: np.ndarray, columns: Reques
     decision and the finished requests' lengths recorded after each iteration, pausing for Python when the
     thresholds are due to be solved again. ``projection`` is the running batch's where the last call stopped, at
     this call's lookahead (see :func:`~baselines.nested_wait.kept_projection`)."""
-    nothing, no_margin = np.empty(0, dtype=np.int64), np.zeros(4, dtype=np.int64)  # its lookahead is learnt
+    nothing = np.empty(0, dtype=np.int64)
+    no_margin = Margin(np.empty((0, 0), dtype=np.int64), nothing, 1, np.zeros(4, dtype=np.int64))  # it learns
     projection = kept_projection(rule, projection, running, columns, engine, run)
     while True:
         if not learn.ints[RESUME]:

@@ -124,15 +124,15 @@ class NestedWaitPolicy:
                 raise ConfigError(f"{len(self.reserve_levels)} reserve levels for {len(self.lookahead_levels)} "
                                   "lookahead levels")
             self.lookahead = np.array(self.lookahead_levels[-1], dtype=np.int64)  # the most cautious to start
-        self._margin = new_margin(self.lookahead_levels)
         self._margin_rule = self.compiled_rule()  # the Python rule's margin moves by the compiled rule's steps
+        self._margin = self.compiled_margin()
         self._last_batch = np.empty(0, dtype=np.int64)  # running or admitted at the last decision
         self._last_evictions = np.empty(0, dtype=np.int64)  # and how often each had been evicted then
 
     @property
     def lookahead_level(self) -> int:
         """The adaptive margin's level now (an index of ``lookahead_levels``; 0 without one)."""
-        return int(self._margin[LEVEL])
+        return int(self._margin.state[LEVEL])
 
     def compiled_loop(self) -> CompiledLoop | None:
         """This policy's rule compiled (:func:`run_nested_wait`, either variant): the same decisions as
@@ -141,7 +141,7 @@ class NestedWaitPolicy:
         if type(self) is not NestedWaitPolicy:
             return None
         rule, guard, kept = self.compiled_rule(), np.zeros(2, dtype=np.int64), [no_projection()]
-        self._margin = new_margin(self.lookahead_levels)
+        self._margin = self.compiled_margin()
 
         def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                  engine: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -154,16 +154,22 @@ class NestedWaitPolicy:
     def compiled_rule(self) -> "NestedWaitRule":
         """The current thresholds, lookahead and settings, as the compiled rule takes them."""
         projects = self.lookahead is not None and self.variant == "measured"
-        levels = self.lookahead_levels if projects and self.lookahead_levels is not None else np.empty((0, 0))
-        shares = self.reserve_levels or (1.0,) * len(levels)
-        level_spares = np.array([self._spare_blocks(share) for share in shares], dtype=np.int64)
-        spare = level_spares[-1] if len(levels) else self._spare_blocks(1.0)
         return NestedWaitRule(np.ascontiguousarray(self.thresholds.boundaries, dtype=np.int64),
                               segment_codes(self.thresholds.boundaries),
                               np.ascontiguousarray(self.thresholds.n, dtype=np.int64),
                               np.array(self.lookahead if projects else [], dtype=np.int64),  # a copy: it moves
-                              np.array([spare], dtype=np.int64), self.drain_when_idle, self.variant == "paper",
-                              np.ascontiguousarray(levels, dtype=np.int64), level_spares, int(self.calm_decisions))
+                              np.array([self._spare_blocks(1.0)], dtype=np.int64), self.drain_when_idle,
+                              self.variant == "paper")
+
+    def compiled_margin(self) -> "Margin":
+        """The adaptive margin as the compiled rule follows it, at the start of a run (no levels without one)."""
+        projects = self.lookahead is not None and self.variant == "measured"
+        levels = self.lookahead_levels if projects and self.lookahead_levels is not None else np.empty((0, 0))
+        shares = self.reserve_levels or (1.0,) * len(levels)
+        state = np.array([max(len(levels) - 1, 0), 0, 0, 0], dtype=np.int64)
+        return Margin(np.ascontiguousarray(levels, dtype=np.int64),
+                      np.array([self._spare_blocks(share) for share in shares], dtype=np.int64),
+                      int(self.calm_decisions), state)
 
     def _reserve(self) -> float:
         return self.thresholds.memory_tokens if self.reserve_tokens is None else self.reserve_tokens
@@ -185,7 +191,8 @@ class NestedWaitPolicy:
     def decide(self, state: SchedulerState) -> Decision:
         if self.lookahead_levels is not None:
             evicted = bool(np.any(state.num_evictions[self._last_batch] > self._last_evictions))
-            adapt_lookahead(self._margin_rule, self._margin, int(self._margin[SEEN]) + evicted, state.num_waiting)
+            adapt_lookahead(self._margin_rule, self._margin, int(self._margin.state[SEEN]) + evicted,
+                            state.num_waiting)
             self.lookahead = self._margin_rule.residual
         decision = self._decide(state)
         if self.lookahead_levels is not None:
@@ -326,46 +333,49 @@ class NestedWaitRule(NamedTuple):
     spare: np.ndarray  # int64[1]: lending's limit now (capacity less the reserve); -1 without lending
     drain_when_idle: bool
     pausing: bool  # the paper's variant: only the ready prefix's cohorts advance, n_k per stage
-    levels: np.ndarray  # int64 (levels, len(residual)): the adaptive margin's tables (no rows: `residual` fixed)
-    level_spares: np.ndarray  # int64 per level: its lending limit (`spare` follows the level)
-    calm_decisions: int  # eviction-free decisions before the margin steps down a level
 
 
-LEVEL, FLOOR, CALM, SEEN = range(4)  # indices of the adaptive margin's state (new_margin)
+LEVEL, FLOOR, CALM, SEEN = range(4)  # indices of Margin.state
 
 
-def new_margin(levels: np.ndarray | None) -> np.ndarray:
-    """The adaptive margin's state at the start of a run: at the most cautious level, no level barred, no decision
-    counted, no eviction seen (int64, indexed by LEVEL … SEEN)."""
-    return np.array([0 if levels is None else len(levels) - 1, 0, 0, 0], dtype=np.int64)
+class Margin(NamedTuple):
+    """Nested WAIT's adaptive margin (item 7) as its compiled rule follows it. It moves the rule's lookahead
+    (``residual``) and lending limit (``spare``), in place, between its levels."""
+
+    levels: np.ndarray  # int64 (levels, len(residual)): the lookahead tables, boldest first (no rows: none)
+    spares: np.ndarray  # int64 per level: lending's limit
+    calm_decisions: int  # decisions in a row with requests waiting and no eviction before it steps down a level
+    state: np.ndarray  # int64, indexed by LEVEL (now), FLOOR (the lowest not barred), CALM (the decisions so
+    # counted), SEEN (the evictions seen); it starts at the most cautious level, nothing barred, counted or seen
 
 
 @compiled
-def adapt_lookahead(rule: NestedWaitRule, margin: np.ndarray, evictions: int, waiting: int) -> bool:
-    """The adaptive lookahead margin, before a decision, given the engine's ``evictions`` so far: an eviction
-    since the last decision steps it up a level and bars the level that evicted for the rest of the run;
-    ``rule.calm_decisions`` decisions in a row without one step it down a level, to the lowest not barred.
-    The level's table is copied into ``rule.residual``. Returns whether it stepped up (trajectories grew: a kept
-    projection may be too short for them)."""
-    if len(rule.levels) == 0:
+def adapt_lookahead(rule: NestedWaitRule, margin: Margin, evictions: int, waiting: int) -> bool:
+    """The adaptive margin, before a decision, given the engine's ``evictions`` so far and the requests
+    ``waiting``: an eviction since the last decision steps it up a level and bars the level that evicted for the
+    rest of the run; ``margin.calm_decisions`` decisions in a row with requests waiting and no eviction step it
+    down a level, to the lowest not barred. The level's lookahead and lending limit are copied into the rule.
+    Returns whether it stepped up (trajectories grew: a kept projection may be too short for them)."""
+    state = margin.state
+    if len(margin.levels) == 0:
         return False
-    level = margin[LEVEL]
-    if evictions > margin[SEEN]:
-        margin[SEEN] = evictions
-        margin[FLOOR] = min(level + 1, len(rule.levels) - 1)
-        margin[CALM] = 0
-        moved = margin[FLOOR]
+    level = state[LEVEL]
+    if evictions > state[SEEN]:
+        state[SEEN] = evictions
+        state[FLOOR] = min(level + 1, len(margin.levels) - 1)
+        state[CALM] = 0
+        moved = state[FLOOR]
     else:
-        margin[CALM] += waiting > 0  # caution costs only while requests wait
-        if margin[CALM] < rule.calm_decisions or level <= margin[FLOOR]:
+        state[CALM] += waiting > 0  # caution costs only while requests wait
+        if state[CALM] < margin.calm_decisions or level <= state[FLOOR]:
             return False
-        margin[CALM] = 0
+        state[CALM] = 0
         moved = level - 1
     if moved == level:
         return False
-    margin[LEVEL] = moved
-    rule.residual[:] = rule.levels[moved]
-    rule.spare[0] = rule.level_spares[moved]
+    state[LEVEL] = moved
+    rule.residual[:] = margin.levels[moved]
+    rule.spare[0] = margin.spares[moved]
     return moved > level
 
 
@@ -596,12 +606,12 @@ def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: Req
 @compiled
 def nested_wait_step(rule: NestedWaitRule, guard: np.ndarray, running: np.ndarray, run: RunState,
                      columns: RequestColumns, arrivals: ChunkArrays, engine: EngineParams, projection: BatchProjection,
-                     margin: np.ndarray
+                     margin: Margin
                      ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, BatchProjection]:
     """Nested WAIT's decision and its iteration: ``(stop, running, decode, admit, chunk, finished, projection)``
     (:func:`~llmsched_env.compiled_run.apply`'s stop, the requests that finished, and the running batch's
     projection followed through the iteration)."""
-    if adapt_lookahead(rule, margin, run.ints[EVICTIONS], run.counters[NUM_WAITING]):
+    if len(margin.levels) and adapt_lookahead(rule, margin, run.ints[EVICTIONS], run.counters[NUM_WAITING]):
         projection = batch_projection(rule, running, columns, engine, run)  # longer trajectories: drawn anew
     decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard, projection)
     chunk = compiled_run.whole_prefills(admit, columns)
@@ -616,7 +626,7 @@ def nested_wait_step(rule: NestedWaitRule, guard: np.ndarray, running: np.ndarra
 @compiled
 def run_nested_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                     engine: EngineParams, rule: NestedWaitRule, guard: np.ndarray, projection: BatchProjection,
-                    margin: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, BatchProjection]:
+                    margin: Margin) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, BatchProjection]:
     """:class:`NestedWaitPolicy`'s compiled loop (see :data:`~llmsched_env.policy.CompiledLoop`), and the running
     batch's projection where it stopped; ``projection`` is where the last call stopped (:func:`kept_projection`)."""
     nothing = np.empty(0, dtype=np.int64)

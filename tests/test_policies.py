@@ -436,27 +436,27 @@ def test_a_request_is_typed_by_the_nearest_type_in_log_length(types: list[tuple[
 
 
 def test_the_adaptive_margin_steps_down_while_calm_and_up_for_good_on_an_eviction() -> None:
-    from baselines.nested_wait import CALM, FLOOR, LEVEL, NestedWaitRule, adapt_lookahead, new_margin
+    from baselines.nested_wait import CALM, FLOOR, LEVEL, Margin, NestedWaitRule, adapt_lookahead
 
     levels = np.array([[3, 2, 1], [5, 4, 3], [9, 8, 7]], dtype=np.int64)  # boldest first
     rule = NestedWaitRule(np.array([3]), np.zeros(1, np.int64), np.array([1]), levels[-1].copy(),
-                          np.array([100]), True, False, levels, np.array([10, 50, 100]), 2)
-    margin = new_margin(levels)
-    assert margin[LEVEL] == 2
+                          np.array([100]), True, False)
+    margin = Margin(levels, np.array([10, 50, 100]), 2, np.array([2, 0, 0, 0]))
+    state = margin.state
     assert not adapt_lookahead(rule, margin, 0, 0) and not adapt_lookahead(rule, margin, 0, 0)
-    assert margin[LEVEL] == 2 and margin[CALM] == 0  # an empty queue is no evidence: caution costs nothing
+    assert state[LEVEL] == 2 and state[CALM] == 0  # an empty queue is no evidence: caution costs nothing
     assert not adapt_lookahead(rule, margin, 0, 3) and not adapt_lookahead(rule, margin, 0, 3)
-    assert margin[LEVEL] == 1 and rule.residual.tolist() == [5, 4, 3] and rule.spare[0] == 50
+    assert state[LEVEL] == 1 and rule.residual.tolist() == [5, 4, 3] and rule.spare[0] == 50
     for _ in range(2):
         adapt_lookahead(rule, margin, 0, 1)
-    assert margin[LEVEL] == 0 and rule.residual.tolist() == [3, 2, 1] and rule.spare[0] == 10
+    assert state[LEVEL] == 0 and rule.residual.tolist() == [3, 2, 1] and rule.spare[0] == 10
     assert adapt_lookahead(rule, margin, 1, 1)  # an eviction: one level up (longer trajectories), level 0 barred
-    assert margin[LEVEL] == 1 and margin[FLOOR] == 1 and rule.residual.tolist() == [5, 4, 3]
+    assert state[LEVEL] == 1 and state[FLOOR] == 1 and rule.residual.tolist() == [5, 4, 3]
     for _ in range(10):
         adapt_lookahead(rule, margin, 1, 1)
-    assert margin[LEVEL] == 1  # never back to a level that evicted
-    assert adapt_lookahead(rule, margin, 4, 1) and margin[LEVEL] == 2 and margin[FLOOR] == 2
-    assert not adapt_lookahead(rule, margin, 9, 1) and margin[LEVEL] == 2  # the most cautious stays
+    assert state[LEVEL] == 1  # never back to a level that evicted
+    assert adapt_lookahead(rule, margin, 4, 1) and state[LEVEL] == 2 and state[FLOOR] == 2
+    assert not adapt_lookahead(rule, margin, 9, 1) and state[LEVEL] == 2  # the most cautious stays
 
 
 def test_an_adaptive_margin_of_one_level_is_nested_wait() -> None:
