@@ -24,6 +24,7 @@ from llmsched_env.fluid import solve_fluid
 from llmsched_env.metrics import json_document, summarize
 from llmsched_env.runner import STALL_AFTER_S, run
 from llmsched_env.scenario import DEFAULT_TYPES, build_scenario, check_work
+from llmsched_env.workload import trace_has_arrival_times
 
 # rich_markup_mode=None: a usage error is click's plain "Error: Invalid value for '--rates': ..." line, not a panel.
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -390,8 +391,12 @@ def compare(
         _compare_scenarios(scenario, names, _floats(rates, "--rates"), _floats(loads, "--loads"), horizon,
                            parse_seeds(seeds) if seeds is not None else None, jobs, out, plots, as_json, progress)
         return
-    chosen = build_scenario(types=types, trace=trace, cost=cost, profile=profile, memory_tokens=memory_tokens,
-                            block_size=block_size, arrivals=arrivals, cv=cv)  # type: ignore[arg-type]
+    # A length-only trace's arrivals come at the sweep's rates: it is built at a nominal one (a timed trace is
+    # replayed, and rescaled to each rate of the sweep).
+    nominal = 1.0 if trace is not None and not trace_has_arrival_times(trace) else None
+    chosen = build_scenario(types=types, trace=trace, rate=nominal, cost=cost, profile=profile,
+                            memory_tokens=memory_tokens, block_size=block_size, arrivals=arrivals,
+                            cv=cv)  # type: ignore[arg-type]
     sweep = _floats(rates, "--rates") or default_rates(chosen, _floats(loads, "--loads") or DEFAULT_LOADS)
     seed_list = parse_seeds(seeds) if seeds is not None else [seed]
     names = names or list(DEFAULT_POLICIES)

@@ -595,6 +595,17 @@ def read_trace_csv(path: str | Path, *, require_arrivals: bool) -> tuple[np.ndar
         raise TraceFormatError(f"{path}: not a CSV file: {error}") from None
 
 
+def trace_has_arrival_times(path: str | Path) -> bool:
+    """Whether a trace CSV's header has ``arrived_at`` (a timed trace, replayed) rather than lengths only (whose
+    arrivals a rate generates). The file itself is checked when it is read (:func:`read_trace_csv`)."""
+    try:
+        with Path(path).open(newline="") as handle:
+            header = next(csv.reader(handle), None)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False  # reading it names the problem
+    return header is not None and "arrived_at" in [column.strip() for column in header]
+
+
 def _read_trace_rows(handle, path: Path, require_arrivals: bool  # type: ignore[no-untyped-def]
                      ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     with handle:

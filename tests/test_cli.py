@@ -53,6 +53,17 @@ def test_simulate_replays_a_trace(tmp_path: Path) -> None:
     assert json.loads(out)["arrived"] == 101  # arrivals at 0.0 .. 10.0
 
 
+def test_compare_sweeps_a_length_only_trace_at_its_loads(tmp_path: Path) -> None:
+    trace = tmp_path / "lengths.csv"
+    trace.write_text("num_prefill_tokens,num_decode_tokens\n" + "".join(f"{20 + i % 7},{5 + i % 11}\n"
+                                                                        for i in range(50)))
+    code, out = invoke("compare", "--trace", str(trace), "--loads", "0.5,0.8", "--policies", "vllm", "--horizon",
+                       "10", "--no-plots", "--out", str(tmp_path / "out"), "--json")
+    assert code == 0, out
+    rows = json.loads(out)["rows"]
+    assert [round(row["rho"], 1) for row in rows] == [0.5, 0.8]
+
+
 def test_bad_input_exits_2_with_the_reason(tmp_path: Path) -> None:
     trace = tmp_path / "bad.csv"
     trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,10,5\n1,10,zero\n")
