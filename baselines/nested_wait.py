@@ -580,15 +580,21 @@ def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: Req
     waiting = oldest_waiting(counters, columns.status, n[0])  # all but lending can admit
     peak = held_peak(held) if projects else 0
     batch = RunningSegments(running, at_boundary, segment, decoded, queued, stages, peak)
-    chosen = _nested_select(rule, batch, waiting, entrants >= n,
-                            1 if projects and peak <= engine.capacity_blocks else 0, columns, counters, engine, held)
+    ready = entrants >= n
+    mode = 1 if projects and peak <= engine.capacity_blocks else 0
     if projects and rule.spare[0] > 0 and peak <= rule.spare[0]:
-        # Memory is plentiful: every gate opens, admissions bounded by the lookahead within the spare.
+        # Memory is plentiful: every gate opens, admissions bounded by the lookahead within the spare. Lending
+        # is kept when it fits and admits at least what the thresholds would; they admit at most n_1 of the
+        # waiting prompts, none with segment 1 shut, so they are tried only when it admits fewer.
         lendable = oldest_waiting(counters, columns.status, max(n[0], LEND_SCAN))
-        lent = _nested_select(rule, batch, lendable, np.ones(segments, dtype=np.bool_), 2, columns, counters, engine,
-                              held)
-        if lent.fits and (not chosen.fits or len(lent.admit) >= len(chosen.admit)):
-            chosen = lent
+        chosen = _nested_select(rule, batch, lendable, np.ones(segments, dtype=np.bool_), 2, columns, counters,
+                                engine, held)
+        if not chosen.fits or len(chosen.admit) < (min(n[0], len(waiting)) if ready[0] else 0):
+            gated = _nested_select(rule, batch, waiting, ready, mode, columns, counters, engine, held)
+            if not chosen.fits or (gated.fits and len(gated.admit) > len(chosen.admit)):
+                chosen = gated
+    else:
+        chosen = _nested_select(rule, batch, waiting, ready, mode, columns, counters, engine, held)
     if not chosen.fits:
         # Memory pressure: admit nothing new and let every boundary queue move on toward completion.
         guard[0] += 1
