@@ -267,6 +267,8 @@ def _all_fit(peak: int, context: np.ndarray, remaining: np.ndarray, block_size: 
     bound = peak
     for j in range(len(context)):
         bound += -(-(context[j] + remaining[j]) // block_size)
+        if bound > limit_blocks:
+            return False
     return bound <= limit_blocks
 
 
