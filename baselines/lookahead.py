@@ -280,12 +280,9 @@ def held_fitting_count(held: HeldProfile, peak: int, context: np.ndarray, remain
     candidate's largest size fits, all do, without a pass over the profile per candidate."""
     if _all_fit(peak, context, remaining, block_size, limit_blocks):
         return len(context)
-    count = 0
-    while count < len(context) and held_fits(held, context[count], remaining[count], block_size, limit_blocks):
-        if remaining[count] >= len(held.blocks):
-            raise AssertionError("held_fitting_count: a candidate longer than the projection was made for")
-        held_add(held, context[count], remaining[count], block_size)
-        count += 1
+    count, grown = held_fitting_prefix(held, context, remaining, block_size, limit_blocks)
+    if len(grown.blocks) != len(held.blocks):
+        raise AssertionError("held_fitting_count: a candidate longer than the projection was made for")
     held_remove(held, context[:count], remaining[:count], block_size)
     return count
 

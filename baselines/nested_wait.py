@@ -124,7 +124,8 @@ class NestedWaitPolicy:
                 raise ConfigError(f"{len(self.reserve_levels)} reserve levels for {len(self.lookahead_levels)} "
                                   "lookahead levels")
             self.lookahead = np.array(self.lookahead_levels[-1], dtype=np.int64)  # the most cautious to start
-        self._margin_rule = self.compiled_rule()  # the Python rule's margin moves by the compiled rule's steps
+        # The Python rule's margin moves by the compiled rule's steps (adapt_lookahead), on a rule of its own.
+        self._margin_rule = self.compiled_rule() if self.lookahead_levels is not None else None
         self._margin = self.compiled_margin()
         self._last_batch = np.empty(0, dtype=np.int64)  # running or admitted at the last decision
         self._last_evictions = np.empty(0, dtype=np.int64)  # and how often each had been evicted then
@@ -151,34 +152,33 @@ class NestedWaitPolicy:
             return tuple(stop)  # type: ignore[return-value]
         return loop
 
+    def _projects(self) -> bool:
+        """Whether the rule projects memory ahead (a lookahead, the measured variant)."""
+        return self.lookahead is not None and self.variant == "measured"
+
     def compiled_rule(self) -> "NestedWaitRule":
         """The current thresholds, lookahead and settings, as the compiled rule takes them."""
-        projects = self.lookahead is not None and self.variant == "measured"
         return NestedWaitRule(np.ascontiguousarray(self.thresholds.boundaries, dtype=np.int64),
                               segment_codes(self.thresholds.boundaries),
                               np.ascontiguousarray(self.thresholds.n, dtype=np.int64),
-                              np.array(self.lookahead if projects else [], dtype=np.int64),  # a copy: it moves
+                              np.array(self.lookahead if self._projects() else [], dtype=np.int64),  # a copy: it moves
                               np.array([self._spare_blocks(1.0)], dtype=np.int64), self.drain_when_idle,
                               self.variant == "paper")
 
     def compiled_margin(self) -> "Margin":
         """The adaptive margin as the compiled rule follows it, at the start of a run (no levels without one)."""
-        projects = self.lookahead is not None and self.variant == "measured"
-        levels = self.lookahead_levels if projects and self.lookahead_levels is not None else np.empty((0, 0))
+        levels = self.lookahead_levels if self._projects() and self.lookahead_levels is not None else np.empty((0, 0))
         shares = self.reserve_levels or (1.0,) * len(levels)
         state = np.array([max(len(levels) - 1, 0), 0, 0, 0], dtype=np.int64)
         return Margin(np.ascontiguousarray(levels, dtype=np.int64),
                       np.array([self._spare_blocks(share) for share in shares], dtype=np.int64),
                       int(self.calm_decisions), state)
 
-    def _reserve(self) -> float:
-        return self.thresholds.memory_tokens if self.reserve_tokens is None else self.reserve_tokens
-
     def _spare_blocks(self, share: float) -> int:
         """Lending's limit: the capacity less ``share`` of the reserve, in blocks (-1: no lending)."""
-        if not (self.lend_spare_memory and self.lookahead is not None and self.variant == "measured"):
+        if not (self.lend_spare_memory and self._projects()):
             return -1
-        reserve = share * self._reserve()
+        reserve = share * (self.thresholds.memory_tokens if self.reserve_tokens is None else self.reserve_tokens)
         return self._capacity_blocks - int(np.ceil(min(reserve, self._capacity_blocks * self._block_size)
                                                    / self._block_size))
 
@@ -189,13 +189,13 @@ class NestedWaitPolicy:
         guard[:] = 0
 
     def decide(self, state: SchedulerState) -> Decision:
-        if self.lookahead_levels is not None:
+        if self._margin_rule is not None:
             evicted = bool(np.any(state.num_evictions[self._last_batch] > self._last_evictions))
             adapt_lookahead(self._margin_rule, self._margin, int(self._margin.state[SEEN]) + evicted,
                             state.num_waiting)
             self.lookahead = self._margin_rule.residual
         decision = self._decide(state)
-        if self.lookahead_levels is not None:
+        if self._margin_rule is not None:
             self._last_batch = np.concatenate([state.running, decision.prefill]).astype(np.int64)
             self._last_evictions = state.num_evictions[self._last_batch].copy()
         return decision
@@ -211,17 +211,14 @@ class NestedWaitPolicy:
         waiting = state.oldest_waiting(max(int(n[0]), LEND_SCAN))  # all an iteration can admit
         entrants = np.bincount(segment[at_boundary], minlength=segments)
         entrants[0] = state.num_waiting
-        projects = self.lookahead is not None and self.variant == "measured"
-        peak = self._projected_peak(state) if projects else None
+        peak = self._projected_peak(state) if self._projects() else None
         # A ready gate lets its whole boundary queue through while the lookahead says the batch fits: the
         # requests behind it hold their KV either way, and making them wait for the next n_k only delays them.
         whole_queues = peak is not None and peak <= state.capacity_blocks
         decision = self._select(state, running, decoded, at_boundary, segment, waiting, entrants >= n,
                                 whole_queues=whole_queues)
         if self.lend_spare_memory and peak is not None:
-            reserve_blocks = int(np.ceil(min(self._reserve(), state.capacity_tokens) / state.block_size))
-            spare = (int(self._margin_rule.spare[0]) if self.lookahead_levels is not None else
-                     state.capacity_blocks - reserve_blocks)
+            spare = int(self._margin_rule.spare[0]) if self._margin_rule is not None else self._spare_blocks(1.0)
             if spare > 0 and peak <= spare:
                 # Memory is plentiful: every gate opens, admissions bounded by the lookahead within the spare;
                 # lending only ever adds to what the thresholds would admit.
@@ -617,7 +614,7 @@ def nested_wait_step(rule: NestedWaitRule, guard: np.ndarray, running: np.ndarra
     """Nested WAIT's decision and its iteration: ``(stop, running, decode, admit, chunk, finished, projection)``
     (:func:`~llmsched_env.compiled_run.apply`'s stop, the requests that finished, and the running batch's
     projection followed through the iteration)."""
-    if len(margin.levels) and adapt_lookahead(rule, margin, run.ints[EVICTIONS], run.counters[NUM_WAITING]):
+    if adapt_lookahead(rule, margin, run.ints[EVICTIONS], run.counters[NUM_WAITING]):
         projection = batch_projection(rule, running, columns, engine, run)  # longer trajectories: drawn anew
     decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard, projection)
     chunk = compiled_run.whole_prefills(admit, columns)
