@@ -88,11 +88,11 @@ class TrainedNetwork:
 
 def load_network(spec: "AgentSpec", policy_kwargs: dict[str, Any], path: Path) -> TrainedNetwork:
     """The network ``spec`` and ``policy_kwargs`` describe, with the weights of ``path`` (weights only)."""
-    from llmsched_env.registration import ENV_IDS
+    from llmsched_env.registration import ENV_IDS, RESIDUAL_ENV_IDS
 
-    if spec.env_id not in ENV_IDS:
+    if spec.env_id not in ENV_IDS and spec.env_id not in RESIDUAL_ENV_IDS:
         raise ConfigError(f"{path.parent / AGENT_FILE}: unknown environment id {spec.env_id!r}; registered: "
-                          f"{', '.join(ENV_IDS)}")
+                          f"{', '.join([*ENV_IDS, *RESIDUAL_ENV_IDS])}")
     import gymnasium as gym
     from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
     from stable_baselines3.common.policies import ActorCriticPolicy
@@ -116,6 +116,37 @@ def load_network(spec: "AgentSpec", policy_kwargs: dict[str, Any], path: Path) -
 
 def read_agent(directory: str | Path) -> tuple[AgentSpec, Any]:
     """``(spec, model)`` of the agent saved in ``directory``; a clear error if it is not one."""
+    spec, config_path = read_spec(directory)
+    from agents.config import load_config
+
+    policy_kwargs = load_config(str(config_path)).hyperparameters.get("policy_kwargs", {})
+    return spec, load_network(spec, dict(policy_kwargs), Path(directory) / MODEL_FILE)
+
+
+def read_residual_agent(directory: str | Path) -> tuple[AgentSpec, Any]:
+    """``(spec, network)`` of a residual agent (trained on ``LLMSched-Residual-v0``) saved in ``directory``: its
+    actor as a :class:`~agents.residual.ResidualNetwork` (weights only; stable-baselines3 is not needed)."""
+    from agents.residual import ResidualNetwork
+    from llmsched_env.registration import RESIDUAL_ENV_IDS
+
+    spec, config_path = read_spec(directory)
+    if spec.env_id not in RESIDUAL_ENV_IDS:
+        raise ConfigError(f"{directory} was trained on {spec.env_id}, whose actions are per request type of one "
+                          f"workload; a workload-independent agent is trained on {', '.join(RESIDUAL_ENV_IDS)}")
+    from agents.config import load_config
+
+    policy_kwargs = load_config(str(config_path)).hyperparameters.get("policy_kwargs", {})
+    unsupported = set(policy_kwargs) - {"net_arch", "log_std_init"}
+    if unsupported:
+        raise ConfigError(f"{config_path}: policy_kwargs {', '.join(sorted(unsupported))} not supported for a "
+                          "residual agent (its actor is the default MlpPolicy's: tanh layers)")
+    model_path = Path(directory) / MODEL_FILE
+    return spec, ResidualNetwork.from_weights(read_weights(model_path), str(model_path))
+
+
+def read_spec(directory: str | Path) -> tuple[AgentSpec, Path]:
+    """What ``agent.json`` in ``directory`` records, and the path of its ``config.toml``; a clear error if it is
+    not an agent directory."""
     directory = Path(directory)
     spec_path, model_path = directory / AGENT_FILE, directory / MODEL_FILE
     if not spec_path.is_file() or not model_path.is_file():
@@ -135,10 +166,7 @@ def read_agent(directory: str | Path) -> tuple[AgentSpec, Any]:
     config_path = directory / "config.toml"
     if not config_path.is_file():
         raise ConfigError(f"{directory} has no config.toml: its network cannot be built without it")
-    from agents.config import load_config
-
-    policy_kwargs = load_config(str(config_path)).hyperparameters.get("policy_kwargs", {})
-    return spec, load_network(spec, dict(policy_kwargs), model_path)
+    return spec, config_path
 
 
 class AgentPolicy:

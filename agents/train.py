@@ -21,13 +21,15 @@ import tomllib
 
 from agents.config import TrainConfig
 from agents.policy import AGENT_FILE, MODEL_FILE, AgentSpec, algorithm_class, read_weights
-from agents.validation import validation_runs
+from agents.validation import baseline_validation_regrets, residual_validation_runs, validation_runs
 from llmsched_env.errors import ConfigError
 from llmsched_env.metrics import summarize
-from llmsched_env.registration import ENV_IDS
+from llmsched_env.registration import ENV_IDS, RESIDUAL_ENV_IDS
 from llmsched_env.runner import run
 
 CHECKPOINTS = "checkpoints"
+#: A residual agent's run: every baseline's validation regret per workload (the curves' reference levels).
+VALIDATION_LEVELS = "validation_baselines.json"
 BEST_MODEL = "best_model.zip"
 
 
@@ -37,9 +39,67 @@ def make_env(env_id: str, env_kwargs: dict[str, Any]) -> Any:
 
     import llmsched_env  # noqa: F401  (registers the ids)
 
-    if env_id not in ENV_IDS:
-        raise ConfigError(f"unknown environment id {env_id!r}; registered: {', '.join(ENV_IDS)}")
+    if env_id not in ENV_IDS and env_id not in RESIDUAL_ENV_IDS:
+        raise ConfigError(f"unknown environment id {env_id!r}; registered: {', '.join([*ENV_IDS, *RESIDUAL_ENV_IDS])}")
     return gym.make(env_id, **env_kwargs).unwrapped
+
+
+def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...], every: int, out: Path,
+                              on_eval: Callable[[dict[str, float]], None] | None = None) -> Any:
+    """The SB3 callback of a residual agent (``LLMSched-Residual-v0``): every ``every`` steps (and at the start, and
+    when asked) the agent's validation episodes on every workload of its training distribution beside the baseline
+    it adjusts on the same arrivals: the regret ratio per scenario (``eval/ratio/<scenario>``) and over all
+    (``eval/regret_ratio_to_base``, the ratio of the summed regrets in seconds of the fluid optimum's service), the
+    throughput ratio and the p99 difference; it keeps the best validated model in ``out``."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    reference = {(row["scenario"], row["seed"]): row
+                 for row in residual_validation_runs(None, env_kwargs, seeds, zero_action=True)}
+    # Every baseline's level on the same validation episodes: the curves' reference lines (agents/curves.py).
+    (out / VALIDATION_LEVELS).write_text(json.dumps(baseline_validation_regrets(env_kwargs, seeds), indent=1) + "\n")
+
+    def regret_s(row: dict[str, Any]) -> float:
+        return float(row["regret_requests"]) / float(row["fluid_throughput_rps"])
+
+    class Callback(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.last_evaluated = -1
+            self.best_regret = np.inf
+
+        def _on_step(self) -> bool:
+            if self.last_evaluated < 0 or self.num_timesteps - self.last_evaluated >= every:
+                self.evaluate()
+            return True
+
+        def evaluate(self) -> dict[str, float]:
+            self.last_evaluated = self.num_timesteps
+            rows = residual_validation_runs(self.model, env_kwargs, seeds)
+            pairs = [(row, reference[row["scenario"], row["seed"]]) for row in rows]
+            agent, base = sum(regret_s(a) for a, _ in pairs), sum(regret_s(b) for _, b in pairs)
+            metrics = {"regret_s": agent / len(pairs), "base_regret_s": base / len(pairs),
+                       "regret_ratio_to_base": agent / base if base > 0 else float("nan"),
+                       "throughput_ratio_to_base": float(np.mean([a["throughput_rps"] / b["throughput_rps"]
+                                                                  for a, b in pairs])),
+                       "p99_difference_s": float(np.mean([(a["p99_latency_s"] or 0.0) - (b["p99_latency_s"] or 0.0)
+                                                          for a, b in pairs]))}
+            for name in dict.fromkeys(row["scenario"] for row in rows):
+                mine = [(a, b) for a, b in pairs if a["scenario"] == name]
+                base_regret = sum(regret_s(b) for _, b in mine)
+                self.logger.record(f"eval/ratio/{name}", sum(regret_s(a) for a, _ in mine) / base_regret
+                                   if base_regret > 0 else float("nan"))
+                self.logger.record(f"eval/regret_s/{name}", sum(regret_s(a) for a, _ in mine) / len(mine))
+            for key, value in metrics.items():
+                self.logger.record(f"eval/{key}", value)
+            self.logger.dump(self.num_timesteps)
+            if agent < self.best_regret:
+                self.best_regret = agent
+                self.model.save(out / BEST_MODEL)
+            if on_eval is not None:
+                on_eval({"timesteps": self.num_timesteps, **metrics})
+            return metrics
+
+    return Callback()
 
 
 def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tuple[int, ...], every: int,
@@ -151,8 +211,10 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
     from agents.imitation import clone, collect_demonstrations
     from agents.vec_env import make_native_vec_env
 
-    if config.env_id not in ENV_IDS:
-        raise ConfigError(f"unknown environment id {config.env_id!r}; registered: {', '.join(ENV_IDS)}")
+    residual = config.env_id in RESIDUAL_ENV_IDS
+    if config.env_id not in ENV_IDS and not residual:
+        raise ConfigError(f"unknown environment id {config.env_id!r}; registered: "
+                          f"{', '.join([*ENV_IDS, *RESIDUAL_ENV_IDS])}")
     # One thread for the small MLP: its batches are too small to gain from more, and the environments' compiled
     # step takes every core between updates (more threads than cores oversubscribe the machine and slow both).
     torch.set_num_threads(1)
@@ -169,9 +231,16 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
         _write_toml(config.to_dict(), out / "config.toml")
     env_kwargs = dict(config.env)
     make_env(config.env_id, env_kwargs)  # bad arguments fail here, with the single environment's message
-    # All n_envs episodes step in one compiled call (the native vector environment), seeded seed + i.
-    vec_env = make_native_vec_env(config.env_id, config.n_envs, env_kwargs)
-    vec_env.seed(seed)
+    if residual:
+        # Each step runs a baseline's compiled loop for a decision interval (hundreds of iterations): SB3's own
+        # DummyVecEnv costs nothing beside it. Seeded seed + i.
+        from stable_baselines3.common.env_util import make_vec_env
+
+        vec_env = make_vec_env(lambda: make_env(config.env_id, env_kwargs), n_envs=config.n_envs, seed=seed)
+    else:
+        # All n_envs episodes step in one compiled call (the native vector environment), seeded seed + i.
+        vec_env = make_native_vec_env(config.env_id, config.n_envs, env_kwargs)
+        vec_env.seed(seed)
     algorithm = algorithm_class(config.algo)
     try:
         checkpoint = latest_checkpoint(out) if resume else None
@@ -199,7 +268,13 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
         evaluation = config.evaluation
         callbacks = [CheckpointCallback(save_freq=max(1, evaluation.checkpoint_every // config.n_envs),
                                         save_path=str(out / CHECKPOINTS), name_prefix="model")]
-        if evaluation.seeds:
+        if evaluation.seeds and residual:
+            callbacks.append(residual_metrics_callback(
+                env_kwargs, evaluation.seeds, evaluation.every, out,
+                on_eval=lambda m: log("eval @ {timesteps:,}: regret {regret_s:.2f} s of service, ratio to the baseline "
+                                      "{regret_ratio_to_base:.3f}, throughput ratio {throughput_ratio_to_base:.4f}, "
+                                      "p99 {p99_difference_s:+.2f} s".format(**m))))
+        elif evaluation.seeds:
             callbacks.append(serving_metrics_callback(
                 config.env_id, env_kwargs, evaluation.seeds, evaluation.every, evaluation.reference, out,
                 on_eval=lambda m: log("eval @ {timesteps:,}: regret {regret_requests:.1f}, ratio to reference "
@@ -226,9 +301,12 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
     spec = AgentSpec(algo=config.algo, env_id=config.env_id, env_kwargs=env_kwargs,
                      timesteps=int(model.num_timesteps), seed=seed, command=command, config_name=config.name)
     (out / AGENT_FILE).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
-    from agents.curves import plot_curves
+    from agents.curves import plot_curves, plot_residual_curves
 
-    plot_curves(out / "tb", out / "curves.png")
+    if residual:
+        plot_residual_curves(out / "tb", out / VALIDATION_LEVELS, out / "curves.png")
+    else:
+        plot_curves(out / "tb", out / "curves.png")
     return spec
 
 

@@ -9,6 +9,7 @@ validate often.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import gymnasium as gym
@@ -42,3 +43,61 @@ def validation_runs(model: Any, env_id: str, env_kwargs: dict[str, Any], seeds: 
         return finals  # type: ignore[return-value]
     finally:
         vector.close()
+
+
+def validation_load(env: Any, workload: str) -> float:
+    """The load a residual agent is validated at on ``workload``: the top of its range, where the scheduler's
+    choices change the most (at light load every policy serves every request)."""
+    return float(env.load_range(workload)[1])
+
+
+def residual_validation_runs(model: Any, env_kwargs: dict[str, Any], seeds: Sequence[int],
+                             zero_action: bool = False) -> list[dict[str, Any]]:
+    """One episode of ``LLMSched-Residual-v0`` per workload of ``env_kwargs`` (at :func:`validation_load`) and
+    seed, the model acting by its mean action (``zero_action``: the baseline itself); each row the final info with
+    ``scenario``, ``load`` and ``seed``."""
+    from agents.residual import gaussian_action
+    from agents.residual_env import LLMSchedResidualEnv
+
+    env = LLMSchedResidualEnv(**env_kwargs)
+    rows = []
+    for name in env.workloads:
+        load = validation_load(env, name)
+        for seed in seeds:
+            observation, _ = env.reset(seed=0, options={"scenario": name, "load": load, "arrival_seed": seed})
+            done, info = False, {}
+            while not done:
+                action = np.zeros(1) if zero_action else gaussian_action(model, observation[None])[0][0]
+                observation, _, _, done, info = env.step(action)
+            rows.append({**info, "seed": seed})
+    return rows
+
+
+def baseline_validation_regrets(env_kwargs: dict[str, Any], seeds: Sequence[int]) -> dict[str, dict[str, float]]:
+    """Per workload of ``env_kwargs``: each baseline's mean regret over ``seeds`` (seconds of the fluid optimum's
+    service) on the validation episodes' arrivals (:func:`residual_validation_runs`), for every baseline with the
+    workload's information (:data:`agents.judge.KNOWN_BASELINES` / :data:`~agents.judge.HIDDEN_BASELINES`): the
+    levels a residual agent's validation curves are drawn against."""
+    from agents.judge import HIDDEN_BASELINES, KNOWN_BASELINES
+    from agents.residual_env import LLMSchedResidualEnv
+    from baselines import make_policy
+    from baselines.compare import SEES_OUTPUT_LENGTHS
+    from llmsched_env.metrics import summarize
+    from llmsched_env.runner import run
+
+    env = LLMSchedResidualEnv(**env_kwargs)
+    levels: dict[str, dict[str, float]] = {}
+    for name in env.workloads:
+        scenario, horizon = env.workload(name, validation_load(env, name))
+        known = scenario.output_lengths_known
+        levels[name] = {}
+        for policy in KNOWN_BASELINES if known else HIDDEN_BASELINES:
+            setting = replace(scenario, output_lengths_known=known and policy in SEES_OUTPUT_LENGTHS)
+            regrets = []
+            for seed in seeds:
+                arrivals = setting.sample(horizon, seed)
+                row = summarize(run(setting.engine(), make_policy(policy, setting, horizon), arrivals, horizon),
+                                setting.fluid(arrivals, horizon))
+                regrets.append(float(row["regret_requests"]) / float(row["fluid_throughput_rps"]))
+            levels[name][policy] = float(np.mean(regrets))
+    return levels

@@ -24,7 +24,7 @@ completions) have been seen, the policies admit as their memory lookahead allows
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -35,6 +35,7 @@ from baselines.thresholds import (
     NestedWaitThresholds,
     OutputLengthDistribution,
     WaitThresholds,
+    lifetime_blocks,
     nested_wait_thresholds,
     wait_thresholds,
 )
@@ -264,6 +265,7 @@ class AdaptiveWaitPolicy(WaitPolicy):
 
     learning: _Learning | None = None
     grid: int = 3
+    threshold_scale: float = 1.0  # every threshold and the reserve, times this (see set_threshold_scale)
 
     @classmethod
     def create(cls, cost: LinearCostModel, capacity_tokens: int, block_size: int, *, grid: int = 3,
@@ -280,8 +282,37 @@ class AdaptiveWaitPolicy(WaitPolicy):
         self.learning.reset()
         self._engine = engine
         self.mix = TypeMix((RequestType(1, 1, 1.0),))
-        self.thresholds = _unit_thresholds(self.mix, self.learning.capacity_tokens, self.learning.block_size)
+        self._solved = _unit_thresholds(self.mix, self.learning.capacity_tokens, self.learning.block_size)
+        self.thresholds = self._scaled(self._solved)
+        self._rule_stale = False
         self._queues = TypeQueues(len(self.thresholds.n))
+
+    def set_threshold_scale(self, scale: float) -> None:
+        """Multiply every threshold (rounded, at least 1) and the memory kept back from lending by ``scale``, from
+        the next decision on and after every solve; 1 is WAIT-adaptive itself, bit for bit. A residual agent's
+        action (:mod:`agents.residual`)."""
+        self.threshold_scale = _checked_scale(scale)
+        self.thresholds = self._scaled(self._solved)
+        self._rule_stale = True
+
+    @property
+    def solved_thresholds(self) -> WaitThresholds:
+        """The thresholds as last solved, before the scale."""
+        return self._solved
+
+    @property
+    def reserved_tokens(self) -> float:
+        """The KV memory kept back from lending now (tokens): the thresholds' pipelines, scaled."""
+        assert self.learning is not None
+        return float(self.thresholds.memory_blocks * self.learning.block_size)
+
+    def _scaled(self, solved: WaitThresholds) -> WaitThresholds:
+        if self.threshold_scale == 1.0:
+            return solved
+        assert self.learning is not None
+        n = np.maximum(1, np.rint(solved.n * self.threshold_scale)).astype(np.int64)
+        blocks = lifetime_blocks(self.mix.prompt_lens, self.mix.output_lens, self.learning.block_size)
+        return replace(solved, n=n, memory_blocks=int(n @ blocks))
 
     def decide(self, state: SchedulerState) -> Decision:
         learning = self.learning
@@ -308,6 +339,9 @@ class AdaptiveWaitPolicy(WaitPolicy):
                 learning.solved(state.now)
                 rule[0], learn.ints[DUE] = self.compiled_rule(), 0
                 run.counters[:] = engine.counter_array()  # type: ignore[attr-defined]  # the queue was read
+            elif self._rule_stale:  # rescaled between two calls
+                rule[0] = self.compiled_rule()
+            self._rule_stale = False
             follow.make_room(run, arrivals)
             learning.to_loop(learn)
             *stop, follow.held = run_adaptive_wait(run, running, columns, arrivals, params, rule[0],
@@ -338,7 +372,8 @@ class AdaptiveWaitPolicy(WaitPolicy):
         types = [RequestType(max(1, int(round(p))), max(1, int(round(o))), total * f)
                  for p, o, f in zip(mean_prompt.tolist(), mean_output.tolist(), share.tolist())]
         self.mix = TypeMix(tuple(types))
-        self.thresholds = wait_thresholds(self.mix, learning.cost, learning.capacity_tokens, learning.block_size)
+        self._solved = wait_thresholds(self.mix, learning.cost, learning.capacity_tokens, learning.block_size)
+        self.thresholds = self._scaled(self._solved)
         return True
 
 
@@ -350,6 +385,7 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
     learning: _Learning | None = None
     lookahead_quantile: float = LOOKAHEAD_QUANTILE
     horizon_s: float = 3600.0
+    threshold_scale: float = 1.0  # every threshold and the reserve, times this (see set_threshold_scale)
 
     @classmethod
     def create(cls, cost: LinearCostModel, capacity_tokens: int, block_size: int, *, horizon_s: float = 3600.0,
@@ -362,11 +398,40 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         super().reset(engine)
         assert self.learning is not None
         self.learning.reset()
-        self.thresholds = _single_segment(self.learning.capacity_tokens)
+        self._solved = (_single_segment(self.learning.capacity_tokens), None)
+        self.thresholds, self.reserve_tokens = self._scaled(*self._solved)
         self.lookahead = None
-        self.reserve_tokens = None
+        self._rule_stale = False
         self._engine = engine
         self._completed = Completions(self.learning.memory)
+
+    def set_threshold_scale(self, scale: float) -> None:
+        """Multiply every segment's threshold (rounded, at least 1) and the memory kept back from lending by
+        ``scale``, from the next decision on and after every solve; 1 is Nested-WAIT-adaptive itself, bit for bit.
+        A residual agent's action (:mod:`agents.residual`)."""
+        self.threshold_scale = _checked_scale(scale)
+        self.thresholds, self.reserve_tokens = self._scaled(*self._solved)
+        self._rule_stale = True
+
+    @property
+    def solved_thresholds(self) -> NestedWaitThresholds:
+        """The thresholds as last solved, before the scale."""
+        return self._solved[0]
+
+    @property
+    def reserved_tokens(self) -> float:
+        """The KV memory kept back from lending now (tokens): the fluid memory, scaled (the pipelines' before the
+        first solve)."""
+        return float(self.thresholds.memory_tokens if self.reserve_tokens is None else self.reserve_tokens)
+
+    def _scaled(self, solved: NestedWaitThresholds, reserve: float | None
+                ) -> tuple[NestedWaitThresholds, float | None]:
+        scale = self.threshold_scale
+        if scale == 1.0:
+            return solved, reserve
+        n = np.maximum(1, np.rint(solved.n * scale)).astype(np.int64)
+        return (replace(solved, n=n, memory_tokens=solved.memory_tokens * scale),
+                None if reserve is None else reserve * scale)
 
     @property
     def completions(self) -> "Completions":
@@ -391,6 +456,9 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
                         kept[0] = no_projection()  # drawn at another lookahead
                     rule[0] = solved
                 learn.ints[DUE] = 0
+            elif self._rule_stale:  # rescaled between two calls: the lookahead is the same
+                rule[0] = self.compiled_rule()
+            self._rule_stale = False
             learning.to_loop(learn)
             *stop, kept[0] = run_adaptive_nested_wait(run, running, columns, arrivals, params, rule[0], guard,
                                                       learn, self._completed.sample, kept[0])
@@ -419,12 +487,13 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         prompt = float(state.prompt_len[recent].mean())
         distribution = OutputLengthDistribution.from_samples(lengths)
         rate = max(learning.rates.total, 1e-9)
-        self.thresholds = nested_wait_thresholds(distribution, prompt, rate, learning.cost, learning.capacity_tokens,
-                                                 horizon_s=self.horizon_s)
+        solved = nested_wait_thresholds(distribution, prompt, rate, learning.cost, learning.capacity_tokens,
+                                        horizon_s=self.horizon_s)
         self.lookahead = residual_quantiles(distribution.values, distribution.probabilities, self.lookahead_quantile)
         _, _, fluid_memory = equilibrium(rate * distribution.probabilities, np.full(len(distribution.values), prompt),
                                          distribution.values, learning.cost)
-        self.reserve_tokens = min(fluid_memory, self.thresholds.memory_tokens)
+        self._solved = (solved, min(fluid_memory, solved.memory_tokens))
+        self.thresholds, self.reserve_tokens = self._scaled(*self._solved)
         learning.solved(state.now)
 
 
@@ -485,6 +554,13 @@ class Completions:
                     self.sample.count[0] += 1
         self._ids = np.array(running, dtype=np.int64)
         self._decoded = state.context_len[running] - state.prompt_len[running]
+
+
+def _checked_scale(scale: float) -> float:
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"threshold scale must be finite and > 0, got {scale!r}")
+    return scale
 
 
 def _single_segment(capacity_tokens: int) -> NestedWaitThresholds:

@@ -707,12 +707,22 @@ def evaluate(
     profile: ProfileOption = None,
     out: Annotated[Path, _out_option("evaluate")] = Path("llmsched-out/evaluate"),
     plots: bool = typer.Option(True, help="Write the PNG plots."),
+    suite: bool = typer.Option(False, "--suite", help="Judge a workload-independent agent (LLMSched-Residual-v0) on "
+                                                      "every scenario and load of the suite and the held-out Azure "
+                                                      "traces, against each cell's best baseline."),
+    jobs: Optional[int] = typer.Option(None, min=1, help="With --suite: worker processes (default: every core)."),
     as_json: JsonOption = False,
 ) -> None:
     """Evaluate policies (and a trained agent) on the same arrivals, on the simulator or on live vLLM: the same
-    report as compare."""
+    report as compare. With --suite, the judging table of a workload-independent agent."""
     if backend not in ("sim", "vllm"):
         _fail(typer.BadParameter(f"expected sim or vllm, got {backend!r}", param_hint="--backend"))
+    if suite:
+        if agent is None or backend != "sim":
+            _fail(typer.BadParameter("--suite judges an agent (--agent DIR) on the simulator", param_hint="--suite"))
+        _require_agents()
+        _judge(agent, parse_seeds(seeds), jobs, out, as_json)  # type: ignore[arg-type]
+        return
     if agent is None and backend == "sim":
         _fail(typer.BadParameter("give --agent DIR (or use `llmsched compare` for baselines only)",
                                  param_hint="--agent"))
@@ -768,6 +778,32 @@ def evaluate(
         if factory is not None:
             factory.close()
     _write_report(comparison, out, plots, as_json)
+
+
+def _judge(agent: Path, seeds: list[int], jobs: int | None, out: Path, as_json: bool) -> None:
+    """``llmsched evaluate --suite``: the judging table (:mod:`agents.judge`), written to ``out`` and printed."""
+    import json
+
+    from agents.judge import default_data_dir, judge, markdown_table
+
+    try:
+        data_dir = default_data_dir()
+        with _stdout_kept_for_json(as_json), _progress() as progress:
+            task = progress.add_task("judging", total=None)
+            rows = judge(agent, seeds=seeds, data_dir=data_dir if data_dir.is_dir() else None, jobs=jobs,
+                         on_cell_done=lambda row: progress.update(
+                             task, advance=1, description=f"{row['workload']} at {row['load']:g}: {row['verdict']}"))
+    except LLMSchedError as error:
+        _fail(error)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "judging.json").write_text(json.dumps({"agent": str(agent), "seeds": seeds, "cells": rows}, indent=1) + "\n")
+    table = markdown_table(rows)
+    (out / "judging.md").write_text(table)
+    if as_json:
+        _print_json({"agent": str(agent), "seeds": seeds, "cells": rows})
+    else:
+        print(table, end="")
+        console.print(f"wrote {out / 'judging.md'} and {out / 'judging.json'}")
 
 
 @_command("make-tiny-model")

@@ -34,15 +34,25 @@ LIVE_ENV_IDS: dict[str, dict[str, Any]] = {
 }
 _LIVE_ENTRY_POINT = "live_backend.env:LiveLLMSchedEnv"
 
+#: One agent for any workload (:mod:`agents.residual_env`): a workload-independent observation, and an action that
+#: scales an adaptive baseline's thresholds; a scenario of the suite, a load and a length setting drawn per reset.
+RESIDUAL_ENV_IDS: dict[str, dict[str, Any]] = {
+    "LLMSched-Residual-v0": {},
+}
+_RESIDUAL_ENTRY_POINT = "agents.residual_env:LLMSchedResidualEnv"
+
 
 def register_envs() -> None:
-    """Register every id of :data:`ENV_IDS` and :data:`LIVE_ENV_IDS` (idempotent; vLLM is imported only when
-    a live environment is made)."""
+    """Register every id of :data:`ENV_IDS`, :data:`RESIDUAL_ENV_IDS` and :data:`LIVE_ENV_IDS` (idempotent; vLLM is
+    imported only when a live environment is made, the residual environment's module when one is made)."""
     for env_id, kwargs in ENV_IDS.items():
         if env_id not in gym.registry:
             # Simulated runs are deterministic given the seed; no step cap (the horizon truncates).
             gym.register(id=env_id, entry_point=_ENTRY_POINT, vector_entry_point=_VECTOR_ENTRY_POINT, kwargs=kwargs,
                          nondeterministic=False)
+    for env_id, kwargs in RESIDUAL_ENV_IDS.items():
+        if env_id not in gym.registry:
+            gym.register(id=env_id, entry_point=_RESIDUAL_ENTRY_POINT, kwargs=kwargs, nondeterministic=False)
     for env_id, kwargs in LIVE_ENV_IDS.items():
         if env_id not in gym.registry:
             gym.register(id=env_id, entry_point=_LIVE_ENTRY_POINT, kwargs=kwargs, nondeterministic=True)

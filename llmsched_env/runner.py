@@ -283,11 +283,14 @@ class Rollout:
         return (isinstance(self.engine, SimulatedEngine)
                 and all(type(callback) is TimeSeriesRecorder for callback in self.callbacks))
 
-    def run_compiled(self, loop: CompiledLoop) -> None:
-        """Run to the end with a policy's compiled loop (:mod:`llmsched_env.compiled_run`): the same rules as
-        :meth:`needs_decision` / :meth:`apply`, many iterations per call. Between calls the loop's state is
-        handed back to the engine and this rollout, which refill the arrivals, retire finished requests and
-        take the time series' rows; an invalid decision is run through :meth:`apply`, which names the error."""
+    def run_compiled(self, loop: CompiledLoop, until: float = math.inf) -> bool:
+        """Run to the end, or to the first iteration boundary at or after ``until`` (s), with a policy's compiled
+        loop (:mod:`llmsched_env.compiled_run`): the same rules as :meth:`needs_decision` / :meth:`apply`, many
+        iterations per call. Between calls the loop's state is handed back to the engine and this rollout, which
+        refill the arrivals, retire finished requests and take the time series' rows; an invalid decision is run
+        through :meth:`apply`, which names the error. Returns whether the run is over (stopping at ``until`` and
+        calling again runs exactly what one call would: the loop stops there as at the horizon, before deciding).
+        """
         engine = self.engine
         assert isinstance(engine, SimulatedEngine) and self.can_run_compiled()
         params = engine.engine_params()
@@ -299,7 +302,7 @@ class Rollout:
             start, chunk = self._next, self._chunk
             end = min(len(self._times), start + _ARRIVALS_WINDOW)
             engine.reserve(engine.num_requests + end - start)  # the window's arrivals, enqueued in place
-            self._load(run, start, end < len(self._times))
+            self._load(run, start, end < len(self._times), until)
             arrivals = compiled_run.ChunkArrays(self._times[start:end], chunk.prompt_len[start:end],
                                                 chunk.output_len[start:end])
             stop, running, decode, prefill, tokens = loop(run, running, engine.request_columns(), arrivals, params)
@@ -308,23 +311,24 @@ class Rollout:
                 self.apply(Decision(decode=decode, prefill=prefill, prefill_tokens=tokens))
                 raise AssertionError("a compiled policy's decision was refused by its loop but not by the engine")
             if stop == compiled_run.DONE:
-                return
+                return self._ended or engine.now >= self.horizon
             if engine.num_finished >= self._retire_at:
                 self._log.add(engine.retire_finished())
                 self._retire_at = engine.num_finished + RETIRE_EVERY
             if self._next >= len(self._times):
                 self._pull()
 
-    def _load(self, run: compiled_run.RunState, window_start: int, window_cut: bool) -> None:
+    def _load(self, run: compiled_run.RunState, window_start: int, window_cut: bool, until: float) -> None:
         """Copy the engine's counters and this rollout's state into ``run`` (a compiled loop's), which reads the
-        current chunk's arrivals from ``window_start`` on (``window_cut``: the window ends before the chunk)."""
+        current chunk's arrivals from ``window_start`` on (``window_cut``: the window ends before the chunk) and
+        stops at ``until`` as at the horizon."""
         run.counters[:] = self.engine.counter_array()  # type: ignore[attr-defined]
         run.ints[:] = (self._next - window_start, self._ended, self.iterations, self.peak_blocks_used,
                        self.evictions, self._retire_at, 0, self._more or window_cut,
                        -1 if self.max_iterations is None else self.max_iterations, self.engine.retired)
         run.reals[:] = (self.engine.now, self.block_seconds, self.busy_time, self._progress_at, self._iterated_at,
                         math.nan if self.stalled_at is None else self.stalled_at,
-                        math.inf if self.stall_after_s is None else self.stall_after_s, self.horizon)
+                        math.inf if self.stall_after_s is None else self.stall_after_s, min(self.horizon, until))
 
     def _store(self, run: compiled_run.RunState, running: np.ndarray, window_start: int) -> None:
         """Take back what a compiled loop advanced (the inverse of :meth:`_load`), and the time series' rows."""

@@ -1,0 +1,201 @@
+"""The judging table: a workload-independent agent on every scenario and load of the suite, against the best baseline
+of each cell, on the same arrivals.
+
+Per cell (a workload of the suite in one length setting, or a held-out real trace, at one load), the agent and every
+baseline with the same information run on the same arrivals of each held-out seed (:func:`baselines.compare.compare`,
+the evaluation loop of every policy): with output lengths known WAIT and Nested WAIT (oracle, adaptive, and Nested
+WAIT's adaptive margin), vLLM and Sarathi; with them hidden, the Nested WAIT family, vLLM and Sarathi. The cell's
+**best baseline** is the one with the highest mean throughput (the lower mean p99 latency on a tie).
+
+**Verdict.** Paired over seeds (agent − best baseline; the same arrivals, so the arrival noise cancels), with 95 %
+Student-t intervals: **worse** when the throughput difference's interval reaches below −1 % of the best baseline's
+throughput, or the p99 difference's reaches above +5 % of its p99 (non-inferiority fails); otherwise **better** when
+the throughput interval is above 0 or the p99 interval below 0; otherwise **level**. ``decided_by`` names the quantity
+that set a *worse* or *better* verdict. The realised regret difference is reported beside them; a ratio of regrets is
+not used, being unstable where the best baseline's regret is near zero.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from baselines.compare import SEES_OUTPUT_LENGTHS, compare
+from llmsched_env.errors import ConfigError
+from llmsched_env.report import mean_and_halfwidth
+from llmsched_env.scenario import Scenario
+from llmsched_env.scenarios import load_scenario
+from llmsched_env.workload import ArrivalProcess, LengthSampleWorkload, read_trace_csv
+
+KNOWN_BASELINES = ("wait", "wait-adaptive", "nested-wait", "nested-wait-adaptive", "nested-wait-margin", "vllm",
+                   "sarathi")
+HIDDEN_BASELINES = ("nested-wait", "nested-wait-adaptive", "nested-wait-margin", "vllm", "sarathi")
+#: Non-inferiority margins: throughput no lower than −1 % of the best baseline's, p99 no higher than +5 % of its.
+THROUGHPUT_MARGIN = 0.01
+P99_MARGIN = 0.05
+#: Held-out real traces (``../shared/data``): their lengths, Poisson arrivals, on the Azure-like scenario's engine.
+TRACES = {"azure-conv-trace": ("azure_conv_trace.csv", "azure-conv-like"),
+          "azure-code-trace": ("azure_code_trace.csv", "azure-code-like")}
+TRACE_LOADS = (0.8, 0.9)
+
+
+def default_data_dir() -> Path:
+    """``../shared/data`` beside the project, where the real traces are when present."""
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def judging_cells(workloads: Sequence[str], data_dir: Path | None) -> list[dict[str, Any]]:
+    """Every (workload, load) cell to judge: each workload's swept loads, and each trace found in ``data_dir`` at
+    :data:`TRACE_LOADS` with lengths hidden and known."""
+    cells = []
+    for name in workloads:
+        spec = load_scenario(name)
+        for load, rate in zip(spec.loads, spec.rates()):
+            cells.append({"workload": name, "load": load, "rate": rate, "horizon": spec.horizon_s,
+                          "known": spec.scenario.output_lengths_known, "trace": None})
+    if data_dir is not None:
+        for name, (file, engine_of) in TRACES.items():
+            if (data_dir / file).is_file():
+                spec = load_scenario(engine_of)
+                for known in (True, False):
+                    for load in TRACE_LOADS:
+                        cells.append({"workload": name + ("" if known else "-hidden"), "load": load, "rate": None,
+                                      "horizon": spec.horizon_s, "known": known, "trace": str(data_dir / file),
+                                      "engine_of": engine_of})
+    return cells
+
+
+def cell_scenario(cell: dict[str, Any]) -> Scenario:
+    """The scenario a cell runs (at its load's rate)."""
+    if cell["trace"] is None:
+        spec = load_scenario(cell["workload"])
+        return spec.scenario.at_rate(cell["rate"])
+    base = load_scenario(cell["engine_of"]).scenario
+    _, prompts, outputs = read_trace_csv(cell["trace"], require_arrivals=False)
+    lengths = LengthSampleWorkload(prompts, outputs, 1.0, ArrivalProcess("poisson"))
+    scenario = replace(base, trace=lengths, output_lengths_known=cell["known"])
+    return scenario.at_rate(round(scenario.rate_for_load(cell["load"]), 4))
+
+
+@lru_cache(maxsize=4)
+def _agent(agent_dir: str) -> tuple[Any, dict[str, Any]]:
+    from agents.policy import read_residual_agent
+
+    spec, network = read_residual_agent(agent_dir)
+    return network, spec.env_kwargs
+
+
+def judge_cell(agent_dir: str, cell: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
+    """One cell's runs (the agent and its baselines on every seed) and verdict."""
+    from agents.residual import ResidualAgentPolicy
+
+    network, env_kwargs = _agent(agent_dir)
+    scenario = cell_scenario(cell)
+    baselines = KNOWN_BASELINES if cell["known"] else HIDDEN_BASELINES
+    interval = float(env_kwargs.get("interval_s", 1.0))
+
+    def factory(setting: Scenario, horizon: float) -> ResidualAgentPolicy:
+        return ResidualAgentPolicy(network, setting, horizon, interval_s=interval)
+
+    sees = (SEES_OUTPUT_LENGTHS | {"agent"}) if cell["known"] else frozenset()
+    comparison = compare(scenario, ["agent", *baselines], [scenario.base_rate], cell["horizon"], seeds=seeds,
+                         factories={"agent": factory}, sees_output_lengths=sees)
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    for run in comparison.runs:
+        rows.setdefault(run.policy, {})[run.seed] = run.row
+    return verdict(cell, rows, baselines)
+
+
+def _value(row: dict[str, Any], field: str) -> float:
+    value = row.get(field)
+    return float("nan") if value is None else float(value)
+
+
+def verdict(cell: dict[str, Any], rows: dict[str, dict[int, dict[str, Any]]], baselines: Sequence[str]
+            ) -> dict[str, Any]:
+    """The cell's verdict (see the module docstring) from each policy's row per seed."""
+    def mean(policy: str, field: str) -> float:
+        return float(np.nanmean([_value(row, field) for row in rows[policy].values()]))
+
+    best = max(baselines, key=lambda p: (mean(p, "throughput_rps"), -mean(p, "p99_latency_s")))
+    seeds = sorted(set(rows["agent"]) & set(rows[best]))
+
+    def paired(field: str) -> tuple[float, float]:
+        return mean_and_halfwidth(np.array([_value(rows["agent"][s], field) - _value(rows[best][s], field)
+                                            for s in seeds]))
+
+    tp, tp_half = paired("throughput_rps")
+    p99, p99_half = paired("p99_latency_s")
+    regret, regret_half = paired("regret_requests")
+    best_tp, best_p99 = mean(best, "throughput_rps"), mean(best, "p99_latency_s")
+    worse_tp = tp - tp_half < -THROUGHPUT_MARGIN * best_tp
+    worse_p99 = p99 + p99_half > P99_MARGIN * best_p99
+    if worse_tp or worse_p99:
+        outcome, decided = "worse", "throughput" if worse_tp else "p99"
+    elif tp - tp_half > 0 or p99 + p99_half < 0:
+        outcome, decided = "better", "throughput" if tp - tp_half > 0 else "p99"
+    else:
+        outcome, decided = "level", ""
+    return {"workload": cell["workload"], "load": cell["load"], "known_lengths": cell["known"], "seeds": len(seeds),
+            "best_baseline": best, "best_throughput_rps": best_tp, "best_p99_latency_s": best_p99,
+            "agent_throughput_rps": mean("agent", "throughput_rps"),
+            "agent_p99_latency_s": mean("agent", "p99_latency_s"),
+            "agent_evictions": mean("agent", "evictions"), "best_evictions": mean(best, "evictions"),
+            "throughput_diff_rps": tp, "throughput_diff_ci95": tp_half, "p99_diff_s": p99, "p99_diff_ci95": p99_half,
+            "regret_diff_requests": regret, "regret_diff_ci95": regret_half, "verdict": outcome, "decided_by": decided,
+            "baselines": {p: {"throughput_rps": mean(p, "throughput_rps"), "p99_latency_s": mean(p, "p99_latency_s")}
+                          for p in baselines}}
+
+
+def judge(agent_dir: str | Path, *, seeds: Sequence[int] = tuple(range(10)), workloads: Sequence[str] | None = None,
+          data_dir: Path | None = None, jobs: int | None = None,
+          on_cell_done: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """The judging table of the agent in ``agent_dir``: one verdict per cell, on ``jobs`` processes (default every
+    core). ``workloads`` default to the suite in both length settings; the traces come from ``data_dir``."""
+    from agents.residual_env import suite_workloads
+
+    _agent(str(agent_dir))  # a directory that is not a residual agent fails here, before any run
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+    cells = judging_cells(list(workloads) if workloads is not None else suite_workloads(), data_dir)
+    # Longest first, so that a diurnal day does not start last and run alone.
+    order = sorted(range(len(cells)), key=lambda i: -cells[i]["horizon"])
+    results: list[dict[str, Any] | None] = [None] * len(cells)
+    jobs = jobs or os.cpu_count() or 1
+    if jobs == 1:
+        for i in order:
+            results[i] = judge_cell(str(agent_dir), cells[i], seeds)
+            if on_cell_done is not None:
+                on_cell_done(results[i])  # type: ignore[arg-type]
+    else:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            futures = {i: pool.submit(judge_cell, str(agent_dir), cells[i], tuple(seeds)) for i in order}
+            for i in order:
+                results[i] = futures[i].result()
+                if on_cell_done is not None:
+                    on_cell_done(results[i])  # type: ignore[arg-type]
+    return results  # type: ignore[return-value]
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The judging table as Markdown, one line per cell."""
+    lines = ["| workload | ρ | best baseline | its req/s | its p99 s | agent − best req/s (95 %) | agent − best p99 s "
+             "(95 %) | regret diff | verdict |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        decided = f" ({r['decided_by']})" if r["decided_by"] else ""
+        lines.append(f"| {r['workload']} | {r['load']:g} | {r['best_baseline']} | {r['best_throughput_rps']:.3f} | "
+                     f"{r['best_p99_latency_s']:.2f} | "
+                     f"{r['throughput_diff_rps']:+.3f} ± {r['throughput_diff_ci95']:.3f} | "
+                     f"{r['p99_diff_s']:+.2f} ± {r['p99_diff_ci95']:.2f} | {r['regret_diff_requests']:+.1f} | "
+                     f"{r['verdict']}{decided} |")
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in ("better", "level", "worse")}
+    lines.append("")
+    lines.append(f"{len(rows)} cells: {counts['better']} better, {counts['level']} level, {counts['worse']} worse.")
+    return "\n".join(lines) + "\n"

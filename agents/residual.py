@@ -1,0 +1,286 @@
+"""The workload-independent agent interface: an agent that adjusts an adaptive baseline instead of replacing it.
+
+``LLMSched-v0``'s agent picks admission counts per request type of one workload, so its observation and action are
+sized by that workload and it cannot run on another. Here the agent acts *through* the baseline a deployed
+scheduler would run without it: WAIT-adaptive when output lengths are known, Nested-WAIT-adaptive when they are
+hidden (:mod:`baselines.adaptive`). Both learn their request classes, rates and length distribution online, so
+nothing the agent sees or does depends on the workload's types, its offered rates or a fixed horizon.
+
+**Action.** ``Box(-1, 1, (1,))``: every ``interval_s`` of engine time the agent sets the baseline's *threshold
+scale* ``s = 2 ** (SCALE_OCTAVES · a)`` (from 1/4 to 4): every threshold of the baseline, and the memory it keeps
+back from lending, times ``s`` (``set_threshold_scale``), until the next decision. ``a = 0`` is the baseline
+itself, bit for bit; ``a < 0`` admits sooner in smaller batches (toward greedy admission), ``a > 0`` waits for
+larger batches and keeps more memory back. Exploration therefore starts at a good policy: a fresh PPO network's
+mean action is about 0.
+
+**Observation.** ``Box(0, 1, (NUM_FEATURES,))``, each entry dimensionless (:data:`FEATURES` names them): whether
+lengths are known; the share of the offered load the baseline's fluid model can serve (its ``α``, 1 inside the
+stability region); the short-term arrival rate (a 5 s window) against the baseline's 60 s estimate; the queue
+against the baseline's own thresholds; the running share of the requests in the system; KV memory in use and the
+memory the baseline keeps back, as shares of the capacity; the oldest waiting request's age; completions against
+arrivals since the last decision; the share of the oldest waiting requests that were evicted; the current scale;
+whether the baseline has solved its thresholds yet. Counts and times are squashed as ``x / (x + s)``.
+
+:class:`ResidualControl` is this interface, shared by the environment (:mod:`agents.residual_env`) and by a trained
+agent running as a policy (:class:`ResidualAgentPolicy`, through :func:`llmsched_env.run` on any engine), so the
+agent sees the same observations and its actions mean the same thing in training and evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from baselines import make_policy
+from llmsched_env.compiled_run import DONE, ENDED, HORIZON, NOW, PAUSE, ChunkArrays, RunState
+from llmsched_env.engine import Decision, Engine, SchedulerState
+from llmsched_env.errors import ConfigError
+from llmsched_env.iteration import EngineParams
+from llmsched_env.policy import CompiledLoop
+from llmsched_env.rate_estimate import ArrivalRateEstimator
+from llmsched_env.request_table import RequestColumns
+from llmsched_env.scenario import Scenario
+
+#: The baseline the agent adjusts, by whether output lengths are known.
+BASE_POLICIES = {True: "wait-adaptive", False: "nested-wait-adaptive"}
+#: The action's reach: ``a ∈ [-1, 1]`` scales thresholds by ``2 ** (SCALE_OCTAVES · a)``.
+SCALE_OCTAVES = 2.0
+#: The short-term arrival-rate window (s), against the baseline's own (60 s).
+SHORT_RATE_WINDOW_S = 5.0
+#: Waiting requests read for the evicted share (the oldest).
+EVICTED_SCAN = 64
+FEATURES = ("lengths_known", "servable_share", "rate_short_vs_long", "queue_vs_thresholds", "running_share",
+            "kv_used", "kv_reserved", "oldest_wait", "completions_vs_arrivals", "evicted_waiting_share", "scale",
+            "warmed_up")
+NUM_FEATURES = len(FEATURES)
+
+
+def threshold_scale(action: np.ndarray | float) -> float:
+    """The threshold scale an action sets: ``2 ** (SCALE_OCTAVES · a)``, ``a`` clipped to ``[-1, 1]``; exactly 1
+    for ``a = 0``."""
+    value = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
+    if not math.isfinite(value):
+        raise ConfigError(f"a residual action must be a finite number in [-1, 1], got {value!r}")
+    value = min(1.0, max(-1.0, value))
+    return 1.0 if value == 0.0 else float(2.0 ** (SCALE_OCTAVES * value))
+
+
+def _squash(value: float, scale: float) -> float:
+    return value / (value + scale) if value > 0 else 0.0
+
+
+class ResidualControl:
+    """The agent's view of an engine and the meaning of its actions (see the module docstring).
+
+    Args:
+        interval_s: engine time between two decisions of the agent.
+        base: the baseline it adjusts (default: :data:`BASE_POLICIES` for the scenario's length setting).
+    """
+
+    def __init__(self, interval_s: float = 1.0, base: str | None = None) -> None:
+        if not (math.isfinite(interval_s) and interval_s > 0):
+            raise ConfigError(f"interval_s must be finite and > 0 s, got {interval_s!r}")
+        if base is not None and base not in BASE_POLICIES.values():
+            raise ConfigError(f"a residual agent adjusts {' or '.join(BASE_POLICIES.values())}, not {base!r}")
+        self.interval_s = float(interval_s)
+        self.base_name = base
+        self.base: Any = None
+        self.next_decision = 0.0
+
+    def reset(self, engine: Engine, scenario: Scenario, horizon: float) -> None:
+        """A fresh baseline for ``scenario`` (only its cost model and memory: the adaptive baselines learn the
+        rest), reset on ``engine``; the first decision is due at once."""
+        known = engine.output_lengths_known
+        name = self.base_name or BASE_POLICIES[known]
+        if name == "wait-adaptive" and not known:
+            raise ConfigError("wait-adaptive needs output lengths known at arrival; this engine hides them")
+        self.base = make_policy(name, scenario, horizon)
+        self.base.reset(engine)
+        self.known = known
+        self.next_decision = 0.0
+        self.scale = 1.0
+        self._short = ArrivalRateEstimator(SHORT_RATE_WINDOW_S)
+        self._seen = 0
+        self._finished = 0
+        self._arrived_since = 0
+
+    def due(self, now: float) -> bool:
+        """Whether the agent decides at an iteration starting at ``now``."""
+        return now >= self.next_decision
+
+    def apply(self, action: np.ndarray | float, now: float) -> None:
+        """Set the scale ``action`` asks for, until the next decision (the next multiple of the interval)."""
+        self.scale = threshold_scale(action)
+        self.base.set_threshold_scale(self.scale)
+        self.next_decision = (math.floor(now / self.interval_s) + 1) * self.interval_s
+
+    def observe(self, state: SchedulerState) -> np.ndarray:
+        """The observation at ``state`` (see the module docstring); call once per decision."""
+        base = self.base
+        fresh = state.arrival_time[self._seen:state.num_requests]
+        self._short.update(state.now, fresh)
+        arrived = state.num_requests - self._seen
+        self._seen = state.num_requests
+        running = len(state.running)
+        finished = state.num_requests - state.num_waiting - running
+        completed, self._finished = finished - self._finished, finished
+        solved = base.learning.solves > 0
+        thresholds = base.solved_thresholds
+        long_rate = base.learning.rates.total
+        oldest = state.oldest_waiting(EVICTED_SCAN)
+        age = state.now - float(state.arrival_time[oldest[0]]) if len(oldest) else 0.0
+        evicted = float(np.count_nonzero(state.num_evictions[oldest] > 0)) / len(oldest) if len(oldest) else 0.0
+        reserve, capacity = base.reserved_tokens, float(state.capacity_tokens)
+        features = (
+            1.0 if self.known else 0.0,
+            float(thresholds.scale),
+            _squash(self._short.total, long_rate) if long_rate > 0 else 0.5,
+            _squash(state.num_waiting, float(max(1, int(np.sum(thresholds.n))))),
+            running / (running + state.num_waiting + 1),
+            state.used_blocks / state.capacity_blocks,
+            min(1.0, reserve / capacity),
+            _squash(age, 5.0),
+            completed / (completed + arrived) if completed + arrived else 0.5,
+            evicted,
+            (math.log2(self.scale) / SCALE_OCTAVES + 1) / 2,
+            1.0 if solved else 0.0,
+        )
+        return np.clip(np.array(features, dtype=np.float32), 0.0, 1.0)
+
+
+class ResidualNetwork:
+    """A trained residual agent's actor as NumPy arrays: the layers of stable-baselines3's ``MlpPolicy`` actor (tanh
+    between them), the mean head and the log standard deviation. It needs neither stable-baselines3 nor torch to
+    run (torch only reads the weights), so an agent runs wherever the engine does (the live backend's environment).
+    """
+
+    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray]], head: tuple[np.ndarray, np.ndarray],
+                 log_std: np.ndarray) -> None:
+        self.layers, self.head, self.log_std = layers, head, log_std
+
+    @classmethod
+    def from_weights(cls, weights: dict[str, Any], source: str) -> "ResidualNetwork":
+        """The actor in an SB3 ``policy.pth``'s tensors; a clear error naming ``source`` if they are not one."""
+        def array(key: str) -> np.ndarray:
+            if key not in weights:
+                raise ConfigError(f"{source}: no tensor {key!r}: not the actor of an MlpPolicy with a continuous "
+                                  "action")
+            return np.asarray(weights[key].detach().cpu().numpy() if hasattr(weights[key], "detach") else weights[key],
+                              dtype=np.float64)
+
+        layers, index = [], 0
+        while f"mlp_extractor.policy_net.{index}.weight" in weights:
+            layers.append((array(f"mlp_extractor.policy_net.{index}.weight"),
+                           array(f"mlp_extractor.policy_net.{index}.bias")))
+            index += 2  # Linear, activation, Linear, ...
+        network = cls(layers, (array("action_net.weight"), array("action_net.bias")), array("log_std"))
+        width = layers[0][0].shape[1] if layers else network.head[0].shape[1]
+        if width != NUM_FEATURES or network.head[0].shape[0] != 1:
+            raise ConfigError(f"{source}: the network reads {width} features and sets {network.head[0].shape[0]} "
+                              f"action(s); a residual agent reads {NUM_FEATURES} and sets 1")
+        return network
+
+    def __call__(self, observations: np.ndarray) -> np.ndarray:
+        """The mean actions for a batch of observations, ``(N, 1)``."""
+        hidden = np.asarray(observations, dtype=np.float64)
+        for weight, bias in self.layers:
+            hidden = np.tanh(hidden @ weight.T + bias)
+        return hidden @ self.head[0].T + self.head[1]
+
+
+class ResidualAgentPolicy:
+    """A trained residual agent behind the :class:`~llmsched_env.policy.Policy` interface: the baseline's decisions,
+    with the agent setting its threshold scale every ``interval_s``. ``run(engine, policy, ...)`` reproduces the
+    environment's episode on the same arrivals, on the simulator through the baseline's compiled loop.
+
+    Args:
+        network: the agent's policy network: a :class:`ResidualNetwork` (what :func:`agents.policy.read_residual_agent`
+            loads), a stable-baselines3 ``PPO`` model, or any callable from a batch of observations to actions.
+        scenario: where it runs (the baseline's cost model and memory).
+        horizon: the run's horizon (the baseline's overflow bound).
+        interval_s, base: :class:`ResidualControl`'s.
+        deterministic: the mean action (else a sample, from a generator seeded by ``seed`` at every reset).
+    """
+
+    def __init__(self, network: Any, scenario: Scenario, horizon: float, *, interval_s: float = 1.0,
+                 base: str | None = None, deterministic: bool = True, seed: int = 0, name: str = "agent") -> None:
+        self.name = name
+        self.network = network
+        self.scenario = scenario
+        self.horizon = horizon
+        self.deterministic = deterministic
+        self.seed = seed
+        self.control = ResidualControl(interval_s, base)
+        self._rng = np.random.default_rng(seed)
+
+    def reset(self, engine: Engine) -> None:
+        self.control.reset(engine, self.scenario, self.horizon)
+        self._engine = engine
+        self._rng = np.random.default_rng(self.seed)
+
+    def act(self, observation: np.ndarray) -> np.ndarray:
+        """The action for one observation: the network's mean, or a sample around it with its log standard
+        deviation (a network without one is deterministic)."""
+        if hasattr(self.network, "policy"):  # a stable-baselines3 model
+            mean, log_std = gaussian_action(self.network, observation[None])
+        else:
+            mean = np.asarray(self.network(observation[None]), dtype=np.float64).reshape(1, -1)
+            log_std = getattr(self.network, "log_std", None)
+        if self.deterministic or log_std is None:
+            return mean[0]
+        return mean[0] + np.exp(log_std) * self._rng.standard_normal(mean.shape[1])
+
+    def _decide_scale(self, state: SchedulerState) -> None:
+        self.control.apply(self.act(self.control.observe(state)), state.now)
+
+    def decide(self, state: SchedulerState) -> Decision:
+        if self.control.due(state.now):
+            self._decide_scale(state)
+        return self.control.base.decide(state)
+
+    def compiled_loop(self) -> CompiledLoop | None:
+        """The baseline's compiled loop, stopped at each decision time for the agent (as
+        :meth:`~llmsched_env.runner.Rollout.run_compiled` stops at ``until``): the same decisions as :meth:`decide`."""
+        inner = self.control.base.compiled_loop()
+        if inner is None:
+            return None
+        control, engine = self.control, self._engine
+        primed = [math.nan]  # the decision time whose arrivals the loop has enqueued (then the agent may look)
+
+        def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+                 params: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            horizon, now = float(run.reals[HORIZON]), float(run.reals[NOW])
+            if control.due(now) and now < horizon:
+                if primed[0] != now:
+                    # Let the loop enqueue the arrivals due (its own begin, stopping there as at the horizon), then
+                    # hand the state to the engine: the agent looks at what Python's loop would show it.
+                    run.reals[HORIZON] = now
+                    stop, running, *rest = inner(run, running, columns, arrivals, params)
+                    run.reals[HORIZON] = horizon
+                    if stop == DONE and run.ints[ENDED]:
+                        return (stop, running, *rest)  # type: ignore[return-value]
+                    primed[0] = now if stop == DONE else math.nan
+                    return (PAUSE, running, *rest)  # type: ignore[return-value]
+                self._decide_scale(engine.state())
+            run.reals[HORIZON] = min(horizon, control.next_decision)
+            stop, running, *rest = inner(run, running, columns, arrivals, params)
+            run.reals[HORIZON] = horizon
+            if stop == DONE and not run.ints[ENDED] and run.reals[NOW] < horizon:
+                stop = PAUSE  # a decision is due, not the end
+            return (stop, running, *rest)  # type: ignore[return-value]
+        return loop
+
+
+def gaussian_action(model: Any, observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A continuous-action PPO network's mean actions for a batch of observations, and its log standard deviation
+    (``(N, A)`` and ``(A,)``, float64)."""
+    import torch
+
+    policy = model.policy
+    with torch.no_grad():
+        features = policy.extract_features(torch.as_tensor(observations, dtype=torch.float32),
+                                           policy.pi_features_extractor)
+        mean = policy.action_net(policy.mlp_extractor.forward_actor(features)).numpy().astype(np.float64)
+        return mean, policy.log_std.detach().numpy().astype(np.float64)

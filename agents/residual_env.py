@@ -1,0 +1,272 @@
+"""``LLMSched-Residual-v0``: one agent for any workload, acting as a residual on an adaptive baseline."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from agents.residual import NUM_FEATURES, ResidualControl
+from llmsched_env.errors import ConfigError
+from llmsched_env.fluid import FluidSolution
+from llmsched_env.metrics import summarize
+from llmsched_env.runner import STALL_AFTER_S, Rollout, RunResult
+from llmsched_env.scenario import Scenario
+from llmsched_env.scenarios import HIDDEN_SUFFIX, NamedScenario, load_scenario, scenario_names
+
+#: ``regret``: minus the regret increment against the fluid optimum; ``vs_baseline``: the completions beyond the
+#: baseline's own run on the same arrivals (the arrivals' noise cancels).
+REWARDS = ("regret", "vs_baseline")
+#: ``scenarios="suite"``: every scenario of ``llmsched compare --suite``, in both length settings where it has both.
+SUITE = "suite"
+
+
+def suite_workloads() -> list[str]:
+    """The names ``scenarios="suite"`` stands for."""
+    names = scenario_names(suite_only=True)
+    every = set(scenario_names())
+    return [variant for name in names for variant in (name, name + HIDDEN_SUFFIX) if variant in every]
+
+
+class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
+    """Admission control of an LLM serving engine through an adaptive baseline, on any workload.
+
+    ## Description
+
+    The engine, its KV-cache limit, evictions and the fluid benchmark are those of ``LLMSched-v0``. The agent does
+    not pick admissions itself: the adaptive baseline a deployed scheduler would run does (WAIT-adaptive with output
+    lengths known, Nested-WAIT-adaptive with them hidden; both learn rates and lengths online), and every
+    ``interval_s`` of engine time the agent scales its thresholds (:mod:`agents.residual`). Shapes do not depend on
+    the workload, so one agent trains across the whole scenario suite (``scenarios="suite"``: a scenario, a load and
+    a length setting drawn at every reset) and runs on any scenario, trace or engine.
+
+    ## Action Space
+
+    ``Box(-1, 1, (1,), float32)``: the threshold scale ``2 ** (2 a)``; ``a = 0`` runs the baseline exactly.
+
+    ## Observation Space
+
+    ``Box(0, 1, (12,), float32)``: :data:`agents.residual.FEATURES` (queue, memory, rates and the baseline's
+    own targets, all dimensionless; no horizon, no offered rate, no workload type).
+
+    ## Rewards
+
+    ``reward="regret"`` (default): ``(completions − Θ*·Δt) / Θ*`` over the step, minus the increment of regret
+    against the fluid optimum in seconds of the optimum's service, so scenarios of different rates weigh alike; an
+    episode's return is ``−(Θ*·T − completions) / Θ*``. ``latency_penalty`` × the mean number in the system over
+    the step (its two ends) ÷ ``Θ*`` × ``Δt`` (by Little's law, a mean latency in seconds) is subtracted when set.
+    ``reward="vs_baseline"``: the same quantities less the baseline's own on the same arrivals (run at reset, read
+    at the same decision points): the return is the regret the agent saves against the baseline, and the arrivals'
+    noise, which dwarfs what one decision changes, cancels.
+
+    ## Starting State
+
+    An empty engine at time 0. At each reset a workload of ``scenarios`` (uniformly), a load ``ρ`` uniform in
+    ``loads`` (default: the scenario's swept loads' range) and the arrivals are drawn with :attr:`np_random`.
+
+    ## Episode End
+
+    ``terminated`` is always ``False``. The episode is truncated at the horizon (``horizon``, default each
+    scenario's own), or earlier if nothing runs and nothing more arrives.
+
+    ## Info
+
+    Every step: ``scenario``, ``load``, ``time_s``, ``arrived``, ``completed``, ``waiting``, ``running``,
+    ``scale``, ``regret_requests`` so far. On the last step, every metric of ``llmsched simulate --json``.
+
+    ## Arguments
+
+    ``scenarios`` (a name of the suite, ``NAME-hidden``, a list of them, or ``"suite"``), ``loads`` (``(low, high)``
+    or one load), ``horizon`` (s), ``interval_s`` (1), ``base`` (the baseline; default by length setting),
+    ``reward`` (``regret`` or ``vs_baseline``), ``latency_penalty`` (0), ``compiled`` (``True``: the baseline's
+    compiled loop between decisions; ``False`` its Python rule, the same episodes).
+
+    ``reset(options={"scenario": name, "load": rho, "arrival_seed": s})`` pins any of the three.
+
+    ## Version History
+
+    * v0: initial version.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(self, *, scenarios: str | Sequence[str] = SUITE,
+                 loads: float | tuple[float, float] | None = None, horizon: float | None = None,
+                 interval_s: float = 1.0, base: str | None = None, reward: str = "regret",
+                 latency_penalty: float = 0.0, compiled: bool = True, render_mode: str | None = None) -> None:
+        names = [scenarios] if isinstance(scenarios, str) else list(scenarios)
+        if SUITE in names:
+            names = [n for n in names if n != SUITE] + suite_workloads()
+        if not names:
+            raise ConfigError("scenarios: give at least one scenario name (or 'suite')")
+        self.workloads: dict[str, NamedScenario] = {name: load_scenario(name) for name in dict.fromkeys(names)}
+        if loads is not None:
+            low, high = (float(loads), float(loads)) if isinstance(loads, (int, float)) else map(float, loads)
+            if not (0 < low <= high):
+                raise ConfigError(f"loads must satisfy 0 < low <= high, got {loads!r}")
+        if horizon is not None and not (math.isfinite(horizon) and horizon > 0):
+            raise ConfigError(f"horizon must be finite and > 0 s, got {horizon!r}")
+        if reward not in REWARDS:
+            raise ConfigError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
+        if not (math.isfinite(latency_penalty) and latency_penalty >= 0):
+            raise ConfigError(f"latency_penalty must be finite and >= 0, got {latency_penalty!r}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ConfigError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.loads = None if loads is None else (low, high)
+        self.horizon_s = horizon
+        self.reward = reward
+        self.latency_penalty = float(latency_penalty)
+        self.compiled = bool(compiled)
+        self.render_mode = render_mode
+        self.control = ResidualControl(interval_s, base)
+        self.action_space = spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
+        self.observation_space = spaces.Box(0.0, 1.0, (NUM_FEATURES,), dtype=np.float32)
+        self._rollout: Rollout | None = None
+
+    def load_range(self, name: str) -> tuple[float, float]:
+        """The loads a reset draws from for the workload ``name``."""
+        loads = self.workloads[name].loads
+        return self.loads if self.loads is not None else (min(loads), max(loads))
+
+    def workload(self, name: str, load: float) -> tuple[Scenario, float]:
+        """The scenario ``name`` at load ``load`` (at the rate ``llmsched compare`` gives that load) and its
+        horizon."""
+        spec = self.workloads[name]
+        rate = spec.rates((load,))[0]
+        return spec.scenario.at_rate(rate), self.horizon_s if self.horizon_s is not None else spec.horizon_s
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        options = dict(options or {})
+        unknown = set(options) - {"scenario", "load", "arrival_seed"}
+        if unknown:
+            raise ConfigError(f"unknown reset option(s) {', '.join(sorted(unknown))}; allowed: arrival_seed, load, "
+                              "scenario")
+        names = list(self.workloads)
+        name = options.get("scenario", names[int(self.np_random.integers(len(names)))])
+        if name not in self.workloads:
+            raise ConfigError(f"reset: scenario {name!r} is not one of this environment's: {', '.join(names)}")
+        low, high = self.load_range(name)
+        load = float(options["load"]) if "load" in options else (
+            low if low == high else float(self.np_random.uniform(low, high)))
+        arrival_seed = int(options.get("arrival_seed", self.np_random.integers(2**63 - 1)))
+        scenario, horizon = self.workload(name, load)
+        arrivals = scenario.sample(horizon, arrival_seed)
+        self.fluid: FluidSolution = scenario.fluid(arrivals, horizon)
+        self.scenario_name, self.load, self.arrival_seed, self.horizon = name, load, arrival_seed, horizon
+        engine = scenario.engine()
+        self._rollout = Rollout(engine, arrivals, horizon, stall_after_s=STALL_AFTER_S)
+        self.control.reset(engine, scenario, horizon)
+        self._loop = self.control.base.compiled_loop() if self.compiled and self._rollout.can_run_compiled() else None
+        self._shadow = self._baseline_path(scenario, arrivals, horizon) if self.reward == "vs_baseline" else None
+        self._accounted = 0.0
+        self._done = False
+        self._advance(0.0)  # the arrivals due at time 0 enter the queue, as the loop enqueues them
+        return self.control.observe(engine.state()), self._info(final=False)
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self._rollout is None or self._done:
+            raise RuntimeError("call reset() first" if self._rollout is None else "the episode is over: call reset()")
+        engine = self._rollout.engine
+        before_time, before_done = engine.now, engine.num_finished
+        before_in = engine.num_waiting + engine.num_running
+        self.control.apply(action, engine.now)
+        self._done = self._advance(self.control.next_decision)
+        throughput = self.fluid.throughput_rps
+        in_system = engine.num_waiting + engine.num_running
+        if self._shadow is not None:
+            # The baseline's run at the same decision point: its completions and requests in the system then.
+            point = len(self._shadow) - 1 if self._done else min(self._grid_point(engine.now), len(self._shadow) - 1)
+            finished, present = self._shadow[point]
+            before_finished, before_present = self._shadow[self._point]
+            self._point = point
+            reward = ((engine.num_finished - before_done) - (finished - before_finished)) / throughput
+            if self.latency_penalty:
+                extra = ((before_in + in_system) - (before_present + present)) / 2
+                reward -= self.latency_penalty * extra / throughput * (engine.now - before_time)
+        else:
+            until = self.horizon if self._done else min(engine.now, self.horizon)
+            span, self._accounted = until - self._accounted, until
+            reward = (engine.num_finished - before_done - throughput * span) / throughput
+            if self.latency_penalty:
+                reward -= self.latency_penalty * (before_in + in_system) / 2 / throughput * (engine.now - before_time)
+        observation = (np.zeros(NUM_FEATURES, np.float32) if self._done
+                       else self.control.observe(engine.state()))
+        return observation, float(reward), False, self._done, self._info(final=self._done)
+
+    def _grid_point(self, now: float) -> int:
+        """The last decision point (a multiple of the interval) at or before an iteration boundary at ``now``: the
+        boundary is the first at or after every point since the previous boundary, that one included."""
+        return math.floor(now / self.control.interval_s)
+
+    def _baseline_path(self, scenario: Scenario, arrivals: Any, horizon: float) -> np.ndarray:
+        """The baseline's own run on these arrivals: per decision point ``k·interval`` (and the end, last), its
+        completions and the requests in its system at the first iteration boundary at or after it."""
+        shadow = ResidualControl(self.control.interval_s, self.control.base_name)
+        engine = scenario.engine()
+        rollout = Rollout(engine, arrivals, horizon, stall_after_s=STALL_AFTER_S)
+        shadow.reset(engine, scenario, horizon)
+        loop = shadow.base.compiled_loop() if self._loop is not None else None
+        points = math.ceil(horizon / self.control.interval_s) + 2
+        path = np.zeros((points, 2), dtype=np.int64)
+        self._point = 0
+        k, done = 0, False
+        while not done:
+            until = k * self.control.interval_s
+            if loop is not None:
+                done = rollout.run_compiled(loop, until)
+            else:
+                done = not rollout.needs_decision()
+                while not done and engine.now < until:
+                    rollout.apply(shadow.base.decide(engine.state()))
+                    done = not rollout.needs_decision()
+            reached = min(max(k, self._grid_point(engine.now)), points - 2) if not done else points - 1
+            path[k:reached + 1] = (engine.num_finished, engine.num_waiting + engine.num_running)
+            k = reached + 1
+        return path
+
+    def _advance(self, until: float) -> bool:
+        """Run the baseline at the current scale to the first iteration at or after ``until``; whether the run is
+        over."""
+        rollout = self._rollout
+        assert rollout is not None
+        if self._loop is not None:
+            return rollout.run_compiled(self._loop, until)
+        base, engine = self.control.base, rollout.engine
+        while rollout.needs_decision():
+            if engine.now >= until:
+                return False
+            rollout.apply(base.decide(engine.state()))
+        return True
+
+    def result(self) -> RunResult:
+        """The run so far, as :func:`llmsched_env.run` returns it."""
+        if self._rollout is None:
+            raise RuntimeError("call reset() first")
+        return self._rollout.result()
+
+    def _info(self, *, final: bool) -> dict[str, Any]:
+        assert self._rollout is not None
+        engine = self._rollout.engine
+        now, completed = engine.now, engine.num_finished
+        info: dict[str, Any] = {
+            "scenario": self.scenario_name, "load": self.load, "time_s": now, "arrived": engine.num_requests,
+            "completed": completed, "waiting": engine.num_waiting, "running": engine.num_running,
+            "scale": self.control.scale,
+            "regret_requests": self.fluid.throughput_rps * min(now, self.horizon) - completed,
+        }
+        if final:
+            info.update(summarize(self.result(), self.fluid))
+        return info
+
+    def render(self) -> str | None:
+        if self.render_mode is None:
+            gym.logger.warn("render() was called without a render_mode; pass render_mode='ansi'")
+            return None
+        info = self._info(final=False)
+        return (f"{info['scenario']} at load {info['load']:.2f}: t = {info['time_s']:.1f} / {self.horizon:g} s, "
+                f"scale {info['scale']:.2f}, {info['waiting']} waiting, {info['running']} running, "
+                f"{info['completed']} done, regret {info['regret_requests']:.1f} requests\n")

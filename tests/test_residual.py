@@ -1,0 +1,220 @@
+"""The workload-independent residual interface (``LLMSched-Residual-v0``, :mod:`agents.residual`) and its judging
+table (:mod:`agents.judge`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llmsched_env  # noqa: F401  (registers the ids)
+from agents.judge import judging_cells, verdict
+from agents.residual import NUM_FEATURES, ResidualAgentPolicy, threshold_scale
+from agents.residual_env import LLMSchedResidualEnv, suite_workloads
+from baselines import make_policy
+from llmsched_env import run
+from llmsched_env.errors import ConfigError
+from llmsched_env.metrics import summarize
+
+EXACT = ("completed", "arrived", "evictions", "iterations", "throughput_rps", "p99_latency_s", "mean_latency_s",
+         "regret_requests", "waiting", "running")
+WORKLOADS = ["paper-two-type", "bursty-high-hidden", "azure-code-like-hidden", "paper-two-type-512"]
+
+
+def _episode(env: LLMSchedResidualEnv, options: dict[str, Any], act: Any) -> tuple[dict[str, Any], list[float]]:
+    observation, _ = env.reset(seed=0, options=options)
+    rewards, done, info = [], False, {}
+    while not done:
+        observation, reward, terminated, done, info = env.step(act(observation))
+        assert not terminated and observation.shape == (NUM_FEATURES,)
+        rewards.append(reward)
+    return info, rewards
+
+
+def _wave(observations: np.ndarray) -> np.ndarray:
+    """A deterministic stand-in network whose actions move with the observation (scales both ways)."""
+    return np.sin(observations.sum(axis=1, keepdims=True) * 7.0)
+
+
+@settings(max_examples=6, deadline=None)
+@given(workload=st.sampled_from(WORKLOADS), load=st.sampled_from([0.6, 0.9, 1.1]), seed=st.integers(0, 50),
+       compiled=st.booleans())
+def test_the_zero_action_is_the_baseline_bit_for_bit(workload: str, load: float, seed: int, compiled: bool) -> None:
+    env = LLMSchedResidualEnv(scenarios=workload, horizon=40.0, compiled=compiled)
+    info, rewards = _episode(env, {"load": load, "arrival_seed": seed}, lambda _: np.zeros(1, np.float32))
+    scenario, horizon = env.workload(workload, load)
+    arrivals = scenario.sample(horizon, seed)
+    base = make_policy("wait-adaptive" if scenario.output_lengths_known else "nested-wait-adaptive", scenario, horizon)
+    expected = summarize(run(scenario.engine(), base, arrivals, horizon), scenario.fluid(arrivals, horizon))
+    assert {k: info[k] for k in EXACT} == {k: expected[k] for k in EXACT}
+    # The return is minus the regret, in seconds of the fluid optimum's service (float sums: a stated tolerance).
+    assert sum(rewards) == pytest.approx(-(expected["fluid_throughput_rps"] * horizon - info["completed"])
+                                         / expected["fluid_throughput_rps"], rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("workload", ["paper-two-type", "bursty-high-hidden"])
+def test_an_agent_runs_through_run_as_in_the_environment_on_both_paths(workload: str) -> None:
+    results = []
+    for compiled in (True, False):
+        env = LLMSchedResidualEnv(scenarios=workload, horizon=40.0, compiled=compiled)
+        info, _ = _episode(env, {"load": 0.9, "arrival_seed": 3}, lambda o: _wave(o[None])[0])
+        results.append({k: info[k] for k in EXACT})
+    scenario, horizon = env.workload(workload, 0.9)
+    arrivals = scenario.sample(horizon, 3)
+    fluid = scenario.fluid(arrivals, horizon)
+    compiled_run = summarize(run(scenario.engine(), ResidualAgentPolicy(_wave, scenario, horizon), arrivals, horizon),
+                             fluid)
+    policy = ResidualAgentPolicy(_wave, scenario, horizon)
+    policy.compiled_loop = lambda: None  # type: ignore[method-assign]  # its Python rule, one call per iteration
+    python_run = summarize(run(scenario.engine(), policy, arrivals, horizon), fluid)
+    results += [{k: compiled_run[k] for k in EXACT}, {k: python_run[k] for k in EXACT}]
+    assert all(result == results[0] for result in results)
+    assert results[0] != {k: summarize(run(scenario.engine(), make_policy(
+        "wait-adaptive" if scenario.output_lengths_known else "nested-wait-adaptive", scenario, horizon), arrivals,
+        horizon), fluid)[k] for k in EXACT}  # the agent's scale changed something
+
+
+def test_the_same_seed_gives_the_same_trajectory_and_resets_draw_workloads() -> None:
+    env = gym.make("LLMSched-Residual-v0", horizon=20.0).unwrapped
+    trajectories, drawn = [], set()
+    for _ in range(2):
+        rng = np.random.default_rng(0)
+        observation, info = env.reset(seed=11)
+        steps = [(observation.tolist(), info["scenario"], info["load"])]
+        done = False
+        while not done:
+            observation, reward, _, done, info = env.step(rng.uniform(-1, 1, 1).astype(np.float32))
+            steps.append((observation.tolist(), reward, info["scale"]))
+        trajectories.append(steps)
+    assert trajectories[0] == trajectories[1]
+    for seed in range(12):
+        observation, info = env.reset(seed=seed)
+        drawn.add(info["scenario"])
+        assert env.observation_space.contains(observation)
+    assert len(drawn) > 3 and drawn <= set(suite_workloads())
+
+
+def test_shapes_do_not_depend_on_the_workload_and_every_suite_workload_runs() -> None:
+    env = LLMSchedResidualEnv(horizon=8.0)
+    assert set(env.workloads) == set(suite_workloads()) and len(env.workloads) == 16
+    for name in env.workloads:
+        for load in env.load_range(name):
+            info, _ = _episode(env, {"scenario": name, "load": load, "arrival_seed": 1},
+                               lambda o: env.action_space.sample())
+            assert info["scenario"] == name and info["arrived"] == info["completed"] + info["waiting"] + info["running"]
+    assert env.action_space.shape == (1,) and env.observation_space.shape == (NUM_FEATURES,)
+
+
+def test_scale_and_bad_input_name_what_is_wrong() -> None:
+    assert threshold_scale(np.zeros(1)) == 1.0 and threshold_scale(1.0) == 4.0 and threshold_scale(-7.0) == 0.25
+    with pytest.raises(ConfigError, match="finite"):
+        threshold_scale(np.array([np.nan]))
+    with pytest.raises(ConfigError, match="not one of"):
+        LLMSchedResidualEnv(scenarios="paper-two-type").reset(options={"scenario": "bursty-high"})
+    with pytest.raises(ConfigError, match="allowed"):
+        LLMSchedResidualEnv(scenarios="paper-two-type").reset(options={"rate": 3})
+    with pytest.raises(ConfigError, match="loads"):
+        LLMSchedResidualEnv(loads=(0.9, 0.5))
+    with pytest.raises(ConfigError, match="unknown scenario|no scenario|not a"):
+        LLMSchedResidualEnv(scenarios="no-such-scenario")
+    env = LLMSchedResidualEnv(scenarios="paper-two-type", horizon=5.0)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.zeros(1))
+    policy = make_policy("nested-wait-adaptive", env.workload("paper-two-type", 0.8)[0], 5.0)
+    with pytest.raises(ConfigError, match="threshold scale"):
+        policy.set_threshold_scale(0.0)  # type: ignore[attr-defined]
+
+
+def _rows(tp: list[float], p99: list[float]) -> dict[int, dict[str, Any]]:
+    return {s: {"throughput_rps": t, "p99_latency_s": p, "regret_requests": 100 - t, "evictions": 0}
+            for s, (t, p) in enumerate(zip(tp, p99))}
+
+
+def test_the_verdict_follows_the_non_inferiority_margins() -> None:
+    cell = {"workload": "w", "load": 0.9, "known": False}
+    base = _rows([10.0, 10.2, 9.8, 10.1], [20.0, 21.0, 19.0, 20.5])
+    slower = _rows([9.7, 9.9, 9.5, 9.8], [20.0, 21.0, 19.0, 20.5])
+    faster_p99 = _rows([10.0, 10.2, 9.8, 10.1], [18.0, 19.0, 17.1, 18.4])
+    late = _rows([10.0, 10.2, 9.8, 10.1], [22.0, 23.0, 21.0, 22.5])
+    same = _rows([10.0, 10.2, 9.8, 10.1], [20.0, 21.0, 19.0, 20.5])
+    judged = {name: verdict(cell, {"agent": agent, "vllm": base, "sarathi": _rows([5] * 4, [1] * 4)},
+                            ["vllm", "sarathi"]) for name, agent in
+              (("slower", slower), ("faster_p99", faster_p99), ("late", late), ("same", same))}
+    assert judged["slower"]["best_baseline"] == "vllm"  # the most throughput, whatever its p99
+    assert (judged["slower"]["verdict"], judged["slower"]["decided_by"]) == ("worse", "throughput")
+    assert (judged["late"]["verdict"], judged["late"]["decided_by"]) == ("worse", "p99")
+    assert (judged["faster_p99"]["verdict"], judged["faster_p99"]["decided_by"]) == ("better", "p99")
+    assert judged["same"]["verdict"] == "level"
+
+
+def test_the_judging_cells_cover_the_suite_and_the_held_out_traces(tmp_path: Path) -> None:
+    cells = judging_cells(suite_workloads(), None)
+    assert {c["workload"] for c in cells} == set(suite_workloads()) and len(cells) == 46
+    (tmp_path / "azure_conv_trace.csv").write_text("num_prefill_tokens,num_decode_tokens\n100,20\n200,40\n")
+    traced = judging_cells([], tmp_path)
+    assert [(c["workload"], c["load"]) for c in traced] == [
+        ("azure-conv-trace", 0.8), ("azure-conv-trace", 0.9), ("azure-conv-trace-hidden", 0.8),
+        ("azure-conv-trace-hidden", 0.9)]
+
+
+def test_a_short_training_saves_reloads_and_is_judged_on_two_scenarios(tmp_path: Path) -> None:
+    from agents.config import load_config
+    from agents.judge import judge
+    from agents.policy import read_agent, read_residual_agent
+    from agents.residual import gaussian_action
+    from agents.train import train
+
+    config = tmp_path / "residual.toml"
+    source = (Path(__file__).resolve().parents[1] / "agents" / "configs" / "ppo-residual-suite.toml").read_text()
+    config.write_text(source.replace('scenarios = "suite"', 'scenarios = ["paper-two-type", "bursty-low-hidden"]')
+                      .replace("horizon = 300.0", "horizon = 30.0").replace("seeds = [1000, 1001]", "seeds = [1000]"))
+    out = tmp_path / "agent"
+    spec = train(replace(load_config(str(config)), timesteps=1024, n_envs=2), out, progress_bar=False,
+                 log=lambda _: None)
+    assert spec.timesteps == 1024 and spec.env_id == "LLMSched-Residual-v0"
+    levels = json.loads((out / "validation_baselines.json").read_text())
+    assert set(levels) == {"paper-two-type", "bursty-low-hidden"} and "wait" not in levels["bursty-low-hidden"]
+    assert (out / "curves.png").stat().st_size > 10_000  # a panel per workload, the baselines' levels drawn
+    loaded, network = read_agent(out)
+    assert loaded == spec and network.action_space.shape == (1,)
+    loaded, actor = read_residual_agent(out)  # weights only, without stable-baselines3
+    observations = np.random.default_rng(0).uniform(0, 1, (16, NUM_FEATURES)).astype(np.float32)
+    # float32 torch against float64 NumPy: the same actions within a stated tolerance.
+    np.testing.assert_allclose(actor(observations), gaussian_action(network, observations)[0], rtol=0, atol=1e-5)
+    rows = judge(out, seeds=[0, 1], workloads=["paper-two-type", "bursty-low-hidden"], jobs=1)
+    assert [(r["workload"], r["load"]) for r in rows] == [(w, x) for w in ("paper-two-type", "bursty-low-hidden")
+                                                          for x in (0.6, 0.8, 0.9)]
+    assert all(r["verdict"] in ("better", "level", "worse") and r["seeds"] == 2 for r in rows)
+    assert all(r["best_baseline"] in r["baselines"] for r in rows)
+    assert "wait" not in rows[-1]["baselines"]  # hidden lengths: only baselines that do not see them
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_paired_reward_is_zero_for_the_baseline_and_sums_to_the_completions_it_adds(compiled: bool) -> None:
+    env = LLMSchedResidualEnv(scenarios="bursty-high-hidden", horizon=40.0, reward="vs_baseline", compiled=compiled)
+    _, rewards = _episode(env, {"load": 0.9, "arrival_seed": 2}, lambda _: np.zeros(1))
+    assert rewards == [0.0] * len(rewards)  # the baseline's own run, read at the same decision points
+    rng = np.random.default_rng(0)
+    info, rewards = _episode(env, {"load": 0.9, "arrival_seed": 2}, lambda _: rng.uniform(-1, 1, 1))
+    scenario, horizon = env.workload("bursty-high-hidden", 0.9)
+    arrivals = scenario.sample(horizon, 2)
+    base = summarize(run(scenario.engine(), make_policy("nested-wait-adaptive", scenario, horizon), arrivals, horizon),
+                     scenario.fluid(arrivals, horizon))
+    assert info["completed"] != base["completed"]
+    assert sum(rewards) == pytest.approx((info["completed"] - base["completed"]) / env.fluid.throughput_rps,
+                                         rel=1e-9, abs=1e-9)
+
+
+def test_judging_a_per_workload_agent_says_why_it_cannot() -> None:
+    from agents.judge import judge
+
+    pretrained = Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "tight-memory-wait"
+    with pytest.raises(ConfigError, match="per request type of one workload"):
+        judge(pretrained, seeds=[0], workloads=["paper-two-type"], jobs=1)
