@@ -176,9 +176,9 @@ def test_a_short_training_saves_reloads_and_is_judged_on_two_scenarios(tmp_path:
     config.write_text(source.replace('scenarios = "suite"', 'scenarios = ["paper-two-type", "bursty-low-hidden"]')
                       .replace("horizon = 300.0", "horizon = 30.0").replace("seeds = [1000, 1001]", "seeds = [1000]"))
     out = tmp_path / "agent"
-    spec = train(replace(load_config(str(config)), timesteps=1024, n_envs=2), out, progress_bar=False,
+    spec = train(replace(load_config(str(config)), timesteps=2048, n_envs=2), out, progress_bar=False,
                  log=lambda _: None)
-    assert spec.timesteps == 1024 and spec.env_id == "LLMSched-Residual-v0"
+    assert spec.timesteps == 2048 and spec.env_id == "LLMSched-Residual-v0"
     levels = json.loads((out / "validation_baselines.json").read_text())
     assert set(levels) == {"paper-two-type", "bursty-low-hidden"} and "wait" not in levels["bursty-low-hidden"]
     assert (out / "curves.png").stat().st_size > 10_000  # a panel per workload, the baselines' levels drawn
@@ -218,3 +218,40 @@ def test_judging_a_per_workload_agent_says_why_it_cannot() -> None:
     pretrained = Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "tight-memory-wait"
     with pytest.raises(ConfigError, match="per request type of one workload"):
         judge(pretrained, seeds=[0], workloads=["paper-two-type"], jobs=1)
+
+
+def test_the_pretrained_generalist_runs_on_every_suite_workload_and_the_traces() -> None:
+    from agents.judge import TRACES, cell_scenario, default_data_dir
+    from agents.policy import read_residual_agent
+
+    directory = Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "suite-residual"
+    spec, actor = read_residual_agent(directory)
+    interval = spec.env_kwargs["interval_s"]
+    cells = judging_cells(suite_workloads(), default_data_dir() if default_data_dir().is_dir() else None)
+    seen = set()
+    for cell in cells:
+        if cell["workload"] in seen:
+            continue
+        seen.add(cell["workload"])
+        scenario = cell_scenario(cell)
+        arrivals = scenario.sample(20.0, 0)
+        policy = ResidualAgentPolicy(actor, scenario, 20.0, interval_s=interval)
+        result = run(scenario.engine(), policy, arrivals, 20.0)
+        assert result.arrived == result.finished + result.waiting + result.running and result.finished > 0
+        assert policy.control.base.name == ("wait-adaptive" if cell["known"] else "nested-wait-adaptive")
+    assert seen >= set(suite_workloads())
+    if default_data_dir().is_dir():
+        assert {name for name in TRACES} <= seen
+
+
+def test_the_cli_judging_needs_a_workload_independent_agent(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llmsched_env.cli import app
+
+    runner = CliRunner()
+    done = runner.invoke(app, ["evaluate", "--suite", "--out", str(tmp_path / "a")])
+    assert done.exit_code != 0 and "--suite judges an agent" in done.output
+    pretrained = Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "tight-memory-wait"
+    done = runner.invoke(app, ["evaluate", "--suite", "--agent", str(pretrained), "--out", str(tmp_path / "b")])
+    assert done.exit_code != 0 and "per request type of one workload" in done.output
