@@ -255,23 +255,24 @@ def test_the_live_environment_runs_an_episode(model_dir):
 
 
 @pytest.mark.parametrize("hidden", [False, True])
-def test_a_residual_agent_runs_on_the_live_engine(config, hidden):
-    # The workload-independent interface on a real engine: the adaptive baseline's Python rule, rescaled by the agent
-    # once a second (a stand-in network here: this environment has no stable-baselines3).
+def test_the_generalist_runs_on_the_live_engine(config, hidden):
+    # The committed workload-independent agent on a real engine, unchanged: the adaptive baseline's Python rule,
+    # rescaled by the agent's actor (NumPy arrays: this environment has no stable-baselines3).
+    from pathlib import Path
+
+    from agents.policy import read_residual_agent
     from agents.residual import ResidualAgentPolicy
 
+    spec, actor = read_residual_agent(Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "suite-residual")
     scenario = replace(_scenario(rate=4.0, output=30), output_lengths_known=not hidden)
     horizon = 3.0
     arrivals = scenario.sample(horizon, 0)
-    scales = []
-    agent = ResidualAgentPolicy(lambda observations: np.sin(observations.sum(axis=1, keepdims=True)), scenario,
-                                horizon)
+    agent = ResidualAgentPolicy(actor, scenario, horizon, interval_s=spec.env_kwargs["interval_s"])
     live_engine = LiveVLLMEngine(config, output_lengths_known=not hidden)
     try:
         live = run(live_engine, agent, arrivals, horizon)
-        scales.append(agent.control.scale)
     finally:
         live_engine.close()
     _check_accounted(live, live_engine)
-    assert live.finished > 0 and scales[0] != 1.0
+    assert live.finished > 0 and agent.control.scale != 1.0  # the agent acted
     assert agent.control.base.name == ("nested-wait-adaptive" if hidden else "wait-adaptive")
