@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Sequence
 
 import gymnasium as gym
@@ -10,7 +11,7 @@ import numpy as np
 from gymnasium import spaces
 
 from agents.residual import NUM_FEATURES, ResidualControl
-from llmsched_env.errors import ConfigError
+from llmsched_env.errors import ConfigError, RequestTooLargeError
 from llmsched_env.fluid import FluidSolution
 from llmsched_env.metrics import summarize
 from llmsched_env.runner import STALL_AFTER_S, Rollout, RunResult
@@ -29,6 +30,13 @@ def suite_workloads() -> list[str]:
     names = scenario_names(suite_only=True)
     every = set(scenario_names())
     return [variant for name in names for variant in (name, name + HIDDEN_SUFFIX) if variant in every]
+
+
+def _with_memory(scenario: Scenario, factor: float) -> Scenario:
+    """``scenario`` with ``factor`` × its KV capacity (whole tokens; 1 leaves it as it is)."""
+    if factor == 1.0:
+        return scenario
+    return replace(scenario, capacity_tokens=max(1, int(scenario.capacity_tokens * factor)))
 
 
 class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
@@ -65,7 +73,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
     ## Starting State
 
     An empty engine at time 0. At each reset a workload of ``scenarios`` (uniformly), a load ``ρ`` uniform in
-    ``loads`` (default: the scenario's swept loads' range) and the arrivals are drawn with :attr:`np_random`.
+    ``loads`` (default: the scenario's swept loads' range), a KV capacity factor uniform in ``memory`` (default 1:
+    the scenario's own) and the arrivals are drawn with :attr:`np_random`.
 
     ## Episode End
 
@@ -74,17 +83,18 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ## Info
 
-    Every step: ``scenario``, ``load``, ``time_s``, ``arrived``, ``completed``, ``waiting``, ``running``,
+    Every step: ``scenario``, ``load``, ``memory``, ``time_s``, ``arrived``, ``completed``, ``waiting``, ``running``,
     ``scale``, ``regret_requests`` so far. On the last step, every metric of ``llmsched simulate --json``.
 
     ## Arguments
 
     ``scenarios`` (a name of the suite, ``NAME-hidden``, a list of them, or ``"suite"``), ``loads`` (``(low, high)``
-    or one load), ``horizon`` (s), ``interval_s`` (1), ``base`` (the baseline; default by length setting),
+    or one load), ``memory`` (a factor of each scenario's KV capacity, or a ``(low, high)`` range), ``horizon``
+    (s), ``interval_s`` (1), ``base`` (the baseline; default by length setting),
     ``reward`` (``regret`` or ``vs_baseline``), ``latency_penalty`` (0), ``compiled`` (``True``: the baseline's
     compiled loop between decisions; ``False`` its Python rule, the same episodes).
 
-    ``reset(options={"scenario": name, "load": rho, "arrival_seed": s})`` pins any of the three.
+    ``reset(options={"scenario": name, "load": rho, "memory": m, "arrival_seed": s})`` pins any of them.
 
     ## Version History
 
@@ -94,7 +104,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
     def __init__(self, *, scenarios: str | Sequence[str] = SUITE,
-                 loads: float | tuple[float, float] | None = None, horizon: float | None = None,
+                 loads: float | tuple[float, float] | None = None, memory: float | tuple[float, float] = 1.0,
+                 horizon: float | None = None,
                  interval_s: float = 1.0, base: str | None = None, reward: str = "regret",
                  latency_penalty: float = 0.0, compiled: bool = True, render_mode: str | None = None) -> None:
         names = [scenarios] if isinstance(scenarios, str) else list(scenarios)
@@ -107,6 +118,16 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
             low, high = (float(loads), float(loads)) if isinstance(loads, (int, float)) else map(float, loads)
             if not (0 < low <= high):
                 raise ConfigError(f"loads must satisfy 0 < low <= high, got {loads!r}")
+        memory_low, memory_high = (float(memory), float(memory)) if isinstance(memory, (int, float)) else \
+            map(float, memory)
+        if not (0 < memory_low <= memory_high and math.isfinite(memory_high)):
+            raise ConfigError(f"memory must be a factor > 0 or a (low, high) range of them, got {memory!r}")
+        for name, spec in self.workloads.items():
+            # The smallest memory drawn must still hold every request: an impossible config fails here, by name.
+            try:
+                _with_memory(spec.scenario, memory_low)
+            except (ConfigError, RequestTooLargeError) as error:
+                raise ConfigError(f"memory {memory_low:g} x {name}'s KV capacity: {error}") from None
         if horizon is not None and not (math.isfinite(horizon) and horizon > 0):
             raise ConfigError(f"horizon must be finite and > 0 s, got {horizon!r}")
         if reward not in REWARDS:
@@ -116,6 +137,7 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ConfigError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.loads = None if loads is None else (low, high)
+        self.memory = (memory_low, memory_high)
         self.horizon_s = horizon
         self.reward = reward
         self.latency_penalty = float(latency_penalty)
@@ -131,20 +153,21 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         loads = self.workloads[name].loads
         return self.loads if self.loads is not None else (min(loads), max(loads))
 
-    def workload(self, name: str, load: float) -> tuple[Scenario, float]:
-        """The scenario ``name`` at load ``load`` (at the rate ``llmsched compare`` gives that load) and its
-        horizon."""
+    def workload(self, name: str, load: float, memory: float = 1.0) -> tuple[Scenario, float]:
+        """The scenario ``name`` at load ``load`` (at the rate ``llmsched compare`` gives that load; the load is
+        the scenario's own, whatever the memory) with ``memory`` × its KV capacity, and its horizon."""
         spec = self.workloads[name]
         rate = spec.rates((load,))[0]
-        return spec.scenario.at_rate(rate), self.horizon_s if self.horizon_s is not None else spec.horizon_s
+        scenario = _with_memory(spec.scenario, memory).at_rate(rate)
+        return scenario, self.horizon_s if self.horizon_s is not None else spec.horizon_s
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         options = dict(options or {})
-        unknown = set(options) - {"scenario", "load", "arrival_seed"}
+        unknown = set(options) - {"scenario", "load", "memory", "arrival_seed"}
         if unknown:
             raise ConfigError(f"unknown reset option(s) {', '.join(sorted(unknown))}; allowed: arrival_seed, load, "
-                              "scenario")
+                              "memory, scenario")
         names = list(self.workloads)
         name = options.get("scenario", names[int(self.np_random.integers(len(names)))])
         if name not in self.workloads:
@@ -152,11 +175,15 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         low, high = self.load_range(name)
         load = float(options["load"]) if "load" in options else (
             low if low == high else float(self.np_random.uniform(low, high)))
+        low, high = self.memory
+        memory = float(options["memory"]) if "memory" in options else (
+            low if low == high else float(self.np_random.uniform(low, high)))
         arrival_seed = int(options.get("arrival_seed", self.np_random.integers(2**63 - 1)))
-        scenario, horizon = self.workload(name, load)
+        scenario, horizon = self.workload(name, load, memory)
         arrivals = scenario.sample(horizon, arrival_seed)
         self.fluid: FluidSolution = scenario.fluid(arrivals, horizon)
-        self.scenario_name, self.load, self.arrival_seed, self.horizon = name, load, arrival_seed, horizon
+        self.scenario_name, self.load, self.memory_factor = name, load, memory
+        self.arrival_seed, self.horizon = arrival_seed, horizon
         engine = scenario.engine()
         self._rollout = Rollout(engine, arrivals, horizon, stall_after_s=STALL_AFTER_S)
         self.control.reset(engine, scenario, horizon)
@@ -253,9 +280,9 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         engine = self._rollout.engine
         now, completed = engine.now, engine.num_finished
         info: dict[str, Any] = {
-            "scenario": self.scenario_name, "load": self.load, "time_s": now, "arrived": engine.num_requests,
-            "completed": completed, "waiting": engine.num_waiting, "running": engine.num_running,
-            "scale": self.control.scale,
+            "scenario": self.scenario_name, "load": self.load, "memory": self.memory_factor, "time_s": now,
+            "arrived": engine.num_requests, "completed": completed, "waiting": engine.num_waiting,
+            "running": engine.num_running, "scale": self.control.scale,
             "regret_requests": self.fluid.throughput_rps * min(now, self.horizon) - completed,
         }
         if final:

@@ -255,3 +255,30 @@ def test_the_cli_judging_needs_a_workload_independent_agent(tmp_path: Path) -> N
     pretrained = Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "tight-memory-wait"
     done = runner.invoke(app, ["evaluate", "--suite", "--agent", str(pretrained), "--out", str(tmp_path / "b")])
     assert done.exit_code != 0 and "per request type of one workload" in done.output
+
+
+def test_render_gives_one_status_line() -> None:
+    env = LLMSchedResidualEnv(scenarios="bursty-low", horizon=10.0, render_mode="ansi")
+    env.reset(seed=0)
+    env.step(np.array([0.3], dtype=np.float32))
+    text = env.render()
+    assert text is not None and text.startswith("bursty-low at load") and "scale 1.52" in text
+
+
+def test_memory_is_drawn_per_reset_and_an_impossible_range_names_the_scenario() -> None:
+    env = LLMSchedResidualEnv(scenarios=["paper-two-type", "bursty-low-hidden"], memory=(0.5, 1.5), horizon=10.0)
+    drawn = set()
+    for seed in range(6):
+        _, info = env.reset(seed=seed)
+        drawn.add(round(info["memory"], 6))
+        assert 0.5 <= info["memory"] <= 1.5
+        capacity = env.workloads[info["scenario"]].scenario.capacity_tokens
+        assert env.result().capacity_blocks == int(capacity * info["memory"]) // env.result().block_size
+    assert len(drawn) == 6
+    info, _ = _episode(env, {"scenario": "paper-two-type", "load": 0.9, "memory": 0.5, "arrival_seed": 1},
+                       lambda _: np.zeros(1))
+    assert info["memory"] == 0.5 and info["arrived"] == info["completed"] + info["waiting"] + info["running"]
+    with pytest.raises(ConfigError, match="paper-long-decode.*could never finish"):
+        LLMSchedResidualEnv(scenarios="paper-long-decode", memory=(0.001, 1.0))
+    with pytest.raises(ConfigError, match="memory must be"):
+        LLMSchedResidualEnv(scenarios="paper-long-decode", memory=(1.0, 0.5))
