@@ -85,7 +85,7 @@ def cell_scenario(cell: dict[str, Any]) -> Scenario:
 
 @lru_cache(maxsize=4)
 def _agent(agent_dir: str) -> tuple[Any, dict[str, Any]]:
-    from agents.policy import read_residual_agent
+    from agents.residual import read_residual_agent
 
     spec, network = read_residual_agent(agent_dir)
     return network, spec.env_kwargs

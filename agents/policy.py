@@ -123,27 +123,6 @@ def read_agent(directory: str | Path) -> tuple[AgentSpec, Any]:
     return spec, load_network(spec, dict(policy_kwargs), Path(directory) / MODEL_FILE)
 
 
-def read_residual_agent(directory: str | Path) -> tuple[AgentSpec, Any]:
-    """``(spec, network)`` of a residual agent (trained on ``LLMSched-Residual-v0``) saved in ``directory``: its
-    actor as a :class:`~agents.residual.ResidualNetwork` (weights only; stable-baselines3 is not needed)."""
-    from agents.residual import ResidualNetwork
-    from llmsched_env.registration import RESIDUAL_ENV_IDS
-
-    spec, config_path = read_spec(directory)
-    if spec.env_id not in RESIDUAL_ENV_IDS:
-        raise ConfigError(f"{directory} was trained on {spec.env_id}, whose actions are per request type of one "
-                          f"workload; a workload-independent agent is trained on {', '.join(RESIDUAL_ENV_IDS)}")
-    from agents.config import load_config
-
-    policy_kwargs = load_config(str(config_path)).hyperparameters.get("policy_kwargs", {})
-    unsupported = set(policy_kwargs) - {"net_arch", "log_std_init"}
-    if unsupported:
-        raise ConfigError(f"{config_path}: policy_kwargs {', '.join(sorted(unsupported))} not supported for a "
-                          "residual agent (its actor is the default MlpPolicy's: tanh layers)")
-    model_path = Path(directory) / MODEL_FILE
-    return spec, ResidualNetwork.from_weights(read_weights(model_path), str(model_path))
-
-
 def read_spec(directory: str | Path) -> tuple[AgentSpec, Path]:
     """What ``agent.json`` in ``directory`` records, and the path of its ``config.toml``; a clear error if it is
     not an agent directory."""

@@ -29,10 +29,12 @@ agent sees the same observations and its actions mean the same thing in training
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from agents.policy import MODEL_FILE, AgentSpec, action_logits, read_spec, read_weights
 from baselines import make_policy
 from llmsched_env.compiled_run import DONE, ENDED, HORIZON, NOW, PAUSE, ChunkArrays, RunState
 from llmsched_env.engine import Decision, Engine, SchedulerState
@@ -94,8 +96,6 @@ class ResidualControl:
         rest), reset on ``engine``; the first decision is due at once."""
         known = engine.output_lengths_known
         name = self.base_name or BASE_POLICIES[known]
-        if name == "wait-adaptive" and not known:
-            raise ConfigError("wait-adaptive needs output lengths known at arrival; this engine hides them")
         self.base = make_policy(name, scenario, horizon)
         self.base.reset(engine)
         self.known = known
@@ -104,7 +104,6 @@ class ResidualControl:
         self._short = ArrivalRateEstimator(SHORT_RATE_WINDOW_S)
         self._seen = 0
         self._finished = 0
-        self._arrived_since = 0
 
     def due(self, now: float) -> bool:
         """Whether the agent decides at an iteration starting at ``now``."""
@@ -196,7 +195,7 @@ class ResidualAgentPolicy:
     environment's episode on the same arrivals, on the simulator through the baseline's compiled loop.
 
     Args:
-        network: the agent's policy network: a :class:`ResidualNetwork` (what :func:`agents.policy.read_residual_agent`
+        network: the agent's policy network: a :class:`ResidualNetwork` (what :func:`read_residual_agent`
             loads), a stable-baselines3 ``PPO`` model, or any callable from a batch of observations to actions.
         scenario: where it runs (the baseline's cost model and memory).
         horizon: the run's horizon (the baseline's overflow bound).
@@ -273,14 +272,27 @@ class ResidualAgentPolicy:
         return loop
 
 
-def gaussian_action(model: Any, observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A continuous-action PPO network's mean actions for a batch of observations, and its log standard deviation
-    (``(N, A)`` and ``(A,)``, float64)."""
-    import torch
+def read_residual_agent(directory: str | Path) -> tuple[AgentSpec, Any]:
+    """``(spec, network)`` of a residual agent (trained on ``LLMSched-Residual-v0``) saved in ``directory``: its
+    actor as a :class:`~agents.residual.ResidualNetwork` (weights only; stable-baselines3 is not needed)."""
+    from agents.config import load_config
+    from llmsched_env.registration import RESIDUAL_ENV_IDS
 
-    policy = model.policy
-    with torch.no_grad():
-        features = policy.extract_features(torch.as_tensor(observations, dtype=torch.float32),
-                                           policy.pi_features_extractor)
-        mean = policy.action_net(policy.mlp_extractor.forward_actor(features)).numpy().astype(np.float64)
-        return mean, policy.log_std.detach().numpy().astype(np.float64)
+    spec, config_path = read_spec(directory)
+    if spec.env_id not in RESIDUAL_ENV_IDS:
+        raise ConfigError(f"{directory} was trained on {spec.env_id}, whose actions are per request type of one "
+                          f"workload; a workload-independent agent is trained on {', '.join(RESIDUAL_ENV_IDS)}")
+    policy_kwargs = load_config(str(config_path)).hyperparameters.get("policy_kwargs", {})
+    unsupported = set(policy_kwargs) - {"net_arch", "log_std_init"}
+    if unsupported:
+        raise ConfigError(f"{config_path}: policy_kwargs {', '.join(sorted(unsupported))} not supported for a "
+                          "residual agent (its actor is the default MlpPolicy's: tanh layers)")
+    model_path = Path(directory) / MODEL_FILE
+    return spec, ResidualNetwork.from_weights(read_weights(model_path), str(model_path))
+
+
+def gaussian_action(model: Any, observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A continuous-action PPO network's mean actions for a batch of observations (its action head's output, as
+    :func:`agents.policy.action_logits` reads it), and its log standard deviation (``(N, A)`` and ``(A,)``)."""
+    observations = np.asarray(observations, dtype=np.float32)
+    return action_logits(model, observations), model.policy.log_std.detach().numpy().astype(np.float64)

@@ -39,6 +39,19 @@ def _with_memory(scenario: Scenario, factor: float) -> Scenario:
     return replace(scenario, capacity_tokens=max(1, int(scenario.capacity_tokens * factor)))
 
 
+def _run_until(rollout: Rollout, policy: Any, loop: Any, until: float) -> bool:
+    """Run ``policy`` (through its compiled ``loop`` when given one) to the first iteration boundary at or after
+    ``until``; whether the run is over."""
+    if loop is not None:
+        return rollout.run_compiled(loop, until)
+    engine = rollout.engine
+    while rollout.needs_decision():
+        if engine.now >= until:
+            return False
+        rollout.apply(policy.decide(engine.state()))
+    return True
+
+
 class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
     """Admission control of an LLM serving engine through an adaptive baseline, on any workload.
 
@@ -189,6 +202,7 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         self.control.reset(engine, scenario, horizon)
         self._loop = self.control.base.compiled_loop() if self.compiled and self._rollout.can_run_compiled() else None
         self._shadow = self._baseline_path(scenario, arrivals, horizon) if self.reward == "vs_baseline" else None
+        self._point = 0  # the decision point of the baseline's path the last step ended at
         self._accounted = 0.0
         self._done = False
         self._advance(0.0)  # the arrivals due at time 0 enter the queue, as the loop enqueues them
@@ -239,17 +253,9 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         loop = shadow.base.compiled_loop() if self._loop is not None else None
         points = math.ceil(horizon / self.control.interval_s) + 2
         path = np.zeros((points, 2), dtype=np.int64)
-        self._point = 0
         k, done = 0, False
         while not done:
-            until = k * self.control.interval_s
-            if loop is not None:
-                done = rollout.run_compiled(loop, until)
-            else:
-                done = not rollout.needs_decision()
-                while not done and engine.now < until:
-                    rollout.apply(shadow.base.decide(engine.state()))
-                    done = not rollout.needs_decision()
+            done = _run_until(rollout, shadow.base, loop, k * self.control.interval_s)
             reached = min(max(k, self._grid_point(engine.now)), points - 2) if not done else points - 1
             path[k:reached + 1] = (engine.num_finished, engine.num_waiting + engine.num_running)
             k = reached + 1
@@ -258,16 +264,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
     def _advance(self, until: float) -> bool:
         """Run the baseline at the current scale to the first iteration at or after ``until``; whether the run is
         over."""
-        rollout = self._rollout
-        assert rollout is not None
-        if self._loop is not None:
-            return rollout.run_compiled(self._loop, until)
-        base, engine = self.control.base, rollout.engine
-        while rollout.needs_decision():
-            if engine.now >= until:
-                return False
-            rollout.apply(base.decide(engine.state()))
-        return True
+        assert self._rollout is not None
+        return _run_until(self._rollout, self.control.base, self._loop, until)
 
     def result(self) -> RunResult:
         """The run so far, as :func:`llmsched_env.run` returns it."""

@@ -260,7 +260,7 @@ def test_the_generalist_runs_on_the_live_engine(config, hidden):
     # rescaled by the agent's actor (NumPy arrays: this environment has no stable-baselines3).
     from pathlib import Path
 
-    from agents.policy import read_residual_agent
+    from agents.residual import read_residual_agent
     from agents.residual import ResidualAgentPolicy
 
     spec, actor = read_residual_agent(Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "suite-residual")

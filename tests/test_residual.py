@@ -167,8 +167,8 @@ def test_the_judging_cells_cover_the_suite_and_the_held_out_traces(tmp_path: Pat
 def test_a_short_training_saves_reloads_and_is_judged_on_two_scenarios(tmp_path: Path) -> None:
     from agents.config import load_config
     from agents.judge import judge
-    from agents.policy import read_agent, read_residual_agent
-    from agents.residual import gaussian_action
+    from agents.policy import read_agent
+    from agents.residual import gaussian_action, read_residual_agent
     from agents.train import train
 
     config = tmp_path / "residual.toml"
@@ -222,7 +222,7 @@ def test_judging_a_per_workload_agent_says_why_it_cannot() -> None:
 
 def test_the_pretrained_generalist_runs_on_every_suite_workload_and_the_traces() -> None:
     from agents.judge import TRACES, cell_scenario, default_data_dir
-    from agents.policy import read_residual_agent
+    from agents.residual import read_residual_agent
 
     directory = Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "suite-residual"
     spec, actor = read_residual_agent(directory)
