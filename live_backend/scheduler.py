@@ -62,6 +62,10 @@ class DecisionScheduler(Scheduler):
         self.last_executed: ExecutedIteration | None = None
         self._chunk_caps: dict[str, int] = {}
 
+    def index_of(self, request: Request) -> int:
+        """The decision's index of a vLLM request (the in-process backend's ids are the indices themselves)."""
+        return adapter.request_index(request)
+
     def _reserve_prefill_lookahead(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> int:
         # The one per-request hook both of schedule()'s loops call on the token count: where the chunk cap goes.
         num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
@@ -73,7 +77,7 @@ class DecisionScheduler(Scheduler):
         if decision is None:
             return super().schedule(throttle_prefills)
         executed = ExecutedIteration()
-        by_index = {adapter.request_index(request): request for request in self.requests.values()}
+        by_index = {self.index_of(request): request for request in self.requests.values()}
         now = time.monotonic()
         for index in decision.preempt:
             adapter.preempt(self, by_index[index], now)
@@ -81,10 +85,10 @@ class DecisionScheduler(Scheduler):
 
         named = decision.decode | decision.prefill.keys()
         running_before = list(self.running)
-        paused = [request for request in running_before if adapter.request_index(request) not in named]
-        self.running = [request for request in running_before if adapter.request_index(request) in named]
+        paused = [request for request in running_before if self.index_of(request) not in named]
+        self.running = [request for request in running_before if self.index_of(request) in named]
         waiting_before = adapter.waiting_requests(self)
-        admitting = [request for request in waiting_before if adapter.request_index(request) in decision.prefill]
+        admitting = [request for request in waiting_before if self.index_of(request) in decision.prefill]
         adapter.replace_waiting(self, admitting)
         self._chunk_caps = {by_index[index].request_id: tokens for index, tokens in decision.prefill.items()}
         try:
@@ -100,15 +104,15 @@ class DecisionScheduler(Scheduler):
             admitting_ids = set(map(id, admitting))
             queue = adapter.waiting_requests(self) + [request for request in waiting_before
                                                       if id(request) not in admitting_ids]
-            adapter.replace_waiting(self, sorted(queue, key=adapter.request_index))  # llmsched's queue order
+            adapter.replace_waiting(self, sorted(queue, key=self.index_of))  # llmsched's queue order
 
-        executed.scheduled_tokens = {adapter.request_index(self.requests[request_id]): tokens
+        executed.scheduled_tokens = {self.index_of(self.requests[request_id]): tokens
                                      for request_id, tokens in output.num_scheduled_tokens.items()}
         for request in running_before:
-            if request.status == RequestStatus.PREEMPTED and adapter.request_index(request) in named:
-                executed.preempted.append(adapter.request_index(request))  # vLLM's own: no block for it
+            if request.status == RequestStatus.PREEMPTED and self.index_of(request) in named:
+                executed.preempted.append(self.index_of(request))  # vLLM's own: no block for it
         for request in admitting:
-            index = adapter.request_index(request)
+            index = self.index_of(request)
             (executed.admitted if index in executed.scheduled_tokens else executed.deferred).append(index)
         executed.peak_used_blocks = adapter.used_blocks(self)
         self.last_executed = executed

@@ -78,6 +78,13 @@ def scheduler_of(llm_engine: Any) -> "Scheduler":
     return inner.scheduler
 
 
+def platform_device() -> str:
+    """``cpu`` or ``cuda``: the device vLLM's platform runs on."""
+    from vllm.platforms import current_platform
+
+    return "cpu" if current_platform.is_cpu() else "cuda"
+
+
 def request_id(index: int) -> str:
     """The id the backend gives request ``index`` when adding it to vLLM."""
     return str(index)

@@ -136,7 +136,7 @@ def _fail(error: Exception | str, code: int | None = None) -> None:
     raise typer.Exit(code=code)
 
 
-def _command(name: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def _command(name: str | None = None, **settings: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """``app.command``, with every failure turned into one line and an exit status (never a traceback):
     bad input 2, a failure at run time 1. ``LLMSCHED_DEBUG=1`` lets an unexpected error's traceback through."""
 
@@ -158,7 +158,7 @@ def _command(name: str | None = None) -> Callable[[Callable[..., None]], Callabl
                 _fail(f"internal error ({type(error).__name__}: {error}); LLMSCHED_DEBUG=1 shows the traceback",
                       code=1)
 
-        return app.command(name)(guarded)
+        return app.command(name, **settings)(guarded)
 
     return register
 
@@ -804,6 +804,105 @@ def _judge(agent: Path, seeds: list[int], jobs: int | None, out: Path, as_json: 
     else:
         print(table, end="")
         console.print(f"wrote {out / 'judging.md'} and {out / 'judging.json'}")
+
+
+@_command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    context: typer.Context,
+    model: Annotated[str, typer.Argument(help="The model vLLM serves (a local path or a Hugging Face name).")],
+    policy: str = typer.Option("nested-wait-adaptive", help="A registered policy, an agent folder "
+                                                              "(LLMSched-Residual-v0), or vllm for vLLM's own "
+                                                              "scheduler."),
+    lengths: str = typer.Option("hidden", help="hidden, or max_tokens when every request produces exactly its "
+                                               "max_tokens (ignore_eos traffic): WAIT needs it."),
+    types: TypesOption = None,
+    trace: TraceOption = None,
+    rate: Optional[float] = typer.Option(None, help="With --trace: the prior's total rate, req/s."),
+    profile: ProfileOption = None,
+    cost: CostOption = None,
+    stats_file: Annotated[Optional[Path], typer.Option(help="A JSON file the scheduler keeps its counters in "
+                                                             "(decisions, fallbacks, time per iteration).")] = None,
+) -> None:
+    """Serve MODEL with vLLM's OpenAI-compatible server, scheduled by an llmsched policy (or vLLM's own, timed, with
+    --policy vllm); every option llmsched does not know goes to `vllm serve`. Needs the live extra."""
+    from live_backend.launcher import serve as serve_model
+    from live_backend.serve_settings import CONFIG_KEY, parse_serve_settings
+
+    given = {"policy": policy, "lengths": lengths, "types": types, "trace": str(trace) if trace else None,
+             "rate": rate, "profile": profile, "cost": cost, "stats_file": str(stats_file) if stats_file else None}
+    settings = parse_serve_settings({CONFIG_KEY: {key: value for key, value in given.items() if value is not None}})
+    try:
+        code, error = serve_model(model, settings, list(context.args))
+    except ValueError as refused:
+        _fail(typer.BadParameter(str(refused)))
+    if error is not None:
+        _fail(f"vLLM stopped at start: {error}", code=2)
+    if code != 0:
+        raise typer.Exit(code=1)
+
+
+@_command("bench-serve")
+def bench_serve(
+    model: Annotated[str, typer.Argument(help="The model every server loads (a local path).")],
+    policies: str = typer.Option("vllm,wait-adaptive,nested-wait-adaptive",
+                                 help="Schedulers, the first the reference: vllm (its own), registered policies, "
+                                      "agent folders."),
+    rate: float = typer.Option(..., help="Total arrival rate of the replayed workload, req/s."),
+    horizon: float = typer.Option(20.0, help="Seconds of arrivals per seed."),
+    seeds: str = typer.Option("0..1", help="Arrival seeds, '0..1' or '0,3,7': every scheduler replays each."),
+    types: TypesOption = None,
+    trace: TraceOption = None,
+    arrivals: ArrivalsOption = None,
+    cv: CvOption = None,
+    profile: ProfileOption = None,
+    cost: CostOption = None,
+    lengths: str = typer.Option("auto", help="auto (the WAIT family reads max_tokens, exact in the replay; "
+                                             "others hidden), hidden or max_tokens."),
+    slo_ttft_ms: float = typer.Option(1000.0, help="The SLO's time-to-first-token target, ms."),
+    slo_tpot_ms: float = typer.Option(100.0, help="The SLO's time-per-output-token target, ms."),
+    vllm_args: Optional[str] = typer.Option(None, help="Options for every server's `vllm serve`, one string "
+                                                       "(e.g. '--num-gpu-blocks-override 24 --dtype float32')."),
+    with_sim: bool = typer.Option(True, help="Add the simulator's prediction for the same arrivals to each row."),
+    out: Annotated[Path, _out_option("bench-serve")] = Path("llmsched-out/bench-serve"),
+    as_json: JsonOption = False,
+) -> None:
+    """Serve MODEL under each scheduler in turn and drive it with `vllm bench serve` on identical arrivals:
+    throughput, latency percentiles, SLO attainment, preemptions, and the simulator's prediction beside each."""
+    from live_backend import serve_bench
+    from live_backend.launcher import installed_device
+    from live_backend.serve_settings import DEVICE_PROFILES
+    from llmsched_env import report
+
+    if lengths not in ("auto", "hidden", "max_tokens"):
+        _fail(typer.BadParameter(f"expected auto, hidden or max_tokens, got {lengths!r}", param_hint="--lengths"))
+    scenario = build_scenario(types=types, trace=trace, rate=rate, cost=cost, arrivals=arrivals,  # type: ignore[arg-type]
+                              cv=cv, profile=profile or DEVICE_PROFILES[installed_device()])
+    if scenario.mix is not None:
+        scenario = scenario.at_rate(rate)
+    plan = serve_bench.ServeBenchPlan(
+        model=model, policies=tuple(_names(policies, "--policies") or ()), scenario=scenario,
+        horizon_s=_horizon(horizon, None) or horizon, seeds=tuple(parse_seeds(seeds)),
+        vllm_args=serve_bench.split_vllm_args(vllm_args), lengths=lengths, slo_ttft_ms=slo_ttft_ms,
+        slo_tpot_ms=slo_tpot_ms)
+    for policy in plan.policies:
+        plan.settings_for(policy)  # every scheduler's settings checked before any server starts
+    with _stdout_kept_for_json(as_json):
+        progress = _progress()
+        with progress:
+            task = progress.add_task("starting", total=len(plan.policies) * len(plan.seeds))
+
+            def advance(policy: str, seed: int) -> None:
+                progress.update(task, advance=1, description=f"{policy}, seed {seed}")
+
+            result = serve_bench.bench_serve(plan, out, on_run=advance, with_sim=with_sim)
+    report.write_text_atomically(out / "bench-serve.json", json_document(result))
+    table = serve_bench.markdown(result)
+    report.write_text_atomically(out / "bench-serve.md", table)
+    if as_json:
+        _print_json(result)
+        return
+    print(table, end="")
+    console.print(f"wrote {out / 'bench-serve.md'} and {out / 'bench-serve.json'} (servers' and clients' logs beside)")
 
 
 @_command("make-tiny-model")
