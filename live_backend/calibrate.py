@@ -235,3 +235,57 @@ def write_profile(path: Path, chosen: Fit, *, name: str, description: str, capac
     if not chosen.quadratic:
         data.pop("c_pf2", None)
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+#: Every how many logged iterations one is held out (interleaved, so that a drift of the machine moves both sets).
+HELD_OUT_EVERY = 3
+
+
+def read_iteration_log(path: str | Path) -> tuple[dict[str, object], list[Sample]]:
+    """``(header, samples)`` of a served engine's iteration log (``iteration_log`` of ``llmsched serve``; see
+    :mod:`live_backend.serve_settings`); :class:`ConfigError` naming the file, line and field that is wrong."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the iteration log ({error.strerror or error})") from None
+    header: dict[str, object] = {}
+    samples: list[Sample] = []
+    fields = ("prefill_tokens", "decode_requests", "kv_tokens", "prefill_attention", "duration_s")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{number}: expected a JSON object, got {line[:40]!r}")
+        if "capacity_blocks" in row:  # a server's header (a log may hold several runs)
+            header = row
+            continue
+        if not header:
+            raise ConfigError(f"{path}:{number}: an iteration before any header line (capacity_blocks, block_size): "
+                              "not an llmsched serve iteration log")
+        for name in fields:
+            value = row.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+                raise ConfigError(f"{path}:{number}: field {name!r} must be a number >= 0, got {value!r}")
+        if row["duration_s"] <= 0:
+            raise ConfigError(f"{path}:{number}: field 'duration_s' must be > 0, got {row['duration_s']!r}")
+        samples.append(Sample(int(row["prefill_tokens"]), int(row["decode_requests"]), int(row["kv_tokens"]),
+                              float(row["duration_s"]), float(row["prefill_attention"])))
+    if not header:
+        raise ConfigError(f"{path}: no header line (capacity_blocks, block_size): not an llmsched serve iteration log")
+    return header, samples
+
+
+def calibrate_from_log(samples: Sequence[Sample]) -> Calibration:
+    """Fit on the logged iterations but every :data:`HELD_OUT_EVERY`-th, and measure the error on those."""
+    compositions = len(medians(samples))
+    if compositions < 3 * HELD_OUT_EVERY:
+        raise ConfigError(f"the iteration log holds {len(samples)} iterations of {compositions} batch compositions; "
+                          f"a fit needs {3 * HELD_OUT_EVERY} or more: serve more traffic with the log on")
+    held_out = [sample for k, sample in enumerate(samples) if k % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
+    fitting = [sample for k, sample in enumerate(samples) if k % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+    return calibrate(fitting, held_out)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from live_backend import vllm_adapter as adapter
 from live_backend.scheduler import DecisionScheduler, ExecutableDecision
 from live_backend.serve_settings import build_serve_policy, parse_serve_settings, serve_scenario, warm_up
 from live_backend.served_requests import ServedRequests
+from llmsched_env.cost_model import prefill_attention
 from llmsched_env.errors import ConfigError
 from llmsched_env.report import write_text_atomically
 from llmsched_env.request_table import validated_batch
@@ -97,11 +99,19 @@ class PolicyScheduler(DecisionScheduler):
         self.scenario = serve_scenario(settings, capacity_tokens=capacity * block, block_size=block, device=device)
         self.counters = ServeCounters(policy="vllm (its own scheduler)" if self.native else "")
         self._stats_file = Path(settings.stats_file) if settings.stats_file else None
-        self._stats_written = 0.0
+        self._stop_writing = threading.Event()
+        self._log_lock = threading.Lock()  # the stats thread flushes the log the engine's thread writes
+        self._iteration_log = None
+        self._composition: tuple[int, int, int, float] | None = None  # of the batch schedule() just sent
+        self._sent_at = 0.0
+        if settings.iteration_log:
+            self._iteration_log = open(settings.iteration_log, "a", buffering=1 << 16)  # noqa: SIM115 - shutdown()
+            self._iteration_log.write(json.dumps({"capacity_blocks": capacity, "block_size": block,
+                                                  "model": str(self.vllm_config.model_config.model)}) + "\n")
         self.view = ServedRequests(capacity, block, lengths_known=settings.lengths_known, max_model_len=max_len)
         self._started = time.monotonic()
         if self.native:
-            self.write_stats()
+            self._keep_writing_stats()
             logger.info("llmsched: vLLM's own scheduler, timed (%d KV blocks of %d tokens)", capacity, block)
             return
         self.policy = build_serve_policy(settings, self.scenario)
@@ -114,7 +124,7 @@ class PolicyScheduler(DecisionScheduler):
                            "iterations where it fails", self.policy.name, type(error).__name__, error)
         self.policy.reset(self.view)
         self._started = time.monotonic()
-        self.write_stats()
+        self._keep_writing_stats()
         logger.info("llmsched: serving with %s (lengths %s, %d KV blocks of %d tokens; warmed up in %.1f s)",
                     self.policy.name, settings.lengths, capacity, block, warm)
 
@@ -126,19 +136,18 @@ class PolicyScheduler(DecisionScheduler):
 
     # -- requests in and out -----------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
-        if request.request_id not in self.requests and not self.native:
-            # Refused before vLLM queues it: the error goes back to this request's client alone.
-            self.view.arrive(request.request_id, request.num_prompt_tokens, request.max_tokens, self._clock())
+        if request.request_id not in self.requests:  # (a known id is a streaming request's next input)
             self.counters.arrived += 1
+            if not self.native:
+                # Never too large here: vLLM's API server keeps prompt + max_tokens within max_model_len, which the
+                # start check keeps within the KV cache.
+                self.view.arrive(request.request_id, request.num_prompt_tokens, request.max_tokens, self._clock())
         super().add_request(request)
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):  # type: ignore[no-untyped-def]
         # The one path every leaving request takes: a finish (update_from_output) or an abort (finish_requests).
         aborted = request.status == RequestStatus.FINISHED_ABORTED
-        if self.native:
-            self.counters.aborted += aborted
-            self.counters.finished += not aborted
-        elif request.request_id in self.view:
+        if self.native or request.request_id in self.view:  # (vLLM may free a request twice: count it once)
             self.counters.aborted += aborted
             self.counters.finished += not aborted
         self.view.finished(request.request_id, adapter.output_tokens(request), self._clock(), aborted=aborted)
@@ -146,12 +155,32 @@ class PolicyScheduler(DecisionScheduler):
 
     # -- the iteration ---------------------------------------------------------------------------------------------
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        output = self._schedule_iteration(throttle_prefills)
+        if self._iteration_log is not None and output.total_num_scheduled_tokens:
+            self._composition = self._batch_composition(output)
+            self._sent_at = time.perf_counter()
+        return output
+
+    def _batch_composition(self, output: SchedulerOutput) -> tuple[int, int, int, float]:
+        """``(prefill tokens, decode requests, KV tokens, prefill attention)`` of the batch ``output`` sends."""
+        prefill = decodes = kv = 0
+        attention = 0.0
+        for request_id, tokens in output.num_scheduled_tokens.items():
+            request = self.requests[request_id]
+            computed = adapter.computed_tokens(request)  # after this iteration (vLLM counts them at schedule time)
+            before = computed - tokens
+            kv += computed
+            if before < request.num_prompt_tokens:
+                prefill += tokens
+                attention += float(prefill_attention(tokens, before))
+            else:
+                decodes += 1
+        return prefill, decodes, kv, attention
+
+    def _schedule_iteration(self, throttle_prefills: bool) -> SchedulerOutput:
         started = time.perf_counter()
         now = self._clock()
         self.view.set_now(now)
-        if self._stats_file is not None and now - self._stats_written >= 1.0:
-            self._stats_written = now
-            self.write_stats()
         self.counters.iterations += 1
         if self.native:  # vLLM's own scheduler, timed
             self.counters.running_sum += len(self.running)
@@ -206,6 +235,13 @@ class PolicyScheduler(DecisionScheduler):
         return output
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> Any:
+        if self._composition is not None and self._iteration_log is not None:
+            prefill, decodes, kv, attention = self._composition
+            line = json.dumps({"prefill_tokens": prefill, "decode_requests": decodes, "kv_tokens": kv,
+                               "prefill_attention": attention, "duration_s": time.perf_counter() - self._sent_at})
+            with self._log_lock:
+                self._iteration_log.write(line + "\n")
+            self._composition = None
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if self.native:
             return outputs
@@ -220,12 +256,34 @@ class PolicyScheduler(DecisionScheduler):
         self.counters.policy_seconds += time.perf_counter() - started
         return outputs
 
+    def _keep_writing_stats(self) -> None:
+        """Write the stats now, then every second from a daemon thread, whether or not the engine is busy (an idle
+        engine calls no ``schedule()``, and a server stopped by a signal may never reach :meth:`shutdown`)."""
+        self.write_stats()
+        if self._stats_file is None and self._iteration_log is None:
+            return
+
+        def keep() -> None:
+            while not self._stop_writing.wait(1.0):
+                self.write_stats()
+
+        threading.Thread(target=keep, name="llmsched-stats", daemon=True).start()
+
     def write_stats(self) -> None:
-        """Write the counters to the settings' ``stats_file`` (atomically: a reader never sees half a file)."""
+        """Write the counters to the settings' ``stats_file`` (atomically: a reader never sees half a file), and
+        flush the iteration log."""
+        with self._log_lock:
+            if self._iteration_log is not None:
+                self._iteration_log.flush()
         if self._stats_file is not None:
             write_text_atomically(self._stats_file, json.dumps(self.counters.as_dict(), indent=2) + "\n")
 
     def shutdown(self) -> None:
+        self._stop_writing.set()
         self.write_stats()
+        with self._log_lock:
+            if self._iteration_log is not None:
+                self._iteration_log.close()
+                self._iteration_log = None
         logger.info("llmsched: %s", json.dumps(self.counters.as_dict()))
         super().shutdown()

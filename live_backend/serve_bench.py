@@ -38,6 +38,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from live_backend.calibrate import calibrate_from_log, read_iteration_log, relative_errors
 from live_backend.launcher import vllm_serve_arguments
 from live_backend.serve_settings import PRIOR_FREE_POLICIES, ServeSettings, build_serve_policy, parse_serve_settings
 from llmsched_env.engine import FINISHED
@@ -259,9 +260,13 @@ def bench_serve(plan: ServeBenchPlan, work: Path, on_run: Callable[[str, int], N
         path.write_text("\n".join(timed_trace_lines(arrivals, seed)) + "\n")
         traces[seed] = (arrivals, path)
     rows = []
+    calibration: dict[str, Any] = {}
     for policy in plan.policies:
         label = Path(policy).name
-        settings = replace(plan.settings_for(policy), stats_file=str((work / f"{label}-stats.json").resolve()))
+        iteration_log = work / f"{label}-iterations.jsonl"
+        iteration_log.unlink(missing_ok=True)
+        settings = replace(plan.settings_for(policy), stats_file=str((work / f"{label}-stats.json").resolve()),
+                           iteration_log=str(iteration_log.resolve()))
         server = Server(plan.model, settings, plan.vllm_args, work / f"{label}-server.log")
         try:
             server.wait_ready()
@@ -273,9 +278,9 @@ def bench_serve(plan: ServeBenchPlan, work: Path, on_run: Callable[[str, int], N
                 stats_before = _read_stats(settings)
                 result_path = work / f"{label}-seed{seed}.json"
                 log_path = work / f"{label}-seed{seed}-client.log"
-                with open(log_path, "w") as log:
+                with open(log_path, "w") as client_log:
                     code = subprocess.call(client_command(plan, server, trace, len(arrivals), result_path, seed),
-                                           stdout=log, stderr=subprocess.STDOUT)
+                                           stdout=client_log, stderr=subprocess.STDOUT)
                 if code != 0 or not result_path.is_file():
                     raise EngineFailure(f"vllm bench serve failed against {label} (seed {seed}, status {code}); "
                                         f"see {log_path}")
@@ -298,9 +303,28 @@ def bench_serve(plan: ServeBenchPlan, work: Path, on_run: Callable[[str, int], N
                 rows.append(row)
         finally:
             server.stop()
+        calibration[label] = served_calibration(plan, iteration_log)
     return {"model": plan.model, "policies": list(plan.policies), "seeds": list(plan.seeds),
             "horizon_s": plan.horizon_s, "vllm_args": list(plan.vllm_args), "slo_ttft_ms": plan.slo_ttft_ms,
-            "slo_tpot_ms": plan.slo_tpot_ms, "rows": rows}
+            "slo_tpot_ms": plan.slo_tpot_ms, "rows": rows, "calibration": calibration}
+
+
+def served_calibration(plan: ServeBenchPlan, log: Path) -> dict[str, Any]:
+    """How well the cost model predicts the iterations a server ran (its iteration log): the planning profile's
+    mean relative error on them, and a fit to the log's own iterations measured on every third one, held out."""
+    if not log.is_file():
+        return {"iterations": 0}
+    _, samples = read_iteration_log(log)
+    summary: dict[str, Any] = {"iterations": len(samples)}
+    if samples:
+        summary["profile_error"] = float(np.mean(relative_errors(plan.scenario.cost, samples)))
+    try:
+        fitted = calibrate_from_log(samples).chosen
+    except ConfigError as error:  # too few iterations to fit: say why, keep the rest of the report
+        summary["fit"] = str(error)
+        return summary
+    summary.update(fitted_held_out_error=fitted.held_out_error, fitted_cost=fitted.cost.to_dict())
+    return summary
 
 
 def _read_stats(settings: ServeSettings) -> dict[str, Any] | None:
@@ -361,9 +385,53 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['completed']}/{row['requests']} | {row['fallbacks']} | {f(row['policy_us_per_iteration'], 0)} | "
             f"{f(row['schedule_us_per_iteration'], 0)} | {f(row['sim_throughput_rps'])} | "
             f"{f(row['sim_p99_e2el_ms'], 0)} |")
+    lines += ["", "The cost model against the iterations each server ran (its iteration log): the planning profile's "
+              "mean relative error, and a fit to the log measured on every third iteration, held out.", "",
+              "| server | iterations | profile's error | fitted, held-out error |", "|---|---|---|---|"]
+    for label, summary in report.get("calibration", {}).items():
+        fitted = summary.get("fitted_held_out_error")
+        lines.append(f"| {label} | {summary['iterations']:,} | "
+                     f"{'–' if 'profile_error' not in summary else format(summary['profile_error'], '.0%')} | "
+                     f"{'–' if fitted is None else format(fitted, '.0%')} |")
     return "\n".join(lines) + "\n"
 
 
 def split_vllm_args(text: str | None) -> tuple[str, ...]:
     """``--vllm-args "..."`` as the server's argument list (shell quoting rules)."""
     return tuple(shlex.split(text)) if text else ()
+
+
+def plot(report: dict[str, Any], path: Path) -> Path:
+    """Throughput, SLO attainment and p99 end-to-end latency per scheduler (each seed a dot, the mean a bar), with
+    the simulator's prediction for the same arrivals as a cross: ``bench-serve.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    labels = list(dict.fromkeys(row["policy"] for row in rows))
+    panels = [("throughput_rps", "sim_throughput_rps", "requests / s", 1.0),
+              ("slo_attainment", "sim_slo_attainment", "share within the SLO", 1.0),
+              ("p99_e2el_ms", "sim_p99_e2el_ms", "p99 end-to-end latency (s)", 1e-3)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    for axis, (key, sim_key, title, scale) in zip(axes, panels):
+        for x, label in enumerate(labels):
+            mine = [row for row in rows if row["policy"] == label]
+            values = [row[key] * scale for row in mine if row.get(key) is not None]
+            predicted = [row[sim_key] * scale for row in mine if row.get(sim_key) is not None]
+            if values:
+                axis.bar(x, float(np.mean(values)), color=f"C{x}", alpha=0.55)
+                axis.scatter([x] * len(values), values, color=f"C{x}", s=14, zorder=3)
+            if predicted:
+                axis.scatter([x], [float(np.mean(predicted))], marker="x", color="black", s=40, zorder=4,
+                             label="simulator" if x == 0 else None)
+        axis.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+        axis.set_title(title, fontsize=10)
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"vllm bench serve, identical arrivals, seeds {', '.join(map(str, report['seeds']))}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

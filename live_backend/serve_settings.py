@@ -25,6 +25,11 @@ scheduler as ``vllm_config.additional_config``) and use the CLI's vocabulary:
     a JSON file the scheduler keeps up to date (at most once a second, and at shutdown) with its counters: its
     decisions, the iterations that fell back to vLLM's own scheduling and why, and the time its decisions took
     beside vLLM's own ``schedule()`` (:class:`~live_backend.policy_scheduler.ServeCounters`).
+``iteration_log``
+    a JSONL file to append each iteration's composition and duration to (off by default): its first line says the
+    KV cache, each next one ``prefill_tokens``, ``decode_requests``, ``kv_tokens``, ``prefill_attention`` and
+    ``duration_s`` (from the end of ``schedule()`` to the engine's output: the model's step as this server ran it).
+    ``llmsched calibrate --from-log FILE`` fits the simulator's cost model to it.
 ``buffer_horizon_s``
     the window of Nested WAIT's overflow bound (its ``√ log`` safety buffer; default 3600 s). A server has no
     horizon: nothing else depends on one.
@@ -54,7 +59,8 @@ PRIOR_FREE_POLICIES = ("vllm", "sarathi", "vllm-v0", "sarathi-512", "wait-adapti
 DEFAULT_SERVE_POLICY = "nested-wait-adaptive"
 #: The profile each vLLM device plans with when the settings name none.
 DEVICE_PROFILES = {"cpu": "tiny-llama-cpu", "cuda": "llama2-7b-a100"}
-_KEYS = ("policy", "lengths", "types", "trace", "rate", "profile", "cost", "stats_file", "buffer_horizon_s")
+_KEYS = ("policy", "lengths", "types", "trace", "rate", "profile", "cost", "stats_file", "iteration_log",
+         "buffer_horizon_s")
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,7 @@ class ServeSettings:
     profile: str | None = None
     cost: str | None = None
     stats_file: str | None = None
+    iteration_log: str | None = None
     buffer_horizon_s: float = 3600.0
 
     @property
@@ -88,7 +95,7 @@ class ServeSettings:
     def to_additional_config(self) -> str:
         """The ``--additional-config`` JSON that gives a server these settings."""
         values = {key: getattr(self, key) for key in _KEYS if getattr(self, key) != getattr(ServeSettings, key)}
-        for key in ("trace", "stats_file"):  # the engine process may start in another directory
+        for key in ("trace", "stats_file", "iteration_log"):  # the engine process may start in another directory
             if values.get(key) is not None:
                 values[key] = str(Path(values[key]).resolve())
         if self.is_agent:
@@ -116,7 +123,7 @@ def parse_serve_settings(additional_config: Any) -> ServeSettings:
     unknown = sorted(set(raw) - set(_KEYS))
     if unknown:
         raise ConfigError(f"{where}: unknown setting {unknown[0]!r}; the settings are {', '.join(_KEYS)}")
-    for key in ("policy", "lengths", "types", "trace", "profile", "cost", "stats_file"):
+    for key in ("policy", "lengths", "types", "trace", "profile", "cost", "stats_file", "iteration_log"):
         if key in raw and not isinstance(raw[key], str):
             raise ConfigError(f"{where}: {key!r} must be a string, got {raw[key]!r}")
     for key in ("rate", "buffer_horizon_s"):

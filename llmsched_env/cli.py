@@ -822,6 +822,8 @@ def serve(
     cost: CostOption = None,
     stats_file: Annotated[Optional[Path], typer.Option(help="A JSON file the scheduler keeps its counters in "
                                                              "(decisions, fallbacks, time per iteration).")] = None,
+    iteration_log: Annotated[Optional[Path], typer.Option(help="A JSONL file of each iteration's composition "
+                                                                "and duration (llmsched calibrate --from-log).")] = None,
 ) -> None:
     """Serve MODEL with vLLM's OpenAI-compatible server, scheduled by an llmsched policy (or vLLM's own, timed, with
     --policy vllm); every option llmsched does not know goes to `vllm serve`. Needs the live extra."""
@@ -829,7 +831,8 @@ def serve(
     from live_backend.serve_settings import CONFIG_KEY, parse_serve_settings
 
     given = {"policy": policy, "lengths": lengths, "types": types, "trace": str(trace) if trace else None,
-             "rate": rate, "profile": profile, "cost": cost, "stats_file": str(stats_file) if stats_file else None}
+             "rate": rate, "profile": profile, "cost": cost, "stats_file": str(stats_file) if stats_file else None,
+             "iteration_log": str(iteration_log) if iteration_log else None}
     settings = parse_serve_settings({CONFIG_KEY: {key: value for key, value in given.items() if value is not None}})
     try:
         code, error = serve_model(model, settings, list(context.args))
@@ -898,11 +901,13 @@ def bench_serve(
     report.write_text_atomically(out / "bench-serve.json", json_document(result))
     table = serve_bench.markdown(result)
     report.write_text_atomically(out / "bench-serve.md", table)
+    serve_bench.plot(result, out / "bench-serve.png")
     if as_json:
         _print_json(result)
         return
     print(table, end="")
-    console.print(f"wrote {out / 'bench-serve.md'} and {out / 'bench-serve.json'} (servers' and clients' logs beside)")
+    console.print(f"wrote {out / 'bench-serve.md'}, {out / 'bench-serve.json'} and {out / 'bench-serve.png'} (servers' "
+                  "and clients' logs beside)")
 
 
 @_command("make-tiny-model")
@@ -926,20 +931,32 @@ def calibrate(
     kv_blocks: KvBlocksOption = None,
     device: DeviceOption = None,
     seed: SeedOption = 0,
+    from_log: Annotated[Optional[Path], typer.Option(help="Fit to a served engine's iteration log (llmsched serve "
+                                                          "--iteration-log) instead of sweeping a live engine; every "
+                                                          "3rd iteration is held out.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Sweep batch compositions on a live engine, fit the simulator's cost model, report the held-out error."""
+    """Sweep batch compositions on a live engine (or read a served engine's iteration log), fit the simulator's cost
+    model, report the held-out error."""
     from live_backend import calibrate as cal
 
     if backend != "vllm":
         _fail(typer.BadParameter(f"expected vllm, got {backend!r}", param_hint="--backend"))
     if out.exists() and out.is_dir():
         _fail(typer.BadParameter(f"{out} is a folder; give a file name for the profile", param_hint="--out"))
-    with _stdout_kept_for_json(as_json):
-        result, config, engine = _calibrate(model, live_config, kv_blocks, device, seed)
-    cal.write_profile(out, result.chosen, name=out.stem, capacity_tokens=engine.capacity_tokens,
-                      block_size=engine.block_size,
-                      description=f"calibrated on {config.model} ({config.device}, {config.dtype}) by llmsched calibrate")
+    if from_log is not None:
+        header, samples = cal.read_iteration_log(from_log)
+        result = cal.calibrate_from_log(samples)
+        capacity_tokens = int(header["capacity_blocks"]) * int(header["block_size"])  # type: ignore[call-overload]
+        cal.write_profile(out, result.chosen, name=out.stem, capacity_tokens=capacity_tokens,
+                          block_size=int(header["block_size"]),  # type: ignore[call-overload]
+                          description=f"calibrated on {header.get('model')} served by vLLM, from {from_log.name}")
+    else:
+        with _stdout_kept_for_json(as_json):
+            result, config, engine = _calibrate(model, live_config, kv_blocks, device, seed)
+        cal.write_profile(out, result.chosen, name=out.stem, capacity_tokens=engine.capacity_tokens,
+                          block_size=engine.block_size, description=f"calibrated on {config.model} ({config.device}, "
+                                                                     f"{config.dtype}) by llmsched calibrate")
     if as_json:
         _print_json(result.to_json())
         return

@@ -90,3 +90,47 @@ def test_wait_and_nested_wait_serve_identical_arrivals_against_vllm(model_dir, t
     assert preemptions["vllm"] >= 1  # the cache binds
     assert preemptions["wait-adaptive"] == 0  # lengths known (max_tokens): WAIT never overcommits
     assert preemptions["nested-wait-adaptive"] <= preemptions["vllm"]
+    # Each server logged its iterations; the profile's error on them and a fit's held-out error are reported.
+    for policy in plan.policies:
+        calibration = report["calibration"][policy]
+        assert calibration["iterations"] > 100 and calibration["profile_error"] >= 0
+        assert calibration["fitted_held_out_error"] < 0.5  # a fit to the served engine predicts its held-out iterations
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_leaves_the_request_table_consistent(model_dir, tmp_path) -> None:
+    # A streaming request abandoned after its first tokens is aborted by vLLM (its free path): the policy's table
+    # drops it, and the server goes on serving.
+    import json
+    import time
+    import urllib.request
+
+    stats = tmp_path / "stats.json"
+    settings = ServeSettings(policy="nested-wait-adaptive", stats_file=str(stats))
+    server = serve_bench.Server(model_dir, settings, ("--num-gpu-blocks-override", str(KV_BLOCKS), *SERVER_ARGS),
+                                tmp_path / "server.log")
+
+    def request(max_tokens: int, stream: bool):  # type: ignore[no-untyped-def]
+        body = json.dumps({"model": model_dir, "prompt": "hello " * 20, "max_tokens": max_tokens, "stream": stream,
+                           "ignore_eos": True}).encode()
+        return urllib.request.urlopen(urllib.request.Request(  # noqa: S310 - a local server
+            server.url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}), timeout=60)
+
+    try:
+        server.wait_ready()
+        response = request(400, stream=True)
+        response.readline()  # the first streamed chunk: the request is running
+        response.close()  # the client goes away
+        completed = json.loads(request(8, stream=False).read())
+        assert completed["choices"][0]["finish_reason"] == "length"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the scheduler rewrites its stats file every second
+            counters = json.loads(stats.read_text())
+            if counters["aborted"] + counters["finished"] == 2:
+                break
+            time.sleep(0.5)
+    finally:
+        server.stop()
+    counters = json.loads(stats.read_text())
+    assert counters["aborted"] == 1 and counters["finished"] == 1 and counters["fallbacks"] == 0
+    assert counters["arrived"] == 2  # = finished + aborted: nothing left waiting or running

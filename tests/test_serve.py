@@ -309,3 +309,67 @@ def test_your_own_policy_is_served_from_an_import_path() -> None:
         with pytest.raises(ConfigError, match=None) as error:
             parse_serve_settings({"llmsched": {"policy": bad}})
         assert message in str(error.value)
+
+
+# -- calibration from a served engine's iteration log ---------------------------------------------------------------
+def test_a_served_engines_iteration_log_calibrates_the_cost_model(tmp_path) -> None:
+    from live_backend.calibrate import calibrate_from_log, read_iteration_log
+    from llmsched_env.cost_model import LinearCostModel
+
+    truth = LinearCostModel(c0=4e-3, c_pf=20e-6, c_dec=150e-6, c_kv=30e-9)
+    rng = np.random.default_rng(0)
+    lines = [json.dumps({"capacity_blocks": 400, "block_size": 32, "model": "tiny"})]
+    for _ in range(300):
+        prefill, decodes = int(rng.choice([0, 0, 64, 200])), int(rng.integers(1, 60))
+        kv = decodes * int(rng.integers(60, 300)) + prefill
+        duration = truth.iteration_time(prefill, decodes, kv) * float(rng.normal(1.0, 0.02))
+        lines.append(json.dumps({"prefill_tokens": prefill, "decode_requests": decodes, "kv_tokens": kv,
+                                 "prefill_attention": prefill * (prefill + 1) / 2, "duration_s": duration}))
+    log = tmp_path / "iterations.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+    header, samples = read_iteration_log(log)
+    assert header["capacity_blocks"] == 400 and len(samples) == 300
+    result = calibrate_from_log(samples)
+    assert result.samples == 200 and result.held_out_samples == 100  # every 3rd iteration held out
+    assert result.chosen.held_out_error < 0.03
+    assert result.linear.cost.c_dec == pytest.approx(truth.c_dec, rel=0.1)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"prefill_tokens": 1}', ":1: an iteration before any header line"),
+    ("", "no header line"),
+    ('{"capacity_blocks": 4, "block_size": 2}\n{"prefill_tokens": 1', ":2: not JSON"),
+    ('{"capacity_blocks": 4, "block_size": 2}\n{"prefill_tokens": -1, "decode_requests": 1, "kv_tokens": 1, '
+     '"prefill_attention": 0, "duration_s": 0.1}', ":2: field 'prefill_tokens' must be a number >= 0, got -1"),
+    ('{"capacity_blocks": 4, "block_size": 2}\n{"prefill_tokens": 1, "decode_requests": 1, "kv_tokens": 1, '
+     '"prefill_attention": 0, "duration_s": 0}', ":2: field 'duration_s' must be > 0"),
+])
+def test_a_bad_iteration_log_is_refused_naming_the_line(tmp_path, text, message) -> None:
+    from live_backend.calibrate import read_iteration_log
+
+    log = tmp_path / "iterations.jsonl"
+    log.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=None) as error:
+        read_iteration_log(log)
+    assert message in str(error.value) and str(log) in str(error.value)
+
+
+def test_the_bench_report_is_a_table_and_a_plot(tmp_path) -> None:
+    def row(policy: str, seed: int, throughput: float) -> dict:
+        return {"policy": policy, "seed": seed, "throughput_rps": throughput, "p50_ttft_ms": 10.0, "p99_ttft_ms": 90.0,
+                "p50_tpot_ms": 5.0, "p99_e2el_ms": 900.0, "slo_attainment": 0.9, "preemptions": 3, "completed": 40,
+                "requests": 40, "sim_throughput_rps": 6.0, "sim_p99_e2el_ms": 800.0, "sim_slo_attainment": 1.0,
+                "policy_us_per_iteration": 100.0, "schedule_us_per_iteration": 50.0}
+
+    report = {"model": "m", "seeds": [0, 1], "horizon_s": 10.0, "slo_ttft_ms": 1000.0, "slo_tpot_ms": 100.0,
+              "policies": ["vllm", "wait-adaptive"],
+              "rows": [row("vllm", 0, 6.0), row("vllm", 1, 8.0), row("wait-adaptive", 0, 5.4),
+                       row("wait-adaptive", 1, 8.0)],
+              "calibration": {"vllm": {"iterations": 500, "profile_error": 0.4, "fitted_held_out_error": 0.08}}}
+    table = serve_bench.summary_rows(report)
+    assert [r["policy"] for r in table] == ["vllm", "wait-adaptive"]
+    assert table[1]["throughput_vs_vllm"] == pytest.approx((0.9 + 1.0) / 2)  # paired per seed, then averaged
+    assert table[1]["preemptions"] == 6 and table[1]["completed"] == 80
+    text = serve_bench.markdown(report)
+    assert "| wait-adaptive | 6.70 | 0.950 |" in text and "| vllm | 500 | 40% | 8% |" in text
+    assert serve_bench.plot(report, tmp_path / "bench-serve.png").stat().st_size > 10_000
