@@ -96,7 +96,6 @@ class PolicyScheduler(DecisionScheduler):
         device = adapter.platform_device()
         self.settings = settings
         self.native = settings.native
-        self.scenario = serve_scenario(settings, capacity_tokens=capacity * block, block_size=block, device=device)
         self.counters = ServeCounters(policy="vllm (its own scheduler)" if self.native else "")
         self._stats_file = Path(settings.stats_file) if settings.stats_file else None
         self._stop_writing = threading.Event()
@@ -114,6 +113,7 @@ class PolicyScheduler(DecisionScheduler):
             self._keep_writing_stats()
             logger.info("llmsched: vLLM's own scheduler, timed (%d KV blocks of %d tokens)", capacity, block)
             return
+        self.scenario = serve_scenario(settings, capacity_tokens=capacity * block, block_size=block, device=device)
         self.policy = build_serve_policy(settings, self.scenario)
         self.counters.policy = self.policy.name
         try:

@@ -40,7 +40,13 @@ import numpy as np
 
 from live_backend.calibrate import calibrate_from_log, read_iteration_log, relative_errors
 from live_backend.launcher import vllm_serve_arguments
-from live_backend.serve_settings import PRIOR_FREE_POLICIES, ServeSettings, build_serve_policy, parse_serve_settings
+from live_backend.serve_settings import (
+    ServeSettings,
+    build_serve_policy,
+    needs_prior,
+    parse_serve_settings,
+    reads_lengths,
+)
 from llmsched_env.engine import FINISHED
 from llmsched_env.errors import ConfigError, EngineFailure
 from llmsched_env.runner import run
@@ -78,9 +84,9 @@ class ServeBenchPlan:
         """The served settings of ``policy`` (``vllm``: vLLM's own scheduler), checked as a server checks them."""
         lengths = self.lengths
         if lengths == "auto":
-            lengths = "max_tokens" if Path(policy).name.startswith("wait") else "hidden"
+            lengths = "max_tokens" if reads_lengths(policy) else "hidden"
         values: dict[str, Any] = {"policy": policy, "lengths": lengths, **self.extra_settings}
-        if policy not in PRIOR_FREE_POLICIES and not Path(policy).is_dir():
+        if needs_prior(policy):
             values.update(self.prior())
         return parse_serve_settings({"llmsched": values})
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from live_backend.config import DEFAULT_PROFILES
 from llmsched_env.errors import ConfigError
 from llmsched_env.policy import Policy
 from llmsched_env.scenario import Scenario, build_scenario
@@ -57,8 +58,6 @@ CONFIG_KEY = "llmsched"
 #: Policies that learn rates and lengths online, or need neither: they serve without a workload prior.
 PRIOR_FREE_POLICIES = ("vllm", "sarathi", "vllm-v0", "sarathi-512", "wait-adaptive", "nested-wait-adaptive")
 DEFAULT_SERVE_POLICY = "nested-wait-adaptive"
-#: The profile each vLLM device plans with when the settings name none.
-DEVICE_PROFILES = {"cpu": "tiny-llama-cpu", "cuda": "llama2-7b-a100"}
 _KEYS = ("policy", "lengths", "types", "trace", "rate", "profile", "cost", "stats_file", "iteration_log",
          "buffer_horizon_s")
 
@@ -155,20 +154,35 @@ def _check_policy(settings: ServeSettings, where: str) -> None:
         raise ConfigError(f"{where}: 'policy' {settings.policy!r} is neither a directory nor a registered policy "
                           f"({', '.join(POLICIES)})")
     name = canonical_name(settings.policy)
-    if name not in PRIOR_FREE_POLICIES and settings.types is None and settings.trace is None:
+    if needs_prior(name) and settings.types is None and settings.trace is None:
         raise ConfigError(f"{where}: policy {name!r} sizes its thresholds on known arrival rates and lengths: give "
                           f"'types' (with rates) or 'trace' and 'rate' as the prior, or serve "
                           f"'{'nested-wait' if 'nested' in name else 'wait'}-adaptive', which learns them online")
-    if name.startswith("wait") and not settings.lengths_known:  # the WAIT family reads every request's length
+    if reads_lengths(name) and not settings.lengths_known:
         raise ConfigError(f"{where}: policy {name!r} needs each request's output length: set 'lengths' to "
                           "max_tokens (every request then produces exactly its max_tokens) or serve a nested-wait "
                           "policy")
 
 
+def needs_prior(policy: str) -> bool:
+    """Whether ``policy`` sizes its thresholds on known arrival rates and lengths, so that a server needs a workload
+    prior for it (agents and policies served from an import path bring their own)."""
+    if ":" in policy or Path(policy).is_dir():
+        return False
+    from baselines import canonical_name
+
+    return canonical_name(policy) not in PRIOR_FREE_POLICIES
+
+
+def reads_lengths(policy: str) -> bool:
+    """Whether ``policy`` reads each request's output length before it finishes (the WAIT family)."""
+    return Path(policy).name.startswith("wait")
+
+
 def serve_scenario(settings: ServeSettings, *, capacity_tokens: int, block_size: int, device: str) -> Scenario:
     """The scenario the policy plans with: the prior's mix (if any), the cost model, and vLLM's own KV cache."""
     return build_scenario(types=settings.types, trace=settings.trace, rate=settings.rate,
-                          profile=settings.profile or DEVICE_PROFILES.get(device, DEVICE_PROFILES["cuda"]),
+                          profile=settings.profile or DEFAULT_PROFILES.get(device, DEFAULT_PROFILES["cuda"]),
                           cost=settings.cost, memory_tokens=capacity_tokens, block_size=block_size,
                           hidden_lengths=not settings.lengths_known)
 

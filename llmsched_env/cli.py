@@ -873,13 +873,13 @@ def bench_serve(
     throughput, latency percentiles, SLO attainment, preemptions, and the simulator's prediction beside each."""
     from live_backend import serve_bench
     from live_backend.launcher import installed_device
-    from live_backend.serve_settings import DEVICE_PROFILES
+    from live_backend.config import DEFAULT_PROFILES
     from llmsched_env import report
 
     if lengths not in ("auto", "hidden", "max_tokens"):
         _fail(typer.BadParameter(f"expected auto, hidden or max_tokens, got {lengths!r}", param_hint="--lengths"))
     scenario = build_scenario(types=types, trace=trace, rate=rate, cost=cost, arrivals=arrivals,  # type: ignore[arg-type]
-                              cv=cv, profile=profile or DEVICE_PROFILES[installed_device()])
+                              cv=cv, profile=profile or DEFAULT_PROFILES[installed_device()])
     if scenario.mix is not None:
         scenario = scenario.at_rate(rate)
     plan = serve_bench.ServeBenchPlan(

@@ -22,7 +22,7 @@ from live_backend.serve_settings import (
 )
 from live_backend.served_requests import ServedRequests
 from llmsched_env.engine import FINISHED, RUNNING, WAITING, Decision
-from llmsched_env.errors import ConfigError, RequestTooLargeError
+from llmsched_env.errors import ConfigError, InvalidDecisionError, RequestTooLargeError
 from llmsched_env.request_table import validated_batch
 from llmsched_env.scenario import build_scenario
 
@@ -74,15 +74,17 @@ def test_the_settings_travel_as_additional_config_with_absolute_paths(tmp_path, 
     assert parse_serve_settings(sent) == ServeSettings(**{**sent["llmsched"]})
 
 
-def test_every_policy_a_server_takes_is_built_without_a_run_horizon() -> None:
-    for name, extra in [("nested-wait-adaptive", {}), ("wait-adaptive", {"lengths": "max_tokens"}), ("vllm", {}),
-                        ("sarathi", {}), ("nested-wait", {"types": "p=32,o=32,rate=4"}),
-                        (str(GENERALIST), {})]:
+def test_every_kind_of_policy_a_server_takes_is_built_for_its_cache() -> None:
+    for name, extra, built in [("nested-wait-adaptive", {}, "nested-wait-adaptive"),
+                               ("wait-adaptive", {"lengths": "max_tokens"}, "wait-adaptive"), ("vllm", {}, "vllm"),
+                               ("sarathi", {}, "sarathi"),
+                               ("nested-wait", {"types": "p=32,o=32,rate=4"}, "nested-wait"),
+                               (str(GENERALIST), {}, "agent:suite-residual")]:
         settings = parse_serve_settings({"llmsched": {"policy": name, **extra}})
         scenario = serve_scenario(settings, capacity_tokens=64 * 16, block_size=16, device="cpu")
         assert scenario.output_lengths_known == settings.lengths_known
-        policy = build_serve_policy(settings, scenario)
-        assert policy.name
+        assert (scenario.capacity_tokens, scenario.block_size) == (64 * 16, 16)
+        assert build_serve_policy(settings, scenario).name == built
 
 
 def test_the_warm_up_runs_the_policys_python_decisions(monkeypatch) -> None:
@@ -295,7 +297,7 @@ def test_the_decision_check_is_the_engines() -> None:
     view = _view()
     view.arrive("a", 4, 4, 0.0)
     status, prompt, context, kv, mark = view.columns()
-    with pytest.raises(Exception, match="decode"):
+    with pytest.raises(InvalidDecisionError, match="decode"):  # a waiting request cannot decode
         validated_batch(Decision(decode=np.array([0])), view.num_requests, status, prompt, context, kv, mark)
 
 
