@@ -326,7 +326,11 @@ class LiveVLLMEngine:
             running = adapter.is_running(request)
             self._status[i] = RUNNING if running else WAITING
             self._kv[i] = adapter.computed_tokens(request) if running else 0
-        self._running = [i for i in self._running if self._status[i] == RUNNING]
+        kept = [i for i in self._running if self._status[i] == RUNNING]
+        # Requests vLLM admitted in the iteration that failed run now, but were never appended to the running list
+        # (admissions are recorded after a step returns): after the ones that ran before, in admission (id) order.
+        known = set(kept)
+        self._running = kept + sorted(i for i in self._requests if self._status[i] == RUNNING and i not in known)
         self._num_waiting = int(np.count_nonzero(self._status[self._retired:self._n] == WAITING))
 
     def advance_to(self, time_s: float) -> None:
