@@ -76,20 +76,37 @@ def residual_quantiles(values: np.ndarray, probabilities: np.ndarray, quantile: 
     """
     if not 0 < quantile <= 1:
         raise ConfigError(f"the lookahead quantile must be in (0, 1], got {quantile}")
-    values = np.asarray(values, np.int64)
-    mass = np.asarray(probabilities, np.float64)
-    top = int(values[-1])
-    residual = np.ones(top + 1, dtype=np.int64)
-    tail = np.cumsum(mass[::-1])[::-1]  # tail[i] = P(o >= values[i])
+    return _residual_table(np.ascontiguousarray(values, np.int64), np.ascontiguousarray(probabilities, np.float64),
+                           float(quantile))
+
+
+@compiled
+def _residual_table(values: np.ndarray, mass: np.ndarray, quantile: float) -> np.ndarray:
+    """:func:`residual_quantiles`' table. Each conditional distribution's CDF is the running sum of the
+    probabilities from its first surviving length, divided by their total (in NumPy's ``cumsum`` order: exact
+    whatever the CPU); the scan stops at the quantile, so a table costs ``O(lengths × reach)``, not a cumulative
+    sum per length."""
+    count = len(values)
+    residual = np.ones(values[-1] + 1, dtype=np.int64)
+    tail = np.empty(count, dtype=np.float64)  # tail[i] = P(o >= values[i]), summed from the longest
+    total = 0.0
+    for i in range(count - 1, -1, -1):
+        total += mass[i]
+        tail[i] = total
+    target = quantile - 1e-12
     below = 0  # decoded counts d in [below, values[first]) survive to the same values[first:]
-    for first in range(len(values)):
+    for first in range(count):
         if values[first] <= below:
             continue
-        cdf = np.cumsum(mass[first:]) / tail[first]
-        quantile_value = int(values[first + min(int(np.searchsorted(cdf, quantile - 1e-12)), len(cdf) - 1)])
-        decoded = np.arange(below, int(values[first]))
-        residual[below:int(values[first])] = quantile_value - decoded
-        below = int(values[first])
+        pick, running = count - 1, 0.0
+        for j in range(first, count):
+            running += mass[j]
+            if running / tail[first] >= target:
+                pick = j
+                break
+        for decoded in range(below, values[first]):
+            residual[decoded] = values[pick] - decoded
+        below = values[first]
     return residual
 
 

@@ -172,8 +172,13 @@ class OutputLengthDistribution:
 
     @classmethod
     def from_samples(cls, output_lens: np.ndarray, weights: np.ndarray | None = None) -> "OutputLengthDistribution":
-        values, inverse = np.unique(np.asarray(output_lens, dtype=np.int64), return_inverse=True)
-        mass = np.bincount(inverse, weights=weights, minlength=len(values)).astype(np.float64)
+        lengths = np.asarray(output_lens, dtype=np.int64)
+        if weights is None:
+            values, counts = np.unique(lengths, return_counts=True)
+            mass = counts.astype(np.float64)
+        else:
+            values, inverse = np.unique(lengths, return_inverse=True)
+            mass = np.bincount(inverse, weights=weights, minlength=len(values)).astype(np.float64)
         if mass.sum() <= 0:
             raise ConfigError("an output-length distribution needs positive total weight")
         return cls(values, mass / mass.sum())
@@ -255,6 +260,91 @@ def overflow_exponent(n_k: int, n_prev: int, p_k: float) -> float:
     return float(brentq(f, low, high, xtol=1e-12)) if f(low) < 0 else 0.0
 
 
+@compiled
+def _nested_chain(n_first: int, survival: np.ndarray, margin: float) -> np.ndarray:
+    """``n_1 = n_first``, ``n_k = max(1, min(n_{k-1}, ceil(n_{k-1} p_k (1 + margin))))``."""
+    n = np.empty(len(survival), dtype=np.int64)
+    n[0] = n_first
+    for k in range(1, len(survival)):
+        n[k] = max(1, min(n[k - 1], math.ceil(n[k - 1] * survival[k] * (1.0 + margin) - 1e-9)))
+    return n
+
+
+@compiled
+def _nested_ratios_hold(n: np.ndarray, survival: np.ndarray) -> bool:
+    """``p_k < n_k / n_{k-1} < 1`` for every ``k >= 2``."""
+    for k in range(1, len(n)):
+        if not survival[k] < n[k] / n[k - 1] < 1:
+            return False
+    return True
+
+
+@compiled
+def _inside_stability_region(rate: float, probabilities: np.ndarray, fluid_work: np.ndarray,
+                             fluid_memory_time: np.ndarray, c0: float, capacity_tokens: float) -> bool:
+    """Whether total ``rate`` split as ``probabilities`` over the output lengths whose lifetime work and
+    memory-time are ``fluid_work`` and ``fluid_memory_time`` lies inside the fluid stability region (``ρ < 1``,
+    ``M* <= C``; :func:`llmsched_env.fluid.equilibrium`, its sums in index order)."""
+    rho, held = 0.0, 0.0
+    for j in range(len(probabilities)):
+        rho += rate * probabilities[j] * fluid_work[j]
+        held += rate * probabilities[j] * fluid_memory_time[j]
+    return rho < 1.0 and c0 / (1.0 - rho) * held <= capacity_tokens
+
+
+@compiled
+def _nested_wait_counts(survival: np.ndarray, work: np.ndarray, kv_per_request: np.ndarray,
+                        probabilities: np.ndarray, fluid_work: np.ndarray, fluid_memory_time: np.ndarray,
+                        total_rate: float, c0: float, capacity_tokens: float,
+                        margin: float) -> tuple[np.ndarray, float]:
+    """Nested WAIT's thresholds per segment and the share ``α`` of the offered rate they are sized for (see
+    :func:`nested_wait_thresholds`): ``survival``, ``work`` and ``kv_per_request`` per segment; the output
+    lengths' ``probabilities`` with each length's ``fluid_work`` and ``fluid_memory_time`` (the stability region's
+    terms). Sums run in index order."""
+    scale = 1.0
+    args = (probabilities, fluid_work, fluid_memory_time, c0, capacity_tokens)
+    if not _inside_stability_region(total_rate, *args):
+        low, high = 0.0, 1.0
+        for _ in range(50):
+            middle = (low + high) / 2
+            if _inside_stability_region(total_rate * middle, *args):
+                low = middle
+            else:
+                high = middle
+        scale = low
+    n = _nested_chain(1, survival, margin)
+    found = False
+    if scale > 0:
+        # The smallest n_1 with ΔT(n) < n_1 / rate. When the load is too high ΔT outgrows n_1 / rate and the
+        # search runs away: give up past a size no real batch reaches.
+        rate, n_first = total_rate * scale, 1
+        for _ in range(_MAX_FIXED_POINT_STEPS):
+            candidate = _nested_chain(n_first, survival, margin)
+            tau = c0
+            for k in range(len(work)):
+                tau += candidate[k] * work[k]
+            if tau < n_first / rate:
+                n, found = candidate, True
+                break
+            n_first = max(n_first + 1, math.floor(rate * tau) + 1)
+            if n_first > 10**7:
+                break
+    if found and not _nested_ratios_hold(n, survival):
+        # Small integer thresholds cannot shrink from segment to segment (n_k = n_{k-1} breaks n_k/n_{k-1} < 1):
+        # take the smallest larger n_1 whose chain meets the ratio conditions, while memory allows.
+        for n_first in range(n[0] + 1, 64 * n[0] + 64):
+            candidate = _nested_chain(n_first, survival, margin)
+            held = 0.0
+            for k in range(len(kv_per_request)):
+                held += candidate[k] * kv_per_request[k]
+            if held > capacity_tokens:
+                break
+            if _nested_ratios_hold(candidate, survival):
+                n = candidate
+                break
+    return n, scale
+
+
 def nested_wait_thresholds(
     distribution: OutputLengthDistribution,
     prompt_len: float,
@@ -292,71 +382,26 @@ def nested_wait_thresholds(
     work = cost.c_dec * decode_stages + cost.c_kv * kv_per_request
     work[0] += cost.c_pf * prompt_len + cost.c_pf2 * prompt_len * (prompt_len + 1) / 2
 
-    def chain(n_first: int) -> np.ndarray:
-        n = np.empty(k_count, dtype=np.int64)
-        n[0] = n_first
-        for k in range(1, k_count):
-            n[k] = max(1, min(n[k - 1], math.ceil(n[k - 1] * survival[k] * (1.0 + margin) - 1e-9)))
-        return n
-
-    def least_first(rate: float) -> np.ndarray | None:
-        # The smallest n_1 with ΔT(n) < n_1 / rate. When the load is too high ΔT outgrows n_1 / rate and
-        # the search runs away: give up past a size no real batch reaches.
-        n_first = 1
-        for _ in range(_MAX_FIXED_POINT_STEPS):
-            n = chain(n_first)
-            tau = cost.c0 + float(n @ work)
-            if tau < n_first / rate:
-                return n
-            n_first = max(n_first + 1, math.floor(rate * tau) + 1)
-            if n_first > 10**7:
-                return None
-        return None
-
-    def memory(n: np.ndarray) -> float:
-        return float(n @ kv_per_request)
-
-    def ratios_hold(n: np.ndarray) -> bool:
-        return all(survival[k] < n[k] / n[k - 1] < 1 for k in range(1, k_count))
-
     # Size for the offered rate when it lies inside the fluid stability region; otherwise for the largest
     # proportional share of it that does. The full-pipeline memory M^π over-counts the fluid's (every stage
     # full, n_k rounded up), so exceeding C with it is reported, and the policy's guard handles it.
     prompts = np.full(len(distribution.values), prompt_len)
-    def inside(rate: float) -> bool:
-        rho, _, fluid_memory = equilibrium(rate * distribution.probabilities, prompts, distribution.values, cost)
-        return rho < 1.0 and fluid_memory <= capacity_tokens
-    scale = 1.0
-    if not inside(total_rate):
-        low, high = 0.0, 1.0
-        for _ in range(50):
-            middle = (low + high) / 2
-            low, high = (middle, high) if inside(total_rate * middle) else (low, middle)
-        scale = low
-    n = least_first(total_rate * scale) if scale > 0 else None
-    if n is None:
-        n = chain(1)
-    elif not ratios_hold(n):
-        # Small integer thresholds cannot shrink from segment to segment (n_k = n_{k-1} breaks n_k/n_{k-1} < 1):
-        # take the smallest larger n_1 whose chain meets the ratio conditions, while memory allows.
-        for n_first in range(int(n[0]) + 1, 64 * int(n[0]) + 64):
-            candidate = chain(n_first)
-            if memory(candidate) > capacity_tokens:
-                break
-            if ratios_hold(candidate):
-                n = candidate
-                break
+    n, scale = _nested_wait_counts(survival, work, kv_per_request, distribution.probabilities,
+                                   lifetime_work(prompts, distribution.values, cost),
+                                   memory_time(prompts, distribution.values), total_rate, float(cost.c0),
+                                   float(capacity_tokens), float(margin))
     tau = cost.c0 + float(n @ work)
     theta = np.zeros(k_count)
     for k in range(1, k_count):
         theta[k] = overflow_exponent(int(n[k]), int(n[k - 1]), float(survival[k]))
     log_term = math.log(k_count * (1.0 + horizon_s / cost.c0) / delta)
-    buffer = memory(n)
+    memory = float(n @ kv_per_request)
+    buffer = memory
     for k in range(1, k_count):
         size = prompt_len + bounds[k - 1]
         buffer += math.inf if theta[k] == 0 else size * (n[k] + log_term / theta[k])
-    ratios_ok = ratios_hold(n)
+    ratios_ok = bool(_nested_ratios_hold(n, survival))
     return NestedWaitThresholds(
         boundaries=bounds, n=n, survival=survival, prompt_len=float(prompt_len), iteration_time_s=tau,
-        memory_tokens=memory(n), buffer_tokens=buffer, theta=theta, scale=scale, ratio_conditions_met=ratios_ok,
+        memory_tokens=memory, buffer_tokens=buffer, theta=theta, scale=scale, ratio_conditions_met=ratios_ok,
         stability_condition_met=bool(scale == 1.0 and tau < n[0] / total_rate), capacity_tokens=capacity_tokens)
