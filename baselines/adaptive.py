@@ -51,7 +51,8 @@ from baselines.wait import (
 )
 from llmsched_env import compiled_run, kernels
 from llmsched_env.compiled import compiled
-from llmsched_env.compiled_run import GO_ON, NOW, PAUSE, RETIRED, ChunkArrays, RunState
+from llmsched_env.compiled_run import GO_ON, LAST_ITERATION, NOW, PAUSE, RETIRED, ChunkArrays, RunState
+from llmsched_env.cost_estimate import CostFollower, follow_iteration, followed_factor
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
@@ -75,6 +76,8 @@ class _Learning:
     resolve_on_change: float = 0.1
     memory: int = 4000
     warmup: int = 50
+    cost_window_s: float = 30.0
+    cost_tolerance: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("window_s", "resolve_every_s"):
@@ -85,6 +88,7 @@ class _Learning:
             raise ConfigError(f"resolve_on_change must be > 0, got {self.resolve_on_change!r}")
         if self.memory < self.warmup or self.warmup < 1:
             raise ConfigError(f"need 1 <= warmup <= memory, got warmup {self.warmup}, memory {self.memory}")
+        self.follower = CostFollower(self.cost, self.cost_window_s, self.cost_tolerance)
         self.reset()
 
     def reset(self) -> None:
@@ -92,34 +96,46 @@ class _Learning:
         self.seen = 0
         self.solved_at = -math.inf
         self.solved_rate = 0.0
+        self.solved_factor = 1.0
         self.solves = 0
+        self.follower.reset()
 
     def observe(self, state: SchedulerState) -> None:
         fresh = np.arange(self.seen, state.num_requests)
         self.rates.update(state.now, state.arrival_time[fresh])
         self.seen = state.num_requests
+        self.follower.observe(state.last_iteration)
 
     def due(self, now: float, enough_data: bool) -> bool:
         if not enough_data:
             return False
         rate = self.rates.total
         moved = self.solved_rate > 0 and abs(rate - self.solved_rate) > self.resolve_on_change * self.solved_rate
-        return now - self.solved_at >= self.resolve_every_s or moved
+        factor = self.follower.factor
+        slower = abs(factor - self.solved_factor) > self.resolve_on_change * self.solved_factor
+        return now - self.solved_at >= self.resolve_every_s or moved or slower
 
     def solved(self, now: float) -> None:
-        self.solved_at, self.solved_rate = now, self.rates.total
+        self.solved_at, self.solved_rate, self.solved_factor = now, self.rates.total, self.follower.factor
         self.solves += 1
+
+    def current_cost(self) -> LinearCostModel:
+        """The cost model to solve the thresholds with: the profile, or the profile scaled to the engine's speed
+        when the engine runs off it (:class:`~llmsched_env.cost_estimate.CostFollower`)."""
+        return self.follower.cost()
 
     def loop_state(self) -> "LearningState":
         """The learning's state as a compiled loop follows it (the rate estimator's sums are shared, in place)."""
         reals = np.array([self.rates.time, self.solved_at, self.solved_rate, self.window_s, self.resolve_every_s,
-                          self.resolve_on_change], dtype=np.float64)
-        return LearningState(self.rates.sums, reals, np.array([self.seen, self.warmup, 0, 0], dtype=np.int64))
+                          self.resolve_on_change, self.solved_factor], dtype=np.float64)
+        return LearningState(self.rates.sums, reals, np.array([self.seen, self.warmup, 0, 0], dtype=np.int64),
+                             self.follower.state)
 
     def to_loop(self, learn: "LearningState") -> None:
         """Hand the learning's state to a compiled loop (before each call)."""
         learn.reals[TIME], learn.reals[SOLVED_AT], learn.reals[SOLVED_RATE] = (self.rates.time, self.solved_at,
                                                                                self.solved_rate)
+        learn.reals[SOLVED_FACTOR] = self.solved_factor
         learn.ints[SEEN] = self.seen
 
     def from_loop(self, learn: "LearningState") -> None:
@@ -128,18 +144,19 @@ class _Learning:
 
 
 # -- the learning's state in a compiled loop, as indices of LearningState.reals / .ints ---------------------------
-TIME, SOLVED_AT, SOLVED_RATE, WINDOW, RESOLVE_EVERY, RESOLVE_ON_CHANGE = range(6)
+TIME, SOLVED_AT, SOLVED_RATE, WINDOW, RESOLVE_EVERY, RESOLVE_ON_CHANGE, SOLVED_FACTOR = range(7)
 SEEN, WARMUP, RESUME, DUE = range(4)
 
 
 class LearningState(NamedTuple):
-    """:class:`_Learning` in a compiled loop: the rate estimate, when it was last solved, and the loop's flags
-    (``DUE``: thresholds are due to be solved again, in Python; ``RESUME``: go on with the decision whose
-    observation found that, without observing again)."""
+    """:class:`_Learning` in a compiled loop: the rate estimate, the engine's speed, when it was last solved, and the
+    loop's flags (``DUE``: thresholds are due to be solved again, in Python; ``RESUME``: go on with the decision
+    whose observation found that, without observing again)."""
 
     sums: np.ndarray  # the rate estimator's sums (ArrivalRateEstimator.sums), updated in place
-    reals: np.ndarray  # float64, indexed by TIME … RESOLVE_ON_CHANGE
+    reals: np.ndarray  # float64, indexed by TIME … SOLVED_FACTOR
     ints: np.ndarray  # int64, indexed by SEEN … DUE
+    cost: np.ndarray  # the cost follower's state (CostFollower.state), updated in place
 
 
 @compiled
@@ -151,12 +168,15 @@ def _observe(learn: LearningState, run: RunState, columns: RequestColumns, enoug
                            reals[WINDOW])
     reals[TIME] = now
     learn.ints[SEEN] = n
+    follow_iteration(learn.cost, run.reals[LAST_ITERATION:])
     if not enough_data:
         return False
     rate = learn.sums[0] / (-math.expm1(-now / reals[WINDOW])) if now > 0 else learn.sums[0]
     solved_rate = reals[SOLVED_RATE]
     moved = solved_rate > 0 and abs(rate - solved_rate) > reals[RESOLVE_ON_CHANGE] * solved_rate
-    return now - reals[SOLVED_AT] >= reals[RESOLVE_EVERY] or moved
+    solved_factor = reals[SOLVED_FACTOR]
+    slower = abs(followed_factor(learn.cost) - solved_factor) > reals[RESOLVE_ON_CHANGE] * solved_factor
+    return now - reals[SOLVED_AT] >= reals[RESOLVE_EVERY] or moved or slower
 
 
 @compiled
@@ -372,7 +392,8 @@ class AdaptiveWaitPolicy(WaitPolicy):
         types = [RequestType(max(1, int(round(p))), max(1, int(round(o))), total * f)
                  for p, o, f in zip(mean_prompt.tolist(), mean_output.tolist(), share.tolist())]
         self.mix = TypeMix(tuple(types))
-        self._solved = wait_thresholds(self.mix, learning.cost, learning.capacity_tokens, learning.block_size)
+        self._solved = wait_thresholds(self.mix, learning.current_cost(), learning.capacity_tokens,
+                                      learning.block_size)
         self.thresholds = self._scaled(self._solved)
         return True
 
@@ -487,11 +508,12 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         prompt = float(state.prompt_len[recent].mean())
         distribution = OutputLengthDistribution.from_samples(lengths)
         rate = max(learning.rates.total, 1e-9)
-        solved = nested_wait_thresholds(distribution, prompt, rate, learning.cost, learning.capacity_tokens,
+        cost = learning.current_cost()
+        solved = nested_wait_thresholds(distribution, prompt, rate, cost, learning.capacity_tokens,
                                         horizon_s=self.horizon_s)
         self.lookahead = residual_quantiles(distribution.values, distribution.probabilities, self.lookahead_quantile)
         _, _, fluid_memory = equilibrium(rate * distribution.probabilities, np.full(len(distribution.values), prompt),
-                                         distribution.values, learning.cost)
+                                         distribution.values, cost)
         self._solved = (solved, min(fluid_memory, solved.memory_tokens))
         self.thresholds, self.reserve_tokens = self._scaled(*self._solved)
         learning.solved(state.now)

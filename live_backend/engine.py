@@ -27,8 +27,10 @@ import numpy as np
 
 from live_backend import vllm_adapter as adapter
 from live_backend.config import LiveConfig
+from llmsched_env.cost_model import prefill_attention
 from llmsched_env.engine import (
     FINISHED,
+    NO_ITERATION,
     RUNNING,
     WAITING,
     Decision,
@@ -107,6 +109,7 @@ class LiveVLLMEngine:
         self._num_waiting = 0
         self._num_finished = 0
         self._iterations = 0
+        self._last_iteration = NO_ITERATION  # what SchedulerState.last_iteration reads
         self._failed: str | None = None
         self._grow(256)
 
@@ -219,7 +222,7 @@ class LiveVLLMEngine:
             context_len=readonly_view(self._context), kv_tokens=readonly_view(self._kv),
             arrival_time=readonly_view(self._arrival), num_evictions=readonly_view(self._evictions),
             num_requests=self._n, num_waiting=self.num_waiting, waiting_fn=self._waiting_ids,
-            retired=self._retired)
+            retired=self._retired, last_iteration=self._last_iteration)
 
     # -- the iteration -----------------------------------------------------------------------------
     def _validated(self, decision: Decision) -> tuple[np.ndarray, dict[int, int], np.ndarray]:
@@ -268,15 +271,17 @@ class LiveVLLMEngine:
         gone = set(executed.preempted)
         self._running = [i for i in self._running if i not in gone] + list(executed.admitted)
         prefill_tokens = decode_tokens = batch_kv = 0
+        attention = 0.0
         finished: list[int] = []
         for i, tokens in scheduled.items():
+            request = self._requests[i]
+            kv = adapter.computed_tokens(request)
             if i in prefill:
                 prefill_tokens += tokens
+                attention += float(prefill_attention(tokens, kv - tokens))
             else:
                 decode_tokens += tokens
-            request = self._requests[i]
             self._status[i] = RUNNING
-            kv = adapter.computed_tokens(request)
             produced = adapter.output_tokens(request)
             batch_kv += kv
             if produced and math.isnan(self._first_token[i]):
@@ -291,6 +296,9 @@ class LiveVLLMEngine:
         if finished:
             done = set(finished)
             self._running = [i for i in self._running if i not in done]
+        if duration > 0:
+            self._last_iteration = np.array([now, duration, prefill_tokens, decode_tokens, batch_kv, attention])
+            self._last_iteration.flags.writeable = False
         return IterationOutcome(
             start_time=start, duration=duration, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
             batch_kv_tokens=batch_kv, admitted=np.array(executed.admitted, dtype=np.int64),

@@ -156,7 +156,8 @@ class PolicyScheduler(DecisionScheduler):
     # -- the iteration ---------------------------------------------------------------------------------------------
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         output = self._schedule_iteration(throttle_prefills)
-        if self._iteration_log is not None and output.total_num_scheduled_tokens:
+        if (self._iteration_log is not None or not self.native) and output.total_num_scheduled_tokens:
+            # What the iteration log records, and what the view shows a policy that follows the engine's speed.
             self._composition = self._batch_composition(output)
             self._sent_at = time.perf_counter()
         return output
@@ -235,12 +236,16 @@ class PolicyScheduler(DecisionScheduler):
         return output
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> Any:
-        if self._composition is not None and self._iteration_log is not None:
+        if self._composition is not None:
             prefill, decodes, kv, attention = self._composition
-            line = json.dumps({"prefill_tokens": prefill, "decode_requests": decodes, "kv_tokens": kv,
-                               "prefill_attention": attention, "duration_s": time.perf_counter() - self._sent_at})
-            with self._log_lock:
-                self._iteration_log.write(line + "\n")
+            seconds = time.perf_counter() - self._sent_at
+            if self._iteration_log is not None:
+                line = json.dumps({"prefill_tokens": prefill, "decode_requests": decodes, "kv_tokens": kv,
+                                   "prefill_attention": attention, "duration_s": seconds})
+                with self._log_lock:
+                    self._iteration_log.write(line + "\n")
+            if not self.native:
+                self.view.iteration_ran(self._clock(), seconds, prefill, decodes, kv, attention)
             self._composition = None
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if self.native:

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from llmsched_env.engine import FINISHED, RUNNING, WAITING, SchedulerState, readonly_view
+from llmsched_env.engine import FINISHED, NO_ITERATION, RUNNING, WAITING, SchedulerState, readonly_view
 from llmsched_env.errors import RequestTooLargeError
 from llmsched_env.request_table import REQUEST_COLUMNS, grow_columns, retire_rows, start_rows
 
@@ -47,6 +47,7 @@ class ServedRequests:
         self._now = 0.0
         self._n = self._size = self._retired = 0
         self._num_waiting = self._num_finished = 0
+        self._last_iteration = NO_ITERATION
         self._grow(256)
 
     # -- what a policy's reset reads (the Engine protocol's configuration) --------------------------------------
@@ -198,6 +199,15 @@ class ServedRequests:
     def set_now(self, now: float) -> None:
         self._now = max(self._now, now)
 
+    def iteration_ran(self, end: float, seconds: float, prefill_tokens: int, decode_requests: int, kv_tokens: int,
+                      prefill_attention: float) -> None:
+        """An iteration ended at ``end`` after ``seconds`` (measured), with this composition: what
+        :attr:`~llmsched_env.engine.SchedulerState.last_iteration` shows a policy that follows the engine's speed."""
+        if seconds > 0:
+            self._last_iteration = np.array([end, seconds, prefill_tokens, decode_requests, kv_tokens,
+                                             prefill_attention], dtype=np.float64)
+            self._last_iteration.flags.writeable = False
+
     # -- what a policy decides on ------------------------------------------------------------------------------
     def _waiting_ids(self, limit: int | None = None) -> np.ndarray:
         ids = self._retired + np.flatnonzero(self._status[self._retired:self._n] == WAITING)
@@ -211,7 +221,8 @@ class ServedRequests:
             output_len=readonly_view(self._output) if self._known else None,
             context_len=readonly_view(self._context), kv_tokens=readonly_view(self._kv),
             arrival_time=readonly_view(self._arrival), num_evictions=readonly_view(self._evictions),
-            num_requests=self._n, num_waiting=self._num_waiting, waiting_fn=self._waiting_ids, retired=self._retired)
+            num_requests=self._n, num_waiting=self._num_waiting, waiting_fn=self._waiting_ids, retired=self._retired,
+            last_iteration=self._last_iteration)
 
     def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(status, prompt, context, kv, scratch)``: what :func:`~llmsched_env.request_table.validated_batch`

@@ -28,6 +28,7 @@ import numpy as np
 
 from llmsched_env import kernels
 from llmsched_env.compiled import compiled
+from llmsched_env.engine import LAST_ITERATION_FIELDS
 from llmsched_env.iteration import (
     FIRST_MAYBE_WAITING,
     INVALID,
@@ -38,6 +39,7 @@ from llmsched_env.iteration import (
     N,
     enqueue_due,
     iterate,
+    note_last_iteration,
 )
 from llmsched_env.request_table import RequestColumns
 
@@ -46,7 +48,8 @@ from llmsched_env.request_table import RequestColumns
  RETIRED) = range(10)
 NUM_RUN_INTS = 10
 NOW, BLOCK_SECONDS, BUSY_TIME, PROGRESS_AT, ITERATED_AT, STALLED_AT, STALL_AFTER, HORIZON = range(8)
-NUM_RUN_REALS = 8
+LAST_ITERATION = 8  # the engine's last iteration that ran: SchedulerState.last_iteration's fields, from here on
+NUM_RUN_REALS = LAST_ITERATION + LAST_ITERATION_FIELDS
 
 #: What a compiled policy loop stopped at: Python's turn (refill, retire, flush rows, then call again), the
 #: run's end, or an invalid decision (returned for Python to name the error).
@@ -166,6 +169,7 @@ def apply(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, running: n
         admitted, evicted, finished = done.admitted, done.evicted, done.finished
         now = now + duration
         reals[NOW] = now
+        note_last_iteration(reals[LAST_ITERATION:], now, done)
         ints[ITERATIONS] += 1
         ints[EVICTIONS] += len(done.evicted)
         ints[PEAK_BLOCKS] = max(ints[PEAK_BLOCKS], done.peak_blocks)

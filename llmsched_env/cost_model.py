@@ -63,6 +63,12 @@ class LinearCostModel:
         return float(kernels.iteration_seconds(self.coefficients(), prefill_tokens, decode_requests, kv_tokens,
                                                float(prefill_attention)))
 
+    def scaled(self, factor: float) -> "LinearCostModel":
+        """Every coefficient times ``factor`` (> 0): the same engine, uniformly slower (> 1) or faster."""
+        if not (math.isfinite(factor) and factor > 0):
+            raise ConfigError(f"a cost model is scaled by a finite factor > 0, got {factor!r}")
+        return LinearCostModel(**{name: getattr(self, name) * factor for name in _COEFFICIENTS})
+
     def coefficients(self) -> np.ndarray:
         """``[c0, c_pf, c_dec, c_kv, c_pf2]``, the form the compiled iteration takes."""
         return np.array([getattr(self, name) for name in _COEFFICIENTS], dtype=np.float64)

@@ -117,6 +117,16 @@ class IterationOutcome(NamedTuple):
         return self.start_time + self.duration
 
 
+#: The latest iteration that ran, as :attr:`SchedulerState.last_iteration` gives it (one float64 array, so that
+#: compiled code reads it as it is): when it ended, how long it took (measured, on a live engine), and its
+#: composition in the cost model's terms (:meth:`~llmsched_env.cost_model.LinearCostModel.iteration_time`).
+(LAST_END, LAST_SECONDS, LAST_PREFILL_TOKENS, LAST_DECODE_REQUESTS, LAST_KV_TOKENS,
+ LAST_PREFILL_ATTENTION) = range(6)
+LAST_ITERATION_FIELDS = 6
+NO_ITERATION = np.zeros(LAST_ITERATION_FIELDS)  # before any iteration ran
+NO_ITERATION.flags.writeable = False
+
+
 class SchedulerState(NamedTuple):
     """What a policy sees before an iteration. Valid until the engine's next ``step``.
 
@@ -142,6 +152,8 @@ class SchedulerState(NamedTuple):
     # lazily: a policy that never looks pays nothing, and one that reads a prefix pays for the prefix
     retired: int = 0  # ids below are finished and handed over (Engine.retire_finished): their rows read as
     # zeros, and a policy may drop what it keeps per request for them
+    last_iteration: np.ndarray = NO_ITERATION  # float64, indexed by LAST_END … LAST_PREFILL_ATTENTION: what a
+    # policy that follows the engine's speed reads (llmsched_env.cost_estimate); all zeros before any iteration
 
     @property
     def waiting(self) -> np.ndarray:

@@ -51,7 +51,7 @@ from numba.typed import List as TypedList
 from llmsched_env import kernels
 from llmsched_env.admission import Candidates, InterfaceCounters, InterfaceParams
 from llmsched_env.compiled import compiled, compiled_parallel
-from llmsched_env.engine import Decision
+from llmsched_env.engine import LAST_ITERATION_FIELDS, Decision
 from llmsched_env.iteration import (
     FIRST_MAYBE_WAITING,
     INVALID,
@@ -62,6 +62,7 @@ from llmsched_env.iteration import (
     N,
     enqueue_due,
     iterate,
+    note_last_iteration,
 )
 from llmsched_env.request_table import RequestColumns
 from llmsched_env.runner import RolloutCounters
@@ -78,7 +79,8 @@ NEXT_ARRIVAL, ENDED, ITERATIONS, PEAK_BLOCKS, EVICTIONS, SEEN, ROOM = range(NUM_
 NUM_INTS = NUM_ENGINE_COUNTERS + 7
 # reals
 NOW, BLOCK_SECONDS, BUSY_TIME, ACCOUNTED, LAST_ADMISSION, RATE_TIME, FIRST_REWARD, MORE_REWARD = range(8)
-NUM_REALS = 8
+LAST_ITERATION = 8  # the engine's last iteration that ran: SchedulerState.last_iteration's fields, from here on
+NUM_REALS = LAST_ITERATION + LAST_ITERATION_FIELDS
 
 #: What :func:`advance_episode` stopped at: an epoch, the episode's end, or a decision the compiled iteration
 #: refused as invalid (the agent's, or the fixed rule's: neither happens, the interface only admits what it
@@ -183,6 +185,7 @@ def _run(decode: np.ndarray, prefill: np.ndarray, loop: LoopState, running: np.n
             return False, running, 0.0
         ran, running, duration = True, done.running, done.duration
         now = now + duration
+        note_last_iteration(reals[LAST_ITERATION:], now, done)
         evicted = len(done.evicted)
         ints[ITERATIONS] += 1
         ints[EVICTIONS] += evicted
@@ -381,6 +384,7 @@ class CompiledEpisode:
                                           loop.evictions, interface.seen)
         reals[:FIRST_REWARD] = (engine.now, loop.block_seconds, loop.busy_time, env.accounted_time,
                                 interface.last_admission, interface.rate_time)
+        reals[LAST_ITERATION:] = engine.last_iteration
         self.running = engine.running
 
     def store(self) -> None:
@@ -389,8 +393,10 @@ class CompiledEpisode:
         rollout = env.rollout
         ints = self.loop.ints.tolist()
         next_arrival, ended, iterations, peak_blocks, evictions, seen, _ = ints[NUM_ENGINE_COUNTERS:]
-        now, block_seconds, busy_time, accounted, last_admission, rate_time, _, _ = self.loop.reals.tolist()
-        rollout.engine.restore(EngineCounters(*ints[:NUM_ENGINE_COUNTERS], now, self.running))
+        reals = self.loop.reals
+        now, block_seconds, busy_time, accounted, last_admission, rate_time, _, _ = reals[:LAST_ITERATION].tolist()
+        rollout.engine.restore(EngineCounters(*ints[:NUM_ENGINE_COUNTERS], now, self.running,
+                                              reals[LAST_ITERATION:]))
         rollout.restore(RolloutCounters(next_arrival, bool(ended), iterations, peak_blocks, evictions, block_seconds,
                                         busy_time))
         env.control.restore(InterfaceCounters(seen, last_admission, rate_time))

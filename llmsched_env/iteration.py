@@ -26,8 +26,17 @@ from typing import NamedTuple
 import numpy as np
 
 from llmsched_env.compiled import compiled
-from llmsched_env.engine import RUNNING, WAITING
-from llmsched_env.kernels import INVALID, OVERFLOW, batch_seconds, enqueue, plan_iteration, run_iteration
+from llmsched_env.engine import (
+    LAST_DECODE_REQUESTS,
+    LAST_END,
+    LAST_KV_TOKENS,
+    LAST_PREFILL_ATTENTION,
+    LAST_PREFILL_TOKENS,
+    LAST_SECONDS,
+    RUNNING,
+    WAITING,
+)
+from llmsched_env.kernels import INVALID, OVERFLOW, batch_cost, enqueue, plan_iteration, run_iteration
 from llmsched_env.request_table import RequestColumns
 
 # -- the engine's counters, as indices of its int64 counter array -------------------------------------------
@@ -59,6 +68,7 @@ class Iteration(NamedTuple):
     evicted: np.ndarray  # preempted by the decision, then removed to fit, newest-admitted first
     deferred: np.ndarray  # new admissions removed to fit (still waiting)
     peak_blocks: int  # KV blocks in use at the iteration's peak (after growth, before the finished free theirs)
+    prefill_attention: float  # the prefills' attention as the engine's cost model prices it (kernels.batch_cost)
 
 
 @compiled
@@ -180,12 +190,12 @@ def iterate(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, whole_pr
     if len(preempt):
         freed = _claim_running(preempt, n, columns, stamp, block_size)
         if freed < 0:
-            return Iteration(INVALID, running, 0.0, 0, 0, 0, nothing, nothing, nothing, nothing, 0)
+            return Iteration(INVALID, running, 0.0, 0, 0, 0, nothing, nothing, nothing, nothing, 0, 0.0)
     (verdict, decode_before, prefill_before, chunks, decode_new_blocks, prefill_new_blocks, prefill_tokens,
      batch_kv) = plan_iteration(decode, prefill, chunk, whole_prefills, n, columns, stamp, block_size,
                                 capacity - counters[USED_BLOCKS] + freed)
     if verdict == INVALID:
-        return Iteration(INVALID, running, 0.0, 0, 0, 0, nothing, nothing, nothing, nothing, 0)
+        return Iteration(INVALID, running, 0.0, 0, 0, 0, nothing, nothing, nothing, nothing, 0, 0.0)
     evicted, deferred = preempt.copy(), nothing
     running = evict(preempt, running, columns, counters, block_size)
     if verdict == OVERFLOW:
@@ -199,7 +209,7 @@ def iterate(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, whole_pr
          batch_kv) = plan_iteration(decode, prefill, chunks, False, n, columns, counters[STAMP], block_size,
                                     capacity - counters[USED_BLOCKS])
         assert verdict != INVALID and verdict != OVERFLOW  # what is left fits, by construction
-    duration = batch_seconds(engine.cost, prefill_tokens, len(decode), batch_kv, chunks, prefill_before)
+    duration, attention = batch_cost(engine.cost, prefill_tokens, len(decode), batch_kv, chunks, prefill_before)
     admitted, finished, running, tokens_added, blocks_freed, tokens_freed = run_iteration(
         decode, decode_before, prefill, prefill_before, chunks, running, columns, block_size, start + duration)
     counters[USED_BLOCKS] += decode_new_blocks + prefill_new_blocks
@@ -210,7 +220,21 @@ def iterate(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, whole_pr
     counters[NUM_WAITING] -= len(admitted)
     counters[NUM_FINISHED] += len(finished)
     return Iteration(verdict, running, duration, prefill_tokens, len(decode), batch_kv, admitted, finished, evicted,
-                     deferred, peak_blocks)
+                     deferred, peak_blocks, attention)
+
+
+@compiled
+def note_last_iteration(last: np.ndarray, end: float, done: Iteration) -> None:
+    """Write iteration ``done``, which ended at ``end``, into ``last`` (the fields of
+    :attr:`~llmsched_env.engine.SchedulerState.last_iteration`) if it ran. Every engine path that iterates in
+    compiled code calls it, as the simulator's :meth:`~llmsched_env.simulator.SimulatedEngine.step` fills it."""
+    if done.duration > 0:
+        last[LAST_END] = end
+        last[LAST_SECONDS] = done.duration
+        last[LAST_PREFILL_TOKENS] = done.prefill_tokens
+        last[LAST_DECODE_REQUESTS] = done.decode_tokens
+        last[LAST_KV_TOKENS] = done.batch_kv_tokens
+        last[LAST_PREFILL_ATTENTION] = done.prefill_attention
 
 
 @compiled

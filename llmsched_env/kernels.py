@@ -164,15 +164,23 @@ def iteration_seconds(cost: np.ndarray, prefill_tokens: int, decode_requests: in
 
 
 @compiled
+def batch_cost(cost: np.ndarray, prefill_tokens: int, decode_requests: int, kv_tokens: int, chunk: np.ndarray,
+               cached: np.ndarray) -> tuple[float, float]:
+    """An iteration's duration, :func:`iteration_seconds` with the prefill attention of its prefills (``chunk``
+    tokens each on ``cached`` tokens), or ``0`` for an iteration that runs nothing; and that attention (0 where
+    ``cost`` does not price it: it is not computed then). The simulator's paths and the environment's compiled
+    step all call it."""
+    attention = prefill_attention_sum(chunk, cached) if cost[4] != 0.0 else 0.0
+    if decode_requests == 0 and len(chunk) == 0:
+        return 0.0, attention
+    return iteration_seconds(cost, prefill_tokens, decode_requests, kv_tokens, attention), attention
+
+
+@compiled
 def batch_seconds(cost: np.ndarray, prefill_tokens: int, decode_requests: int, kv_tokens: int, chunk: np.ndarray,
                   cached: np.ndarray) -> float:
-    """An iteration's duration: :func:`iteration_seconds` with the prefill attention of its prefills (``chunk``
-    tokens each on ``cached`` tokens), or ``0`` for an iteration that runs nothing. The simulator's paths
-    and the environment's compiled step all call it."""
-    if decode_requests == 0 and len(chunk) == 0:
-        return 0.0
-    attention = prefill_attention_sum(chunk, cached) if cost[4] != 0.0 else 0.0
-    return iteration_seconds(cost, prefill_tokens, decode_requests, kv_tokens, attention)
+    """An iteration's duration (:func:`batch_cost`)."""
+    return batch_cost(cost, prefill_tokens, decode_requests, kv_tokens, chunk, cached)[0]
 
 
 @compiled

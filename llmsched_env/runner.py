@@ -13,6 +13,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 import numpy as np
 
 from llmsched_env import compiled_run, kernels
+from llmsched_env.compiled_run import LAST_ITERATION
 from llmsched_env.completions import CompletionLog
 from llmsched_env.engine import Decision, Engine, IterationOutcome, RequestRecords
 from llmsched_env.errors import ConfigError, EngineFailure, InvalidDecisionError
@@ -326,9 +327,11 @@ class Rollout:
         run.ints[:] = (self._next - window_start, self._ended, self.iterations, self.peak_blocks_used,
                        self.evictions, self._retire_at, 0, self._more or window_cut,
                        -1 if self.max_iterations is None else self.max_iterations, self.engine.retired)
-        run.reals[:] = (self.engine.now, self.block_seconds, self.busy_time, self._progress_at, self._iterated_at,
-                        math.nan if self.stalled_at is None else self.stalled_at,
-                        math.inf if self.stall_after_s is None else self.stall_after_s, min(self.horizon, until))
+        run.reals[:LAST_ITERATION] = (self.engine.now, self.block_seconds, self.busy_time, self._progress_at,
+                                      self._iterated_at, math.nan if self.stalled_at is None else self.stalled_at,
+                                      math.inf if self.stall_after_s is None else self.stall_after_s,
+                                      min(self.horizon, until))
+        run.reals[LAST_ITERATION:] = self.engine.state().last_iteration
 
     def _store(self, run: compiled_run.RunState, running: np.ndarray, window_start: int) -> None:
         """Take back what a compiled loop advanced (the inverse of :meth:`_load`), and the time series' rows."""
@@ -336,9 +339,10 @@ class Rollout:
         (next_in_window, ended, self.iterations, self.peak_blocks_used, self.evictions, _, rows, _, _,
          _) = run.ints.tolist()
         (now, self.block_seconds, self.busy_time, self._progress_at, self._iterated_at, stalled_at, _,
-         _) = run.reals.tolist()
+         _) = run.reals[:LAST_ITERATION].tolist()
         self._next = window_start + next_in_window
-        self.engine.restore(EngineCounters(*counters, now, running))  # type: ignore[attr-defined]
+        self.engine.restore(EngineCounters(*counters, now, running,  # type: ignore[attr-defined]
+                                           run.reals[LAST_ITERATION:]))
         self._ended = bool(ended)
         self.stalled_at = None if math.isnan(stalled_at) else stalled_at
         for recorder in self.callbacks:

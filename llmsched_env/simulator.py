@@ -16,6 +16,7 @@ import numpy as np
 from llmsched_env import kernels
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import (
+    NO_ITERATION,
     Decision,
     IterationOutcome,
     RequestRecords,
@@ -63,6 +64,7 @@ class EngineCounters(NamedTuple):
     stamp: int  # the last validation mark of the compiled path (negative, new at each iteration)
     now: float
     running: np.ndarray  # running ids, in admission order
+    last_iteration: np.ndarray | None = None  # SchedulerState.last_iteration (None in restore: unchanged)
 
 
 class SimulatedEngine:
@@ -94,6 +96,7 @@ class SimulatedEngine:
         self._n = 0
         self._size = 0
         self._running = _EMPTY
+        self._last_iteration = NO_ITERATION
         self._num_waiting = 0
         self._num_finished = 0
         self._first_maybe_waiting = 0
@@ -189,14 +192,18 @@ class SimulatedEngine:
         """The engine's state besides the request table: what a compiled episode loop advances with it."""
         kv = self._kv
         return EngineCounters(self._n, self._num_waiting, self._num_finished, self._first_maybe_waiting,
-                              kv.used_blocks, kv.used_tokens, self._stamp, self._now, self._running)
+                              kv.used_blocks, kv.used_tokens, self._stamp, self._now, self._running,
+                              self._last_iteration)
 
     def restore(self, counters: EngineCounters) -> None:
         """Take ``counters`` as the engine's state: those a compiled loop reached after advancing the columns of
         :meth:`request_columns` in place (the inverse of :meth:`counters`)."""
         (self._n, self._num_waiting, self._num_finished, self._first_maybe_waiting, used_blocks, used_tokens,
-         self._stamp, self._now, self._running) = counters
+         self._stamp, self._now, self._running, last_iteration) = counters
         self._kv.used_blocks, self._kv.used_tokens = used_blocks, used_tokens
+        if last_iteration is not None:
+            self._last_iteration = np.array(last_iteration, dtype=np.float64)  # a copy the policy cannot change
+            self._last_iteration.flags.writeable = False
 
     def reserve(self, count: int) -> None:
         """Make room for ``count`` requests in all, so that adding them allocates nothing (and a compiled
@@ -250,6 +257,7 @@ class SimulatedEngine:
             num_waiting=self._num_waiting,
             waiting_fn=self._waiting_ids,
             retired=self._retired,
+            last_iteration=self._last_iteration,
         )
 
     # -- the iteration -----------------------------------------------------------------------------
@@ -277,7 +285,11 @@ class SimulatedEngine:
             validated_batch(decision, self._n, self._status, self._prompt, self._context, self._kv.tokens, self._mark)
             raise AssertionError(f"the compiled iteration refused a decision that validation accepts: {decision}")
         duration = float(done.duration)  # a Python float whether or not the iteration ran compiled (NUMBA_DISABLE_JIT)
-        self.restore(EngineCounters(*counters.tolist(), start + duration, done.running))
+        last = None
+        if duration > 0:
+            last = np.array([start + duration, duration, done.prefill_tokens, done.decode_tokens, done.batch_kv_tokens,
+                             done.prefill_attention], dtype=np.float64)
+        self.restore(EngineCounters(*counters.tolist(), start + duration, done.running, last))
         kv = self._kv
         return IterationOutcome(
             start_time=start, duration=duration, prefill_tokens=int(done.prefill_tokens),

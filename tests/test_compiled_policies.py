@@ -44,6 +44,12 @@ PRESETS = {
                                                                 scenario.block_size, **LEARN_FAST),
     "nested-wait-adaptive": lambda scenario: AdaptiveNestedWaitPolicy.create(
         scenario.cost, scenario.capacity_tokens, scenario.block_size, horizon_s=12.0, **LEARN_FAST),
+    # Profiles 3x too fast for the engine: the cost follower scales them, and the thresholds are solved again.
+    "wait-adaptive-off-profile": lambda scenario: AdaptiveWaitPolicy.create(
+        scenario.cost.scaled(1 / 3), scenario.capacity_tokens, scenario.block_size, cost_window_s=1.0, **LEARN_FAST),
+    "nested-wait-adaptive-off-profile": lambda scenario: AdaptiveNestedWaitPolicy.create(
+        scenario.cost.scaled(1 / 3), scenario.capacity_tokens, scenario.block_size, horizon_s=12.0,
+        cost_window_s=1.0, **LEARN_FAST),
     "wait-cp": lambda scenario: ChunkedBookingPolicy.for_mix(scenario.offered_mix(), 6, nested=False, chunk=8),
     "nested-wait-cp": lambda scenario: ChunkedBookingPolicy.for_mix(scenario.offered_mix(), 9, nested=True, chunk=5,
                                                                      token_gate=False),

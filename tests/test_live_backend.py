@@ -110,6 +110,9 @@ def test_decisions_are_executed_exactly_chunks_pauses_and_preemptions(config):
     out = engine.step(Decision(prefill=ids, prefill_tokens=np.array([60, 40])))  # the rest, and admit request 1
     state = engine.state()
     assert out.prefill_tokens == 100 and list(state.running) == [0, 1]
+    # What a policy following the engine's speed reads: the iteration measured, in the cost model's terms.
+    assert state.last_iteration.tolist() == [out.end_time, out.duration, 100, 0, 140,
+                                             60 * 40 + 60 * 61 / 2 + 40 * 41 / 2] and out.duration > 0
     assert state.kv_tokens[0] == state.context_len[0] == 100 and state.kv_tokens[1] == 40
     assert not np.isnan(engine.records().first_token_time[:2]).any()
     engine.step(Decision(decode=ids[:1]))  # request 1 is paused: its KV stays, it does not advance

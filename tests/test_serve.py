@@ -154,6 +154,26 @@ def test_the_view_follows_a_request_from_arrival_to_finish() -> None:
     assert view.retired == 2 and view.num_running == view.num_waiting == 0
 
 
+def test_the_view_shows_the_last_served_iteration_to_a_policy_that_follows_the_engine() -> None:
+    """What the scheduler measured of the last iteration reaches an adaptive policy's cost follower: its thresholds
+    are then solved for the engine's real speed (here 3x its profile's)."""
+    from baselines.adaptive import AdaptiveWaitPolicy
+    from llmsched_env.cost_model import LinearCostModel
+
+    view = _view()
+    assert not view.state(0).last_iteration.any()
+    profile = LinearCostModel(c0=0.01, c_pf=1e-4, c_dec=1e-3, c_kv=1e-6)
+    policy = AdaptiveWaitPolicy.create(profile, view.capacity_tokens, view.block_size)
+    policy.reset(view)  # type: ignore[arg-type]
+    for k in range(1, 31):
+        view.set_now(k * 0.1)
+        view.iteration_ran(k * 0.1, 3 * profile.iteration_time(8, 2, 40), 8, 2, 40, 0.0)
+        view.iteration_ran(k * 0.1 + 0.01, 0.0, 0, 0, 0, 0.0)  # nothing ran: the last iteration stays
+        policy.learning.observe(view.state(0))  # type: ignore[union-attr]
+    assert view.state(0).last_iteration.tolist() == [3.0, 3 * profile.iteration_time(8, 2, 40), 8, 2, 40, 0.0]
+    assert abs(policy.learning.follower.factor - 3.0) < 1e-9  # type: ignore[union-attr]
+
+
 def test_an_aborted_request_leaves_the_view_from_the_queue_or_the_batch() -> None:
     view = _view(known=False)
     for k in range(3):
