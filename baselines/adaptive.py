@@ -564,7 +564,7 @@ class Completions:
         """Record the requests that finished since the last look (the Python path, one look per decision)."""
         running = state.running
         if len(self._ids):
-            left = ~np.isin(self._ids, running)
+            left = kernels.not_among(self._ids, np.asarray(running, dtype=np.int64))
             ids, decoded = self._ids[left], self._decoded[left]
             if len(ids):
                 retired = ids < state.retired  # finished and handed over: the row is gone

@@ -311,13 +311,20 @@ def segment_codes(boundaries: np.ndarray) -> np.ndarray:
     """Where a running request stands, by the tokens ``d`` it has decoded: ``2·k + b``, with ``k`` the segment it
     is in (or enters) and ``b`` 1 where it waits at that segment's entry boundary (``d`` one of ``b_1 … b_{K-1}``).
     The last entry stands for every larger ``d``: past ``b_{K-1}`` every request is in the last segment."""
-    bounds = np.asarray(boundaries, dtype=np.int64)
+    return _segment_codes(np.ascontiguousarray(boundaries, dtype=np.int64))
+
+
+@compiled
+def _segment_codes(bounds: np.ndarray) -> np.ndarray:
     segments = len(bounds)
-    decoded = np.arange(int(bounds[-2]) + 2 if segments > 1 else 1)
-    at_boundary = np.isin(decoded, bounds[:-1])
-    segment = np.where(at_boundary, np.searchsorted(bounds, decoded, side="left") + 1,
-                       np.minimum(np.searchsorted(bounds, decoded, side="right"), segments - 1))
-    return (2 * segment + at_boundary).astype(np.int64)
+    codes = np.empty(bounds[-2] + 2 if segments > 1 else 1, dtype=np.int64)
+    for d in range(len(codes)):
+        first = np.searchsorted(bounds, d, side="left")  # the first boundary at or past d
+        if first < segments - 1 and bounds[first] == d:  # waits at the entry of segment first + 1
+            codes[d] = 2 * (first + 1) + 1
+        else:
+            codes[d] = 2 * min(np.searchsorted(bounds, d, side="right"), segments - 1)
+    return codes
 
 
 class NestedWaitRule(NamedTuple):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from llmsched_env import kernels
 from llmsched_env.engine import SchedulerState
 from llmsched_env.request_table import Int64Buffer
 
@@ -55,7 +56,7 @@ class TypeQueues:
         back = self._taken[state.kv_tokens[self._taken] == 0]  # taken but not admitted: deferred
         running = state.running
         if len(self._running):
-            left = self._running[~np.isin(self._running, running)]
+            left = self._running[kernels.not_among(self._running, np.asarray(running, dtype=np.int64))]
             unfinished = state.context_len[left] < state.prompt_len[left] + state.output_len[left]
             back = np.concatenate([back, left[unfinished & (state.kv_tokens[left] == 0)]])
         for k in np.unique(types[back]) if len(back) else ():

@@ -164,6 +164,18 @@ def iteration_seconds(cost: np.ndarray, prefill_tokens: int, decode_requests: in
 
 
 @compiled
+def not_among(values: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """``~np.isin(values, among)`` for int64 arrays, without NumPy's overhead per call (a policy's look at the
+    batch it saw last, on the Python path, every decision)."""
+    ordered = np.sort(among)
+    out = np.empty(len(values), dtype=np.bool_)
+    for j in range(len(values)):
+        at = np.searchsorted(ordered, values[j])
+        out[j] = at == len(ordered) or ordered[at] != values[j]
+    return out
+
+
+@compiled
 def batch_cost(cost: np.ndarray, prefill_tokens: int, decode_requests: int, kv_tokens: int, chunk: np.ndarray,
                cached: np.ndarray) -> tuple[float, float]:
     """An iteration's duration, :func:`iteration_seconds` with the prefill attention of its prefills (``chunk``
