@@ -67,6 +67,8 @@ class ServeCounters:
     running_sum: int = 0  # running requests summed over the iterations (their mean: / iterations)
     policy_seconds: float = 0.0  # the policy's decide() and the request view's upkeep
     schedule_seconds: float = 0.0  # vLLM's schedule() executing the decision (or its own, on a fallback)
+    engine_vs_profile: float | None = None  # an adaptive policy's measured / predicted iteration time (30 s)
+    cost_factor: float = 1.0  # and the factor it plans with (1 within 10 %: the profile as given)
 
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -280,6 +282,11 @@ class PolicyScheduler(DecisionScheduler):
         with self._log_lock:
             if self._iteration_log is not None:
                 self._iteration_log.flush()
+        follower = getattr(getattr(self.policy, "learning", None), "follower", None)
+        if follower is not None:  # read between iterations; a torn read only delays a figure by a second
+            ratio = follower.measured_ratio
+            self.counters.engine_vs_profile = None if math.isnan(ratio) else ratio
+            self.counters.cost_factor = follower.factor
         if self._stats_file is not None:
             write_text_atomically(self._stats_file, json.dumps(self.counters.as_dict(), indent=2) + "\n")
 

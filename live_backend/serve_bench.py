@@ -304,6 +304,9 @@ def bench_serve(plan: ServeBenchPlan, work: Path, on_run: Callable[[str, int], N
                     iterations = max(row["scheduler_iterations"], 1)
                     row["policy_us_per_iteration"] = 1e6 * row.pop("scheduler_policy_seconds") / iterations
                     row["schedule_us_per_iteration"] = 1e6 * row.pop("scheduler_schedule_seconds") / iterations
+                    # An adaptive policy's view of the engine's speed at the run's end (null for the others).
+                    row["engine_vs_profile"] = stats_after.get("engine_vs_profile")
+                    row["cost_factor"] = stats_after.get("cost_factor", 1.0)
                 if with_sim:
                     row.update(simulated_row(plan, policy, arrivals, blocks - 1, block_size))
                 rows.append(row)

@@ -90,6 +90,8 @@ def test_wait_and_nested_wait_serve_identical_arrivals_against_vllm(model_dir, t
     assert preemptions["vllm"] >= 1  # the cache binds
     assert preemptions["wait-adaptive"] == 0  # lengths known (max_tokens): WAIT never overcommits
     assert preemptions["nested-wait-adaptive"] <= preemptions["vllm"]
+    for row in rows:  # the adaptive policies measured the served engine against their profile
+        assert (row["engine_vs_profile"] is None) == (row["policy"] == "vllm") and row["cost_factor"] > 0, row
     # Each server logged its iterations; the profile's error on them and a fit's held-out error are reported.
     for policy in plan.policies:
         calibration = report["calibration"][policy]
