@@ -12,14 +12,13 @@ rate; the spread over seeds is reported with it.
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from baselines import canonical_name, make_policy
 from baselines.compare import SEES_OUTPUT_LENGTHS
 from llmsched_env.errors import ConfigError
+from llmsched_env.executor import Executor, LocalExecutor
 from llmsched_env.runner import run
 from llmsched_env.scenario import Scenario
 
@@ -76,25 +75,26 @@ def stability_point(scenario: Scenario, policy: str, *, seed: int = 0, horizon: 
     return StabilityPoint(policy, seed, low, low / scenario.rate_for_load(1.0), high, runs)
 
 
+def _stability_task(scenario: Scenario, policy: str, seed: int, horizon: float, tolerance: float) -> StabilityPoint:
+    return stability_point(scenario, policy, seed=seed, horizon=horizon, tolerance=tolerance)
+
+
 def stability_points(scenario: Scenario, policies: Sequence[str], seeds: Sequence[int], *, horizon: float = 600.0,
-                     tolerance: float = 0.01, jobs: int | None = None,
+                     tolerance: float = 0.01, jobs: int | None = None, executor: Executor | None = None,
                      on_point: Callable[[StabilityPoint], None] | None = None) -> list[dict[str, object]]:
-    """:func:`stability_point` for every policy and seed, on ``jobs`` processes (default: every core), and per
-    policy the mean rate with its 95 % Student-t half-width over seeds, the spread, the mean load and the runs."""
+    """:func:`stability_point` for every policy and seed, on ``executor`` (default: a
+    :class:`~llmsched_env.executor.LocalExecutor` of ``jobs`` processes, every core by default), and per policy the
+    mean rate with its 95 % Student-t half-width over seeds, the spread, the mean load and the runs."""
     import numpy as np
 
     from llmsched_env.report import mean_and_halfwidth
 
     _check_tolerance(tolerance)
     policies = [canonical_name(p) for p in policies]  # refused up front, not in a worker
-    points: list[StabilityPoint] = []
-    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
-        futures = [pool.submit(stability_point, scenario, name, seed=seed, horizon=horizon, tolerance=tolerance)
-                   for name in policies for seed in seeds]
-        for future in futures:
-            points.append(future.result())
-            if on_point is not None:
-                on_point(points[-1])
+    executor = executor or LocalExecutor(jobs)
+    tasks = [(scenario, name, seed, horizon, tolerance) for name in policies for seed in seeds]
+    points: list[StabilityPoint] = executor.map(
+        _stability_task, tasks, on_done=None if on_point is None else lambda _, point: on_point(point))
     rows: list[dict[str, object]] = []
     for name in policies:
         mine = [p for p in points if p.policy == name]

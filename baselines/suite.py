@@ -7,8 +7,6 @@ report is exactly what ``llmsched compare`` would write for it alone.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -17,6 +15,7 @@ import numpy as np
 from baselines import DEFAULT_POLICIES
 from baselines.compare import SEES_OUTPUT_LENGTHS, compare
 from llmsched_env.errors import ConfigError
+from llmsched_env.executor import Executor, LocalExecutor
 from llmsched_env.report import Comparison, mean_and_halfwidth
 from llmsched_env.scenarios import NamedScenario
 
@@ -64,29 +63,26 @@ def _job(plan: SweepPlan, rate: float, seed: int) -> Comparison:
     return compare(plan.spec.scenario, plan.policies, [rate], plan.horizon, seeds=[seed], sees_output_lengths=sees)
 
 
-def run_sweeps(plans: Sequence[SweepPlan], *, jobs: int | None = None,
+def run_sweeps(plans: Sequence[SweepPlan], *, jobs: int | None = None, executor: Executor | None = None,
                on_job_done: Callable[[SweepPlan, float, int, int], None] | None = None) -> list[Comparison]:
-    """Run every plan's (rate, seed) jobs on ``jobs`` processes (default: every core; 1 runs in this
-    process); one merged :class:`Comparison` per plan, in order. ``on_job_done(plan, rate, seed, runs)``
-    follows each job."""
-    jobs = jobs or os.cpu_count() or 1
-    tasks = [(index, plan, rate, seed) for index, plan in enumerate(plans) for rate in plan.rates for seed in plan.seeds]
+    """Run every plan's (rate, seed) jobs on ``executor`` (default: a :class:`~llmsched_env.executor.LocalExecutor`
+    of ``jobs`` processes, every core by default); one merged :class:`Comparison` per plan, in order, the same
+    whatever runs the jobs. ``on_job_done(plan, rate, seed, runs)`` follows each job."""
+    executor = executor or LocalExecutor(jobs)
+    tasks = [(index, plan, rate, seed)
+             for index, plan in enumerate(plans) for rate in plan.rates for seed in plan.seeds]
     # Longest first, so that a long diurnal day does not start last and run alone.
     tasks.sort(key=lambda task: -task[1].horizon * len(task[1].policies))
+
+    def done(position: int, _: Comparison) -> None:
+        if on_job_done is not None:
+            _, plan, rate, seed = tasks[position]
+            on_job_done(plan, rate, seed, len(plan.policies))
+
+    results = executor.map(_job, [(plan, rate, seed) for _, plan, rate, seed in tasks], on_done=done)
     parts: list[list[Comparison]] = [[] for _ in plans]
-    if jobs == 1:
-        for index, plan, rate, seed in tasks:
-            parts[index].append(_job(plan, rate, seed))
-            if on_job_done is not None:
-                on_job_done(plan, rate, seed, len(plan.policies))
-    else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futures = {pool.submit(_job, plan, rate, seed): (index, plan, rate, seed) for index, plan, rate, seed in tasks}
-            for future in as_completed(futures):
-                index, plan, rate, seed = futures[future]
-                parts[index].append(future.result())
-                if on_job_done is not None:
-                    on_job_done(plan, rate, seed, len(plan.policies))
+    for (index, _, _, _), result in zip(tasks, results):
+        parts[index].append(result)
     return [merge(plan, found) for plan, found in zip(plans, parts)]
 
 

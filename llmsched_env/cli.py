@@ -13,10 +13,11 @@ import shlex
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from llmsched_env.errors import RUN_TIME_ERRORS, LLMSchedError, StalledRunError
@@ -25,6 +26,9 @@ from llmsched_env.metrics import json_document, summarize
 from llmsched_env.runner import STALL_AFTER_S, run
 from llmsched_env.scenario import DEFAULT_TYPES, build_scenario, check_work
 from llmsched_env.workload import trace_has_arrival_times
+
+if TYPE_CHECKING:  # pragma: no cover
+    from llmsched_env.executor import Executor
 
 # rich_markup_mode=None: a usage error is click's plain "Error: Invalid value for '--rates': ..." line, not a panel.
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -53,6 +57,11 @@ CvOption = Annotated[Optional[float], typer.Option(help="Coefficient of variatio
                                                         "(default 2).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
 SeedOption = Annotated[int, typer.Option(min=0, help="Seed (an integer >= 0): the same seed gives the same run.")]
+RayOption = Annotated[bool, typer.Option("--ray", help="Run the sweep's tasks on Ray: a local Ray with --jobs CPUs, or "
+                                                     "the cluster of --ray-address / LLMSCHED_RAY_ADDRESS (the "
+                                                     "'ray' extra; docs/cluster.md). The results are the same.")]
+RayAddressOption = Annotated[Optional[str], typer.Option(help="A Ray cluster's address (ray://HOST:10001, or auto); "
+                                                               "default LLMSCHED_RAY_ADDRESS. Implies --ray.")]
 
 
 def _check_out(path: Path | None) -> Path | None:
@@ -132,7 +141,8 @@ def _fail(error: Exception | str, code: int | None = None) -> None:
     """One line on stderr and the exit status: 1 for a run that failed (a stall, an engine fault), 2 for bad input."""
     if code is None:
         code = 1 if isinstance(error, RUN_TIME_ERRORS) else 2
-    console.print(f"[bold red]error:[/] {error}", soft_wrap=True, highlight=False)  # a path must stay greppable
+    # The message as written: a path must stay greppable, and a bracket ([ray]) is not markup.
+    console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
     raise typer.Exit(code=code)
 
 
@@ -353,6 +363,8 @@ def compare(
                                                       "and figure per scenario under OUT/<scenario>/."),
     jobs: Optional[int] = typer.Option(None, min=1, help="Worker processes for --scenario / --suite (default: "
                                                          "every core)."),
+    ray: RayOption = False,
+    ray_address: RayAddressOption = None,
     types: TypesOption = None,
     trace: TraceOption = None,
     rates: Optional[str] = typer.Option(None, help="Total arrival rates to sweep (req/s), e.g. '20,30,35'."),
@@ -389,8 +401,11 @@ def compare(
         if types is not None or trace is not None:
             raise typer.BadParameter("a scenario brings its own workload: drop --types / --trace")
         _compare_scenarios(scenario, names, _floats(rates, "--rates"), _floats(loads, "--loads"), horizon,
-                           parse_seeds(seeds) if seeds is not None else None, jobs, out, plots, as_json, progress)
+                           parse_seeds(seeds) if seeds is not None else None, _executor(jobs, ray, ray_address), out,
+                           plots, as_json, progress)
         return
+    if ray or ray_address:
+        raise typer.BadParameter("--ray runs the tasks of --scenario / --suite sweeps; give one of them")
     # A length-only trace's arrivals come at the sweep's rates: it is built at a nominal one (a timed trace is
     # replayed, and rescaled to each rate of the sweep).
     nominal = 1.0 if trace is not None and not trace_has_arrival_times(trace) else None
@@ -414,9 +429,18 @@ def compare(
     _write_report(comparison, out, plots, as_json)
 
 
+def _executor(jobs: int | None, ray: bool, ray_address: str | None) -> "Executor":
+    """The executor of a sweep's tasks (llmsched_env.executor): Ray is asked for only when the options (or
+    LLMSCHED_RAY_ADDRESS) say so, and refused with one line when it is not installed."""
+    from llmsched_env.executor import make_executor
+
+    return make_executor(jobs, ray, ray_address)
+
+
 def _compare_scenarios(name: str | None, policies: list[str] | None, rates: list[float] | None,
-                       loads: list[float] | None, horizon: float | None, seeds: list[int] | None, jobs: int | None,
-                       out: Path, plots: bool, as_json: bool, progress) -> None:  # type: ignore[no-untyped-def]
+                       loads: list[float] | None, horizon: float | None, seeds: list[int] | None,
+                       executor: "Executor", out: Path, plots: bool, as_json: bool,
+                       progress) -> None:  # type: ignore[no-untyped-def]
     """``compare --scenario NAME`` (its report in OUT) or ``--suite`` (a report per scenario under OUT); both
     write the verdicts (``suite.md``, ``suite.json``: a suite of one for ``--scenario``) and print them."""
     from baselines.suite import SweepPlan, run_sweeps, verdicts
@@ -432,7 +456,7 @@ def _compare_scenarios(name: str | None, policies: list[str] | None, rates: list
         def advance(plan, rate, seed, runs) -> None:  # type: ignore[no-untyped-def]
             progress.update(task, advance=runs, description=f"{plan.spec.name} @ {rate:g} req/s, seed {seed}")
 
-        comparisons = run_sweeps(plans, jobs=jobs, on_job_done=advance)
+        comparisons = run_sweeps(plans, executor=executor, on_job_done=advance)
     rows = [row for plan, comparison in zip(plans, comparisons) for row in verdicts(plan, comparison)]
     if name is not None:
         _write_report(comparisons[0], out, plots, as_json)
@@ -539,6 +563,8 @@ def stability(
     horizon: float = typer.Option(600.0, help="Simulated seconds per run."),
     tolerance: float = typer.Option(0.01, help="Relative width of the final bracket on the rate."),
     jobs: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: every core)."),
+    ray: RayOption = False,
+    ray_address: RayAddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Each policy's stability point: the highest rate at which its queue stays bounded over a long run."""
@@ -551,11 +577,12 @@ def stability(
     if not 0 < tolerance < 1:
         raise typer.BadParameter(f"expected a relative width in (0, 1), got {tolerance!r}", param_hint="--tolerance")
     spec = load_scenario(scenario)
+    executor = _executor(jobs, ray, ray_address)
     progress = _progress()
     with progress:
         task = progress.add_task("bisecting", total=len(names) * len(seed_list))
-        rows = stability_points(spec.scenario, names, seed_list, horizon=horizon, tolerance=tolerance, jobs=jobs,
-                                on_point=lambda point: progress.update(
+        rows = stability_points(spec.scenario, names, seed_list, horizon=horizon, tolerance=tolerance,
+                                executor=executor, on_point=lambda point: progress.update(
                                     task, advance=1, description=f"{point.policy}, seed {point.seed}"))
     if as_json:
         _print_json({"scenario": spec.name, "horizon_s": horizon, "seeds": seed_list, "rows": rows})
