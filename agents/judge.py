@@ -17,8 +17,6 @@ not used, being unstable where the best baseline's regret is near zero.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 
 from baselines.compare import SEES_OUTPUT_LENGTHS, compare
 from llmsched_env.errors import ConfigError
+from llmsched_env.executor import Executor, LocalExecutor
 from llmsched_env.report import mean_and_halfwidth
 from llmsched_env.scenario import Scenario
 from llmsched_env.scenarios import load_scenario
@@ -154,10 +153,12 @@ def verdict(cell: dict[str, Any], rows: dict[str, dict[int, dict[str, Any]]], ba
 
 
 def judge(agent_dir: str | Path, *, seeds: Sequence[int] = tuple(range(10)), workloads: Sequence[str] | None = None,
-          data_dir: Path | None = None, jobs: int | None = None,
+          data_dir: Path | None = None, jobs: int | None = None, executor: Executor | None = None,
           on_cell_done: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """The judging table of the agent in ``agent_dir``: one verdict per cell, on ``jobs`` processes (default every
-    core). ``workloads`` default to the suite in both length settings; the traces come from ``data_dir``."""
+    """The judging table of the agent in ``agent_dir``: one verdict per cell, on ``executor`` (default: a
+    :class:`~llmsched_env.executor.LocalExecutor` of ``jobs`` processes, every core by default; on Ray, the agent's
+    folder must be readable at the same path on the workers). ``workloads`` default to the suite in both length
+    settings; the traces come from ``data_dir``."""
     from agents.residual_env import suite_workloads
 
     _agent(str(agent_dir))  # a directory that is not a residual agent fails here, before any run
@@ -166,21 +167,13 @@ def judge(agent_dir: str | Path, *, seeds: Sequence[int] = tuple(range(10)), wor
     cells = judging_cells(list(workloads) if workloads is not None else suite_workloads(), data_dir)
     # Longest first, so that a diurnal day does not start last and run alone.
     order = sorted(range(len(cells)), key=lambda i: -cells[i]["horizon"])
-    results: list[dict[str, Any] | None] = [None] * len(cells)
-    jobs = jobs or os.cpu_count() or 1
-    if jobs == 1:
-        for i in order:
-            results[i] = judge_cell(str(agent_dir), cells[i], seeds)
-            if on_cell_done is not None:
-                on_cell_done(results[i])  # type: ignore[arg-type]
-    else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futures = {i: pool.submit(judge_cell, str(agent_dir), cells[i], tuple(seeds)) for i in order}
-            for i in order:
-                results[i] = futures[i].result()
-                if on_cell_done is not None:
-                    on_cell_done(results[i])  # type: ignore[arg-type]
-    return results  # type: ignore[return-value]
+    executor = executor or LocalExecutor(jobs)
+    rows = executor.map(judge_cell, [(str(agent_dir), cells[i], tuple(seeds)) for i in order],
+                        on_done=None if on_cell_done is None else lambda _, row: on_cell_done(row))
+    results: list[dict[str, Any]] = [{} for _ in cells]
+    for position, i in enumerate(order):
+        results[i] = rows[position]
+    return results
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -738,6 +738,8 @@ def evaluate(
                                                       "every scenario and load of the suite and the held-out Azure "
                                                       "traces, against each cell's best baseline."),
     jobs: Optional[int] = typer.Option(None, min=1, help="With --suite: worker processes (default: every core)."),
+    ray: RayOption = False,
+    ray_address: RayAddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Evaluate policies (and a trained agent) on the same arrivals, on the simulator or on live vLLM: the same
@@ -748,7 +750,7 @@ def evaluate(
         if agent is None or backend != "sim":
             _fail(typer.BadParameter("--suite judges an agent (--agent DIR) on the simulator", param_hint="--suite"))
         _require_agents()
-        _judge(agent, parse_seeds(seeds), jobs, out, as_json)  # type: ignore[arg-type]
+        _judge(agent, parse_seeds(seeds), _executor(jobs, ray, ray_address), out, as_json)  # type: ignore[arg-type]
         return
     if agent is None and backend == "sim":
         _fail(typer.BadParameter("give --agent DIR (or use `llmsched compare` for baselines only)",
@@ -807,7 +809,7 @@ def evaluate(
     _write_report(comparison, out, plots, as_json)
 
 
-def _judge(agent: Path, seeds: list[int], jobs: int | None, out: Path, as_json: bool) -> None:
+def _judge(agent: Path, seeds: list[int], executor: "Executor", out: Path, as_json: bool) -> None:
     """``llmsched evaluate --suite``: the judging table (:mod:`agents.judge`), written to ``out`` and printed."""
     import json
 
@@ -817,7 +819,7 @@ def _judge(agent: Path, seeds: list[int], jobs: int | None, out: Path, as_json: 
         data_dir = default_data_dir()
         with _stdout_kept_for_json(as_json), _progress() as progress:
             task = progress.add_task("judging", total=None)
-            rows = judge(agent, seeds=seeds, data_dir=data_dir if data_dir.is_dir() else None, jobs=jobs,
+            rows = judge(agent, seeds=seeds, data_dir=data_dir if data_dir.is_dir() else None, executor=executor,
                          on_cell_done=lambda row: progress.update(
                              task, advance=1, description=f"{row['workload']} at {row['load']:g}: {row['verdict']}"))
     except LLMSchedError as error:
