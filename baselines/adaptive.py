@@ -109,11 +109,8 @@ class _Learning:
     def due(self, now: float, enough_data: bool) -> bool:
         if not enough_data:
             return False
-        rate = self.rates.total
-        moved = self.solved_rate > 0 and abs(rate - self.solved_rate) > self.resolve_on_change * self.solved_rate
-        factor = self.follower.factor
-        slower = abs(factor - self.solved_factor) > self.resolve_on_change * self.solved_factor
-        return now - self.solved_at >= self.resolve_every_s or moved or slower
+        return bool(_resolve_due(now - self.solved_at, self.resolve_every_s, self.rates.total, self.solved_rate,
+                                 self.follower.factor, self.solved_factor, self.resolve_on_change))
 
     def solved(self, now: float) -> None:
         self.solved_at, self.solved_rate, self.solved_factor = now, self.rates.total, self.follower.factor
@@ -172,11 +169,19 @@ def _observe(learn: LearningState, run: RunState, columns: RequestColumns, enoug
     if not enough_data:
         return False
     rate = learn.sums[0] / (-math.expm1(-now / reals[WINDOW])) if now > 0 else learn.sums[0]
-    solved_rate = reals[SOLVED_RATE]
-    moved = solved_rate > 0 and abs(rate - solved_rate) > reals[RESOLVE_ON_CHANGE] * solved_rate
-    solved_factor = reals[SOLVED_FACTOR]
-    slower = abs(followed_factor(learn.cost) - solved_factor) > reals[RESOLVE_ON_CHANGE] * solved_factor
-    return now - reals[SOLVED_AT] >= reals[RESOLVE_EVERY] or moved or slower
+    return _resolve_due(now - reals[SOLVED_AT], reals[RESOLVE_EVERY], rate, reals[SOLVED_RATE],
+                        followed_factor(learn.cost), reals[SOLVED_FACTOR], reals[RESOLVE_ON_CHANGE])
+
+
+@compiled
+def _resolve_due(since_solve: float, every: float, rate: float, solved_rate: float, factor: float,
+                 solved_factor: float, change: float) -> bool:
+    """:meth:`_Learning.due` once there is enough data: the thresholds are solved again every ``every`` seconds,
+    and at once when the rate or the engine's speed against the profile has moved by more than ``change``
+    (relative) since the last solve. The Python and the compiled loop's paths both call it."""
+    moved = solved_rate > 0 and abs(rate - solved_rate) > change * solved_rate
+    slower = abs(factor - solved_factor) > change * solved_factor
+    return since_solve >= every or moved or slower
 
 
 @compiled

@@ -37,6 +37,7 @@ from llmsched_env.engine import (
     IterationOutcome,
     RequestRecords,
     SchedulerState,
+    last_iteration_row,
     readonly_view,
 )
 from llmsched_env.errors import ConfigError, EngineFailure, RequestTooLargeError
@@ -297,8 +298,7 @@ class LiveVLLMEngine:
             done = set(finished)
             self._running = [i for i in self._running if i not in done]
         if duration > 0:
-            self._last_iteration = np.array([now, duration, prefill_tokens, decode_tokens, batch_kv, attention])
-            self._last_iteration.flags.writeable = False
+            self._last_iteration = last_iteration_row(now, duration, prefill_tokens, decode_tokens, batch_kv, attention)
         return IterationOutcome(
             start_time=start, duration=duration, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
             batch_kv_tokens=batch_kv, admitted=np.array(executed.admitted, dtype=np.int64),

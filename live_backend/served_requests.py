@@ -19,7 +19,15 @@ import math
 
 import numpy as np
 
-from llmsched_env.engine import FINISHED, NO_ITERATION, RUNNING, WAITING, SchedulerState, readonly_view
+from llmsched_env.engine import (
+    FINISHED,
+    NO_ITERATION,
+    RUNNING,
+    WAITING,
+    SchedulerState,
+    last_iteration_row,
+    readonly_view,
+)
 from llmsched_env.errors import RequestTooLargeError
 from llmsched_env.request_table import REQUEST_COLUMNS, grow_columns, retire_rows, start_rows
 
@@ -204,9 +212,8 @@ class ServedRequests:
         """An iteration ended at ``end`` after ``seconds`` (measured), with this composition: what
         :attr:`~llmsched_env.engine.SchedulerState.last_iteration` shows a policy that follows the engine's speed."""
         if seconds > 0:
-            self._last_iteration = np.array([end, seconds, prefill_tokens, decode_requests, kv_tokens,
-                                             prefill_attention], dtype=np.float64)
-            self._last_iteration.flags.writeable = False
+            self._last_iteration = last_iteration_row(end, seconds, prefill_tokens, decode_requests, kv_tokens,
+                                                      prefill_attention)
 
     # -- what a policy decides on ------------------------------------------------------------------------------
     def _waiting_ids(self, limit: int | None = None) -> np.ndarray:

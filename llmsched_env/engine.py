@@ -127,6 +127,14 @@ NO_ITERATION = np.zeros(LAST_ITERATION_FIELDS)  # before any iteration ran
 NO_ITERATION.flags.writeable = False
 
 
+def last_iteration_row(end: float, seconds: float, prefill_tokens: int, decode_requests: int, kv_tokens: int,
+                       prefill_attention: float) -> np.ndarray:
+    """:attr:`SchedulerState.last_iteration` of an iteration that ended at ``end`` (read-only: a policy sees it)."""
+    row = np.array([end, seconds, prefill_tokens, decode_requests, kv_tokens, prefill_attention], dtype=np.float64)
+    row.flags.writeable = False
+    return row
+
+
 class SchedulerState(NamedTuple):
     """What a policy sees before an iteration. Valid until the engine's next ``step``.
 

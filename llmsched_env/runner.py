@@ -331,7 +331,7 @@ class Rollout:
                                       self._iterated_at, math.nan if self.stalled_at is None else self.stalled_at,
                                       math.inf if self.stall_after_s is None else self.stall_after_s,
                                       min(self.horizon, until))
-        run.reals[LAST_ITERATION:] = self.engine.state().last_iteration
+        run.reals[LAST_ITERATION:] = self.engine.counters().last_iteration  # type: ignore[attr-defined]
 
     def _store(self, run: compiled_run.RunState, running: np.ndarray, window_start: int) -> None:
         """Take back what a compiled loop advanced (the inverse of :meth:`_load`), and the time series' rows."""

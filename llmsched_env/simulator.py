@@ -22,6 +22,7 @@ from llmsched_env.engine import (
     RequestRecords,
     SchedulerState,
     as_ids,
+    last_iteration_row,
     readonly_view,
 )
 from llmsched_env.errors import ConfigError, RequestTooLargeError
@@ -201,9 +202,9 @@ class SimulatedEngine:
         (self._n, self._num_waiting, self._num_finished, self._first_maybe_waiting, used_blocks, used_tokens,
          self._stamp, self._now, self._running, last_iteration) = counters
         self._kv.used_blocks, self._kv.used_tokens = used_blocks, used_tokens
-        if last_iteration is not None:
-            self._last_iteration = np.array(last_iteration, dtype=np.float64)  # a copy the policy cannot change
-            self._last_iteration.flags.writeable = False
+        if last_iteration is not None:  # a compiled loop's is a view of its state: the policy sees a copy
+            self._last_iteration = (last_iteration if not last_iteration.flags.writeable
+                                    else last_iteration_row(*last_iteration))
 
     def reserve(self, count: int) -> None:
         """Make room for ``count`` requests in all, so that adding them allocates nothing (and a compiled
@@ -285,10 +286,9 @@ class SimulatedEngine:
             validated_batch(decision, self._n, self._status, self._prompt, self._context, self._kv.tokens, self._mark)
             raise AssertionError(f"the compiled iteration refused a decision that validation accepts: {decision}")
         duration = float(done.duration)  # a Python float whether or not the iteration ran compiled (NUMBA_DISABLE_JIT)
-        last = None
-        if duration > 0:
-            last = np.array([start + duration, duration, done.prefill_tokens, done.decode_tokens, done.batch_kv_tokens,
-                             done.prefill_attention], dtype=np.float64)
+        last = None if duration == 0 else last_iteration_row(start + duration, duration, done.prefill_tokens,
+                                                             done.decode_tokens, done.batch_kv_tokens,
+                                                             done.prefill_attention)
         self.restore(EngineCounters(*counters.tolist(), start + duration, done.running, last))
         kv = self._kv
         return IterationOutcome(

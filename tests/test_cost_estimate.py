@@ -19,6 +19,7 @@ from llmsched_env.engine import (
     LAST_PREFILL_TOKENS,
     LAST_SECONDS,
     Decision,
+    last_iteration_row,
 )
 from llmsched_env.errors import ConfigError
 from llmsched_env.metrics import summarize
@@ -31,10 +32,7 @@ TRUE_COST = LinearCostModel(c0=0.01, c_pf=1e-4, c_dec=1e-4, c_kv=1e-6, c_pf2=2e-
 
 def _last(end: float, seconds: float, prefill: int = 0, decodes: int = 1, kv: int = 10,
           attention: float = 0.0) -> np.ndarray:
-    last = np.zeros(6)
-    last[[LAST_END, LAST_SECONDS, LAST_PREFILL_TOKENS, LAST_DECODE_REQUESTS, LAST_KV_TOKENS,
-          LAST_PREFILL_ATTENTION]] = end, seconds, prefill, decodes, kv, attention
-    return last
+    return last_iteration_row(end, seconds, prefill, decodes, kv, attention)
 
 
 def test_the_simulator_reports_each_iteration_it_ran_in_the_cost_models_terms() -> None:
