@@ -20,14 +20,14 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from baselines.compare import SEES_OUTPUT_LENGTHS, compare
 from llmsched_env.errors import ConfigError
-from llmsched_env.executor import Executor, LocalExecutor
-from llmsched_env.report import mean_and_halfwidth
+from llmsched_env.executor import Executor, LocalExecutor, TaskFailure, failed_task
+from llmsched_env.report import failures_markdown, mean_and_halfwidth
 from llmsched_env.scenario import Scenario
 from llmsched_env.scenarios import load_scenario
 from llmsched_env.workload import ArrivalProcess, LengthSampleWorkload, read_trace_csv
@@ -152,13 +152,21 @@ def verdict(cell: dict[str, Any], rows: dict[str, dict[int, dict[str, Any]]], ba
                           for p in baselines}}
 
 
+class Judging(NamedTuple):
+    """What :func:`judge` found: a verdict per cell, and the cells that failed at run time."""
+
+    cells: list[dict[str, Any]]  # in the order of the workloads and loads judged, the failed ones left out
+    failed: list[dict[str, Any]]  # each failed cell's workload, load and error (llmsched_env.executor)
+
+
 def judge(agent_dir: str | Path, *, seeds: Sequence[int] = tuple(range(10)), workloads: Sequence[str] | None = None,
           data_dir: Path | None = None, jobs: int | None = None, executor: Executor | None = None,
-          on_cell_done: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+          on_cell_done: Callable[[dict[str, Any]], None] | None = None) -> Judging:
     """The judging table of the agent in ``agent_dir``: one verdict per cell, on ``executor`` (default: a
     :class:`~llmsched_env.executor.LocalExecutor` of ``jobs`` processes, every core by default; on Ray, the agent's
     folder must be readable at the same path on the workers). ``workloads`` default to the suite in both length
-    settings; the traces come from ``data_dir``."""
+    settings; the traces come from ``data_dir``. A cell that fails at run time (an engine fault) loses only its
+    own verdict: it is listed in ``failed``."""
     from agents.residual_env import suite_workloads
 
     _agent(str(agent_dir))  # a directory that is not a residual agent fails here, before any run
@@ -168,16 +176,23 @@ def judge(agent_dir: str | Path, *, seeds: Sequence[int] = tuple(range(10)), wor
     # Longest first, so that a diurnal day does not start last and run alone.
     order = sorted(range(len(cells)), key=lambda i: -cells[i]["horizon"])
     executor = executor or LocalExecutor(jobs)
-    rows = executor.map(judge_cell, [(str(agent_dir), cells[i], tuple(seeds)) for i in order],
-                        on_done=None if on_cell_done is None else lambda _, row: on_cell_done(row))
-    results: list[dict[str, Any]] = [{} for _ in cells]
+
+    def done(_: int, row: dict[str, Any] | TaskFailure) -> None:
+        if on_cell_done is not None and not isinstance(row, TaskFailure):
+            on_cell_done(row)
+
+    rows = executor.map(judge_cell, [(str(agent_dir), cells[i], tuple(seeds)) for i in order], on_done=done,
+                        keep_going=True)
+    results: list[dict[str, Any] | TaskFailure] = [{} for _ in cells]
     for position, i in enumerate(order):
         results[i] = rows[position]
-    return results
+    return Judging([row for row in results if not isinstance(row, TaskFailure)],
+                   [failed_task({"workload": cell["workload"], "load": cell["load"], "known_lengths": cell["known"]},
+                                row) for cell, row in zip(cells, results) if isinstance(row, TaskFailure)])
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The judging table as Markdown, one line per cell."""
+def markdown_table(rows: Sequence[dict[str, Any]], failed: Sequence[dict[str, Any]] = ()) -> str:
+    """The judging table as Markdown, one line per cell, then the cells that failed at run time, if any."""
     lines = ["| workload | ρ | best baseline | its req/s | its p99 s | agent − best req/s (95 %) | agent − best p99 s "
              "(95 %) | regret diff | verdict |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -191,4 +206,4 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("better", "level", "worse")}
     lines.append("")
     lines.append(f"{len(rows)} cells: {counts['better']} better, {counts['level']} level, {counts['worse']} worse.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + failures_markdown(failed)

@@ -199,12 +199,15 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False, progress_bar: bool = True,
-          command: str = "", log: Callable[[str], None] = print) -> AgentSpec:
+          command: str = "", log: Callable[[str], None] = print,
+          on_eval: Callable[[dict[str, float]], None] | None = None) -> AgentSpec:
     """Train ``config`` into ``out`` (``model.zip``, ``agent.json``, ``config.toml``, ``tb/``, ``checkpoints/``,
     ``curves.png``).
 
     With ``resume``, training continues from the latest checkpoint in ``out`` up to ``config.timesteps``
-    in all. Returns what ``agent.json`` records.
+    in all. ``on_eval`` is given each validation's metrics (``timesteps`` and what the validation callback logs
+    under ``eval/``; :func:`validation_metric` names the one the best model is chosen by). Returns what
+    ``agent.json`` records.
     """
     import torch
     from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
@@ -271,14 +274,16 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
         if evaluation.seeds and residual:
             callbacks.append(residual_metrics_callback(
                 env_kwargs, evaluation.seeds, evaluation.every, out,
-                on_eval=lambda m: log("eval @ {timesteps:,}: regret {regret_s:.2f} s of service, ratio to the baseline "
-                                      "{regret_ratio_to_base:.3f}, throughput ratio {throughput_ratio_to_base:.4f}, "
-                                      "p99 {p99_difference_s:+.2f} s".format(**m))))
+                on_eval=_logged(log, on_eval, lambda m: (
+                    "eval @ {timesteps:,}: regret {regret_s:.2f} s of service, ratio to the baseline "
+                    "{regret_ratio_to_base:.3f}, throughput ratio {throughput_ratio_to_base:.4f}, "
+                    "p99 {p99_difference_s:+.2f} s".format(**m)))))
         elif evaluation.seeds:
             callbacks.append(serving_metrics_callback(
                 config.env_id, env_kwargs, evaluation.seeds, evaluation.every, evaluation.reference, out,
-                on_eval=lambda m: log("eval @ {timesteps:,}: regret {regret_requests:.1f}, ratio to reference "
-                                      "{ratio:.3f}".format(ratio=m[f"regret_ratio_to_{evaluation.reference}"], **m))))
+                on_eval=_logged(log, on_eval, lambda m: (
+                    "eval @ {timesteps:,}: regret {regret_requests:.1f}, ratio to reference {ratio:.3f}".format(
+                        ratio=m[f"regret_ratio_to_{evaluation.reference}"], **m)))))
         remaining = max(0, config.timesteps - model.num_timesteps)
         rollout = int(model.n_steps) * config.n_envs
         if remaining % rollout:  # PPO learns in whole rollouts: say so rather than overshoot the bar's total
@@ -308,6 +313,23 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
     else:
         plot_curves(out / "tb", out / "curves.png")
     return spec
+
+
+def _logged(log: Callable[[str], None], on_eval: Callable[[dict[str, float]], None] | None,
+            text: Callable[[dict[str, float]], str]) -> Callable[[dict[str, float]], None]:
+    """A validation callback's ``on_eval``: the metrics logged as ``text`` gives them, then handed on."""
+    def evaluated(metrics: dict[str, float]) -> None:
+        log(text(metrics))
+        if on_eval is not None:
+            on_eval(metrics)
+    return evaluated
+
+
+def validation_metric(config: TrainConfig) -> str:
+    """The validation metric a training keeps its best model by (lower is better): the agent's regret over the
+    baseline's it adjusts on the same episodes (residual agents), or over the reference baseline's."""
+    return "regret_ratio_to_base" if config.env_id in RESIDUAL_ENV_IDS else \
+        f"regret_ratio_to_{config.evaluation.reference}"
 
 
 def _write_toml(data: dict[str, Any], path: Path) -> None:

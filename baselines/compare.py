@@ -87,6 +87,25 @@ def compare(scenario: Scenario, policies: Sequence[str], rates: Sequence[float],
     return Comparison(runs, fluids, horizon, names, tuple(rates), tuple(seeds))
 
 
+def merge_comparisons(parts: Sequence[Comparison], policies: Sequence[str], rates: Sequence[float],
+                      seeds: Sequence[int], horizon: float, failed: Sequence[dict[str, object]] = ()) -> Comparison:
+    """One comparison from the comparisons of parts of a sweep (each some of its rates and seeds, run apart: on
+    an executor's workers), as :func:`compare` would give it in one call: runs ordered by rate, seed and policy in
+    the orders given, each rate's fluid from its first seed. ``failed`` names the parts that failed at run time; a
+    rate none of whose parts ran is left out."""
+    runs = [run for part in parts for run in part.runs]
+    rate_index = {rate: i for i, rate in enumerate(rates)}
+    seed_index = {seed: i for i, seed in enumerate(seeds)}
+    policy_index = {policy: i for i, policy in enumerate(policies)}
+    runs.sort(key=lambda r: (rate_index[r.rate], seed_index[r.seed], policy_index[r.policy]))
+    fluid = {}
+    for part in sorted(parts, key=lambda p: seed_index[p.seeds[0]]):
+        for rate, solution in part.fluid.items():
+            fluid.setdefault(rate, solution)
+    return Comparison(runs, fluid, horizon, tuple(policies), tuple(rate for rate in rates if rate in fluid),
+                      tuple(seeds), failed=tuple(failed))
+
+
 def realised_fluid(scenario: Scenario, arrivals: Arrivals | Iterable[Arrivals], horizon: float,
                    offered: FluidSolution) -> FluidSolution:
     """The fluid optimum for the requests that actually arrived (whole, or a stream of chunks): each (prompt,

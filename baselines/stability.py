@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from baselines import canonical_name, make_policy
 from baselines.compare import SEES_OUTPUT_LENGTHS
 from llmsched_env.errors import ConfigError
-from llmsched_env.executor import Executor, LocalExecutor
+from llmsched_env.executor import Executor, LocalExecutor, TaskFailure, failed_task
 from llmsched_env.runner import run
 from llmsched_env.scenario import Scenario
 
@@ -79,12 +79,21 @@ def _stability_task(scenario: Scenario, policy: str, seed: int, horizon: float, 
     return stability_point(scenario, policy, seed=seed, horizon=horizon, tolerance=tolerance)
 
 
+class StabilityPoints(NamedTuple):
+    """What :func:`stability_points` found: a row per policy, and the searches that failed at run time."""
+
+    rows: list[dict[str, object]]  # per policy with at least one search done (see stability_points)
+    failed: list[dict[str, object]]  # each failed search's policy, seed and error (llmsched_env.executor)
+
+
 def stability_points(scenario: Scenario, policies: Sequence[str], seeds: Sequence[int], *, horizon: float = 600.0,
                      tolerance: float = 0.01, jobs: int | None = None, executor: Executor | None = None,
-                     on_point: Callable[[StabilityPoint], None] | None = None) -> list[dict[str, object]]:
+                     on_point: Callable[[StabilityPoint], None] | None = None) -> StabilityPoints:
     """:func:`stability_point` for every policy and seed, on ``executor`` (default: a
     :class:`~llmsched_env.executor.LocalExecutor` of ``jobs`` processes, every core by default), and per policy the
-    mean rate with its 95 % Student-t half-width over seeds, the spread, the mean load and the runs."""
+    mean rate with its 95 % Student-t half-width over seeds, the spread, the mean load and the runs. A search that
+    fails at run time (an engine fault) loses its own seed only: it is listed in ``failed``, and its policy's row
+    is over the seeds that were searched (none: no row)."""
     import numpy as np
 
     from llmsched_env.report import mean_and_halfwidth
@@ -93,14 +102,22 @@ def stability_points(scenario: Scenario, policies: Sequence[str], seeds: Sequenc
     policies = [canonical_name(p) for p in policies]  # refused up front, not in a worker
     executor = executor or LocalExecutor(jobs)
     tasks = [(scenario, name, seed, horizon, tolerance) for name in policies for seed in seeds]
-    points: list[StabilityPoint] = executor.map(
-        _stability_task, tasks, on_done=None if on_point is None else lambda _, point: on_point(point))
+
+    def done(_: int, point: StabilityPoint | TaskFailure) -> None:
+        if on_point is not None and isinstance(point, StabilityPoint):
+            on_point(point)
+
+    points = executor.map(_stability_task, tasks, on_done=done, keep_going=True)
     rows: list[dict[str, object]] = []
     for name in policies:
-        mine = [p for p in points if p.policy == name]
+        mine = [p for p in points if isinstance(p, StabilityPoint) and p.policy == name]
+        if not mine:
+            continue
         rates = np.array([p.rate_rps for p in mine])
         mean, half = mean_and_halfwidth(rates)
         rows.append({"policy": name, "stability_rate_rps": mean, "ci95": half, "min_rps": float(rates.min()),
                      "max_rps": float(rates.max()), "load": float(np.mean([p.load for p in mine])),
                      "per_seed_rps": rates.tolist(), "runs": sum(p.runs for p in mine)})
-    return rows
+    failed = [failed_task({"policy": task[1], "seed": task[2]}, point)
+              for task, point in zip(tasks, points) if isinstance(point, TaskFailure)]
+    return StabilityPoints(rows, failed)

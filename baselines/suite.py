@@ -13,9 +13,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from baselines import DEFAULT_POLICIES
-from baselines.compare import SEES_OUTPUT_LENGTHS, compare
+from baselines.compare import SEES_OUTPUT_LENGTHS, compare, merge_comparisons
 from llmsched_env.errors import ConfigError
-from llmsched_env.executor import Executor, LocalExecutor
+from llmsched_env.executor import Executor, LocalExecutor, TaskFailure, failed_task
 from llmsched_env.report import Comparison, mean_and_halfwidth
 from llmsched_env.scenarios import NamedScenario
 
@@ -67,36 +67,41 @@ def run_sweeps(plans: Sequence[SweepPlan], *, jobs: int | None = None, executor:
                on_job_done: Callable[[SweepPlan, float, int, int], None] | None = None) -> list[Comparison]:
     """Run every plan's (rate, seed) jobs on ``executor`` (default: a :class:`~llmsched_env.executor.LocalExecutor`
     of ``jobs`` processes, every core by default); one merged :class:`Comparison` per plan, in order, the same
-    whatever runs the jobs. ``on_job_done(plan, rate, seed, runs)`` follows each job."""
+    whatever runs the jobs. ``on_job_done(plan, rate, seed, runs)`` follows each job. A job that fails at run time
+    (an engine fault) loses its own runs only: it is named, with its error, in its plan's ``Comparison.failed``."""
     executor = executor or LocalExecutor(jobs)
     tasks = [(index, plan, rate, seed)
              for index, plan in enumerate(plans) for rate in plan.rates for seed in plan.seeds]
     # Longest first, so that a long diurnal day does not start last and run alone.
     tasks.sort(key=lambda task: -task[1].horizon * len(task[1].policies))
 
-    def done(position: int, _: Comparison) -> None:
+    def done(position: int, _: object) -> None:
         if on_job_done is not None:
             _, plan, rate, seed = tasks[position]
             on_job_done(plan, rate, seed, len(plan.policies))
 
-    results = executor.map(_job, [(plan, rate, seed) for _, plan, rate, seed in tasks], on_done=done)
+    results = executor.map(_job, [(plan, rate, seed) for _, plan, rate, seed in tasks], on_done=done, keep_going=True)
     parts: list[list[Comparison]] = [[] for _ in plans]
-    for (index, _, _, _), result in zip(tasks, results):
-        parts[index].append(result)
-    return [merge(plan, found) for plan, found in zip(plans, parts)]
+    failures: list[list[tuple[float, int, TaskFailure]]] = [[] for _ in plans]
+    for (index, _, rate, seed), result in zip(tasks, results):
+        if isinstance(result, TaskFailure):
+            failures[index].append((rate, seed, result))
+        else:
+            parts[index].append(result)
+    return [merge(plan, found, failed) for plan, found, failed in zip(plans, parts, failures)]
 
 
-def merge(plan: SweepPlan, parts: Sequence[Comparison]) -> Comparison:
-    """One comparison of a plan from its per-(rate, seed) parts, runs ordered by rate, seed, policy."""
-    runs = [run for part in parts for run in part.runs]
-    rate_index = {rate: i for i, rate in enumerate(plan.rates)}
-    policy_index = {policy: i for i, policy in enumerate(plan.policies)}
-    runs.sort(key=lambda r: (rate_index[r.rate], r.seed, policy_index[r.policy]))
-    fluid = {}
-    for part in sorted(parts, key=lambda p: p.seeds[0]):  # the first seed's fluid, as compare() keeps it
-        for rate, solution in part.fluid.items():
-            fluid.setdefault(rate, solution)
-    return Comparison(runs, fluid, plan.horizon, plan.policies, plan.rates, plan.seeds)
+def merge(plan: SweepPlan, parts: Sequence[Comparison],
+          failures: Sequence[tuple[float, int, TaskFailure]] = ()) -> Comparison:
+    """One comparison of a plan from its per-(rate, seed) parts (:func:`~baselines.compare.merge_comparisons`:
+    what ``compare`` gives for the whole sweep); the ``(rate, seed, failure)`` of the jobs that failed are listed in
+    its ``failed``."""
+    rate_index, seed_index = {r: i for i, r in enumerate(plan.rates)}, {s: i for i, s in enumerate(plan.seeds)}
+    load_of = dict(zip(plan.rates, plan.loads))
+    failed = [failed_task({"scenario": plan.spec.name, **({"load": load_of[rate]} if load_of[rate] is not None
+                                                           else {}), "rate_rps": rate, "seed": seed}, failure)
+              for rate, seed, failure in sorted(failures, key=lambda f: (rate_index[f[0]], seed_index[f[1]]))]
+    return merge_comparisons(parts, plan.policies, plan.rates, plan.seeds, plan.horizon, failed)
 
 
 def verdicts(plan: SweepPlan, comparison: Comparison) -> list[dict[str, object]]:

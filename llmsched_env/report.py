@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from rich.table import Table
@@ -48,10 +49,18 @@ class Comparison:
     rates: tuple[float, ...]
     seeds: tuple[int, ...] = (0,)
     reference: str | None = None  # the policy regret ratios are taken against (summaries over seeds)
+    # The sweep's tasks that failed at run time (an engine fault), each what it was and its error; their runs are
+    # missing, the others' are all here (llmsched_env.executor).
+    failed: tuple[dict[str, object], ...] = ()
 
     def first_seed_runs(self) -> list[PolicyRun]:
-        """The runs on the first seed's arrivals (what the time-series plots show)."""
-        return [r for r in self.runs if r.seed == self.seeds[0]]
+        """At each rate, the runs on the first seed's arrivals there are (what the time-series plots show)."""
+        first: dict[float, int] = {}
+        order = {seed: i for i, seed in enumerate(self.seeds)}
+        for run in self.runs:
+            if run.rate not in first or order.get(run.seed, len(order)) < order.get(first[run.rate], len(order)):
+                first[run.rate] = run.seed
+        return [r for r in self.runs if r.seed == first[r.rate]]
 
     def summary(self) -> list[dict[str, object]]:
         """Per (rate, policy): the mean over seeds of :data:`SUMMARY_FIELDS` with 95 % confidence half-widths,
@@ -238,7 +247,14 @@ def to_markdown(comparison: Comparison) -> str:
                 error = row[f"error_{field}"]
                 cells.append("–" if error is None else f"{error:+.1%}")
             lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + failures_markdown(comparison.failed)
+
+
+def failure_text(failure: dict[str, object]) -> str:
+    """One failed task of a sweep (an entry of a report's ``failed`` list) as one line: what it was, then its error."""
+    what = ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
+                     for key, value in failure.items() if key != "error")
+    return f"{what}: {failure['error']}"
 
 
 #: What the simulator is judged on beside a live engine (``sim_to_real``): row field → label.
@@ -329,6 +345,8 @@ def to_json(comparison: Comparison) -> dict[str, object]:
     agreement = sim_to_real(comparison)
     if agreement:
         payload["sim_to_real"] = agreement
+    if comparison.failed:
+        payload["failed"] = list(comparison.failed)
     return json_safe(payload)  # type: ignore[return-value]
 
 
@@ -460,11 +478,19 @@ def suite_table(rows: list[dict[str, object]]) -> Table:
     return table
 
 
-def suite_markdown(rows: list[dict[str, object]]) -> str:
-    """The suite's summary as a Markdown table."""
+def suite_markdown(rows: list[dict[str, object]], failed: Sequence[dict[str, object]] = ()) -> str:
+    """The suite's summary as a Markdown table, then the jobs that failed at run time, if any."""
     headers = [header.strip() for header, _, _ in _SUITE_COLUMNS] + ["verdict"]
     lines = ["| " + " | ".join(headers) + " |",
              "| " + " | ".join("---" if h in ("scenario", "fluid-guided", "engine", "verdict") else "---:"
                                for h in headers) + " |"]
     lines += ["| " + " | ".join(_suite_cells(row)) + " |" for row in rows]
-    return "\n".join(lines) + "\n\n" + _SUITE_CAPTION + ".\n"
+    return "\n".join(lines) + "\n\n" + _SUITE_CAPTION + ".\n" + failures_markdown(failed)
+
+
+def failures_markdown(failed: Sequence[dict[str, object]]) -> str:
+    """The tasks of a sweep that failed at run time, as a Markdown list after a report ('' when none did)."""
+    if not failed:
+        return ""
+    return (f"\nFailed at run time ({len(failed)} tasks; their results are missing above):\n\n"
+            + "".join(f"- {failure_text(failure)}\n" for failure in failed))

@@ -7,7 +7,7 @@ The Ray tests run where Ray is installed (the ``ray`` extra; CI has an environme
 from __future__ import annotations
 
 import json
-import os
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -16,9 +16,12 @@ from typer.testing import CliRunner
 
 from baselines.suite import SweepPlan, run_sweeps
 from llmsched_env.cli import app
-from llmsched_env.errors import ConfigError
-from llmsched_env.executor import LocalExecutor, make_executor
+from llmsched_env.errors import ConfigError, EngineFailure
+from llmsched_env.executor import LocalExecutor, TaskFailure, make_executor
+from llmsched_env.scenario import Scenario
 from llmsched_env.scenarios import load_scenario
+from llmsched_env.simulator import SimulatedEngine
+from tests.ray_support import needs_ray, ray_installed
 
 runner = CliRunner()
 
@@ -38,6 +41,23 @@ def test_results_come_back_in_the_tasks_order_whatever_order_they_finish_in(jobs
     assert results == [0, 1, 4, 9, 16] and sorted(finished) == [0, 1, 2, 3, 4]
 
 
+def _dies_at_two(value: int) -> int:
+    if value == 2:
+        raise EngineFailure("task 2 died")
+    return value
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failing_task_stops_the_map_or_leaves_its_failure_in_its_slot(jobs: int) -> None:
+    tasks = [(value,) for value in range(4)]
+    with pytest.raises(EngineFailure, match="task 2 died"):
+        LocalExecutor(jobs).map(_dies_at_two, tasks)
+    done: list[int] = []
+    results = LocalExecutor(jobs).map(_dies_at_two, tasks, on_done=lambda index, _: done.append(index),
+                                      keep_going=True)
+    assert results == [0, 1, TaskFailure("EngineFailure: task 2 died"), 3] and sorted(done) == [0, 1, 2, 3]
+
+
 def test_the_default_executor_is_local_and_a_bad_job_count_is_refused(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.delenv("LLMSCHED_RAY_ADDRESS", raising=False)
     assert isinstance(make_executor(3), LocalExecutor) and make_executor(3).workers == 3
@@ -45,20 +65,8 @@ def test_the_default_executor_is_local_and_a_bad_job_count_is_refused(monkeypatc
         LocalExecutor(0)
 
 
-def _ray_installed() -> bool:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_ray = pytest.mark.skipif(not _ray_installed() and not os.environ.get("LLMSCHED_REQUIRE_RAY"),
-                               reason="Ray is not installed (pip install -e '.[ray]')")
-
-
 def test_asking_for_ray_without_it_is_one_clear_line(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    if _ray_installed():
+    if ray_installed():
         pytest.skip("Ray is installed here")
     result = runner.invoke(app, ["stability", "--scenario", "paper-single", "--policies", "vllm", "--seeds", "0",
                                  "--ray"])
@@ -106,3 +114,155 @@ def test_compare_suite_and_stability_give_the_same_json_through_ray_and_locally(
     assert set(written["ray"]) >= {"suite.json", "paper-single/comparison.json", "bursty-low/comparison.json"}
     assert written["ray"] == written["local"]
     assert json.loads(written["ray"]["stability"])["rows"][0]["policy"] == "vllm"
+
+
+# -- a task that fails at run time loses only its own results ----------------------------------------------------
+class _DyingEngine:
+    """A simulated engine that dies at its 20th iteration, as a live engine can (``EngineFailure``). Not a
+    ``SimulatedEngine``: the run goes through the Python loop, one ``step`` per iteration."""
+
+    def __init__(self, engine: SimulatedEngine) -> None:
+        self._engine, self._steps = engine, 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    def step(self, decision: object) -> object:
+        self._steps += 1
+        if self._steps == 20:
+            raise EngineFailure("the engine died at its 20th iteration (injected)")
+        return self._engine.step(decision)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class _FaultyScenario(Scenario):
+    """A scenario whose engine dies for the policies that see output lengths, at rates above ``dies_above_rps``."""
+
+    dies_above_rps: float = 0.0
+
+    def engine(self):  # type: ignore[no-untyped-def]
+        engine = super().engine()
+        return _DyingEngine(engine) if self.output_lengths_known and self.base_rate > self.dies_above_rps else engine
+
+
+def _with_a_fault(monkeypatch, faulty: str, load: float) -> None:  # type: ignore[no-untyped-def]
+    """Two scenarios in the suite; ``faulty``'s engine dies above ``load`` for the policies that see lengths."""
+    import llmsched_env.scenarios as scenarios
+
+    real = scenarios.load_scenario
+
+    def faulty_load(name: str):  # type: ignore[no-untyped-def]
+        spec = real(name)
+        if spec.name != faulty:
+            return spec
+        scenario = _FaultyScenario(**{f.name: getattr(spec.scenario, f.name) for f in fields(Scenario)},
+                                   dies_above_rps=spec.scenario.rate_for_load(load))
+        return replace(spec, scenario=scenario)
+
+    monkeypatch.setattr(scenarios, "scenario_names", lambda suite_only=False: ["paper-single", "bursty-low"])
+    monkeypatch.setattr(scenarios, "load_scenario", faulty_load)
+
+
+def _faulty_runs(tmp_path: Path, options: list[str]) -> dict[str, bytes]:
+    """``compare --suite`` and ``stability --json`` with an engine that dies: what each wrote (exit 1 both)."""
+    out = tmp_path / "-".join(options)
+    result = runner.invoke(app, ["compare", "--suite", "--policies", "wait,vllm", "--loads", "0.6,0.8", "--horizon",
+                                 "15", "--seeds", "0,1", "--no-plots", "--out", str(out), *options])
+    assert result.exit_code == 1, result.output
+    assert "failed: scenario bursty-low, load 0.8," in result.output
+    assert "EngineFailure: the engine died" in result.output
+    written = {path.relative_to(out).as_posix(): path.read_bytes() for path in sorted(out.rglob("*.json"))}
+    written["suite.md"] = (out / "suite.md").read_bytes()
+    result = runner.invoke(app, ["stability", "--scenario", "bursty-low", "--policies", "vllm,wait", "--seeds", "0,1",
+                                 "--horizon", "30", "--tolerance", "0.1", "--json", *options])
+    assert result.exit_code == 1, result.output
+    written["stability"] = result.stdout.encode()
+    return written
+
+
+def _check_faulty_runs(written: dict[str, bytes]) -> None:
+    suite = json.loads(written["suite.json"])
+    assert [(row["scenario"], row["load"]) for row in suite["rows"]] == [("paper-single", 0.6), ("paper-single", 0.8),
+                                                                         ("bursty-low", 0.6)]
+    assert [(f["scenario"], f["load"], f["seed"]) for f in suite["failed"]] == [("bursty-low", 0.8, 0),
+                                                                              ("bursty-low", 0.8, 1)]
+    assert {f["error"] for f in suite["failed"]} == {"EngineFailure: the engine died at its 20th iteration (injected)"}
+    bursty = json.loads(written["bursty-low/comparison.json"])
+    assert len(bursty["rates_rps"]) == 1 and len(bursty["rows"]) == 2 * 2 and len(bursty["failed"]) == 2
+    assert "failed" not in json.loads(written["paper-single/comparison.json"])
+    assert b"Failed at run time (2 tasks" in written["suite.md"]
+    stability = json.loads(written["stability"])
+    assert [row["policy"] for row in stability["rows"]] == ["vllm"] and stability["rows"][0]["per_seed_rps"]
+    assert [(f["policy"], f["seed"]) for f in stability["failed"]] == [("wait", 0), ("wait", 1)]
+
+
+def test_a_task_that_fails_at_run_time_loses_only_its_own_rows_in_process_and_in_worker_processes(
+        tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    _with_a_fault(monkeypatch, "bursty-low", 0.7)
+    in_process, workers = _faulty_runs(tmp_path, ["--jobs", "1"]), _faulty_runs(tmp_path, ["--jobs", "2"])
+    _check_faulty_runs(workers)
+    assert in_process == workers
+
+
+@needs_ray
+def test_a_task_that_fails_through_ray_gives_what_it_gives_locally(local_ray: None, tmp_path: Path,
+                                                                   monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers need not import the tests
+    from llmsched_env.executor import RayExecutor
+
+    assert RayExecutor().map(_dies_at_two, [(value,) for value in range(4)], keep_going=True) == [
+        0, 1, TaskFailure("EngineFailure: task 2 died"), 3]  # the task's own error, not Ray's wrapper
+    _with_a_fault(monkeypatch, "bursty-low", 0.7)
+    through_ray = _faulty_runs(tmp_path, ["--ray"])
+    _check_faulty_runs(through_ray)
+    assert through_ray == _faulty_runs(tmp_path, ["--jobs", "2"])
+
+
+# -- an agent's evaluation, one task per seed ----------------------------------------------------------------------
+PRETRAINED = Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "tight-memory-wait"
+
+
+def _evaluation(tmp_path: Path, options: list[str]) -> tuple[int, bytes]:
+    out = tmp_path / ("evaluate" + "-".join(options))
+    result = runner.invoke(app, ["evaluate", "--agent", str(PRETRAINED), "--policies", "wait,vllm", "--seeds", "0..3",
+                                 "--horizon", "20", "--no-plots", "--out", str(out), *options])
+    return result.exit_code, (out / "comparison.json").read_bytes() if (out / "comparison.json").exists() else b""
+
+
+def test_an_agents_seeds_as_tasks_give_the_evaluation_of_one_process(tmp_path: Path) -> None:
+    (code, alone), (spread_code, spread) = _evaluation(tmp_path, []), _evaluation(tmp_path, ["--jobs", "2"])
+    assert code == spread_code == 0 and alone == spread
+    document = json.loads(spread)
+    assert document["seeds"] == [0, 1, 2, 3] and len(document["rows"]) == 3 * 4 and "failed" not in document
+
+
+def test_a_seed_that_fails_loses_only_its_own_runs(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import agents.evaluate as evaluation
+
+    real = evaluation._evaluate_seed
+
+    def dies_on_seed_one(*task):  # type: ignore[no-untyped-def]
+        if task[5] == 1:
+            raise EngineFailure("the engine died (injected)")
+        return real(*task)
+
+    monkeypatch.setattr(evaluation, "_evaluate_seed", dies_on_seed_one)
+    code, written = _evaluation(tmp_path, ["--jobs", "1"])
+    document = json.loads(written)
+    assert code == 1 and document["failed"] == [{"seed": 1, "error": "EngineFailure: the engine died (injected)"}]
+    assert sorted({row["seed"] for row in document["rows"]}) == [0, 2, 3] and document["seeds"] == [0, 1, 2, 3]
+
+
+def test_a_live_evaluation_is_not_spread_over_workers(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["evaluate", "--backend", "vllm", "--jobs", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "runs in this process, one engine: drop --jobs / --ray" in result.output
+
+
+@needs_ray
+def test_an_agents_evaluation_through_ray_is_the_local_one(local_ray: None, tmp_path: Path) -> None:
+    (code, through_ray), (local_code, local) = _evaluation(tmp_path, ["--ray"]), _evaluation(tmp_path, ["--jobs", "2"])
+    assert code == local_code == 0 and through_ray == local

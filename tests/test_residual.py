@@ -188,7 +188,8 @@ def test_a_short_training_saves_reloads_and_is_judged_on_two_scenarios(tmp_path:
     observations = np.random.default_rng(0).uniform(0, 1, (16, NUM_FEATURES)).astype(np.float32)
     # float32 torch against float64 NumPy: the same actions within a stated tolerance.
     np.testing.assert_allclose(actor(observations), gaussian_action(network, observations)[0], rtol=0, atol=1e-5)
-    rows = judge(out, seeds=[0, 1], workloads=["paper-two-type", "bursty-low-hidden"], jobs=1)
+    rows, failed = judge(out, seeds=[0, 1], workloads=["paper-two-type", "bursty-low-hidden"], jobs=1)
+    assert failed == []
     assert [(r["workload"], r["load"]) for r in rows] == [(w, x) for w in ("paper-two-type", "bursty-low-hidden")
                                                           for x in (0.6, 0.8, 0.9)]
     assert all(r["verdict"] in ("better", "level", "worse") and r["seeds"] == 2 for r in rows)
