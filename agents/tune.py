@@ -40,6 +40,9 @@ SECTIONS = ("env", "hyperparameters", "imitation", "evaluation")
 TOP_LEVEL = ("algo", "env_id", "timesteps", "n_envs")
 #: The metric every trial reports to Ray Tune and the summary is sorted by (lower is better).
 METRIC = "regret_ratio"
+#: The other validation metrics a trial's summary row keeps (residual agents' and per-workload agents').
+SUMMARY_METRICS = ("throughput_ratio_to_base", "p99_difference_s", "regret_s", "throughput_rps", "p99_latency_s",
+                   "regret_requests")
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,25 @@ def load_tune_config(path: str | Path) -> TuneConfig:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{source}: [grid] {key!r} must be a non-empty list of values, got {values!r}")
     config = TuneConfig(base, {k: list(v) for k, v in grid.items()}, tuple(seeds), float(cpus), source)
-    config.trials()  # every recipe checked now, before any trial starts
+    _check_environments(config.trials(), source)  # every recipe checked now, before any trial starts
     return config
+
+
+def _check_environments(trials: Sequence[Trial], source: str) -> None:
+    """Build each distinct environment the trials train on, as ``llmsched train`` does first: a bad environment
+    argument is refused here, naming the trial, not in a worker once the trials run."""
+    from agents.train import make_env
+
+    seen: set[str] = set()
+    for trial in trials:
+        key = repr((trial.config.env_id, sorted(trial.config.env.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            make_env(trial.config.env_id, dict(trial.config.env))
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {trial.name} {trial.settings}: {error}") from None
 
 
 def run_trial(trial: Trial, out: str, report: Callable[[dict[str, Any]], None]) -> None:
@@ -182,8 +202,7 @@ def tune(config: TuneConfig, out: Path, *, address: str | None = None, num_cpus:
             continue
         metrics = result.metrics or {}
         rows.append({**described, METRIC: metrics.get(METRIC), "timesteps": metrics.get("timesteps"),
-                     **{k: v for k, v in metrics.items() if k.startswith(("throughput_ratio", "p99_difference",
-                                                                          "regret_s", "regret_requests"))},
+                     **{k: metrics[k] for k in SUMMARY_METRICS if k in metrics},
                      "agent": str(out / "trials" / trial.name)})
     rows.sort(key=lambda row: (math.inf if row[METRIC] is None else row[METRIC], row["trial"]))
     failed.sort(key=lambda row: row["trial"])
@@ -208,8 +227,8 @@ def summary_markdown(rows: Sequence[dict[str, Any]], failed: Sequence[dict[str, 
     """The trials as a Markdown table, best first, then the failed ones."""
     from llmsched_env.report import failures_markdown
 
-    settings = [k for k in (rows[0] if rows else {}) if k not in ("trial", "seed", METRIC, "timesteps", "agent")
-                and not k.startswith(("throughput_ratio", "p99_difference", "regret_s", "regret_requests"))]
+    settings = [k for k in (rows[0] if rows else {}) if k not in ("trial", "seed", METRIC, "timesteps", "agent",
+                                                                  *SUMMARY_METRICS)]
     headers = ["trial", *settings, "seed", f"{METRIC} ({metric})", "timesteps", "folder"]
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     for row in rows:

@@ -80,6 +80,7 @@ timesteps = [128]
     ('train = "tiny.toml"\nsamples = 3\n', "unknown key(s) samples"),
     ('seeds = [0]\n', "'train' is missing"),
     ('train = "tiny.toml"\ncpus_per_trial = 0\n', "cpus_per_trial must be a number > 0"),
+    ('train = "tiny.toml"\n[grid]\n"env.horizon" = [30.0, -5.0]\n', "trial-001-seed0 {'env.horizon': -5.0}: "),
 ])
 def test_a_bad_tune_file_is_refused_naming_the_file_and_the_key(tmp_path: Path, body: str, message: str) -> None:
     path = _tune_file(tmp_path, body)
@@ -135,3 +136,23 @@ def test_the_shipped_tune_file_reads() -> None:
     example = Path(__file__).resolve().parents[1] / "agents" / "tunes" / "ppo-learning-rate.toml"
     trials = load_tune_config(example).trials()
     assert len(trials) == 3 * 2 * 3 and {t.config.name for t in trials} == {"ppo"}
+
+
+@needs_ray
+def test_a_trial_that_fails_is_listed_with_its_error(tmp_path: Path) -> None:
+    import ray
+
+    out = tmp_path / "out"
+    body = 'train = "tiny.toml"\n[grid]\n"hyperparameters.batch_size" = [1]\n'  # PPO refuses it when it starts
+    try:
+        result = runner.invoke(app, ["tune", "--config", str(_tune_file(tmp_path, body)), "--out", str(out),
+                                     "--jobs", "2"])
+    finally:
+        ray.shutdown()
+    assert result.exit_code == 1, result.output
+    document = json.loads((out / "tune.json").read_text())
+    (failed,) = document["failed"]
+    assert document["trials"] == [] and failed["trial"] == "trial-000-seed0"
+    assert failed["hyperparameters.batch_size"] == 1
+    assert failed["error"].startswith("AssertionError: ") and "failed: trial trial-000-seed0" in result.output
+    assert "Failed at run time (1 tasks" in (out / "tune.md").read_text()
