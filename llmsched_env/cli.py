@@ -801,9 +801,9 @@ def evaluate(
 
     if backend not in ("sim", "vllm"):
         _fail(typer.BadParameter(f"expected sim or vllm, got {backend!r}", param_hint="--backend"))
-    if backend == "vllm" and (jobs is not None or ray or ray_address):
-        _fail(typer.BadParameter("a live engine's evaluation runs in this process, one engine: drop --jobs / --ray",
-                                 param_hint="--backend"))
+    if backend == "vllm" and jobs is not None:
+        _fail(typer.BadParameter("a live evaluation runs one engine on this machine: drop --jobs (with --ray each "
+                                 "seed is a task on a GPU of its own)", param_hint="--jobs"))
     if suite:
         if agent is None or backend != "sim":
             _fail(typer.BadParameter("--suite judges an agent (--agent DIR) on the simulator", param_hint="--suite"))
@@ -819,9 +819,10 @@ def evaluate(
                                  "train an agent on that workload", param_hint="--agent"))
     if agent is not None:
         _require_agents()
-    # An agent's seeds on the simulator are tasks of an executor when workers or Ray are asked for.
-    spread = backend == "sim" and (jobs is not None or ray or ray_address or os.environ.get(RAY_ADDRESS_VARIABLE))
-    executor = _executor(jobs, ray, ray_address) if spread else None
+    # An agent's seeds on the simulator are tasks of an executor when workers or Ray are asked for; a live
+    # evaluation's only on Ray (each task an engine on a GPU of its own).
+    spread = jobs is not None or ray or ray_address or os.environ.get(RAY_ADDRESS_VARIABLE)
+    executor = _executor(jobs, ray, ray_address) if spread and (backend == "sim" or ray or ray_address) else None
     names = _names(policies, "--policies") or []
     horizon = _horizon(horizon, None)
     factory = None
@@ -834,36 +835,30 @@ def evaluate(
             def advance(done) -> None:  # type: ignore[no-untyped-def]
                 progress.update(task, advance=1, description=f"{done.policy}, seed {done.seed}")
 
-            scenario = None
             if backend == "vllm":
-                from live_backend.config import default_profile
+                from live_backend.evaluation import LiveEvaluation, evaluate_live, evaluate_live_on
                 from live_backend.runs import LiveEngineFactory
 
-                factory = LiveEngineFactory(_live_config(model, live_config, kv_blocks, device))
-                scenario = build_scenario(types=types, trace=trace, profile=profile or default_profile(factory.config),
-                                          memory_tokens=factory.capacity_tokens, block_size=factory.block_size)
-                horizon = horizon if horizon is not None else 30.0
-                if agent is None and rate is None:
-                    rate = round(scenario.rate_for_load(0.6), 3)
-            if agent is not None:
+                request = LiveEvaluation(_live_config(model, live_config, kv_blocks, device), tuple(names), horizon,
+                                         rate, with_sim, types, trace, profile, None if agent is None else str(agent),
+                                         reference, not stochastic)
+                if executor is not None:  # --ray: a task per seed, each starting its own engine
+                    progress.update(task, total=len(seed_list), description="a task per seed")
+                    comparison = evaluate_live_on(executor, request, seed_list,
+                                                  on_seed_done=lambda seed: progress.update(
+                                                      task, advance=1, description=f"seed {seed}"))
+                else:
+                    factory = LiveEngineFactory(request.config)
+                    comparison = evaluate_live(request, factory, seed_list,
+                                               on_start=lambda total: progress.update(task, total=total),
+                                               on_run_done=advance)
+            else:
                 from agents.evaluate import evaluate_agent
 
                 comparison = evaluate_agent(agent, policies=names, seeds=seed_list, horizon=horizon, rate=rate,
                                             reference=reference, deterministic=not stochastic,
                                             on_start=lambda total: progress.update(task, total=total),
-                                            on_run_done=advance, scenario=scenario, engine=factory,
-                                            with_sim=with_sim, executor=executor)
-            else:
-                from dataclasses import replace
-
-                from baselines.compare import compare as run_comparison
-
-                assert scenario is not None and horizon is not None and rate is not None
-                progress.update(task, total=len(names) * len(seed_list) * (2 if with_sim else 1))
-                comparison = run_comparison(scenario, names, [rate], horizon, seeds=seed_list, on_run_done=advance,
-                                            engine=factory, with_sim=with_sim)
-                if reference is not None:
-                    comparison = replace(comparison, reference=reference)
+                                            on_run_done=advance, executor=executor)
     finally:
         if factory is not None:
             factory.close()

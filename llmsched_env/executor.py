@@ -59,10 +59,12 @@ class Executor(Protocol):
     workers: int
 
     def map(self, function: Callable[..., Any], tasks: Sequence[tuple], on_done: TaskDone | None = None,
-            keep_going: bool = False) -> list[Any]:
+            keep_going: bool = False, gpus: float = 0.0) -> list[Any]:
         """``[function(*task) for task in tasks]``, run in parallel; ``on_done(index, result)`` is called in this
         process as each task finishes (in the order they finish). A task that raises stops the map with its
-        error, or with ``keep_going`` leaves a :class:`TaskFailure` in its slot while the others run on."""
+        error, or with ``keep_going`` leaves a :class:`TaskFailure` in its slot while the others run on. Tasks that
+        each need ``gpus`` GPUs (a live engine) run where one is free: on Ray, as many at once as the cluster has
+        GPUs; on this machine, one at a time in this process."""
         ...
 
 
@@ -75,9 +77,9 @@ class LocalExecutor:
         self.workers = jobs or os.cpu_count() or 1
 
     def map(self, function: Callable[..., Any], tasks: Sequence[tuple], on_done: TaskDone | None = None,
-            keep_going: bool = False) -> list[Any]:
+            keep_going: bool = False, gpus: float = 0.0) -> list[Any]:
         results: list[Any] = [None] * len(tasks)
-        if self.workers == 1 or len(tasks) <= 1:
+        if self.workers == 1 or len(tasks) <= 1 or gpus > 0:
             for index, task in enumerate(tasks):
                 try:
                     results[index] = function(*task)
@@ -132,9 +134,9 @@ class RayExecutor:
         self.workers = max(int(self._ray.cluster_resources().get("CPU", 1)), 1)
 
     def map(self, function: Callable[..., Any], tasks: Sequence[tuple], on_done: TaskDone | None = None,
-            keep_going: bool = False) -> list[Any]:
+            keep_going: bool = False, gpus: float = 0.0) -> list[Any]:
         ray = self._ray
-        remote = ray.remote(num_cpus=1)(_call)
+        remote = ray.remote(num_cpus=1, num_gpus=gpus)(_call)  # a GPU each: one live engine per GPU
         pending = {remote.remote(function, *task): index for index, task in enumerate(tasks)}
         results: list[Any] = [None] * len(tasks)
         while pending:

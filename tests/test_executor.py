@@ -7,6 +7,7 @@ The Ray tests run where Ray is installed (the ``ray`` extra; CI has an environme
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Iterator
@@ -78,7 +79,8 @@ def test_asking_for_ray_without_it_is_one_clear_line(monkeypatch) -> None:  # ty
 def local_ray() -> Iterator[None]:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # One logical GPU (no device behind it): what live-engine tasks ask for is scheduled as on a GPU node.
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 
@@ -257,12 +259,62 @@ def test_a_seed_that_fails_loses_only_its_own_runs(tmp_path: Path, monkeypatch) 
     assert sorted({row["seed"] for row in document["rows"]}) == [0, 2, 3] and document["seeds"] == [0, 1, 2, 3]
 
 
-def test_a_live_evaluation_is_not_spread_over_workers(tmp_path: Path) -> None:
+def test_a_live_evaluation_is_not_spread_over_local_workers(tmp_path: Path) -> None:
     result = runner.invoke(app, ["evaluate", "--backend", "vllm", "--jobs", "2", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "runs in this process, one engine: drop --jobs / --ray" in result.output
+    assert result.exit_code == 2 and "runs one engine on this machine: drop --jobs" in " ".join(result.output.split())
+
+
+def _where(value: int) -> tuple[int, int]:
+    return value, os.getpid()
+
+
+def test_tasks_that_need_a_gpu_run_one_at_a_time_in_this_process() -> None:
+    results = LocalExecutor(2).map(_where, [(value,) for value in range(3)], gpus=1)
+    assert results == [(value, os.getpid()) for value in range(3)]
+
+
+def test_a_live_task_that_cannot_start_its_engine_is_a_failed_seed() -> None:
+    from live_backend.config import load_live_config
+    from live_backend.evaluation import LiveEvaluation, evaluate_live_on
+
+    request = LiveEvaluation(load_live_config("cpu-tiny", model="/nowhere"), ("vllm",), horizon=2.0,
+                             types="p=60,o=40,rate=1")
+    comparison = evaluate_live_on(LocalExecutor(1), request, [0, 1])
+    assert comparison.runs == [] and [f["seed"] for f in comparison.failed] == [0, 1]
+    assert all(f["error"].startswith("ConfigError: ") for f in comparison.failed)
 
 
 @needs_ray
 def test_an_agents_evaluation_through_ray_is_the_local_one(local_ray: None, tmp_path: Path) -> None:
     (code, through_ray), (local_code, local) = _evaluation(tmp_path, ["--ray"]), _evaluation(tmp_path, ["--jobs", "2"])
     assert code == local_code == 0 and through_ray == local
+
+
+def _on_a_gpu(hold: float) -> tuple[int, float, float]:
+    import time
+
+    import ray
+
+    start = time.monotonic()
+    time.sleep(hold)
+    return len(ray.get_gpu_ids()), start, time.monotonic()
+
+
+@needs_ray
+def test_tasks_that_need_a_gpu_run_one_per_gpu_on_ray(local_ray: None) -> None:
+    from llmsched_env.executor import RayExecutor
+
+    results = RayExecutor().map(_on_a_gpu, [(0.5,) for _ in range(3)], gpus=1)
+    assert [gpus for gpus, _, _ in results] == [1, 1, 1]  # each holds the GPU
+    spans = sorted((start, end) for _, start, end in results)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # one at a time: one GPU
+
+
+@needs_ray
+def test_a_live_evaluation_through_ray_is_a_task_per_seed_on_a_gpu(local_ray: None, tmp_path: Path) -> None:
+    # Ray's environment has no vLLM: each seed's task, scheduled on the GPU, fails to start its engine, and says so.
+    result = runner.invoke(app, ["evaluate", "--backend", "vllm", "--model", str(tmp_path), "--device", "cuda",
+                                 "--policies", "vllm", "--seeds", "0,1", "--horizon", "2", "--out",
+                                 str(tmp_path / "out"), "--ray"])
+    assert result.exit_code == 1, result.output
+    assert "failed: seed 0: ConfigError: the live backend needs vLLM" in " ".join(result.output.split())

@@ -279,3 +279,24 @@ def test_the_generalist_runs_on_the_live_engine(config, hidden):
     _check_accounted(live, live_engine)
     assert live.finished > 0 and agent.control.scale != 1.0  # the agent acted
     assert agent.control.base.name == ("nested-wait-adaptive" if hidden else "wait-adaptive")
+
+
+def test_a_live_evaluation_as_a_task_per_seed_is_the_one_process_evaluation(config):
+    """Each seed's task starts its own engine (what a cluster runs, one per GPU): the same runs, and the simulator's
+    rows beside them identical (the live ones are a real engine's, not deterministic)."""
+    from live_backend.evaluation import LiveEvaluation, evaluate_live, evaluate_live_on
+    from live_backend.runs import LiveEngineFactory
+    from llmsched_env.executor import LocalExecutor
+
+    request = LiveEvaluation(config, ("vllm",), horizon=2.0, types="p=60,o=40,rate=1")
+    per_seed = evaluate_live_on(LocalExecutor(1), request, [0, 1])
+    factory = LiveEngineFactory(config)
+    try:
+        alone = evaluate_live(request, factory, [0, 1])
+    finally:
+        factory.close()
+    assert per_seed.failed == () and per_seed.rates == alone.rates
+    assert [(r.policy, r.seed) for r in per_seed.runs] == [(r.policy, r.seed) for r in alone.runs] == [
+        ("vllm", 0), ("vllm (sim)", 0), ("vllm", 1), ("vllm (sim)", 1)]
+    assert [r.row for r in per_seed.runs if r.policy.endswith("(sim)")] == [
+        r.row for r in alone.runs if r.policy.endswith("(sim)")]
