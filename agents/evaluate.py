@@ -58,7 +58,8 @@ def evaluate_agent(agent_dir: str | Path, *, policies: Sequence[str] = ("wait", 
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
     if executor is not None and engine is not None:
-        raise ConfigError("a live engine's evaluation runs in this process: drop --jobs / --ray with --backend vllm")
+        raise ConfigError("an executor spreads the simulator's seeds; a live evaluation's are spread by "
+                          "live_backend.evaluation.evaluate_live_on")
     if on_start is not None:
         on_start(len(names) * len(seeds) * (2 if engine is not None and with_sim else 1))
     if executor is None:

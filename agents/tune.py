@@ -176,13 +176,13 @@ def tune(config: TuneConfig, out: Path, *, address: str | None = None, num_cpus:
     ``address``; every trial writes under ``out``, which a cluster's workers must reach at the same path). Returns
     ``(rows, failed)``: a row per finished trial (its settings, seed, folder and last validation, best
     :data:`METRIC` first) and the failed trials with their errors."""
-    from ray import tune as ray_tune
-
     from llmsched_env.executor import init_ray
+
+    init_ray(address, num_cpus)  # one line saying what to install when Ray is not there
+    from ray import tune as ray_tune
 
     trials = config.trials()
     out = out.resolve()
-    init_ray(address, num_cpus)
     trainable = ray_tune.with_resources(_ray_trial, {"cpu": config.cpus_per_trial})
     callbacks = [_trial_done_callback(on_trial_done)] if on_trial_done is not None else []
     tuner = ray_tune.Tuner(

@@ -738,16 +738,16 @@ def tune(
     from agents.train import validation_metric
     from agents.tune import load_tune_config, summary_markdown
     from agents.tune import tune as run_tune
-    from llmsched_env.executor import RAY_ADDRESS_VARIABLE, init_ray
+    from llmsched_env.executor import RAY_ADDRESS_VARIABLE
 
     chosen = load_tune_config(config)  # every trial's recipe checked before Ray starts
     address = ray_address or os.environ.get(RAY_ADDRESS_VARIABLE) or None
-    init_ray(address, jobs if address is None else None)  # refused with one line when Ray is not installed
     trials = len(chosen.trials())
     with _stdout_kept_for_json(as_json), _progress() as progress:
         task = progress.add_task(f"{trials} trials", total=trials)
-        rows, failed = run_tune(chosen, out, address=address, num_cpus=jobs, on_trial_done=lambda done: progress.update(
-            task, advance=1, description=f"{done['trial']} done"))
+        rows, failed = run_tune(chosen, out, address=address, num_cpus=jobs if address is None else None,
+                                on_trial_done=lambda done: progress.update(
+                                    task, advance=1, description=f"{done['trial']} done"))
     metric = validation_metric(chosen.base)
     document = {"tune_file": str(config), "metric": metric, "trials": rows, **({"failed": failed} if failed else {})}
     _write_summary(out / "tune", json_document(document), summary_markdown(rows, failed, metric), document, as_json,

@@ -44,7 +44,21 @@ class TaskFailure:
 
     @classmethod
     def of(cls, error: BaseException) -> "TaskFailure":
+        # Ray wraps a task's exception (RayTaskError); its cause is the task's own, as run locally. A worker that
+        # died (WorkerCrashedError) has no cause: Ray's error is the task's.
+        cause = getattr(error, "cause", None)
+        error = cause if isinstance(cause, BaseException) else error
         return cls(f"{type(error).__name__}: {error}")
+
+
+def _settled(result: Callable[[], Any], keep_going: bool) -> Any:
+    """A task's result, or with ``keep_going`` the :class:`TaskFailure` of the error that getting it raised."""
+    try:
+        return result()
+    except Exception as error:  # the task's own, pickled back; or the pool's, or Ray's, when a worker died
+        if not keep_going:
+            raise
+        return TaskFailure.of(error)
 
 
 def failed_task(task: dict[str, Any], failure: TaskFailure) -> dict[str, Any]:
@@ -81,12 +95,7 @@ class LocalExecutor:
         results: list[Any] = [None] * len(tasks)
         if self.workers == 1 or len(tasks) <= 1 or gpus > 0:
             for index, task in enumerate(tasks):
-                try:
-                    results[index] = function(*task)
-                except Exception as error:
-                    if not keep_going:
-                        raise
-                    results[index] = TaskFailure.of(error)
+                results[index] = _settled(lambda: function(*task), keep_going)
                 if on_done is not None:
                     on_done(index, results[index])
             return results
@@ -94,12 +103,7 @@ class LocalExecutor:
             futures = {pool.submit(function, *task): index for index, task in enumerate(tasks)}
             for future in as_completed(futures):
                 index = futures[future]
-                try:
-                    results[index] = future.result()
-                except Exception as error:  # the task's own (pickled back), or the pool's when a worker died
-                    if not keep_going:
-                        raise
-                    results[index] = TaskFailure.of(error)
+                results[index] = _settled(future.result, keep_going)
                 if on_done is not None:
                     on_done(index, results[index])
         return results
@@ -142,15 +146,7 @@ class RayExecutor:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             index = pending.pop(done[0])
-            try:
-                results[index] = ray.get(done[0])
-            except Exception as error:
-                if not keep_going:
-                    raise
-                # A task's exception comes wrapped (RayTaskError); its cause is the task's own, as run locally.
-                # A worker that died (WorkerCrashedError) has no cause: Ray's error is the task's.
-                cause = getattr(error, "cause", None)
-                results[index] = TaskFailure.of(cause if isinstance(cause, BaseException) else error)
+            results[index] = _settled(lambda: ray.get(done[0]), keep_going)
             if on_done is not None:
                 on_done(index, results[index])
         return results
