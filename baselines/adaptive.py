@@ -143,6 +143,7 @@ class _Learning:
 # -- the learning's state in a compiled loop, as indices of LearningState.reals / .ints ---------------------------
 TIME, SOLVED_AT, SOLVED_RATE, WINDOW, RESOLVE_EVERY, RESOLVE_ON_CHANGE, SOLVED_FACTOR = range(7)
 SEEN, WARMUP, RESUME, DUE = range(4)
+_ONE_CLASS = np.empty(0, dtype=np.int64)  # count_arrivals' classes: every arrival counts toward the total rate
 
 
 class LearningState(NamedTuple):
@@ -161,8 +162,7 @@ def _observe(learn: LearningState, run: RunState, columns: RequestColumns, enoug
     """:meth:`_Learning.observe` of the requests that arrived since the last look, then :meth:`_Learning.due`."""
     reals, now = learn.reals, run.reals[NOW]
     seen, n = learn.ints[SEEN], run.counters[N]
-    kernels.count_arrivals(learn.sums, reals[TIME], now, columns.arrival[seen:n], np.zeros(n - seen, dtype=np.int64),
-                           reals[WINDOW])
+    kernels.count_arrivals(learn.sums, reals[TIME], now, columns.arrival[seen:n], _ONE_CLASS, reals[WINDOW])
     reals[TIME] = now
     learn.ints[SEEN] = n
     follow_iteration(learn.cost, run.reals[LAST_ITERATION:])
@@ -466,31 +466,36 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
 
     def compiled_loop(self) -> CompiledLoop:
         """This policy compiled (:func:`run_adaptive_nested_wait`): Nested WAIT's compiled rule between solves, the
-        solves in Python; the same decisions as :meth:`decide`, bit for bit."""
-        learning, engine = self.learning, self._engine
+        solves in Python within the same call (from the loop's own state: nothing is handed back to the rollout for
+        them); the same decisions as :meth:`decide`, bit for bit."""
+        learning = self.learning
         assert learning is not None
         learn, guard, rule = learning.loop_state(), np.zeros(2, dtype=np.int64), [self.compiled_rule()]
         kept = [no_projection()]  # the running batch's projection where the loop last stopped
 
         def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                  params: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-            if learn.ints[DUE]:  # the loop stopped for a solve, its decision still to make
-                if self._completed.count >= learning.warmup:
-                    self._resolve(engine.state(), self._completed.lengths())
-                    solved = self.compiled_rule()
-                    if not np.array_equal(solved.residual, rule[0].residual):
-                        kept[0] = no_projection()  # drawn at another lookahead
-                    rule[0] = solved
-                learn.ints[DUE] = 0
-            elif self._rule_stale:  # rescaled between two calls: the lookahead is the same
+            if self._rule_stale:  # rescaled between two calls: the lookahead is the same
                 rule[0] = self.compiled_rule()
-            self._rule_stale = False
+                self._rule_stale = False
             learning.to_loop(learn)
-            *stop, kept[0] = run_adaptive_nested_wait(run, running, columns, arrivals, params, rule[0], guard,
-                                                      learn, self._completed.sample, kept[0])
+            while True:
+                stop, running, *decision, kept[0] = run_adaptive_nested_wait(
+                    run, running, columns, arrivals, params, rule[0], guard, learn, self._completed.sample, kept[0])
+                if not learn.ints[DUE]:
+                    break
+                # The loop stopped for a solve, its decision still to make: solve, and go on.
+                learning.from_loop(learn)
+                if self._completed.count >= learning.warmup:
+                    counters = run.counters
+                    self._resolve_at(float(run.reals[NOW]), int(run.ints[RETIRED]), int(counters[N]), columns.prompt,
+                                     self._completed.lengths())
+                    rule[0] = self.compiled_rule()  # the kept projection follows a new lookahead (kept_projection)
+                learn.ints[DUE] = 0
+                learning.to_loop(learn)
             learning.from_loop(learn)
             self.count_guard(guard)
-            return tuple(stop)  # type: ignore[return-value]
+            return (stop, running, *decision)  # type: ignore[return-value]
         return loop
 
     def decide(self, state: SchedulerState) -> Decision:
@@ -499,18 +504,21 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         learning.observe(state)
         self._completed.observe(state)
         if learning.due(state.now, True) and self._completed.count >= learning.warmup:
-            self._resolve(state, self._completed.lengths())
+            self._resolve_at(state.now, state.retired, state.num_requests, state.prompt_len,
+                             self._completed.lengths())
         return super().decide(state)
 
-    def _resolve(self, state: SchedulerState, lengths: np.ndarray) -> None:
-        """New thresholds, lookahead and reserve from the recent completions' output ``lengths``."""
+    def _resolve_at(self, now: float, retired: int, num_requests: int, prompt_len: np.ndarray,
+                    lengths: np.ndarray) -> None:
+        """New thresholds, lookahead and reserve from the recent completions' output ``lengths``, at engine time
+        ``now``, with ``num_requests`` arrived (ids ``retired`` on still in the engine, prompts in ``prompt_len``)."""
         learning = self.learning
         assert learning is not None
-        recent = np.arange(max(state.retired, state.num_requests - learning.memory), state.num_requests)
-        if len(recent) == 0:  # every request retired: nothing to learn the prompt from; keep the thresholds
-            learning.solved(state.now)
+        recent = slice(max(retired, num_requests - learning.memory), num_requests)
+        if recent.start >= recent.stop:  # every request retired: nothing to learn the prompt from; keep the thresholds
+            learning.solved(now)
             return
-        prompt = float(state.prompt_len[recent].mean())
+        prompt = float(prompt_len[recent].mean())
         distribution = OutputLengthDistribution.from_samples(lengths)
         rate = max(learning.rates.total, 1e-9)
         cost = learning.current_cost()
@@ -521,7 +529,7 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
                                          distribution.values, cost)
         self._solved = (solved, min(fluid_memory, solved.memory_tokens))
         self.thresholds, self.reserve_tokens = self._scaled(*self._solved)
-        learning.solved(state.now)
+        learning.solved(now)
 
 
 class CompletionSample(NamedTuple):

@@ -144,10 +144,17 @@ class BatchProjection(NamedTuple):
 
 
 @compiled
-def _empty_profile(length: int, origin: int) -> HeldProfile:
+def _profile_size(length: int) -> int:
+    """The circular profile's size for trajectories of up to ``length`` iterations: a power of two above it."""
     size = 16
     while size <= length:
         size *= 2
+    return size
+
+
+@compiled
+def _empty_profile(length: int, origin: int) -> HeldProfile:
+    size = _profile_size(length)
     span = np.empty(2, dtype=np.int64)
     span[ORIGIN] = origin
     span[END] = origin
@@ -340,15 +347,28 @@ def project_batch(running: np.ndarray, columns: RequestColumns, residual: np.nda
     once, so that it never grows (and :func:`held_fitting_prefix` hands back the same profile)."""
     base = np.empty(len(running), dtype=np.int64)
     end = np.empty(len(running), dtype=np.int64)
-    longest = 16
-    for r in residual:
-        longest = max(longest, r + 1)
-    held = _empty_profile(longest, origin)
+    held = _empty_profile(_longest(residual), origin)
     for j in range(len(running)):
         context, remaining = trajectory(running[j], columns, residual)
         base[j], end[j] = context - origin, origin + remaining
         held = _staircase(held, base[j], origin + 1, end[j], 1, block_size)
     return BatchProjection(held, base, end)
+
+
+@compiled
+def fits_lookahead(held: HeldProfile, residual: np.ndarray) -> bool:
+    """Whether every trajectory at the ``residual`` lengths fits in ``held`` without its growing: what
+    :func:`project_batch` of them would make is no longer (a longer one is drawn anew)."""
+    return _profile_size(_longest(residual)) <= len(held.blocks)
+
+
+@compiled
+def _longest(residual: np.ndarray) -> int:
+    """The length :func:`project_batch` makes a profile for: the longest trajectory at the ``residual`` lengths."""
+    longest = 16
+    for r in residual:
+        longest = max(longest, r + 1)
+    return longest
 
 
 @compiled

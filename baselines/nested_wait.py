@@ -69,6 +69,7 @@ from baselines.lookahead import (
     BatchProjection,
     HeldProfile,
     carry_batch,
+    fits_lookahead,
     fitting_prefix,
     held_fitting_count,
     held_peak,
@@ -425,9 +426,12 @@ def batch_projection(rule: NestedWaitRule, running: np.ndarray, columns: Request
 def kept_projection(rule: NestedWaitRule, projection: BatchProjection, running: np.ndarray, columns: RequestColumns,
                     engine: EngineParams, run: RunState) -> BatchProjection:
     """The projection a compiled loop stopped with, if it is the running batch's still (the engine has not iterated
-    since: between a loop's calls nothing else moves the batch; one drawn at another lookahead is reset by its
-    owner, see :meth:`NestedWaitPolicy.compiled_loop`), else the batch's drawn anew (:func:`batch_projection`)."""
-    if projection.held.span[ORIGIN] == run.ints[ITERATIONS] and len(projection.base) == len(running):
+    since: between a loop's calls nothing else moves the batch) and the rule's lookahead fits in it, else the
+    batch's drawn anew (:func:`batch_projection`). One drawn at another lookahead is kept: the decision redraws
+    each staircase whose projected end moved as it reads it (:func:`nested_wait_decision`), which costs what the
+    lookahead changed, not a new projection of the whole batch."""
+    if (projection.held.span[ORIGIN] == run.ints[ITERATIONS] and len(projection.base) == len(running)
+            and fits_lookahead(projection.held, rule.residual)):
         return projection
     return batch_projection(rule, running, columns, engine, run)
 
@@ -622,7 +626,7 @@ def nested_wait_step(rule: NestedWaitRule, guard: np.ndarray, running: np.ndarra
     (:func:`~llmsched_env.compiled_run.apply`'s stop, the requests that finished, and the running batch's
     projection followed through the iteration)."""
     if adapt_lookahead(rule, margin, run.ints[EVICTIONS], run.counters[NUM_WAITING]):
-        projection = batch_projection(rule, running, columns, engine, run)  # longer trajectories: drawn anew
+        projection = kept_projection(rule, projection, running, columns, engine, run)  # anew if it is too short
     decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard, projection)
     chunk = compiled_run.whole_prefills(admit, columns)
     before = running

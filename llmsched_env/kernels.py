@@ -103,11 +103,18 @@ def oldest_waiting(status: np.ndarray, start: int, n: int, num_waiting: int, lim
 def count_arrivals(sums: np.ndarray, since: float, now: float, arrival_times: np.ndarray, classes: np.ndarray,
                    window: float) -> None:
     """:meth:`~llmsched_env.rate_estimate.ArrivalRateEstimator.update` per class, in place: decay ``sums`` from
-    ``since`` to ``now``, then add each arrival's ``exp(−(now − a) / W) / W`` to its class."""
+    ``since`` to ``now``, then add each arrival's ``exp(−(now − a) / W) / W`` to its class (``classes`` empty: every
+    arrival in class 0)."""
     decay = math.exp(-(now - since) / window)
     for k in range(len(sums)):
         sums[k] *= decay
-    if len(arrival_times):
+    if len(arrival_times) and (len(classes) == 0 or len(sums) == 1):
+        # One class (an adaptive policy's total rate, once per iteration): the same additions, nothing allocated.
+        counted_one = 0.0
+        for j in range(len(arrival_times)):
+            counted_one += math.exp(-(now - arrival_times[j]) / window) / window
+        sums[0] += counted_one
+    elif len(arrival_times):
         counted = np.zeros(len(sums))
         for j in range(len(arrival_times)):
             counted[classes[j]] += math.exp(-(now - arrival_times[j]) / window) / window

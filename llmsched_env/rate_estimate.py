@@ -33,7 +33,7 @@ class ArrivalRateEstimator:
         """Advance the clock to ``now`` and count the arrivals since the last update (``classes``: each one's
         class; all in class 0 when omitted)."""
         arrival_times = np.asarray(arrival_times, np.float64)
-        classes = np.zeros(len(arrival_times), np.int64) if classes is None else np.asarray(classes, np.int64)
+        classes = np.empty(0, np.int64) if classes is None else np.asarray(classes, np.int64)  # empty: all class 0
         # One compiled rule, shared with the environment's compiled step (llmsched_env.episode) and the adaptive
         # policies' compiled loops (baselines.adaptive): every path gets the same estimate on any CPU.
         kernels.count_arrivals(self.sums, self.time, now, arrival_times, classes, self.window_s)

@@ -88,9 +88,10 @@ def test_residual_quantiles_are_the_conditional_quantiles(values: list[int], wei
 def test_batch_projection_followed_through_iterations_is_the_recomputed_projection(seed: int, block: int, top: int,
                                                                                     origin: int) -> None:
     """With lengths from a residual table (Nested WAIT's lookahead): requests that do not decode, ends that jump,
-    finishes and admissions, followed by :func:`carry_batch` and :func:`redraw`, leave the kept projection equal to
+    a new table (an adaptive policy's solve), finishes and admissions, followed by :func:`carry_batch` and
+    :func:`redraw`, leave the kept projection equal to
     the one recomputed from the requests' trajectories (its peak, and what fits)."""
-    from baselines.lookahead import carry_batch, project_batch, redraw, trajectories_of, trajectory
+    from baselines.lookahead import carry_batch, fits_lookahead, project_batch, redraw, trajectories_of, trajectory
     from llmsched_env.request_table import RequestColumns
 
     rng = np.random.default_rng(seed)
@@ -105,6 +106,11 @@ def test_batch_projection_followed_through_iterations_is_the_recomputed_projecti
     next_id = len(running)
     projection = project_batch(running, columns, residual, block, origin)
     for _ in range(25):
+        if rng.random() < 0.2:  # a new lookahead (adaptive policies re-solve): kept when it fits, as kept_projection
+            shorter = rng.integers(1, int(residual.max()) + 1, top + 1)
+            shorter[-1] = 1
+            assert fits_lookahead(projection.held, shorter)
+            residual = shorter
         for j, i in enumerate(running):  # what Nested WAIT's decision does as it reads its running requests
             context, remaining = trajectory(i, columns, residual)
             if context - origin != projection.base[j] or origin + remaining != projection.end[j]:
