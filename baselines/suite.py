@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from baselines import DEFAULT_POLICIES
+from baselines import DEFAULT_POLICIES, resolve_alias
 from baselines.compare import SEES_OUTPUT_LENGTHS, compare, merge_comparisons
 from llmsched_env.errors import ConfigError
 from llmsched_env.executor import Executor, LocalExecutor, TaskFailure, failed_task
@@ -41,7 +41,7 @@ class SweepPlan:
            seeds: Sequence[int] | None = None) -> "SweepPlan":
         if loads is not None and rates is not None:
             raise ConfigError("give loads or rates, not both")
-        chosen = tuple(policies or spec.policies or DEFAULT_POLICIES)
+        chosen = tuple(resolve_alias(p) for p in (policies or spec.policies or DEFAULT_POLICIES))
         if not spec.scenario.output_lengths_known:  # a hidden-length scenario: no policy may see lengths
             chosen = tuple(p for p in chosen if p not in SEES_OUTPUT_LENGTHS)
             if not chosen:

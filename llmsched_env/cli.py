@@ -13,14 +13,14 @@ import shlex
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Optional, Sequence
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from llmsched_env.errors import RUN_TIME_ERRORS, LLMSchedError, StalledRunError
+from llmsched_env.errors import RUN_TIME_ERRORS, ConfigError, LLMSchedError, StalledRunError
 from llmsched_env.fluid import solve_fluid
 from llmsched_env.metrics import json_document, summarize
 from llmsched_env.runner import STALL_AFTER_S, run
@@ -29,6 +29,7 @@ from llmsched_env.workload import trace_has_arrival_times
 
 if TYPE_CHECKING:  # pragma: no cover
     from llmsched_env.executor import Executor
+    from llmsched_env.scenario import Scenario
 
 # rich_markup_mode=None: a usage error is click's plain "Error: Invalid value for '--rates': ..." line, not a panel.
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -361,8 +362,9 @@ def compare(
                                                       "a scenario TOML file: its workload, memory and sweep."),
     suite: bool = typer.Option(False, "--suite", help="Every scenario of the suite: a summary table, and one report "
                                                       "and figure per scenario under OUT/<scenario>/."),
-    jobs: Optional[int] = typer.Option(None, min=1, help="Worker processes for --scenario / --suite (default: "
-                                                         "every core)."),
+    jobs: Optional[int] = typer.Option(None, min=1, help="Worker processes, one (rate, seed) job each (default: "
+                                                         "every core for --scenario / --suite; otherwise the runs "
+                                                         "go one after another in this process)."),
     ray: RayOption = False,
     ray_address: RayAddressOption = None,
     types: TypesOption = None,
@@ -404,8 +406,6 @@ def compare(
                            parse_seeds(seeds) if seeds is not None else None, _executor(jobs, ray, ray_address), out,
                            plots, as_json, progress)
         return
-    if ray or ray_address:
-        raise typer.BadParameter("--ray runs the tasks of --scenario / --suite sweeps; give one of them")
     # A length-only trace's arrivals come at the sweep's rates: it is built at a nominal one (a timed trace is
     # replayed, and rescaled to each rate of the sweep).
     nominal = 1.0 if trace is not None and not trace_has_arrival_times(trace) else None
@@ -418,6 +418,14 @@ def compare(
     horizon = 300.0 if horizon is None else horizon
     check_work(sum(sweep) * horizon * len(names) * len(seed_list),
                f"{len(names)} policies × {len(sweep)} rates × {len(seed_list)} seeds of {horizon:g} s")
+    from llmsched_env.executor import RAY_ADDRESS_VARIABLE
+
+    if jobs is not None or ray or ray_address or os.environ.get(RAY_ADDRESS_VARIABLE):
+        # Asked for workers: one job per (rate, seed) on the executor, merged into what one process gives.
+        _compare_on_executor(chosen, _workload_name(types, trace), names, sweep,
+                             None if rates is not None else _floats(loads, "--loads") or DEFAULT_LOADS, horizon,
+                             seed_list, _executor(jobs, ray, ray_address), out, plots, as_json, progress)
+        return
     with progress:
         task = progress.add_task("simulating", total=len(names) * len(sweep) * len(seed_list))
 
@@ -427,6 +435,41 @@ def compare(
         comparison = run_comparison(chosen, names, sweep, horizon, seed, on_run_done=advance,
                                     seeds=seed_list)
     _write_report(comparison, out, plots, as_json)
+
+
+def _workload_name(types: str | None, trace: Path | None) -> str:
+    """What names a ``compare --types / --trace`` sweep in its failed list: the trace's file, or the types."""
+    return trace.name if trace is not None else (types or "default mix")
+
+
+def _compare_on_executor(chosen: "Scenario", name: str, policies: list[str], rates: list[float],
+                         loads: Sequence[float] | None, horizon: float, seeds: list[int], executor: "Executor",
+                         out: Path, plots: bool, as_json: bool, progress) -> None:  # type: ignore[no-untyped-def]
+    """``compare --types / --trace`` with ``--jobs`` or ``--ray``: the sweep's (rate, seed) jobs on ``executor``
+    (:func:`baselines.suite.run_sweeps`), the report byte for byte what one process writes; the jobs that failed
+    at run time are listed in it, and the command exits 1."""
+    from baselines import POLICIES, resolve_alias
+    from baselines.suite import SweepPlan, run_sweeps
+    from llmsched_env.scenarios import NamedScenario
+
+    spec = NamedScenario(name, name, chosen, tuple(loads or ()), horizon, tuple(seeds), tuple(policies), False,
+                         "the command line")
+    resolved = tuple(resolve_alias(p) for p in policies)
+    unknown = [p for p in resolved if p not in POLICIES]
+    if unknown:  # refused here, not as a failed task of every job
+        raise ConfigError(f"unknown policy {unknown[0]!r}; available: {', '.join(POLICIES)}")
+    plan = SweepPlan(spec, resolved, tuple(rates),
+                     tuple(loads) if loads is not None else tuple(None for _ in rates), horizon, tuple(seeds))
+    with progress:
+        task = progress.add_task("simulating", total=plan.runs)
+
+        def advance(plan, rate, seed, runs) -> None:  # type: ignore[no-untyped-def]
+            progress.update(task, advance=runs, description=f"{rate:g} req/s, seed {seed}")
+
+        comparison, = run_sweeps([plan], executor=executor, on_job_done=advance)
+    if comparison.runs:
+        _write_report(comparison, out, plots, as_json)
+    _exit_if_failed(list(comparison.failed))
 
 
 def _executor(jobs: int | None, ray: bool, ray_address: str | None) -> "Executor":

@@ -118,6 +118,37 @@ def test_compare_suite_and_stability_give_the_same_json_through_ray_and_locally(
     assert json.loads(written["ray"]["stability"])["rows"][0]["policy"] == "vllm"
 
 
+_TYPES_SWEEP = ["compare", "--types", "p=50,o=156,rate=1;p=100,o=171,rate=1", "--policies", "wait,vllm,wait-paper",
+                "--loads", "0.6,0.8", "--horizon", "15", "--seeds", "0,1", "--no-plots", "--json"]
+
+
+def _types_sweep(tmp_path: Path, options: list[str], exit_code: int = 0) -> dict[str, bytes]:
+    """``compare --types`` (a workload of the command line, not a named scenario): what it printed and wrote."""
+    out = tmp_path / ("types" + "-".join(options))
+    result = runner.invoke(app, [*_TYPES_SWEEP, "--out", str(out), *options])
+    assert result.exit_code == exit_code, result.output
+    return {"stdout": result.stdout.encode(),
+            **{path.name: path.read_bytes() for path in sorted(out.glob("comparison.*"))}}
+
+
+@pytest.mark.filterwarnings("ignore:policy 'wait-paper' is now called:FutureWarning")
+def test_compare_of_a_command_line_workload_on_workers_is_the_one_process_comparison(tmp_path: Path) -> None:
+    """``compare --types`` with ``--jobs``: a job per (rate, seed), the report byte for byte the one-process run's
+    (a deprecated policy name included: the jobs and their merge both know it by its new name)."""
+    one_process = _types_sweep(tmp_path, [])
+    assert set(one_process) == {"stdout", "comparison.json", "comparison.csv", "comparison.md"}
+    assert [row["policy"] for row in json.loads(one_process["comparison.json"])["rows"]][:3] == [
+        "wait", "vllm", "wait-pausing"]
+    assert _types_sweep(tmp_path, ["--jobs", "2"]) == one_process
+
+
+@needs_ray
+@pytest.mark.filterwarnings("ignore:policy 'wait-paper' is now called:FutureWarning")
+def test_compare_of_a_command_line_workload_through_ray_is_the_one_process_comparison(local_ray: None,
+                                                                                       tmp_path: Path) -> None:
+    assert _types_sweep(tmp_path, ["--ray"]) == _types_sweep(tmp_path, [])
+
+
 # -- a task that fails at run time loses only its own results ----------------------------------------------------
 class _DyingEngine:
     """A simulated engine that dies at its 20th iteration, as a live engine can (``EngineFailure``). Not a
@@ -204,6 +235,28 @@ def test_a_task_that_fails_at_run_time_loses_only_its_own_rows_in_process_and_in
     in_process, workers = _faulty_runs(tmp_path, ["--jobs", "1"]), _faulty_runs(tmp_path, ["--jobs", "2"])
     _check_faulty_runs(workers)
     assert in_process == workers
+
+
+@pytest.mark.filterwarnings("ignore:policy 'wait-paper' is now called:FutureWarning")
+def test_a_failing_job_of_a_command_line_workload_loses_only_its_own_rows(tmp_path: Path,
+                                                                         monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import llmsched_env.cli as cli
+
+    real = cli.build_scenario
+
+    def faulty(**options):  # type: ignore[no-untyped-def]
+        scenario = real(**options)
+        return _FaultyScenario(**{f.name: getattr(scenario, f.name) for f in fields(Scenario)},
+                               dies_above_rps=scenario.rate_for_load(0.7))
+
+    monkeypatch.setattr(cli, "build_scenario", faulty)
+    in_process, workers = _types_sweep(tmp_path, ["--jobs", "1"], 1), _types_sweep(tmp_path, ["--jobs", "2"], 1)
+    assert in_process == workers
+    comparison = json.loads(workers["comparison.json"])
+    assert len(comparison["rates_rps"]) == 1 and {row["seed"] for row in comparison["rows"]} == {0, 1}
+    assert [(f["load"], f["seed"]) for f in comparison["failed"]] == [(0.8, 0), (0.8, 1)]
+    assert {f["error"] for f in comparison["failed"]} == {
+        "EngineFailure: the engine died at its 20th iteration (injected)"}
 
 
 @needs_ray
