@@ -487,9 +487,8 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
                 # The loop stopped for a solve, its decision still to make: solve, and go on.
                 learning.from_loop(learn)
                 if self._completed.count >= learning.warmup:
-                    counters = run.counters
-                    self._resolve_at(float(run.reals[NOW]), int(run.ints[RETIRED]), int(counters[N]), columns.prompt,
-                                     self._completed.lengths())
+                    self._resolve_at(float(run.reals[NOW]), int(run.ints[RETIRED]), int(run.counters[N]),
+                                     columns.prompt, self._completed.lengths())
                     rule[0] = self.compiled_rule()  # the kept projection follows a new lookahead (kept_projection)
                 learn.ints[DUE] = 0
                 learning.to_loop(learn)

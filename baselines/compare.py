@@ -35,6 +35,16 @@ def default_rates(scenario: Scenario, loads: Sequence[float] = DEFAULT_LOADS) ->
 EngineFactory = Callable[[Scenario], Engine]
 
 
+def known_policies(policies: Sequence[str], available: Collection[str] = POLICIES) -> list[str]:
+    """``policies`` by their current names (:func:`~baselines.resolve_alias`), each checked against ``available``:
+    a sweep refuses an unknown one before any run, whether it runs in one process or as an executor's tasks."""
+    resolved = [resolve_alias(p) for p in policies]
+    unknown = [p for p in resolved if p not in available]
+    if unknown:
+        raise ConfigError(f"unknown policy {unknown[0]!r}; available: {', '.join(available)}")
+    return resolved
+
+
 def compare(scenario: Scenario, policies: Sequence[str], rates: Sequence[float], horizon: float, seed: int = 0,
             on_run_done: Callable[[PolicyRun], None] | None = None, *, seeds: Sequence[int] | None = None,
             factories: Mapping[str, PolicyFactory] | None = None,
@@ -51,10 +61,7 @@ def compare(scenario: Scenario, policies: Sequence[str], rates: Sequence[float],
     ``<policy> (sim)``: the simulator's prediction beside each live row.
     """
     available = {**POLICIES, **(factories or {})}
-    policies = [resolve_alias(p) for p in policies]
-    unknown = [p for p in policies if p not in available]
-    if unknown:
-        raise ConfigError(f"unknown policy {unknown[0]!r}; available: {', '.join(available)}")
+    policies = known_policies(policies, available)
     if not rates:
         raise ConfigError("the sweep needs at least one rate")
     seeds = list(seeds) if seeds is not None else [seed]

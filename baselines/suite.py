@@ -12,8 +12,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from baselines import DEFAULT_POLICIES, resolve_alias
-from baselines.compare import SEES_OUTPUT_LENGTHS, compare, merge_comparisons
+from baselines import DEFAULT_POLICIES
+from baselines.compare import SEES_OUTPUT_LENGTHS, compare, known_policies, merge_comparisons
 from llmsched_env.errors import ConfigError
 from llmsched_env.executor import Executor, LocalExecutor, TaskFailure, failed_task
 from llmsched_env.report import Comparison, mean_and_halfwidth
@@ -41,7 +41,7 @@ class SweepPlan:
            seeds: Sequence[int] | None = None) -> "SweepPlan":
         if loads is not None and rates is not None:
             raise ConfigError("give loads or rates, not both")
-        chosen = tuple(resolve_alias(p) for p in (policies or spec.policies or DEFAULT_POLICIES))
+        chosen = tuple(known_policies(policies or spec.policies or DEFAULT_POLICIES))
         if not spec.scenario.output_lengths_known:  # a hidden-length scenario: no policy may see lengths
             chosen = tuple(p for p in chosen if p not in SEES_OUTPUT_LENGTHS)
             if not chosen:

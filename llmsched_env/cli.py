@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from llmsched_env.errors import RUN_TIME_ERRORS, ConfigError, LLMSchedError, StalledRunError
+from llmsched_env.errors import RUN_TIME_ERRORS, LLMSchedError, StalledRunError
 from llmsched_env.fluid import solve_fluid
 from llmsched_env.metrics import json_document, summarize
 from llmsched_env.runner import STALL_AFTER_S, run
@@ -418,9 +418,7 @@ def compare(
     horizon = 300.0 if horizon is None else horizon
     check_work(sum(sweep) * horizon * len(names) * len(seed_list),
                f"{len(names)} policies × {len(sweep)} rates × {len(seed_list)} seeds of {horizon:g} s")
-    from llmsched_env.executor import RAY_ADDRESS_VARIABLE
-
-    if jobs is not None or ray or ray_address or os.environ.get(RAY_ADDRESS_VARIABLE):
+    if _asks_for_workers(jobs, ray, ray_address):
         # Asked for workers: one job per (rate, seed) on the executor, merged into what one process gives.
         _compare_on_executor(chosen, _workload_name(types, trace), names, sweep,
                              None if rates is not None else _floats(loads, "--loads") or DEFAULT_LOADS, horizon,
@@ -448,16 +446,13 @@ def _compare_on_executor(chosen: "Scenario", name: str, policies: list[str], rat
     """``compare --types / --trace`` with ``--jobs`` or ``--ray``: the sweep's (rate, seed) jobs on ``executor``
     (:func:`baselines.suite.run_sweeps`), the report byte for byte what one process writes; the jobs that failed
     at run time are listed in it, and the command exits 1."""
-    from baselines import POLICIES, resolve_alias
+    from baselines.compare import known_policies
     from baselines.suite import SweepPlan, run_sweeps
     from llmsched_env.scenarios import NamedScenario
 
-    spec = NamedScenario(name, name, chosen, tuple(loads or ()), horizon, tuple(seeds), tuple(policies), False,
+    resolved = tuple(known_policies(policies))  # refused here, not as a failed task of every job
+    spec = NamedScenario(name, name, chosen, tuple(loads or ()), horizon, tuple(seeds), resolved, False,
                          "the command line")
-    resolved = tuple(resolve_alias(p) for p in policies)
-    unknown = [p for p in resolved if p not in POLICIES]
-    if unknown:  # refused here, not as a failed task of every job
-        raise ConfigError(f"unknown policy {unknown[0]!r}; available: {', '.join(POLICIES)}")
     plan = SweepPlan(spec, resolved, tuple(rates),
                      tuple(loads) if loads is not None else tuple(None for _ in rates), horizon, tuple(seeds))
     with progress:
@@ -470,6 +465,14 @@ def _compare_on_executor(chosen: "Scenario", name: str, policies: list[str], rat
     if comparison.runs:
         _write_report(comparison, out, plots, as_json)
     _exit_if_failed(list(comparison.failed))
+
+
+def _asks_for_workers(jobs: int | None, ray: bool, ray_address: str | None) -> bool:
+    """Whether the options (or ``LLMSCHED_RAY_ADDRESS``) ask for a command that runs in its own process by default
+    to spread its tasks over workers."""
+    from llmsched_env.executor import RAY_ADDRESS_VARIABLE
+
+    return jobs is not None or ray or bool(ray_address) or bool(os.environ.get(RAY_ADDRESS_VARIABLE))
 
 
 def _executor(jobs: int | None, ray: bool, ray_address: str | None) -> "Executor":
@@ -840,8 +843,6 @@ def evaluate(
 ) -> None:
     """Evaluate policies (and a trained agent) on the same arrivals, on the simulator or on live vLLM: the same
     report as compare. With --suite, the judging table of a workload-independent agent."""
-    from llmsched_env.executor import RAY_ADDRESS_VARIABLE
-
     if backend not in ("sim", "vllm"):
         _fail(typer.BadParameter(f"expected sim or vllm, got {backend!r}", param_hint="--backend"))
     if backend == "vllm" and jobs is not None:
@@ -864,7 +865,7 @@ def evaluate(
         _require_agents()
     # An agent's seeds on the simulator are tasks of an executor when workers or Ray are asked for; a live
     # evaluation's only on Ray (each task an engine on a GPU of its own).
-    spread = jobs is not None or ray or ray_address or os.environ.get(RAY_ADDRESS_VARIABLE)
+    spread = _asks_for_workers(jobs, ray, ray_address)
     executor = _executor(jobs, ray, ray_address) if spread and (backend == "sim" or ray or ray_address) else None
     names = _names(policies, "--policies") or []
     horizon = _horizon(horizon, None)

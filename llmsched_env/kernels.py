@@ -108,16 +108,10 @@ def count_arrivals(sums: np.ndarray, since: float, now: float, arrival_times: np
     decay = math.exp(-(now - since) / window)
     for k in range(len(sums)):
         sums[k] *= decay
-    if len(arrival_times) and (len(classes) == 0 or len(sums) == 1):
-        # One class (an adaptive policy's total rate, once per iteration): the same additions, nothing allocated.
-        counted_one = 0.0
-        for j in range(len(arrival_times)):
-            counted_one += math.exp(-(now - arrival_times[j]) / window) / window
-        sums[0] += counted_one
-    elif len(arrival_times):
+    if len(arrival_times):
         counted = np.zeros(len(sums))
         for j in range(len(arrival_times)):
-            counted[classes[j]] += math.exp(-(now - arrival_times[j]) / window) / window
+            counted[classes[j] if len(classes) else 0] += math.exp(-(now - arrival_times[j]) / window) / window
         for k in range(len(sums)):
             sums[k] += counted[k]
 

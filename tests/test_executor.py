@@ -142,6 +142,14 @@ def test_compare_of_a_command_line_workload_on_workers_is_the_one_process_compar
     assert _types_sweep(tmp_path, ["--jobs", "2"]) == one_process
 
 
+@pytest.mark.parametrize("workload", [["--scenario", "paper-single"], ["--types", "p=50,o=156,rate=1"]])
+def test_an_unknown_policy_is_refused_before_any_task(workload: list[str], tmp_path: Path) -> None:
+    result = runner.invoke(app, ["compare", *workload, "--policies", "vllm,bogus", "--loads", "0.6", "--horizon",
+                                 "10", "--seeds", "0", "--no-plots", "--out", str(tmp_path), "--jobs", "2"])
+    assert result.exit_code == 2, result.output
+    assert "unknown policy 'bogus'" in result.output and "failed" not in result.output
+
+
 @needs_ray
 @pytest.mark.filterwarnings("ignore:policy 'wait-paper' is now called:FutureWarning")
 def test_compare_of_a_command_line_workload_through_ray_is_the_one_process_comparison(local_ray: None,

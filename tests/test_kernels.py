@@ -169,7 +169,13 @@ def test_count_arrivals_is_the_numpy_rate_update(seed: int, count: int, classes:
     sums = rng.uniform(0, 30, classes)
     expected = sums * math.exp(-(now - since) / window)
     expected += np.bincount(cls, weights=np.exp(-(now - arrivals) / window) / window, minlength=classes)
+    before = sums.copy()
     kernels.count_arrivals(sums, since, now, arrivals, cls, window)
+    # No class array: every arrival in class 0, exactly as with a class array of zeros (one code, one order).
+    unclassed, zeros = before.copy(), before.copy()
+    kernels.count_arrivals(unclassed, since, now, arrivals, np.empty(0, dtype=np.int64), window)
+    kernels.count_arrivals(zeros, since, now, arrivals, np.zeros(count, dtype=np.int64), window)
+    assert np.array_equal(unclassed, zeros)
     # Each exp is within 1 ulp on either side (libm's and NumPy's SIMD loop), and at most 51 positive terms
     # are added: the relative error is below 51 · 3 · 2^-53 ≈ 2e-14; 1e-12 leaves room and still catches a
     # wrong term (each is >= exp(-20) / 20 ≈ 1e-10 of the sum).

@@ -89,8 +89,8 @@ def test_batch_projection_followed_through_iterations_is_the_recomputed_projecti
                                                                                     origin: int) -> None:
     """With lengths from a residual table (Nested WAIT's lookahead): requests that do not decode, ends that jump,
     a new table (an adaptive policy's solve), finishes and admissions, followed by :func:`carry_batch` and
-    :func:`redraw`, leave the kept projection equal to
-    the one recomputed from the requests' trajectories (its peak, and what fits)."""
+    :func:`redraw`, leave the kept projection equal to the one recomputed from the requests' trajectories (its
+    peak, and what fits)."""
     from baselines.lookahead import carry_batch, fits_lookahead, project_batch, redraw, trajectories_of, trajectory
     from llmsched_env.request_table import RequestColumns
 
