@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable, Collection, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from baselines import POLICIES, PolicyFactory, resolve_alias
 from llmsched_env.engine import Engine
 from llmsched_env.errors import ConfigError
@@ -17,7 +19,7 @@ from llmsched_env.fluid import FluidSolution, solve_fluid
 from llmsched_env.metrics import regret_curve, summarize
 from llmsched_env.policy import Policy
 from llmsched_env.report import SIM_SUFFIX, Comparison, PolicyRun
-from llmsched_env.runner import TimeSeriesRecorder, run
+from llmsched_env.runner import RunResult, TimeSeriesRecorder, run
 from llmsched_env.scenario import Scenario
 from llmsched_env.workload import Arrivals, TypeMix
 
@@ -135,10 +137,20 @@ def _one_run(label: str, policy: Policy, engine: Engine, arrivals: Arrivals | It
         close = getattr(engine, "close", None)
         if callable(close):
             close()  # a live engine's memory goes back before the next run starts one
+    return policy_run(label, result, recorder.arrays(), fluid, realised, rate, seed, backend)
+
+
+def policy_run(label: str, result: RunResult, series: dict[str, np.ndarray], fluid: FluidSolution,
+               realised: FluidSolution, rate: float, seed: int, backend: str | None = None) -> PolicyRun:
+    """A comparison's run of ``label`` from what the run left (``result``, its time series): the row every report
+    reads (:func:`~llmsched_env.metrics.summarize` against ``fluid``, the realised regret against ``realised``)
+    and the regret curve. ``backend`` (``live``, ``sim``, ``serve``) is stated in the row with the mean iteration
+    time, where the run's engine time is known."""
     row = {"policy": label, "rate_rps": rate, **summarize(result, fluid), "seed": seed}
     row["fluid_realised_throughput_rps"] = realised.throughput_rps
-    row["regret_realised_requests"] = realised.throughput_rps * horizon - int(row["completed"])  # type: ignore[call-overload]
+    row["regret_realised_requests"] = realised.throughput_rps * result.horizon - int(row["completed"])  # type: ignore[call-overload]
     if backend is not None:
         row["backend"] = backend
-        row["mean_iteration_s"] = result.busy_time / result.iterations if result.iterations else None
-    return PolicyRun(label, rate, row, regret_curve(result, fluid), recorder.arrays(), result.capacity_blocks, seed)
+        row["mean_iteration_s"] = (result.busy_time / result.iterations if result.iterations and result.busy_time > 0
+                                   else None)
+    return PolicyRun(label, rate, row, regret_curve(result, fluid), series, result.capacity_blocks, seed)

@@ -189,11 +189,7 @@ def serve_scenario(settings: ServeSettings, *, capacity_tokens: int, block_size:
 
 def build_serve_policy(settings: ServeSettings, scenario: Scenario) -> Policy:
     """The policy (or agent) ``settings`` name, configured for ``scenario``, with no run horizon: the only horizon
-    any of them reads is the overflow bound's window, ``stats_file``
-    a JSON file the scheduler keeps up to date (at most once a second, and at shutdown) with its counters: its
-    decisions, the iterations that fell back to vLLM's own scheduling and why, and the time its decisions took
-    beside vLLM's own ``schedule()`` (:class:`~live_backend.policy_scheduler.ServeCounters`).
-``buffer_horizon_s``."""
+    any of them reads is the overflow bound's window, ``buffer_horizon_s``."""
     if settings.is_agent:
         from agents.residual import ResidualAgentPolicy, read_residual_agent
 

@@ -1014,7 +1014,7 @@ def bench_serve(
 ) -> None:
     """Serve MODEL under each scheduler in turn and drive it with `vllm bench serve` on identical arrivals:
     throughput, latency percentiles, SLO attainment, preemptions, and the simulator's prediction beside each."""
-    from live_backend import serve_bench
+    from live_backend import serve_bench, serve_report
     from live_backend.launcher import installed_device
     from live_backend.config import DEFAULT_PROFILES
     from llmsched_env import report
@@ -1040,17 +1040,16 @@ def bench_serve(
             def advance(policy: str, seed: int) -> None:
                 progress.update(task, advance=1, description=f"{policy}, seed {seed}")
 
-            result = serve_bench.bench_serve(plan, out, on_run=advance, with_sim=with_sim)
-    report.write_text_atomically(out / "bench-serve.json", json_document(result))
-    table = serve_bench.markdown(result)
+            comparison = serve_bench.bench_serve(plan, out, on_run=advance, with_sim=with_sim)
+    # llmsched compare's table, JSON, CSV, Markdown and plots, then the serving figures beside them.
+    _write_report(comparison, out, plots=True, as_json=as_json)
+    table = serve_report.markdown(comparison)
     report.write_text_atomically(out / "bench-serve.md", table)
-    serve_bench.plot(result, out / "bench-serve.png")
+    serve_report.plot(comparison, out / "bench-serve.png")
     if as_json:
-        _print_json(result)
         return
     print(table, end="")
-    console.print(f"wrote {out / 'bench-serve.md'}, {out / 'bench-serve.json'} and {out / 'bench-serve.png'} (servers' "
-                  "and clients' logs beside)")
+    console.print(f"wrote {out / 'bench-serve.md'} and {out / 'bench-serve.png'} (servers' and clients' logs beside)")
 
 
 @_command("make-tiny-model")

@@ -7,12 +7,13 @@ against rate; and, at every rate (one panel each), regret, KV memory in use and 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from rich.table import Table
@@ -52,6 +53,9 @@ class Comparison:
     # The sweep's tasks that failed at run time (an engine fault), each what it was and its error; their runs are
     # missing, the others' are all here (llmsched_env.executor).
     failed: tuple[dict[str, object], ...] = ()
+    # Sections a command adds to the JSON document beside the comparison's own, each under its key (bench-serve:
+    # ``serving``, the served model, the SLO targets and each server's calibration).
+    extra: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
     def first_seed_runs(self) -> list[PolicyRun]:
         """At each rate, the runs on the first seed's arrivals there are (what the time-series plots show)."""
@@ -160,7 +164,8 @@ def _cells(run: PolicyRun) -> list[str]:
     policy = run.policy if r.get("stalled_at_s") is None else f"{run.policy} (stalled at {r['stalled_at_s']:.0f} s)"
     return [f"{run.rate:.2f}", policy, _fmt(r["throughput_rps"]), _fmt(r["fluid_throughput_rps"]),
             _fmt(r["regret_requests"], 0), _fmt(r["mean_latency_s"], 1), _fmt(r["p99_latency_s"], 1),
-            _fmt(r["mean_ttft_s"], 2), _fmt(r["evictions"]), f"{r['peak_memory_frac']:.0%}"]
+            _fmt(r["mean_ttft_s"], 2), _fmt(r["evictions"]),
+            "–" if r["peak_memory_frac"] is None else f"{r['peak_memory_frac']:.0%}"]  # None: not observed
 
 
 def _summary_cells(row: dict[str, object], reference: str | None) -> list[str]:
@@ -347,6 +352,10 @@ def to_json(comparison: Comparison) -> dict[str, object]:
         payload["sim_to_real"] = agreement
     if comparison.failed:
         payload["failed"] = list(comparison.failed)
+    for key, section in comparison.extra.items():
+        if key in payload:
+            raise ValueError(f"a comparison's extra section {key!r} would replace the document's own field")
+        payload[key] = section
     return json_safe(payload)  # type: ignore[return-value]
 
 

@@ -5,6 +5,7 @@ benchmark client: what a serving engineer runs. Skipped where vLLM is not instal
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -68,8 +69,8 @@ def test_a_policy_that_fails_mid_serve_loses_no_request(model_dir, tmp_path) -> 
     # tests/faulty_policy.py raises at every 5th decision and names an unknown request at every 7th: those
     # iterations are vLLM's own, counted, and every request is served with the tokens it asked for.
     plan = _plan(model_dir, ("tests.faulty_policy:faulty",), seeds=(0,), horizon=4.0, rate=6.0)
-    (row,) = serve_bench.bench_serve(plan, tmp_path, with_sim=False)["rows"]
-    assert row["completed"] == row["requests"] > 0 and row["failed"] == 0 and row["outputs_as_requested"]
+    (row,) = serve_bench.bench_serve(plan, tmp_path, with_sim=False).rows
+    assert row["run_completed"] == row["requests"] > 0 and row["run_failed"] == 0 and row["outputs_as_requested"]
     assert row["scheduler_fallbacks"] > 0 and row["scheduler_decisions"] > row["scheduler_fallbacks"]
     log = (tmp_path / "tests.faulty_policy:faulty-server.log").read_text()
     assert "injected fault" in log and "vLLM schedules this iteration" in log
@@ -77,28 +78,37 @@ def test_a_policy_that_fails_mid_serve_loses_no_request(model_dir, tmp_path) -> 
 
 @pytest.mark.slow
 def test_wait_and_nested_wait_serve_identical_arrivals_against_vllm(model_dir, tmp_path) -> None:
-    # A burst (about 80 requests in 0.2 s) overloads the cache whatever the machine's speed: vLLM admits every
-    # request whose prompt fits and preempts as their outputs grow, where a steady rate a fast machine keeps up with
-    # would leave the cache unbound.
-    plan = _plan(model_dir, ("vllm", "wait-adaptive", "nested-wait-adaptive"), seeds=(0, 1), horizon=0.2,
-                 rate=400.0)
-    report = serve_bench.bench_serve(plan, tmp_path)
-    (tmp_path / "bench-serve.md").write_text(serve_bench.markdown(report))
-    rows = report["rows"]
-    assert len(rows) == 6
+    # llmsched bench-serve, as a serving engineer runs it. A burst (about 70 requests in 0.2 s per seed) overloads
+    # the cache whatever the machine's speed: vLLM admits every request whose prompt fits and preempts as their
+    # outputs grow, where a steady rate a fast machine keeps up with would leave the cache unbound.
+    policies = ("vllm", "wait-adaptive", "nested-wait-adaptive")
+    result = CliRunner().invoke(app, [
+        "bench-serve", model_dir, "--policies", ",".join(policies), "--types", TYPES, "--rate", "400",
+        "--horizon", "0.2", "--seeds", "0,1", "--profile", "tiny-llama-cpu", "--out", str(tmp_path),
+        "--vllm-args", " ".join(("--num-gpu-blocks-override", str(KV_BLOCKS), *SERVER_ARGS))])
+    assert result.exit_code == 0, result.output
+    # llmsched compare's files, the served rows and the simulator's beside them, and the serving figures.
+    for name in ("comparison.json", "comparison.csv", "comparison.md", "throughput.png", "regret.png",
+                 "bench-serve.md", "bench-serve.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    document = json.loads((tmp_path / "comparison.json").read_text())
+    assert document["policies"] == [label for policy in policies for label in (policy, f"{policy} (sim)")]
+    rows = [row for row in document["rows"] if row["backend"] == "serve"]
+    assert len(rows) == 6 and len(document["rows"]) == 12 and "| nested-wait-adaptive (sim) |" in (
+        tmp_path / "comparison.md").read_text()
     for row in rows:  # every request served, each with the output length it asked for
-        assert row["completed"] == row["requests"] > 0 and row["failed"] == 0 and row["outputs_as_requested"], row
+        assert row["run_completed"] == row["requests"] > 0 and row["run_failed"] == 0 and row["outputs_as_requested"]
         assert row["scheduler_iterations"] > 0 and row.get("scheduler_fallbacks", 0) == 0
-    preemptions = {policy: sum(row["preemptions"] for row in rows if row["policy"] == policy)
-                   for policy in plan.policies}
+        assert row["iterations"] > 0 and row["mean_iteration_s"] > 0  # the batches the server logged for the replay
+    preemptions = {policy: sum(row["evictions"] for row in rows if row["policy"] == policy) for policy in policies}
     assert preemptions["vllm"] >= 1  # the cache binds
     assert preemptions["wait-adaptive"] == 0  # lengths known (max_tokens): WAIT never overcommits
     assert preemptions["nested-wait-adaptive"] <= preemptions["vllm"]
     for row in rows:  # the adaptive policies measured the served engine against their profile
         assert (row["engine_vs_profile"] is None) == (row["policy"] == "vllm") and row["cost_factor"] > 0, row
     # Each server logged its iterations; the profile's error on them and a fit's held-out error are reported.
-    for policy in plan.policies:
-        calibration = report["calibration"][policy]
+    for policy in policies:
+        calibration = document["serving"]["calibration"][policy]
         assert calibration["iterations"] > 100 and calibration["profile_error"] >= 0
         assert calibration["fitted_held_out_error"] < 0.5  # a fit to the served engine predicts its held-out iterations
 
@@ -107,7 +117,6 @@ def test_wait_and_nested_wait_serve_identical_arrivals_against_vllm(model_dir, t
 def test_a_client_that_disconnects_leaves_the_request_table_consistent(model_dir, tmp_path) -> None:
     # A streaming request abandoned after its first tokens is aborted by vLLM (its free path): the policy's table
     # drops it, and the server goes on serving.
-    import json
     import time
     import urllib.request
 

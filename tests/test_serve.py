@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from live_backend import serve_bench
+from live_backend import serve_bench, serve_report
 from live_backend.launcher import OWN_OPTIONS, SCHEDULER_CLASS, vllm_serve_arguments
 from live_backend.serve_settings import (
     ServeSettings,
@@ -22,7 +22,7 @@ from live_backend.serve_settings import (
 )
 from live_backend.served_requests import ServedRequests
 from llmsched_env.engine import FINISHED, RUNNING, WAITING, Decision
-from llmsched_env.errors import ConfigError, InvalidDecisionError, RequestTooLargeError
+from llmsched_env.errors import ConfigError, EngineFailure, InvalidDecisionError, RequestTooLargeError
 from llmsched_env.request_table import validated_batch
 from llmsched_env.scenario import build_scenario
 
@@ -304,13 +304,14 @@ def test_the_bench_reads_prometheus_metrics() -> None:
     assert serve_bench.cache_blocks(text) == (24, 32)
 
 
-def test_a_client_row_checks_completions_and_output_lengths() -> None:
+def test_the_clients_figures_check_completions_and_output_lengths() -> None:
     result = {"completed": 3, "failed": 0, "duration": 2.0, "request_throughput": 1.5, "output_throughput": 10.0,
               "request_goodput": 1.0, "output_lens": [5, 6, 7], "p99_ttft_ms": 80.0, "mean_tpot_ms": 9.0}
-    row = serve_bench.client_row(result, np.array([5, 6, 7]))
-    assert row["outputs_as_requested"] and row["slo_attainment"] == pytest.approx(2 / 3)
-    assert row["p99_ttft_ms"] == 80.0 and row["p50_e2el_ms"] is None
-    assert not serve_bench.client_row(result, np.array([5, 6, 8]))["outputs_as_requested"]
+    figures = serve_report.client_figures(result, np.array([5, 6, 7]))
+    assert figures["outputs_as_requested"] and figures["slo_attainment"] == pytest.approx(2 / 3)
+    assert figures["run_throughput_rps"] == 1.5 and figures["run_completed"] == 3
+    assert figures["p99_ttft_ms"] == 80.0 and figures["p50_e2el_ms"] is None
+    assert not serve_report.client_figures(result, np.array([5, 6, 8]))["outputs_as_requested"]
 
 
 def test_the_decision_check_is_the_engines() -> None:
@@ -376,22 +377,94 @@ def test_a_bad_iteration_log_is_refused_naming_the_line(tmp_path, text, message)
     assert message in str(error.value) and str(log) in str(error.value)
 
 
-def test_the_bench_report_is_a_table_and_a_plot(tmp_path) -> None:
-    def row(policy: str, seed: int, throughput: float) -> dict:
-        return {"policy": policy, "seed": seed, "throughput_rps": throughput, "p50_ttft_ms": 10.0, "p99_ttft_ms": 90.0,
-                "p50_tpot_ms": 5.0, "p99_e2el_ms": 900.0, "slo_attainment": 0.9, "preemptions": 3, "completed": 40,
-                "requests": 40, "sim_throughput_rps": 6.0, "sim_p99_e2el_ms": 800.0, "sim_slo_attainment": 1.0,
-                "policy_us_per_iteration": 100.0, "schedule_us_per_iteration": 50.0}
+def _client_result(arrivals, ttft: np.ndarray, latency: np.ndarray, failed: int = -1) -> dict:
+    """What `vllm bench serve --save-detailed` writes for a replay of ``arrivals`` (its send times 0.5 s late)."""
+    n = len(arrivals)
+    errors = ["" if i != failed else "connection reset" for i in range(n)]
+    done = n - (failed >= 0)
+    return {"completed": done, "failed": n - done, "duration": float((arrivals.arrival_time + latency).max()),
+            "request_throughput": 2.0, "output_throughput": 50.0, "request_goodput": 1.0,
+            "output_lens": (arrivals.output_len + 1).tolist(), "start_times": (arrivals.arrival_time + 100.5).tolist(),
+            "ttfts": ttft.tolist(), "latencies": latency.tolist(), "errors": errors, "p99_ttft_ms": 80.0,
+            "p50_ttft_ms": 40.0, "p50_tpot_ms": 5.0, "p99_e2el_ms": 900.0}
 
-    report = {"model": "m", "seeds": [0, 1], "horizon_s": 10.0, "slo_ttft_ms": 1000.0, "slo_tpot_ms": 100.0,
-              "policies": ["vllm", "wait-adaptive"],
-              "rows": [row("vllm", 0, 6.0), row("vllm", 1, 8.0), row("wait-adaptive", 0, 5.4),
-                       row("wait-adaptive", 1, 8.0)],
-              "calibration": {"vllm": {"iterations": 500, "profile_error": 0.4, "fitted_held_out_error": 0.08}}}
-    table = serve_bench.summary_rows(report)
-    assert [r["policy"] for r in table] == ["vllm", "wait-adaptive"]
-    assert table[1]["throughput_vs_vllm"] == pytest.approx((0.9 + 1.0) / 2)  # paired per seed, then averaged
-    assert table[1]["preemptions"] == 6 and table[1]["completed"] == 80
-    text = serve_bench.markdown(report)
-    assert "| wait-adaptive | 6.70 | 0.950 |" in text and "| vllm | 500 | 40% | 8% |" in text
-    assert serve_bench.plot(report, tmp_path / "bench-serve.png").stat().st_size > 10_000
+
+def test_a_served_replay_is_read_at_the_horizon_as_compare_reads_a_run() -> None:
+    from llmsched_env.engine import RequestRecords
+
+    # Four requests: done before the horizon; started before it, done after; not started by it; failed.
+    records = serve_report.records_at(RequestRecords(
+        np.array([0.0, 1.0, 2.0, 3.0]), np.array([4, 4, 4, 4]), np.array([3, 3, 3, 3]),
+        np.array([0.5, 1.5, 5.0, np.nan]), np.array([1.0, 6.0, 7.0, np.nan]), np.zeros(4, np.int64),
+        np.array([3, 3, 3, 0]), np.array([FINISHED, FINISHED, FINISHED, WAITING], np.int8)), horizon=4.0)
+    assert records.status.tolist() == [FINISHED, RUNNING, WAITING, WAITING]
+    assert np.isnan(records.finish_time[1:]).all() and np.isnan(records.first_token_time[2:]).all()
+    assert records.decoded.tolist() == [3, 0, 0, 0]
+    arrivals = build_scenario(types="p=40,o=9,rate=1").at_rate(4.0).sample(10.0, seed=3)
+    n = len(arrivals)
+    latency = np.full(n, 2.0)
+    client = _client_result(arrivals, np.full(n, 0.25), latency, failed=1)
+    served = serve_report.client_records(client, arrivals)
+    assert served.arrival_time == pytest.approx(arrivals.arrival_time)  # the send times, from the first arrival
+    assert served.finish_time[0] == pytest.approx(arrivals.arrival_time[0] + 2.0) and np.isnan(served.finish_time[1])
+    result = serve_report.result_at(served, 10.0, capacity_blocks=23, block_size=32, evictions=7, iterations=900)
+    finished_by_horizon = int(np.count_nonzero(arrivals.arrival_time + 2.0 <= 10.0)) - 1  # the failed one is not
+    assert result.finished == finished_by_horizon and result.arrived == n
+    assert result.waiting + result.running == n - finished_by_horizon
+    with pytest.raises(EngineFailure, match="--save-detailed"):
+        serve_report.client_records({**client, "ttfts": []}, arrivals)
+
+
+def test_a_bench_is_a_comparison_with_the_serving_figures_beside(tmp_path) -> None:
+    from baselines import make_policy
+    from baselines.compare import realised_fluid
+    from llmsched_env import report
+    from llmsched_env.report import SIM_SUFFIX, Comparison
+
+    scenario = build_scenario(types="p=40,o=30,rate=1", profile="tiny-llama-cpu", memory_tokens=23 * 32,
+                              block_size=32).at_rate(4.0)
+    horizon, runs, fluid = 6.0, [], None
+    for seed in (0, 1):
+        arrivals = scenario.sample(horizon, seed)
+        fluid = scenario.fluid(arrivals, horizon)
+        realised = realised_fluid(scenario, arrivals, horizon, fluid)
+        n = len(arrivals)
+        for label, slow in (("vllm", 1.0), ("wait-adaptive", 1.5 if seed else 1.0)):
+            client = _client_result(arrivals, np.full(n, 0.1 * slow), np.full(n, 1.0 * slow))
+            client["request_throughput"] = 2.0 / slow
+            runs.append(serve_report.served_run(
+                label, client, arrivals, horizon, fluid=fluid, realised=realised, rate=4.0, seed=seed, kv_blocks=24,
+                block_size=32, preemptions=3,
+                server_figures={"scheduler_iterations": 520, "batches": 500, "busy_s": 5.0, "scheduler_fallbacks": 0,
+                                "policy_us_per_iteration": 90.0}))
+            runs.append(serve_report.simulated_run(
+                label + SIM_SUFFIX, make_policy("vllm", scenario, horizon), scenario, arrivals, horizon, fluid=fluid,
+                realised=realised, rate=4.0, seed=seed, slo_ms=(1000.0, 100.0)))
+    serving = {"model": "m", "slo_ttft_ms": 1000.0, "slo_tpot_ms": 100.0,
+               "calibration": {"vllm": {"iterations": 500, "profile_error": 0.4, "fitted_held_out_error": 0.08}}}
+    comparison = Comparison(runs, {4.0: fluid}, horizon, ("vllm", "vllm (sim)", "wait-adaptive", "wait-adaptive (sim)"),
+                            (4.0,), (0, 1), extra={"serving": serving})
+    served = [row for row in comparison.rows if row["backend"] == "serve"]
+    for row in served:  # compare's row at the horizon: every request done 1 s (or 1.5 s) after it arrived
+        arrived = [run for run in runs if run.policy == row["policy"] and run.seed == row["seed"]][0]
+        assert row["completed"] == arrived.regret.completions[-1] and row["evictions"] == 3
+        assert row["throughput_rps"] == pytest.approx(row["completed"] / horizon)
+        assert row["mean_latency_s"] == pytest.approx(1.0 if row["policy"] == "vllm" or row["seed"] == 0 else 1.5)
+        assert row["peak_memory_frac"] is None and row["iterations"] == 500 and row["mean_iteration_s"] == 0.01
+    simulated = [row for row in comparison.rows if row["backend"] == "sim"]
+    assert all(row["run_completed"] == row["requests"] > 0 for row in simulated)  # the prediction drained
+    # llmsched compare's own report reads it: Markdown, JSON with the serving section, plots.
+    text = report.to_markdown(comparison)
+    assert "| 4.00 | vllm |" in text and "| 4.00 | vllm (sim) |" in text and "Simulator vs live engine" in text
+    document = report.to_json(comparison)
+    assert document["serving"]["model"] == "m" and len(document["rows"]) == 8
+    assert [path.name for path in report.plot(comparison, tmp_path)] == ["throughput.png", "regret.png",
+                                                                          "memory.png", "queue.png"]
+    # The serving table: seeds' means, throughput paired with the first scheduler's per seed, the simulator beside.
+    table = serve_report.summary_rows(comparison)
+    assert [row["policy"] for row in table] == ["vllm", "wait-adaptive"]
+    assert table[1]["throughput_vs_vllm"] == pytest.approx((1.0 + 1 / 1.5) / 2)
+    assert table[1]["evictions"] == 6 and table[0]["sim_run_throughput_rps"] > 0
+    serving_text = serve_report.markdown(comparison)
+    assert "| wait-adaptive | 1.67 | 0.833 |" in serving_text and "| vllm | 500 | 40% | 8% |" in serving_text
+    assert serve_report.plot(comparison, tmp_path / "bench-serve.png").stat().st_size > 10_000
