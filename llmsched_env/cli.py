@@ -389,7 +389,7 @@ def compare(
     With --scenario or --suite the sweep (loads, horizon, seeds) is the scenario's unless given.
     """
     from baselines import DEFAULT_POLICIES
-    from baselines.compare import DEFAULT_LOADS, default_rates
+    from baselines.compare import DEFAULT_LOADS, default_rates, known_policies
     from baselines.compare import compare as run_comparison
 
     names = _names(policies, "--policies")
@@ -414,7 +414,7 @@ def compare(
                             cv=cv)  # type: ignore[arg-type]
     sweep = _floats(rates, "--rates") or default_rates(chosen, _floats(loads, "--loads") or DEFAULT_LOADS)
     seed_list = parse_seeds(seeds) if seeds is not None else [seed]
-    names = names or list(DEFAULT_POLICIES)
+    names = known_policies(names or list(DEFAULT_POLICIES))  # refused before any progress is shown
     horizon = 300.0 if horizon is None else horizon
     check_work(sum(sweep) * horizon * len(names) * len(seed_list),
                f"{len(names)} policies × {len(sweep)} rates × {len(seed_list)} seeds of {horizon:g} s")

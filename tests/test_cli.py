@@ -104,7 +104,7 @@ def test_compare_table_and_errors(tmp_path: Path) -> None:
     assert code == 0, out
     assert "nested-wait" in out and "sarathi" in out and "fluid optimum" in out
     code, out = invoke("compare", "--policies", "wait,fifo", "--rates", "10", "--out", str(tmp_path))
-    assert code == 2 and "unknown policy 'fifo'" in out
+    assert code == 2 and "unknown policy 'fifo'" in out and "done" not in out  # refused before any progress
     code, out = invoke("compare", "--rates", "10,-1", "--out", str(tmp_path))
     assert code == 2 and "expected finite numbers > 0" in out
 
