@@ -34,6 +34,20 @@ def _slow_square(value: int, delay: float) -> int:
     return value * value
 
 
+def _simulate_and_say_where(seed: int) -> tuple[int, bool]:
+    """A task: a short simulation under vLLM's policy, and its worker's process id and whether that policy's
+    compiled loop was loaded in that process before the task ran."""
+    from baselines import make_policy
+    from baselines.fcfs import run_fcfs
+    from llmsched_env import run
+
+    warm = len(run_fcfs.signatures) > 0
+    scenario = load_scenario("paper-single").scenario
+    scenario = scenario.at_rate(scenario.rate_for_load(0.8))
+    run(scenario.engine(), make_policy("vllm", scenario, 5.0), scenario.sample(5.0, seed), 5.0)
+    return os.getpid(), warm
+
+
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_results_come_back_in_the_tasks_order_whatever_order_they_finish_in(jobs: int) -> None:
     finished: list[int] = []
@@ -83,6 +97,20 @@ def local_ray() -> Iterator[None]:
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
+
+
+@needs_ray
+def test_rays_workers_load_the_compiled_kernels_once_not_per_task(local_ray: None) -> None:
+    # Two sweeps of eight tasks on a Ray of two CPUs: Ray keeps its worker processes, so the compiled kernels are
+    # loaded (from Numba's cache, or compiled) by a worker's first task only, in this command's sweeps alike.
+    from llmsched_env.executor import RayExecutor
+
+    executor = RayExecutor()
+    results = [where for _ in range(2) for where in executor.map(_simulate_and_say_where, [(s,) for s in range(8)])]
+    workers = {pid for pid, _ in results}
+    assert len(workers) < len(results) // 2  # the tasks shared a few workers
+    for pid in workers:
+        assert sum(not warm for worker, warm in results if worker == pid) <= 1, results
 
 
 @needs_ray
