@@ -57,6 +57,8 @@ from llmsched_env.workload import Arrivals
 
 #: Seconds a server may take to load its model and warm its policy up.
 START_TIMEOUT_S = 600.0
+#: Seconds between two samples of a server's gauges while a replay runs (its KV memory and queue over time).
+SAMPLE_EVERY_S = 0.1
 #: Token ids per ``hash_ids`` entry of a timed trace (``vllm bench serve``'s ``--timed-trace-chunk-hash-size``).
 CHUNK_TOKENS = 16
 
@@ -246,8 +248,11 @@ def bench_serve(plan: ServeBenchPlan, work: Path, on_run: Callable[[str, int], N
                 result_path = work / f"{label}-seed{seed}.json"
                 log_path = work / f"{label}-seed{seed}-client.log"
                 with open(log_path, "w") as client_log:
-                    code = subprocess.call(client_command(plan, server, trace, len(arrivals), result_path, seed),
-                                           stdout=client_log, stderr=subprocess.STDOUT)
+                    client_process = subprocess.Popen(
+                        client_command(plan, server, trace, len(arrivals), result_path, seed), stdout=client_log,
+                        stderr=subprocess.STDOUT)
+                    samples = watch_server(server, client_process)
+                    code = client_process.returncode
                 if code != 0 or not result_path.is_file():
                     raise EngineFailure(f"vllm bench serve failed against {label} (seed {seed}, status {code}); "
                                         f"see {log_path}")
@@ -274,7 +279,8 @@ def bench_serve(plan: ServeBenchPlan, work: Path, on_run: Callable[[str, int], N
                     server_figures["cost_factor"] = stats_after.get("cost_factor", 1.0)
                 runs.append(serve_report.served_run(
                     label, client, arrivals, plan.horizon_s, fluid=fluid, realised=realised, rate=rate, seed=seed,
-                    kv_blocks=blocks, block_size=block_size, preemptions=preemptions, server_figures=server_figures))
+                    kv_blocks=blocks, block_size=block_size, preemptions=preemptions, server_figures=server_figures,
+                    samples=samples))
                 if with_sim:
                     served_policy = build_serve_policy(settings, scenario)  # for vllm: llmsched's model of vLLM's
                     runs.append(serve_report.simulated_run(
@@ -305,6 +311,26 @@ def served_calibration(plan: ServeBenchPlan, log: Path) -> dict[str, Any]:
         return summary
     summary.update(fitted_held_out_error=fitted.held_out_error, fitted_cost=fitted.cost.to_dict())
     return summary
+
+
+def watch_server(server: Server, client: subprocess.Popen, every_s: float = SAMPLE_EVERY_S
+                 ) -> serve_report.ServerSamples:
+    """Sample the server's KV-cache usage and its running and waiting requests (``/metrics``) every ``every_s``
+    until ``client`` exits; a sample the server does not answer is skipped."""
+    rows = []
+    while client.poll() is None:
+        started = time.perf_counter()
+        try:
+            text = server.metrics()
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            text = None
+        if text is not None:
+            rows.append((started, metric_value(text, "vllm:kv_cache_usage_perc"),
+                         metric_value(text, "vllm:num_requests_running"),
+                         metric_value(text, "vllm:num_requests_waiting")))
+        time.sleep(max(every_s - (time.perf_counter() - started), 0.0))
+    table = np.array(rows, dtype=np.float64).reshape(-1, 4)
+    return serve_report.ServerSamples(*table.T)
 
 
 def _logged_iterations(log: Path) -> list[float]:

@@ -7,7 +7,8 @@ latency), or as the simulator ran it on the same arrivals and KV cache. Both are
 the arrivals, :func:`result_at`) and summarised by the comparison's own code (:func:`baselines.compare.policy_run`):
 completions, latencies and regret against the fluid optimum at the horizon, as ``llmsched compare`` defines them.
 The counters a client cannot see at the horizon are the whole replay's, for both rows alike: evictions (the
-server's preemptions), iterations and peak memory (``None`` where the server does not report it). The fluid
+server's preemptions), iterations and peak memory (a served run's: the highest of its KV gauge's samples, taken
+while the replay ran; ``None`` without them). A served run's time series are those samples (``ServerSamples``). The fluid
 optimum is priced by the planning profile on the served KV cache, the same for every scheduler of a bench.
 
 The serving figures are over the whole replay, every request waited for, as serving engineers compare them
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -94,10 +95,31 @@ def result_at(records: RequestRecords, horizon: float, *, capacity_blocks: int, 
                      finished=int(np.count_nonzero(status == FINISHED)), busy_time=busy_time)
 
 
-def served_series(records: RequestRecords, horizon: float, points: int = 200) -> dict[str, np.ndarray]:
-    """The time series a comparison plots, as a client sees a served run: on ``points`` times in ``(0, horizon]``,
-    the requests waiting (arrived, no first token yet), running and finished; KV memory is the server's and
-    unknown here (NaN)."""
+class ServerSamples(NamedTuple):
+    """The server's gauges sampled while a replay ran (``/metrics``): at each sample's time (``time.perf_counter``,
+    the clock of the client's send times: one monotonic clock for every process of the machine), the share of
+    the KV cache's usable blocks in use, and the requests running and waiting."""
+
+    time: np.ndarray
+    kv_usage: np.ndarray
+    running: np.ndarray
+    waiting: np.ndarray
+
+
+def served_series(records: RequestRecords, horizon: float, samples: ServerSamples | None = None, origin: float = 0.0,
+                  capacity_blocks: int = 0, points: int = 200) -> dict[str, np.ndarray]:
+    """The time series a comparison plots of a served run, up to ``horizon``: the server's sampled gauges at their
+    times (``samples``; on the replay's clock, which starts at ``origin`` on theirs), KV blocks in use of
+    ``capacity_blocks``, with the requests finished by then; without samples, what the client sees on ``points``
+    times, waiting (arrived, no first token yet), running and finished, KV memory unknown (NaN)."""
+    if samples is not None and len(samples.time):
+        grid = samples.time - origin
+        kept = (grid > 0) & (grid <= horizon)
+        grid = grid[kept]
+        finished = np.searchsorted(np.sort(records.finish_time[~np.isnan(records.finish_time)]), grid, side="right")
+        return {"time": grid, "kv_blocks_used": samples.kv_usage[kept] * capacity_blocks,
+                "waiting": samples.waiting[kept].astype(np.float64),
+                "running": samples.running[kept].astype(np.float64), "finished": finished.astype(np.float64)}
     grid = np.linspace(horizon / points, horizon, points)
 
     def by(times: np.ndarray) -> np.ndarray:
@@ -162,18 +184,23 @@ def simulated_figures(records: RequestRecords, slo_ttft_ms: float, slo_tpot_ms: 
 
 def served_run(label: str, client: Mapping[str, Any], arrivals: Arrivals, horizon: float, *, fluid: FluidSolution,
                realised: FluidSolution, rate: float, seed: int, kv_blocks: int, block_size: int, preemptions: int,
-               server_figures: Mapping[str, Any]) -> PolicyRun:
+               server_figures: Mapping[str, Any], samples: ServerSamples | None = None) -> PolicyRun:
     """A served replay of ``arrivals`` as a comparison's run: the client's result (``client``) read at ``horizon``
     against ``fluid`` and ``realised`` (the comparison's row), the whole replay's serving figures, and what the
     server reported (``kv_blocks`` of ``block_size`` tokens, the replay's ``preemptions``, ``server_figures``: the
     scheduler's counters, with ``batches`` and ``busy_s``, the iterations that ran a batch and their seconds, from
-    the server's iteration log: the run's iterations and engine time, as the simulator counts them)."""
+    the server's iteration log: the run's iterations and engine time, as the simulator counts them; ``samples``:
+    its gauges during the replay, the time series and the peak memory, the highest sample of the replay)."""
     records = client_records(client, arrivals)
+    sampled = samples is not None and len(samples.time) > 0
+    peak = float(samples.kv_usage.max()) if sampled else None  # type: ignore[union-attr]
     result = result_at(records, horizon, capacity_blocks=kv_blocks - 1, block_size=block_size, evictions=preemptions,
                        iterations=int(server_figures.get("batches", 0)),
                        busy_time=float(server_figures.get("busy_s", 0.0)))
-    served = policy_run(label, result, served_series(records, horizon), fluid, realised, rate, seed, SERVED)
-    served.row.update(peak_memory_frac=None, mean_memory_frac=None)  # the server's, not reported to the client
+    origin = float(client["start_times"][0]) - float(arrivals.arrival_time[0])  # the replay's time 0, client clock
+    served = policy_run(label, result, served_series(records, horizon, samples, origin, kv_blocks - 1), fluid,
+                        realised, rate, seed, SERVED)
+    served.row.update(peak_memory_frac=peak, mean_memory_frac=None)  # None: not reported (no samples)
     served.row.update(client_figures(client, arrivals.output_len + 1), kv_blocks=kv_blocks, block_size=block_size,
                       **server_figures)
     return served

@@ -100,6 +100,7 @@ def test_wait_and_nested_wait_serve_identical_arrivals_against_vllm(model_dir, t
         assert row["run_completed"] == row["requests"] > 0 and row["run_failed"] == 0 and row["outputs_as_requested"]
         assert row["scheduler_iterations"] > 0 and row.get("scheduler_fallbacks", 0) == 0
         assert row["iterations"] > 0 and row["mean_iteration_s"] > 0  # the batches the server logged for the replay
+        assert 0 < row["peak_memory_frac"] <= 1  # the server's KV gauge, sampled while the replay ran
     preemptions = {policy: sum(row["evictions"] for row in rows if row["policy"] == policy) for policy in policies}
     assert preemptions["vllm"] >= 1  # the cache binds
     assert preemptions["wait-adaptive"] == 0  # lengths known (max_tokens): WAIT never overcommits

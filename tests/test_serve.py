@@ -432,11 +432,15 @@ def test_a_bench_is_a_comparison_with_the_serving_figures_beside(tmp_path) -> No
         for label, slow in (("vllm", 1.0), ("wait-adaptive", 1.5 if seed else 1.0)):
             client = _client_result(arrivals, np.full(n, 0.1 * slow), np.full(n, 1.0 * slow))
             client["request_throughput"] = 2.0 / slow
+            # vLLM's server sampled every second (on the client's clock: the replay starts 100.5 s into it) until
+            # 8 s, past the horizon; the other's not at all.
+            at = np.arange(1.0, 9.0) + 100.5
+            samples = serve_report.ServerSamples(at, np.linspace(0.1, 0.8, 8), np.full(8, 5.0), np.arange(8.0))
             runs.append(serve_report.served_run(
                 label, client, arrivals, horizon, fluid=fluid, realised=realised, rate=4.0, seed=seed, kv_blocks=24,
                 block_size=32, preemptions=3,
                 server_figures={"scheduler_iterations": 520, "batches": 500, "busy_s": 5.0, "scheduler_fallbacks": 0,
-                                "policy_us_per_iteration": 90.0}))
+                                "policy_us_per_iteration": 90.0}, samples=samples if label == "vllm" else None))
             runs.append(serve_report.simulated_run(
                 label + SIM_SUFFIX, make_policy("vllm", scenario, horizon), scenario, arrivals, horizon, fluid=fluid,
                 realised=realised, rate=4.0, seed=seed, slo_ms=(1000.0, 100.0)))
@@ -450,7 +454,12 @@ def test_a_bench_is_a_comparison_with_the_serving_figures_beside(tmp_path) -> No
         assert row["completed"] == arrived.regret.completions[-1] and row["evictions"] == 3
         assert row["throughput_rps"] == pytest.approx(row["completed"] / horizon)
         assert row["mean_latency_s"] == pytest.approx(1.0 if row["policy"] == "vllm" or row["seed"] == 0 else 1.5)
-        assert row["peak_memory_frac"] is None and row["iterations"] == 500 and row["mean_iteration_s"] == 0.01
+        assert row["iterations"] == 500 and row["mean_iteration_s"] == 0.01
+        assert row["peak_memory_frac"] == (0.8 if row["policy"] == "vllm" else None)  # the replay's highest sample
+    sampled = next(run for run in runs if run.policy == "vllm")
+    assert sampled.series["time"] == pytest.approx([1, 2, 3, 4, 5, 6])  # on the replay's clock, to the horizon
+    assert sampled.series["kv_blocks_used"] == pytest.approx(np.linspace(0.1, 0.8, 8)[:6] * 23)
+    assert sampled.series["waiting"].tolist() == [0, 1, 2, 3, 4, 5]
     simulated = [row for row in comparison.rows if row["backend"] == "sim"]
     assert all(row["run_completed"] == row["requests"] > 0 for row in simulated)  # the prediction drained
     # llmsched compare's own report reads it: Markdown, JSON with the serving section, plots.
