@@ -219,6 +219,7 @@ def bench_serve(plan: ServeBenchPlan, work: Path, on_run: Callable[[str, int], N
         traces[seed] = (arrivals, path)
     runs: list[PolicyRun] = []
     fluids: dict[float, FluidSolution] = {}
+    benchmarks: dict[tuple[int, int], tuple[FluidSolution, FluidSolution]] = {}  # (seed, KV tokens): offered, realised
     calibration: dict[str, Any] = {}
     rate = plan.scenario.base_rate
     labels = []
@@ -236,15 +237,18 @@ def bench_serve(plan: ServeBenchPlan, work: Path, on_run: Callable[[str, int], N
             # The cache a request may use: vLLM keeps one block back (its null block).
             scenario = replace(plan.scenario, capacity_tokens=(blocks - 1) * block_size, block_size=block_size,
                                output_lengths_known=settings.lengths_known)
+            logged = len(_logged_iterations(iteration_log))  # iterations in the server's log before a replay
             for seed in plan.seeds:
                 on_run(label, seed)
                 arrivals, trace = traces[seed]
-                fluid = scenario.fluid(arrivals, plan.horizon_s)  # a trace's: the seed's realised mix
+                benchmark = (seed, scenario.capacity_tokens)  # every server of a bench has the same cache, as a rule
+                if benchmark not in benchmarks:
+                    fluid = scenario.fluid(arrivals, plan.horizon_s)  # a trace's: the seed's realised mix
+                    benchmarks[benchmark] = (fluid, realised_fluid(scenario, arrivals, plan.horizon_s, fluid))
+                fluid, realised = benchmarks[benchmark]
                 fluids.setdefault(rate, fluid)
-                realised = realised_fluid(scenario, arrivals, plan.horizon_s, fluid)
                 before_metrics = server.metrics()
                 stats_before = _read_stats(settings)
-                logged_before = len(_logged_iterations(iteration_log))
                 result_path = work / f"{label}-seed{seed}.json"
                 log_path = work / f"{label}-seed{seed}-client.log"
                 with open(log_path, "w") as client_log:
@@ -262,7 +266,8 @@ def bench_serve(plan: ServeBenchPlan, work: Path, on_run: Callable[[str, int], N
                 preemptions = int(metric_value(after_metrics, "vllm:num_preemptions_total")
                                   - metric_value(before_metrics, "vllm:num_preemptions_total"))
                 # The batches this replay ran (the log is flushed with the stats): their count and engine time.
-                ran = _logged_iterations(iteration_log)[logged_before:]
+                durations = _logged_iterations(iteration_log)
+                ran, logged = durations[logged:], len(durations)
                 server_figures: dict[str, Any] = {"batches": len(ran), "busy_s": float(sum(ran))}
                 stats_after = _read_stats(settings)
                 if stats_after is not None:

@@ -8,8 +8,8 @@ the arrivals, :func:`result_at`) and summarised by the comparison's own code (:f
 completions, latencies and regret against the fluid optimum at the horizon, as ``llmsched compare`` defines them.
 The counters a client cannot see at the horizon are the whole replay's, for both rows alike: evictions (the
 server's preemptions), iterations and peak memory (a served run's: the highest of its KV gauge's samples, taken
-while the replay ran; ``None`` without them). A served run's time series are those samples (``ServerSamples``). The fluid
-optimum is priced by the planning profile on the served KV cache, the same for every scheduler of a bench.
+while the replay ran; ``None`` without them). A served run's time series are those samples (``ServerSamples``).
+The fluid optimum is priced by the planning profile on the served KV cache, the same for every scheduler of a bench.
 
 The serving figures are over the whole replay, every request waited for, as serving engineers compare them
 (``run_`` fields, and TTFT / TPOT / ITL / end-to-end percentiles in ms): the served row's from the client's result,
@@ -25,7 +25,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from baselines.compare import policy_run
-from llmsched_env.completions import CompletionLog
+from llmsched_env.completions import CompletionLog, exact_distribution
 from llmsched_env.engine import FINISHED, RUNNING, WAITING, RequestRecords
 from llmsched_env.errors import EngineFailure
 from llmsched_env.fluid import FluidSolution
@@ -112,20 +112,19 @@ def served_series(records: RequestRecords, horizon: float, samples: ServerSample
     times (``samples``; on the replay's clock, which starts at ``origin`` on theirs), KV blocks in use of
     ``capacity_blocks``, with the requests finished by then; without samples, what the client sees on ``points``
     times, waiting (arrived, no first token yet), running and finished, KV memory unknown (NaN)."""
+    def by(times: np.ndarray, grid: np.ndarray) -> np.ndarray:  # how many of ``times`` by each time of ``grid``
+        return np.searchsorted(np.sort(times[~np.isnan(times)]), grid, side="right").astype(np.float64)
+
     if samples is not None and len(samples.time):
         grid = samples.time - origin
         kept = (grid > 0) & (grid <= horizon)
         grid = grid[kept]
-        finished = np.searchsorted(np.sort(records.finish_time[~np.isnan(records.finish_time)]), grid, side="right")
         return {"time": grid, "kv_blocks_used": samples.kv_usage[kept] * capacity_blocks,
                 "waiting": samples.waiting[kept].astype(np.float64),
-                "running": samples.running[kept].astype(np.float64), "finished": finished.astype(np.float64)}
+                "running": samples.running[kept].astype(np.float64), "finished": by(records.finish_time, grid)}
     grid = np.linspace(horizon / points, horizon, points)
-
-    def by(times: np.ndarray) -> np.ndarray:
-        return np.searchsorted(np.sort(times[~np.isnan(times)]), grid, side="right").astype(np.float64)
-
-    arrived, started, finished = by(records.arrival_time), by(records.first_token_time), by(records.finish_time)
+    arrived, started = by(records.arrival_time, grid), by(records.first_token_time, grid)
+    finished = by(records.finish_time, grid)
     return {"time": grid, "kv_blocks_used": np.full(points, np.nan), "waiting": arrived - started,
             "running": started - finished, "finished": finished}
 
@@ -176,9 +175,7 @@ def simulated_figures(records: RequestRecords, slo_ttft_ms: float, slo_tpot_ms: 
         "slo_attainment": good / requests if requests else None,
     }
     for metric, values in (("ttft", ttft), ("tpot", tpot), ("itl", np.empty(0)), ("e2el", e2el)):
-        figures[f"mean_{metric}_ms"] = float(values.mean()) if len(values) else None
-        for stat, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
-            figures[f"{stat}_{metric}_ms"] = float(np.quantile(values, q)) if len(values) else None
+        figures.update(zip((f"{stat}_{metric}_ms" for stat in LATENCY_STATS), exact_distribution(values)))
     return figures
 
 

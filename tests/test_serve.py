@@ -450,8 +450,8 @@ def test_a_bench_is_a_comparison_with_the_serving_figures_beside(tmp_path) -> No
                             (4.0,), (0, 1), extra={"serving": serving})
     served = [row for row in comparison.rows if row["backend"] == "serve"]
     for row in served:  # compare's row at the horizon: every request done 1 s (or 1.5 s) after it arrived
-        arrived = [run for run in runs if run.policy == row["policy"] and run.seed == row["seed"]][0]
-        assert row["completed"] == arrived.regret.completions[-1] and row["evictions"] == 3
+        served_run = next(run for run in runs if run.policy == row["policy"] and run.seed == row["seed"])
+        assert row["completed"] == served_run.regret.completions[-1] and row["evictions"] == 3
         assert row["throughput_rps"] == pytest.approx(row["completed"] / horizon)
         assert row["mean_latency_s"] == pytest.approx(1.0 if row["policy"] == "vllm" or row["seed"] == 0 else 1.5)
         assert row["iterations"] == 500 and row["mean_iteration_s"] == 0.01
