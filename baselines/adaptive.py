@@ -50,7 +50,7 @@ from baselines.wait import (
     wait_step,
 )
 from llmsched_env import compiled_run, kernels
-from llmsched_env.compiled import compiled
+from llmsched_env.compiled import compiled, compiled_inlined
 from llmsched_env.compiled_run import GO_ON, LAST_ITERATION, NOW, PAUSE, RETIRED, ChunkArrays, RunState
 from llmsched_env.cost_estimate import CostFollower, follow_iteration, followed_factor
 from llmsched_env.cost_model import LinearCostModel
@@ -157,7 +157,7 @@ class LearningState(NamedTuple):
     cost: np.ndarray  # the cost follower's state (CostFollower.state), updated in place
 
 
-@compiled
+@compiled_inlined
 def _observe(learn: LearningState, run: RunState, columns: RequestColumns, enough_data: bool) -> bool:
     """:meth:`_Learning.observe` of the requests that arrived since the last look, then :meth:`_Learning.due`."""
     reals, now = learn.reals, run.reals[NOW]
@@ -173,7 +173,7 @@ def _observe(learn: LearningState, run: RunState, columns: RequestColumns, enoug
                         followed_factor(learn.cost), reals[SOLVED_FACTOR], reals[RESOLVE_ON_CHANGE])
 
 
-@compiled
+@compiled_inlined
 def _resolve_due(since_solve: float, every: float, rate: float, solved_rate: float, factor: float,
                  solved_factor: float, change: float) -> bool:
     """:meth:`_Learning.due` once there is enough data: the thresholds are solved again every ``every`` seconds,
@@ -538,7 +538,7 @@ class CompletionSample(NamedTuple):
     count: np.ndarray  # int64[1]
 
 
-@compiled
+@compiled_inlined
 def _record_completions(sample: CompletionSample, finished: np.ndarray, columns: RequestColumns) -> None:
     """Add the lengths of requests that have just finished (their rows still hold them) to ``sample``."""
     size = len(sample.lengths)

@@ -52,7 +52,7 @@ import numpy as np
 
 from baselines.cohorts import fill_in_order
 from llmsched_env import compiled_run
-from llmsched_env.compiled import compiled
+from llmsched_env.compiled import compiled, compiled_inlined
 from llmsched_env.compiled_run import GO_ON, ChunkArrays, RunState, oldest_waiting
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
@@ -193,7 +193,7 @@ class FCFSRule(NamedTuple):
     reserve_prompt: bool
 
 
-@compiled
+@compiled_inlined
 def _fill_in_order(sizes: np.ndarray, budget: int, allow_partial: bool) -> np.ndarray:
     """:func:`baselines.cohorts.fill_in_order`, compiled."""
     grant = np.zeros(len(sizes), dtype=np.int64)
@@ -210,7 +210,7 @@ def _fill_in_order(sizes: np.ndarray, budget: int, allow_partial: bool) -> np.nd
     return grant
 
 
-@compiled
+@compiled_inlined
 def _admissions(rule: FCFSRule, waiting: np.ndarray, budget: int, free: int, columns: RequestColumns,
                 empty_engine: bool, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """:meth:`FCFSPolicy._admissions`: the FCFS prefix of ``waiting`` admitted within ``budget`` prefill tokens

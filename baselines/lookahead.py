@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from llmsched_env import kernels
-from llmsched_env.compiled import compiled
+from llmsched_env.compiled import compiled, compiled_inlined
 from llmsched_env.engine import SchedulerState
 from llmsched_env.errors import ConfigError
 from llmsched_env.request_table import RequestColumns
@@ -177,7 +177,7 @@ def held_profile(context: np.ndarray, remaining: np.ndarray, block_size: int, or
     return held
 
 
-@compiled
+@compiled_inlined
 def held_advance(held: HeldProfile, origin: int) -> None:
     """Move the profile's start to after iteration ``origin`` (the iterations done since are forgotten)."""
     blocks, span = held.blocks, held.span
@@ -188,7 +188,7 @@ def held_advance(held: HeldProfile, origin: int) -> None:
     span[END] = max(span[END], origin)
 
 
-@compiled
+@compiled_inlined
 def _max_run(blocks: np.ndarray, first: int, last: int) -> int:
     """The most blocks held at iterations ``first … last`` (0 for none)."""
     mask = len(blocks) - 1
@@ -240,7 +240,7 @@ def held_remove(held: HeldProfile, context: np.ndarray, remaining: np.ndarray, b
         _staircase(held, context[j] - origin, origin + 1, origin + remaining[j], -1, block_size)
 
 
-@compiled
+@compiled_inlined
 def held_peak(held: HeldProfile) -> int:
     """The projected peak: the most blocks the batch holds at any coming iteration
     (:func:`~llmsched_env.kernels.peak_blocks` of its trajectories)."""
@@ -311,7 +311,7 @@ def held_fitting_count(held: HeldProfile, peak: int, context: np.ndarray, remain
     return count
 
 
-@compiled
+@compiled_inlined
 def trajectory(i: int, columns: RequestColumns, residual: np.ndarray) -> tuple[int, int]:
     """Request ``i``'s ``(context, remaining)``: :func:`trajectories` with its output length known (``residual``
     empty), else with its remaining output taken from ``residual`` by decoded count (Nested WAIT's lookahead,
@@ -399,7 +399,7 @@ def redraw(projection: BatchProjection, j: int, context: int, remaining: int, bl
     projection.base[j], projection.end[j] = base, end
 
 
-@compiled
+@compiled_inlined
 def carry_batch(projection: BatchProjection, before: np.ndarray, running: np.ndarray, columns: RequestColumns,
                 residual: np.ndarray, block_size: int, origin: int) -> BatchProjection:
     """The projection after an iteration that took the batch from ``before`` to ``running`` (the survivors in

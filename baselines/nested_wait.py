@@ -80,7 +80,7 @@ from baselines.lookahead import (
 )
 from baselines.thresholds import NestedWaitThresholds
 from llmsched_env import compiled_run
-from llmsched_env.compiled import compiled
+from llmsched_env.compiled import compiled, compiled_inlined
 from llmsched_env.compiled_run import EVICTIONS, GO_ON, ITERATIONS, ChunkArrays, RunState, oldest_waiting
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
@@ -354,7 +354,7 @@ class Margin(NamedTuple):
     # counted), SEEN (the evictions seen); it starts at the most cautious level, nothing barred, counted or seen
 
 
-@compiled
+@compiled_inlined
 def adapt_lookahead(rule: NestedWaitRule, margin: Margin, evictions: int, waiting: int) -> bool:
     """The adaptive margin, before a decision, given the engine's ``evictions`` so far and the requests
     ``waiting``: an eviction since the last decision steps it up a level and bars the level that evicted for the
@@ -468,7 +468,7 @@ def _chosen(rule: NestedWaitRule, batch: RunningSegments, prefix: int, whole: bo
     return chosen[:count]
 
 
-@compiled
+@compiled_inlined
 def _selected_decodes(batch: RunningSegments, rule: NestedWaitRule, selection: Selection) -> np.ndarray:
     """The running ids that decode in ``selection``, in the engine's order."""
     if selection.decodes == len(batch.ids) and selection.kept_from == 0:

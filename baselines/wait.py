@@ -56,7 +56,7 @@ from baselines.lookahead import (
 from baselines.thresholds import WaitThresholds, wait_thresholds
 from baselines.type_queues import TypeQueues
 from llmsched_env import compiled_run
-from llmsched_env.compiled import compiled
+from llmsched_env.compiled import compiled, compiled_inlined
 from llmsched_env.compiled_run import (
     GO_ON,
     INVALID_DECISION,
@@ -368,7 +368,7 @@ def _select(rule: WaitRule, gates: np.ndarray, types: np.ndarray, queue: WaitQue
     return np.sort(np.concatenate((admit, others[:extra]))), held
 
 
-@compiled
+@compiled_inlined
 def _decodes(rule: WaitRule, gates: np.ndarray, types: np.ndarray, running: np.ndarray,
              columns: RequestColumns) -> np.ndarray:
     """Who decodes: every running request with its context cached (measured); with ``rule.pausing``, up to ``n_j``
@@ -413,7 +413,7 @@ def wait_decision(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: 
     return decode, admit, held
 
 
-@compiled
+@compiled_inlined
 def wait_begin(rule: WaitRule, run: RunState, columns: RequestColumns, arrivals: ChunkArrays, types: np.ndarray,
                queue: WaitQueue) -> int:
     """:func:`~llmsched_env.compiled_run.begin`, typing the requests it enqueues (the nearest of the rule's types,

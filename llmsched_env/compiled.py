@@ -80,6 +80,16 @@ def compiled(function: F) -> F:
     return _cached_njit(function)
 
 
+def compiled_inlined(function: F) -> F:
+    """:func:`compiled`, inlined into its compiled callers (Numba's ``inline="always"``; still callable alone).
+
+    For the rules a compiled loop runs at every iteration. A compiled call increfs every array its arguments hold
+    (each field of a ``RequestColumns``, ``RunState``, ...) and decrefs them on return, atomic operations that
+    cost more than a short rule's own work; inlined, the pruning of reference counts sees caller and callee as
+    one function and removes most of them (``docs/speed.md``)."""
+    return _cached_njit(function, inline="always")
+
+
 def compiled_parallel(function: F) -> F:
     """:func:`compiled` with ``parallel=True``: the function's ``numba.prange`` loops run on all cores
     (``NUMBA_NUM_THREADS``; :func:`numba.set_num_threads` lowers it at run time)."""

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from llmsched_env import kernels
-from llmsched_env.compiled import compiled
+from llmsched_env.compiled import compiled, compiled_inlined
 from llmsched_env.engine import LAST_ITERATION_FIELDS
 from llmsched_env.iteration import (
     FIRST_MAYBE_WAITING,
@@ -82,7 +82,7 @@ class RunState(NamedTuple):
     rows: np.ndarray  # float64[capacity, 5]
 
 
-@compiled
+@compiled_inlined
 def begin(run: RunState, columns: RequestColumns, arrivals: ChunkArrays) -> int:
     """``Rollout.needs_decision``: enqueue the requests that have arrived by now. Returns ``GO_ON`` when a
     decision is due, ``PAUSE`` when the chunk is used up and the stream may hold more (Python refills, then
@@ -105,7 +105,7 @@ def begin(run: RunState, columns: RequestColumns, arrivals: ChunkArrays) -> int:
     return GO_ON
 
 
-@compiled
+@compiled_inlined
 def oldest_waiting(counters: np.ndarray, status: np.ndarray, limit: int) -> np.ndarray:
     """``SchedulerState.oldest_waiting(limit)`` of the simulator (:func:`~llmsched_env.kernels.oldest_waiting`, the
     engine's own rule, moving its scan start)."""
@@ -136,7 +136,7 @@ def _watch_for_stall(run: RunState, ran: bool, duration: float, progressed: bool
             reals[STALLED_AT] = reals[PROGRESS_AT]
 
 
-@compiled
+@compiled_inlined
 def whole_prefills(ids: np.ndarray, columns: RequestColumns) -> np.ndarray:
     """The chunk that prefills each of ``ids`` whole: its context less what it holds (a policy that admits whole
     prompts hands these to :func:`apply`)."""

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from llmsched_env.compiled import compiled
+from llmsched_env.compiled import compiled, compiled_inlined
 from llmsched_env.engine import (
     LAST_DECODE_REQUESTS,
     LAST_END,
@@ -71,7 +71,7 @@ class Iteration(NamedTuple):
     prefill_attention: float  # the prefills' attention as the engine's cost model prices it (kernels.batch_cost)
 
 
-@compiled
+@compiled_inlined
 def evict(ids: np.ndarray, running: np.ndarray, columns: RequestColumns, counters: np.ndarray,
           block_size: int) -> np.ndarray:
     """Evict running ``ids`` by recompute: their KV is freed, their context (generated tokens included) kept, and
@@ -173,7 +173,7 @@ def _claim_running(ids: np.ndarray, n: int, columns: RequestColumns, stamp: int,
     return held
 
 
-@compiled
+@compiled_inlined
 def iterate(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, whole_prefills: bool, preempt: np.ndarray,
             running: np.ndarray, columns: RequestColumns, counters: np.ndarray, engine: EngineParams,
             start: float) -> Iteration:
@@ -223,7 +223,7 @@ def iterate(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, whole_pr
                      deferred, peak_blocks, attention)
 
 
-@compiled
+@compiled_inlined
 def note_last_iteration(last: np.ndarray, end: float, done: Iteration) -> None:
     """Write iteration ``done``, which ended at ``end``, into ``last`` (the fields of
     :attr:`~llmsched_env.engine.SchedulerState.last_iteration`) if it ran. Every engine path that iterates in
@@ -237,7 +237,7 @@ def note_last_iteration(last: np.ndarray, end: float, done: Iteration) -> None:
         last[LAST_PREFILL_ATTENTION] = done.prefill_attention
 
 
-@compiled
+@compiled_inlined
 def enqueue_due(times: np.ndarray, prompt: np.ndarray, output: np.ndarray, first: int, now: float,
                 columns: RequestColumns, counters: np.ndarray) -> int:
     """Enqueue the arrivals ``first, first + 1, …`` (of ``times``, ``prompt``, ``output``) that have arrived by

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from llmsched_env.compiled import compiled
+from llmsched_env.compiled import compiled, compiled_inlined
 from llmsched_env.engine import FINISHED, RUNNING, WAITING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,7 +89,7 @@ def first_waiting_ids(status: np.ndarray, start: int, n: int, limit: int) -> np.
     return ids[:count]
 
 
-@compiled
+@compiled_inlined
 def oldest_waiting(status: np.ndarray, start: int, n: int, num_waiting: int, limit: int) -> tuple[np.ndarray, int]:
     """The first ``limit`` (>= 0) ids of a simulator's queue whose ``num_waiting`` waiting ids are all in
     ``start … n − 1``, in queue order, and where the next scan may start (the first of them, when found)."""
@@ -144,7 +144,7 @@ def pairwise_sum(values: np.ndarray) -> float:
     return pairwise_sum(values[:half]) + pairwise_sum(values[half:])
 
 
-@compiled
+@compiled_inlined
 def prefill_attention_sum(chunk: np.ndarray, cached: np.ndarray) -> float:
     """The batch's prefill attention, ``Σ chunk·cached + chunk·(chunk + 1)/2`` over its prefills
     (:func:`~llmsched_env.cost_model.prefill_attention`), summed by :func:`pairwise_sum`."""
@@ -154,7 +154,7 @@ def prefill_attention_sum(chunk: np.ndarray, cached: np.ndarray) -> float:
     return pairwise_sum(chunk_f * cached + chunk_f * (chunk_f + 1) / 2)
 
 
-@compiled
+@compiled_inlined
 def iteration_seconds(cost: np.ndarray, prefill_tokens: int, decode_requests: int, kv_tokens: int,
                       attention: float) -> float:
     """``τ = c0 + c_pf·prefill + c_dec·decodes + c_kv·kv + c_pf2·attention`` with ``cost`` the five
@@ -176,7 +176,7 @@ def not_among(values: np.ndarray, among: np.ndarray) -> np.ndarray:
     return out
 
 
-@compiled
+@compiled_inlined
 def batch_cost(cost: np.ndarray, prefill_tokens: int, decode_requests: int, kv_tokens: int, chunk: np.ndarray,
                cached: np.ndarray) -> tuple[float, float]:
     """An iteration's duration, :func:`iteration_seconds` with the prefill attention of its prefills (``chunk``
@@ -211,7 +211,7 @@ def reward_increment(earned: float, before: float, after: float, accounted: floa
     return reward, max(accounted, end)
 
 
-@compiled
+@compiled_inlined
 def stall(times: np.ndarray, next_arrival: int, used_blocks: int, now: float) -> tuple[bool, float, float]:
     """The stall rule: nothing runs, so the clock jumps to the next arrival, the KV held meanwhile counted.
     Returns ``(ended, block_seconds, now)``: ``ended`` when no arrival is left (the clock stays)."""
@@ -593,7 +593,7 @@ def _claim(i: int, n: int, mark: np.ndarray, stamp: int) -> bool:
     return True
 
 
-@compiled
+@compiled_inlined
 def plan_iteration(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, whole_prefills: bool, n: int,
                    columns: RequestColumns, stamp: int, block_size: int, free_blocks: int
                    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, int, int, int, int]:
@@ -650,7 +650,7 @@ def plan_iteration(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, w
             batch_kv)
 
 
-@compiled
+@compiled_inlined
 def run_iteration(decode: np.ndarray, decode_before: np.ndarray, prefill: np.ndarray, prefill_before: np.ndarray,
                   chunks: np.ndarray, running: np.ndarray, columns: RequestColumns, block_size: int,
                   now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int]:

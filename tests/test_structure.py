@@ -145,6 +145,9 @@ def test_the_private_name_scan_finds_what_it_must() -> None:
                                                 "x.py:3: engine._n"]
 
 
+COMPILING_DECORATORS = ("compiled", "compiled_inlined", "compiled_parallel", "numba.njit", "njit")
+
+
 def test_compiled_functions_take_at_most_ten_parameters() -> None:
     # A compiled function takes a few typed structures (RequestColumns, EpisodeParams, InterfaceParams, LoopState,
     # ObservationScales), not long lists of arrays that must be kept in order at every call.
@@ -153,8 +156,7 @@ def test_compiled_functions_take_at_most_ten_parameters() -> None:
         for path in sorted((ROOT / package).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.FunctionDef) and any(
-                        ast.unparse(d).split("(")[0] in ("compiled", "compiled_parallel", "numba.njit", "njit")
-                        for d in node.decorator_list):
+                        ast.unparse(d).split("(")[0] in COMPILING_DECORATORS for d in node.decorator_list):
                     count = len(node.args.posonlyargs) + len(node.args.args) + len(node.args.kwonlyargs)
                     if count > 10:
                         too_many.append(f"{path.relative_to(ROOT)}: {node.name} takes {count}")
