@@ -216,7 +216,7 @@ def _admissions(rule: FCFSRule, waiting: np.ndarray, budget: int, free: int, col
     """:meth:`FCFSPolicy._admissions`: the FCFS prefix of ``waiting`` admitted within ``budget`` prefill tokens
     and ``free`` blocks (less the watermark), and its chunks."""
     if len(waiting) == 0:
-        return waiting, np.empty(0, dtype=np.int64)
+        return waiting, waiting[:0]
     context = columns.context[waiting]
     if rule.padded_prefill:
         chunk = np.zeros(len(context), dtype=np.int64)
@@ -254,7 +254,7 @@ def fcfs_decision(rule: FCFSRule, running: np.ndarray, columns: RequestColumns, 
     free_blocks = engine.capacity_blocks - counters[USED_BLOCKS]
     empty_engine = len(running) == 0 and counters[USED_BLOCKS] == 0
     slots = rule.max_num_seqs - len(running)
-    nothing = np.empty(0, dtype=np.int64)
+    nothing = running[:0]  # a view: an empty array without an allocation
     if rule.prefill_first:
         waiting, chunk = _admissions(rule, oldest_waiting(counters, columns.status, slots), rule.budget,
                                      free_blocks, columns, empty_engine, block_size)

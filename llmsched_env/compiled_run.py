@@ -156,7 +156,7 @@ def apply(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, running: n
     changed); the iteration's admitted, evicted and finished ids (for a policy that follows its queue or learns
     from completions: a finished request's row is intact until Python's next turn)."""
     counters, ints, reals = run.counters, run.ints, run.reals
-    nothing = np.empty(0, dtype=np.int64)
+    nothing = running[:0]  # a view: an empty array without an allocation
     now = reals[NOW]
     ran, duration, progressed = False, 0.0, False
     admitted, evicted, finished = nothing, nothing, nothing

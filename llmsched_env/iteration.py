@@ -182,7 +182,7 @@ def iterate(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, whole_pr
     newest-admitted requests first if the batch does not fit (:func:`fit_to_capacity`). The table and
     ``counters`` change in place; see :class:`Iteration` for what comes back. An ``INVALID`` verdict changes
     nothing but the validation stamp and the scratch column."""
-    nothing = np.empty(0, dtype=np.int64)
+    nothing = running[:0]  # a view: an empty array without an allocation
     block_size, capacity = engine.block_size, engine.capacity_blocks
     counters[STAMP] -= 1
     stamp, n = counters[STAMP], counters[N]
@@ -196,7 +196,7 @@ def iterate(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, whole_pr
                                 capacity - counters[USED_BLOCKS] + freed)
     if verdict == INVALID:
         return Iteration(INVALID, running, 0.0, 0, 0, 0, nothing, nothing, nothing, nothing, 0, 0.0)
-    evicted, deferred = preempt.copy(), nothing
+    evicted, deferred = preempt.copy() if len(preempt) else nothing, nothing
     running = evict(preempt, running, columns, counters, block_size)
     if verdict == OVERFLOW:
         removed, deferred, keep_decode, keep_prefill = fit_to_capacity(

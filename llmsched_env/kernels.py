@@ -148,10 +148,18 @@ def pairwise_sum(values: np.ndarray) -> float:
 def prefill_attention_sum(chunk: np.ndarray, cached: np.ndarray) -> float:
     """The batch's prefill attention, ``Σ chunk·cached + chunk·(chunk + 1)/2`` over its prefills
     (:func:`~llmsched_env.cost_model.prefill_attention`), summed by :func:`pairwise_sum`."""
-    if len(chunk) == 0:
-        return 0.0
-    chunk_f = chunk.astype(np.float64)
-    return pairwise_sum(chunk_f * cached + chunk_f * (chunk_f + 1) / 2)
+    count = len(chunk)
+    if count < 8:  # pairwise_sum's own order below 8 terms, without an array of them (most batches)
+        total = 0.0
+        for j in range(count):
+            tokens = float(chunk[j])
+            total += tokens * cached[j] + tokens * (tokens + 1) / 2
+        return total
+    terms = np.empty(count, dtype=np.float64)
+    for j in range(count):
+        tokens = float(chunk[j])
+        terms[j] = tokens * cached[j] + tokens * (tokens + 1) / 2
+    return pairwise_sum(terms)
 
 
 @compiled_inlined
@@ -609,7 +617,7 @@ def plan_iteration(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, w
     claimed before the call with the same stamp count as repeated).
     """
     status, context, kv_tokens, mark = columns.status, columns.context, columns.kv_tokens, columns.mark
-    empty = np.empty(0, dtype=np.int64)
+    empty = decode[:0]  # a view: an empty array without an allocation
     num_decode, num_prefill = len(decode), len(prefill)
     decode_before = np.empty(num_decode, dtype=np.int64)
     prefill_before = np.empty(num_prefill, dtype=np.int64)

@@ -200,6 +200,9 @@ def test_prefill_attention_sum_is_the_cost_models_formula(seed: int, count: int)
     chunk, cached = rng.integers(1, 4096, count), rng.integers(0, 8192, count)
     expected = float(np.sum(prefill_attention(chunk, cached)))
     assert kernels.prefill_attention_sum(chunk, cached) == pytest.approx(expected, rel=1e-12, abs=0)
+    # Exactly the pairwise sum of the terms (short batches are summed without an array of them, in its order).
+    terms = chunk.astype(np.float64) * cached + chunk.astype(np.float64) * (chunk.astype(np.float64) + 1) / 2
+    assert kernels.prefill_attention_sum(chunk, cached) == kernels.pairwise_sum(terms)
 
 
 @settings(max_examples=100, deadline=None)
