@@ -242,17 +242,25 @@ def run_adaptive_nested_wait(run: RunState, running: np.ndarray, columns: Reques
 
 @compiled
 def _quantile_edges(values: np.ndarray, grid: int) -> np.ndarray:
-    """``np.unique(np.quantile(values, np.arange(1, grid) / grid))`` (NumPy's default, linear, method) of
-    ``values`` sorted, in NumPy's arithmetic: the same edges."""
+    """``np.unique(np.quantile(values, np.arange(1, grid) / grid))`` (NumPy's default, linear, method), in NumPy's
+    arithmetic: the same edges. Only the order statistics the quantiles interpolate between are found (a
+    partition around them, not a sort)."""
     count = len(values)
+    if grid <= 1:
+        return np.empty(0, dtype=np.float64)
+    ranks = np.empty(2 * (grid - 1), dtype=np.int64)  # each quantile's two neighbouring order statistics
+    for k in range(1, grid):
+        below = min(int(math.floor((count - 1) * (k / grid))), count - 1)
+        ranks[2 * k - 2], ranks[2 * k - 1] = below, min(below + 1, count - 1)
+    ordered = np.partition(values, np.unique(ranks))
     edges = np.empty(grid - 1, dtype=np.float64)
     for k in range(1, grid):
         virtual = (count - 1) * (k / grid)
         if virtual >= count - 1:
-            edges[k - 1] = values[count - 1]
+            edges[k - 1] = ordered[count - 1]
             continue
         below = int(math.floor(virtual))
-        weight, low, high = virtual - below, values[below], values[below + 1]
+        weight, low, high = virtual - below, ordered[below], ordered[below + 1]
         edges[k - 1] = high - (high - low) * (1 - weight) if weight >= 0.5 else low + (high - low) * weight
     return np.unique(edges)
 
@@ -262,7 +270,7 @@ def quantile_classes(prompt: np.ndarray, output: np.ndarray, grid: int) -> tuple
     """The adaptive WAIT's classes of a length sample: the non-empty cells of its ``grid × grid`` quantile grid of
     (prompt, output), in cell order (prompt cell major), each as its members' mean prompt, mean output and share
     of the sample."""
-    prompt_edges, output_edges = _quantile_edges(np.sort(prompt), grid), _quantile_edges(np.sort(output), grid)
+    prompt_edges, output_edges = _quantile_edges(prompt, grid), _quantile_edges(output, grid)
     columns = len(output_edges) + 1
     cells = (len(prompt_edges) + 1) * columns
     members = np.zeros(cells, dtype=np.int64)
