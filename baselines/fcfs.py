@@ -211,13 +211,13 @@ def _fill_in_order(sizes: np.ndarray, budget: int, allow_partial: bool) -> np.nd
 
 
 @compiled_inlined
-def _admissions(rule: FCFSRule, waiting: np.ndarray, budget: int, free: int, columns: RequestColumns,
+def _admissions(rule: FCFSRule, waiting: np.ndarray, budget: int, free: int, context_len: np.ndarray,
                 empty_engine: bool, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """:meth:`FCFSPolicy._admissions`: the FCFS prefix of ``waiting`` admitted within ``budget`` prefill tokens
     and ``free`` blocks (less the watermark), and its chunks."""
     if len(waiting) == 0:
         return waiting, waiting[:0]
-    context = columns.context[waiting]
+    context = context_len[waiting]
     if rule.padded_prefill:
         chunk = np.zeros(len(context), dtype=np.int64)
         longest = 0
@@ -257,7 +257,7 @@ def fcfs_decision(rule: FCFSRule, running: np.ndarray, columns: RequestColumns, 
     nothing = running[:0]  # a view: an empty array without an allocation
     if rule.prefill_first:
         waiting, chunk = _admissions(rule, oldest_waiting(counters, columns.status, slots), rule.budget,
-                                     free_blocks, columns, empty_engine, block_size)
+                                     free_blocks, columns.context, empty_engine, block_size)
         if len(waiting):
             return nothing, waiting, chunk
     kv_tokens, context = columns.kv_tokens, columns.context
@@ -306,8 +306,8 @@ def fcfs_decision(rule: FCFSRule, running: np.ndarray, columns: RequestColumns, 
         return decode, partial, partial_chunk
     if counters[NUM_WAITING] == 0:
         return decode, partial, partial_chunk
-    waiting, chunk = _admissions(rule, oldest_waiting(counters, columns.status, slots), left, free, columns,
-                                 empty_engine, block_size)
+    waiting, chunk = _admissions(rule, oldest_waiting(counters, columns.status, slots), left, free,
+                                 columns.context, empty_engine, block_size)
     if len(waiting) == 0:
         return decode, partial, partial_chunk
     return decode, np.concatenate((partial, waiting)), np.concatenate((partial_chunk, chunk))

@@ -197,7 +197,8 @@ def iterate(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, whole_pr
     if verdict == INVALID:
         return Iteration(INVALID, running, 0.0, 0, 0, 0, nothing, nothing, nothing, nothing, 0, 0.0)
     evicted, deferred = preempt.copy() if len(preempt) else nothing, nothing
-    running = evict(preempt, running, columns, counters, block_size)
+    if len(preempt):  # evict's arguments cost their reference counts even when there is nothing to evict
+        running = evict(preempt, running, columns, counters, block_size)
     if verdict == OVERFLOW:
         removed, deferred, keep_decode, keep_prefill = fit_to_capacity(
             running, decode, decode_before, prefill, prefill_before + chunks, columns, block_size, capacity)
