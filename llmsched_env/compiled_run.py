@@ -115,25 +115,34 @@ def oldest_waiting(counters: np.ndarray, status: np.ndarray, limit: int) -> np.n
 
 
 @compiled
-def _watch_for_stall(run: RunState, ran: bool, duration: float, progressed: bool, columns: RequestColumns,
-                     block_size: int, capacity_blocks: int) -> None:
-    """``Rollout._watch_for_stall`` (see :class:`~llmsched_env.runner.Rollout`)."""
+def _watch_for_stall(run: RunState, ran: bool, duration: float, progressed: bool) -> bool:
+    """``Rollout._watch_for_stall`` (see :class:`~llmsched_env.runner.Rollout`), up to its last test: returns
+    whether requests have waited without progress for the whole span while the engine iterated, so that the stall
+    is recorded only if the queue's head would fit in free memory (:func:`_stall_if_head_fits`). The request table
+    is not an argument: the common case does not read it."""
     counters, reals = run.counters, run.reals
     now, span = reals[NOW], reals[STALL_AFTER]
     if counters[NUM_WAITING] == 0:
         reals[PROGRESS_AT] = now
         reals[ITERATED_AT] = now
-        return
+        return False
     if ran and duration > 0:
         reals[ITERATED_AT] = now
         if progressed:
             reals[PROGRESS_AT] = now
     if now - reals[ITERATED_AT] >= span:
         reals[STALLED_AT] = reals[ITERATED_AT]
-    elif now - reals[PROGRESS_AT] >= span:
-        head = oldest_waiting(counters, columns.status, 1)
-        if len(head) and -(-columns.context[head[0]] // block_size) <= capacity_blocks - counters[USED_BLOCKS]:
-            reals[STALLED_AT] = reals[PROGRESS_AT]
+        return False
+    return now - reals[PROGRESS_AT] >= span
+
+
+@compiled
+def _stall_if_head_fits(run: RunState, columns: RequestColumns, block_size: int, capacity_blocks: int) -> None:
+    """The watch's last test: requests waited without progress for the whole span; it is a stall if the oldest
+    waiting request would fit in free memory (a threshold rule that holds it back)."""
+    head = oldest_waiting(run.counters, columns.status, 1)
+    if len(head) and -(-columns.context[head[0]] // block_size) <= capacity_blocks - run.counters[USED_BLOCKS]:
+        run.reals[STALLED_AT] = run.reals[PROGRESS_AT]
 
 
 @compiled_inlined
@@ -193,7 +202,8 @@ def apply(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, running: n
             reals[BLOCK_SECONDS] += held
             reals[NOW] = max(now, wake)
     if math.isfinite(reals[STALL_AFTER]) and math.isnan(reals[STALLED_AT]):
-        _watch_for_stall(run, ran, duration, progressed, columns, engine.block_size, engine.capacity_blocks)
+        if _watch_for_stall(run, ran, duration, progressed):
+            _stall_if_head_fits(run, columns, engine.block_size, engine.capacity_blocks)
     if counters[NUM_FINISHED] >= ints[RETIRE_AT] or (len(run.rows) and ints[ROWS] == len(run.rows)):
         return PAUSE, running, admitted, evicted, finished
     return GO_ON, running, admitted, evicted, finished
