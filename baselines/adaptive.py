@@ -248,14 +248,16 @@ def _quantile_edges(values: np.ndarray, grid: int) -> np.ndarray:
     count = len(values)
     if grid <= 1:
         return np.empty(0, dtype=np.float64)
-    ranks = np.empty(2 * (grid - 1), dtype=np.int64)  # each quantile's two neighbouring order statistics
+    virtuals = np.empty(grid - 1, dtype=np.float64)  # each quantile's position in the sorted sample
+    ranks = np.empty(2 * (grid - 1), dtype=np.int64)  # and the two order statistics around it
     for k in range(1, grid):
-        below = min(int(math.floor((count - 1) * (k / grid))), count - 1)
+        virtuals[k - 1] = (count - 1) * (k / grid)
+        below = int(math.floor(virtuals[k - 1]))
         ranks[2 * k - 2], ranks[2 * k - 1] = below, min(below + 1, count - 1)
     ordered = np.partition(values, np.unique(ranks))
     edges = np.empty(grid - 1, dtype=np.float64)
     for k in range(1, grid):
-        virtual = (count - 1) * (k / grid)
+        virtual = virtuals[k - 1]
         if virtual >= count - 1:
             edges[k - 1] = ordered[count - 1]
             continue

@@ -196,8 +196,9 @@ def iterate(decode: np.ndarray, prefill: np.ndarray, chunk: np.ndarray, whole_pr
                                 capacity - counters[USED_BLOCKS] + freed)
     if verdict == INVALID:
         return Iteration(INVALID, running, 0.0, 0, 0, 0, nothing, nothing, nothing, nothing, 0, 0.0)
-    evicted, deferred = preempt.copy() if len(preempt) else nothing, nothing
+    evicted, deferred = nothing, nothing
     if len(preempt):  # evict's arguments cost their reference counts even when there is nothing to evict
+        evicted = preempt.copy()
         running = evict(preempt, running, columns, counters, block_size)
     if verdict == OVERFLOW:
         removed, deferred, keep_decode, keep_prefill = fit_to_capacity(

@@ -145,6 +145,13 @@ def pairwise_sum(values: np.ndarray) -> float:
 
 
 @compiled_inlined
+def _attention_term(chunk: int, cached: int) -> float:
+    """One prefill's attention, ``chunk·cached + chunk·(chunk + 1)/2`` in float64."""
+    tokens = float(chunk)
+    return tokens * cached + tokens * (tokens + 1) / 2
+
+
+@compiled_inlined
 def prefill_attention_sum(chunk: np.ndarray, cached: np.ndarray) -> float:
     """The batch's prefill attention, ``Σ chunk·cached + chunk·(chunk + 1)/2`` over its prefills
     (:func:`~llmsched_env.cost_model.prefill_attention`), summed by :func:`pairwise_sum`."""
@@ -152,13 +159,11 @@ def prefill_attention_sum(chunk: np.ndarray, cached: np.ndarray) -> float:
     if count < 8:  # pairwise_sum's own order below 8 terms, without an array of them (most batches)
         total = 0.0
         for j in range(count):
-            tokens = float(chunk[j])
-            total += tokens * cached[j] + tokens * (tokens + 1) / 2
+            total += _attention_term(chunk[j], cached[j])
         return total
     terms = np.empty(count, dtype=np.float64)
     for j in range(count):
-        tokens = float(chunk[j])
-        terms[j] = tokens * cached[j] + tokens * (tokens + 1) / 2
+        terms[j] = _attention_term(chunk[j], cached[j])
     return pairwise_sum(terms)
 
 
