@@ -50,7 +50,7 @@ from baselines.wait import (
     wait_step,
 )
 from llmsched_env import compiled_run, kernels
-from llmsched_env.compiled import compiled, compiled_inlined
+from llmsched_env.compiled import borrowed, compiled, compiled_inlined
 from llmsched_env.compiled_run import GO_ON, LAST_ITERATION, NOW, PAUSE, RETIRED, ChunkArrays, RunState
 from llmsched_env.cost_estimate import CostFollower, follow_iteration, followed_factor
 from llmsched_env.cost_model import LinearCostModel
@@ -191,7 +191,17 @@ def run_adaptive_wait(run: RunState, running: np.ndarray, columns: RequestColumn
                       ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, HeldProfile]:
     """:class:`AdaptiveWaitPolicy`'s compiled loop: WAIT's (:func:`baselines.wait.run_wait`, the projection kept
     from call to call) with the rate observed before each decision, pausing for Python when the thresholds are due
-    to be solved again (they do not move the projection: it is the running batch's at its known lengths)."""
+    to be solved again (they do not move the projection: it is the running batch's at its known lengths). It runs
+    on borrowed views of what the caller owns (:func:`~llmsched_env.compiled.borrowed`)."""
+    return _adaptive_wait_iterations(borrowed(run), running, borrowed(columns), borrowed(arrivals), borrowed(engine),
+                                     borrowed(rule), borrowed(types), borrowed(queue), borrowed(learn), held)
+
+
+@compiled
+def _adaptive_wait_iterations(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+                              engine: EngineParams, rule: WaitRule, types: np.ndarray, queue: WaitQueue,
+                              learn: LearningState, held: HeldProfile
+                              ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, HeldProfile]:
     nothing = np.empty(0, dtype=np.int64)
     queue.scan_from[0] = max(queue.scan_from[0], run.ints[RETIRED])  # retired rows read as zeros
     held = kept_profile(rule, held, running, columns, engine, run)
@@ -219,7 +229,19 @@ def run_adaptive_nested_wait(run: RunState, running: np.ndarray, columns: Reques
     """:class:`AdaptiveNestedWaitPolicy`'s compiled loop: Nested WAIT's with the rate observed before each
     decision and the finished requests' lengths recorded after each iteration, pausing for Python when the
     thresholds are due to be solved again. ``projection`` is the running batch's where the last call stopped, at
-    this call's lookahead (see :func:`~baselines.nested_wait.kept_projection`)."""
+    this call's lookahead (see :func:`~baselines.nested_wait.kept_projection`). It runs on borrowed views of what
+    the caller owns (:func:`~llmsched_env.compiled.borrowed`)."""
+    return _adaptive_nested_wait_iterations(borrowed(run), running, borrowed(columns), borrowed(arrivals),
+                                            borrowed(engine), borrowed(rule), borrowed(guard), borrowed(learn),
+                                            borrowed(completed), projection)
+
+
+@compiled
+def _adaptive_nested_wait_iterations(run: RunState, running: np.ndarray, columns: RequestColumns,
+                                     arrivals: ChunkArrays, engine: EngineParams, rule: NestedWaitRule,
+                                     guard: np.ndarray, learn: LearningState, completed: "CompletionSample",
+                                     projection: BatchProjection
+                                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, BatchProjection]:
     nothing = np.empty(0, dtype=np.int64)
     no_margin = Margin(np.empty((0, 0), dtype=np.int64), nothing, 1, np.zeros(4, dtype=np.int64))  # it learns
     projection = kept_projection(rule, projection, running, columns, engine, run)

@@ -52,7 +52,7 @@ import numpy as np
 
 from baselines.cohorts import fill_in_order
 from llmsched_env import compiled_run
-from llmsched_env.compiled import compiled, compiled_inlined
+from llmsched_env.compiled import borrowed, compiled, compiled_inlined
 from llmsched_env.compiled_run import GO_ON, ChunkArrays, RunState, oldest_waiting
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
@@ -316,7 +316,16 @@ def fcfs_decision(rule: FCFSRule, running: np.ndarray, columns: RequestColumns, 
 @compiled
 def run_fcfs(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
              engine: EngineParams, rule: FCFSRule) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:class:`FCFSPolicy`'s compiled loop (see :data:`~llmsched_env.policy.CompiledLoop`)."""
+    """:class:`FCFSPolicy`'s compiled loop (see :data:`~llmsched_env.policy.CompiledLoop`), on borrowed views of
+    what the caller owns (:func:`~llmsched_env.compiled.borrowed`)."""
+    return _fcfs_iterations(borrowed(run), running, borrowed(columns), borrowed(arrivals), borrowed(engine),
+                            borrowed(rule))
+
+
+@compiled
+def _fcfs_iterations(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+                     engine: EngineParams, rule: FCFSRule
+                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     nothing = np.empty(0, dtype=np.int64)
     while True:
         stop = compiled_run.begin(run, columns, arrivals)

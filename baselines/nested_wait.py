@@ -80,7 +80,7 @@ from baselines.lookahead import (
 )
 from baselines.thresholds import NestedWaitThresholds
 from llmsched_env import compiled_run
-from llmsched_env.compiled import compiled, compiled_inlined
+from llmsched_env.compiled import borrowed, compiled, compiled_inlined
 from llmsched_env.compiled_run import EVICTIONS, GO_ON, ITERATIONS, ChunkArrays, RunState, oldest_waiting
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
@@ -642,7 +642,17 @@ def run_nested_wait(run: RunState, running: np.ndarray, columns: RequestColumns,
                     engine: EngineParams, rule: NestedWaitRule, guard: np.ndarray, projection: BatchProjection,
                     margin: Margin) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, BatchProjection]:
     """:class:`NestedWaitPolicy`'s compiled loop (see :data:`~llmsched_env.policy.CompiledLoop`), and the running
-    batch's projection where it stopped; ``projection`` is where the last call stopped (:func:`kept_projection`)."""
+    batch's projection where it stopped; ``projection`` is where the last call stopped (:func:`kept_projection`). It
+    runs on borrowed views of what the caller owns (:func:`~llmsched_env.compiled.borrowed`)."""
+    return _nested_wait_iterations(borrowed(run), running, borrowed(columns), borrowed(arrivals), borrowed(engine),
+                                   borrowed(rule), borrowed(guard), projection, borrowed(margin))
+
+
+@compiled
+def _nested_wait_iterations(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+                            engine: EngineParams, rule: NestedWaitRule, guard: np.ndarray, projection: BatchProjection,
+                            margin: Margin
+                            ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, BatchProjection]:
     nothing = np.empty(0, dtype=np.int64)
     projection = kept_projection(rule, projection, running, columns, engine, run)
     while True:

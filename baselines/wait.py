@@ -56,7 +56,7 @@ from baselines.lookahead import (
 from baselines.thresholds import WaitThresholds, wait_thresholds
 from baselines.type_queues import TypeQueues
 from llmsched_env import compiled_run
-from llmsched_env.compiled import compiled, compiled_inlined
+from llmsched_env.compiled import borrowed, compiled, compiled_inlined
 from llmsched_env.compiled_run import (
     GO_ON,
     INVALID_DECISION,
@@ -462,7 +462,16 @@ def run_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arriva
     """:class:`WaitPolicy`'s compiled loop (see :data:`~llmsched_env.policy.CompiledLoop`), and the running batch's
     projection where it stopped. ``types`` holds every request's type (by id), ``queue`` the waiting counts per
     type, ``held`` the projection where the last call stopped (:func:`kept_profile`), all followed through the
-    arrivals, admissions and evictions of each iteration."""
+    arrivals, admissions and evictions of each iteration. It runs on borrowed views of what the caller owns
+    (:func:`~llmsched_env.compiled.borrowed`)."""
+    return _wait_iterations(borrowed(run), running, borrowed(columns), borrowed(arrivals), borrowed(engine),
+                            borrowed(rule), borrowed(types), borrowed(queue), held)
+
+
+@compiled
+def _wait_iterations(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+                     engine: EngineParams, rule: WaitRule, types: np.ndarray, queue: WaitQueue, held: HeldProfile
+                     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, HeldProfile]:
     nothing = np.empty(0, dtype=np.int64)
     queue.scan_from[0] = max(queue.scan_from[0], run.ints[RETIRED])  # retired rows read as zeros
     held = kept_profile(rule, held, running, columns, engine, run)

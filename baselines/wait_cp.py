@@ -46,7 +46,7 @@ from typing import NamedTuple
 import numpy as np
 
 from llmsched_env import compiled_run
-from llmsched_env.compiled import compiled
+from llmsched_env.compiled import borrowed, compiled
 from llmsched_env.compiled_run import GO_ON, ChunkArrays, RunState, oldest_waiting
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import IDLE, Decision, Engine, SchedulerState
@@ -429,7 +429,16 @@ def run_chunked_booking(run: RunState, running: np.ndarray, columns: RequestColu
                         engine: EngineParams, rule: BookingRule, batch: np.ndarray
                         ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:class:`ChunkedBookingPolicy`'s compiled loop (see :data:`~llmsched_env.policy.CompiledLoop`); ``batch``
-    holds its rotation counter."""
+    holds its rotation counter. It runs on borrowed views of what the caller owns
+    (:func:`~llmsched_env.compiled.borrowed`)."""
+    return _booking_iterations(borrowed(run), running, borrowed(columns), borrowed(arrivals), borrowed(engine),
+                               borrowed(rule), borrowed(batch))
+
+
+@compiled
+def _booking_iterations(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
+                        engine: EngineParams, rule: BookingRule, batch: np.ndarray
+                        ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     nothing = np.empty(0, dtype=np.int64)
     while True:
         stop = compiled_run.begin(run, columns, arrivals)

@@ -7,6 +7,9 @@ exception set``). :func:`compiled` keeps a cache folder per environment instead:
 Numba, llvmlite and NumPy versions, the machine type and the environment's prefix. ``NUMBA_CACHE_DIR``, when
 set, is honoured as Numba documents it.
 
+:func:`borrowed` lets a compiled loop hand the arrays its caller owns to the functions it calls without counting
+references to them.
+
 The key also holds a hash of the package's sources: Numba checks a cached function against its own file only, so
 a compiled function that calls a kernel of another module would otherwise keep the callee's old machine code
 after the callee changed (an upgrade, or an edit in a checkout).
@@ -25,9 +28,11 @@ from typing import Any, Callable, Iterator, TypeVar
 import llvmlite
 import numba
 import numpy as np
-from numba.core import config
+from numba.core import config, types
+from numba.extending import intrinsic, overload
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def sources_hash() -> str:
@@ -94,3 +99,50 @@ def compiled_parallel(function: F) -> F:
     """:func:`compiled` with ``parallel=True``: the function's ``numba.prange`` loops run on all cores
     (``NUMBA_NUM_THREADS``; :func:`numba.set_num_threads` lowers it at run time)."""
     return _cached_njit(function, parallel=True)
+
+
+def borrowed(value: T) -> T:
+    """``value`` (an array, or a tuple / named tuple of arrays and scalars, nested) as views that count no
+    references: in compiled code, the same arrays without Numba's memory-info pointer; in Python (and with
+    ``NUMBA_DISABLE_JIT=1``), ``value`` itself.
+
+    A compiled call increfs every array its arguments hold as it starts and decrefs them as it returns, each an
+    atomic operation; for an array without a memory-info pointer, a test for null. A policy's compiled loop is
+    called on borrowed views of what its Python caller owns for the whole call and only reads or writes in place
+    (the request table, the rollout's state, the engine's parameters, the policy's rule), so that the calls it makes
+    at every iteration count no references to them (``docs/speed.md``).
+
+    Two rules keep this safe, each checked by a test:
+
+    * A borrowed view enters a function only as an argument of a call (``f(borrowed(x))``, never
+      ``x = borrowed(x)``): Numba's dead-code elimination drops a store into an array that it cannot tell aliases
+      one of the function's arguments, and it cannot tell that of a view a call returned (``tests/test_structure.py``).
+    * A borrowed view does not outlive its owner: no compiled function keeps one or returns one, or a view of one,
+      to Python, where it would be a NumPy array that owns nothing (``tests/test_compiled_policies.py``). One
+      returned whole comes back as its owner (Numba returns an array's parent object).
+    """
+    return value
+
+
+def _without_reference_counts(context: Any, builder: Any, typ: types.Type, value: Any) -> Any:
+    if isinstance(typ, types.Array):
+        field = context.data_model_manager[typ].get_field_position("meminfo")
+        return builder.insert_value(value, context.get_constant_null(types.MemInfoPointer(types.voidptr)), field)
+    if isinstance(typ, types.BaseTuple):
+        for k, member in enumerate(typ):
+            if isinstance(member, (types.Array, types.BaseTuple)):
+                inner = _without_reference_counts(context, builder, member, builder.extract_value(value, k))
+                value = builder.insert_value(value, inner, k)
+    return value
+
+
+@intrinsic
+def _borrow(typingctx: Any, value: types.Type) -> Any:
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return _without_reference_counts(context, builder, signature.args[0], args[0])
+    return value(value), codegen
+
+
+@overload(borrowed, inline="always")
+def _borrowed_compiled(value):  # type: ignore[no-untyped-def]  # Numba matches its parameters to the lambda's
+    return lambda value: _borrow(value)

@@ -50,7 +50,7 @@ from numba.typed import List as TypedList
 
 from llmsched_env import kernels
 from llmsched_env.admission import Candidates, InterfaceCounters, InterfaceParams
-from llmsched_env.compiled import compiled, compiled_parallel
+from llmsched_env.compiled import borrowed, compiled, compiled_parallel
 from llmsched_env.engine import LAST_ITERATION_FIELDS, Decision
 from llmsched_env.iteration import (
     FIRST_MAYBE_WAITING,
@@ -229,8 +229,15 @@ def advance_episode(start: int, action: np.ndarray, running: np.ndarray, columns
     ``GENERAL_FIXED``: the iteration ``decode``/``prefill`` (the agent's, or the fixed rule's) needs the
     engine's general path (nothing of it ran; the caller runs it and its reward, then goes on with
     ``ADVANCE``). The reward of the agent's decision goes to ``FIRST_REWARD``, the
-    rest to ``MORE_REWARD``, as ``LLMSchedEnv.step`` adds them.
+    rest to ``MORE_REWARD``, as ``LLMSchedEnv.step`` adds them. It runs on borrowed views of what the caller owns
+    (:func:`~llmsched_env.compiled.borrowed`).
     """
+    return _advance(start, action, running, borrowed(columns), borrowed(episode), borrowed(interface), borrowed(loop))
+
+
+@compiled
+def _advance(start: int, action: np.ndarray, running: np.ndarray, columns: RequestColumns, episode: EpisodeParams,
+             interface: InterfaceParams, loop: LoopState) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, bool]:
     # A local empty array, not the module's: Numba types a global array as a read-only constant, and each
     # distinct argument type compiles the callees again.
     nothing = np.empty(0, dtype=np.int64)

@@ -52,3 +52,13 @@ def check_engine(engine: SimulatedEngine) -> None:
     assert np.array_equal(records.decoded[finished], records.output_len[finished])
     assert np.all(records.finish_time[finished] >= records.first_token_time[finished])
     assert np.all(records.first_token_time[finished] >= records.arrival_time[finished])
+
+
+def unowned_arrays(value: object, where: str) -> list[str]:
+    """The arrays in ``value`` (nested tuples and lists) that own no memory and hold no reference to an owner: what
+    compiled code hands back when it returns a view of a borrowed array (:func:`llmsched_env.compiled.borrowed`)."""
+    if isinstance(value, np.ndarray):
+        return [where] if value.base is None and not value.flags.owndata else []
+    if isinstance(value, (tuple, list)):
+        return [found for k, item in enumerate(value) for found in unowned_arrays(item, f"{where}[{k}]")]
+    return []

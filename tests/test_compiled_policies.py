@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from dataclasses import replace
 from typing import Callable, Iterator
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
@@ -15,11 +18,13 @@ from baselines.adaptive import AdaptiveNestedWaitPolicy, AdaptiveWaitPolicy
 from baselines.fcfs import sarathi_policy, sarathi_vidur_policy, vllm_policy, vllm_v0_policy
 from llmsched_env import (Arrivals, InvalidDecisionError, LinearCostModel, PoissonWorkload, RequestType,
                           SimulatedEngine, TypeMix, runner)
+from llmsched_env.compiled import borrowed
 from llmsched_env.compiled_run import INVALID_DECISION
 from llmsched_env.engine import Engine, SchedulerState
 from llmsched_env.policy import CompiledPolicy, Policy
 from llmsched_env.runner import TimeSeriesRecorder, run
 from llmsched_env.scenario import Scenario, build_scenario
+from tests.invariants import unowned_arrays
 
 #: Adaptive policies that re-solve often within a short run, from a small sample (its ring wraps).
 LEARN_FAST = {"window_s": 2.0, "resolve_every_s": 1.0, "memory": 12, "warmup": 4}
@@ -201,3 +206,63 @@ def test_adaptive_nested_wait_learns_the_true_lengths_of_the_requests_that_finis
         # The Python path sees an iteration's finishes at its next decision: none follows a run's last iteration.
         finished &= records.finish_time < result.end_time
     np.testing.assert_array_equal(seen, np.sort(records.decoded[finished]))
+
+
+#: Enough memory pressure in 20 s for every preset to gate, lend, evict and retire.
+SMALL = build_scenario(types="p=20,o=30,rate=40;p=60,o=10,rate=20", memory_tokens=2400, block_size=8)
+
+
+def _borrowing_loops() -> list[tuple[str, str]]:
+    """``(module, name)`` of every compiled function of the policies' modules that borrows views."""
+    found = []
+    for module in sorted({type(make(SMALL)).__module__ for make in PRESETS.values()}):
+        for name, value in vars(importlib.import_module(module)).items():
+            function = getattr(value, "py_func", None)
+            if function is not None and function.__module__ == module and "borrowed(" in inspect.getsource(function):
+                found.append((module, name))
+    return found
+
+
+NEEDS_JIT = pytest.mark.skipif(numba.config.DISABLE_JIT, reason="borrowed views exist in compiled code only")
+
+
+@NEEDS_JIT
+def test_no_compiled_loop_hands_python_a_view_of_a_borrowed_array() -> None:
+    """Each policy's loop runs on borrowed views of the request table and the rollout's state; nothing it returns
+    (its decisions, its running batch, the projection it keeps) may be one, or a view of one."""
+    loops = _borrowing_loops()
+    assert {name for _, name in loops} >= {"run_fcfs", "run_wait", "run_nested_wait", "run_chunked_booking",
+                                            "run_adaptive_wait", "run_adaptive_nested_wait"}
+    leaks: list[str] = []
+    called: set[str] = set()
+    with pytest.MonkeyPatch.context() as patch:
+        for module, name in loops:
+            compiled_loop = getattr(importlib.import_module(module), name)
+
+            def checked(*args, _loop=compiled_loop, _name=name):  # type: ignore[no-untyped-def]
+                result = _loop(*args)
+                called.add(_name)
+                leaks.extend(unowned_arrays(result, _name))
+                return result
+            patch.setattr(importlib.import_module(module), name, checked)
+        for preset, make in sorted(PRESETS.items()):
+            result = run(SMALL.engine(), make(SMALL), SMALL.sample(20.0, seed=3), 20.0)
+            assert result.finished > 0, preset
+    assert called == {name for _, name in loops} and leaks == []
+
+
+@NEEDS_JIT
+def test_the_unowned_array_check_finds_a_returned_view_of_a_borrowed_array() -> None:
+    values = np.arange(6, dtype=np.int64)
+    assert unowned_arrays((1, _view_of_borrowed(values)), "r") == ["r[1]"]
+    assert unowned_arrays((values, values[2:], np.empty(0)), "r") == []
+
+
+@numba.njit
+def _leak(values: np.ndarray) -> np.ndarray:
+    return values[2:]
+
+
+@numba.njit
+def _view_of_borrowed(values: np.ndarray) -> np.ndarray:
+    return _leak(borrowed(values))

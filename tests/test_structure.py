@@ -161,3 +161,33 @@ def test_compiled_functions_take_at_most_ten_parameters() -> None:
                     if count > 10:
                         too_many.append(f"{path.relative_to(ROOT)}: {node.name} takes {count}")
     assert too_many == []
+
+
+def borrowed_views_outside_calls(source: str, filename: str) -> list[str]:
+    """Where ``borrowed(...)`` is used other than as an argument of a call: assigned, returned, stored.
+
+    Numba's dead-code elimination drops a store into an array it cannot tell aliases an argument of the function,
+    and it cannot tell that of a view a call returned: a function that borrows and writes would lose its writes. A
+    borrowed view therefore enters a function only as its argument (``llmsched_env.compiled.borrowed``)."""
+    tree = ast.parse(source, filename=filename)
+    arguments = {id(arg) for node in ast.walk(tree) if isinstance(node, ast.Call) for arg in node.args}
+    return [f"{filename}:{node.lineno}: {ast.unparse(node)}" for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] == "borrowed"
+            and id(node) not in arguments]
+
+
+def test_borrowed_views_are_only_handed_to_calls() -> None:
+    misuse = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            misuse += borrowed_views_outside_calls(path.read_text(), str(path.relative_to(ROOT)))
+    assert misuse == []
+
+
+def test_the_borrowed_view_scan_finds_what_it_must() -> None:
+    source = ("def f(a, b):\n"
+              "    return g(borrowed(a), b)\n"
+              "def h(a):\n"
+              "    a = borrowed(a)\n"
+              "    return compiled.borrowed(a)\n")
+    assert borrowed_views_outside_calls(source, "x.py") == ["x.py:4: borrowed(a)", "x.py:5: compiled.borrowed(a)"]

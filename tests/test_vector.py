@@ -6,14 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 import gymnasium as gym
+import numba
 import numpy as np
 import pytest
 from gymnasium.vector import AutoresetMode
 
 import llmsched_env  # noqa: F401  (registers the ids)
+from llmsched_env import episode as episode_module
+from llmsched_env import vector as vector_module
 from llmsched_env.errors import ConfigError
 from llmsched_env.registration import ENV_IDS
 from llmsched_env.vector import LLMSchedVectorEnv
+from tests.invariants import unowned_arrays
 
 HORIZON = 40.0
 
@@ -191,3 +195,32 @@ def test_validation_on_the_vector_env_is_the_evaluation_loops_run() -> None:
                              60.0), scenario.fluid(arrivals, 60.0))
     for key in ("regret_requests", "completed", "evictions", "throughput_rps"):
         assert validated[key] == expected[key], key
+
+
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="borrowed views exist in compiled code only")
+def test_no_step_hands_python_a_view_of_a_borrowed_array() -> None:
+    """The episode kernel runs on borrowed views of the request table and the episode's state
+    (:func:`llmsched_env.compiled.borrowed`): nothing a single env's or the vector env's step hands back to Python
+    (running ids, a general-path iteration's decode and prefill) may be one, or a view of one."""
+    leaks: list[str] = []
+    calls = [0, 0]
+    advance, get_item = episode_module.advance_episode, vector_module.get_item
+
+    def advance_checked(*args):  # type: ignore[no-untyped-def]
+        result = advance(*args)
+        calls[0] += 1
+        leaks.extend(unowned_arrays(result, "advance_episode"))
+        return result
+
+    def get_item_checked(items, index):  # type: ignore[no-untyped-def]
+        item = get_item(items, index)
+        calls[1] += 1
+        leaks.extend(unowned_arrays(item, "vector env item"))
+        return item
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(episode_module, "advance_episode", advance_checked)
+        patch.setattr(vector_module, "get_item", get_item_checked)
+        ended, evictions = _run_side_by_side([{"horizon": 20.0, "memory_tokens": 12_000}] * 2, steps=800, seed=5,
+                                             high=40)
+    assert ended > 0 and evictions > 0 and min(calls) > 0 and leaks == []
