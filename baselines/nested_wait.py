@@ -388,9 +388,9 @@ class RunningSegments(NamedTuple):
     """The running requests as Nested WAIT's compiled rule sees them."""
 
     ids: np.ndarray  # int64 running ids, in the engine's order
-    at_boundary: np.ndarray  # bool: waiting at a boundary for its segment's gate
-    segment: np.ndarray  # int64: the segment it is in (or enters)
-    decoded: np.ndarray  # int64: the tokens it has decoded
+    codes: np.ndarray  # int64: its segment_codes entry (``code >> 1`` the segment it is in or enters, ``code & 1``
+    # whether it waits at that segment's boundary for the gate)
+    decoded: np.ndarray  # int64: the tokens it has decoded (the paper's variant only; empty otherwise)
     queued: np.ndarray  # int64 per segment: how many wait at its entry boundary (0 for segment 1)
     stages: int  # 1 + the most any has decoded (the paper's variant counts per decoded count)
     peak: int  # the batch's projected peak in blocks (lookahead.held_peak; 0 without a lookahead)
@@ -443,15 +443,15 @@ def _chosen(rule: NestedWaitRule, batch: RunningSegments, prefix: int, whole: bo
     their positions in the running batch if ``positions``. An open gate lets in ``n_k`` from its boundary queue
     (oldest first), or all of it if ``whole``; cohorts in progress all decode (measured), or up to ``n_k`` of each
     stage within the ready prefix (the paper's); segments below ``kept_from`` are trimmed."""
-    n, segment, decoded = rule.n, batch.segment, batch.decoded
+    n, codes, decoded = rule.n, batch.codes, batch.decoded
     active = prefix if rule.pausing else len(n)  # segments whose cohorts advance
     entered = np.zeros(len(n), dtype=np.int64)
     at_stage = np.zeros(batch.stages if rule.pausing else 1, dtype=np.int64)  # the paper's: per decoded count
     chosen = np.empty(len(batch.ids), dtype=np.int64)
     count = 0
     for j in range(len(batch.ids)):
-        k = segment[j]
-        if batch.at_boundary[j]:
+        k = codes[j] >> 1
+        if codes[j] & 1:
             if k < prefix and (whole or entered[k] < n[k]):
                 entered[k] += 1
             else:
@@ -472,33 +472,29 @@ def _chosen(rule: NestedWaitRule, batch: RunningSegments, prefix: int, whole: bo
 def _selected_decodes(batch: RunningSegments, rule: NestedWaitRule, selection: Selection) -> np.ndarray:
     """The running ids that decode in ``selection``, in the engine's order."""
     if selection.decodes == len(batch.ids) and selection.kept_from == 0:
-        return batch.ids.copy()  # all of them (the common case: nothing waits at a shut gate)
+        return batch.ids  # all of them (the common case: nothing waits at a shut gate); nothing writes into either
     if not selection.counted:
         return _chosen(rule, batch, selection.prefix, selection.whole, selection.kept_from, False)
     decode = np.empty(len(selection.positions), dtype=np.int64)
     count = 0
     for j in selection.positions:
-        if batch.segment[j] >= selection.kept_from:
+        if batch.codes[j] >> 1 >= selection.kept_from:
             decode[count] = batch.ids[j]
             count += 1
     return decode[:count]
 
 
 @compiled
-def _nested_select(rule: NestedWaitRule, batch: RunningSegments, waiting: np.ndarray, ready: np.ndarray, mode: int,
+def _nested_select(rule: NestedWaitRule, batch: RunningSegments, waiting: np.ndarray, prefix: int, mode: int,
                    columns: RequestColumns, counters: np.ndarray, engine: EngineParams,
                    held: HeldProfile) -> Selection:
-    """:meth:`NestedWaitPolicy._select`. ``mode`` is the call's keywords: 0 thresholds only, 1 ``whole_queues``,
-    2 lending within ``rule.spare[0]``, 3 ``under_pressure``; ``held`` the running batch's projection
-    (:func:`batch_projection`), left as it was. Measured, the decodes are counted from the segments' tallies;
-    a pass over the batch is made only where the paper's per-stage rule or the memory check needs one."""
+    """:meth:`NestedWaitPolicy._select` with the gates of segments ``[0, prefix)`` open (the ready prefix:
+    :func:`_ready_prefix`). ``mode`` is the call's keywords: 0 thresholds only, 1 ``whole_queues``, 2 lending within
+    ``rule.spare[0]``, 3 ``under_pressure``; ``held`` the running batch's projection (:func:`batch_projection`), left
+    as it was. Measured, the decodes are counted from the segments' tallies; a pass over the batch is made only
+    where the paper's per-stage rule or the memory check needs one."""
     n = rule.n
     segments = len(n)
-    prefix = segments
-    for k in range(segments):
-        if not ready[k]:
-            prefix = k
-            break
     whole = mode == 1 or mode == 2
     positions, counted = batch.ids[:0], False
     if rule.pausing:
@@ -528,7 +524,7 @@ def _nested_select(rule: NestedWaitRule, batch: RunningSegments, waiting: np.nda
     growth = np.zeros(segments, dtype=np.int64)
     for j in positions:
         if columns.kv_tokens[batch.ids[j]] % block_size == 0:
-            growth[batch.segment[j]] += 1
+            growth[batch.codes[j] >> 1] += 1
     if growth.sum() <= room:
         return Selection(True, admit, prefix, whole, 0, decoding, positions, counted, False)
     if mode != 3:
@@ -544,8 +540,19 @@ def _nested_select(rule: NestedWaitRule, batch: RunningSegments, waiting: np.nda
         return Selection(True, admit, prefix, whole, 0, decoding, positions, counted, True)
     kept = 0
     for j in positions:
-        kept += batch.segment[j] >= kept_from
+        kept += batch.codes[j] >> 1 >= kept_from
     return Selection(True, admit, prefix, whole, kept_from, kept, positions, counted, False)
+
+
+@compiled_inlined
+def _ready_prefix(queued: np.ndarray, num_waiting: int, n: np.ndarray, gated: bool) -> int:
+    """How many segments, from the first, have their gates open: each needs ``n_k`` entrants (``gated``) or one, its
+    entrants being its boundary queue (``queued[k]``), and the waiting prompts for segment 1."""
+    for k in range(len(n)):
+        entrants = num_waiting if k == 0 else queued[k]
+        if entrants < (n[k] if gated else 1):
+            return k
+    return len(n)
 
 
 @compiled
@@ -557,9 +564,8 @@ def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: Req
     ``running``), brought up to date here as the running requests are sorted into segments."""
     codes, n, residual = rule.codes, rule.n, rule.residual
     segments = len(n)
-    at_boundary = np.zeros(len(running), dtype=np.bool_)
-    segment = np.empty(len(running), dtype=np.int64)
-    decoded = np.empty(len(running) if rule.pausing else 0, dtype=np.int64)  # only the paper's counts by stage
+    standing = np.empty(len(running), dtype=np.int64)  # each request's code
+    decoded = np.empty(len(running), dtype=np.int64) if rule.pausing else running[:0]  # the paper's counts by stage
     queued = np.zeros(segments, dtype=np.int64)
     projects = len(residual) > 0 and not rule.pausing
     held, base, end = projection.held, projection.base, projection.end
@@ -576,43 +582,39 @@ def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: Req
             if context - origin != base[j] or origin + remaining != end[j]:
                 redraw(projection, j, context, remaining, engine.block_size)
         code = codes[min(d, beyond)]
-        segment[j] = code >> 1
+        standing[j] = code
         if code & 1:
-            at_boundary[j] = True
             queued[code >> 1] += 1
         if rule.pausing:
             decoded[j] = d
             stages = max(stages, d + 1)
-    entrants = queued.copy()  # who waits to enter each segment: its boundary queue, prompts for segment 1
-    entrants[0] = counters[NUM_WAITING]
     waiting = oldest_waiting(counters, columns.status, n[0])  # all but lending can admit
     peak = held_peak(held) if projects else 0
-    batch = RunningSegments(running, at_boundary, segment, decoded, queued, stages, peak)
-    ready = entrants >= n
+    batch = RunningSegments(running, standing, decoded, queued, stages, peak)
+    open_gates = _ready_prefix(queued, counters[NUM_WAITING], n, True)  # the thresholds' ready prefix
     mode = 1 if projects and peak <= engine.capacity_blocks else 0
     if projects and rule.spare[0] > 0 and peak <= rule.spare[0]:
         # Memory is plentiful: every gate opens, admissions bounded by the lookahead within the spare. Lending
         # is kept when it fits and admits at least what the thresholds would; they admit at most n_1 of the
         # waiting prompts, none with segment 1 shut, so they are tried only when it admits fewer.
         lendable = oldest_waiting(counters, columns.status, max(n[0], LEND_SCAN))
-        chosen = _nested_select(rule, batch, lendable, np.ones(segments, dtype=np.bool_), 2, columns, counters,
-                                engine, held)
-        if not chosen.fits or len(chosen.admit) < (min(n[0], len(waiting)) if ready[0] else 0):
-            gated = _nested_select(rule, batch, waiting, ready, mode, columns, counters, engine, held)
+        chosen = _nested_select(rule, batch, lendable, segments, 2, columns, counters, engine, held)
+        if not chosen.fits or len(chosen.admit) < (min(n[0], len(waiting)) if open_gates > 0 else 0):
+            gated = _nested_select(rule, batch, waiting, open_gates, mode, columns, counters, engine, held)
             if not chosen.fits or (gated.fits and len(gated.admit) > len(chosen.admit)):
                 chosen = gated
     else:
-        chosen = _nested_select(rule, batch, waiting, ready, mode, columns, counters, engine, held)
+        chosen = _nested_select(rule, batch, waiting, open_gates, mode, columns, counters, engine, held)
     if not chosen.fits:
         # Memory pressure: admit nothing new and let every boundary queue move on toward completion.
         guard[0] += 1
-        chosen = _nested_select(rule, batch, waiting[:0], entrants > 0, 3, columns, counters, engine, held)
+        chosen = _nested_select(rule, batch, waiting[:0], _ready_prefix(queued, counters[NUM_WAITING], n, False), 3,
+                                columns, counters, engine, held)
         guard[1] += chosen.fell_back
     if chosen.decodes == 0 and len(chosen.admit) == 0 and rule.drain_when_idle and (counters[NUM_WAITING]
                                                                                      or len(running)):
         # Nothing would run: open every gate rather than strand requests, with their KV.
-        chosen = _nested_select(rule, batch, waiting, np.ones(segments, dtype=np.bool_), 3, columns, counters,
-                                engine, held)
+        chosen = _nested_select(rule, batch, waiting, segments, 3, columns, counters, engine, held)
         guard[1] += chosen.fell_back
     return _selected_decodes(batch, rule, chosen), chosen.admit
 

@@ -163,6 +163,9 @@ def wait_thresholds(mix: TypeMix, cost: LinearCostModel, capacity_tokens: int, b
                           capacity_blocks=capacity_blocks)
 
 
+_COUNTED_UP_TO = 1 << 20  # lengths up to this are counted in an array of that size rather than sorted
+
+
 @dataclass(frozen=True)
 class OutputLengthDistribution:
     """A discrete distribution of output lengths (values ascending, probabilities summing to 1)."""
@@ -173,7 +176,11 @@ class OutputLengthDistribution:
     @classmethod
     def from_samples(cls, output_lens: np.ndarray, weights: np.ndarray | None = None) -> "OutputLengthDistribution":
         lengths = np.asarray(output_lens, dtype=np.int64)
-        if weights is None:
+        if weights is None and len(lengths) and 0 <= lengths.min() and lengths.max() <= _COUNTED_UP_TO:
+            counts = np.bincount(lengths)  # np.unique's values and counts, without a sort
+            values = np.flatnonzero(counts)
+            mass = counts[values].astype(np.float64)
+        elif weights is None:
             values, counts = np.unique(lengths, return_counts=True)
             mass = counts.astype(np.float64)
         else:

@@ -122,3 +122,13 @@ def test_nested_wait_thresholds_report_an_unmet_buffer_and_scale_outside_the_reg
     assert rho < 1
     tau = COST.c0 / (1 - rho)
     assert tau * float(rates @ memory_time(np.full(4, 50), DISTRIBUTION.values)) == pytest.approx(118_784, rel=1e-6)
+
+
+@given(st.lists(st.integers(0, 3_000_000), min_size=1, max_size=60), st.booleans())
+def test_a_length_sample_counts_as_np_unique_counts_it(lengths: list[int], short: bool) -> None:
+    """Short lengths are counted without a sort, long ones sorted: the same values and probabilities either way."""
+    sample = np.array([length % 500 if short else length for length in lengths], dtype=np.int64)
+    distribution = OutputLengthDistribution.from_samples(sample)
+    values, counts = np.unique(sample, return_counts=True)
+    np.testing.assert_array_equal(distribution.values, values)
+    np.testing.assert_array_equal(distribution.probabilities, counts / counts.sum())
