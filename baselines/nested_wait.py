@@ -629,7 +629,9 @@ def nested_wait_step(rule: NestedWaitRule, guard: np.ndarray, running: np.ndarra
     projection followed through the iteration)."""
     if adapt_lookahead(rule, margin, run.ints[EVICTIONS], run.counters[NUM_WAITING]):
         projection = kept_projection(rule, projection, running, columns, engine, run)  # anew if it is too short
-    decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard, projection)
+    # The decision redraws staircases in place and keeps nothing of the projection: it reads it borrowed (the
+    # profile's arrays are passed at every call it makes).
+    decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard, borrowed(projection))
     chunk = compiled_run.whole_prefills(admit, columns)
     before = running
     stop, running, _, _, finished = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals, engine)

@@ -213,7 +213,8 @@ SMALL = build_scenario(types="p=20,o=30,rate=40;p=60,o=10,rate=20", memory_token
 
 
 def _borrowing_loops() -> list[tuple[str, str]]:
-    """``(module, name)`` of every compiled function of the policies' modules that borrows views."""
+    """``(module, name)`` of every compiled function of the policies' modules that hands out borrowed views (those
+    Python calls are wrapped and checked; the others are called from compiled code)."""
     found = []
     for module in sorted({type(make(SMALL)).__module__ for make in PRESETS.values()}):
         for name, value in vars(importlib.import_module(module)).items():
@@ -231,8 +232,9 @@ def test_no_compiled_loop_hands_python_a_view_of_a_borrowed_array() -> None:
     """Each policy's loop runs on borrowed views of the request table and the rollout's state; nothing it returns
     (its decisions, its running batch, the projection it keeps) may be one, or a view of one."""
     loops = _borrowing_loops()
-    assert {name for _, name in loops} >= {"run_fcfs", "run_wait", "run_nested_wait", "run_chunked_booking",
-                                            "run_adaptive_wait", "run_adaptive_nested_wait"}
+    entries = {"run_fcfs", "run_wait", "run_nested_wait", "run_chunked_booking", "run_adaptive_wait",
+               "run_adaptive_nested_wait"}
+    assert {name for _, name in loops} >= entries
     leaks: list[str] = []
     called: set[str] = set()
     with pytest.MonkeyPatch.context() as patch:
@@ -248,7 +250,7 @@ def test_no_compiled_loop_hands_python_a_view_of_a_borrowed_array() -> None:
         for preset, make in sorted(PRESETS.items()):
             result = run(SMALL.engine(), make(SMALL), SMALL.sample(20.0, seed=3), 20.0)
             assert result.finished > 0, preset
-    assert called == {name for _, name in loops} and leaks == []
+    assert called >= entries and leaks == []
 
 
 @NEEDS_JIT
