@@ -115,8 +115,9 @@ def borrowed(value: T) -> T:
     Two rules keep this safe, each checked by a test:
 
     * A borrowed view enters a function only as an argument of a call (``f(borrowed(x))``, never
-      ``x = borrowed(x)``): Numba's dead-code elimination drops a store into an array that it cannot tell aliases
-      one of the function's arguments, and it cannot tell that of a view a call returned (``tests/test_structure.py``).
+      ``x = borrowed(x)``), and never of a :func:`compiled_inlined` one (inlined, its arguments are the caller's
+      variables): Numba's dead-code elimination drops a store into an array that it cannot tell aliases one of the
+      function's arguments, and it cannot tell that of a view a call returned (``tests/test_structure.py``).
     * A borrowed view does not outlive its owner: no compiled function keeps one or returns one, or a view of one,
       to Python, where it would be a NumPy array that owns nothing (``tests/test_compiled_policies.py``). One
       returned whole comes back as its owner (Numba returns an array's parent object).
