@@ -213,8 +213,7 @@ SMALL = build_scenario(types="p=20,o=30,rate=40;p=60,o=10,rate=20", memory_token
 
 
 def _borrowing_loops() -> list[tuple[str, str]]:
-    """``(module, name)`` of every compiled function of the policies' modules that hands out borrowed views (those
-    Python calls are wrapped and checked; the others are called from compiled code)."""
+    """``(module, name)`` of every compiled function of the policies' modules that hands out borrowed views."""
     found = []
     for module in sorted({type(make(SMALL)).__module__ for make in PRESETS.values()}):
         for name, value in vars(importlib.import_module(module)).items():

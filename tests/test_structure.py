@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("llmsched_env", "baselines", "agents", "live_backend")
@@ -148,18 +149,23 @@ def test_the_private_name_scan_finds_what_it_must() -> None:
 COMPILING_DECORATORS = ("compiled", "compiled_inlined", "compiled_parallel", "numba.njit", "njit")
 
 
+def functions_decorated(decorators: tuple[str, ...]) -> Iterator[tuple[Path, ast.FunctionDef]]:
+    """Every function of the project's packages with one of ``decorators`` (by name, arguments aside)."""
+    for path in _modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any(
+                    ast.unparse(d).split("(")[0] in decorators for d in node.decorator_list):
+                yield path, node
+
+
 def test_compiled_functions_take_at_most_ten_parameters() -> None:
     # A compiled function takes a few typed structures (RequestColumns, EpisodeParams, InterfaceParams, LoopState,
     # ObservationScales), not long lists of arrays that must be kept in order at every call.
     too_many = []
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.FunctionDef) and any(
-                        ast.unparse(d).split("(")[0] in COMPILING_DECORATORS for d in node.decorator_list):
-                    count = len(node.args.posonlyargs) + len(node.args.args) + len(node.args.kwonlyargs)
-                    if count > 10:
-                        too_many.append(f"{path.relative_to(ROOT)}: {node.name} takes {count}")
+    for path, node in functions_decorated(COMPILING_DECORATORS):
+        count = len(node.args.posonlyargs) + len(node.args.args) + len(node.args.kwonlyargs)
+        if count > 10:
+            too_many.append(f"{path.relative_to(ROOT)}: {node.name} takes {count}")
     assert too_many == []
 
 
@@ -180,24 +186,12 @@ def borrowed_views_outside_calls(source: str, filename: str, inlined: frozenset[
             and id(node) not in arguments]
 
 
-def _inlined_functions() -> frozenset[str]:
-    names = set()
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.FunctionDef) and any(
-                        ast.unparse(d).split("(")[0] == "compiled_inlined" for d in node.decorator_list):
-                    names.add(node.name)
-    return frozenset(names)
-
-
 def test_borrowed_views_are_only_handed_to_calls() -> None:
-    inlined = _inlined_functions()
+    inlined = frozenset(node.name for _, node in functions_decorated(("compiled_inlined",)))
     assert {"iterate", "carry_batch"} <= inlined
     misuse = []
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            misuse += borrowed_views_outside_calls(path.read_text(), str(path.relative_to(ROOT)), inlined)
+    for path in _modules().values():
+        misuse += borrowed_views_outside_calls(path.read_text(), str(path.relative_to(ROOT)), inlined)
     assert misuse == []
 
 
