@@ -15,7 +15,9 @@ its requests wait. Two variants, both named policies:
 Drain (ours, not in the paper; ``drain_when_idle``, on for ``wait``, off for ``wait-pausing``): when
 nothing runs and nothing is in progress although requests wait, every type is let in (up to
 ``n_j``). Otherwise, once arrivals stop (the end of a trace), requests below a threshold would wait
-for ever. The paper's rule pauses cohorts exactly when no type is ready, so it keeps its rule.
+for ever. "Nothing runs" is judged before lending spare memory (below): with no type ready, a spare
+room for one request would otherwise admit one at a time, the batch never idle for the drain. The
+paper's rule pauses cohorts exactly when no type is ready, so it keeps its rule.
 
 Memory safety (``memory_safe``, on for ``wait``): lengths are known, so the KV the running batch will
 need before it finishes is known exactly (:mod:`baselines.lookahead`). A request is admitted only if
@@ -159,6 +161,12 @@ class WaitPolicy:
         n = self.thresholds.n
         queued = queues.counts()
         ready = (queued >= n) & (n > 0)
+        running = state.running
+        if (self.drain_when_idle and self.lend_spare_memory and not ready.any() and queued.any()
+                and not (state.kv_tokens[running] == state.context_len[running]).any()):
+            # Nothing would run but what lending lets in: drain instead, or a spare room for one request would
+            # admit one at a time and the batch would never be idle for the drain below.
+            ready = np.ones(len(n), dtype=bool)
         decision = self._select(state, types, queued, ready)
         if decision.is_idle and self.drain_when_idle and (queued.any() or len(state.running)):
             # Nothing would run: let every type in (up to n_j) rather than strand requests below a threshold
@@ -404,6 +412,8 @@ def wait_decision(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: 
     queued, n = queue.queued, rule.n
     gates = (queued >= n) & (n > 0)
     decode = _decodes(rule, gates, types, running, columns)
+    if len(decode) == 0 and rule.drain_when_idle and rule.lend_spare_memory and not gates.any() and queued.any():
+        gates = np.ones(len(n), dtype=np.bool_)  # nothing would run but what lending lets in: drain instead
     admit, held = _select(rule, gates, types, queue, columns, counters, engine, held)
     if len(decode) == 0 and len(admit) == 0 and rule.drain_when_idle and (queued.any() or len(running)):
         # Nothing would run: let every type in (up to n_j) rather than strand requests below a threshold.

@@ -37,6 +37,7 @@ PRESETS = {
     "sarathi-512": lambda scenario: sarathi_vidur_policy(max_num_batched_tokens=24, max_num_seqs=6),
     "wait": lambda scenario: make_policy("wait", scenario, 12.0),
     "wait-no-lending": lambda scenario: replace(make_policy("wait", scenario, 12.0), lend_spare_memory=False),
+    "wait-thresholds-out-of-reach": lambda scenario: _wait_out_of_reach(scenario),
     "nested-wait": lambda scenario: make_policy("nested-wait", scenario, 12.0),
     "nested-wait-no-lending": lambda scenario: replace(make_policy("nested-wait", scenario, 12.0),
                                                        lend_spare_memory=False),
@@ -61,6 +62,17 @@ PRESETS = {
     "nested-wait-cp-open": lambda scenario: ChunkedBookingPolicy.for_mix(scenario.offered_mix(), 12, nested=True,
                                                                           chunk=16, wait_gate=False),
 }
+
+
+def _wait_out_of_reach(scenario: Scenario) -> Policy:
+    """WAIT whose thresholds (40 per type) are above what its queues gather and whose reserve leaves spare room for
+    about one request: the drain, judged before lending, decides whenever nothing runs."""
+    policy = make_policy("wait", scenario, 12.0)
+    assert scenario.mix is not None
+    largest = -(-int((scenario.mix.prompt_lens + scenario.mix.output_lens).max()) // scenario.block_size)
+    reserve = max(scenario.capacity_tokens // scenario.block_size - largest, 0)
+    return replace(policy, thresholds=replace(policy.thresholds, n=np.full(len(policy.thresholds.n), 40),
+                                              memory_blocks=reserve))
 
 
 class PythonOnly:

@@ -90,6 +90,22 @@ def test_wait_drains_an_idle_engine_instead_of_stranding_requests_below_threshol
     assert decision.prefill.size == 0 and decision.decode.tolist() == [0, 1]
 
 
+def test_wait_drains_rather_than_lending_one_request_at_a_time() -> None:
+    # No type ready (n = 40, above the queue) and WAIT's reserve leaving spare room for one request (7 of 100
+    # blocks): lending alone would admit one request whenever the batch empties, so the batch would never be idle
+    # for the drain and a backlog below the thresholds would run one request at a time.
+    engine = SimulatedEngine(COST, capacity_tokens=100, block_size=1)
+    policy = wait_policy("measured", n=40, drain=True, lend=True, memory_blocks=93)
+    policy.reset(engine)
+    arrive(engine, 10)  # 10 x 7 tokens at their peak: all fit the cache, one fits the spare room
+    decision = policy.decide(engine.state())
+    assert decision.prefill.tolist() == list(range(10))  # nothing runs: the drain decides, on the whole cache
+    engine.step(decision)
+    arrive(engine, 1)  # while they run, lending keeps to the spare room, which the running batch fills
+    decision = policy.decide(engine.state())
+    assert decision.prefill.size == 0 and decision.decode.tolist() == list(range(10))
+
+
 def test_wait_needs_known_output_lengths() -> None:
     engine = SimulatedEngine(COST, capacity_tokens=1000, output_lengths_known=False)
     with pytest.raises(ConfigError, match="needs output lengths known.*nested-wait"):
