@@ -39,8 +39,10 @@ Each iteration:
 6. **drain** (ours, not in the paper; ``drain_when_idle``, on for ``nested-wait``, off for
    ``nested-wait-pausing``): when the rule would run nothing although requests wait or hold KV, every
    gate opens for whoever is behind it. Otherwise, once arrivals stop (the end of a trace), requests
-   below a threshold would be stranded, with their KV, for ever. The paper's rule pauses cohorts
-   exactly when segment 1 is not ready, so it keeps its rule.
+   below a threshold would be stranded, with their KV, for ever. With nothing running and segment 1
+   shut, the drain decides before lending: a spare room for one request would otherwise admit one at a
+   time, the batch never idle for the drain. The paper's rule pauses cohorts exactly when segment 1 is
+   not ready, so it keeps its rule.
 
 7. **adaptive margin** (ours, ``nested-wait-margin``): the lookahead's quantile and the lending reserve are
    safety margins against overflow, and what they cost depends on the tail of the length distribution: on
@@ -218,7 +220,10 @@ class NestedWaitPolicy:
         whole_queues = peak is not None and peak <= state.capacity_blocks
         decision = self._select(state, running, decoded, at_boundary, segment, waiting, entrants >= n,
                                 whole_queues=whole_queues)
-        if self.lend_spare_memory and peak is not None:
+        # With nothing running and segment 1 shut, the drain below decides, not lending: a spare room for one
+        # request would admit one at a time, the batch never idle for the drain.
+        drains_first = self.drain_when_idle and len(running) == 0 and 0 < state.num_waiting < n[0]
+        if self.lend_spare_memory and peak is not None and not drains_first:
             spare = int(self._margin_rule.spare[0]) if self._margin_rule is not None else self._spare_blocks(1.0)
             if spare > 0 and peak <= spare:
                 # Memory is plentiful: every gate opens, admissions bounded by the lookahead within the spare;
@@ -593,7 +598,8 @@ def nested_wait_decision(rule: NestedWaitRule, running: np.ndarray, columns: Req
     batch = RunningSegments(running, standing, decoded, queued, stages, peak)
     open_gates = _ready_prefix(queued, counters[NUM_WAITING], n, True)  # the thresholds' ready prefix
     mode = 1 if projects and peak <= engine.capacity_blocks else 0
-    if projects and rule.spare[0] > 0 and peak <= rule.spare[0]:
+    drains_first = rule.drain_when_idle and len(running) == 0 and 0 < counters[NUM_WAITING] < n[0]
+    if projects and rule.spare[0] > 0 and peak <= rule.spare[0] and not drains_first:
         # Memory is plentiful: every gate opens, admissions bounded by the lookahead within the spare. Lending
         # is kept when it fits and admits at least what the thresholds would; they admit at most n_1 of the
         # waiting prompts, none with segment 1 shut, so they are tried only when it admits fewer.

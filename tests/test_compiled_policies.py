@@ -39,6 +39,7 @@ PRESETS = {
     "wait-no-lending": lambda scenario: replace(make_policy("wait", scenario, 12.0), lend_spare_memory=False),
     "wait-thresholds-out-of-reach": lambda scenario: _wait_out_of_reach(scenario),
     "nested-wait": lambda scenario: make_policy("nested-wait", scenario, 12.0),
+    "nested-wait-thresholds-out-of-reach": lambda scenario: _nested_wait_out_of_reach(scenario),
     "nested-wait-no-lending": lambda scenario: replace(make_policy("nested-wait", scenario, 12.0),
                                                        lend_spare_memory=False),
     "wait-pausing": lambda scenario: make_policy("wait-pausing", scenario, 12.0),
@@ -73,6 +74,16 @@ def _wait_out_of_reach(scenario: Scenario) -> Policy:
     reserve = max(scenario.capacity_tokens // scenario.block_size - largest, 0)
     return replace(policy, thresholds=replace(policy.thresholds, n=np.full(len(policy.thresholds.n), 40),
                                               memory_blocks=reserve))
+
+
+def _nested_wait_out_of_reach(scenario: Scenario) -> Policy:
+    """Nested WAIT whose thresholds (40 per segment) are above what its queues gather and whose reserve leaves spare
+    room for about one request: with nothing running the drain decides, not lending."""
+    policy = make_policy("nested-wait", scenario, 12.0)
+    assert scenario.mix is not None
+    largest = int((scenario.mix.prompt_lens + scenario.mix.output_lens).max())
+    return replace(policy, thresholds=replace(policy.thresholds, n=np.full(len(policy.thresholds.n), 40)),
+                   reserve_tokens=float(max(scenario.capacity_tokens - largest, 0)))
 
 
 class PythonOnly:

@@ -162,6 +162,23 @@ def test_nested_wait_never_uses_output_lengths(variant: str) -> None:
     assert compared > 40
 
 
+def test_nested_wait_drains_rather_than_lending_one_request_at_a_time() -> None:
+    # Nothing running, segment 1 shut (n_1 = 40 above the queue) and a reserve leaving spare room for one request
+    # at its lookahead peak (20 prompt tokens and 32 at the residual's 90th percentile, of 60 spare tokens):
+    # lending alone would admit one request whenever the batch empties, the batch never idle for the drain.
+    from baselines.lookahead import residual_quantiles
+
+    distribution = OutputLengthDistribution.from_samples(np.array([8, 16, 32]), np.array([0.5, 0.3, 0.2]))
+    policy = NestedWaitPolicy(replace(nested_policy().thresholds, n=np.array([40, 40, 40])), "measured",
+                              drain_when_idle=True, lend_spare_memory=True, reserve_tokens=540.0,
+                              lookahead=residual_quantiles(distribution.values, distribution.probabilities, 0.9))
+    engine = SimulatedEngine(LinearCostModel(c0=0.01, c_kv=1e-6), capacity_tokens=600, block_size=1,
+                             output_lengths_known=False)
+    policy.reset(engine)
+    engine.add_requests(np.zeros(10), np.full(10, 20), np.full(10, 32))
+    decision = policy.decide(engine.state())
+    assert decision.prefill.tolist() == list(range(10))  # the drain decides, on the whole cache (10 x 52 <= 600)
+
 @pytest.mark.parametrize(("capacity", "entering"), [(10_000, 5), (200, 2)])
 def test_a_ready_gate_lets_its_whole_queue_through_while_the_lookahead_fits(capacity: int, entering: int) -> None:
     """Five requests wait at boundary 8 behind a gate of n_2 = 2. With memory to spare the whole queue enters
