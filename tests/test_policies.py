@@ -179,6 +179,7 @@ def test_nested_wait_drains_rather_than_lending_one_request_at_a_time() -> None:
     decision = policy.decide(engine.state())
     assert decision.prefill.tolist() == list(range(10))  # the drain decides, on the whole cache (10 x 52 <= 600)
 
+
 @pytest.mark.parametrize(("capacity", "entering"), [(10_000, 5), (200, 2)])
 def test_a_ready_gate_lets_its_whole_queue_through_while_the_lookahead_fits(capacity: int, entering: int) -> None:
     """Five requests wait at boundary 8 behind a gate of n_2 = 2. With memory to spare the whole queue enters
