@@ -161,9 +161,8 @@ class WaitPolicy:
         n = self.thresholds.n
         queued = queues.counts()
         ready = (queued >= n) & (n > 0)
-        running = state.running
         if (self.drain_when_idle and self.lend_spare_memory and not ready.any() and queued.any()
-                and not (state.kv_tokens[running] == state.context_len[running]).any()):
+                and len(_measured_decodes(state)) == 0):
             # Nothing would run but what lending lets in: drain instead, or a spare room for one request would
             # admit one at a time and the batch would never be idle for the drain below.
             ready = np.ones(len(n), dtype=bool)
@@ -194,7 +193,7 @@ class WaitPolicy:
 
         running = state.running
         if self.variant == "measured":
-            decode = running[state.kv_tokens[running] == state.context_len[running]]
+            decode = _measured_decodes(state)
             if self.memory_safe and queued.any():
                 admit = self._safe_admissions(state, running, queued, admit, types)
         else:
@@ -228,6 +227,13 @@ class WaitPolicy:
                                np.concatenate([remaining, cohort_remaining[:count]]),
                                other_context, other_remaining, state.block_size, spare)
         return np.sort(np.concatenate([admit, others[:extra]])) if extra else admit
+
+
+
+def _measured_decodes(state: SchedulerState) -> np.ndarray:
+    """The measured variant's decodes: every running request with its context cached."""
+    running = state.running
+    return running[state.kv_tokens[running] == state.context_len[running]]
 
 
 class WaitRule(NamedTuple):
