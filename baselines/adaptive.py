@@ -29,14 +29,24 @@ from typing import NamedTuple
 
 import numpy as np
 
-from baselines.lookahead import LOOKAHEAD_QUANTILE, BatchProjection, HeldProfile, no_projection, residual_quantiles
-from baselines.nested_wait import Margin, NestedWaitPolicy, NestedWaitRule, kept_projection, nested_wait_step
+from baselines.lookahead import LOOKAHEAD_QUANTILE, BatchProjection, HeldProfile, no_projection, residual_table
+from baselines.nested_wait import (
+    Margin,
+    NestedWaitPolicy,
+    NestedWaitRule,
+    kept_projection,
+    lending_limit,
+    nested_wait_step,
+    segment_code_table,
+)
 from baselines.thresholds import (
     NestedWaitThresholds,
-    OutputLengthDistribution,
     WaitThresholds,
+    boundaries_at_quantiles,
+    length_distribution,
     lifetime_blocks,
-    nested_wait_thresholds,
+    nested_wait_report,
+    nested_wait_solution,
     wait_thresholds,
 )
 from baselines.type_queues import TypeQueues
@@ -56,7 +66,7 @@ from llmsched_env.cost_estimate import CostFollower, follow_iteration, followed_
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
-from llmsched_env.fluid import equilibrium
+from llmsched_env.fluid import equilibrium_point
 from llmsched_env.iteration import EngineParams, N
 from llmsched_env.policy import CompiledLoop
 from llmsched_env.rate_estimate import ArrivalRateEstimator
@@ -125,35 +135,37 @@ class _Learning:
         """The learning's state as a compiled loop follows it (the rate estimator's sums are shared, in place)."""
         reals = np.array([self.rates.time, self.solved_at, self.solved_rate, self.window_s, self.resolve_every_s,
                           self.resolve_on_change, self.solved_factor], dtype=np.float64)
-        return LearningState(self.rates.sums, reals, np.array([self.seen, self.warmup, 0, 0], dtype=np.int64),
-                             self.follower.state)
+        return LearningState(self.rates.sums, reals,
+                             np.array([self.seen, self.warmup, 0, 0, self.solves], dtype=np.int64), self.follower.state)
 
     def to_loop(self, learn: "LearningState") -> None:
         """Hand the learning's state to a compiled loop (before each call)."""
         learn.reals[TIME], learn.reals[SOLVED_AT], learn.reals[SOLVED_RATE] = (self.rates.time, self.solved_at,
                                                                                self.solved_rate)
         learn.reals[SOLVED_FACTOR] = self.solved_factor
-        learn.ints[SEEN] = self.seen
+        learn.ints[SEEN], learn.ints[SOLVES] = self.seen, self.solves
 
     def from_loop(self, learn: "LearningState") -> None:
-        """Take back what a compiled loop observed (after each call)."""
+        """Take back what a compiled loop observed, and the solves it made (after each call)."""
         self.rates.time, self.seen = float(learn.reals[TIME]), int(learn.ints[SEEN])
+        self.solved_at, self.solved_rate = float(learn.reals[SOLVED_AT]), float(learn.reals[SOLVED_RATE])
+        self.solved_factor, self.solves = float(learn.reals[SOLVED_FACTOR]), int(learn.ints[SOLVES])
 
 
 # -- the learning's state in a compiled loop, as indices of LearningState.reals / .ints ---------------------------
 TIME, SOLVED_AT, SOLVED_RATE, WINDOW, RESOLVE_EVERY, RESOLVE_ON_CHANGE, SOLVED_FACTOR = range(7)
-SEEN, WARMUP, RESUME, DUE = range(4)
+SEEN, WARMUP, RESUME, DUE, SOLVES = range(5)
 _ONE_CLASS = np.empty(0, dtype=np.int64)  # count_arrivals' classes: every arrival counts toward the total rate
 
 
 class LearningState(NamedTuple):
-    """:class:`_Learning` in a compiled loop: the rate estimate, the engine's speed, when it was last solved, and the
-    loop's flags (``DUE``: thresholds are due to be solved again, in Python; ``RESUME``: go on with the decision
-    whose observation found that, without observing again)."""
+    """:class:`_Learning` in a compiled loop: the rate estimate, the engine's speed, when it was last solved, how
+    often, and the loop's flags (``DUE``: thresholds are due to be solved again; ``RESUME``: go on with the
+    decision whose observation found that, without observing again)."""
 
     sums: np.ndarray  # the rate estimator's sums (ArrivalRateEstimator.sums), updated in place
     reals: np.ndarray  # float64, indexed by TIME … SOLVED_FACTOR
-    ints: np.ndarray  # int64, indexed by SEEN … DUE
+    ints: np.ndarray  # int64, indexed by SEEN … SOLVES
     cost: np.ndarray  # the cost follower's state (CostFollower.state), updated in place
 
 
@@ -168,9 +180,15 @@ def _observe(learn: LearningState, run: RunState, columns: RequestColumns, enoug
     follow_iteration(learn.cost, run.reals[LAST_ITERATION:])
     if not enough_data:
         return False
-    rate = learn.sums[0] / (-math.expm1(-now / reals[WINDOW])) if now > 0 else learn.sums[0]
-    return _resolve_due(now - reals[SOLVED_AT], reals[RESOLVE_EVERY], rate, reals[SOLVED_RATE],
+    return _resolve_due(now - reals[SOLVED_AT], reals[RESOLVE_EVERY], _total_rate(learn), reals[SOLVED_RATE],
                         followed_factor(learn.cost), reals[SOLVED_FACTOR], reals[RESOLVE_ON_CHANGE])
+
+
+@compiled_inlined
+def _total_rate(learn: LearningState) -> float:
+    """``ArrivalRateEstimator.total`` of the loop's single class, at the time it last counted."""
+    time = learn.reals[TIME]
+    return learn.sums[0] / (-math.expm1(-time / learn.reals[WINDOW])) if time > 0 else learn.sums[0]
 
 
 @compiled_inlined
@@ -224,16 +242,29 @@ def _adaptive_wait_iterations(run: RunState, running: np.ndarray, columns: Reque
 @compiled
 def run_adaptive_nested_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                              engine: EngineParams, rule: NestedWaitRule, guard: np.ndarray, learn: LearningState,
-                             completed: "CompletionSample", projection: BatchProjection
-                             ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, BatchProjection]:
+                             learning: "NestedWaitLearning", projection: BatchProjection
+                             ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, BatchProjection,
+                                        NestedWaitRule, "NestedWaitSolve"]:
     """:class:`AdaptiveNestedWaitPolicy`'s compiled loop: Nested WAIT's with the rate observed before each
-    decision and the finished requests' lengths recorded after each iteration, pausing for Python when the
-    thresholds are due to be solved again. ``projection`` is the running batch's where the last call stopped, at
-    this call's lookahead (see :func:`~baselines.nested_wait.kept_projection`). It runs on borrowed views of what
-    the caller owns (:func:`~llmsched_env.compiled.borrowed`)."""
-    return _adaptive_nested_wait_iterations(borrowed(run), running, borrowed(columns), borrowed(arrivals),
-                                            borrowed(engine), borrowed(rule), borrowed(guard), borrowed(learn),
-                                            borrowed(completed), projection)
+    decision and the finished requests' lengths recorded after each iteration, the thresholds solved again in the
+    loop when they are due (:func:`solve_nested_wait`). ``projection`` is the running batch's where the last call
+    stopped, at this call's lookahead (see :func:`~baselines.nested_wait.kept_projection`). Returns, after the
+    decision, the projection kept, the rule in force and the call's last solve (no boundaries: none). It runs its
+    iterations on borrowed views of what the caller owns (:func:`~llmsched_env.compiled.borrowed`)."""
+    solve = no_solve()
+    while True:
+        stop, running, decode, admit, chunk, projection = _adaptive_nested_wait_iterations(
+            borrowed(run), running, borrowed(columns), borrowed(arrivals), borrowed(engine), borrowed(rule),
+            borrowed(guard), borrowed(learn), borrowed(learning.completed), projection)
+        if not learn.ints[DUE]:
+            return stop, running, decode, admit, chunk, projection, rule, solve
+        # The iterations stopped for a solve, their decision still to make: solve, and go on with the new rule
+        # (the kept projection follows its lookahead: kept_projection).
+        learn.ints[DUE] = 0
+        solved = _solve_due(learn, run, columns, learning)
+        if len(solved.boundaries):
+            solve = solved
+            rule = adaptive_rule(solve, learning.settings, rule.drain_when_idle, rule.pausing)
 
 
 @compiled
@@ -310,6 +341,111 @@ def quantile_classes(prompt: np.ndarray, output: np.ndarray, grid: int) -> tuple
     return prompt_sum[found] / members[found], output_sum[found] / members[found], members[found] / len(prompt)
 
 
+# -- the adaptive Nested WAIT's solve, in one compiled path for the loop and for `decide` ----------------------
+SEGMENTS, MARGIN = 4, 0.05  # nested_wait_thresholds' defaults: quantile segments, and the margin between them
+PROMPT, RATE, TAU, MEMORY, SCALE, FLUID_MEMORY, C0 = range(7)  # indices of NestedWaitSolve.reals
+CAPACITY_TOKENS, CAPACITY_BLOCKS, BLOCK_SIZE, QUANTILE, THRESHOLD_SCALE, LENDS = range(6)  # of the settings
+
+
+class NestedWaitSolve(NamedTuple):
+    """One solve of the adaptive Nested WAIT (:func:`solve_nested_wait`): what its rule and its report are made
+    of."""
+
+    boundaries: np.ndarray  # int64 b_1 < … < b_K (none: no solve)
+    n: np.ndarray  # int64 threshold per segment, as solved (before the threshold scale)
+    survival: np.ndarray  # float64 p_k per segment
+    lookahead: np.ndarray  # int64 residual_quantiles table of the lengths' distribution
+    reals: np.ndarray  # float64, indexed by PROMPT (mean), RATE (sized for), TAU, MEMORY (M^π), SCALE (α),
+    # FLUID_MEMORY (M* of the rate and distribution), C0 (the cost model's)
+
+
+class NestedWaitLearning(NamedTuple):
+    """What the adaptive Nested WAIT's compiled loop learns and solves from, besides the rate
+    (:class:`LearningState`)."""
+
+    completed: "CompletionSample"
+    settings: np.ndarray  # float64, indexed by CAPACITY_TOKENS … LENDS (THRESHOLD_SCALE: set_threshold_scale's)
+    profile: np.ndarray  # float64 the cost profile's coefficients (LinearCostModel.coefficients)
+
+
+@compiled
+def no_solve() -> NestedWaitSolve:
+    """A :class:`NestedWaitSolve` that stands for none."""
+    return NestedWaitSolve(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64),
+                           np.empty(0, dtype=np.int64), np.zeros(7, dtype=np.float64))
+
+
+@compiled
+def solve_nested_wait(lengths: np.ndarray, prompts: np.ndarray, rate: float, coefficients: np.ndarray,
+                      capacity_tokens: float, quantile: float) -> NestedWaitSolve:
+    """The adaptive Nested WAIT's thresholds and lookahead from the output ``lengths`` of recent completions (any
+    order), the ``prompts`` of recent arrivals, the total ``rate`` and the cost ``coefficients``: Nested WAIT's
+    sizing (:func:`~baselines.thresholds.nested_wait_solution`, four quantile segments, margin 0.05) for the
+    lengths' distribution at the mean prompt, the lookahead's ``quantile`` of each residual, and the fluid memory
+    ``M*`` the reserve is capped at."""
+    values, probabilities = length_distribution(lengths)
+    bounds = boundaries_at_quantiles(values, probabilities, SEGMENTS)
+    total = 0.0
+    for prompt_len in prompts:
+        total += prompt_len  # integers: exact in any order, as NumPy's mean sums them
+    prompt = total / len(prompts)
+    survival, n, scale, tau, memory, work, held = nested_wait_solution(
+        values, probabilities, bounds, prompt, rate, coefficients, capacity_tokens, MARGIN)
+    _, _, fluid_memory = equilibrium_point(rate, probabilities, work, held, coefficients[0])
+    reals = np.array([prompt, rate, tau, memory, scale, fluid_memory, coefficients[0]], dtype=np.float64)
+    return NestedWaitSolve(bounds, n, survival, residual_table(values, probabilities, quantile), reals)
+
+
+@compiled
+def scaled_counts(n: np.ndarray, scale: float) -> np.ndarray:
+    """Thresholds times a residual agent's ``scale``, rounded (half to even), at least 1."""
+    scaled = np.empty(len(n), dtype=np.int64)
+    for k in range(len(n)):
+        scaled[k] = max(1, int(np.rint(n[k] * scale)))
+    return scaled
+
+
+@compiled
+def adaptive_rule(solve: NestedWaitSolve, settings: np.ndarray, drain_when_idle: bool,
+                  pausing: bool) -> NestedWaitRule:
+    """The compiled rule of a solve, at the settings' threshold scale: the scaled thresholds, the lookahead (the
+    measured variant projects; the paper's pauses), and lending up to the capacity less the scaled reserve
+    (``min(M*, M^π)``)."""
+    scale = settings[THRESHOLD_SCALE]
+    n = scaled_counts(solve.n, scale) if scale != 1.0 else solve.n.copy()
+    reserve = min(solve.reals[FLUID_MEMORY], solve.reals[MEMORY])
+    if scale != 1.0:
+        reserve *= scale
+    spare = -1
+    if settings[LENDS] and not pausing:
+        spare = lending_limit(reserve, int(settings[CAPACITY_BLOCKS]), int(settings[BLOCK_SIZE]))
+    residual = np.empty(0, dtype=np.int64) if pausing else solve.lookahead.copy()
+    return NestedWaitRule(solve.boundaries.copy(), segment_code_table(solve.boundaries), n, residual,
+                          np.array([spare], dtype=np.int64), drain_when_idle, pausing)
+
+
+@compiled
+def _solve_due(learn: LearningState, run: RunState, columns: RequestColumns,
+               learning: NestedWaitLearning) -> NestedWaitSolve:
+    """:meth:`AdaptiveNestedWaitPolicy.decide`'s solve in the loop: once ``warmup`` requests have finished, the
+    thresholds of the recent completions and arrivals (none when every recent request has retired: the
+    thresholds stay), then the solve recorded (:meth:`_Learning.solved`)."""
+    completed, settings = learning.completed, learning.settings
+    count, size = completed.count[0], len(completed.lengths)
+    if count < learn.ints[WARMUP]:
+        return no_solve()
+    now, rate, factor = run.reals[NOW], _total_rate(learn), followed_factor(learn.cost)
+    first, arrived = max(run.ints[RETIRED], run.counters[N] - size), run.counters[N]
+    solve = no_solve()
+    if first < arrived:
+        coefficients = learning.profile * factor if factor != 1.0 else learning.profile
+        solve = solve_nested_wait(completed.lengths[:min(count, size)], columns.prompt[first:arrived],
+                                  max(rate, 1e-9), coefficients, settings[CAPACITY_TOKENS], settings[QUANTILE])
+    learn.reals[SOLVED_AT], learn.reals[SOLVED_RATE], learn.reals[SOLVED_FACTOR] = now, rate, factor
+    learn.ints[SOLVES] += 1
+    return solve
+
+
 def _unit_thresholds(mix: TypeMix, capacity_tokens: int, block_size: int) -> WaitThresholds:
     count = len(mix.types)
     return WaitThresholds(n=np.ones(count, np.int64), iteration_time_s=0.0, memory_tokens=0.0, memory_blocks=0,
@@ -367,7 +503,7 @@ class AdaptiveWaitPolicy(WaitPolicy):
         if self.threshold_scale == 1.0:
             return solved
         assert self.learning is not None
-        n = np.maximum(1, np.rint(solved.n * self.threshold_scale)).astype(np.int64)
+        n = scaled_counts(solved.n, self.threshold_scale)
         blocks = lifetime_blocks(self.mix.prompt_lens, self.mix.output_lens, self.learning.block_size)
         return replace(solved, n=n, memory_blocks=int(n @ blocks))
 
@@ -454,14 +590,21 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
 
     def reset(self, engine: Engine) -> None:
         super().reset(engine)
-        assert self.learning is not None
-        self.learning.reset()
-        self._solved = (_single_segment(self.learning.capacity_tokens), None)
+        learning = self.learning
+        assert learning is not None
+        if not 0 < self.lookahead_quantile <= 1:
+            raise ConfigError(f"the lookahead quantile must be in (0, 1], got {self.lookahead_quantile}")
+        learning.reset()
+        self._solved = (_single_segment(learning.capacity_tokens), None)
         self.thresholds, self.reserve_tokens = self._scaled(*self._solved)
         self.lookahead = None
+        self._solve: NestedWaitSolve | None = None  # the last solve (None: thresholds not solved yet)
         self._rule_stale = False
-        self._engine = engine
-        self._completed = Completions(self.learning.memory)
+        self._completed = Completions(learning.memory)
+        self._settings = np.array([learning.capacity_tokens, engine.capacity_blocks, engine.block_size,
+                                   self.lookahead_quantile, self.threshold_scale, float(self.lend_spare_memory)],
+                                  dtype=np.float64)
+        self._profile = learning.cost.coefficients()
 
     def set_threshold_scale(self, scale: float) -> None:
         """Multiply every segment's threshold (rounded, at least 1) and the memory kept back from lending by
@@ -469,6 +612,7 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         A residual agent's action (:mod:`agents.residual`)."""
         self.threshold_scale = _checked_scale(scale)
         self.thresholds, self.reserve_tokens = self._scaled(*self._solved)
+        self._settings[THRESHOLD_SCALE] = self.threshold_scale
         self._rule_stale = True
 
     @property
@@ -487,8 +631,7 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         scale = self.threshold_scale
         if scale == 1.0:
             return solved, reserve
-        n = np.maximum(1, np.rint(solved.n * scale)).astype(np.int64)
-        return (replace(solved, n=n, memory_tokens=solved.memory_tokens * scale),
+        return (replace(solved, n=scaled_counts(solved.n, scale), memory_tokens=solved.memory_tokens * scale),
                 None if reserve is None else reserve * scale)
 
     @property
@@ -496,14 +639,22 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         """The output lengths it has seen requests finish with (what it learns its distribution from)."""
         return self._completed
 
+    def compiled_rule(self) -> NestedWaitRule:
+        """The rule as the compiled loop takes it: its last solve's (:func:`adaptive_rule`, the one the loop builds
+        when it solves), or Nested WAIT's of the thresholds before the first."""
+        if self._solve is None:
+            return super().compiled_rule()
+        return adaptive_rule(self._solve, self._settings, self.drain_when_idle, self.variant == "paper")
+
     def compiled_loop(self) -> CompiledLoop:
-        """This policy compiled (:func:`run_adaptive_nested_wait`): Nested WAIT's compiled rule between solves, the
-        solves in Python within the same call (from the loop's own state: nothing is handed back to the rollout for
-        them); the same decisions as :meth:`decide`, bit for bit."""
+        """This policy compiled (:func:`run_adaptive_nested_wait`): Nested WAIT's compiled rule, the thresholds
+        solved again within the loop (:func:`solve_nested_wait`, the solve :meth:`decide` calls); the same
+        decisions as :meth:`decide`, bit for bit."""
         learning = self.learning
         assert learning is not None
         learn, guard, rule = learning.loop_state(), np.zeros(2, dtype=np.int64), [self.compiled_rule()]
         kept = [no_projection()]  # the running batch's projection where the loop last stopped
+        follows = NestedWaitLearning(self._completed.sample, self._settings, self._profile)
 
         def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                  params: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -511,20 +662,11 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
                 rule[0] = self.compiled_rule()
                 self._rule_stale = False
             learning.to_loop(learn)
-            while True:
-                stop, running, *decision, kept[0] = run_adaptive_nested_wait(
-                    run, running, columns, arrivals, params, rule[0], guard, learn, self._completed.sample, kept[0])
-                if not learn.ints[DUE]:
-                    break
-                # The loop stopped for a solve, its decision still to make: solve, and go on.
-                learning.from_loop(learn)
-                if self._completed.count >= learning.warmup:
-                    self._resolve_at(float(run.reals[NOW]), int(run.ints[RETIRED]), int(run.counters[N]),
-                                     columns.prompt, self._completed.lengths())
-                    rule[0] = self.compiled_rule()  # the kept projection follows a new lookahead (kept_projection)
-                learn.ints[DUE] = 0
-                learning.to_loop(learn)
+            stop, running, *decision, kept[0], rule[0], solve = run_adaptive_nested_wait(
+                run, running, columns, arrivals, params, rule[0], guard, learn, follows, kept[0])
             learning.from_loop(learn)
+            if len(solve.boundaries):
+                self._adopt(solve)
             self.count_guard(guard)
             return (stop, running, *decision)  # type: ignore[return-value]
         return loop
@@ -541,26 +683,31 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
 
     def _resolve_at(self, now: float, retired: int, num_requests: int, prompt_len: np.ndarray,
                     lengths: np.ndarray) -> None:
-        """New thresholds, lookahead and reserve from the recent completions' output ``lengths``, at engine time
-        ``now``, with ``num_requests`` arrived (ids ``retired`` on still in the engine, prompts in ``prompt_len``)."""
+        """New thresholds, lookahead and reserve (:func:`solve_nested_wait`) from the recent completions' output
+        ``lengths``, at engine time ``now``, with ``num_requests`` arrived (ids ``retired`` on still in the
+        engine, prompts in ``prompt_len``)."""
         learning = self.learning
         assert learning is not None
         recent = slice(max(retired, num_requests - learning.memory), num_requests)
-        if recent.start >= recent.stop:  # every request retired: nothing to learn the prompt from; keep the thresholds
-            learning.solved(now)
-            return
-        prompt = float(prompt_len[recent].mean())
-        distribution = OutputLengthDistribution.from_samples(lengths)
-        rate = max(learning.rates.total, 1e-9)
-        cost = learning.current_cost()
-        solved = nested_wait_thresholds(distribution, prompt, rate, cost, learning.capacity_tokens,
-                                        horizon_s=self.horizon_s)
-        self.lookahead = residual_quantiles(distribution.values, distribution.probabilities, self.lookahead_quantile)
-        _, _, fluid_memory = equilibrium(rate * distribution.probabilities, np.full(len(distribution.values), prompt),
-                                         distribution.values, cost)
-        self._solved = (solved, min(fluid_memory, solved.memory_tokens))
-        self.thresholds, self.reserve_tokens = self._scaled(*self._solved)
+        if recent.start < recent.stop:  # else every request retired: nothing to learn the prompt from; keep them
+            self._adopt(solve_nested_wait(
+                np.ascontiguousarray(lengths, dtype=np.int64), np.ascontiguousarray(prompt_len[recent], np.int64),
+                max(learning.rates.total, 1e-9), learning.current_cost().coefficients(),
+                float(learning.capacity_tokens), float(self.lookahead_quantile)))
         learning.solved(now)
+
+    def _adopt(self, solve: NestedWaitSolve) -> None:
+        """Take a solve's thresholds (with the paper's report of them), lookahead and reserve."""
+        assert self.learning is not None
+        reals = solve.reals
+        thresholds = nested_wait_report(solve.boundaries, solve.survival, solve.n, float(reals[SCALE]),
+                                        float(reals[TAU]), float(reals[MEMORY]), float(reals[PROMPT]),
+                                        float(reals[RATE]), float(reals[C0]), self.learning.capacity_tokens,
+                                        horizon_s=self.horizon_s)
+        self._solve = solve
+        self._solved = (thresholds, min(float(reals[FLUID_MEMORY]), thresholds.memory_tokens))
+        self.thresholds, self.reserve_tokens = self._scaled(*self._solved)
+        self.lookahead = solve.lookahead
 
 
 class CompletionSample(NamedTuple):

@@ -76,12 +76,12 @@ def residual_quantiles(values: np.ndarray, probabilities: np.ndarray, quantile: 
     """
     if not 0 < quantile <= 1:
         raise ConfigError(f"the lookahead quantile must be in (0, 1], got {quantile}")
-    return _residual_table(np.ascontiguousarray(values, np.int64), np.ascontiguousarray(probabilities, np.float64),
-                           float(quantile))
+    return residual_table(np.ascontiguousarray(values, np.int64), np.ascontiguousarray(probabilities, np.float64),
+                          float(quantile))
 
 
 @compiled
-def _residual_table(values: np.ndarray, mass: np.ndarray, quantile: float) -> np.ndarray:
+def residual_table(values: np.ndarray, mass: np.ndarray, quantile: float) -> np.ndarray:
     """:func:`residual_quantiles`' table. Each conditional distribution's CDF is the running sum of the
     probabilities from its first surviving length, divided by their total (in NumPy's ``cumsum`` order: exact
     whatever the CPU); the scan stops at the quantile, so a table costs ``O(lengths × reach)``, not a cumulative

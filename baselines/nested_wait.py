@@ -59,6 +59,7 @@ last segment.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -182,8 +183,7 @@ class NestedWaitPolicy:
         if not (self.lend_spare_memory and self._projects()):
             return -1
         reserve = share * (self.thresholds.memory_tokens if self.reserve_tokens is None else self.reserve_tokens)
-        return self._capacity_blocks - int(np.ceil(min(reserve, self._capacity_blocks * self._block_size)
-                                                   / self._block_size))
+        return int(lending_limit(float(reserve), self._capacity_blocks, self._block_size))
 
     def count_guard(self, guard: np.ndarray) -> None:
         """Add the guard's activations and fallbacks a compiled loop counted into ``guard`` (and clear it)."""
@@ -317,11 +317,12 @@ def segment_codes(boundaries: np.ndarray) -> np.ndarray:
     """Where a running request stands, by the tokens ``d`` it has decoded: ``2·k + b``, with ``k`` the segment it
     is in (or enters) and ``b`` 1 where it waits at that segment's entry boundary (``d`` one of ``b_1 … b_{K-1}``).
     The last entry stands for every larger ``d``: past ``b_{K-1}`` every request is in the last segment."""
-    return _segment_codes(np.ascontiguousarray(boundaries, dtype=np.int64))
+    return segment_code_table(np.ascontiguousarray(boundaries, dtype=np.int64))
 
 
 @compiled
-def _segment_codes(bounds: np.ndarray) -> np.ndarray:
+def segment_code_table(bounds: np.ndarray) -> np.ndarray:
+    """:func:`segment_codes` of int64 ``bounds``."""
     segments = len(bounds)
     codes = np.empty(bounds[-2] + 2 if segments > 1 else 1, dtype=np.int64)
     for d in range(len(codes)):
@@ -331,6 +332,13 @@ def _segment_codes(bounds: np.ndarray) -> np.ndarray:
         else:
             codes[d] = 2 * min(np.searchsorted(bounds, d, side="right"), segments - 1)
     return codes
+
+
+@compiled
+def lending_limit(reserve_tokens: float, capacity_blocks: int, block_size: int) -> int:
+    """The blocks lending may fill: the capacity less ``reserve_tokens`` (at most all of it), rounded up to
+    blocks."""
+    return capacity_blocks - int(math.ceil(min(reserve_tokens, capacity_blocks * block_size) / block_size))
 
 
 class NestedWaitRule(NamedTuple):

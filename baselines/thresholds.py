@@ -46,10 +46,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import brentq
 
+from llmsched_env import kernels
 from llmsched_env.compiled import compiled
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.errors import ConfigError
-from llmsched_env.fluid import equilibrium, lifetime_work, memory_time
+from llmsched_env.fluid import equilibrium, equilibrium_point, lifetime_work, lifetime_works, memory_time, memory_times
 from llmsched_env.workload import TypeMix
 
 _MAX_FIXED_POINT_STEPS = 10_000
@@ -176,11 +177,9 @@ class OutputLengthDistribution:
     @classmethod
     def from_samples(cls, output_lens: np.ndarray, weights: np.ndarray | None = None) -> "OutputLengthDistribution":
         lengths = np.asarray(output_lens, dtype=np.int64)
-        if weights is None and len(lengths) and 0 <= lengths.min() and lengths.max() <= _COUNTED_UP_TO:
-            counts = np.bincount(lengths)  # np.unique's values and counts, without a sort
-            values = np.flatnonzero(counts)
-            mass = counts[values].astype(np.float64)
-        elif weights is None:
+        if weights is None and len(lengths) and lengths.min() >= 0:
+            return cls(*length_distribution(np.ascontiguousarray(lengths)))
+        if weights is None:
             values, counts = np.unique(lengths, return_counts=True)
             mass = counts.astype(np.float64)
         else:
@@ -192,16 +191,59 @@ class OutputLengthDistribution:
 
     def survival(self, length: float) -> float:
         """``P(o > length)``."""
-        return float(self.probabilities[self.values > length].sum())
+        return float(_survival_beyond(np.ascontiguousarray(self.values, dtype=np.int64),
+                                      np.ascontiguousarray(self.probabilities, dtype=np.float64), float(length)))
 
     def quantile_boundaries(self, segments: int) -> np.ndarray:
         """``segments`` boundaries at the output-length quantiles ``k / segments``; the last is the maximum."""
         if segments < 1:
             raise ConfigError(f"Nested WAIT needs at least one segment, got {segments}")
-        cdf = np.cumsum(self.probabilities)
-        picks = [self.values[min(int(np.searchsorted(cdf, k / segments - 1e-12)), len(self.values) - 1)]
-                 for k in range(1, segments)]
-        return np.unique(np.array(picks + [self.values[-1]], dtype=np.int64))
+        return boundaries_at_quantiles(np.ascontiguousarray(self.values, dtype=np.int64),
+                                    np.ascontiguousarray(self.probabilities, dtype=np.float64), int(segments))
+
+
+@compiled
+def length_distribution(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`OutputLengthDistribution.from_samples` of a non-empty sample of lengths >= 0, unweighted: the
+    distinct lengths ascending and their shares. Lengths up to ``_COUNTED_UP_TO`` are counted in an array (no
+    sort); the shares are exact counts over the sample's size, so any order of counting gives the same."""
+    largest = 0
+    for length in lengths:
+        largest = max(largest, length)
+    if largest <= _COUNTED_UP_TO:
+        counts = np.bincount(lengths)
+        values = np.flatnonzero(counts)
+        mass = counts[values].astype(np.float64)
+    else:
+        ordered = np.sort(lengths)
+        values = np.unique(ordered)
+        mass = np.zeros(len(values), dtype=np.float64)
+        k = 0
+        for length in ordered:
+            if length != values[k]:
+                k += 1
+            mass[k] += 1.0
+    return values, mass / float(len(lengths))
+
+
+@compiled
+def _survival_beyond(values: np.ndarray, probabilities: np.ndarray, length: float) -> float:
+    """``P(o > length)``: the probabilities of the values beyond ``length`` (ascending: a suffix), summed as
+    NumPy sums."""
+    first = np.searchsorted(values, length, side="right")
+    return kernels.pairwise_sum(probabilities[first:]) if first < len(values) else 0.0
+
+
+@compiled
+def boundaries_at_quantiles(values: np.ndarray, probabilities: np.ndarray, segments: int) -> np.ndarray:
+    """:meth:`OutputLengthDistribution.quantile_boundaries` of int64 ``values`` and their float64
+    ``probabilities``."""
+    cdf = np.cumsum(probabilities)
+    picks = np.empty(segments, dtype=np.int64)
+    for k in range(1, segments):
+        picks[k - 1] = values[min(np.searchsorted(cdf, k / segments - 1e-12), len(values) - 1)]
+    picks[segments - 1] = values[-1]
+    return np.unique(picks)
 
 
 @dataclass(frozen=True)
@@ -291,12 +333,9 @@ def _inside_stability_region(rate: float, probabilities: np.ndarray, fluid_work:
                              fluid_memory_time: np.ndarray, c0: float, capacity_tokens: float) -> bool:
     """Whether total ``rate`` split as ``probabilities`` over the output lengths whose lifetime work and
     memory-time are ``fluid_work`` and ``fluid_memory_time`` lies inside the fluid stability region (``ρ < 1``,
-    ``M* <= C``; :func:`llmsched_env.fluid.equilibrium`, its sums in index order)."""
-    rho, held = 0.0, 0.0
-    for j in range(len(probabilities)):
-        rho += rate * probabilities[j] * fluid_work[j]
-        held += rate * probabilities[j] * fluid_memory_time[j]
-    return rho < 1.0 and c0 / (1.0 - rho) * held <= capacity_tokens
+    ``M* <= C``; :func:`llmsched_env.fluid.equilibrium_point`)."""
+    rho, _, memory = equilibrium_point(rate, probabilities, fluid_work, fluid_memory_time, c0)
+    return rho < 1.0 and memory <= capacity_tokens
 
 
 @compiled
@@ -352,6 +391,52 @@ def _nested_wait_counts(survival: np.ndarray, work: np.ndarray, kv_per_request: 
     return n, scale
 
 
+@compiled
+def nested_wait_solution(values: np.ndarray, probabilities: np.ndarray, bounds: np.ndarray, prompt_len: float,
+                         total_rate: float, coefficients: np.ndarray, capacity_tokens: float, margin: float
+                         ) -> tuple[np.ndarray, np.ndarray, float, float, float, np.ndarray, np.ndarray]:
+    """Nested WAIT's sizing (see :func:`nested_wait_thresholds`) for the output-length distribution ``values``,
+    ``probabilities``, segment ``bounds`` (ascending, the last the longest value), mean prompt ``prompt_len``,
+    total rate and cost ``coefficients`` (:meth:`~llmsched_env.cost_model.LinearCostModel.coefficients`):
+    ``(survival p_k, thresholds n_k, scale α, ΔT(n), M^π, each length's lifetime work, memory-time)``, the last
+    two for the fluid point. The one implementation behind the oracle's thresholds and the adaptive policy's
+    solves (:mod:`baselines.adaptive`), whichever path runs them. Sums run in index order (pairwise where NumPy
+    summed pairwise)."""
+    c0, c_pf, c_dec, c_kv, c_pf2 = coefficients[0], coefficients[1], coefficients[2], coefficients[3], coefficients[4]
+    k_count = len(bounds)
+    survival = np.ones(k_count, dtype=np.float64)  # p_k = q_k / q_{k-1}, q_k = P(o > b_{k-1})
+    reach = 1.0
+    for k in range(1, k_count):
+        beyond = _survival_beyond(values, probabilities, float(bounds[k - 1]))
+        survival[k] = beyond / reach if reach > 0 else 0.0
+        reach = beyond
+    # Per request present in every stage of segment k: decode stages and KV tokens summed over its stages.
+    kv_per_request = np.empty(k_count, dtype=np.float64)
+    work = np.empty(k_count, dtype=np.float64)
+    for k in range(k_count):
+        start = 0 if k == 0 else bounds[k - 1] + 1  # first stage of the segment (segment 1: the prefill)
+        tokens = np.empty(bounds[k] - start + 1, dtype=np.float64)
+        for s in range(len(tokens)):
+            tokens[s] = prompt_len + (start + s)
+        kv_per_request[k] = kernels.pairwise_sum(tokens)
+        decode_stages = bounds[k] if start == 0 else bounds[k] - start + 1
+        work[k] = c_dec * decode_stages + c_kv * kv_per_request[k]
+    work[0] += c_pf * prompt_len + c_pf2 * prompt_len * (prompt_len + 1) / 2
+    lengths = values.astype(np.float64)
+    prompts = np.full(len(values), prompt_len)
+    fluid_work, fluid_memory_time = lifetime_works(prompts, lengths, coefficients), memory_times(prompts, lengths)
+    # Size for the offered rate when it lies inside the fluid stability region; otherwise for the largest
+    # proportional share of it that does. The full-pipeline memory M^π over-counts the fluid's (every stage
+    # full, n_k rounded up), so exceeding C with it is reported, and the policy's guard handles it.
+    n, scale = _nested_wait_counts(survival, work, kv_per_request, probabilities, fluid_work, fluid_memory_time,
+                                   total_rate, c0, capacity_tokens, margin)
+    pipeline_work, memory = 0.0, 0.0
+    for k in range(k_count):
+        pipeline_work += n[k] * work[k]
+        memory += n[k] * kv_per_request[k]
+    return survival, n, scale, c0 + pipeline_work, memory, fluid_work, fluid_memory_time
+
+
 def nested_wait_thresholds(
     distribution: OutputLengthDistribution,
     prompt_len: float,
@@ -378,37 +463,30 @@ def nested_wait_thresholds(
         raise ConfigError(f"segment boundaries must be output lengths >= 1, got {bounds.tolist()}")
     if bounds[-1] < distribution.values[-1]:
         bounds = np.append(bounds, distribution.values[-1])  # the last segment reaches the longest output
-    k_count = len(bounds)
-    starts = np.concatenate([[0], bounds[:-1] + 1])  # first stage of each segment (segment 1: the prefill)
-    reach = np.array([1.0] + [distribution.survival(b) for b in bounds[:-1]])  # q_k = P(o > b_{k-1})
-    survival = np.ones(k_count)
-    survival[1:] = np.divide(reach[1:], reach[:-1], out=np.zeros(k_count - 1), where=reach[:-1] > 0)
-    # Per request present in every stage of segment k: decode stages and KV tokens summed over its stages.
-    decode_stages = np.where(starts == 0, bounds, bounds - starts + 1)
-    kv_per_request = np.array([float(np.sum(prompt_len + np.arange(s, b + 1))) for s, b in zip(starts, bounds)])
-    work = cost.c_dec * decode_stages + cost.c_kv * kv_per_request
-    work[0] += cost.c_pf * prompt_len + cost.c_pf2 * prompt_len * (prompt_len + 1) / 2
+    survival, n, scale, tau, memory, _, _ = nested_wait_solution(
+        np.ascontiguousarray(distribution.values, dtype=np.int64),
+        np.ascontiguousarray(distribution.probabilities, dtype=np.float64), bounds, float(prompt_len),
+        float(total_rate), cost.coefficients(), float(capacity_tokens), float(margin))
+    return nested_wait_report(bounds, survival, n, scale, tau, memory, float(prompt_len), float(total_rate),
+                              cost.c0, capacity_tokens, delta=delta, horizon_s=horizon_s)
 
-    # Size for the offered rate when it lies inside the fluid stability region; otherwise for the largest
-    # proportional share of it that does. The full-pipeline memory M^π over-counts the fluid's (every stage
-    # full, n_k rounded up), so exceeding C with it is reported, and the policy's guard handles it.
-    prompts = np.full(len(distribution.values), prompt_len)
-    n, scale = _nested_wait_counts(survival, work, kv_per_request, distribution.probabilities,
-                                   lifetime_work(prompts, distribution.values, cost),
-                                   memory_time(prompts, distribution.values), total_rate, float(cost.c0),
-                                   float(capacity_tokens), float(margin))
-    tau = cost.c0 + float(n @ work)
+
+def nested_wait_report(bounds: np.ndarray, survival: np.ndarray, n: np.ndarray, scale: float, tau: float,
+                       memory: float, prompt_len: float, total_rate: float, c0: float, capacity_tokens: int, *,
+                       delta: float = 0.05, horizon_s: float = 3600.0) -> NestedWaitThresholds:
+    """:class:`NestedWaitThresholds` of a sizing (:func:`nested_wait_solution`'s): the paper's ratio and
+    stability conditions and its safety buffer for overflow probability ``delta`` over ``horizon_s``."""
+    k_count = len(bounds)
     theta = np.zeros(k_count)
     for k in range(1, k_count):
         theta[k] = overflow_exponent(int(n[k]), int(n[k - 1]), float(survival[k]))
-    log_term = math.log(k_count * (1.0 + horizon_s / cost.c0) / delta)
-    memory = float(n @ kv_per_request)
+    log_term = math.log(k_count * (1.0 + horizon_s / c0) / delta)
     buffer = memory
     for k in range(1, k_count):
         size = prompt_len + bounds[k - 1]
         buffer += math.inf if theta[k] == 0 else size * (n[k] + log_term / theta[k])
-    ratios_ok = bool(_nested_ratios_hold(n, survival))
     return NestedWaitThresholds(
-        boundaries=bounds, n=n, survival=survival, prompt_len=float(prompt_len), iteration_time_s=tau,
-        memory_tokens=memory, buffer_tokens=buffer, theta=theta, scale=scale, ratio_conditions_met=ratios_ok,
+        boundaries=bounds, n=n, survival=survival, prompt_len=prompt_len, iteration_time_s=tau,
+        memory_tokens=memory, buffer_tokens=buffer, theta=theta, scale=scale,
+        ratio_conditions_met=bool(_nested_ratios_hold(n, survival)),
         stability_condition_met=bool(scale == 1.0 and tau < n[0] / total_rate), capacity_tokens=capacity_tokens)

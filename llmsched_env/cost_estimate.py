@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from llmsched_env.compiled import compiled
+from llmsched_env.compiled import compiled_inlined
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import (
     LAST_DECODE_REQUESTS,
@@ -53,7 +53,7 @@ STATE_SIZE = 12
 MAX_FACTOR = 100.0
 
 
-@compiled
+@compiled_inlined
 def follow_iteration(state: np.ndarray, last: np.ndarray) -> None:
     """Count the engine's last iteration (:attr:`~llmsched_env.engine.SchedulerState.last_iteration`) into
     ``state`` unless it ran nothing or was counted already (a policy may look at the same state more than once)."""
@@ -69,7 +69,7 @@ def follow_iteration(state: np.ndarray, last: np.ndarray) -> None:
     state[COUNTED] += 1
 
 
-@compiled
+@compiled_inlined
 def followed_factor(state: np.ndarray) -> float:
     """The factor the profile is taken to be off by now: 1 until enough iterations are counted, or while the
     measured time is within the tolerance of the predicted; else their ratio (bounded by ``MAX_FACTOR``)."""

@@ -32,6 +32,7 @@ from typing import Literal
 import numpy as np
 from scipy.optimize import linprog
 
+from llmsched_env.compiled import compiled
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.errors import ConfigError
 from llmsched_env.workload import TypeMix
@@ -41,18 +42,64 @@ Objective = Literal["requests", "tokens"]
 
 def memory_time(prompt_len: np.ndarray, output_len: np.ndarray) -> np.ndarray:
     """``w = (o + 1)(p + o/2)``: KV tokens a request holds, summed over its ``o + 1`` stages."""
-    p = np.asarray(prompt_len, dtype=np.float64)
-    o = np.asarray(output_len, dtype=np.float64)
-    return (o + 1.0) * (p + o / 2.0)
+    shape, p, o = _vectors(prompt_len, output_len)
+    return memory_times(p, o).reshape(shape)[()]
 
 
 def lifetime_work(prompt_len: np.ndarray, output_len: np.ndarray, cost: LinearCostModel) -> np.ndarray:
     """``u = c_pf p + c_dec o + c_kv w (+ c_pf2 p(p+1)/2)``: seconds of iteration time a request adds over its
     life (the last term is the quadratic prefill attention of a profile that has one, for an unchunked prefill)."""
-    p = np.asarray(prompt_len, dtype=np.float64)
-    o = np.asarray(output_len, dtype=np.float64)
-    work = cost.c_pf * p + cost.c_dec * o + cost.c_kv * memory_time(p, o)
-    return work + cost.c_pf2 * p * (p + 1) / 2 if cost.c_pf2 else work
+    shape, p, o = _vectors(prompt_len, output_len)
+    return lifetime_works(p, o, cost.coefficients()).reshape(shape)[()]
+
+
+def _vectors(prompt_len: np.ndarray, output_len: np.ndarray) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
+    """The broadcast shape of prompts and outputs, and each as a contiguous float64 vector (NumPy's semantics for
+    the compiled loops: a scalar pair gives a scalar)."""
+    p, o = np.broadcast_arrays(np.asarray(prompt_len, dtype=np.float64), np.asarray(output_len, dtype=np.float64))
+    return p.shape, np.ascontiguousarray(p.ravel()), np.ascontiguousarray(o.ravel())
+
+
+@compiled
+def memory_times(prompt_len: np.ndarray, output_len: np.ndarray) -> np.ndarray:
+    """:func:`memory_time` of float64 vectors: the one implementation the Python functions and the compiled
+    threshold solves share."""
+    held = np.empty(len(prompt_len), dtype=np.float64)
+    for j in range(len(prompt_len)):
+        held[j] = (output_len[j] + 1.0) * (prompt_len[j] + output_len[j] / 2.0)
+    return held
+
+
+@compiled
+def lifetime_works(prompt_len: np.ndarray, output_len: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+    """:func:`lifetime_work` of float64 vectors under ``coefficients`` (``[c0, c_pf, c_dec, c_kv, c_pf2]``,
+    :meth:`~llmsched_env.cost_model.LinearCostModel.coefficients`)."""
+    c_pf, c_dec, c_kv, c_pf2 = coefficients[1], coefficients[2], coefficients[3], coefficients[4]
+    held = memory_times(prompt_len, output_len)
+    work = np.empty(len(prompt_len), dtype=np.float64)
+    for j in range(len(prompt_len)):
+        p = prompt_len[j]
+        work[j] = c_pf * p + c_dec * output_len[j] + c_kv * held[j]
+        if c_pf2:
+            work[j] += c_pf2 * p * (p + 1) / 2
+    return work
+
+
+@compiled
+def equilibrium_point(rate: float, shares: np.ndarray, work: np.ndarray, memory_time: np.ndarray,
+                      c0: float) -> tuple[float, float, float]:
+    """``(ρ, ΔT*, M*)`` of the rates ``rate · shares`` of request kinds whose lifetime work and memory-time are
+    ``work`` and ``memory_time`` (``ΔT*`` and ``M*`` infinite when ``ρ >= 1``). The sums run in index order:
+    the same rounding on every CPU and on every path that sizes thresholds (a BLAS dot product's order
+    depends on the CPU's vector width)."""
+    rho, held = 0.0, 0.0
+    for j in range(len(shares)):
+        rho += rate * shares[j] * work[j]
+        held += rate * shares[j] * memory_time[j]
+    if rho >= 1.0:
+        return rho, math.inf, math.inf
+    tau = c0 / (1.0 - rho)
+    return rho, tau, tau * held
 
 
 @dataclass(frozen=True)
@@ -105,12 +152,9 @@ class FluidSolution:
 def equilibrium(rates: np.ndarray, prompt_len: np.ndarray, output_len: np.ndarray,
                 cost: LinearCostModel) -> tuple[float, float, float]:
     """``(ρ, ΔT*, M*)`` for the given rates; ``ΔT*`` and ``M*`` are ``inf`` when ``ρ >= 1``."""
-    rates = np.asarray(rates, dtype=np.float64)
-    rho = float(rates @ lifetime_work(prompt_len, output_len, cost))
-    if rho >= 1.0:
-        return rho, math.inf, math.inf
-    tau = cost.c0 / (1.0 - rho)
-    return rho, tau, tau * float(rates @ memory_time(prompt_len, output_len))
+    rates = np.ascontiguousarray(rates, dtype=np.float64)
+    return equilibrium_point(1.0, rates, lifetime_work(prompt_len, output_len, cost),
+                             memory_time(prompt_len, output_len), float(cost.c0))
 
 
 def max_admissible_rates(rates: np.ndarray, prompt_len: np.ndarray, output_len: np.ndarray,

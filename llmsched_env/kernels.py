@@ -99,16 +99,21 @@ def oldest_waiting(status: np.ndarray, start: int, n: int, num_waiting: int, lim
     return ids, (ids[0] if len(ids) else start)
 
 
-@compiled
+@compiled_inlined
 def count_arrivals(sums: np.ndarray, since: float, now: float, arrival_times: np.ndarray, classes: np.ndarray,
                    window: float) -> None:
     """:meth:`~llmsched_env.rate_estimate.ArrivalRateEstimator.update` per class, in place: decay ``sums`` from
     ``since`` to ``now``, then add each arrival's ``exp(−(now − a) / W) / W`` to its class (``classes`` empty: every
-    arrival in class 0)."""
+    arrival in class 0). Inlined: the adaptive policies' compiled loops count at every decision."""
     decay = math.exp(-(now - since) / window)
     for k in range(len(sums)):
         sums[k] *= decay
-    if len(arrival_times):
+    if len(arrival_times) and not len(classes):  # one class: the same sum, without an array of them
+        total = 0.0
+        for j in range(len(arrival_times)):
+            total += math.exp(-(now - arrival_times[j]) / window) / window
+        sums[0] += total
+    elif len(arrival_times):
         counted = np.zeros(len(sums))
         for j in range(len(arrival_times)):
             counted[classes[j] if len(classes) else 0] += math.exp(-(now - arrival_times[j]) / window) / window

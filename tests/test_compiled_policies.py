@@ -54,6 +54,11 @@ PRESETS = {
     # Profiles 3x too fast for the engine: the cost follower scales them, and the thresholds are solved again.
     "wait-adaptive-off-profile": lambda scenario: AdaptiveWaitPolicy.create(
         scenario.cost.scaled(1 / 3), scenario.capacity_tokens, scenario.block_size, cost_window_s=1.0, **LEARN_FAST),
+    # A residual agent's threshold scale on each (the compiled loop solves with it; a solve scales the reserve too).
+    "wait-adaptive-scaled": lambda scenario: _rescaled(AdaptiveWaitPolicy.create(
+        scenario.cost, scenario.capacity_tokens, scenario.block_size, **LEARN_FAST), 1.6),
+    "nested-wait-adaptive-scaled": lambda scenario: _rescaled(AdaptiveNestedWaitPolicy.create(
+        scenario.cost, scenario.capacity_tokens, scenario.block_size, horizon_s=12.0, **LEARN_FAST), 0.6),
     "nested-wait-adaptive-off-profile": lambda scenario: AdaptiveNestedWaitPolicy.create(
         scenario.cost.scaled(1 / 3), scenario.capacity_tokens, scenario.block_size, horizon_s=12.0,
         cost_window_s=1.0, **LEARN_FAST),
@@ -63,6 +68,28 @@ PRESETS = {
     "nested-wait-cp-open": lambda scenario: ChunkedBookingPolicy.for_mix(scenario.offered_mix(), 12, nested=True,
                                                                           chunk=16, wait_gate=False),
 }
+
+
+def _rescaled(policy: AdaptiveWaitPolicy | AdaptiveNestedWaitPolicy, scale: float) -> Policy:
+    """``policy`` with a residual agent's threshold ``scale`` set at each reset (as an agent's first action)."""
+    reset = policy.reset
+
+    def reset_and_scale(engine: Engine) -> None:
+        reset(engine)
+        policy.set_threshold_scale(scale)
+    policy.reset = reset_and_scale  # type: ignore[method-assign]
+    return policy
+
+
+def _learnt(policy: Policy) -> tuple:
+    """What an adaptive policy has learnt by the end of a run: its solves, thresholds, reserve and compiled rule."""
+    learning = getattr(policy, "learning", None)
+    if learning is None:
+        return ()
+    thresholds = policy.solved_thresholds  # type: ignore[attr-defined]
+    return (learning.solves, learning.solved_at, learning.solved_rate, learning.solved_factor,
+            [np.asarray(getattr(thresholds, name)).tolist() for name in ("n", "memory_tokens", "iteration_time_s")],
+            policy.reserved_tokens, [np.asarray(value).tolist() for value in policy.compiled_rule()])  # type: ignore[attr-defined]
 
 
 def _wait_out_of_reach(scenario: Scenario) -> Policy:
@@ -109,9 +136,10 @@ def _both_ways(make: Callable[[Scenario], Policy], mix: TypeMix, capacity: int, 
         arrivals = _in_chunks(whole, 17) if stream else whole
         engine = SimulatedEngine(cost, capacity_tokens=capacity, block_size=block)
         recorder = TimeSeriesRecorder(max_rows=8)
-        result = run(engine, wrap(make(scenario)), arrivals, horizon, callbacks=[recorder],
+        policy = make(scenario)
+        result = run(engine, wrap(policy), arrivals, horizon, callbacks=[recorder],
                      stall_after_s=stall_after_s, keep_records=True)
-        runs.append((result, recorder.arrays()))
+        runs.append((result, recorder.arrays(), _learnt(policy)))
     return runs
 
 
@@ -135,9 +163,9 @@ mixes = st.lists(
        preset=st.sampled_from(sorted(PRESETS)), stream=st.booleans(), watch=st.booleans())
 def test_a_compiled_loop_runs_exactly_as_the_python_loop(mix: TypeMix, slack: int, block: int, seed: int,
                                                          preset: str, stream: bool, watch: bool) -> None:
-    """Every result field, every request's record and the time series, bit for bit; with retirement, a small row
-    buffer, small windows of arrivals and a chunked stream, so that the compiled loop hands over to Python
-    often."""
+    """Every result field, every request's record and the time series, bit for bit, and what an adaptive policy
+    has learnt by the end; with retirement, a small row buffer, small windows of arrivals and a chunked stream, so
+    that the compiled loop hands over to Python often."""
     largest = int((mix.prompt_lens + mix.output_lens).max())
     capacity = (-(-largest // block)) * block + slack
     compiled_runs = []
@@ -148,8 +176,8 @@ def test_a_compiled_loop_runs_exactly_as_the_python_loop(mix: TypeMix, slack: in
         patch.setattr(runner, "_ARRIVALS_WINDOW", 9)
         patch.setattr(runner.Rollout, "run_compiled",
                       lambda rollout, loop: (compiled_runs.append(loop), run_compiled(rollout, loop))[1])
-        (fast, fast_rows), (python, python_rows) = _both_ways(PRESETS[preset], mix, capacity, block, seed, 12.0,
-                                                              stream, 0.5 if watch else None)
+        (fast, fast_rows, fast_learnt), (python, python_rows, python_learnt) = _both_ways(
+            PRESETS[preset], mix, capacity, block, seed, 12.0, stream, 0.5 if watch else None)
     assert len(compiled_runs) == 1  # the first run took the compiled loop, the second the Python one
     for field in ("horizon", "end_time", "iterations", "capacity_blocks", "block_size", "peak_blocks_used",
                   "block_seconds", "evictions", "arrived", "waiting", "running", "finished", "busy_time",
@@ -159,6 +187,7 @@ def test_a_compiled_loop_runs_exactly_as_the_python_loop(mix: TypeMix, slack: in
         np.testing.assert_array_equal(getattr(fast.records, field), getattr(python.records, field), err_msg=field)
     for key in fast_rows:
         np.testing.assert_array_equal(fast_rows[key], python_rows[key], err_msg=key)
+    assert fast_learnt == python_learnt  # an adaptive policy's solves in the loop reach the policy as decide's do
 
 
 def test_the_default_workload_runs_compiled_and_identically_at_full_size() -> None:
@@ -257,6 +286,10 @@ def test_no_compiled_loop_hands_python_a_view_of_a_borrowed_array() -> None:
     entries = {"run_fcfs", "run_wait", "run_nested_wait", "run_chunked_booking", "run_adaptive_wait",
                "run_adaptive_nested_wait"}
     assert {name for _, name in loops} >= entries
+    # Compile every loop first: a compiled caller resolves its callees (nested_wait_step among the names patched
+    # below) when it compiles, and a Python wrapper in their place would not compile.
+    for make in PRESETS.values():
+        run(SMALL.engine(), make(SMALL), SMALL.sample(2.0, seed=3), 2.0)
     leaks: list[str] = []
     called: set[str] = set()
     with pytest.MonkeyPatch.context() as patch:

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmsched_env import LinearCostModel, RequestType, TypeMix, parse_types, solve_fluid
-from llmsched_env.fluid import lifetime_work, memory_time
+from llmsched_env.fluid import equilibrium, lifetime_work, memory_time
 
 PAPER = LinearCostModel.paper(d0=0.01, d1=1e-4)
 
@@ -108,3 +108,31 @@ def test_lp_matches_the_closed_form_and_binds_exactly_when_memory_does(rows, cap
         take = min(mix.rates[j], left / weight[j])
         greedy, left = greedy + take, left - take * weight[j]
     assert solution.throughput_rps == pytest.approx(greedy, rel=1e-6)
+
+
+@given(st.lists(st.tuples(st.floats(0.0, 50.0), st.integers(1, 4000), st.integers(1, 4000)), min_size=1,
+                max_size=40),
+       st.floats(1e-4, 0.1), st.floats(0.0, 1e-4), st.floats(0.0, 1e-6))
+def test_equilibrium_is_the_dot_products_of_the_closed_form(rows, c0, c_dec, c_kv) -> None:  # type: ignore[no-untyped-def]
+    """``ρ = λ·u`` and ``M* = c0 / (1 − ρ) · λ·w``, summed in index order: within rounding of NumPy's dot products
+    (whose order depends on the CPU), and infinite exactly when ``ρ >= 1`` by that sum."""
+    rates, prompts, outputs = (np.array(column, dtype=np.float64) for column in zip(*rows))
+    cost = LinearCostModel(c0=c0, c_dec=c_dec, c_kv=c_kv)
+    rho, tau, memory = equilibrium(rates, prompts, outputs, cost)
+    assert rho == pytest.approx(float(rates @ lifetime_work(prompts, outputs, cost)), rel=1e-12, abs=1e-300)
+    if rho >= 1.0:
+        assert tau == memory == math.inf
+    else:
+        assert tau == cost.c0 / (1.0 - rho)
+        assert memory == pytest.approx(tau * float(rates @ memory_time(prompts, outputs)), rel=1e-12, abs=1e-300)
+
+
+def test_lifetime_work_and_memory_time_broadcast_as_numpy_does() -> None:
+    cost = LinearCostModel(c0=0.01, c_pf=1e-4, c_dec=2e-4, c_kv=1e-6, c_pf2=1e-8)
+    prompts, outputs = np.array([[10.0], [300.0]]), np.array([1, 5, 80])
+    p, o = np.broadcast_arrays(prompts, outputs.astype(np.float64))
+    w = (o + 1.0) * (p + o / 2.0)
+    np.testing.assert_array_equal(memory_time(prompts, outputs), w)
+    np.testing.assert_array_equal(lifetime_work(prompts, outputs, cost),
+                                  cost.c_pf * p + cost.c_dec * o + cost.c_kv * w + cost.c_pf2 * p * (p + 1) / 2)
+    assert float(memory_time(50, 156)) == 157 * 128.0

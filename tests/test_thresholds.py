@@ -6,9 +6,11 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from baselines.adaptive import solve_nested_wait
+from baselines.lookahead import residual_quantiles
 from baselines.thresholds import (
     OutputLengthDistribution,
     lifetime_blocks,
@@ -17,7 +19,7 @@ from baselines.thresholds import (
     wait_thresholds,
 )
 from llmsched_env import LinearCostModel, RequestType, TypeMix, load_profile, parse_types, solve_fluid
-from llmsched_env.fluid import lifetime_work, memory_time
+from llmsched_env.fluid import equilibrium, lifetime_work, memory_time
 
 PAPER = LinearCostModel.paper(d0=0.01, d1=1e-4)
 MIX = parse_types("p=10,o=10,rate=20;p=10,o=20,rate=10")  # w = 165, 420; ΔT* = 0.04; n* = (0.8, 0.4)
@@ -132,3 +134,63 @@ def test_a_length_sample_counts_as_np_unique_counts_it(lengths: list[int], short
     values, counts = np.unique(sample, return_counts=True)
     np.testing.assert_array_equal(distribution.values, values)
     np.testing.assert_array_equal(distribution.probabilities, counts / counts.sum())
+
+
+def _nested_wait_by_numpy(distribution: OutputLengthDistribution, prompt_len: float, cost: LinearCostModel
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The segment terms of Nested WAIT's sizing written with NumPy, as the module docstring states them: the
+    quantile boundaries, ``p_k``, each segment's work and KV tokens per request present in every stage."""
+    cdf = np.cumsum(distribution.probabilities)
+    picks = [distribution.values[min(int(np.searchsorted(cdf, k / 4 - 1e-12)), len(cdf) - 1)] for k in (1, 2, 3)]
+    bounds = np.unique(np.array(picks + [distribution.values[-1]], dtype=np.int64))
+    reach = np.array([1.0] + [float(distribution.probabilities[distribution.values > b].sum()) for b in bounds[:-1]])
+    survival = np.ones(len(bounds))
+    survival[1:] = np.divide(reach[1:], reach[:-1], out=np.zeros(len(bounds) - 1), where=reach[:-1] > 0)
+    starts = np.concatenate([[0], bounds[:-1] + 1])
+    kv = np.array([float(np.sum(prompt_len + np.arange(s, b + 1))) for s, b in zip(starts, bounds)])
+    work = cost.c_dec * np.where(starts == 0, bounds, bounds - starts + 1) + cost.c_kv * kv
+    work[0] += cost.c_pf * prompt_len + cost.c_pf2 * prompt_len * (prompt_len + 1) / 2
+    return bounds, survival, work, kv
+
+
+@settings(max_examples=150, deadline=None)
+@given(lengths=st.lists(st.integers(1, 400), min_size=1, max_size=300), prompt=st.floats(1.0, 2000.0),
+       rate=st.floats(0.01, 500.0), capacity=st.integers(2_000, 2_000_000), attention=st.booleans())
+def test_nested_wait_thresholds_are_the_numpy_formulas(lengths: list[int], prompt: float, rate: float,
+                                                        capacity: int, attention: bool) -> None:
+    """The compiled sizing against the module docstring's terms computed with NumPy: the same boundaries, the
+    same ``p_k`` (summed as NumPy sums), thresholds chained as the docstring says, and ``ΔT(n)``, ``M^π`` within
+    rounding of NumPy's dot products (whose order of additions depends on the CPU)."""
+    cost = COST if not attention else LinearCostModel(c0=COST.c0, c_pf=COST.c_pf, c_dec=COST.c_dec, c_kv=COST.c_kv,
+                                                      c_pf2=1e-8)
+    distribution = OutputLengthDistribution.from_samples(np.array(lengths))
+    t = nested_wait_thresholds(distribution, prompt, rate, cost, capacity)
+    bounds, survival, work, kv = _nested_wait_by_numpy(distribution, prompt, cost)
+    np.testing.assert_array_equal(t.boundaries, bounds)
+    np.testing.assert_allclose(t.survival, survival, rtol=1e-15, atol=0)
+    assert t.iteration_time_s == pytest.approx(cost.c0 + float(t.n @ work), rel=1e-12)
+    assert t.memory_tokens == pytest.approx(float(t.n @ kv), rel=1e-12)
+    assert t.n[0] >= 1 and np.all(t.n[1:] <= t.n[:-1]) and np.all(t.n >= 1)
+    for k in range(1, len(t.n)):  # n_k = min(n_{k-1}, ceil(n_{k-1} p_k (1 + margin))), at least 1
+        assert t.n[k] == max(1, min(t.n[k - 1], math.ceil(t.n[k - 1] * survival[k] * 1.05 - 1e-9)))
+
+
+def test_the_adaptive_solve_is_the_public_thresholds_lookahead_and_fluid_memory() -> None:
+    """:func:`baselines.adaptive.solve_nested_wait` (the adaptive policy's solve, compiled) is Nested WAIT's
+    thresholds of the sample's distribution at the mean prompt, the lookahead's residual quantiles and the fluid
+    memory of the rate over that distribution: the same code, so the same numbers."""
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(1, 300, 800)
+    prompts = rng.integers(1, 900, 500)
+    distribution = OutputLengthDistribution.from_samples(lengths)
+    prompt = float(prompts.mean())
+    solve = solve_nested_wait(lengths, prompts, 7.5, COST.coefficients(), 60_000.0, 0.9)
+    t = nested_wait_thresholds(distribution, prompt, 7.5, COST, 60_000)
+    np.testing.assert_array_equal(solve.boundaries, t.boundaries)
+    np.testing.assert_array_equal(solve.n, t.n)
+    np.testing.assert_array_equal(solve.survival, t.survival)
+    np.testing.assert_array_equal(solve.lookahead,
+                                  residual_quantiles(distribution.values, distribution.probabilities, 0.9))
+    _, _, fluid_memory = equilibrium(7.5 * distribution.probabilities, np.full(len(distribution.values), prompt),
+                                     distribution.values, COST)
+    assert solve.reals.tolist() == [prompt, 7.5, t.iteration_time_s, t.memory_tokens, t.scale, fluid_memory, COST.c0]
