@@ -190,12 +190,34 @@ def held_advance(held: HeldProfile, origin: int) -> None:
 
 @compiled_inlined
 def _max_run(blocks: np.ndarray, first: int, last: int) -> int:
-    """The most blocks held at iterations ``first … last`` (0 for none)."""
-    mask = len(blocks) - 1
+    """The most blocks held at iterations ``first … last`` (0 for none): over at most two contiguous stretches of
+    the circular array (loops the compiler vectorises)."""
     most = 0
-    for tau in range(first, last + 1):
-        most = max(most, blocks[tau & mask])
+    if last < first:
+        return most
+    mask = len(blocks) - 1
+    start, stop = first & mask, last & mask
+    if start > stop:  # wraps around
+        for index in range(start, len(blocks)):
+            most = max(most, blocks[index])
+        start = 0
+    for index in range(start, stop + 1):
+        most = max(most, blocks[index])
     return most
+
+
+@compiled_inlined
+def _add_run(blocks: np.ndarray, first: int, last: int, amount: int) -> None:
+    """Add ``amount`` at iterations ``first … last`` (``last >= first``, fewer than ``len(blocks)``) of the circular
+    array, over at most two contiguous stretches."""
+    mask = len(blocks) - 1
+    start, stop = first & mask, last & mask
+    if start > stop:  # wraps around
+        for index in range(start, len(blocks)):
+            blocks[index] += amount
+        start = 0
+    for index in range(start, stop + 1):
+        blocks[index] += amount
 
 
 @compiled
@@ -210,16 +232,13 @@ def _staircase(held: HeldProfile, base: int, first: int, last: int, sign: int, b
             grown.blocks[tau & grown_mask] = held.blocks[tau & mask]
         grown.span[END] = end
         held = grown
-    blocks = held.blocks
-    mask = len(blocks) - 1
     own = -(-(base + first) // block_size)
-    left = own * block_size - base - first + 1  # iterations before the staircase steps up
-    for tau in range(first, last + 1):
-        blocks[tau & mask] += sign * own
-        left -= 1
-        if left == 0:
-            own += 1
-            left = block_size
+    step = own * block_size - base  # the last iteration at `own` blocks: the staircase steps up after it
+    tau = first
+    while tau <= last:  # one stretch per step, each a run of equal adds
+        stop = min(step, last)
+        _add_run(held.blocks, tau, stop, sign * own)
+        tau, step, own = stop + 1, step + block_size, own + 1
     if sign > 0:
         held.span[END] = max(end, last)
     return held
