@@ -211,7 +211,9 @@ def length_distribution(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for length in lengths:
         largest = max(largest, length)
     if largest <= _COUNTED_UP_TO:
-        counts = np.bincount(lengths)
+        counts = np.zeros(largest + 1, dtype=np.int64)
+        for length in lengths:
+            counts[length] += 1
         values = np.flatnonzero(counts)
         mass = counts[values].astype(np.float64)
     else:
