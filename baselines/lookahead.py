@@ -190,8 +190,9 @@ def held_advance(held: HeldProfile, origin: int) -> None:
 
 @compiled_inlined
 def _max_run(blocks: np.ndarray, first: int, last: int) -> int:
-    """The most blocks held at iterations ``first … last`` (0 for none): over at most two contiguous stretches of
-    the circular array (loops the compiler vectorises)."""
+    """The most blocks held at iterations ``first … last`` (0 for none; at most ``len(blocks)`` of them, as a
+    profile holds): over at most two contiguous stretches of the circular array (loops the compiler
+    vectorises)."""
     most = 0
     if last < first:
         return most
@@ -208,8 +209,8 @@ def _max_run(blocks: np.ndarray, first: int, last: int) -> int:
 
 @compiled_inlined
 def _add_run(blocks: np.ndarray, first: int, last: int, amount: int) -> None:
-    """Add ``amount`` at iterations ``first … last`` (``last >= first``, fewer than ``len(blocks)``) of the circular
-    array, over at most two contiguous stretches."""
+    """Add ``amount`` at iterations ``first … last`` (``last >= first``, at most ``len(blocks)`` of them) of the
+    circular array, over at most two contiguous stretches."""
     mask = len(blocks) - 1
     start, stop = first & mask, last & mask
     if start > stop:  # wraps around

@@ -199,7 +199,7 @@ class OutputLengthDistribution:
         if segments < 1:
             raise ConfigError(f"Nested WAIT needs at least one segment, got {segments}")
         return boundaries_at_quantiles(np.ascontiguousarray(self.values, dtype=np.int64),
-                                    np.ascontiguousarray(self.probabilities, dtype=np.float64), int(segments))
+                                       np.ascontiguousarray(self.probabilities, dtype=np.float64), int(segments))
 
 
 @compiled
