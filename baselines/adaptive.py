@@ -187,8 +187,7 @@ def _observe(learn: LearningState, run: RunState, columns: RequestColumns, enoug
 @compiled_inlined
 def _total_rate(learn: LearningState) -> float:
     """``ArrivalRateEstimator.total`` of the loop's single class, at the time it last counted."""
-    time = learn.reals[TIME]
-    return learn.sums[0] / (-math.expm1(-time / learn.reals[WINDOW])) if time > 0 else learn.sums[0]
+    return learn.sums[0] / kernels.window_coverage(learn.reals[TIME], learn.reals[WINDOW])
 
 
 @compiled_inlined

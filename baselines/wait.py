@@ -229,7 +229,6 @@ class WaitPolicy:
         return np.sort(np.concatenate([admit, others[:extra]])) if extra else admit
 
 
-
 def _measured_decodes(state: SchedulerState) -> np.ndarray:
     """The measured variant's decodes: every running request with its context cached."""
     running = state.running

@@ -41,7 +41,6 @@ general path, then the compiled loop goes on.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -151,8 +150,7 @@ def _observe(loop: LoopState, running: np.ndarray, columns: RequestColumns, epis
                            interface.classes[seen:n], interface.rate_window)
     reals[RATE_TIME] = now
     ints[SEEN] = n
-    rates = (loop.rate_sum / (-math.expm1(-now / interface.rate_window)) if now > 0
-             else loop.rate_sum.copy())
+    rates = loop.rate_sum / kernels.window_coverage(now, interface.rate_window)
     cells, peak = kernels.running_profile(running, interface.classes, columns.context, columns.prompt,
                                           columns.output, interface.residual, interface.segment_edges,
                                           interface.known_lengths, len(loop.queued), interface.stage_buckets)

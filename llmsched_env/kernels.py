@@ -108,17 +108,19 @@ def count_arrivals(sums: np.ndarray, since: float, now: float, arrival_times: np
     decay = math.exp(-(now - since) / window)
     for k in range(len(sums)):
         sums[k] *= decay
-    if len(arrival_times) and not len(classes):  # one class: the same sum, without an array of them
-        total = 0.0
-        for j in range(len(arrival_times)):
-            total += math.exp(-(now - arrival_times[j]) / window) / window
-        sums[0] += total
-    elif len(arrival_times):
+    if len(arrival_times):
         counted = np.zeros(len(sums))
         for j in range(len(arrival_times)):
             counted[classes[j] if len(classes) else 0] += math.exp(-(now - arrival_times[j]) / window) / window
         for k in range(len(sums)):
             sums[k] += counted[k]
+
+
+@compiled_inlined
+def window_coverage(time: float, window: float) -> float:
+    """``1 − exp(−t / W)``: the share of a window of ``W`` seconds the clock has covered at ``t`` (1 before any
+    time has passed). A rate estimate's sums (:func:`count_arrivals`) divided by it lose their start-up bias."""
+    return -math.expm1(-time / window) if time > 0 else 1.0
 
 
 @compiled

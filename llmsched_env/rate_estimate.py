@@ -42,9 +42,7 @@ class ArrivalRateEstimator:
     @property
     def rates(self) -> np.ndarray:
         """The estimate per class (req/s)."""
-        if self.time > 0:
-            return self.sums / (-math.expm1(-self.time / self.window_s))
-        return self.sums.copy()
+        return self.sums / kernels.window_coverage(self.time, self.window_s)
 
     @property
     def total(self) -> float:
