@@ -189,6 +189,20 @@ class ResidualNetwork:
         return hidden @ self.head[0].T + self.head[1]
 
 
+class ConstantAction:
+    """A residual "network" that answers the same action to every observation, with no spread: the baseline itself
+    (``0``), or the constant scale ``2 ** (2 a)``, as a reference an agent is judged beside."""
+
+    log_std = None
+
+    def __init__(self, action: float) -> None:
+        threshold_scale(action)  # a non-finite action fails here
+        self.action = float(action)
+
+    def __call__(self, observations: np.ndarray) -> np.ndarray:
+        return np.full((len(observations), 1), self.action)
+
+
 class ResidualAgentPolicy:
     """A trained residual agent behind the :class:`~llmsched_env.policy.Policy` interface: the baseline's decisions,
     with the agent setting its threshold scale every ``interval_s``. ``run(engine, policy, ...)`` reproduces the

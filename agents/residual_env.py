@@ -10,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from agents.residual import NUM_FEATURES, ResidualControl
+from agents.residual import NUM_FEATURES, SCALE_OCTAVES, ResidualControl
 from llmsched_env.errors import ConfigError, RequestTooLargeError
 from llmsched_env.fluid import FluidSolution
 from llmsched_env.metrics import summarize
@@ -81,7 +81,9 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
     the step (its two ends) ÷ ``Θ*`` × ``Δt`` (by Little's law, a mean latency in seconds) is subtracted when set.
     ``reward="vs_baseline"``: the same quantities less the baseline's own on the same arrivals (run at reset, read
     at the same decision points): the return is the regret the agent saves against the baseline, and the arrivals'
-    noise, which dwarfs what one decision changes, cancels.
+    noise, which dwarfs what one decision changes, cancels. ``action_penalty`` × ``a²`` (``a`` clipped to
+    ``[-1, 1]``) is subtracted at every step when set: a departure from the baseline has to earn its keep, so the
+    noise of a paired return does not walk the mean action away from a baseline that is already hard to beat.
 
     ## Starting State
 
@@ -103,15 +105,15 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ``scenarios`` (a name of the suite, ``NAME-hidden``, a list of them, or ``"suite"``), ``loads`` (``(low, high)``
     or one load), ``memory`` (a factor of each scenario's KV capacity, or a ``(low, high)`` range), ``horizon``
-    (s), ``interval_s`` (1), ``base`` (the baseline; default by length setting),
-    ``reward`` (``regret`` or ``vs_baseline``), ``latency_penalty`` (0), ``compiled`` (``True``: the baseline's
-    compiled loop between decisions; ``False`` its Python rule, the same episodes).
+    (s), ``interval_s`` (1), ``base`` (the baseline; default by length setting), ``reward`` (``regret`` or
+    ``vs_baseline``), ``latency_penalty`` (0), ``action_penalty`` (0), ``compiled`` (``True``: the baseline's compiled
+    loop between decisions; ``False`` its Python rule, the same episodes).
 
     ``reset(options={"scenario": name, "load": rho, "memory": m, "arrival_seed": s})`` pins any of them.
 
     ## Version History
 
-    * v0: initial version.
+    * v0: initial version; ``action_penalty`` added later (default 0: the episodes and rewards as before).
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
@@ -120,7 +122,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
                  loads: float | tuple[float, float] | None = None, memory: float | tuple[float, float] = 1.0,
                  horizon: float | None = None,
                  interval_s: float = 1.0, base: str | None = None, reward: str = "regret",
-                 latency_penalty: float = 0.0, compiled: bool = True, render_mode: str | None = None) -> None:
+                 latency_penalty: float = 0.0, action_penalty: float = 0.0, compiled: bool = True,
+                 render_mode: str | None = None) -> None:
         names = [scenarios] if isinstance(scenarios, str) else list(scenarios)
         if SUITE in names:
             names = [n for n in names if n != SUITE] + suite_workloads()
@@ -145,8 +148,9 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
             raise ConfigError(f"horizon must be finite and > 0 s, got {horizon!r}")
         if reward not in REWARDS:
             raise ConfigError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
-        if not (math.isfinite(latency_penalty) and latency_penalty >= 0):
-            raise ConfigError(f"latency_penalty must be finite and >= 0, got {latency_penalty!r}")
+        for option, value in (("latency_penalty", latency_penalty), ("action_penalty", action_penalty)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{option} must be finite and >= 0, got {value!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ConfigError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.loads = None if loads is None else (low, high)
@@ -154,6 +158,7 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         self.horizon_s = horizon
         self.reward = reward
         self.latency_penalty = float(latency_penalty)
+        self.action_penalty = float(action_penalty)
         self.compiled = bool(compiled)
         self.render_mode = render_mode
         self.control = ResidualControl(interval_s, base)
@@ -234,6 +239,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
             reward = (engine.num_finished - before_done - throughput * span) / throughput
             if self.latency_penalty:
                 reward -= self.latency_penalty * (before_in + in_system) / 2 / throughput * (engine.now - before_time)
+        if self.action_penalty:
+            reward -= self.action_penalty * (math.log2(self.control.scale) / SCALE_OCTAVES) ** 2
         observation = (np.zeros(NUM_FEATURES, np.float32) if self._done
                        else self.control.observe(engine.state()))
         return observation, float(reward), False, self._done, self._info(final=self._done)

@@ -810,7 +810,8 @@ def evaluate(
     agent: Annotated[Optional[Path], typer.Option(help="An agent folder (what `llmsched train --out` wrote, or "
                                                        "agents/pretrained/NAME); optional with --backend vllm.")] = None,
     policies: str = typer.Option("wait,nested-wait,vllm,sarathi", help="Baselines to run beside the agent."),
-    seeds: str = typer.Option("0..9", help="Held-out arrival seeds, '0..9' or '0,3,7'."),
+    seeds: Optional[str] = typer.Option(None, help="Held-out arrival seeds, '0..9' or '0,3,7' (default 0..9; "
+                                                   "with --suite 0..29, the judging table's)."),
     horizon: Optional[float] = typer.Option(None, help="Seconds per run (default: the agent's training horizon; "
                                                        "30 on the live backend)."),
     rate: Optional[float] = typer.Option(None, help="Total arrival rate, req/s (default: the agent's training rate; "
@@ -851,7 +852,10 @@ def evaluate(
         if agent is None or backend != "sim":
             _fail(typer.BadParameter("--suite judges an agent (--agent DIR) on the simulator", param_hint="--suite"))
         _require_agents()
-        _judge(agent, parse_seeds(seeds), _executor(jobs, ray, ray_address), out, as_json)  # type: ignore[arg-type]
+        from agents.judge import JUDGING_SEEDS
+
+        judged = parse_seeds(seeds) if seeds is not None else list(JUDGING_SEEDS)
+        _judge(agent, judged, _executor(jobs, ray, ray_address), out, as_json)  # type: ignore[arg-type]
         return
     if agent is None and backend == "sim":
         _fail(typer.BadParameter("give --agent DIR (or use `llmsched compare` for baselines only)",
@@ -870,7 +874,7 @@ def evaluate(
     horizon = _horizon(horizon, None)
     factory = None
     try:
-        seed_list = parse_seeds(seeds)
+        seed_list = parse_seeds(seeds if seeds is not None else "0..9")
         progress = _progress()
         with _stdout_kept_for_json(as_json), progress:
             task = progress.add_task("evaluating" if backend == "sim" else "starting vLLM", total=None)

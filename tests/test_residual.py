@@ -15,8 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmsched_env  # noqa: F401  (registers the ids)
-from agents.judge import judging_cells, verdict
-from agents.residual import NUM_FEATURES, ResidualAgentPolicy, threshold_scale
+from agents.judge import judge_network, judging_cells, verdict
+from agents.residual import (
+    NUM_FEATURES,
+    ConstantAction,
+    ResidualAgentPolicy,
+    threshold_scale,
+)
 from agents.residual_env import LLMSchedResidualEnv, suite_workloads
 from baselines import make_policy
 from llmsched_env import run
@@ -152,6 +157,35 @@ def test_the_verdict_follows_the_non_inferiority_margins() -> None:
     assert (judged["late"]["verdict"], judged["late"]["decided_by"]) == ("worse", "p99")
     assert (judged["faster_p99"]["verdict"], judged["faster_p99"]["decided_by"]) == ("better", "p99")
     assert judged["same"]["verdict"] == "level"
+    # Within 1 % of the top throughput, the lowest p99 is the reference, however small its throughput deficit.
+    tied = verdict(cell, {"agent": same, "vllm": base, "sarathi": _rows([9.95, 10.15, 9.75, 10.05], [1] * 4)},
+                   ["vllm", "sarathi"])
+    assert (tied["best_baseline"], tied["verdict"], tied["decided_by"]) == ("sarathi", "worse", "p99")
+
+
+@pytest.mark.parametrize("workload, base", [("paper-single", "wait-adaptive"),
+                                            ("paper-two-type-hidden", "nested-wait-adaptive")])
+def test_a_zero_constant_action_is_judged_as_the_baseline_it_adjusts(workload: str, base: str) -> None:
+    cell = next(c for c in judging_cells([workload], None) if c["load"] == 0.6 or c["load"] == 0.5)
+    row = judge_network(ConstantAction(0.0), 5.0, cell, (0, 1))
+    assert row["seeds"] == 2
+    # The same runs as the baseline's own, so the same means (exactly: the same numbers summed the same way).
+    assert row["agent_throughput_rps"] == row["baselines"][base]["throughput_rps"]
+    assert row["agent_p99_latency_s"] == row["baselines"][base]["p99_latency_s"]
+    moved = judge_network(ConstantAction(1.0), 5.0, cell, (0, 1))
+    assert moved["best_baseline"] == row["best_baseline"]  # the baselines' runs do not depend on the agent
+    assert moved["baselines"] == row["baselines"]
+    with pytest.raises(ConfigError, match="finite"):
+        ConstantAction(float("nan"))
+
+
+def test_the_best_baseline_is_the_lowest_p99_within_the_throughput_margin_of_the_top() -> None:
+    from agents.judge import best_baseline
+
+    assert best_baseline({"a": (10.0, 20.0), "b": (9.95, 15.0), "c": (9.0, 1.0)}) == "b"
+    assert best_baseline({"a": (10.0, 20.0), "b": (9.89, 15.0)}) == "a"  # 1.1 % below: not a tie
+    assert best_baseline({"a": (10.0, 15.0), "b": (9.95, 15.0)}) == "a"  # equal p99: the higher throughput
+    assert best_baseline({"a": (10.0, float("nan")), "b": (10.0, 30.0)}) == "b"
 
 
 def test_the_judging_cells_cover_the_suite_and_the_held_out_traces(tmp_path: Path) -> None:
@@ -211,6 +245,16 @@ def test_the_paired_reward_is_zero_for_the_baseline_and_sums_to_the_completions_
     assert info["completed"] != base["completed"]
     assert sum(rewards) == pytest.approx((info["completed"] - base["completed"]) / env.fluid.throughput_rps,
                                          rel=1e-9, abs=1e-9)
+    # The action penalty takes a² per step off the same episode, and nothing off the baseline's.
+    penalised = LLMSchedResidualEnv(scenarios="bursty-high-hidden", horizon=40.0, reward="vs_baseline",
+                                    compiled=compiled, action_penalty=0.5)
+    _, zero = _episode(penalised, {"load": 0.9, "arrival_seed": 2}, lambda _: np.zeros(1))
+    assert zero == [0.0] * len(zero)
+    actions = iter(np.random.default_rng(0).uniform(-1, 1, (len(rewards), 1)))
+    played: list[float] = []
+    _, charged = _episode(penalised, {"load": 0.9, "arrival_seed": 2},
+                          lambda _: played.append(float(next(actions)[0])) or np.array(played[-1:]))
+    np.testing.assert_allclose(np.array(rewards) - charged, 0.5 * np.square(played), rtol=0, atol=1e-12)
 
 
 def test_judging_a_per_workload_agent_says_why_it_cannot() -> None:
@@ -256,6 +300,28 @@ def test_the_cli_judging_needs_a_workload_independent_agent(tmp_path: Path) -> N
     pretrained = Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "tight-memory-wait"
     done = runner.invoke(app, ["evaluate", "--suite", "--agent", str(pretrained), "--out", str(tmp_path / "b")])
     assert done.exit_code != 0 and "per request type of one workload" in done.output
+
+
+def test_the_cli_judges_on_thirty_held_out_seeds_unless_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import agents.judge
+    from llmsched_env.cli import app
+
+    asked: list[list[int]] = []
+
+    def recording(agent_dir: Any, *, seeds: Any, **_: Any) -> agents.judge.Judging:
+        asked.append(list(seeds))
+        return agents.judge.Judging([], [])
+
+    monkeypatch.setattr(agents.judge, "judge", recording)
+    generalist = Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "suite-residual"
+    runner = CliRunner()
+    for extra in ([], ["--seeds", "3,5"]):
+        done = runner.invoke(app, ["evaluate", "--suite", "--agent", str(generalist), "--jobs", "1",
+                                   "--out", str(tmp_path / str(len(extra))), *extra])
+        assert done.exit_code == 0, done.output
+    assert asked == [list(range(30)), [3, 5]]
 
 
 def test_render_gives_one_status_line() -> None:
