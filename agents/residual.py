@@ -59,13 +59,18 @@ FEATURES = ("lengths_known", "servable_share", "rate_short_vs_long", "queue_vs_t
 NUM_FEATURES = len(FEATURES)
 
 
-def threshold_scale(action: np.ndarray | float) -> float:
-    """The threshold scale an action sets: ``2 ** (SCALE_OCTAVES · a)``, ``a`` clipped to ``[-1, 1]``; exactly 1
-    for ``a = 0``."""
+def clipped_action(action: np.ndarray | float) -> float:
+    """An action as the number it means: its first entry, clipped to ``[-1, 1]``; a clear error if not finite."""
     value = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
     if not math.isfinite(value):
         raise ConfigError(f"a residual action must be a finite number in [-1, 1], got {value!r}")
-    value = min(1.0, max(-1.0, value))
+    return min(1.0, max(-1.0, value))
+
+
+def threshold_scale(action: np.ndarray | float) -> float:
+    """The threshold scale an action sets: ``2 ** (SCALE_OCTAVES · a)``, ``a`` clipped to ``[-1, 1]``; exactly 1
+    for ``a = 0``."""
+    value = clipped_action(action)
     return 1.0 if value == 0.0 else float(2.0 ** (SCALE_OCTAVES * value))
 
 
@@ -100,6 +105,7 @@ class ResidualControl:
         self.base.reset(engine)
         self.known = known
         self.next_decision = 0.0
+        self.action = 0.0
         self.scale = 1.0
         self._short = ArrivalRateEstimator(SHORT_RATE_WINDOW_S)
         self._seen = 0
@@ -111,7 +117,8 @@ class ResidualControl:
 
     def apply(self, action: np.ndarray | float, now: float) -> None:
         """Set the scale ``action`` asks for, until the next decision (the next multiple of the interval)."""
-        self.scale = threshold_scale(action)
+        self.action = clipped_action(action)
+        self.scale = threshold_scale(self.action)
         self.base.set_threshold_scale(self.scale)
         self.next_decision = (math.floor(now / self.interval_s) + 1) * self.interval_s
 
@@ -196,7 +203,7 @@ class ConstantAction:
     log_std = None
 
     def __init__(self, action: float) -> None:
-        threshold_scale(action)  # a non-finite action fails here
+        clipped_action(action)  # a non-finite action fails here
         self.action = float(action)
 
     def __call__(self, observations: np.ndarray) -> np.ndarray:

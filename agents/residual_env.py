@@ -10,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from agents.residual import NUM_FEATURES, SCALE_OCTAVES, ResidualControl
+from agents.residual import NUM_FEATURES, ResidualControl
 from llmsched_env.errors import ConfigError, RequestTooLargeError
 from llmsched_env.fluid import FluidSolution
 from llmsched_env.metrics import summarize
@@ -240,7 +240,7 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
             if self.latency_penalty:
                 reward -= self.latency_penalty * (before_in + in_system) / 2 / throughput * (engine.now - before_time)
         if self.action_penalty:
-            reward -= self.action_penalty * (math.log2(self.control.scale) / SCALE_OCTAVES) ** 2
+            reward -= self.action_penalty * self.control.action ** 2
         observation = (np.zeros(NUM_FEATURES, np.float32) if self._done
                        else self.control.observe(engine.state()))
         return observation, float(reward), False, self._done, self._info(final=self._done)

@@ -166,7 +166,7 @@ def test_the_verdict_follows_the_non_inferiority_margins() -> None:
 @pytest.mark.parametrize("workload, base", [("paper-single", "wait-adaptive"),
                                             ("paper-two-type-hidden", "nested-wait-adaptive")])
 def test_a_zero_constant_action_is_judged_as_the_baseline_it_adjusts(workload: str, base: str) -> None:
-    cell = next(c for c in judging_cells([workload], None) if c["load"] == 0.6 or c["load"] == 0.5)
+    cell = next(c for c in judging_cells([workload], None) if c["load"] in (0.5, 0.6))
     row = judge_network(ConstantAction(0.0), 5.0, cell, (0, 1))
     assert row["seeds"] == 2
     # The same runs as the baseline's own, so the same means (exactly: the same numbers summed the same way).
