@@ -34,9 +34,11 @@ from llmsched_env.scenario import Scenario
 from llmsched_env.scenarios import load_scenario
 from llmsched_env.workload import ArrivalProcess, LengthSampleWorkload, read_trace_csv
 
-KNOWN_BASELINES = ("wait", "wait-adaptive", "nested-wait", "nested-wait-adaptive", "nested-wait-margin", "vllm",
-                   "sarathi")
-HIDDEN_BASELINES = ("nested-wait", "nested-wait-adaptive", "nested-wait-margin", "vllm", "sarathi")
+#: The baselines a cell's agent is judged against, by what they know: with lengths known every one, hidden only
+#: those that never read a request's output length.
+HIDDEN_BASELINES = ("nested-wait", "nested-wait-adaptive", "nested-wait-adaptive-stall-free", "nested-wait-margin",
+                    "vllm", "sarathi")
+KNOWN_BASELINES = ("wait", "wait-adaptive", "wait-adaptive-stall-free", *HIDDEN_BASELINES)
 #: Non-inferiority margins: throughput no lower than −1 % of the best baseline's, p99 no higher than +5 % of its.
 THROUGHPUT_MARGIN = 0.01
 P99_MARGIN = 0.05
@@ -97,21 +99,26 @@ def _agent(agent_dir: str) -> tuple[Any, dict[str, Any]]:
 
 def judge_cell(agent_dir: str, cell: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
     """One cell's runs (the agent in ``agent_dir`` and its baselines on every seed) and verdict."""
+    from agents.residual import control_settings
+
     network, env_kwargs = _agent(agent_dir)
-    return judge_network(network, float(env_kwargs.get("interval_s", 1.0)), cell, seeds)
+    settings = control_settings(env_kwargs)
+    return judge_network(network, settings.pop("interval_s"), cell, seeds, **settings)
 
 
-def judge_network(network: Any, interval_s: float, cell: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
+def judge_network(network: Any, interval_s: float, cell: dict[str, Any], seeds: Sequence[int], *,
+                  base: str | None = None, batching: str = "whole") -> dict[str, Any]:
     """One cell's verdict for a residual ``network`` deciding every ``interval_s`` (what
     :class:`~agents.residual.ResidualAgentPolicy` takes: a trained actor, or a
-    :class:`~agents.residual.ConstantAction`), run beside the cell's baselines on every seed."""
+    :class:`~agents.residual.ConstantAction`, adjusting ``base`` or the ``batching`` family's), run beside the
+    cell's baselines on every seed."""
     from agents.residual import ResidualAgentPolicy
 
     scenario = cell_scenario(cell)
     baselines = KNOWN_BASELINES if cell["known"] else HIDDEN_BASELINES
 
     def factory(setting: Scenario, horizon: float) -> ResidualAgentPolicy:
-        return ResidualAgentPolicy(network, setting, horizon, interval_s=interval_s)
+        return ResidualAgentPolicy(network, setting, horizon, interval_s=interval_s, base=base, batching=batching)
 
     sees = (SEES_OUTPUT_LENGTHS | {"agent"}) if cell["known"] else frozenset()
     comparison = compare(scenario, ["agent", *baselines], [scenario.base_rate], cell["horizon"], seeds=seeds,

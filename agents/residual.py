@@ -45,8 +45,13 @@ from llmsched_env.rate_estimate import ArrivalRateEstimator
 from llmsched_env.request_table import RequestColumns
 from llmsched_env.scenario import Scenario
 
-#: The baseline the agent adjusts, by whether output lengths are known.
-BASE_POLICIES = {True: "wait-adaptive", False: "nested-wait-adaptive"}
+#: The baseline the agent adjusts, by how its admissions are batched (``batching``) and whether output lengths are
+#: known: prefilled whole (``"whole"``, the rules as written), or batched stall-free under Sarathi's 2,048-token budget
+#: (``"stall-free"``, :mod:`baselines.stall_free`).
+BASES = {"whole": {True: "wait-adaptive", False: "nested-wait-adaptive"},
+         "stall-free": {True: "wait-adaptive-stall-free", False: "nested-wait-adaptive-stall-free"}}
+#: The whole-prefill bases (an agent saved without ``batching`` adjusts these).
+BASE_POLICIES = BASES["whole"]
 #: The action's reach: ``a ∈ [-1, 1]`` scales thresholds by ``2 ** (SCALE_OCTAVES · a)``.
 SCALE_OCTAVES = 2.0
 #: The short-term arrival-rate window (s), against the baseline's own (60 s).
@@ -83,16 +88,21 @@ class ResidualControl:
 
     Args:
         interval_s: engine time between two decisions of the agent.
-        base: the baseline it adjusts (default: :data:`BASE_POLICIES` for the scenario's length setting).
+        base: the baseline it adjusts (default: :data:`BASES` of ``batching`` for the scenario's length setting).
+        batching: ``"whole"`` or ``"stall-free"`` (:data:`BASES`), when ``base`` is not given.
     """
 
-    def __init__(self, interval_s: float = 1.0, base: str | None = None) -> None:
+    def __init__(self, interval_s: float = 1.0, base: str | None = None, batching: str = "whole") -> None:
         if not (math.isfinite(interval_s) and interval_s > 0):
             raise ConfigError(f"interval_s must be finite and > 0 s, got {interval_s!r}")
-        if base is not None and base not in BASE_POLICIES.values():
-            raise ConfigError(f"a residual agent adjusts {' or '.join(BASE_POLICIES.values())}, not {base!r}")
+        if batching not in BASES:
+            raise ConfigError(f"batching must be one of {', '.join(BASES)}, got {batching!r}")
+        names = [name for bases in BASES.values() for name in bases.values()]
+        if base is not None and base not in names:
+            raise ConfigError(f"a residual agent adjusts one of {', '.join(names)}, not {base!r}")
         self.interval_s = float(interval_s)
         self.base_name = base
+        self.batching = batching
         self.base: Any = None
         self.next_decision = 0.0
 
@@ -100,7 +110,7 @@ class ResidualControl:
         """A fresh baseline for ``scenario`` (only its cost model and memory: the adaptive baselines learn the
         rest), reset on ``engine``; the first decision is due at once."""
         known = engine.output_lengths_known
-        name = self.base_name or BASE_POLICIES[known]
+        name = self.base_name or BASES[self.batching][known]
         self.base = make_policy(name, scenario, horizon)
         self.base.reset(engine)
         self.known = known
@@ -220,19 +230,21 @@ class ResidualAgentPolicy:
             loads), a stable-baselines3 ``PPO`` model, or any callable from a batch of observations to actions.
         scenario: where it runs (the baseline's cost model and memory).
         horizon: the run's horizon (the baseline's overflow bound).
-        interval_s, base: :class:`ResidualControl`'s.
+        interval_s, base, batching: :class:`ResidualControl`'s (:func:`control_settings` reads them from a saved
+            agent's environment arguments).
         deterministic: the mean action (else a sample, from a generator seeded by ``seed`` at every reset).
     """
 
     def __init__(self, network: Any, scenario: Scenario, horizon: float, *, interval_s: float = 1.0,
-                 base: str | None = None, deterministic: bool = True, seed: int = 0, name: str = "agent") -> None:
+                 base: str | None = None, batching: str = "whole", deterministic: bool = True, seed: int = 0,
+                 name: str = "agent") -> None:
         self.name = name
         self.network = network
         self.scenario = scenario
         self.horizon = horizon
         self.deterministic = deterministic
         self.seed = seed
-        self.control = ResidualControl(interval_s, base)
+        self.control = ResidualControl(interval_s, base, batching)
         self._rng = np.random.default_rng(seed)
 
     def reset(self, engine: Engine) -> None:
@@ -291,6 +303,13 @@ class ResidualAgentPolicy:
                 stop = PAUSE  # a decision is due, not the end
             return (stop, running, *rest)  # type: ignore[return-value]
         return loop
+
+
+def control_settings(env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a saved agent's environment arguments say about its control (``interval_s``, ``base``, ``batching``),
+    as :class:`ResidualAgentPolicy` takes them: the agent runs as it was trained."""
+    return {"interval_s": float(env_kwargs.get("interval_s", 1.0)), "base": env_kwargs.get("base"),
+            "batching": str(env_kwargs.get("batching", "whole"))}
 
 
 def read_residual_agent(directory: str | Path) -> tuple[AgentSpec, Any]:

@@ -105,7 +105,9 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ``scenarios`` (a name of the suite, ``NAME-hidden``, a list of them, or ``"suite"``), ``loads`` (``(low, high)``
     or one load), ``memory`` (a factor of each scenario's KV capacity, or a ``(low, high)`` range), ``horizon``
-    (s), ``interval_s`` (1), ``base`` (the baseline; default by length setting), ``reward`` (``regret`` or
+    (s), ``interval_s`` (1), ``batching`` (``"whole"``: the baselines prefill each admission whole, as written;
+    ``"stall-free"``: their decisions batched as Sarathi batches, :mod:`baselines.stall_free`), ``base`` (the
+    baseline; default by ``batching`` and length setting, :data:`agents.residual.BASES`), ``reward`` (``regret`` or
     ``vs_baseline``), ``latency_penalty`` (0), ``action_penalty`` (0), ``compiled`` (``True``: the baseline's compiled
     loop between decisions; ``False`` its Python rule, the same episodes).
 
@@ -113,7 +115,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ## Version History
 
-    * v0: initial version; ``action_penalty`` added later (default 0: the episodes and rewards as before).
+    * v0: initial version; ``action_penalty`` and ``batching`` added later (defaults 0 and ``"whole"``: the
+      episodes and rewards as before).
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
@@ -121,7 +124,7 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
     def __init__(self, *, scenarios: str | Sequence[str] = SUITE,
                  loads: float | tuple[float, float] | None = None, memory: float | tuple[float, float] = 1.0,
                  horizon: float | None = None,
-                 interval_s: float = 1.0, base: str | None = None, reward: str = "regret",
+                 interval_s: float = 1.0, base: str | None = None, batching: str = "whole", reward: str = "regret",
                  latency_penalty: float = 0.0, action_penalty: float = 0.0, compiled: bool = True,
                  render_mode: str | None = None) -> None:
         names = [scenarios] if isinstance(scenarios, str) else list(scenarios)
@@ -161,7 +164,7 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         self.action_penalty = float(action_penalty)
         self.compiled = bool(compiled)
         self.render_mode = render_mode
-        self.control = ResidualControl(interval_s, base)
+        self.control = ResidualControl(interval_s, base, batching)
         self.action_space = spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
         self.observation_space = spaces.Box(0.0, 1.0, (NUM_FEATURES,), dtype=np.float32)
         self._rollout: Rollout | None = None
@@ -253,7 +256,7 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
     def _baseline_path(self, scenario: Scenario, arrivals: Any, horizon: float) -> np.ndarray:
         """The baseline's own run on these arrivals: per decision point ``k·interval`` (and the end, last), its
         completions and the requests in its system at the first iteration boundary at or after it."""
-        shadow = ResidualControl(self.control.interval_s, self.control.base_name)
+        shadow = ResidualControl(self.control.interval_s, self.control.base_name, self.control.batching)
         engine = scenario.engine()
         rollout = Rollout(engine, arrivals, horizon, stall_after_s=STALL_AFTER_S)
         shadow.reset(engine, scenario, horizon)

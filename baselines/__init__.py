@@ -7,6 +7,8 @@
 * :mod:`baselines.nested_wait` — Nested WAIT (hidden output lengths), likewise (``nested-wait-pausing``);
 * :mod:`baselines.wait_cp` — WAIT-CP and Nested WAIT-CP, the schedulers the paper's authors ran
   (``wait-cp``, ``nested-wait-cp``);
+* :mod:`baselines.adaptive` — WAIT and Nested WAIT learning rates and lengths online (``wait-adaptive``,
+  ``nested-wait-adaptive``), and their decisions batched stall-free (``*-stall-free``, :mod:`baselines.stall_free`);
 * :mod:`baselines.thresholds` — the thresholds from the fluid model (pure functions).
 
 Renamed presets: ``wait-paper`` and ``nested-wait-paper`` are now ``wait-pausing`` and
@@ -32,6 +34,7 @@ from baselines.fcfs import (
 )
 from baselines.lookahead import LOOKAHEAD_QUANTILE, MARGIN_QUANTILES, MARGIN_RESERVES, residual_quantiles
 from baselines.nested_wait import NestedWaitPolicy
+from baselines.stall_free import SARATHI_TOKEN_BUDGET
 from baselines.thresholds import (
     OutputLengthDistribution,
     nested_wait_thresholds,
@@ -104,6 +107,12 @@ POLICIES: dict[str, PolicyFactory] = {
                                                                          scenario.block_size),
     "nested-wait-adaptive": lambda scenario, horizon: AdaptiveNestedWaitPolicy.create(
         scenario.cost, scenario.paged_capacity_tokens, scenario.block_size, horizon_s=horizon),
+    # The same admissions batched as Sarathi batches (baselines.stall_free): decodes first, prefills chunked.
+    "wait-adaptive-stall-free": lambda scenario, horizon: AdaptiveWaitPolicy.create(
+        scenario.cost, scenario.capacity_tokens, scenario.block_size, token_budget=SARATHI_TOKEN_BUDGET),
+    "nested-wait-adaptive-stall-free": lambda scenario, horizon: AdaptiveNestedWaitPolicy.create(
+        scenario.cost, scenario.paged_capacity_tokens, scenario.block_size, horizon_s=horizon,
+        token_budget=SARATHI_TOKEN_BUDGET),
     "wait": _wait("measured"),
     "wait-pausing": _wait("paper"),
     "nested-wait": _nested_wait("measured"),

@@ -263,7 +263,8 @@ def run_adaptive_nested_wait(run: RunState, running: np.ndarray, columns: Reques
         solved = _solve_due(learn, run, columns, learning)
         if len(solved.boundaries):
             solve = solved
-            rule = adaptive_rule(solve, learning.settings, rule.drain_when_idle, rule.pausing)
+            rule = adaptive_rule(solve, learning.settings, rule.drain_when_idle, rule.pausing,
+                                 rule.token_budget)
 
 
 @compiled
@@ -405,8 +406,8 @@ def scaled_counts(n: np.ndarray, scale: float) -> np.ndarray:
 
 
 @compiled
-def adaptive_rule(solve: NestedWaitSolve, settings: np.ndarray, drain_when_idle: bool,
-                  pausing: bool) -> NestedWaitRule:
+def adaptive_rule(solve: NestedWaitSolve, settings: np.ndarray, drain_when_idle: bool, pausing: bool,
+                  token_budget: int) -> NestedWaitRule:
     """The compiled rule of a solve, at the settings' threshold scale: the scaled thresholds, the lookahead (the
     measured variant projects; the paper's pauses), and lending up to the capacity less the scaled reserve
     (``min(M*, M^π)``)."""
@@ -420,7 +421,7 @@ def adaptive_rule(solve: NestedWaitSolve, settings: np.ndarray, drain_when_idle:
         spare = lending_limit(reserve, int(settings[CAPACITY_BLOCKS]), int(settings[BLOCK_SIZE]))
     residual = np.empty(0, dtype=np.int64) if pausing else solve.lookahead.copy()
     return NestedWaitRule(solve.boundaries.copy(), segment_code_table(solve.boundaries), n, residual,
-                          np.array([spare], dtype=np.int64), drain_when_idle, pausing)
+                          np.array([spare], dtype=np.int64), drain_when_idle, pausing, token_budget)
 
 
 @compiled
@@ -461,12 +462,16 @@ class AdaptiveWaitPolicy(WaitPolicy):
 
     @classmethod
     def create(cls, cost: LinearCostModel, capacity_tokens: int, block_size: int, *, grid: int = 3,
-               **learning: float) -> "AdaptiveWaitPolicy":
+               token_budget: int = 0, **learning: float) -> "AdaptiveWaitPolicy":
+        """WAIT-adaptive; with a ``token_budget``, its decisions batched stall-free within it
+        (``wait-adaptive-stall-free``, :mod:`baselines.stall_free`)."""
         if grid < 1:
             raise ConfigError(f"grid must be >= 1, got {grid}")
         placeholder = TypeMix((RequestType(1, 1, 1.0),))
-        return cls(placeholder, _unit_thresholds(placeholder, capacity_tokens, block_size), name="wait-adaptive",
-                   learning=_Learning(cost, capacity_tokens, block_size, **learning), grid=grid)  # type: ignore[arg-type]
+        name = "wait-adaptive-stall-free" if token_budget else "wait-adaptive"
+        return cls(placeholder, _unit_thresholds(placeholder, capacity_tokens, block_size), name=name,
+                   token_budget=token_budget, learning=_Learning(cost, capacity_tokens, block_size, **learning),
+                   grid=grid)  # type: ignore[arg-type]
 
     def reset(self, engine: Engine) -> None:
         super().reset(engine)
@@ -582,8 +587,11 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
 
     @classmethod
     def create(cls, cost: LinearCostModel, capacity_tokens: int, block_size: int, *, horizon_s: float = 3600.0,
-               **learning: float) -> "AdaptiveNestedWaitPolicy":
-        return cls(_single_segment(capacity_tokens), name="nested-wait-adaptive",
+               token_budget: int = 0, **learning: float) -> "AdaptiveNestedWaitPolicy":
+        """Nested-WAIT-adaptive; with a ``token_budget``, its decisions batched stall-free within it
+        (``nested-wait-adaptive-stall-free``, :mod:`baselines.stall_free`)."""
+        name = "nested-wait-adaptive-stall-free" if token_budget else "nested-wait-adaptive"
+        return cls(_single_segment(capacity_tokens), name=name, token_budget=token_budget,
                    learning=_Learning(cost, capacity_tokens, block_size, **learning),  # type: ignore[arg-type]
                    horizon_s=horizon_s, lend_spare_memory=True)
 
@@ -643,7 +651,8 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         when it solves), or Nested WAIT's of the thresholds before the first."""
         if self._solve is None:
             return super().compiled_rule()
-        return adaptive_rule(self._solve, self._settings, self.drain_when_idle, self.variant == "paper")
+        return adaptive_rule(self._solve, self._settings, self.drain_when_idle, self.variant == "paper",
+                             self.token_budget)
 
     def compiled_loop(self) -> CompiledLoop:
         """This policy compiled (:func:`run_adaptive_nested_wait`): Nested WAIT's compiled rule, the thresholds

@@ -81,6 +81,7 @@ from baselines.lookahead import (
     redraw,
     trajectories_of,
 )
+from baselines.stall_free import stall_free, stall_free_batch
 from baselines.thresholds import NestedWaitThresholds
 from llmsched_env import compiled_run
 from llmsched_env.compiled import borrowed, compiled, compiled_inlined
@@ -111,12 +112,18 @@ class NestedWaitPolicy:
     reserve_levels: tuple[float, ...] = ()  # per level, the share of `reserve_tokens` kept from lending (default 1)
     calm_decisions: int = 200  # eviction-free decisions before the margin steps down a level
     reserve_tokens: float | None = None  # kept back from lending (default: the pipelines' memory M^π)
+    # 0: every admission prefilled whole in one iteration (the rule as written); > 0: the rule's decisions batched
+    # stall-free within this many tokens per iteration (baselines.stall_free; Sarathi's 2048).
+    token_budget: int = 0
     guard_activations: int = field(default=0, init=False)  # iterations where the overflow guard acted
     guard_fallbacks: int = field(default=0, init=False)  # iterations where nothing fit and the engine evicted
 
     def reset(self, engine: Engine) -> None:
         if self.variant not in ("measured", "paper"):
             raise ConfigError(f"Nested WAIT variant must be 'measured' or 'paper', got {self.variant!r}")
+        if self.token_budget < 0:
+            raise ConfigError(f"token_budget must be 0 (whole prefills) or a positive number of tokens per iteration, "
+                              f"got {self.token_budget}")
         self.guard_activations = self.guard_fallbacks = 0
         self._capacity_blocks, self._block_size = engine.capacity_blocks, engine.block_size
         if self.lookahead_levels is not None:
@@ -167,7 +174,7 @@ class NestedWaitPolicy:
                               np.ascontiguousarray(self.thresholds.n, dtype=np.int64),
                               np.array(self.lookahead if self._projects() else [], dtype=np.int64),  # a copy: it moves
                               np.array([self._spare_blocks(1.0)], dtype=np.int64), self.drain_when_idle,
-                              self.variant == "paper")
+                              self.variant == "paper", self.token_budget)
 
     def compiled_margin(self) -> "Margin":
         """The adaptive margin as the compiled rule follows it, at the start of a run (no levels without one)."""
@@ -197,7 +204,7 @@ class NestedWaitPolicy:
             adapt_lookahead(self._margin_rule, self._margin, int(self._margin.state[SEEN]) + evicted,
                             state.num_waiting)
             self.lookahead = self._margin_rule.residual
-        decision = self._decide(state)
+        decision = stall_free(self._decide(state), state, self.token_budget)
         if self._margin_rule is not None:
             self._last_batch = np.concatenate([state.running, decision.prefill]).astype(np.int64)
             self._last_evictions = state.num_evictions[self._last_batch].copy()
@@ -351,6 +358,7 @@ class NestedWaitRule(NamedTuple):
     spare: np.ndarray  # int64[1]: lending's limit now (capacity less the reserve); -1 without lending
     drain_when_idle: bool
     pausing: bool  # the paper's variant: only the ready prefix's cohorts advance, n_k per stage
+    token_budget: int  # 0: whole prefills; else stall-free batching within this many tokens (baselines.stall_free)
 
 
 LEVEL, FLOOR, CALM, SEEN = range(4)  # indices of Margin.state
@@ -646,7 +654,11 @@ def nested_wait_step(rule: NestedWaitRule, guard: np.ndarray, running: np.ndarra
     # The decision redraws staircases in place and keeps nothing of the projection: it reads it borrowed (the
     # profile's arrays are passed at every call it makes).
     decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard, borrowed(projection))
-    chunk = compiled_run.whole_prefills(admit, columns)
+    if rule.token_budget:
+        decode, admit, chunk = stall_free_batch(decode, admit, running, columns.context, columns.kv_tokens,
+                                                rule.token_budget)
+    else:
+        chunk = compiled_run.whole_prefills(admit, columns)
     before = running
     stop, running, _, _, finished = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals, engine)
     if len(rule.residual) and not rule.pausing:

@@ -55,6 +55,7 @@ from baselines.lookahead import (
     trajectories,
     trajectories_of,
 )
+from baselines.stall_free import stall_free, stall_free_batch
 from baselines.thresholds import WaitThresholds, wait_thresholds
 from baselines.type_queues import TypeQueues
 from llmsched_env import compiled_run
@@ -92,6 +93,9 @@ class WaitPolicy:
     drain_when_idle: bool = True
     memory_safe: bool = True
     lend_spare_memory: bool = True
+    # 0: every admission prefilled whole in one iteration (the rule as written); > 0: the rule's decisions batched
+    # stall-free within this many tokens per iteration (baselines.stall_free; Sarathi's 2048).
+    token_budget: int = 0
     _types: Int64Buffer = field(default_factory=Int64Buffer, repr=False)
     _queues: TypeQueues = field(default_factory=lambda: TypeQueues(0), repr=False)
 
@@ -111,6 +115,9 @@ class WaitPolicy:
         if self.variant == "paper" and (self.memory_safe or self.lend_spare_memory):
             raise ConfigError("memory_safe and lend_spare_memory assume every running request decodes each "
                               "iteration: the paper's variant pauses cohorts, so it cannot use them")
+        if self.token_budget < 0:
+            raise ConfigError(f"token_budget must be 0 (whole prefills) or a positive number of tokens per iteration, "
+                              f"got {self.token_budget}")
         self._types = Int64Buffer()
         self._queues = TypeQueues(len(self.thresholds.n))
 
@@ -133,7 +140,7 @@ class WaitPolicy:
         """The current thresholds and settings, as the compiled rule takes them."""
         return WaitRule(np.ascontiguousarray(self.thresholds.n, dtype=np.int64), *self.mix.log_lengths(),
                         int(self.thresholds.memory_blocks), self.drain_when_idle, self.lend_spare_memory,
-                        self.memory_safe, self.variant == "paper")
+                        self.memory_safe, self.variant == "paper", self.token_budget)
 
     def _classify(self, state: SchedulerState) -> np.ndarray:
         """Every request's type (the nearest of the mix), classified once, on arrival."""
@@ -171,8 +178,8 @@ class WaitPolicy:
             # Nothing would run: let every type in (up to n_j) rather than strand requests below a threshold
             # until enough new arrivals come, which may be never.
             decision = self._select(state, types, queued, np.ones(len(n), dtype=bool))
-        queues.take(decision.prefill, types)
-        return decision
+        queues.take(decision.prefill, types)  # an admission the budget defers is found in the queue again
+        return stall_free(decision, state, self.token_budget)
 
     def _cohorts(self, ready: np.ndarray) -> np.ndarray:
         """The oldest ``n_j`` waiting requests of every ready type, in queue order."""
@@ -246,6 +253,7 @@ class WaitRule(NamedTuple):
     lend_spare_memory: bool
     memory_safe: bool
     pausing: bool  # the paper's variant: cohorts of types that are not ready pause
+    token_budget: int  # 0: whole prefills; else stall-free batching within this many tokens (baselines.stall_free)
 
 
 class WaitQueueFollower:
@@ -454,7 +462,11 @@ def wait_step(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: np.n
     finished request's staircase has run out. Anything else (an eviction, an admission the engine deferred, a
     refused decision) calls for the projection drawn anew."""
     decode, admit, held = wait_decision(rule, types, queue, running, columns, run.counters, engine, held)
-    chunk = compiled_run.whole_prefills(admit, columns)
+    if rule.token_budget:
+        decode, admit, chunk = stall_free_batch(decode, admit, running, columns.context, columns.kv_tokens,
+                                                rule.token_budget)
+    else:
+        chunk = compiled_run.whole_prefills(admit, columns)
     stop, running, admitted, evicted, _ = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals,
                                                           engine)
     for i in admitted:
@@ -463,7 +475,9 @@ def wait_step(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: np.n
         queue.queued[types[i]] += 1
         queue.scan_from[0] = min(queue.scan_from[0], i)
     if rule.memory_safe:
-        if len(evicted) or len(admitted) != len(admit) or stop == INVALID_DECISION:
+        # Stall-free batching moves staircases (a prefill in progress does not decode, a deferred admission is
+        # out): the projection is drawn anew, as the Python rule draws it at every decision.
+        if rule.token_budget or len(evicted) or len(admitted) != len(admit) or stop == INVALID_DECISION:
             held = batch_profile(rule, running, columns, engine, run)
         else:
             held_advance(held, run.ints[ITERATIONS])

@@ -191,11 +191,10 @@ def build_serve_policy(settings: ServeSettings, scenario: Scenario) -> Policy:
     """The policy (or agent) ``settings`` name, configured for ``scenario``, with no run horizon: the only horizon
     any of them reads is the overflow bound's window, ``buffer_horizon_s``."""
     if settings.is_agent:
-        from agents.residual import ResidualAgentPolicy, read_residual_agent
+        from agents.residual import ResidualAgentPolicy, control_settings, read_residual_agent
 
         spec, actor = read_residual_agent(settings.policy)
-        return ResidualAgentPolicy(actor, scenario, settings.buffer_horizon_s,
-                                   interval_s=float(spec.env_kwargs.get("interval_s", 1.0)),
+        return ResidualAgentPolicy(actor, scenario, settings.buffer_horizon_s, **control_settings(spec.env_kwargs),
                                    name=f"agent:{Path(settings.policy).name}")
     if ":" in settings.policy:
         return _import_factory(settings.policy, "policy")(scenario, settings.buffer_horizon_s)

@@ -62,6 +62,13 @@ PRESETS = {
     "nested-wait-adaptive-off-profile": lambda scenario: AdaptiveNestedWaitPolicy.create(
         scenario.cost.scaled(1 / 3), scenario.capacity_tokens, scenario.block_size, horizon_s=12.0,
         cost_window_s=1.0, **LEARN_FAST),
+    # Stall-free batching of the WAIT family's decisions, within budgets small enough to split most prompts.
+    "wait-stall-free": lambda scenario: replace(make_policy("wait", scenario, 12.0), token_budget=20),
+    "nested-wait-stall-free": lambda scenario: replace(make_policy("nested-wait", scenario, 12.0), token_budget=14),
+    "wait-adaptive-stall-free": lambda scenario: _rescaled(AdaptiveWaitPolicy.create(
+        scenario.cost, scenario.capacity_tokens, scenario.block_size, token_budget=24, **LEARN_FAST), 0.7),
+    "nested-wait-adaptive-stall-free": lambda scenario: AdaptiveNestedWaitPolicy.create(
+        scenario.cost, scenario.capacity_tokens, scenario.block_size, horizon_s=12.0, token_budget=9, **LEARN_FAST),
     "wait-cp": lambda scenario: ChunkedBookingPolicy.for_mix(scenario.offered_mix(), 6, nested=False, chunk=8),
     "nested-wait-cp": lambda scenario: ChunkedBookingPolicy.for_mix(scenario.offered_mix(), 9, nested=True, chunk=5,
                                                                      token_gate=False),

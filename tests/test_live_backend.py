@@ -264,14 +264,13 @@ def test_the_generalist_runs_on_the_live_engine(config, hidden):
     # rescaled by the agent's actor (NumPy arrays: this environment has no stable-baselines3).
     from pathlib import Path
 
-    from agents.residual import read_residual_agent
-    from agents.residual import ResidualAgentPolicy
+    from agents.residual import ResidualAgentPolicy, control_settings, read_residual_agent
 
     spec, actor = read_residual_agent(Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "suite-residual")
     scenario = replace(_scenario(rate=4.0, output=30), output_lengths_known=not hidden)
     horizon = 3.0
     arrivals = scenario.sample(horizon, 0)
-    agent = ResidualAgentPolicy(actor, scenario, horizon, interval_s=spec.env_kwargs["interval_s"])
+    agent = ResidualAgentPolicy(actor, scenario, horizon, **control_settings(spec.env_kwargs))
     live_engine = LiveVLLMEngine(config, output_lengths_known=not hidden)
     try:
         live = run(live_engine, agent, arrivals, horizon)

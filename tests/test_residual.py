@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import llmsched_env  # noqa: F401  (registers the ids)
 from agents.judge import judge_network, judging_cells, verdict
 from agents.residual import (
+    BASES,
     NUM_FEATURES,
     ConstantAction,
     ResidualAgentPolicy,
@@ -48,15 +49,16 @@ def _wave(observations: np.ndarray) -> np.ndarray:
     return np.sin(observations.sum(axis=1, keepdims=True) * 7.0)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(workload=st.sampled_from(WORKLOADS), load=st.sampled_from([0.6, 0.9, 1.1]), seed=st.integers(0, 50),
-       compiled=st.booleans())
-def test_the_zero_action_is_the_baseline_bit_for_bit(workload: str, load: float, seed: int, compiled: bool) -> None:
-    env = LLMSchedResidualEnv(scenarios=workload, horizon=40.0, compiled=compiled)
+       compiled=st.booleans(), batching=st.sampled_from(sorted(BASES)))
+def test_the_zero_action_is_the_baseline_bit_for_bit(workload: str, load: float, seed: int, compiled: bool,
+                                                     batching: str) -> None:
+    env = LLMSchedResidualEnv(scenarios=workload, horizon=40.0, compiled=compiled, batching=batching)
     info, rewards = _episode(env, {"load": load, "arrival_seed": seed}, lambda _: np.zeros(1, np.float32))
     scenario, horizon = env.workload(workload, load)
     arrivals = scenario.sample(horizon, seed)
-    base = make_policy("wait-adaptive" if scenario.output_lengths_known else "nested-wait-adaptive", scenario, horizon)
+    base = make_policy(BASES[batching][scenario.output_lengths_known], scenario, horizon)
     expected = summarize(run(scenario.engine(), base, arrivals, horizon), scenario.fluid(arrivals, horizon))
     assert {k: info[k] for k in EXACT} == {k: expected[k] for k in EXACT}
     # The return is minus the regret, in seconds of the fluid optimum's service (float sums: a stated tolerance).
@@ -64,25 +66,27 @@ def test_the_zero_action_is_the_baseline_bit_for_bit(workload: str, load: float,
                                          / expected["fluid_throughput_rps"], rel=1e-9, abs=1e-9)
 
 
-@pytest.mark.parametrize("workload", ["paper-two-type", "bursty-high-hidden"])
-def test_an_agent_runs_through_run_as_in_the_environment_on_both_paths(workload: str) -> None:
+@pytest.mark.parametrize("workload, batching", [("paper-two-type", "whole"), ("bursty-high-hidden", "whole"),
+                                                ("paper-two-type-512", "stall-free"),
+                                                ("paper-two-type-hidden", "stall-free")])
+def test_an_agent_runs_through_run_as_in_the_environment_on_both_paths(workload: str, batching: str) -> None:
     results = []
     for compiled in (True, False):
-        env = LLMSchedResidualEnv(scenarios=workload, horizon=40.0, compiled=compiled)
+        env = LLMSchedResidualEnv(scenarios=workload, horizon=40.0, compiled=compiled, batching=batching)
         info, _ = _episode(env, {"load": 0.9, "arrival_seed": 3}, lambda o: _wave(o[None])[0])
         results.append({k: info[k] for k in EXACT})
     scenario, horizon = env.workload(workload, 0.9)
     arrivals = scenario.sample(horizon, 3)
     fluid = scenario.fluid(arrivals, horizon)
-    compiled_run = summarize(run(scenario.engine(), ResidualAgentPolicy(_wave, scenario, horizon), arrivals, horizon),
-                             fluid)
-    policy = ResidualAgentPolicy(_wave, scenario, horizon)
+    compiled_run = summarize(run(scenario.engine(), ResidualAgentPolicy(_wave, scenario, horizon, batching=batching),
+                                 arrivals, horizon), fluid)
+    policy = ResidualAgentPolicy(_wave, scenario, horizon, batching=batching)
     policy.compiled_loop = lambda: None  # type: ignore[method-assign]  # its Python rule, one call per iteration
     python_run = summarize(run(scenario.engine(), policy, arrivals, horizon), fluid)
     results += [{k: compiled_run[k] for k in EXACT}, {k: python_run[k] for k in EXACT}]
     assert all(result == results[0] for result in results)
     assert results[0] != {k: summarize(run(scenario.engine(), make_policy(
-        "wait-adaptive" if scenario.output_lengths_known else "nested-wait-adaptive", scenario, horizon), arrivals,
+        BASES[batching][scenario.output_lengths_known], scenario, horizon), arrivals,
         horizon), fluid)[k] for k in EXACT}  # the agent's scale changed something
 
 
@@ -129,6 +133,10 @@ def test_scale_and_bad_input_name_what_is_wrong() -> None:
         LLMSchedResidualEnv(loads=(0.9, 0.5))
     with pytest.raises(ConfigError, match="unknown scenario|no scenario|not a"):
         LLMSchedResidualEnv(scenarios="no-such-scenario")
+    with pytest.raises(ConfigError, match="batching must be one of whole, stall-free, got 'chunky'"):
+        LLMSchedResidualEnv(batching="chunky")
+    with pytest.raises(ConfigError, match="adjusts one of .*wait-adaptive-stall-free.*not 'vllm'"):
+        LLMSchedResidualEnv(base="vllm")
     env = LLMSchedResidualEnv(scenarios="paper-two-type", horizon=5.0)
     with pytest.raises(RuntimeError, match="reset"):
         env.step(np.zeros(1))

@@ -1,0 +1,82 @@
+"""Stall-free batching: another rule's decision executed the way Sarathi-Serve batches, under a token budget.
+
+WAIT and Nested WAIT decide *whom* to admit and which running requests advance; as written they prefill each
+admission whole, in one iteration, so a long prompt stalls every decode in the batch for as long as it takes. Sarathi
+(:mod:`baselines.fcfs`) decides *how* an iteration is filled: decodes first, then the continuation of prefills in
+progress, then new admissions, all within ``max_num_batched_tokens`` (a decode counts one token), the last prefill
+cut to a chunk that fills the budget. :func:`stall_free_batch` composes the two: the rule's admissions, in its order,
+executed as Sarathi executes its own. Where every policy serves the load, this is what decides the tail latency (on
+the suite's diurnal day at ρ 0.6, p99 13.4 s for Sarathi against 15–18 s for whole-prompt policies).
+
+An admission the budget has no room for this iteration stays in the queue (the engine's deferral: nothing lost; a
+rule that follows its queue finds it there again). Requests partway through a prefill never decode, whatever the
+rule chose; they continue, oldest first, before anyone new is admitted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmsched_env.compiled import compiled_inlined
+from llmsched_env.engine import IDLE, Decision, SchedulerState
+
+#: Sarathi-Serve's usual per-iteration token budget, and vLLM's chunked-prefill default (:func:`~baselines.fcfs.
+#: sarathi_policy`).
+SARATHI_TOKEN_BUDGET = 2048
+
+
+@compiled_inlined
+def stall_free_batch(decode: np.ndarray, admit: np.ndarray, running: np.ndarray, context: np.ndarray,
+                     kv_tokens: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A rule's ``decode`` and ``admit`` (whole prefills) as one stall-free iteration within ``budget`` tokens:
+    ``(decode, prefill, prefill_tokens)``.
+
+    * decode: the running requests of ``decode`` whose context is cached, in the batch's order (``running``), the
+      oldest ``budget`` of them;
+    * then every running request partway through a prefill, oldest first, granted what remains of its context
+      while the budget lasts (the last grant a partial chunk);
+    * then ``admit``, in the rule's order, likewise.
+
+    ``context`` and ``kv_tokens`` are every request's context length and cached tokens, by id. The Python rule and
+    the compiled loop both call this function, so they batch alike by construction."""
+    chosen = np.sort(decode)
+    ready = np.empty(len(running), dtype=np.int64)
+    partial = np.empty(len(running), dtype=np.int64)
+    num_ready = num_partial = 0
+    for i in running:
+        if kv_tokens[i] == context[i]:
+            if num_ready < budget:
+                at = np.searchsorted(chosen, i)
+                if at < len(chosen) and chosen[at] == i:
+                    ready[num_ready] = i
+                    num_ready += 1
+        else:
+            partial[num_partial] = i
+            num_partial += 1
+    left = budget - num_ready
+    prefill = np.empty(num_partial + len(admit), dtype=np.int64)
+    chunk = np.empty(num_partial + len(admit), dtype=np.int64)
+    count = 0
+    for j in range(num_partial + len(admit)):
+        if left <= 0:
+            break
+        i = partial[j] if j < num_partial else admit[j - num_partial]
+        grant = min(context[i] - kv_tokens[i], left)
+        prefill[count], chunk[count] = i, grant
+        count += 1
+        left -= grant
+    return ready[:num_ready], prefill[:count], chunk[:count]
+
+
+def stall_free(decision: Decision, state: SchedulerState, budget: int) -> Decision:
+    """``decision`` (whole prefills) batched stall-free within ``budget`` tokens (:func:`stall_free_batch`), or as
+    it is with ``budget`` 0. It runs even when the rule would wait: prefills in progress continue."""
+    if budget == 0:
+        return decision
+    decode, prefill, chunk = stall_free_batch(np.asarray(decision.decode, dtype=np.int64),
+                                              np.asarray(decision.prefill, dtype=np.int64),
+                                              np.asarray(state.running, dtype=np.int64), state.context_len,
+                                              state.kv_tokens, budget)
+    if len(decode) == 0 and len(prefill) == 0 and len(decision.preempt) == 0:
+        return IDLE
+    return Decision(decode=decode, prefill=prefill, prefill_tokens=chunk, preempt=decision.preempt)

@@ -1,0 +1,111 @@
+"""Stall-free batching of the WAIT family's decisions (baselines.stall_free): what an iteration holds, that a budget
+is never exceeded, that a budget nothing reaches changes nothing, and bad settings."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from baselines import make_policy
+from baselines.adaptive import AdaptiveNestedWaitPolicy, AdaptiveWaitPolicy
+from baselines.stall_free import stall_free_batch
+from llmsched_env import Arrivals, ConfigError, LinearCostModel, RequestType, TypeMix, run
+from llmsched_env.engine import IterationOutcome
+from llmsched_env.scenario import Scenario
+from llmsched_env.simulator import SimulatedEngine
+from tests.invariants import InvariantChecker
+
+COST = LinearCostModel(c0=0.01, c_pf=1e-4, c_dec=1e-4, c_kv=1e-5)
+
+
+def _batch(decode: list[int], admit: list[int], running: list[int], context: dict[int, int], kv: dict[int, int],
+           budget: int) -> tuple[list[int], list[int], list[int]]:
+    size = max([*context, *running, *admit]) + 1
+    context_len, kv_tokens = np.zeros(size, np.int64), np.zeros(size, np.int64)
+    for i, value in context.items():
+        context_len[i] = value
+    for i, value in kv.items():
+        kv_tokens[i] = value
+    out = stall_free_batch(np.array(decode, np.int64), np.array(admit, np.int64), np.array(running, np.int64),
+                           context_len, kv_tokens, budget)
+    return out[0].tolist(), out[1].tolist(), out[2].tolist()
+
+
+def test_an_iteration_decodes_first_then_continues_prefills_then_admits_in_the_rule_s_order() -> None:
+    # Running: 5 and 7 cached (the rule decodes both), 2 partway through its prefill (40 of 100), 9 cached but
+    # not chosen by the rule (it pauses). The rule admits 11, 12, 13 (30, 50, 40 tokens) in that order.
+    context = {5: 20, 2: 100, 7: 31, 9: 12, 11: 30, 12: 50, 13: 40}
+    kv = {5: 20, 2: 40, 7: 31, 9: 12}
+    decode, prefill, chunk = _batch([7, 5, 2], [11, 12, 13], [5, 2, 7, 9], context, kv, budget=100)
+    assert decode == [5, 7]  # the batch's order; 9 was not chosen; 2 cannot decode before its prefill ends
+    assert prefill == [2, 11, 12] and chunk == [60, 30, 8]  # 2 + 60 + 30 + 8 = the budget; 13 waits
+    # A budget the decodes fill: the oldest decode, nothing else.
+    assert _batch([7, 5], [11], [5, 2, 7], context, kv, budget=1) == ([5], [], [])
+    # Nothing to decode or admit, but a prefill in progress: it goes on (the rule's "wait" does not strand it).
+    assert _batch([], [], [2], context, kv, budget=16) == ([], [2], [16])
+
+
+def _scenario(mix: TypeMix, capacity: int, known: bool) -> Scenario:
+    return Scenario(COST, capacity, 4, mix=mix, output_lengths_known=known)
+
+
+class _BudgetChecker:
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+
+    def __call__(self, engine: SimulatedEngine, outcome: IterationOutcome) -> None:
+        assert outcome.prefill_tokens + outcome.decode_tokens <= self.budget
+
+
+@settings(max_examples=40, deadline=None)
+@given(prompts=st.lists(st.integers(1, 120), min_size=1, max_size=3), output=st.integers(1, 30),
+       budget=st.integers(1, 64), seed=st.integers(0, 2**16), base=st.sampled_from(
+           ["wait", "nested-wait", "wait-adaptive", "nested-wait-adaptive"]), slack=st.integers(0, 50))
+def test_no_iteration_exceeds_the_budget_and_every_request_is_accounted_for(
+        prompts: list[int], output: int, budget: int, seed: int, base: str, slack: int) -> None:
+    mix = TypeMix(tuple(RequestType(p, output, 2.0) for p in prompts))
+    largest_blocks = -(-(max(prompts) + output) // 4)
+    scenario = _scenario(mix, 4 * (largest_blocks + slack), known=not base.startswith("nested"))
+    policy = make_policy(base, scenario, 10.0)
+    policy.token_budget = budget  # type: ignore[attr-defined]
+    invariants, within = InvariantChecker(), _BudgetChecker(budget)
+    arrivals = scenario.sample(10.0, seed)
+    result = run(scenario.engine(), policy, arrivals, 10.0, callbacks=[invariants, within])
+    assert result.arrived == len(arrivals) == result.finished + result.waiting + result.running
+
+
+def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks() -> None:
+    scenario = _scenario(TypeMix((RequestType(50, 3, 1.0),)), 200, known=True)
+    one = Arrivals(np.array([0.0]), np.array([50]), np.array([3]))
+    whole = run(scenario.engine(), make_policy("wait", scenario, 3.0), one, 60.0)
+    chunked = run(scenario.engine(), replace(make_policy("wait", scenario, 3.0), token_budget=16), one, 60.0)
+    assert whole.finished == chunked.finished == 1
+    assert chunked.iterations == whole.iterations + 3  # ceil(50 / 16) = 4 prefill iterations instead of 1
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_a_budget_no_iteration_reaches_changes_nothing(known: bool) -> None:
+    mix = TypeMix((RequestType(60, 40, 6.0), RequestType(200, 10, 2.0)))
+    scenario = _scenario(mix, 3000, known)
+    arrivals = scenario.sample(60.0, 7)
+    create = AdaptiveWaitPolicy.create if known else AdaptiveNestedWaitPolicy.create
+    runs = [run(scenario.engine(), create(COST, 3000, 4, token_budget=budget), arrivals, 60.0)  # type: ignore[operator]
+            for budget in (0, 10**9)]
+    assert runs[0].iterations > 100 and runs[0].finished > 100
+    for field in ("iterations", "end_time", "finished", "evictions", "peak_blocks_used"):
+        assert getattr(runs[0], field) == getattr(runs[1], field), field
+    for field in runs[0].records.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(runs[0].records, field), getattr(runs[1].records, field))
+
+
+def test_the_stall_free_presets_and_a_negative_budget() -> None:
+    scenario = _scenario(TypeMix((RequestType(10, 5, 1.0),)), 100, known=True)
+    assert make_policy("wait-adaptive-stall-free", scenario, 10.0).token_budget == 2048  # type: ignore[attr-defined]
+    assert make_policy("nested-wait-adaptive-stall-free", scenario, 10.0).name == "nested-wait-adaptive-stall-free"
+    policy = replace(make_policy("nested-wait", scenario, 10.0), token_budget=-1)
+    with pytest.raises(ConfigError, match="token_budget must be 0 .* got -1"):
+        run(scenario.engine(), policy, scenario.sample(1.0, 0), 1.0)
