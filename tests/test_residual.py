@@ -21,6 +21,7 @@ from agents.residual import (
     NUM_FEATURES,
     ConstantAction,
     ResidualAgentPolicy,
+    control_settings,
     threshold_scale,
 )
 from agents.residual_env import LLMSchedResidualEnv, suite_workloads
@@ -204,6 +205,18 @@ def test_the_judging_cells_cover_the_suite_and_the_held_out_traces(tmp_path: Pat
     assert [(c["workload"], c["load"]) for c in traced] == [
         ("azure-conv-trace", 0.8), ("azure-conv-trace", 0.9), ("azure-conv-trace-hidden", 0.8),
         ("azure-conv-trace-hidden", 0.9)]
+
+
+def test_a_saved_agent_runs_on_the_base_it_was_trained_on() -> None:
+    assert control_settings({"interval_s": 5.0}) == {"interval_s": 5.0, "base": None, "batching": "whole"}
+    env = LLMSchedResidualEnv(scenarios="paper-two-type")
+    for known, batching, base in [(True, "whole", "wait-adaptive"), (True, "stall-free", "wait-adaptive-stall-free"),
+                                  (False, "stall-free", "nested-wait-adaptive-stall-free")]:
+        scenario = replace(env.workload("paper-two-type", 0.8)[0], output_lengths_known=known)
+        policy = ResidualAgentPolicy(ConstantAction(0.0), scenario, 10.0,
+                                     **control_settings({"interval_s": 2, "batching": batching}))
+        policy.reset(scenario.engine())
+        assert policy.control.base.name == base and policy.control.interval_s == 2.0
 
 
 def test_a_short_training_saves_reloads_and_is_judged_on_two_scenarios(tmp_path: Path) -> None:
