@@ -3,14 +3,16 @@
 ``LLMSched-v0``'s agent picks admission counts per request type of one workload, so its observation and action are
 sized by that workload and it cannot run on another. Here the agent acts *through* the baseline a deployed
 scheduler would run without it: WAIT-adaptive when output lengths are known, Nested-WAIT-adaptive when they are
-hidden (:mod:`baselines.adaptive`). Both learn their request classes, rates and length distribution online, so
-nothing the agent sees or does depends on the workload's types, its offered rates or a fixed horizon.
+hidden (:mod:`baselines.adaptive`), each prefilling its admissions whole or, with ``batching="stall-free"``, its
+decisions batched as Sarathi batches (:mod:`baselines.stall_free`). Both learn their request classes, rates and
+length distribution online, so nothing the agent sees or does depends on the workload's types, its offered rates
+or a fixed horizon.
 
 **Action.** ``Box(-1, 1, (1,))``: every ``interval_s`` of engine time the agent sets the baseline's *threshold
 scale* ``s = 2 ** (SCALE_OCTAVES · a)`` (from 1/4 to 4): every threshold of the baseline, and the memory it keeps
-back from lending, times ``s`` (``set_threshold_scale``), until the next decision. ``a = 0`` is the baseline
-itself, bit for bit; ``a < 0`` admits sooner in smaller batches (toward greedy admission), ``a > 0`` waits for
-larger batches and keeps more memory back. Exploration therefore starts at a good policy: a fresh PPO network's
+back from lending (and, batched stall-free, the per-iteration token budget), times ``s`` (``set_threshold_scale``),
+until the next decision. ``a = 0`` is the baseline itself, bit for bit; ``a < 0`` admits sooner in smaller batches
+(toward greedy admission), ``a > 0`` waits for larger batches and keeps more memory back. Exploration therefore starts at a good policy: a fresh PPO network's
 mean action is about 0.
 
 **Observation.** ``Box(0, 1, (NUM_FEATURES,))``, each entry dimensionless (:data:`FEATURES` names them): whether

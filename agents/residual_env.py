@@ -59,7 +59,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
 
     The engine, its KV-cache limit, evictions and the fluid benchmark are those of ``LLMSched-v0``. The agent does
     not pick admissions itself: the adaptive baseline a deployed scheduler would run does (WAIT-adaptive with output
-    lengths known, Nested-WAIT-adaptive with them hidden; both learn rates and lengths online), and every
+    lengths known, Nested-WAIT-adaptive with them hidden; both learn rates and lengths online; ``batching`` says
+    whether their admissions are prefilled whole or batched stall-free), and every
     ``interval_s`` of engine time the agent scales its thresholds (:mod:`agents.residual`). Shapes do not depend on
     the workload, so one agent trains across the whole scenario suite (``scenarios="suite"``: a scenario, a load and
     a length setting drawn at every reset) and runs on any scenario, trace or engine.

@@ -39,6 +39,7 @@ from baselines.nested_wait import (
     nested_wait_step,
     segment_code_table,
 )
+from baselines.stall_free import scaled_budget
 from baselines.thresholds import (
     NestedWaitThresholds,
     WaitThresholds,
@@ -263,8 +264,7 @@ def run_adaptive_nested_wait(run: RunState, running: np.ndarray, columns: Reques
         solved = _solve_due(learn, run, columns, learning)
         if len(solved.boundaries):
             solve = solved
-            rule = adaptive_rule(solve, learning.settings, rule.drain_when_idle, rule.pausing,
-                                 rule.token_budget)
+            rule = adaptive_rule(solve, learning.settings, rule.drain_when_idle, rule.pausing)
 
 
 @compiled
@@ -344,7 +344,7 @@ def quantile_classes(prompt: np.ndarray, output: np.ndarray, grid: int) -> tuple
 # -- the adaptive Nested WAIT's solve, in one compiled path for the loop and for `decide` ----------------------
 SEGMENTS, MARGIN = 4, 0.05  # nested_wait_thresholds' defaults: quantile segments, and the margin between them
 PROMPT, RATE, TAU, MEMORY, SCALE, FLUID_MEMORY, C0 = range(7)  # indices of NestedWaitSolve.reals
-CAPACITY_TOKENS, CAPACITY_BLOCKS, BLOCK_SIZE, QUANTILE, THRESHOLD_SCALE, LENDS = range(6)  # of the settings
+CAPACITY_TOKENS, CAPACITY_BLOCKS, BLOCK_SIZE, QUANTILE, THRESHOLD_SCALE, LENDS, TOKEN_BUDGET = range(7)  # settings
 
 
 class NestedWaitSolve(NamedTuple):
@@ -406,11 +406,11 @@ def scaled_counts(n: np.ndarray, scale: float) -> np.ndarray:
 
 
 @compiled
-def adaptive_rule(solve: NestedWaitSolve, settings: np.ndarray, drain_when_idle: bool, pausing: bool,
-                  token_budget: int) -> NestedWaitRule:
+def adaptive_rule(solve: NestedWaitSolve, settings: np.ndarray, drain_when_idle: bool, pausing: bool
+                  ) -> NestedWaitRule:
     """The compiled rule of a solve, at the settings' threshold scale: the scaled thresholds, the lookahead (the
-    measured variant projects; the paper's pauses), and lending up to the capacity less the scaled reserve
-    (``min(M*, M^π)``)."""
+    measured variant projects; the paper's pauses), lending up to the capacity less the scaled reserve
+    (``min(M*, M^π)``), and the scaled token budget (:func:`~baselines.stall_free.scaled_budget`)."""
     scale = settings[THRESHOLD_SCALE]
     n = scaled_counts(solve.n, scale) if scale != 1.0 else solve.n.copy()
     reserve = min(solve.reals[FLUID_MEMORY], solve.reals[MEMORY])
@@ -421,7 +421,8 @@ def adaptive_rule(solve: NestedWaitSolve, settings: np.ndarray, drain_when_idle:
         spare = lending_limit(reserve, int(settings[CAPACITY_BLOCKS]), int(settings[BLOCK_SIZE]))
     residual = np.empty(0, dtype=np.int64) if pausing else solve.lookahead.copy()
     return NestedWaitRule(solve.boundaries.copy(), segment_code_table(solve.boundaries), n, residual,
-                          np.array([spare], dtype=np.int64), drain_when_idle, pausing, token_budget)
+                          np.array([spare], dtype=np.int64), drain_when_idle, pausing,
+                          scaled_budget(int(settings[TOKEN_BUDGET]), scale))
 
 
 @compiled
@@ -485,12 +486,17 @@ class AdaptiveWaitPolicy(WaitPolicy):
         self._queues = TypeQueues(len(self.thresholds.n))
 
     def set_threshold_scale(self, scale: float) -> None:
-        """Multiply every threshold (rounded, at least 1) and the memory kept back from lending by ``scale``, from
-        the next decision on and after every solve; 1 is WAIT-adaptive itself, bit for bit. A residual agent's
-        action (:mod:`agents.residual`)."""
+        """Multiply every threshold (rounded, at least 1), the memory kept back from lending and the token budget of
+        stall-free batching (if any) by ``scale``, from the next decision on and after every solve; 1 is
+        WAIT-adaptive itself, bit for bit. A residual agent's action (:mod:`agents.residual`)."""
         self.threshold_scale = _checked_scale(scale)
         self.thresholds = self._scaled(self._solved)
         self._rule_stale = True
+
+    @property
+    def iteration_budget(self) -> int:
+        """The token budget times the threshold scale (:func:`~baselines.stall_free.scaled_budget`)."""
+        return scaled_budget(self.token_budget, self.threshold_scale)
 
     @property
     def solved_thresholds(self) -> WaitThresholds:
@@ -609,18 +615,24 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         self._rule_stale = False
         self._completed = Completions(learning.memory)
         self._settings = np.array([learning.capacity_tokens, engine.capacity_blocks, engine.block_size,
-                                   self.lookahead_quantile, self.threshold_scale, float(self.lend_spare_memory)],
+                                   self.lookahead_quantile, self.threshold_scale, float(self.lend_spare_memory),
+                                   self.token_budget],
                                   dtype=np.float64)
         self._profile = learning.cost.coefficients()
 
     def set_threshold_scale(self, scale: float) -> None:
-        """Multiply every segment's threshold (rounded, at least 1) and the memory kept back from lending by
-        ``scale``, from the next decision on and after every solve; 1 is Nested-WAIT-adaptive itself, bit for bit.
-        A residual agent's action (:mod:`agents.residual`)."""
+        """Multiply every segment's threshold (rounded, at least 1), the memory kept back from lending and the token
+        budget of stall-free batching (if any) by ``scale``, from the next decision on and after every solve; 1 is
+        Nested-WAIT-adaptive itself, bit for bit. A residual agent's action (:mod:`agents.residual`)."""
         self.threshold_scale = _checked_scale(scale)
         self.thresholds, self.reserve_tokens = self._scaled(*self._solved)
         self._settings[THRESHOLD_SCALE] = self.threshold_scale
         self._rule_stale = True
+
+    @property
+    def iteration_budget(self) -> int:
+        """The token budget times the threshold scale (:func:`~baselines.stall_free.scaled_budget`)."""
+        return scaled_budget(self.token_budget, self.threshold_scale)
 
     @property
     def solved_thresholds(self) -> NestedWaitThresholds:
@@ -651,8 +663,7 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         when it solves), or Nested WAIT's of the thresholds before the first."""
         if self._solve is None:
             return super().compiled_rule()
-        return adaptive_rule(self._solve, self._settings, self.drain_when_idle, self.variant == "paper",
-                             self.token_budget)
+        return adaptive_rule(self._solve, self._settings, self.drain_when_idle, self.variant == "paper")
 
     def compiled_loop(self) -> CompiledLoop:
         """This policy compiled (:func:`run_adaptive_nested_wait`): Nested WAIT's compiled rule, the thresholds

@@ -142,6 +142,11 @@ class NestedWaitPolicy:
         self._last_evictions = np.empty(0, dtype=np.int64)  # and how often each had been evicted then
 
     @property
+    def iteration_budget(self) -> int:
+        """The token budget each iteration is batched within now (0: whole prefills)."""
+        return self.token_budget
+
+    @property
     def lookahead_level(self) -> int:
         """The adaptive margin's level now (an index of ``lookahead_levels``; 0 without one)."""
         return int(self._margin.state[LEVEL])
@@ -174,7 +179,7 @@ class NestedWaitPolicy:
                               np.ascontiguousarray(self.thresholds.n, dtype=np.int64),
                               np.array(self.lookahead if self._projects() else [], dtype=np.int64),  # a copy: it moves
                               np.array([self._spare_blocks(1.0)], dtype=np.int64), self.drain_when_idle,
-                              self.variant == "paper", self.token_budget)
+                              self.variant == "paper", self.iteration_budget)
 
     def compiled_margin(self) -> "Margin":
         """The adaptive margin as the compiled rule follows it, at the start of a run (no levels without one)."""
@@ -204,7 +209,7 @@ class NestedWaitPolicy:
             adapt_lookahead(self._margin_rule, self._margin, int(self._margin.state[SEEN]) + evicted,
                             state.num_waiting)
             self.lookahead = self._margin_rule.residual
-        decision = stall_free(self._decide(state), state, self.token_budget)
+        decision = stall_free(self._decide(state), state, self.iteration_budget)
         if self._margin_rule is not None:
             self._last_batch = np.concatenate([state.running, decision.prefill]).astype(np.int64)
             self._last_evictions = state.num_evictions[self._last_batch].copy()

@@ -17,12 +17,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmsched_env.compiled import compiled_inlined
+from llmsched_env.compiled import compiled, compiled_inlined
 from llmsched_env.engine import IDLE, Decision, SchedulerState
 
 #: Sarathi-Serve's usual per-iteration token budget, and vLLM's chunked-prefill default (:func:`~baselines.fcfs.
 #: sarathi_policy`).
 SARATHI_TOKEN_BUDGET = 2048
+
+
+@compiled
+def scaled_budget(budget: int, scale: float) -> int:
+    """A token budget times a residual agent's threshold ``scale`` (rounded half to even, at least 1): a scale above 1
+    asks for larger batches, in tokens as in requests. 0 (whole prefills) stays 0; scale 1 is the budget itself."""
+    if budget == 0 or scale == 1.0:
+        return budget
+    return max(1, int(np.rint(budget * scale)))
 
 
 @compiled_inlined

@@ -121,6 +121,11 @@ class WaitPolicy:
         self._types = Int64Buffer()
         self._queues = TypeQueues(len(self.thresholds.n))
 
+    @property
+    def iteration_budget(self) -> int:
+        """The token budget each iteration is batched within now (0: whole prefills)."""
+        return self.token_budget
+
     def compiled_loop(self) -> CompiledLoop | None:
         """This policy's rule compiled (:func:`run_wait`, either variant): the same decisions as :meth:`decide`, bit
         for bit. Subclasses that change the rule between iterations have their own (the adaptive policy's)."""
@@ -140,7 +145,7 @@ class WaitPolicy:
         """The current thresholds and settings, as the compiled rule takes them."""
         return WaitRule(np.ascontiguousarray(self.thresholds.n, dtype=np.int64), *self.mix.log_lengths(),
                         int(self.thresholds.memory_blocks), self.drain_when_idle, self.lend_spare_memory,
-                        self.memory_safe, self.variant == "paper", self.token_budget)
+                        self.memory_safe, self.variant == "paper", self.iteration_budget)
 
     def _classify(self, state: SchedulerState) -> np.ndarray:
         """Every request's type (the nearest of the mix), classified once, on arrival."""
@@ -179,7 +184,7 @@ class WaitPolicy:
             # until enough new arrivals come, which may be never.
             decision = self._select(state, types, queued, np.ones(len(n), dtype=bool))
         queues.take(decision.prefill, types)  # an admission the budget defers is found in the queue again
-        return stall_free(decision, state, self.token_budget)
+        return stall_free(decision, state, self.iteration_budget)
 
     def _cohorts(self, ready: np.ndarray) -> np.ndarray:
         """The oldest ``n_j`` waiting requests of every ready type, in queue order."""

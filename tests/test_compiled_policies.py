@@ -69,6 +69,9 @@ PRESETS = {
         scenario.cost, scenario.capacity_tokens, scenario.block_size, token_budget=24, **LEARN_FAST), 0.7),
     "nested-wait-adaptive-stall-free": lambda scenario: AdaptiveNestedWaitPolicy.create(
         scenario.cost, scenario.capacity_tokens, scenario.block_size, horizon_s=12.0, token_budget=9, **LEARN_FAST),
+    "nested-wait-adaptive-stall-free-scaled": lambda scenario: _rescaled(AdaptiveNestedWaitPolicy.create(
+        scenario.cost, scenario.capacity_tokens, scenario.block_size, horizon_s=12.0, token_budget=11, **LEARN_FAST),
+        1.7),
     "wait-cp": lambda scenario: ChunkedBookingPolicy.for_mix(scenario.offered_mix(), 6, nested=False, chunk=8),
     "nested-wait-cp": lambda scenario: ChunkedBookingPolicy.for_mix(scenario.offered_mix(), 9, nested=True, chunk=5,
                                                                      token_gate=False),

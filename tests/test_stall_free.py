@@ -102,6 +102,21 @@ def test_a_budget_no_iteration_reaches_changes_nothing(known: bool) -> None:
         np.testing.assert_array_equal(getattr(runs[0].records, field), getattr(runs[1].records, field))
 
 
+@pytest.mark.parametrize("name", ["wait-adaptive-stall-free", "nested-wait-adaptive-stall-free"])
+def test_a_residual_agent_s_scale_scales_the_budget_too(name: str) -> None:
+    scenario = _scenario(TypeMix((RequestType(10, 5, 1.0),)), 100, known=True)
+    policy = make_policy(name, scenario, 10.0)
+    policy.reset(scenario.engine())
+    assert policy.iteration_budget == 2048  # type: ignore[attr-defined]
+    for scale, budget in [(2.0, 4096), (0.25, 512), (1.5, 3072), (1.0, 2048)]:
+        policy.set_threshold_scale(scale)  # type: ignore[attr-defined]
+        assert policy.iteration_budget == budget and policy.compiled_rule().token_budget == budget  # type: ignore
+    whole = make_policy(name.replace("-stall-free", ""), scenario, 10.0)
+    whole.reset(scenario.engine())
+    whole.set_threshold_scale(2.0)  # type: ignore[attr-defined]
+    assert whole.iteration_budget == 0  # type: ignore[attr-defined]  # whole prefills stay whole
+
+
 def test_the_stall_free_presets_and_a_negative_budget() -> None:
     scenario = _scenario(TypeMix((RequestType(10, 5, 1.0),)), 100, known=True)
     assert make_policy("wait-adaptive-stall-free", scenario, 10.0).token_budget == 2048  # type: ignore[attr-defined]
