@@ -12,8 +12,8 @@ or a fixed horizon.
 scale* ``s = 2 ** (SCALE_OCTAVES · a)`` (from 1/4 to 4): every threshold of the baseline, and the memory it keeps
 back from lending (and, batched stall-free, the per-iteration token budget), times ``s`` (``set_threshold_scale``),
 until the next decision. ``a = 0`` is the baseline itself, bit for bit; ``a < 0`` admits sooner in smaller batches
-(toward greedy admission), ``a > 0`` waits for larger batches and keeps more memory back. Exploration therefore starts at a good policy: a fresh PPO network's
-mean action is about 0.
+(toward greedy admission), ``a > 0`` waits for larger batches and keeps more memory back. Exploration therefore
+starts at a good policy: a fresh PPO network's mean action is about 0.
 
 **Observation.** ``Box(0, 1, (NUM_FEATURES,))``, each entry dimensionless (:data:`FEATURES` names them): whether
 lengths are known; the share of the offered load the baseline's fluid model can serve (its ``α``, 1 inside the
