@@ -660,8 +660,8 @@ def nested_wait_step(rule: NestedWaitRule, guard: np.ndarray, running: np.ndarra
     # profile's arrays are passed at every call it makes).
     decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard, borrowed(projection))
     if rule.token_budget:
-        decode, admit, chunk = stall_free_batch(decode, admit, running, columns.context, columns.kv_tokens,
-                                                rule.token_budget)
+        decode, admit, chunk, _ = stall_free_batch(decode, admit, running, columns.context, columns.kv_tokens,
+                                                   rule.token_budget)
     else:
         chunk = compiled_run.whole_prefills(admit, columns)
     before = running

@@ -36,9 +36,9 @@ def scaled_budget(budget: int, scale: float) -> int:
 
 @compiled_inlined
 def stall_free_batch(decode: np.ndarray, admit: np.ndarray, running: np.ndarray, context: np.ndarray,
-                     kv_tokens: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     kv_tokens: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """A rule's ``decode`` and ``admit`` (whole prefills) as one stall-free iteration within ``budget`` tokens:
-    ``(decode, prefill, prefill_tokens)``.
+    ``(decode, prefill, prefill_tokens, as_decided)``.
 
     * decode: the running requests of ``decode`` whose context is cached, in the batch's order (``running``), the
       oldest ``budget`` of them;
@@ -46,22 +46,39 @@ def stall_free_batch(decode: np.ndarray, admit: np.ndarray, running: np.ndarray,
       while the budget lasts (the last grant a partial chunk);
     * then ``admit``, in the rule's order, likewise.
 
+    ``as_decided``: the iteration is the rule's decision unchanged (every decode it chose, no prefill in progress,
+    every admission whole), so that what the rule assumed of it holds (a compiled loop keeps its projection then).
     ``context`` and ``kv_tokens`` are every request's context length and cached tokens, by id. The Python rule and
     the compiled loop both call this function, so they batch alike by construction."""
-    chosen = np.sort(decode)
+    # The rules give their decodes in the batch's order: one pass matches them; any other order is searched.
+    matched = 0
+    for i in running:
+        if matched < len(decode) and decode[matched] == i:
+            matched += 1
+    in_order = matched == len(decode)
+    chosen = decode if in_order else np.sort(decode)
     ready = np.empty(len(running), dtype=np.int64)
     partial = np.empty(len(running), dtype=np.int64)
-    num_ready = num_partial = 0
+    num_ready = num_partial = matched = 0
+    as_decided = True
     for i in running:
+        if in_order:
+            pick = matched < len(chosen) and chosen[matched] == i
+            matched += pick
+        else:
+            at = np.searchsorted(chosen, i)
+            pick = at < len(chosen) and chosen[at] == i
         if kv_tokens[i] == context[i]:
-            if num_ready < budget:
-                at = np.searchsorted(chosen, i)
-                if at < len(chosen) and chosen[at] == i:
+            if pick:
+                if num_ready < budget:
                     ready[num_ready] = i
                     num_ready += 1
+                else:
+                    as_decided = False  # a decode the budget has no room for pauses
         else:
             partial[num_partial] = i
             num_partial += 1
+    as_decided = as_decided and num_partial == 0
     left = budget - num_ready
     prefill = np.empty(num_partial + len(admit), dtype=np.int64)
     chunk = np.empty(num_partial + len(admit), dtype=np.int64)
@@ -74,7 +91,10 @@ def stall_free_batch(decode: np.ndarray, admit: np.ndarray, running: np.ndarray,
         prefill[count], chunk[count] = i, grant
         count += 1
         left -= grant
-    return ready[:num_ready], prefill[:count], chunk[:count]
+    if count < num_partial + len(admit) or (count and chunk[count - 1] < context[prefill[count - 1]] -
+                                              kv_tokens[prefill[count - 1]]):
+        as_decided = False  # an admission waits, or a prefill is cut to a chunk
+    return ready[:num_ready], prefill[:count], chunk[:count], as_decided
 
 
 def stall_free(decision: Decision, state: SchedulerState, budget: int) -> Decision:
@@ -82,10 +102,10 @@ def stall_free(decision: Decision, state: SchedulerState, budget: int) -> Decisi
     it is with ``budget`` 0. It runs even when the rule would wait: prefills in progress continue."""
     if budget == 0:
         return decision
-    decode, prefill, chunk = stall_free_batch(np.asarray(decision.decode, dtype=np.int64),
-                                              np.asarray(decision.prefill, dtype=np.int64),
-                                              np.asarray(state.running, dtype=np.int64), state.context_len,
-                                              state.kv_tokens, budget)
+    decode, prefill, chunk, _ = stall_free_batch(np.asarray(decision.decode, dtype=np.int64),
+                                                 np.asarray(decision.prefill, dtype=np.int64),
+                                                 np.asarray(state.running, dtype=np.int64), state.context_len,
+                                                 state.kv_tokens, budget)
     if len(decode) == 0 and len(prefill) == 0 and len(decision.preempt) == 0:
         return IDLE
     return Decision(decode=decode, prefill=prefill, prefill_tokens=chunk, preempt=decision.preempt)

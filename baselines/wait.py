@@ -467,9 +467,10 @@ def wait_step(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: np.n
     finished request's staircase has run out. Anything else (an eviction, an admission the engine deferred, a
     refused decision) calls for the projection drawn anew."""
     decode, admit, held = wait_decision(rule, types, queue, running, columns, run.counters, engine, held)
+    as_decided = True
     if rule.token_budget:
-        decode, admit, chunk = stall_free_batch(decode, admit, running, columns.context, columns.kv_tokens,
-                                                rule.token_budget)
+        decode, admit, chunk, as_decided = stall_free_batch(decode, admit, running, columns.context,
+                                                            columns.kv_tokens, rule.token_budget)
     else:
         chunk = compiled_run.whole_prefills(admit, columns)
     stop, running, admitted, evicted, _ = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals,
@@ -480,9 +481,9 @@ def wait_step(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: np.n
         queue.queued[types[i]] += 1
         queue.scan_from[0] = min(queue.scan_from[0], i)
     if rule.memory_safe:
-        # Stall-free batching moves staircases (a prefill in progress does not decode, a deferred admission is
-        # out): the projection is drawn anew, as the Python rule draws it at every decision.
-        if rule.token_budget or len(evicted) or len(admitted) != len(admit) or stop == INVALID_DECISION:
+        # A batch that is not the decision (a prefill in progress does not decode, an admission waits, a decode
+        # pauses) moves staircases: the projection is drawn anew, as the Python rule draws it at every decision.
+        if not as_decided or len(evicted) or len(admitted) != len(admit) or stop == INVALID_DECISION:
             held = batch_profile(rule, running, columns, engine, run)
         else:
             held_advance(held, run.ints[ITERATIONS])

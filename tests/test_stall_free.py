@@ -23,7 +23,7 @@ COST = LinearCostModel(c0=0.01, c_pf=1e-4, c_dec=1e-4, c_kv=1e-5)
 
 
 def _batch(decode: list[int], admit: list[int], running: list[int], context: dict[int, int], kv: dict[int, int],
-           budget: int) -> tuple[list[int], list[int], list[int]]:
+           budget: int) -> tuple[list[int], list[int], list[int], bool]:
     size = max([*context, *running, *admit]) + 1
     context_len, kv_tokens = np.zeros(size, np.int64), np.zeros(size, np.int64)
     for i, value in context.items():
@@ -32,7 +32,7 @@ def _batch(decode: list[int], admit: list[int], running: list[int], context: dic
         kv_tokens[i] = value
     out = stall_free_batch(np.array(decode, np.int64), np.array(admit, np.int64), np.array(running, np.int64),
                            context_len, kv_tokens, budget)
-    return out[0].tolist(), out[1].tolist(), out[2].tolist()
+    return out[0].tolist(), out[1].tolist(), out[2].tolist(), out[3]
 
 
 def test_an_iteration_decodes_first_then_continues_prefills_then_admits_in_the_rule_s_order() -> None:
@@ -40,13 +40,18 @@ def test_an_iteration_decodes_first_then_continues_prefills_then_admits_in_the_r
     # not chosen by the rule (it pauses). The rule admits 11, 12, 13 (30, 50, 40 tokens) in that order.
     context = {5: 20, 2: 100, 7: 31, 9: 12, 11: 30, 12: 50, 13: 40}
     kv = {5: 20, 2: 40, 7: 31, 9: 12}
-    decode, prefill, chunk = _batch([7, 5, 2], [11, 12, 13], [5, 2, 7, 9], context, kv, budget=100)
+    decode, prefill, chunk, as_decided = _batch([7, 5, 2], [11, 12, 13], [5, 2, 7, 9], context, kv, budget=100)
     assert decode == [5, 7]  # the batch's order; 9 was not chosen; 2 cannot decode before its prefill ends
-    assert prefill == [2, 11, 12] and chunk == [60, 30, 8]  # 2 + 60 + 30 + 8 = the budget; 13 waits
+    assert prefill == [2, 11, 12] and chunk == [60, 30, 8] and not as_decided  # 2 + 60 + 30 + 8 = the budget
+    # The same choice in another order: the same iteration.
+    assert _batch([2, 5, 7], [11, 12, 13], [5, 2, 7, 9], context, kv, budget=100)[:3] == (decode, prefill, chunk)
     # A budget the decodes fill: the oldest decode, nothing else.
-    assert _batch([7, 5], [11], [5, 2, 7], context, kv, budget=1) == ([5], [], [])
+    assert _batch([5, 7], [11], [5, 7], context, kv, budget=1) == ([5], [], [], False)
     # Nothing to decode or admit, but a prefill in progress: it goes on (the rule's "wait" does not strand it).
-    assert _batch([], [], [2], context, kv, budget=16) == ([], [2], [16])
+    assert _batch([], [], [2], context, kv, budget=16) == ([], [2], [16], False)
+    # Room for everything the rule decided: the decision itself.
+    assert _batch([5, 7], [11, 13], [5, 9, 7], context, kv, budget=72) == ([5, 7], [11, 13], [30, 40], True)
+    assert _batch([5, 7], [11, 13], [5, 9, 7], context, kv, budget=71) == ([5, 7], [11, 13], [30, 39], False)
 
 
 def _scenario(mix: TypeMix, capacity: int, known: bool) -> Scenario:
