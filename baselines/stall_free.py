@@ -50,24 +50,14 @@ def stall_free_batch(decode: np.ndarray, admit: np.ndarray, running: np.ndarray,
     every admission whole), so that what the rule assumed of it holds (a compiled loop keeps its projection then).
     ``context`` and ``kv_tokens`` are every request's context length and cached tokens, by id. The Python rule and
     the compiled loop both call this function, so they batch alike by construction."""
-    # The rules give their decodes in the batch's order: one pass matches them; any other order is searched.
-    matched = 0
-    for i in running:
-        if matched < len(decode) and decode[matched] == i:
-            matched += 1
-    in_order = matched == len(decode)
-    chosen = decode if in_order else np.sort(decode)
     ready = np.empty(len(running), dtype=np.int64)
     partial = np.empty(len(running), dtype=np.int64)
     num_ready = num_partial = matched = 0
     as_decided = True
+    # The rules give their decodes in the batch's order: one pass matches them (any other order is searched below).
     for i in running:
-        if in_order:
-            pick = matched < len(chosen) and chosen[matched] == i
-            matched += pick
-        else:
-            at = np.searchsorted(chosen, i)
-            pick = at < len(chosen) and chosen[at] == i
+        pick = matched < len(decode) and decode[matched] == i
+        matched += pick
         if kv_tokens[i] == context[i]:
             if pick:
                 if num_ready < budget:
@@ -78,6 +68,18 @@ def stall_free_batch(decode: np.ndarray, admit: np.ndarray, running: np.ndarray,
         else:
             partial[num_partial] = i
             num_partial += 1
+    if matched < len(decode):
+        chosen = np.sort(decode)
+        num_ready = 0
+        as_decided = True
+        for i in running:
+            at = np.searchsorted(chosen, i)
+            if at < len(chosen) and chosen[at] == i and kv_tokens[i] == context[i]:
+                if num_ready < budget:
+                    ready[num_ready] = i
+                    num_ready += 1
+                else:
+                    as_decided = False
     as_decided = as_decided and num_partial == 0
     left = budget - num_ready
     prefill = np.empty(num_partial + len(admit), dtype=np.int64)
