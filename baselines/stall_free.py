@@ -6,7 +6,7 @@ admission whole, in one iteration, so a long prompt stalls every decode in the b
 progress, then new admissions, all within ``max_num_batched_tokens`` (a decode counts one token), the last prefill
 cut to a chunk that fills the budget. :func:`stall_free_batch` composes the two: the rule's admissions, in its order,
 executed as Sarathi executes its own. Where every policy serves the load, this is what decides the tail latency (on
-the suite's diurnal day at ρ 0.6, p99 13.4 s for Sarathi against 15–18 s for whole-prompt policies).
+the suite's diurnal day at ρ 0.6, p99 13.4 s for Sarathi against 14.8–18.2 s for whole-prompt policies).
 
 An admission the budget has no room for this iteration stays in the queue (the engine's deferral: nothing lost; a
 rule that follows its queue finds it there again). Requests partway through a prefill never decode, whatever the
