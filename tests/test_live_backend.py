@@ -264,7 +264,7 @@ def test_the_generalist_runs_on_the_live_engine(config, hidden):
     # rescaled by the agent's actor (NumPy arrays: this environment has no stable-baselines3).
     from pathlib import Path
 
-    from agents.residual import ResidualAgentPolicy, control_settings, read_residual_agent
+    from agents.residual import BASES, ResidualAgentPolicy, control_settings, read_residual_agent
 
     spec, actor = read_residual_agent(Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "suite-residual")
     scenario = replace(_scenario(rate=4.0, output=30), output_lengths_known=not hidden)
@@ -278,7 +278,8 @@ def test_the_generalist_runs_on_the_live_engine(config, hidden):
         live_engine.close()
     _check_accounted(live, live_engine)
     assert live.finished > 0 and agent.control.scale != 1.0  # the agent acted
-    assert agent.control.base.name == ("nested-wait-adaptive" if hidden else "wait-adaptive")
+    assert agent.control.base.name == BASES[spec.env_kwargs["batching"]][not hidden] == (
+        "nested-wait-adaptive-stall-free" if hidden else "wait-adaptive-stall-free")  # the bases it was trained on
 
 
 def test_a_live_evaluation_as_a_task_per_seed_is_the_one_process_evaluation(config):
