@@ -52,8 +52,6 @@ from llmsched_env.scenario import Scenario
 #: (``"stall-free"``, :mod:`baselines.stall_free`).
 BASES = {"whole": {True: "wait-adaptive", False: "nested-wait-adaptive"},
          "stall-free": {True: "wait-adaptive-stall-free", False: "nested-wait-adaptive-stall-free"}}
-#: The whole-prefill bases (an agent saved without ``batching`` adjusts these).
-BASE_POLICIES = BASES["whole"]
 #: The action's reach: ``a ∈ [-1, 1]`` scales thresholds by ``2 ** (SCALE_OCTAVES · a)``.
 SCALE_OCTAVES = 2.0
 #: The short-term arrival-rate window (s), against the baseline's own (60 s).
