@@ -107,18 +107,19 @@ def judge_cell(agent_dir: str, cell: dict[str, Any], seeds: Sequence[int]) -> di
 
 
 def judge_network(network: Any, interval_s: float, cell: dict[str, Any], seeds: Sequence[int], *,
-                  base: str | None = None, batching: str = "whole") -> dict[str, Any]:
+                  base: str | None = None, batching: str = "whole", dead_zone: float = 0.0) -> dict[str, Any]:
     """One cell's verdict for a residual ``network`` deciding every ``interval_s`` (what
     :class:`~agents.residual.ResidualAgentPolicy` takes: a trained actor, or a
-    :class:`~agents.residual.ConstantAction`, adjusting ``base`` or the ``batching`` family's), run beside the
-    cell's baselines on every seed."""
+    :class:`~agents.residual.ConstantAction`, adjusting ``base`` or the ``batching`` family's, with its
+    ``dead_zone``), run beside the cell's baselines on every seed."""
     from agents.residual import ResidualAgentPolicy
 
     scenario = cell_scenario(cell)
     baselines = KNOWN_BASELINES if cell["known"] else HIDDEN_BASELINES
 
     def factory(setting: Scenario, horizon: float) -> ResidualAgentPolicy:
-        return ResidualAgentPolicy(network, setting, horizon, interval_s=interval_s, base=base, batching=batching)
+        return ResidualAgentPolicy(network, setting, horizon, interval_s=interval_s, base=base, batching=batching,
+                                   dead_zone=dead_zone)
 
     sees = (SEES_OUTPUT_LENGTHS | {"agent"}) if cell["known"] else frozenset()
     comparison = compare(scenario, ["agent", *baselines], [scenario.base_rate], cell["horizon"], seeds=seeds,

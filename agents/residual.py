@@ -79,6 +79,16 @@ def threshold_scale(action: np.ndarray | float) -> float:
     return 1.0 if value == 0.0 else float(2.0 ** (SCALE_OCTAVES * value))
 
 
+def dead_zoned(action: float, dead_zone: float) -> float:
+    """The residual an action applies with a ``dead_zone``: 0 (the baseline itself) for ``|a| <= dead_zone``, and
+    beyond it ``(|a| - dead_zone) / (1 - dead_zone)`` with ``a``'s sign, so that ±1 still reaches ±1 and the map is
+    continuous. A policy network's small biases, learnt where a departure pays and carried where it does not, then
+    leave the baseline as it is."""
+    if abs(action) <= dead_zone:
+        return 0.0
+    return math.copysign((abs(action) - dead_zone) / (1.0 - dead_zone), action)
+
+
 def _squash(value: float, scale: float) -> float:
     return value / (value + scale) if value > 0 else 0.0
 
@@ -90,11 +100,16 @@ class ResidualControl:
         interval_s: engine time between two decisions of the agent.
         base: the baseline it adjusts (default: :data:`BASES` of ``batching`` for the scenario's length setting).
         batching: ``"whole"`` or ``"stall-free"`` (:data:`BASES`), when ``base`` is not given.
+        dead_zone: actions within ``±dead_zone`` are the baseline itself (:func:`dead_zoned`); 0 (the default):
+            every action counts.
     """
 
-    def __init__(self, interval_s: float = 1.0, base: str | None = None, batching: str = "whole") -> None:
+    def __init__(self, interval_s: float = 1.0, base: str | None = None, batching: str = "whole",
+                 dead_zone: float = 0.0) -> None:
         if not (math.isfinite(interval_s) and interval_s > 0):
             raise ConfigError(f"interval_s must be finite and > 0 s, got {interval_s!r}")
+        if not 0.0 <= dead_zone < 1.0:
+            raise ConfigError(f"dead_zone must be in [0, 1), got {dead_zone!r}")
         if batching not in BASES:
             raise ConfigError(f"batching must be one of {', '.join(BASES)}, got {batching!r}")
         names = [name for bases in BASES.values() for name in bases.values()]
@@ -103,6 +118,7 @@ class ResidualControl:
         self.interval_s = float(interval_s)
         self.base_name = base
         self.batching = batching
+        self.dead_zone = float(dead_zone)
         self.base: Any = None
         self.next_decision = 0.0
 
@@ -126,8 +142,9 @@ class ResidualControl:
         return now >= self.next_decision
 
     def apply(self, action: np.ndarray | float, now: float) -> None:
-        """Set the scale ``action`` asks for, until the next decision (the next multiple of the interval)."""
-        self.action = clipped_action(action)
+        """Set the scale ``action`` asks for, until the next decision (the next multiple of the interval);
+        ``self.action`` is the residual applied (the dead zone taken off)."""
+        self.action = dead_zoned(clipped_action(action), self.dead_zone)
         self.scale = threshold_scale(self.action)
         self.base.set_threshold_scale(self.scale)
         self.next_decision = (math.floor(now / self.interval_s) + 1) * self.interval_s
@@ -230,21 +247,21 @@ class ResidualAgentPolicy:
             loads), a stable-baselines3 ``PPO`` model, or any callable from a batch of observations to actions.
         scenario: where it runs (the baseline's cost model and memory).
         horizon: the run's horizon (the baseline's overflow bound).
-        interval_s, base, batching: :class:`ResidualControl`'s (:func:`control_settings` reads them from a saved
-            agent's environment arguments).
+        interval_s, base, batching, dead_zone: :class:`ResidualControl`'s (:func:`control_settings` reads them from
+            a saved agent's environment arguments).
         deterministic: the mean action (else a sample, from a generator seeded by ``seed`` at every reset).
     """
 
     def __init__(self, network: Any, scenario: Scenario, horizon: float, *, interval_s: float = 1.0,
-                 base: str | None = None, batching: str = "whole", deterministic: bool = True, seed: int = 0,
-                 name: str = "agent") -> None:
+                 base: str | None = None, batching: str = "whole", dead_zone: float = 0.0,
+                 deterministic: bool = True, seed: int = 0, name: str = "agent") -> None:
         self.name = name
         self.network = network
         self.scenario = scenario
         self.horizon = horizon
         self.deterministic = deterministic
         self.seed = seed
-        self.control = ResidualControl(interval_s, base, batching)
+        self.control = ResidualControl(interval_s, base, batching, dead_zone)
         self._rng = np.random.default_rng(seed)
 
     def reset(self, engine: Engine) -> None:
@@ -306,10 +323,11 @@ class ResidualAgentPolicy:
 
 
 def control_settings(env_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """What a saved agent's environment arguments say about its control (``interval_s``, ``base``, ``batching``),
-    as :class:`ResidualAgentPolicy` takes them: the agent runs as it was trained."""
+    """What a saved agent's environment arguments say about its control (``interval_s``, ``base``, ``batching``,
+    ``dead_zone``), as :class:`ResidualAgentPolicy` takes them: the agent runs as it was trained."""
     return {"interval_s": float(env_kwargs.get("interval_s", 1.0)), "base": env_kwargs.get("base"),
-            "batching": str(env_kwargs.get("batching", "whole"))}
+            "batching": str(env_kwargs.get("batching", "whole")),
+            "dead_zone": float(env_kwargs.get("dead_zone", 0.0))}
 
 
 def read_residual_agent(directory: str | Path) -> tuple[AgentSpec, Any]:

@@ -67,7 +67,9 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ## Action Space
 
-    ``Box(-1, 1, (1,), float32)``: the threshold scale ``2 ** (2 a)``; ``a = 0`` runs the baseline exactly.
+    ``Box(-1, 1, (1,), float32)``: the threshold scale ``2 ** (2 r)`` of the residual ``r = a`` (with a
+    ``dead_zone`` d: 0 for ``|a| <= d``, else ``a``'s sign times ``(|a| − d) / (1 − d)``); ``a = 0`` runs the
+    baseline exactly.
 
     ## Observation Space
 
@@ -109,15 +111,16 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
     (s), ``interval_s`` (1), ``batching`` (``"whole"``: the baselines prefill each admission whole, as written;
     ``"stall-free"``: their decisions batched as Sarathi batches, :mod:`baselines.stall_free`), ``base`` (the
     baseline; default by ``batching`` and length setting, :data:`agents.residual.BASES`), ``reward`` (``regret`` or
-    ``vs_baseline``), ``latency_penalty`` (0), ``action_penalty`` (0), ``compiled`` (``True``: the baseline's compiled
-    loop between decisions; ``False`` its Python rule, the same episodes).
+    ``vs_baseline``), ``latency_penalty`` (0), ``action_penalty`` (0, on the residual applied), ``dead_zone`` (0:
+    actions within ``±dead_zone`` are the baseline itself, :func:`agents.residual.dead_zoned`), ``compiled``
+    (``True``: the baseline's compiled loop between decisions; ``False`` its Python rule, the same episodes).
 
     ``reset(options={"scenario": name, "load": rho, "memory": m, "arrival_seed": s})`` pins any of them.
 
     ## Version History
 
-    * v0: initial version; ``action_penalty`` and ``batching`` added later (defaults 0 and ``"whole"``: the
-      episodes and rewards as before).
+    * v0: initial version; ``action_penalty``, ``batching`` and ``dead_zone`` added later (defaults 0, ``"whole"``
+      and 0: the episodes and rewards as before).
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
@@ -126,8 +129,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
                  loads: float | tuple[float, float] | None = None, memory: float | tuple[float, float] = 1.0,
                  horizon: float | None = None,
                  interval_s: float = 1.0, base: str | None = None, batching: str = "whole", reward: str = "regret",
-                 latency_penalty: float = 0.0, action_penalty: float = 0.0, compiled: bool = True,
-                 render_mode: str | None = None) -> None:
+                 latency_penalty: float = 0.0, action_penalty: float = 0.0, dead_zone: float = 0.0,
+                 compiled: bool = True, render_mode: str | None = None) -> None:
         names = [scenarios] if isinstance(scenarios, str) else list(scenarios)
         if SUITE in names:
             names = [n for n in names if n != SUITE] + suite_workloads()
@@ -165,7 +168,7 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         self.action_penalty = float(action_penalty)
         self.compiled = bool(compiled)
         self.render_mode = render_mode
-        self.control = ResidualControl(interval_s, base, batching)
+        self.control = ResidualControl(interval_s, base, batching, dead_zone)
         self.action_space = spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
         self.observation_space = spaces.Box(0.0, 1.0, (NUM_FEATURES,), dtype=np.float32)
         self._rollout: Rollout | None = None

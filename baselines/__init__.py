@@ -34,7 +34,7 @@ from baselines.fcfs import (
 )
 from baselines.lookahead import LOOKAHEAD_QUANTILE, MARGIN_QUANTILES, MARGIN_RESERVES, residual_quantiles
 from baselines.nested_wait import NestedWaitPolicy
-from baselines.stall_free import SARATHI_TOKEN_BUDGET
+from baselines.stall_free import DRAIN_ITERATIONS, SARATHI_TOKEN_BUDGET
 from baselines.thresholds import (
     OutputLengthDistribution,
     nested_wait_thresholds,
@@ -107,12 +107,14 @@ POLICIES: dict[str, PolicyFactory] = {
                                                                          scenario.block_size),
     "nested-wait-adaptive": lambda scenario, horizon: AdaptiveNestedWaitPolicy.create(
         scenario.cost, scenario.paged_capacity_tokens, scenario.block_size, horizon_s=horizon),
-    # The same admissions batched as Sarathi batches (baselines.stall_free): decodes first, prefills chunked.
+    # The same admissions batched as Sarathi batches (baselines.stall_free): decodes first, prefills chunked, the
+    # budget raised where the queue outgrows it.
     "wait-adaptive-stall-free": lambda scenario, horizon: AdaptiveWaitPolicy.create(
-        scenario.cost, scenario.capacity_tokens, scenario.block_size, token_budget=SARATHI_TOKEN_BUDGET),
+        scenario.cost, scenario.capacity_tokens, scenario.block_size, token_budget=SARATHI_TOKEN_BUDGET,
+        drain_iterations=DRAIN_ITERATIONS),
     "nested-wait-adaptive-stall-free": lambda scenario, horizon: AdaptiveNestedWaitPolicy.create(
         scenario.cost, scenario.paged_capacity_tokens, scenario.block_size, horizon_s=horizon,
-        token_budget=SARATHI_TOKEN_BUDGET),
+        token_budget=SARATHI_TOKEN_BUDGET, drain_iterations=DRAIN_ITERATIONS),
     "wait": _wait("measured"),
     "wait-pausing": _wait("paper"),
     "nested-wait": _nested_wait("measured"),

@@ -344,7 +344,9 @@ def quantile_classes(prompt: np.ndarray, output: np.ndarray, grid: int) -> tuple
 # -- the adaptive Nested WAIT's solve, in one compiled path for the loop and for `decide` ----------------------
 SEGMENTS, MARGIN = 4, 0.05  # nested_wait_thresholds' defaults: quantile segments, and the margin between them
 PROMPT, RATE, TAU, MEMORY, SCALE, FLUID_MEMORY, C0 = range(7)  # indices of NestedWaitSolve.reals
-CAPACITY_TOKENS, CAPACITY_BLOCKS, BLOCK_SIZE, QUANTILE, THRESHOLD_SCALE, LENDS, TOKEN_BUDGET = range(7)  # settings
+# indices of NestedWaitLearning.settings
+(CAPACITY_TOKENS, CAPACITY_BLOCKS, BLOCK_SIZE, QUANTILE, THRESHOLD_SCALE, LENDS, TOKEN_BUDGET,
+ DRAIN_ITERATIONS) = range(8)
 
 
 class NestedWaitSolve(NamedTuple):
@@ -364,7 +366,7 @@ class NestedWaitLearning(NamedTuple):
     (:class:`LearningState`)."""
 
     completed: "CompletionSample"
-    settings: np.ndarray  # float64, indexed by CAPACITY_TOKENS … LENDS (THRESHOLD_SCALE: set_threshold_scale's)
+    settings: np.ndarray  # float64, indexed by CAPACITY_TOKENS … DRAIN_ITERATIONS (THRESHOLD_SCALE: the agent's)
     profile: np.ndarray  # float64 the cost profile's coefficients (LinearCostModel.coefficients)
 
 
@@ -410,7 +412,8 @@ def adaptive_rule(solve: NestedWaitSolve, settings: np.ndarray, drain_when_idle:
                   ) -> NestedWaitRule:
     """The compiled rule of a solve, at the settings' threshold scale: the scaled thresholds, the lookahead (the
     measured variant projects; the paper's pauses), lending up to the capacity less the scaled reserve
-    (``min(M*, M^π)``), and the scaled token budget (:func:`~baselines.stall_free.scaled_budget`)."""
+    (``min(M*, M^π)``), and the scaled token budget (:func:`~baselines.stall_free.scaled_budget`), following the
+    queue at the solve's mean prompt with the settings' drain (:func:`~baselines.stall_free.backlog_budget`)."""
     scale = settings[THRESHOLD_SCALE]
     n = scaled_counts(solve.n, scale) if scale != 1.0 else solve.n.copy()
     reserve = min(solve.reals[FLUID_MEMORY], solve.reals[MEMORY])
@@ -422,7 +425,8 @@ def adaptive_rule(solve: NestedWaitSolve, settings: np.ndarray, drain_when_idle:
     residual = np.empty(0, dtype=np.int64) if pausing else solve.lookahead.copy()
     return NestedWaitRule(solve.boundaries.copy(), segment_code_table(solve.boundaries), n, residual,
                           np.array([spare], dtype=np.int64), drain_when_idle, pausing,
-                          scaled_budget(int(settings[TOKEN_BUDGET]), scale))
+                          scaled_budget(int(settings[TOKEN_BUDGET]), scale), int(settings[DRAIN_ITERATIONS]),
+                          solve.reals[PROMPT])
 
 
 @compiled
@@ -463,16 +467,17 @@ class AdaptiveWaitPolicy(WaitPolicy):
 
     @classmethod
     def create(cls, cost: LinearCostModel, capacity_tokens: int, block_size: int, *, grid: int = 3,
-               token_budget: int = 0, **learning: float) -> "AdaptiveWaitPolicy":
+               token_budget: int = 0, drain_iterations: int = 0, **learning: float) -> "AdaptiveWaitPolicy":
         """WAIT-adaptive; with a ``token_budget``, its decisions batched stall-free within it
-        (``wait-adaptive-stall-free``, :mod:`baselines.stall_free`)."""
+        (``wait-adaptive-stall-free``, :mod:`baselines.stall_free`), raised with the queue given
+        ``drain_iterations`` (:func:`~baselines.stall_free.backlog_budget`)."""
         if grid < 1:
             raise ConfigError(f"grid must be >= 1, got {grid}")
         placeholder = TypeMix((RequestType(1, 1, 1.0),))
         name = "wait-adaptive-stall-free" if token_budget else "wait-adaptive"
         return cls(placeholder, _unit_thresholds(placeholder, capacity_tokens, block_size), name=name,
-                   token_budget=token_budget, learning=_Learning(cost, capacity_tokens, block_size, **learning),
-                   grid=grid)  # type: ignore[arg-type]
+                   token_budget=token_budget, drain_iterations=drain_iterations,
+                   learning=_Learning(cost, capacity_tokens, block_size, **learning), grid=grid)  # type: ignore[arg-type]
 
     def reset(self, engine: Engine) -> None:
         super().reset(engine)
@@ -593,11 +598,14 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
 
     @classmethod
     def create(cls, cost: LinearCostModel, capacity_tokens: int, block_size: int, *, horizon_s: float = 3600.0,
-               token_budget: int = 0, **learning: float) -> "AdaptiveNestedWaitPolicy":
+               token_budget: int = 0, drain_iterations: int = 0, **learning: float
+               ) -> "AdaptiveNestedWaitPolicy":
         """Nested-WAIT-adaptive; with a ``token_budget``, its decisions batched stall-free within it
-        (``nested-wait-adaptive-stall-free``, :mod:`baselines.stall_free`)."""
+        (``nested-wait-adaptive-stall-free``, :mod:`baselines.stall_free`), raised with the queue given
+        ``drain_iterations`` (:func:`~baselines.stall_free.backlog_budget`)."""
         name = "nested-wait-adaptive-stall-free" if token_budget else "nested-wait-adaptive"
         return cls(_single_segment(capacity_tokens), name=name, token_budget=token_budget,
+                   drain_iterations=drain_iterations,
                    learning=_Learning(cost, capacity_tokens, block_size, **learning),  # type: ignore[arg-type]
                    horizon_s=horizon_s, lend_spare_memory=True)
 
@@ -616,7 +624,7 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         self._completed = Completions(learning.memory)
         self._settings = np.array([learning.capacity_tokens, engine.capacity_blocks, engine.block_size,
                                    self.lookahead_quantile, self.threshold_scale, float(self.lend_spare_memory),
-                                   self.token_budget],
+                                   self.token_budget, self.drain_iterations],
                                   dtype=np.float64)
         self._profile = learning.cost.coefficients()
 

@@ -81,7 +81,7 @@ from baselines.lookahead import (
     redraw,
     trajectories_of,
 )
-from baselines.stall_free import stall_free, stall_free_batch
+from baselines.stall_free import backlog_budget, stall_free, stall_free_batch
 from baselines.thresholds import NestedWaitThresholds
 from llmsched_env import compiled_run
 from llmsched_env.compiled import borrowed, compiled, compiled_inlined
@@ -115,6 +115,9 @@ class NestedWaitPolicy:
     # 0: every admission prefilled whole in one iteration (the rule as written); > 0: the rule's decisions batched
     # stall-free within this many tokens per iteration (baselines.stall_free; Sarathi's 2048).
     token_budget: int = 0
+    # > 0: the budget follows the queue, raised to prefill the waiting prompts within this many iterations
+    # (baselines.stall_free.backlog_budget, at the thresholds' mean prompt); 0: the budget is fixed.
+    drain_iterations: int = 0
     guard_activations: int = field(default=0, init=False)  # iterations where the overflow guard acted
     guard_fallbacks: int = field(default=0, init=False)  # iterations where nothing fit and the engine evicted
 
@@ -124,6 +127,9 @@ class NestedWaitPolicy:
         if self.token_budget < 0:
             raise ConfigError(f"token_budget must be 0 (whole prefills) or a positive number of tokens per iteration, "
                               f"got {self.token_budget}")
+        if self.drain_iterations < 0:
+            raise ConfigError(f"drain_iterations must be 0 (a fixed token budget) or a positive number of "
+                              f"iterations, got {self.drain_iterations}")
         self.guard_activations = self.guard_fallbacks = 0
         self._capacity_blocks, self._block_size = engine.capacity_blocks, engine.block_size
         if self.lookahead_levels is not None:
@@ -179,7 +185,8 @@ class NestedWaitPolicy:
                               np.ascontiguousarray(self.thresholds.n, dtype=np.int64),
                               np.array(self.lookahead if self._projects() else [], dtype=np.int64),  # a copy: it moves
                               np.array([self._spare_blocks(1.0)], dtype=np.int64), self.drain_when_idle,
-                              self.variant == "paper", self.iteration_budget)
+                              self.variant == "paper", self.iteration_budget, self.drain_iterations,
+                              float(self.thresholds.prompt_len))
 
     def compiled_margin(self) -> "Margin":
         """The adaptive margin as the compiled rule follows it, at the start of a run (no levels without one)."""
@@ -209,7 +216,9 @@ class NestedWaitPolicy:
             adapt_lookahead(self._margin_rule, self._margin, int(self._margin.state[SEEN]) + evicted,
                             state.num_waiting)
             self.lookahead = self._margin_rule.residual
-        decision = stall_free(self._decide(state), state, self.iteration_budget)
+        budget = backlog_budget(self.iteration_budget, state.num_waiting, float(self.thresholds.prompt_len),
+                                self.drain_iterations)
+        decision = stall_free(self._decide(state), state, budget)
         if self._margin_rule is not None:
             self._last_batch = np.concatenate([state.running, decision.prefill]).astype(np.int64)
             self._last_evictions = state.num_evictions[self._last_batch].copy()
@@ -364,6 +373,8 @@ class NestedWaitRule(NamedTuple):
     drain_when_idle: bool
     pausing: bool  # the paper's variant: only the ready prefix's cohorts advance, n_k per stage
     token_budget: int  # 0: whole prefills; else stall-free batching within this many tokens (baselines.stall_free)
+    drain_iterations: int  # > 0: the budget follows the queue (baselines.stall_free.backlog_budget)
+    mean_prompt: float  # the thresholds' mean prompt, what a waiting request is taken to bring
 
 
 LEVEL, FLOOR, CALM, SEEN = range(4)  # indices of Margin.state
@@ -660,8 +671,9 @@ def nested_wait_step(rule: NestedWaitRule, guard: np.ndarray, running: np.ndarra
     # profile's arrays are passed at every call it makes).
     decode, admit = nested_wait_decision(rule, running, columns, run.counters, engine, guard, borrowed(projection))
     if rule.token_budget:
-        decode, admit, chunk, _ = stall_free_batch(decode, admit, running, columns.context, columns.kv_tokens,
-                                                   rule.token_budget)
+        budget = backlog_budget(rule.token_budget, run.counters[NUM_WAITING], rule.mean_prompt,
+                                rule.drain_iterations)
+        decode, admit, chunk, _ = stall_free_batch(decode, admit, running, columns.context, columns.kv_tokens, budget)
     else:
         chunk = compiled_run.whole_prefills(admit, columns)
     before = running

@@ -55,7 +55,7 @@ from baselines.lookahead import (
     trajectories,
     trajectories_of,
 )
-from baselines.stall_free import stall_free, stall_free_batch
+from baselines.stall_free import backlog_budget, stall_free, stall_free_batch
 from baselines.thresholds import WaitThresholds, wait_thresholds
 from baselines.type_queues import TypeQueues
 from llmsched_env import compiled_run
@@ -96,6 +96,9 @@ class WaitPolicy:
     # 0: every admission prefilled whole in one iteration (the rule as written); > 0: the rule's decisions batched
     # stall-free within this many tokens per iteration (baselines.stall_free; Sarathi's 2048).
     token_budget: int = 0
+    # > 0: the budget follows the queue, raised to prefill the waiting prompts within this many iterations
+    # (baselines.stall_free.backlog_budget); 0: the budget is fixed.
+    drain_iterations: int = 0
     _types: Int64Buffer = field(default_factory=Int64Buffer, repr=False)
     _queues: TypeQueues = field(default_factory=lambda: TypeQueues(0), repr=False)
 
@@ -118,6 +121,9 @@ class WaitPolicy:
         if self.token_budget < 0:
             raise ConfigError(f"token_budget must be 0 (whole prefills) or a positive number of tokens per iteration, "
                               f"got {self.token_budget}")
+        if self.drain_iterations < 0:
+            raise ConfigError(f"drain_iterations must be 0 (a fixed token budget) or a positive number of "
+                              f"iterations, got {self.drain_iterations}")
         self._types = Int64Buffer()
         self._queues = TypeQueues(len(self.thresholds.n))
 
@@ -125,6 +131,13 @@ class WaitPolicy:
     def iteration_budget(self) -> int:
         """The token budget each iteration is batched within now (0: whole prefills)."""
         return self.token_budget
+
+    @property
+    def mean_prompt(self) -> float:
+        """The mean prompt of the mix (rate-weighted, tokens): what a waiting request is taken to bring
+        (:func:`~baselines.stall_free.backlog_budget`)."""
+        rates = self.mix.rates
+        return float(rates @ self.mix.prompt_lens) / float(rates.sum())
 
     def compiled_loop(self) -> CompiledLoop | None:
         """This policy's rule compiled (:func:`run_wait`, either variant): the same decisions as :meth:`decide`, bit
@@ -145,7 +158,8 @@ class WaitPolicy:
         """The current thresholds and settings, as the compiled rule takes them."""
         return WaitRule(np.ascontiguousarray(self.thresholds.n, dtype=np.int64), *self.mix.log_lengths(),
                         int(self.thresholds.memory_blocks), self.drain_when_idle, self.lend_spare_memory,
-                        self.memory_safe, self.variant == "paper", self.iteration_budget)
+                        self.memory_safe, self.variant == "paper", self.iteration_budget, self.drain_iterations,
+                        self.mean_prompt)
 
     def _classify(self, state: SchedulerState) -> np.ndarray:
         """Every request's type (the nearest of the mix), classified once, on arrival."""
@@ -184,7 +198,9 @@ class WaitPolicy:
             # until enough new arrivals come, which may be never.
             decision = self._select(state, types, queued, np.ones(len(n), dtype=bool))
         queues.take(decision.prefill, types)  # an admission the budget defers is found in the queue again
-        return stall_free(decision, state, self.iteration_budget)
+        budget = backlog_budget(self.iteration_budget, state.num_waiting, self.mean_prompt,
+                                self.drain_iterations)
+        return stall_free(decision, state, budget)
 
     def _cohorts(self, ready: np.ndarray) -> np.ndarray:
         """The oldest ``n_j`` waiting requests of every ready type, in queue order."""
@@ -259,6 +275,8 @@ class WaitRule(NamedTuple):
     memory_safe: bool
     pausing: bool  # the paper's variant: cohorts of types that are not ready pause
     token_budget: int  # 0: whole prefills; else stall-free batching within this many tokens (baselines.stall_free)
+    drain_iterations: int  # > 0: the budget follows the queue (baselines.stall_free.backlog_budget)
+    mean_prompt: float  # the mix's mean prompt, what a waiting request is taken to bring
 
 
 class WaitQueueFollower:
@@ -469,8 +487,10 @@ def wait_step(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: np.n
     decode, admit, held = wait_decision(rule, types, queue, running, columns, run.counters, engine, held)
     as_decided = True
     if rule.token_budget:
+        budget = backlog_budget(rule.token_budget, run.counters[NUM_WAITING], rule.mean_prompt,
+                                rule.drain_iterations)
         decode, admit, chunk, as_decided = stall_free_batch(decode, admit, running, columns.context,
-                                                            columns.kv_tokens, rule.token_budget)
+                                                            columns.kv_tokens, budget)
     else:
         chunk = compiled_run.whole_prefills(admit, columns)
     stop, running, admitted, evicted, _ = compiled_run.apply(decode, admit, chunk, running, run, columns, arrivals,

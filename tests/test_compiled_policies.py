@@ -72,6 +72,15 @@ PRESETS = {
     "nested-wait-adaptive-stall-free-scaled": lambda scenario: _rescaled(AdaptiveNestedWaitPolicy.create(
         scenario.cost, scenario.capacity_tokens, scenario.block_size, horizon_s=12.0, token_budget=11, **LEARN_FAST),
         1.7),
+    # The budget following the queue (drain_iterations), raised above the budget as soon as a few requests wait.
+    "wait-stall-free-draining": lambda scenario: replace(make_policy("wait", scenario, 12.0), token_budget=20,
+                                                         drain_iterations=2),
+    "wait-adaptive-stall-free-draining": lambda scenario: _rescaled(AdaptiveWaitPolicy.create(
+        scenario.cost, scenario.capacity_tokens, scenario.block_size, token_budget=24, drain_iterations=3,
+        **LEARN_FAST), 1.3),
+    "nested-wait-adaptive-stall-free-draining": lambda scenario: AdaptiveNestedWaitPolicy.create(
+        scenario.cost, scenario.capacity_tokens, scenario.block_size, horizon_s=12.0, token_budget=9,
+        drain_iterations=2, **LEARN_FAST),
     "wait-cp": lambda scenario: ChunkedBookingPolicy.for_mix(scenario.offered_mix(), 6, nested=False, chunk=8),
     "nested-wait-cp": lambda scenario: ChunkedBookingPolicy.for_mix(scenario.offered_mix(), 9, nested=True, chunk=5,
                                                                      token_gate=False),

@@ -474,7 +474,7 @@ def test_the_adaptive_margin_steps_down_while_calm_and_up_for_good_on_an_evictio
 
     levels = np.array([[3, 2, 1], [5, 4, 3], [9, 8, 7]], dtype=np.int64)  # boldest first
     rule = NestedWaitRule(np.array([3]), np.zeros(1, np.int64), np.array([1]), levels[-1].copy(),
-                          np.array([100]), True, False, 0)
+                          np.array([100]), True, False, 0, 0, 0.0)
     margin = Margin(levels, np.array([10, 50, 100]), 2, np.array([2, 0, 0, 0]))
     state = margin.state
     assert not adapt_lookahead(rule, margin, 0, 0) and not adapt_lookahead(rule, margin, 0, 0)

@@ -22,6 +22,7 @@ from agents.residual import (
     ConstantAction,
     ResidualAgentPolicy,
     control_settings,
+    dead_zoned,
     threshold_scale,
 )
 from agents.residual_env import LLMSchedResidualEnv, suite_workloads
@@ -207,8 +208,38 @@ def test_the_judging_cells_cover_the_suite_and_the_held_out_traces(tmp_path: Pat
         ("azure-conv-trace-hidden", 0.9)]
 
 
+def test_the_dead_zone_leaves_the_baseline_and_keeps_the_reach() -> None:
+    assert [dead_zoned(a, 0.25) for a in (0.0, 0.25, -0.25, 0.1, 1.0, -1.0)] == [0.0, 0.0, 0.0, 0.0, 1.0, -1.0]
+    assert dead_zoned(0.625, 0.25) == 0.5 and dead_zoned(-0.625, 0.25) == -0.5  # continuous beyond it
+    assert dead_zoned(0.1, 0.0) == 0.1  # none: every action counts
+    with pytest.raises(ConfigError, match=r"dead_zone must be in \[0, 1\), got 1.0"):
+        LLMSchedResidualEnv(dead_zone=1.0)
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_an_action_within_the_dead_zone_is_the_baseline_and_one_beyond_it_is_not(known: bool) -> None:
+    env = LLMSchedResidualEnv(scenarios="paper-two-type-512", horizon=40.0)
+    scenario, horizon = env.workload("paper-two-type-512", 0.95)
+    scenario = replace(scenario, output_lengths_known=known)
+    arrivals = scenario.sample(horizon, 5)
+    fluid = scenario.fluid(arrivals, horizon)
+    base = summarize(run(scenario.engine(), make_policy(BASES["stall-free"][known], scenario, horizon), arrivals,
+                         horizon), fluid)
+    runs = {}
+    for action in (0.2, -0.2, -0.8):
+        policy = ResidualAgentPolicy(ConstantAction(action), scenario, horizon, interval_s=5.0, batching="stall-free",
+                                     dead_zone=0.25)
+        runs[action] = summarize(run(scenario.engine(), policy, arrivals, horizon), fluid)
+        assert policy.control.action == dead_zoned(action, 0.25)
+    for action in (0.2, -0.2):
+        assert {k: runs[action][k] for k in EXACT} == {k: base[k] for k in EXACT}
+    assert {k: runs[-0.8][k] for k in EXACT} != {k: base[k] for k in EXACT}
+
+
 def test_a_saved_agent_runs_on_the_base_it_was_trained_on() -> None:
-    assert control_settings({"interval_s": 5.0}) == {"interval_s": 5.0, "base": None, "batching": "whole"}
+    assert control_settings({"interval_s": 5.0}) == {"interval_s": 5.0, "base": None, "batching": "whole",
+                                                     "dead_zone": 0.0}
+    assert control_settings({"interval_s": 5.0, "dead_zone": 0.25})["dead_zone"] == 0.25
     env = LLMSchedResidualEnv(scenarios="paper-two-type")
     for known, batching, base in [(True, "whole", "wait-adaptive"), (True, "stall-free", "wait-adaptive-stall-free"),
                                   (False, "stall-free", "nested-wait-adaptive-stall-free")]:

@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 
 from baselines import make_policy
 from baselines.adaptive import AdaptiveNestedWaitPolicy, AdaptiveWaitPolicy
-from baselines.stall_free import stall_free_batch
+from baselines.nested_wait import NestedWaitPolicy
+from baselines.stall_free import DRAIN_ITERATIONS, backlog_budget, stall_free_batch
+from baselines.wait import WaitPolicy
 from llmsched_env import Arrivals, ConfigError, LinearCostModel, RequestType, TypeMix, run
-from llmsched_env.engine import IterationOutcome
+from llmsched_env.engine import Decision, IterationOutcome, SchedulerState
 from llmsched_env.scenario import Scenario
 from llmsched_env.simulator import SimulatedEngine
 from tests.invariants import InvariantChecker
@@ -54,6 +56,15 @@ def test_an_iteration_decodes_first_then_continues_prefills_then_admits_in_the_r
     assert _batch([5, 7], [11, 13], [5, 9, 7], context, kv, budget=71) == ([5, 7], [11, 13], [30, 39], False)
 
 
+def test_the_budget_follows_the_backlog_only_beyond_what_it_drains_in_time() -> None:
+    assert backlog_budget(2048, 0, 500.0, 64) == 2048
+    assert backlog_budget(2048, 262, 500.0, 64) == 2048  # 131,000 tokens: 63.96 iterations of the budget
+    assert backlog_budget(2048, 263, 500.0, 64) == 2055  # ceil(131,500 / 64)
+    assert backlog_budget(2048, 1000, 500.0, 64) == 7813
+    assert backlog_budget(2048, 10**6, 500.0, 0) == 2048  # no draining: the budget is fixed
+    assert backlog_budget(0, 10**6, 500.0, 64) == 0  # whole prefills stay whole
+
+
 def _scenario(mix: TypeMix, capacity: int, known: bool) -> Scenario:
     return Scenario(COST, capacity, 4, mix=mix, output_lengths_known=known)
 
@@ -81,6 +92,58 @@ def test_no_iteration_exceeds_the_budget_and_every_request_is_accounted_for(
     arrivals = scenario.sample(10.0, seed)
     result = run(scenario.engine(), policy, arrivals, 10.0, callbacks=[invariants, within])
     assert result.arrived == len(arrivals) == result.finished + result.waiting + result.running
+
+
+class _WaitingSeen:
+    """``policy.decide`` recording the queue's length it decided on (the Python path: callbacks run it)."""
+
+    def __init__(self, policy: WaitPolicy | NestedWaitPolicy) -> None:
+        self.seen: list[int] = []  # the queue's length at each decision
+        decide = policy.decide
+
+        def seen(state: SchedulerState) -> Decision:
+            self.seen.append(state.num_waiting)
+            return decide(state)
+        policy.decide = seen  # type: ignore[method-assign]
+
+
+@settings(max_examples=30, deadline=None)
+@given(prompt=st.integers(20, 120), budget=st.integers(8, 64), drain=st.integers(1, 8), seed=st.integers(0, 2**16),
+       base=st.sampled_from(["wait", "nested-wait"]), rate=st.floats(4.0, 40.0))
+def test_a_draining_budget_stays_within_what_the_queue_asks_and_grows_only_with_it(
+        prompt: int, budget: int, drain: int, seed: int, base: str, rate: float) -> None:
+    mix = TypeMix((RequestType(prompt, 6, rate),))
+    scenario = _scenario(mix, 4 * 40 * (-(-(prompt + 6) // 4)), known=base == "wait")
+    policy = replace(make_policy(base, scenario, 5.0), token_budget=budget, drain_iterations=drain)
+    seen, invariants = _WaitingSeen(policy), InvariantChecker()
+    mean_prompt = policy.mean_prompt if base == "wait" else float(policy.thresholds.prompt_len)
+    assert mean_prompt == pytest.approx(prompt, rel=1e-12)  # one type: its prompt
+    raised = []
+
+    def within(engine: SimulatedEngine, outcome: IterationOutcome) -> None:
+        # The iteration the last decision made, within the budget of the queue it saw.
+        allowed = backlog_budget(budget, seen.seen[-1], mean_prompt, drain)
+        assert outcome.prefill_tokens + outcome.decode_tokens <= allowed
+        raised.append(allowed > budget)
+    arrivals = scenario.sample(5.0, seed)
+    result = run(scenario.engine(), policy, arrivals, 5.0, callbacks=[invariants, within])
+    assert result.arrived == len(arrivals) == result.finished + result.waiting + result.running
+    assert len(raised) == result.iterations
+    if not any(waiting * prompt > drain * budget for waiting in seen.seen):
+        assert not any(raised)  # a queue the budget drains in time never raises it
+
+
+def test_a_long_queue_raises_the_budget_and_a_short_one_leaves_it() -> None:
+    # 30 prompts of 50 tokens at once, budget 16: drained over 2 iterations, the first iteration takes
+    # ceil(30 × 50 / 2) = 750 tokens (as many whole prompts as memory lets in); with the budget fixed, 16.
+    scenario = _scenario(TypeMix((RequestType(50, 3, 1.0),)), 4 * 30 * 14, known=True)
+    burst = Arrivals(np.zeros(30), np.full(30, 50), np.full(30, 3))
+    for drain, first in [(0, 16), (2, 750), (10**6, 16)]:
+        tokens: list[int] = []
+        policy = replace(make_policy("wait", scenario, 3.0), token_budget=16, drain_iterations=drain)
+        result = run(scenario.engine(), policy, burst, 60.0,
+                     callbacks=[lambda engine, outcome: tokens.append(outcome.prefill_tokens + outcome.decode_tokens)])
+        assert result.finished == 30 and tokens[0] == first, (drain, tokens[:3])
 
 
 def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks() -> None:
@@ -124,8 +187,14 @@ def test_a_residual_agent_s_scale_scales_the_budget_too(name: str) -> None:
 
 def test_the_stall_free_presets_and_a_negative_budget() -> None:
     scenario = _scenario(TypeMix((RequestType(10, 5, 1.0),)), 100, known=True)
-    assert make_policy("wait-adaptive-stall-free", scenario, 10.0).token_budget == 2048  # type: ignore[attr-defined]
+    for name in ("wait-adaptive-stall-free", "nested-wait-adaptive-stall-free"):
+        preset = make_policy(name, scenario, 10.0)
+        assert (preset.token_budget, preset.drain_iterations) == (2048, DRAIN_ITERATIONS)  # type: ignore[attr-defined]
     assert make_policy("nested-wait-adaptive-stall-free", scenario, 10.0).name == "nested-wait-adaptive-stall-free"
     policy = replace(make_policy("nested-wait", scenario, 10.0), token_budget=-1)
     with pytest.raises(ConfigError, match="token_budget must be 0 .* got -1"):
         run(scenario.engine(), policy, scenario.sample(1.0, 0), 1.0)
+    for name in ("wait", "nested-wait"):
+        policy = replace(make_policy(name, scenario, 10.0), token_budget=64, drain_iterations=-3)
+        with pytest.raises(ConfigError, match="drain_iterations must be 0 .* got -3"):
+            run(scenario.engine(), policy, scenario.sample(1.0, 0), 1.0)
