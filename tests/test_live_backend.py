@@ -264,20 +264,38 @@ def test_the_generalist_runs_on_the_live_engine(config, hidden):
     # rescaled by the agent's actor (NumPy arrays: this environment has no stable-baselines3).
     from pathlib import Path
 
-    from agents.residual import BASES, ResidualAgentPolicy, control_settings, read_residual_agent
+    from agents.residual import (
+        BASES,
+        ResidualAgentPolicy,
+        clipped_action,
+        control_settings,
+        dead_zoned,
+        read_residual_agent,
+        threshold_scale,
+    )
 
     spec, actor = read_residual_agent(Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "suite-residual")
     scenario = replace(_scenario(rate=4.0, output=30), output_lengths_known=not hidden)
     horizon = 3.0
     arrivals = scenario.sample(horizon, 0)
-    agent = ResidualAgentPolicy(actor, scenario, horizon, **control_settings(spec.env_kwargs))
+    asked = []
+
+    def network(observations):
+        actions = actor(observations)
+        asked.append(clipped_action(actions))
+        return actions
+    settings = control_settings(spec.env_kwargs)
+    agent = ResidualAgentPolicy(network, scenario, horizon, **settings)
     live_engine = LiveVLLMEngine(config, output_lengths_known=not hidden)
     try:
         live = run(live_engine, agent, arrivals, horizon)
     finally:
         live_engine.close()
     _check_accounted(live, live_engine)
-    assert live.finished > 0 and agent.control.scale != 1.0  # the agent acted
+    # The agent acted: its network decided, and the scale in force is its last action's (within the dead zone of the
+    # shipped config, the baseline's own 1).
+    assert live.finished > 0 and len(asked) >= 1
+    assert agent.control.scale == threshold_scale(dead_zoned(asked[-1], settings["dead_zone"]))
     assert agent.control.base.name == BASES[spec.env_kwargs["batching"]][not hidden] == (
         "nested-wait-adaptive-stall-free" if hidden else "wait-adaptive-stall-free")  # the bases it was trained on
 
