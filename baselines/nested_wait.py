@@ -81,7 +81,7 @@ from baselines.lookahead import (
     redraw,
     trajectories_of,
 )
-from baselines.stall_free import backlog_budget, stall_free, stall_free_batch
+from baselines.stall_free import backlog_budget, check_batching, stall_free, stall_free_batch
 from baselines.thresholds import NestedWaitThresholds
 from llmsched_env import compiled_run
 from llmsched_env.compiled import borrowed, compiled, compiled_inlined
@@ -124,12 +124,7 @@ class NestedWaitPolicy:
     def reset(self, engine: Engine) -> None:
         if self.variant not in ("measured", "paper"):
             raise ConfigError(f"Nested WAIT variant must be 'measured' or 'paper', got {self.variant!r}")
-        if self.token_budget < 0:
-            raise ConfigError(f"token_budget must be 0 (whole prefills) or a positive number of tokens per iteration, "
-                              f"got {self.token_budget}")
-        if self.drain_iterations < 0:
-            raise ConfigError(f"drain_iterations must be 0 (a fixed token budget) or a positive number of "
-                              f"iterations, got {self.drain_iterations}")
+        check_batching(self.token_budget, self.drain_iterations)
         self.guard_activations = self.guard_fallbacks = 0
         self._capacity_blocks, self._block_size = engine.capacity_blocks, engine.block_size
         if self.lookahead_levels is not None:

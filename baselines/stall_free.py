@@ -26,6 +26,7 @@ import numpy as np
 
 from llmsched_env.compiled import compiled, compiled_inlined
 from llmsched_env.engine import IDLE, Decision, SchedulerState
+from llmsched_env.errors import ConfigError
 
 #: Sarathi-Serve's usual per-iteration token budget, and vLLM's chunked-prefill default (:func:`~baselines.fcfs.
 #: sarathi_policy`).
@@ -45,6 +46,16 @@ def scaled_budget(budget: int, scale: float) -> int:
     if budget == 0 or scale == 1.0:
         return budget
     return max(1, int(np.rint(budget * scale)))
+
+
+def check_batching(token_budget: int, drain_iterations: int) -> None:
+    """A clear error for a token budget or a drain out of range (the WAIT family's ``reset``)."""
+    if token_budget < 0:
+        raise ConfigError(f"token_budget must be 0 (whole prefills) or a positive number of tokens per iteration, "
+                          f"got {token_budget}")
+    if drain_iterations < 0:
+        raise ConfigError(f"drain_iterations must be 0 (a fixed token budget) or a positive number of iterations, "
+                          f"got {drain_iterations}")
 
 
 @compiled

@@ -55,7 +55,7 @@ from baselines.lookahead import (
     trajectories,
     trajectories_of,
 )
-from baselines.stall_free import backlog_budget, stall_free, stall_free_batch
+from baselines.stall_free import backlog_budget, check_batching, stall_free, stall_free_batch
 from baselines.thresholds import WaitThresholds, wait_thresholds
 from baselines.type_queues import TypeQueues
 from llmsched_env import compiled_run
@@ -118,12 +118,7 @@ class WaitPolicy:
         if self.variant == "paper" and (self.memory_safe or self.lend_spare_memory):
             raise ConfigError("memory_safe and lend_spare_memory assume every running request decodes each "
                               "iteration: the paper's variant pauses cohorts, so it cannot use them")
-        if self.token_budget < 0:
-            raise ConfigError(f"token_budget must be 0 (whole prefills) or a positive number of tokens per iteration, "
-                              f"got {self.token_budget}")
-        if self.drain_iterations < 0:
-            raise ConfigError(f"drain_iterations must be 0 (a fixed token budget) or a positive number of "
-                              f"iterations, got {self.drain_iterations}")
+        check_batching(self.token_budget, self.drain_iterations)
         self._types = Int64Buffer()
         self._queues = TypeQueues(len(self.thresholds.n))
 
@@ -198,8 +193,9 @@ class WaitPolicy:
             # until enough new arrivals come, which may be never.
             decision = self._select(state, types, queued, np.ones(len(n), dtype=bool))
         queues.take(decision.prefill, types)  # an admission the budget defers is found in the queue again
-        budget = backlog_budget(self.iteration_budget, state.num_waiting, self.mean_prompt,
-                                self.drain_iterations)
+        budget = self.iteration_budget
+        if self.drain_iterations:  # the mix's mean prompt only where the budget follows the queue
+            budget = backlog_budget(budget, state.num_waiting, self.mean_prompt, self.drain_iterations)
         return stall_free(decision, state, budget)
 
     def _cohorts(self, ready: np.ndarray) -> np.ndarray:
