@@ -32,12 +32,28 @@ class ImitationConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """Validation during training: the agent and a reference baseline on fixed arrival seeds."""
+    """Validation during training: the agent and a reference baseline on fixed arrival seeds.
+
+    A residual agent's best model is chosen among the validations that are no worse than the baseline it adjusts
+    on any workload by ``throughput_margin`` and ``p99_margin`` (shares of the baseline's mean over the seeds:
+    throughput at least ``1 - throughput_margin`` of it, p99 at most ``1 + p99_margin`` of it; the judging table's
+    non-inferiority test, :mod:`agents.judge`, on the validation seeds). Infinite (the default): no such test,
+    the lowest regret wins.
+    """
 
     seeds: tuple[int, ...] = (1000, 1001, 1002)
     every: int = 50_000
     reference: str = "wait"
     checkpoint_every: int = 50_000
+    throughput_margin: float = float("inf")
+    p99_margin: float = float("inf")
+
+    def __post_init__(self) -> None:
+        for key in ("throughput_margin", "p99_margin"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not value >= 0:  # NaN fails too
+                raise ConfigError(f"[evaluation] {key} must be a number >= 0 (a share of the baseline's), "
+                                  f"got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,8 @@ def _section(data: dict[str, Any], cls: type, source: str, section: str) -> Any:
         return cls(**data)
     except TypeError as error:  # pragma: no cover - keys were checked above
         raise ConfigError(f"{source}: [{section}] {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
 
 
 def config_from_dict(data: dict[str, Any], source: str, name: str) -> TrainConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -58,25 +59,30 @@ def plot_curves(tensorboard_dir: Path, out: Path) -> Path | None:
     return out
 
 
-def plot_residual_curves(tensorboard_dir: Path, levels_file: Path, out: Path) -> Path | None:
+def plot_residual_curves(tensorboard_dir: Path, levels_file: Path, out: Path,
+                         margins: tuple[float, float] = (math.inf, math.inf)) -> Path | None:
     """A residual agent's run (``LLMSched-Residual-v0``): one panel per workload of its validation, the agent's
     validation regret at each evaluation less the best baseline's on the same episodes (seconds of the fluid
     optimum's service; below 0 the agent is ahead), with every baseline's own level as a labelled line (the best at
-    0), and a last panel for the whole validation set against the baseline the agent adjusts. ``None`` if nothing
-    was logged."""
+    0); a panel for the whole validation set against the baseline the agent adjusts, the kept model starred and the
+    validations outside the selection's margins crossed; and, where the run logged them, a panel of the worst
+    workload's throughput and p99 change against that baseline (%), with the selection's ``margins`` (throughput,
+    p99; shares, drawn where finite). ``None`` if nothing was logged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = read_scalars(tensorboard_dir, lambda tag: tag.startswith("eval/regret_s/") or tag == "eval/regret_s"
-                          or tag == "eval/base_regret_s")
+    series = read_scalars(tensorboard_dir, lambda tag: tag.startswith("eval/regret_s/") or tag in (
+        "eval/regret_s", "eval/base_regret_s", "eval/admissible", "eval/worst_throughput_change",
+        "eval/worst_p99_change"))
     levels: dict[str, dict[str, float]] = json.loads(levels_file.read_text()) if levels_file.is_file() else {}
     workloads = [tag.removeprefix("eval/regret_s/") for tag in sorted(series) if tag.startswith("eval/regret_s/")]
     if not workloads:
         return None
+    worst = "eval/worst_p99_change" in series and "eval/worst_throughput_change" in series
     columns = 4
-    rows = -(-(len(workloads) + 1) // columns)
+    rows = -(-(len(workloads) + 1 + worst) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.7 * rows), squeeze=False)
     colours = {"wait": "tab:green", "wait-adaptive": "tab:olive", "nested-wait": "tab:purple",
                "nested-wait-adaptive": "tab:pink", "nested-wait-margin": "tab:brown", "vllm": "tab:red",
@@ -95,13 +101,37 @@ def plot_residual_curves(tensorboard_dir: Path, levels_file: Path, out: Path) ->
     if "eval/regret_s" in series and "eval/base_regret_s" in series:
         steps, values = series["eval/regret_s"]
         base = series["eval/base_regret_s"][1][0]
-        overall.plot(steps, [v - base for v in values], "o-", ms=2.5, lw=1.2, color="tab:blue")
+        gains = [v - base for v in values]
+        overall.plot(steps, gains, "o-", ms=2.5, lw=1.2, color="tab:blue")
+        admissible = series.get("eval/admissible", (steps, [1.0] * len(steps)))[1]
+        outside = [i for i, ok in enumerate(admissible) if not ok]
+        overall.plot([steps[i] for i in outside], [gains[i] for i in outside], "x", color="tab:red", ms=5,
+                     label="outside the margins")
+        kept = min((i for i, ok in enumerate(admissible) if ok), key=lambda i: (values[i], i), default=None)
+        if kept is not None:  # the first of the least regret within the margins: what the callback saved
+            overall.plot([steps[kept]], [gains[kept]], "*", color="k", ms=10, label="kept")
         overall.axhline(0.0, color="k", lw=0.9, ls="--")
+        overall.legend(fontsize=7)
         overall.ticklabel_format(axis="both", useOffset=False, style="plain")
         overall.set_title("all workloads, less the adjusted baseline", fontsize=9)
         overall.tick_params(labelsize=7)
         overall.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(workloads) + 1:]:
+    if worst:
+        panel = axes.flat[len(workloads) + 1]
+        for tag, colour, label in (("eval/worst_throughput_change", "tab:green", "throughput"),
+                                   ("eval/worst_p99_change", "tab:red", "p99")):
+            steps, values = series[tag]
+            panel.plot(steps, [100 * v for v in values], "o-", ms=2.5, lw=1.2, color=colour, label=label)
+        panel.axhline(0.0, color="k", lw=0.9, ls="--")
+        for margin, sign, colour in ((margins[0], -1, "tab:green"), (margins[1], 1, "tab:red")):
+            if math.isfinite(margin):
+                panel.axhline(sign * 100 * margin, color=colour, lw=0.9, ls=":")
+        panel.ticklabel_format(axis="both", useOffset=False, style="plain")
+        panel.set_title("worst workload against the adjusted baseline (%)", fontsize=9)
+        panel.tick_params(labelsize=7)
+        panel.legend(fontsize=7)
+        panel.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(workloads) + 1 + worst:]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     for ax in list(axes.flat)[1:len(workloads)]:

@@ -89,6 +89,13 @@ def dead_zoned(action: float, dead_zone: float) -> float:
     return math.copysign((abs(action) - dead_zone) / (1.0 - dead_zone), action)
 
 
+def oldest_wait_s(state: SchedulerState) -> float:
+    """How long the oldest waiting request has waited (s; 0 when none waits): the head of the queue, whose wait is
+    the tail of the latency distribution."""
+    oldest = state.oldest_waiting(1)
+    return state.now - float(state.arrival_time[oldest[0]]) if len(oldest) else 0.0
+
+
 def _squash(value: float, scale: float) -> float:
     return value / (value + scale) if value > 0 else 0.0
 

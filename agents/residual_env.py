@@ -10,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from agents.residual import NUM_FEATURES, ResidualControl
+from agents.residual import NUM_FEATURES, ResidualControl, oldest_wait_s
 from llmsched_env.errors import ConfigError, RequestTooLargeError
 from llmsched_env.fluid import FluidSolution
 from llmsched_env.metrics import summarize
@@ -81,7 +81,10 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
     ``reward="regret"`` (default): ``(completions − Θ*·Δt) / Θ*`` over the step, minus the increment of regret
     against the fluid optimum in seconds of the optimum's service, so scenarios of different rates weigh alike; an
     episode's return is ``−(Θ*·T − completions) / Θ*``. ``latency_penalty`` × the mean number in the system over
-    the step (its two ends) ÷ ``Θ*`` × ``Δt`` (by Little's law, a mean latency in seconds) is subtracted when set.
+    the step (its two ends) ÷ ``Θ*`` × ``Δt`` (by Little's law, a mean latency in seconds) is subtracted when set,
+    and ``wait_penalty`` (per second) × the oldest waiting request's age integrated over the step (its two ends,
+    seconds × seconds; 0 while none waits): the queue's head is the tail of the latency distribution, which
+    completions do not see where every policy serves the load.
     ``reward="vs_baseline"``: the same quantities less the baseline's own on the same arrivals (run at reset, read
     at the same decision points): the return is the regret the agent saves against the baseline, and the arrivals'
     noise, which dwarfs what one decision changes, cancels. ``action_penalty`` × ``a²`` (``a`` clipped to
@@ -111,16 +114,17 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
     (s), ``interval_s`` (1), ``batching`` (``"whole"``: the baselines prefill each admission whole, as written;
     ``"stall-free"``: their decisions batched as Sarathi batches, :mod:`baselines.stall_free`), ``base`` (the
     baseline; default by ``batching`` and length setting, :data:`agents.residual.BASES`), ``reward`` (``regret`` or
-    ``vs_baseline``), ``latency_penalty`` (0), ``action_penalty`` (0, on the residual applied), ``dead_zone`` (0:
-    actions within ``±dead_zone`` are the baseline itself, :func:`agents.residual.dead_zoned`), ``compiled``
+    ``vs_baseline``), ``latency_penalty`` (0), ``wait_penalty`` (0), ``action_penalty`` (0, on the residual
+    applied), ``dead_zone`` (0: actions within ``±dead_zone`` are the baseline itself,
+    :func:`agents.residual.dead_zoned`), ``compiled``
     (``True``: the baseline's compiled loop between decisions; ``False`` its Python rule, the same episodes).
 
     ``reset(options={"scenario": name, "load": rho, "memory": m, "arrival_seed": s})`` pins any of them.
 
     ## Version History
 
-    * v0: initial version; ``action_penalty``, ``batching`` and ``dead_zone`` added later (defaults 0, ``"whole"``
-      and 0: the episodes and rewards as before).
+    * v0: initial version; ``action_penalty``, ``batching``, ``dead_zone`` and ``wait_penalty`` added later
+      (defaults 0, ``"whole"``, 0 and 0: the episodes and rewards as before).
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
@@ -130,7 +134,7 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
                  horizon: float | None = None,
                  interval_s: float = 1.0, base: str | None = None, batching: str = "whole", reward: str = "regret",
                  latency_penalty: float = 0.0, action_penalty: float = 0.0, dead_zone: float = 0.0,
-                 compiled: bool = True, render_mode: str | None = None) -> None:
+                 wait_penalty: float = 0.0, compiled: bool = True, render_mode: str | None = None) -> None:
         names = [scenarios] if isinstance(scenarios, str) else list(scenarios)
         if SUITE in names:
             names = [n for n in names if n != SUITE] + suite_workloads()
@@ -155,7 +159,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
             raise ConfigError(f"horizon must be finite and > 0 s, got {horizon!r}")
         if reward not in REWARDS:
             raise ConfigError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
-        for option, value in (("latency_penalty", latency_penalty), ("action_penalty", action_penalty)):
+        for option, value in (("latency_penalty", latency_penalty), ("action_penalty", action_penalty),
+                              ("wait_penalty", wait_penalty)):
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{option} must be finite and >= 0, got {value!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -166,6 +171,7 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         self.reward = reward
         self.latency_penalty = float(latency_penalty)
         self.action_penalty = float(action_penalty)
+        self.wait_penalty = float(wait_penalty)
         self.compiled = bool(compiled)
         self.render_mode = render_mode
         self.control = ResidualControl(interval_s, base, batching, dead_zone)
@@ -218,7 +224,9 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         self._accounted = 0.0
         self._done = False
         self._advance(0.0)  # the arrivals due at time 0 enter the queue, as the loop enqueues them
-        return self.control.observe(engine.state()), self._info(final=False)
+        state = engine.state()
+        self._wait_gap = oldest_wait_s(state) - (self._shadow_wait[0] if self._shadow is not None else 0.0)
+        return self.control.observe(state), self._info(final=False)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
         if self._rollout is None or self._done:
@@ -234,6 +242,7 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
             # The baseline's run at the same decision point: its completions and requests in the system then.
             point = len(self._shadow) - 1 if self._done else min(self._grid_point(engine.now), len(self._shadow) - 1)
             finished, present = self._shadow[point]
+            base_wait = self._shadow_wait[point]
             before_finished, before_present = self._shadow[self._point]
             self._point = point
             reward = ((engine.num_finished - before_done) - (finished - before_finished)) / throughput
@@ -246,10 +255,14 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
             reward = (engine.num_finished - before_done - throughput * span) / throughput
             if self.latency_penalty:
                 reward -= self.latency_penalty * (before_in + in_system) / 2 / throughput * (engine.now - before_time)
+        state = engine.state()
+        if self.wait_penalty:
+            gap = oldest_wait_s(state) - (base_wait if self._shadow is not None else 0.0)
+            reward -= self.wait_penalty * (self._wait_gap + gap) / 2 * (engine.now - before_time)
+            self._wait_gap = gap
         if self.action_penalty:
             reward -= self.action_penalty * self.control.action ** 2
-        observation = (np.zeros(NUM_FEATURES, np.float32) if self._done
-                       else self.control.observe(engine.state()))
+        observation = np.zeros(NUM_FEATURES, np.float32) if self._done else self.control.observe(state)
         return observation, float(reward), False, self._done, self._info(final=self._done)
 
     def _grid_point(self, now: float) -> int:
@@ -259,7 +272,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
 
     def _baseline_path(self, scenario: Scenario, arrivals: Any, horizon: float) -> np.ndarray:
         """The baseline's own run on these arrivals: per decision point ``k·interval`` (and the end, last), its
-        completions and the requests in its system at the first iteration boundary at or after it."""
+        completions and the requests in its system at the first iteration boundary at or after it (and, in
+        ``_shadow_wait``, its oldest waiting request's age then)."""
         shadow = ResidualControl(self.control.interval_s, self.control.base_name, self.control.batching)
         engine = scenario.engine()
         rollout = Rollout(engine, arrivals, horizon, stall_after_s=STALL_AFTER_S)
@@ -267,11 +281,14 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         loop = shadow.base.compiled_loop() if self._loop is not None else None
         points = math.ceil(horizon / self.control.interval_s) + 2
         path = np.zeros((points, 2), dtype=np.int64)
+        self._shadow_wait = np.zeros(points)
         k, done = 0, False
         while not done:
             done = _run_until(rollout, shadow.base, loop, k * self.control.interval_s)
             reached = min(max(k, self._grid_point(engine.now)), points - 2) if not done else points - 1
             path[k:reached + 1] = (engine.num_finished, engine.num_waiting + engine.num_running)
+            if self.wait_penalty:
+                self._shadow_wait[k:reached + 1] = oldest_wait_s(engine.state())
             k = reached + 1
         return path
 

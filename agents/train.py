@@ -21,7 +21,7 @@ import tomllib
 
 from agents.config import TrainConfig
 from agents.policy import AGENT_FILE, MODEL_FILE, AgentSpec, algorithm_class, read_weights
-from agents.validation import baseline_validation_regrets, residual_validation_runs, validation_runs
+from agents.validation import baseline_validation_regrets, residual_validation_runs, validation_runs, worst_departures
 from llmsched_env.errors import ConfigError
 from llmsched_env.metrics import summarize
 from llmsched_env.registration import ENV_IDS, RESIDUAL_ENV_IDS
@@ -45,12 +45,15 @@ def make_env(env_id: str, env_kwargs: dict[str, Any]) -> Any:
 
 
 def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...], every: int, out: Path,
-                              on_eval: Callable[[dict[str, float]], None] | None = None) -> Any:
+                              on_eval: Callable[[dict[str, float]], None] | None = None, *,
+                              throughput_margin: float = np.inf, p99_margin: float = np.inf) -> Any:
     """The SB3 callback of a residual agent (``LLMSched-Residual-v0``): every ``every`` steps (and at the start, and
     when asked) the agent's validation episodes on every workload of its training distribution beside the baseline
     it adjusts on the same arrivals: the regret ratio per scenario (``eval/ratio/<scenario>``) and over all
     (``eval/regret_ratio_to_base``, the ratio of the summed regrets in seconds of the fluid optimum's service), the
-    throughput ratio and the p99 difference; it keeps the best validated model in ``out``."""
+    throughput ratio and the p99 difference, and the worst workload's (:func:`~agents.validation.worst_departures`).
+    It keeps in ``out`` the validated model of least regret among those within the margins on every workload
+    (``eval/admissible``; see :class:`~agents.config.EvaluationConfig`)."""
     from stable_baselines3.common.callbacks import BaseCallback
 
     reference = {(row["scenario"], row["seed"]): row
@@ -83,6 +86,10 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
                                                                   for a, b in pairs])),
                        "p99_difference_s": float(np.mean([(a["p99_latency_s"] or 0.0) - (b["p99_latency_s"] or 0.0)
                                                           for a, b in pairs]))}
+            worst = worst_departures(pairs)
+            metrics["worst_throughput_change"], metrics["worst_p99_change"] = worst.throughput_change, worst.p99_change
+            metrics["admissible"] = float(worst.throughput_change >= -throughput_margin
+                                          and worst.p99_change <= p99_margin)
             for name in dict.fromkeys(row["scenario"] for row in rows):
                 mine = [(a, b) for a, b in pairs if a["scenario"] == name]
                 base_regret = sum(regret_s(b) for _, b in mine)
@@ -92,11 +99,12 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
             for key, value in metrics.items():
                 self.logger.record(f"eval/{key}", value)
             self.logger.dump(self.num_timesteps)
-            if agent < self.best_regret:
+            if metrics["admissible"] and agent < self.best_regret:
                 self.best_regret = agent
                 self.model.save(out / BEST_MODEL)
-            if on_eval is not None:
-                on_eval({"timesteps": self.num_timesteps, **metrics})
+            if on_eval is not None:  # with where the worst departures were (text, not logged to TensorBoard)
+                on_eval({"timesteps": self.num_timesteps, **metrics, "worst_throughput_workload":
+                         worst.throughput_workload, "worst_p99_workload": worst.p99_workload})
             return metrics
 
     return Callback()
@@ -277,7 +285,10 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
                 on_eval=_logged(log, on_eval, lambda m: (
                     "eval @ {timesteps:,}: regret {regret_s:.2f} s of service, ratio to the baseline "
                     "{regret_ratio_to_base:.3f}, throughput ratio {throughput_ratio_to_base:.4f}, "
-                    "p99 {p99_difference_s:+.2f} s".format(**m)))))
+                    "p99 {p99_difference_s:+.2f} s; worst: throughput {worst_throughput_change:+.2%} "
+                    "({worst_throughput_workload}), p99 {worst_p99_change:+.2%} ({worst_p99_workload}){within}".format(
+                        within="" if m["admissible"] else " (outside the margins: not kept)", **m))),
+                throughput_margin=evaluation.throughput_margin, p99_margin=evaluation.p99_margin))
         elif evaluation.seeds:
             callbacks.append(serving_metrics_callback(
                 config.env_id, env_kwargs, evaluation.seeds, evaluation.every, evaluation.reference, out,
@@ -309,7 +320,8 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
     from agents.curves import plot_curves, plot_residual_curves
 
     if residual:
-        plot_residual_curves(out / "tb", out / VALIDATION_LEVELS, out / "curves.png")
+        plot_residual_curves(out / "tb", out / VALIDATION_LEVELS, out / "curves.png",
+                             margins=(config.evaluation.throughput_margin, config.evaluation.p99_margin))
     else:
         plot_curves(out / "tb", out / "curves.png")
     return spec

@@ -10,7 +10,7 @@ validate often.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -71,6 +71,34 @@ def residual_validation_runs(model: Any, env_kwargs: dict[str, Any], seeds: Sequ
                 observation, _, _, done, info = env.step(action)
             rows.append({**info, "seed": seed})
     return rows
+
+
+class Departures(NamedTuple):
+    """The worst workload's departure from the baseline on a validation (:func:`worst_departures`)."""
+
+    throughput_change: float  # the lowest ratio of mean throughputs (agent's to the baseline's), less 1
+    throughput_workload: str  # where
+    p99_change: float  # the highest ratio of mean p99 latencies, less 1
+    p99_workload: str  # where
+
+
+def worst_departures(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> Departures:
+    """Over the workloads of paired validation rows (the agent's, the baseline's on the same episode; each with
+    ``scenario``), means over the seeds: the lowest ratio of the agent's throughput to the baseline's and the
+    highest of their p99 latencies, each less 1, and where (a missing p99, no request finished, counts 0; a p99
+    where the baseline has none is an infinite excess). What the best model's non-inferiority test reads
+    (:class:`~agents.config.EvaluationConfig`)."""
+    throughput, p99 = (np.inf, ""), (-np.inf, "")
+    for name in dict.fromkeys(agent["scenario"] for agent, _ in pairs):
+        mine = [(a, b) for a, b in pairs if a["scenario"] == name]
+        rates = np.mean([a["throughput_rps"] for a, _ in mine]), np.mean([b["throughput_rps"] for _, b in mine])
+        tails = np.mean([a["p99_latency_s"] or 0.0 for a, _ in mine]), np.mean([b["p99_latency_s"] or 0.0
+                                                                               for _, b in mine])
+        throughput = min(throughput, (float(rates[0] / rates[1] - 1) if rates[1] > 0 else 0.0, name),
+                         key=lambda change: change[0])
+        p99 = max(p99, (float(tails[0] / tails[1] - 1) if tails[1] > 0 else (np.inf if tails[0] > 0 else 0.0), name),
+                  key=lambda change: change[0])
+    return Departures(throughput[0], throughput[1], p99[0], p99[1])
 
 
 def baseline_validation_regrets(env_kwargs: dict[str, Any], seeds: Sequence[int]) -> dict[str, dict[str, float]]:

@@ -137,6 +137,8 @@ def test_scale_and_bad_input_name_what_is_wrong() -> None:
         LLMSchedResidualEnv(scenarios="no-such-scenario")
     with pytest.raises(ConfigError, match="batching must be one of whole, stall-free, got 'chunky'"):
         LLMSchedResidualEnv(batching="chunky")
+    with pytest.raises(ConfigError, match="wait_penalty must be finite and >= 0, got -0.1"):
+        LLMSchedResidualEnv(wait_penalty=-0.1)
     with pytest.raises(ConfigError, match="adjusts one of .*wait-adaptive-stall-free.*not 'vllm'"):
         LLMSchedResidualEnv(base="vllm")
     env = LLMSchedResidualEnv(scenarios="paper-two-type", horizon=5.0)
@@ -403,3 +405,121 @@ def test_memory_is_drawn_per_reset_and_an_impossible_range_names_the_scenario() 
         LLMSchedResidualEnv(scenarios="paper-long-decode", memory=(0.001, 1.0))
     with pytest.raises(ConfigError, match="memory must be"):
         LLMSchedResidualEnv(scenarios="paper-long-decode", memory=(1.0, 0.5))
+
+
+def _validation_row(scenario: str, seed: int, throughput: float, p99: float | None, regret: float) -> dict[str, Any]:
+    return {"scenario": scenario, "seed": seed, "throughput_rps": throughput, "p99_latency_s": p99,
+            "regret_requests": regret, "fluid_throughput_rps": 1.0}
+
+
+def test_worst_departures_read_the_worst_workload_on_the_seeds_mean() -> None:
+    from agents.validation import worst_departures
+
+    base = [_validation_row("a", 0, 10.0, 20.0, 5), _validation_row("a", 1, 10.0, 40.0, 5),
+            _validation_row("b", 0, 4.0, 10.0, 5)]
+    agent = [_validation_row("a", 0, 9.0, 30.0, 5), _validation_row("a", 1, 10.6, 42.0, 5),  # a: -2 %, p99 +20 %
+             _validation_row("b", 0, 4.2, 9.0, 5)]  # b: +5 %, p99 -10 %
+    worst = worst_departures(list(zip(agent, base)))
+    assert worst.throughput_change == pytest.approx(-0.02, abs=1e-12) and worst.throughput_workload == "a"
+    assert worst.p99_change == pytest.approx(0.2, abs=1e-12) and worst.p99_workload == "a"
+    worst = worst_departures(list(zip(agent[2:], base[2:])))
+    assert worst.throughput_change == pytest.approx(0.05, abs=1e-12) and worst.p99_change == pytest.approx(-0.1)
+    # No request finished: a p99 of 0 against 0 is no change; one where the baseline has none is unbounded.
+    none = [_validation_row("c", 0, 0.0, None, 0)]
+    assert worst_departures(list(zip(none, none))) == (0.0, "c", 0.0, "c")
+    assert worst_departures([(_validation_row("c", 0, 1.0, 3.0, 0), none[0])]).p99_change == np.inf
+
+
+def test_the_best_model_is_kept_only_within_the_margins_on_every_workload(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import agents.train as training
+
+    base = [_validation_row(name, 1000, 10.0, 100.0, 50) for name in ("a", "b")]
+    validations = iter([
+        base,  # the baseline itself: kept
+        [base[0], _validation_row("b", 1000, 10.0, 110.0, 10)],  # less regret, p99 +10 % on b: not kept
+        [_validation_row("a", 1000, 9.9, 100.0, 30), base[1]],  # less regret, throughput -1 % on a: not kept
+        [_validation_row("a", 1000, 9.97, 102.0, 40), base[1]],  # -0.3 %, +2 %, less regret: kept
+    ])
+    monkeypatch.setattr(training, "residual_validation_runs",
+                        lambda model, kwargs, seeds, zero_action=False: base if zero_action else next(validations))
+    monkeypatch.setattr(training, "baseline_validation_regrets", lambda kwargs, seeds: {})
+    saved: list[int] = []
+
+    class Model:  # what the callback reads of SB3's model
+        num_timesteps = 0
+        logger = type("Logger", (), {"record": lambda *a: None, "dump": lambda *a: None})()
+
+        def save(self, path: Path) -> None:
+            saved.append(self.num_timesteps)
+
+    callback = training.residual_metrics_callback({}, (1000,), 1, tmp_path, throughput_margin=0.005,
+                                                  p99_margin=0.025)
+    callback.model = Model()
+    kept = []
+    for step in range(4):
+        callback.model.num_timesteps = step
+        kept.append(callback.evaluate()["admissible"])
+    assert kept == [1.0, 0.0, 0.0, 1.0] and saved == [0, 3]
+    # Without margins (the default) the least regret wins wherever it costs.
+    validations = iter([base, [base[0], _validation_row("b", 1000, 10.0, 110.0, 10)]])
+    saved.clear()
+    callback = training.residual_metrics_callback({}, (1000,), 1, tmp_path)
+    callback.model = Model()
+    for step in range(2):
+        callback.model.num_timesteps = step
+        callback.evaluate()
+    assert saved == [0, 1]
+
+
+@pytest.mark.parametrize("key, value", [("p99_margin", -0.1), ("throughput_margin", float("nan")),
+                                        ("p99_margin", "5 %")])
+def test_a_bad_selection_margin_is_refused_naming_it(key: str, value: Any) -> None:
+    from agents.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=rf"x.toml: \[evaluation\] {key} must be a number >= 0"):
+        config_from_dict({"evaluation": {key: value}}, "x.toml", "x")
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_wait_penalty_integrates_the_queue_heads_age_beyond_the_baselines(compiled: bool) -> None:
+    from agents.residual import oldest_wait_s
+
+    options = {"load": 0.9, "arrival_seed": 3}
+    # Against the baseline: the zero action is the baseline's own run, so its queue head waits exactly as long.
+    paired = LLMSchedResidualEnv(scenarios="bursty-high-hidden", horizon=40.0, reward="vs_baseline",
+                                 compiled=compiled, wait_penalty=0.5)
+    _, zero = _episode(paired, options, lambda _: np.zeros(1))
+    assert zero == [0.0] * len(zero)
+    # Alone (the regret reward): λ times the head's age integrated over each step, by the trapezoid of its two ends.
+    plain = LLMSchedResidualEnv(scenarios="bursty-high-hidden", horizon=40.0, compiled=compiled)
+    charged = LLMSchedResidualEnv(scenarios="bursty-high-hidden", horizon=40.0, compiled=compiled, wait_penalty=0.5)
+    actions = np.random.default_rng(1).uniform(-1, 1, (400, 1))
+    plain.reset(seed=0, options=options)
+    charged.reset(seed=0, options=options)
+    engine = plain._rollout.engine
+    expected, ages, times, done, step = [], [oldest_wait_s(engine.state())], [engine.now], False, 0
+    while not done:
+        _, reward, _, done, _ = plain.step(actions[step])
+        _, penalised, _, charged_done, _ = charged.step(actions[step])
+        assert charged_done == done
+        ages.append(oldest_wait_s(engine.state()))
+        times.append(engine.now)
+        expected.append(0.5 * (ages[-2] + ages[-1]) / 2 * (times[-1] - times[-2]))
+        assert reward - penalised == pytest.approx(expected[-1], rel=1e-12, abs=1e-12)
+        step += 1
+    assert max(ages) > 1.0 and sum(expected) > 0  # the queue's head did wait: the test measured something
+
+
+def test_the_wait_penalty_sees_the_diurnal_peak_that_completions_do_not() -> None:
+    """Every policy serves the whole day, so completions reward no scale; the queue head's wait tells them apart:
+    smaller batches at the peak (a < 0) wait longer than the baseline, larger ones (a > 0) less (seed 1000)."""
+    returns = {}
+    for penalty in (0.0, 1e-3):
+        env = LLMSchedResidualEnv(scenarios="diurnal", interval_s=5.0, batching="stall-free", reward="vs_baseline",
+                                  dead_zone=0.25, wait_penalty=penalty)
+        for action in (-0.6, 0.6):
+            returns[penalty, action] = sum(_episode(env, {"load": 0.8, "arrival_seed": 1000},
+                                                    lambda _: np.array([action]))[1])
+    assert abs(returns[0.0, -0.6]) < 0.5 and abs(returns[0.0, 0.6]) < 0.5
+    assert returns[1e-3, -0.6] < -10 and returns[1e-3, 0.6] > 5
