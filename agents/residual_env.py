@@ -219,13 +219,14 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         self._rollout = Rollout(engine, arrivals, horizon, stall_after_s=STALL_AFTER_S)
         self.control.reset(engine, scenario, horizon)
         self._loop = self.control.base.compiled_loop() if self.compiled and self._rollout.can_run_compiled() else None
-        self._shadow = self._baseline_path(scenario, arrivals, horizon) if self.reward == "vs_baseline" else None
+        self._shadow, self._shadow_wait = (self._baseline_path(scenario, arrivals, horizon)
+                                           if self.reward == "vs_baseline" else (None, None))
         self._point = 0  # the decision point of the baseline's path the last step ended at
         self._accounted = 0.0
         self._done = False
         self._advance(0.0)  # the arrivals due at time 0 enter the queue, as the loop enqueues them
         state = engine.state()
-        self._wait_gap = oldest_wait_s(state) - (self._shadow_wait[0] if self._shadow is not None else 0.0)
+        self._wait_gap = oldest_wait_s(state) - (self._shadow_wait[0] if self._shadow_wait is not None else 0.0)
         return self.control.observe(state), self._info(final=False)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
@@ -238,11 +239,13 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         self._done = self._advance(self.control.next_decision)
         throughput = self.fluid.throughput_rps
         in_system = engine.num_waiting + engine.num_running
+        base_wait = 0.0  # the baseline's queue head's age at this point (the regret reward: none, the agent's alone)
         if self._shadow is not None:
             # The baseline's run at the same decision point: its completions and requests in the system then.
             point = len(self._shadow) - 1 if self._done else min(self._grid_point(engine.now), len(self._shadow) - 1)
             finished, present = self._shadow[point]
-            base_wait = self._shadow_wait[point]
+            if self._shadow_wait is not None:
+                base_wait = float(self._shadow_wait[point])
             before_finished, before_present = self._shadow[self._point]
             self._point = point
             reward = ((engine.num_finished - before_done) - (finished - before_finished)) / throughput
@@ -257,7 +260,7 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
                 reward -= self.latency_penalty * (before_in + in_system) / 2 / throughput * (engine.now - before_time)
         state = engine.state()
         if self.wait_penalty:
-            gap = oldest_wait_s(state) - (base_wait if self._shadow is not None else 0.0)
+            gap = oldest_wait_s(state) - base_wait
             reward -= self.wait_penalty * (self._wait_gap + gap) / 2 * (engine.now - before_time)
             self._wait_gap = gap
         if self.action_penalty:
@@ -270,10 +273,11 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         boundary is the first at or after every point since the previous boundary, that one included."""
         return math.floor(now / self.control.interval_s)
 
-    def _baseline_path(self, scenario: Scenario, arrivals: Any, horizon: float) -> np.ndarray:
+    def _baseline_path(self, scenario: Scenario, arrivals: Any, horizon: float
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
         """The baseline's own run on these arrivals: per decision point ``k·interval`` (and the end, last), its
-        completions and the requests in its system at the first iteration boundary at or after it (and, in
-        ``_shadow_wait``, its oldest waiting request's age then)."""
+        completions and the requests in its system at the first iteration boundary at or after it; and, with a
+        wait penalty, its oldest waiting request's age then (s; else ``None``)."""
         shadow = ResidualControl(self.control.interval_s, self.control.base_name, self.control.batching)
         engine = scenario.engine()
         rollout = Rollout(engine, arrivals, horizon, stall_after_s=STALL_AFTER_S)
@@ -281,16 +285,16 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         loop = shadow.base.compiled_loop() if self._loop is not None else None
         points = math.ceil(horizon / self.control.interval_s) + 2
         path = np.zeros((points, 2), dtype=np.int64)
-        self._shadow_wait = np.zeros(points)
+        waits = np.zeros(points) if self.wait_penalty else None
         k, done = 0, False
         while not done:
             done = _run_until(rollout, shadow.base, loop, k * self.control.interval_s)
             reached = min(max(k, self._grid_point(engine.now)), points - 2) if not done else points - 1
             path[k:reached + 1] = (engine.num_finished, engine.num_waiting + engine.num_running)
-            if self.wait_penalty:
-                self._shadow_wait[k:reached + 1] = oldest_wait_s(engine.state())
+            if waits is not None:
+                waits[k:reached + 1] = oldest_wait_s(engine.state())
             k = reached + 1
-        return path
+        return path, waits
 
     def _advance(self, until: float) -> bool:
         """Run the baseline at the current scale to the first iteration at or after ``until``; whether the run is
