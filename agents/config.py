@@ -34,11 +34,12 @@ class ImitationConfig:
 class EvaluationConfig:
     """Validation during training: the agent and a reference baseline on fixed arrival seeds.
 
-    A residual agent's best model is chosen among the validations that are no worse than the baseline it adjusts
-    on any workload by ``throughput_margin`` and ``p99_margin`` (shares of the baseline's mean over the seeds:
-    throughput at least ``1 - throughput_margin`` of it, p99 at most ``1 + p99_margin`` of it; the judging table's
-    non-inferiority test, :mod:`agents.judge`, on the validation seeds). Infinite (the default): no such test,
-    the lowest regret wins.
+    A residual agent's best model is chosen among the validations that are no worse than each workload's best
+    baseline on the validation episodes by ``throughput_margin`` and ``p99_margin`` (shares of its mean over the
+    seeds: throughput at least ``1 - throughput_margin`` of it, p99 at most ``1 + p99_margin`` of it; the judging
+    table's non-inferiority test, :mod:`agents.judge`, on the validation seeds), nor worse than the baseline the
+    agent adjusts where that one already falls short (:func:`agents.validation.selection_bounds`). Infinite (the
+    default): no such test, the lowest regret wins.
     """
 
     seeds: tuple[int, ...] = (1000, 1001, 1002)

@@ -65,9 +65,10 @@ def plot_residual_curves(tensorboard_dir: Path, levels_file: Path, out: Path,
     validation regret at each evaluation less the best baseline's on the same episodes (seconds of the fluid
     optimum's service; below 0 the agent is ahead), with every baseline's own level as a labelled line (the best at
     0); a panel for the whole validation set against the baseline the agent adjusts, the kept model starred and the
-    validations outside the selection's margins crossed; and, where the run logged them, a panel of the worst
-    workload's throughput and p99 change against that baseline (%), with the selection's ``margins`` (throughput,
-    p99; shares, drawn where finite). ``None`` if nothing was logged."""
+    validations outside the selection's bounds crossed; and, where the run logged them, a panel of the worst
+    workload's throughput and p99 change against its best baseline (%), with the selection's ``margins``
+    (throughput, p99; shares, drawn where finite; a workload whose adjusted baseline falls short by more is held
+    to that baseline's figure instead). ``None`` if nothing was logged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +107,7 @@ def plot_residual_curves(tensorboard_dir: Path, levels_file: Path, out: Path,
         admissible = series.get("eval/admissible", (steps, [1.0] * len(steps)))[1]
         outside = [i for i, ok in enumerate(admissible) if not ok]
         overall.plot([steps[i] for i in outside], [gains[i] for i in outside], "x", color="tab:red", ms=5,
-                     label="outside the margins")
+                     label="outside the bounds")
         kept = min((i for i, ok in enumerate(admissible) if ok), key=lambda i: (values[i], i), default=None)
         if kept is not None:  # the first of the least regret within the margins: what the callback saved
             overall.plot([steps[kept]], [gains[kept]], "*", color="k", ms=10, label="kept")
@@ -127,7 +128,7 @@ def plot_residual_curves(tensorboard_dir: Path, levels_file: Path, out: Path,
             if math.isfinite(margin):
                 panel.axhline(sign * 100 * margin, color=colour, lw=0.9, ls=":")
         panel.ticklabel_format(axis="both", useOffset=False, style="plain")
-        panel.set_title("worst workload against the adjusted baseline (%)", fontsize=9)
+        panel.set_title("worst workload against its best baseline (%)", fontsize=9)
         panel.tick_params(labelsize=7)
         panel.legend(fontsize=7)
         panel.grid(alpha=0.3)

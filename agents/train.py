@@ -21,7 +21,15 @@ import tomllib
 
 from agents.config import TrainConfig
 from agents.policy import AGENT_FILE, MODEL_FILE, AgentSpec, algorithm_class, read_weights
-from agents.validation import baseline_validation_regrets, residual_validation_runs, validation_runs, worst_departures
+from agents.validation import (
+    baseline_validation_runs,
+    residual_validation_runs,
+    selection_bounds,
+    validation_levels,
+    validation_runs,
+    within_bounds,
+    worst_departures,
+)
 from llmsched_env.errors import ConfigError
 from llmsched_env.metrics import summarize
 from llmsched_env.registration import ENV_IDS, RESIDUAL_ENV_IDS
@@ -30,6 +38,8 @@ from llmsched_env.runner import run
 CHECKPOINTS = "checkpoints"
 #: A residual agent's run: every baseline's validation regret per workload (the curves' reference levels).
 VALIDATION_LEVELS = "validation_baselines.json"
+#: A residual agent's run: per workload, the best baseline on the validation episodes and the selection's bounds.
+SELECTION_BOUNDS = "selection_bounds.json"
 BEST_MODEL = "best_model.zip"
 
 
@@ -51,15 +61,21 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
     when asked) the agent's validation episodes on every workload of its training distribution beside the baseline
     it adjusts on the same arrivals: the regret ratio per scenario (``eval/ratio/<scenario>``) and over all
     (``eval/regret_ratio_to_base``, the ratio of the summed regrets in seconds of the fluid optimum's service), the
-    throughput ratio and the p99 difference, and the worst workload's (:func:`~agents.validation.worst_departures`).
-    It keeps in ``out`` the validated model of least regret among those within the margins on every workload
-    (``eval/admissible``; see :class:`~agents.config.EvaluationConfig`)."""
+    throughput ratio and the p99 difference, and the worst workload's against its best baseline
+    (:func:`~agents.validation.worst_departures`). It keeps in ``out`` the validated model of least regret among
+    those within the margins of every workload's best baseline (``eval/admissible``;
+    :func:`~agents.validation.selection_bounds`, :class:`~agents.config.EvaluationConfig`)."""
     from stable_baselines3.common.callbacks import BaseCallback
 
-    reference = {(row["scenario"], row["seed"]): row
-                 for row in residual_validation_runs(None, env_kwargs, seeds, zero_action=True)}
-    # Every baseline's level on the same validation episodes: the curves' reference lines (agents/curves.py).
-    (out / VALIDATION_LEVELS).write_text(json.dumps(baseline_validation_regrets(env_kwargs, seeds), indent=1) + "\n")
+    base_rows = residual_validation_runs(None, env_kwargs, seeds, zero_action=True)
+    reference = {(row["scenario"], row["seed"]): row for row in base_rows}
+    # Every baseline on the same validation episodes: the curves' reference lines (agents/curves.py) and, the best
+    # of each workload, what the selection's margins are measured against.
+    baselines = baseline_validation_runs(env_kwargs, seeds)
+    (out / VALIDATION_LEVELS).write_text(json.dumps(validation_levels(baselines), indent=1) + "\n")
+    bounds = selection_bounds(base_rows, baselines, throughput_margin, p99_margin)
+    (out / SELECTION_BOUNDS).write_text(json.dumps({name: bound._asdict() for name, bound in bounds.items()},
+                                                   indent=1) + "\n")
 
     def regret_s(row: dict[str, Any]) -> float:
         return float(row["regret_requests"]) / float(row["fluid_throughput_rps"])
@@ -86,10 +102,9 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
                                                                   for a, b in pairs])),
                        "p99_difference_s": float(np.mean([(a["p99_latency_s"] or 0.0) - (b["p99_latency_s"] or 0.0)
                                                           for a, b in pairs]))}
-            worst = worst_departures(pairs)
+            worst = worst_departures(rows, bounds)
             metrics["worst_throughput_change"], metrics["worst_p99_change"] = worst.throughput_change, worst.p99_change
-            metrics["admissible"] = float(worst.throughput_change >= -throughput_margin
-                                          and worst.p99_change <= p99_margin)
+            metrics["admissible"] = float(within_bounds(rows, bounds))
             for name in dict.fromkeys(row["scenario"] for row in rows):
                 mine = [(a, b) for a, b in pairs if a["scenario"] == name]
                 base_regret = sum(regret_s(b) for _, b in mine)
@@ -285,9 +300,10 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
                 on_eval=_logged(log, on_eval, lambda m: (
                     "eval @ {timesteps:,}: regret {regret_s:.2f} s of service, ratio to the baseline "
                     "{regret_ratio_to_base:.3f}, throughput ratio {throughput_ratio_to_base:.4f}, "
-                    "p99 {p99_difference_s:+.2f} s; worst: throughput {worst_throughput_change:+.2%} "
-                    "({worst_throughput_workload}), p99 {worst_p99_change:+.2%} ({worst_p99_workload}){within}".format(
-                        within="" if m["admissible"] else " (outside the margins: not kept)", **m))),
+                    "p99 {p99_difference_s:+.2f} s; worst against the best baseline: throughput "
+                    "{worst_throughput_change:+.2%} ({worst_throughput_workload}), p99 {worst_p99_change:+.2%} "
+                    "({worst_p99_workload}){within}".format(
+                        within="" if m["admissible"] else " (outside the bounds: not kept)", **m))),
                 throughput_margin=evaluation.throughput_margin, p99_margin=evaluation.p99_margin))
         elif evaluation.seeds:
             callbacks.append(serving_metrics_callback(

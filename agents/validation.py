@@ -74,38 +74,81 @@ def residual_validation_runs(model: Any, env_kwargs: dict[str, Any], seeds: Sequ
 
 
 class Departures(NamedTuple):
-    """The worst workload's departure from the baseline on a validation (:func:`worst_departures`)."""
+    """The worst workload's departure from its best baseline on a validation (:func:`worst_departures`)."""
 
-    throughput_change: float  # the lowest ratio of mean throughputs (agent's to the baseline's), less 1
+    throughput_change: float  # the lowest ratio of mean throughputs (the agent's to the best baseline's), less 1
     throughput_workload: str  # where
     p99_change: float  # the highest ratio of mean p99 latencies, less 1
     p99_workload: str  # where
 
 
-def worst_departures(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> Departures:
-    """Over the workloads of paired validation rows (the agent's, the baseline's on the same episode; each with
-    ``scenario``), means over the seeds: the lowest ratio of the agent's throughput to the baseline's and the
-    highest of their p99 latencies, each less 1, and where (a missing p99, no request finished, counts 0; a p99
-    where the baseline has none is an infinite excess). What the best model's non-inferiority test reads
-    (:class:`~agents.config.EvaluationConfig`)."""
+class SelectionBound(NamedTuple):
+    """What a validated model must hold on one workload to be kept (:func:`selection_bounds`); means over the seeds."""
+
+    best_baseline: str  # the workload's best baseline on the validation episodes (the judging table's rule)
+    best_throughput: float
+    best_p99: float
+    throughput_floor: float  # the agent's mean throughput must be at least this
+    p99_ceiling: float  # and its mean p99 at most this
+
+
+def _means(rows: Sequence[dict[str, Any]]) -> tuple[float, float]:
+    """Mean throughput and mean p99 of validation rows (a missing p99, no request finished, counts 0)."""
+    return (float(np.mean([row["throughput_rps"] for row in rows])),
+            float(np.mean([row["p99_latency_s"] or 0.0 for row in rows])))
+
+
+def selection_bounds(base_rows: Sequence[dict[str, Any]], baseline_rows: dict[str, dict[str, list[dict[str, Any]]]],
+                     throughput_margin: float, p99_margin: float) -> dict[str, SelectionBound]:
+    """Per workload, the non-inferiority test a validated model must pass to be kept: the judging table's, on the
+    validation episodes, against the workload's **best baseline** there (:func:`agents.judge.best_baseline` over
+    ``baseline_rows``, :func:`baseline_validation_runs`): mean throughput at least ``1 - throughput_margin`` of the
+    best's and mean p99 at most ``1 + p99_margin`` of its, except that where the baseline the agent adjusts
+    (``base_rows``, with ``scenario``) already falls short of that, the bound is the base's own figure: the agent
+    may never add to its base's shortfall, and the zero action always passes."""
+    from agents.judge import best_baseline
+
+    bounds = {}
+    for name, runs in baseline_rows.items():
+        means = {policy: _means(rows) for policy, rows in runs.items()}
+        best = best_baseline(means)
+        base_throughput, base_p99 = _means([row for row in base_rows if row["scenario"] == name])
+        best_throughput, best_p99 = means[best]
+        bounds[name] = SelectionBound(best, best_throughput, best_p99,
+                                      min(base_throughput, (1 - throughput_margin) * best_throughput),
+                                      max(base_p99, (1 + p99_margin) * best_p99))
+    return bounds
+
+
+def worst_departures(rows: Sequence[dict[str, Any]], bounds: dict[str, SelectionBound]) -> Departures:
+    """Over the workloads of validation rows (each with ``scenario``), means over the seeds: the lowest ratio of the
+    agent's throughput to the workload's best baseline's and the highest of their p99 latencies, each less 1, and
+    where (a p99 where the best baseline has none is an infinite excess)."""
     throughput, p99 = (np.inf, ""), (-np.inf, "")
-    for name in dict.fromkeys(agent["scenario"] for agent, _ in pairs):
-        mine = [(a, b) for a, b in pairs if a["scenario"] == name]
-        rates = np.mean([a["throughput_rps"] for a, _ in mine]), np.mean([b["throughput_rps"] for _, b in mine])
-        tails = np.mean([a["p99_latency_s"] or 0.0 for a, _ in mine]), np.mean([b["p99_latency_s"] or 0.0
-                                                                               for _, b in mine])
-        throughput = min(throughput, (float(rates[0] / rates[1] - 1) if rates[1] > 0 else 0.0, name),
+    for name in dict.fromkeys(row["scenario"] for row in rows):
+        mine, bound = _means([row for row in rows if row["scenario"] == name]), bounds[name]
+        throughput = min(throughput, (mine[0] / bound.best_throughput - 1 if bound.best_throughput > 0 else 0.0, name),
                          key=lambda change: change[0])
-        p99 = max(p99, (float(tails[0] / tails[1] - 1) if tails[1] > 0 else (np.inf if tails[0] > 0 else 0.0), name),
-                  key=lambda change: change[0])
-    return Departures(throughput[0], throughput[1], p99[0], p99[1])
+        p99 = max(p99, (mine[1] / bound.best_p99 - 1 if bound.best_p99 > 0 else (np.inf if mine[1] > 0 else 0.0),
+                        name), key=lambda change: change[0])
+    return Departures(float(throughput[0]), throughput[1], float(p99[0]), p99[1])
 
 
-def baseline_validation_regrets(env_kwargs: dict[str, Any], seeds: Sequence[int]) -> dict[str, dict[str, float]]:
-    """Per workload of ``env_kwargs``: each baseline's mean regret over ``seeds`` (seconds of the fluid optimum's
-    service) on the validation episodes' arrivals (:func:`residual_validation_runs`), for every baseline with the
-    workload's information (:data:`agents.judge.KNOWN_BASELINES` / :data:`~agents.judge.HIDDEN_BASELINES`): the
-    levels a residual agent's validation curves are drawn against."""
+def within_bounds(rows: Sequence[dict[str, Any]], bounds: dict[str, SelectionBound]) -> bool:
+    """Whether validation rows (each with ``scenario``) pass every workload's :class:`SelectionBound`."""
+    for name in dict.fromkeys(row["scenario"] for row in rows):
+        throughput, p99 = _means([row for row in rows if row["scenario"] == name])
+        if throughput < bounds[name].throughput_floor or p99 > bounds[name].p99_ceiling:
+            return False
+    return True
+
+
+def baseline_validation_runs(env_kwargs: dict[str, Any], seeds: Sequence[int]
+                             ) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Per workload of ``env_kwargs`` and baseline with the workload's information
+    (:data:`agents.judge.KNOWN_BASELINES` / :data:`~agents.judge.HIDDEN_BASELINES`): the summaries of its runs on the
+    validation episodes' arrivals (:func:`residual_validation_runs`), one per seed, each with ``scenario`` and
+    ``seed``."""
     from agents.judge import HIDDEN_BASELINES, KNOWN_BASELINES
     from agents.residual_env import LLMSchedResidualEnv
     from baselines import make_policy
@@ -114,18 +157,25 @@ def baseline_validation_regrets(env_kwargs: dict[str, Any], seeds: Sequence[int]
     from llmsched_env.runner import run
 
     env = LLMSchedResidualEnv(**env_kwargs)
-    levels: dict[str, dict[str, float]] = {}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for name in env.workloads:
         scenario, horizon = env.workload(name, validation_load(env, name))
         known = scenario.output_lengths_known
-        levels[name] = {}
+        runs[name] = {}
         for policy in KNOWN_BASELINES if known else HIDDEN_BASELINES:
             setting = replace(scenario, output_lengths_known=known and policy in SEES_OUTPUT_LENGTHS)
-            regrets = []
+            runs[name][policy] = []
             for seed in seeds:
                 arrivals = setting.sample(horizon, seed)
                 row = summarize(run(setting.engine(), make_policy(policy, setting, horizon), arrivals, horizon),
                                 setting.fluid(arrivals, horizon))
-                regrets.append(float(row["regret_requests"]) / float(row["fluid_throughput_rps"]))
-            levels[name][policy] = float(np.mean(regrets))
-    return levels
+                runs[name][policy].append({**row, "scenario": name, "seed": seed})
+    return runs
+
+
+def validation_levels(baseline_rows: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, float]]:
+    """Per workload and baseline of :func:`baseline_validation_runs`, its mean regret over the seeds (seconds of the
+    fluid optimum's service): the levels a residual agent's validation curves are drawn against."""
+    return {name: {policy: float(np.mean([float(row["regret_requests"]) / float(row["fluid_throughput_rps"])
+                                          for row in rows])) for policy, rows in runs.items()}
+            for name, runs in baseline_rows.items()}

@@ -115,6 +115,12 @@ POLICIES: dict[str, PolicyFactory] = {
     "nested-wait-adaptive-stall-free": lambda scenario, horizon: AdaptiveNestedWaitPolicy.create(
         scenario.cost, scenario.paged_capacity_tokens, scenario.block_size, horizon_s=horizon,
         token_budget=SARATHI_TOKEN_BUDGET, drain_iterations=DRAIN_ITERATIONS),
+    # Nested-WAIT-adaptive with the adaptive margin of nested-wait-margin, its levels re-solved with every solve.
+    "nested-wait-adaptive-margin": lambda scenario, horizon: AdaptiveNestedWaitPolicy.create(
+        scenario.cost, scenario.paged_capacity_tokens, scenario.block_size, horizon_s=horizon, adaptive_margin=True),
+    "nested-wait-adaptive-margin-stall-free": lambda scenario, horizon: AdaptiveNestedWaitPolicy.create(
+        scenario.cost, scenario.paged_capacity_tokens, scenario.block_size, horizon_s=horizon,
+        token_budget=SARATHI_TOKEN_BUDGET, drain_iterations=DRAIN_ITERATIONS, adaptive_margin=True),
     "wait": _wait("measured"),
     "wait-pausing": _wait("paper"),
     "nested-wait": _nested_wait("measured"),

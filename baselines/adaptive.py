@@ -29,8 +29,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-from baselines.lookahead import LOOKAHEAD_QUANTILE, BatchProjection, HeldProfile, no_projection, residual_table
+from baselines.lookahead import (
+    LOOKAHEAD_QUANTILE,
+    MARGIN_QUANTILES,
+    MARGIN_RESERVES,
+    BatchProjection,
+    HeldProfile,
+    no_projection,
+    residual_table,
+)
 from baselines.nested_wait import (
+    LEVEL,
     Margin,
     NestedWaitPolicy,
     NestedWaitRule,
@@ -241,40 +250,44 @@ def _adaptive_wait_iterations(run: RunState, running: np.ndarray, columns: Reque
 
 @compiled
 def run_adaptive_nested_wait(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
-                             engine: EngineParams, rule: NestedWaitRule, guard: np.ndarray, learn: LearningState,
+                             engine: EngineParams, in_force: "RuleInForce", guard: np.ndarray, learn: LearningState,
                              learning: "NestedWaitLearning", projection: BatchProjection
                              ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, BatchProjection,
-                                        NestedWaitRule, "NestedWaitSolve"]:
+                                        "RuleInForce", "NestedWaitSolve"]:
     """:class:`AdaptiveNestedWaitPolicy`'s compiled loop: Nested WAIT's with the rate observed before each
     decision and the finished requests' lengths recorded after each iteration, the thresholds solved again in the
     loop when they are due (:func:`solve_nested_wait`). ``projection`` is the running batch's where the last call
     stopped, at this call's lookahead (see :func:`~baselines.nested_wait.kept_projection`). Returns, after the
-    decision, the projection kept, the rule in force and the call's last solve (no boundaries: none). It runs its
-    iterations on borrowed views of what the caller owns (:func:`~llmsched_env.compiled.borrowed`)."""
+    decision, the projection kept, the rule and the adaptive margin in force (``in_force``, :func:`adaptive_margin`)
+    and the call's last solve (no boundaries: none). It runs its iterations on borrowed views of what the caller owns
+    (:func:`~llmsched_env.compiled.borrowed`)."""
     solve = no_solve()
+    rule, margin = in_force
     while True:
         stop, running, decode, admit, chunk, projection = _adaptive_nested_wait_iterations(
-            borrowed(run), running, borrowed(columns), borrowed(arrivals), borrowed(engine), borrowed(rule),
-            borrowed(guard), borrowed(learn), borrowed(learning.completed), projection)
+            borrowed(run), running, borrowed(columns), borrowed(arrivals), borrowed(engine),
+            borrowed(RuleInForce(rule, margin)), borrowed(guard), borrowed(learn), borrowed(learning.completed),
+            projection)
         if not learn.ints[DUE]:
-            return stop, running, decode, admit, chunk, projection, rule, solve
+            return stop, running, decode, admit, chunk, projection, RuleInForce(rule, margin), solve
         # The iterations stopped for a solve, their decision still to make: solve, and go on with the new rule
         # (the kept projection follows its lookahead: kept_projection).
         learn.ints[DUE] = 0
         solved = _solve_due(learn, run, columns, learning)
         if len(solved.boundaries):
             solve = solved
-            rule = adaptive_rule(solve, learning.settings, rule.drain_when_idle, rule.pausing)
+            margin = adaptive_margin(solve, learning.settings, learning.margin_reserves, margin.state, rule.pausing)
+            rule = adaptive_rule(solve, learning.settings, rule.drain_when_idle, rule.pausing, margin)
 
 
 @compiled
 def _adaptive_nested_wait_iterations(run: RunState, running: np.ndarray, columns: RequestColumns,
-                                     arrivals: ChunkArrays, engine: EngineParams, rule: NestedWaitRule,
+                                     arrivals: ChunkArrays, engine: EngineParams, in_force: "RuleInForce",
                                      guard: np.ndarray, learn: LearningState, completed: "CompletionSample",
                                      projection: BatchProjection
                                      ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, BatchProjection]:
     nothing = np.empty(0, dtype=np.int64)
-    no_margin = Margin(np.empty((0, 0), dtype=np.int64), nothing, 1, np.zeros(4, dtype=np.int64))  # it learns
+    rule, margin = in_force
     projection = kept_projection(rule, projection, running, columns, engine, run)
     while True:
         if not learn.ints[RESUME]:
@@ -287,7 +300,7 @@ def _adaptive_nested_wait_iterations(run: RunState, running: np.ndarray, columns
                 return PAUSE, running, nothing, nothing, nothing, projection
         learn.ints[RESUME] = 0
         stop, running, decode, admit, chunk, finished, projection = nested_wait_step(
-            rule, guard, running, run, columns, arrivals, engine, projection, no_margin)
+            rule, guard, running, run, columns, arrivals, engine, projection, margin)
         _record_completions(completed, finished, columns)
         if stop != GO_ON:
             return stop, running, decode, admit, chunk, projection
@@ -345,8 +358,8 @@ def quantile_classes(prompt: np.ndarray, output: np.ndarray, grid: int) -> tuple
 SEGMENTS, MARGIN = 4, 0.05  # nested_wait_thresholds' defaults: quantile segments, and the margin between them
 PROMPT, RATE, TAU, MEMORY, SCALE, FLUID_MEMORY, C0 = range(7)  # indices of NestedWaitSolve.reals
 # indices of NestedWaitLearning.settings
-(CAPACITY_TOKENS, CAPACITY_BLOCKS, BLOCK_SIZE, QUANTILE, THRESHOLD_SCALE, LENDS, TOKEN_BUDGET,
- DRAIN_ITERATIONS) = range(8)
+(CAPACITY_TOKENS, CAPACITY_BLOCKS, BLOCK_SIZE, QUANTILE, THRESHOLD_SCALE, LENDS, TOKEN_BUDGET, DRAIN_ITERATIONS,
+ CALM_DECISIONS) = range(9)
 
 
 class NestedWaitSolve(NamedTuple):
@@ -357,8 +370,16 @@ class NestedWaitSolve(NamedTuple):
     n: np.ndarray  # int64 threshold per segment, as solved (before the threshold scale)
     survival: np.ndarray  # float64 p_k per segment
     lookahead: np.ndarray  # int64 residual_quantiles table of the lengths' distribution
+    levels: np.ndarray  # int64 (levels, len(lookahead)): the adaptive margin's tables, boldest first (no rows: none)
     reals: np.ndarray  # float64, indexed by PROMPT (mean), RATE (sized for), TAU, MEMORY (M^π), SCALE (α),
     # FLUID_MEMORY (M* of the rate and distribution), C0 (the cost model's)
+
+
+class RuleInForce(NamedTuple):
+    """The adaptive Nested WAIT's rule between two solves, and the adaptive margin that moves its lookahead."""
+
+    rule: NestedWaitRule
+    margin: Margin
 
 
 class NestedWaitLearning(NamedTuple):
@@ -366,25 +387,27 @@ class NestedWaitLearning(NamedTuple):
     (:class:`LearningState`)."""
 
     completed: "CompletionSample"
-    settings: np.ndarray  # float64, indexed by CAPACITY_TOKENS … DRAIN_ITERATIONS (THRESHOLD_SCALE: the agent's)
+    settings: np.ndarray  # float64, indexed by CAPACITY_TOKENS … CALM_DECISIONS (THRESHOLD_SCALE: the agent's)
     profile: np.ndarray  # float64 the cost profile's coefficients (LinearCostModel.coefficients)
+    margin_quantiles: np.ndarray  # float64 the adaptive margin's lookahead quantile per level (none: no margin)
+    margin_reserves: np.ndarray  # float64 and its share of the reserve kept from lending
 
 
 @compiled
 def no_solve() -> NestedWaitSolve:
     """A :class:`NestedWaitSolve` that stands for none."""
     return NestedWaitSolve(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64),
-                           np.empty(0, dtype=np.int64), np.zeros(7, dtype=np.float64))
+                           np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.int64), np.zeros(7, dtype=np.float64))
 
 
 @compiled
 def solve_nested_wait(lengths: np.ndarray, prompts: np.ndarray, rate: float, coefficients: np.ndarray,
-                      capacity_tokens: float, quantile: float) -> NestedWaitSolve:
+                      capacity_tokens: float, quantile: float, margin_quantiles: np.ndarray) -> NestedWaitSolve:
     """The adaptive Nested WAIT's thresholds and lookahead from the output ``lengths`` of recent completions (any
     order), the ``prompts`` of recent arrivals, the total ``rate`` and the cost ``coefficients``: Nested WAIT's
     sizing (:func:`~baselines.thresholds.nested_wait_solution`, four quantile segments, margin 0.05) for the
-    lengths' distribution at the mean prompt, the lookahead's ``quantile`` of each residual, and the fluid memory
-    ``M*`` the reserve is capped at."""
+    lengths' distribution at the mean prompt, the lookahead's ``quantile`` of each residual (and, for an adaptive
+    margin, the ``margin_quantiles``' tables), and the fluid memory ``M*`` the reserve is capped at."""
     values, probabilities = length_distribution(lengths)
     bounds = boundaries_at_quantiles(values, probabilities, SEGMENTS)
     total = 0.0
@@ -395,7 +418,11 @@ def solve_nested_wait(lengths: np.ndarray, prompts: np.ndarray, rate: float, coe
         values, probabilities, bounds, prompt, rate, coefficients, capacity_tokens, MARGIN)
     _, _, fluid_memory = equilibrium_point(rate, probabilities, work, held, coefficients[0])
     reals = np.array([prompt, rate, tau, memory, scale, fluid_memory, coefficients[0]], dtype=np.float64)
-    return NestedWaitSolve(bounds, n, survival, residual_table(values, probabilities, quantile), reals)
+    lookahead = residual_table(values, probabilities, quantile)
+    levels = np.empty((len(margin_quantiles), len(lookahead)), dtype=np.int64)
+    for level in range(len(margin_quantiles)):
+        levels[level] = residual_table(values, probabilities, margin_quantiles[level])
+    return NestedWaitSolve(bounds, n, survival, lookahead, levels, reals)
 
 
 @compiled
@@ -408,21 +435,50 @@ def scaled_counts(n: np.ndarray, scale: float) -> np.ndarray:
 
 
 @compiled
-def adaptive_rule(solve: NestedWaitSolve, settings: np.ndarray, drain_when_idle: bool, pausing: bool
-                  ) -> NestedWaitRule:
-    """The compiled rule of a solve, at the settings' threshold scale: the scaled thresholds, the lookahead (the
-    measured variant projects; the paper's pauses), lending up to the capacity less the scaled reserve
-    (``min(M*, M^π)``), and the scaled token budget (:func:`~baselines.stall_free.scaled_budget`), following the
-    queue at the solve's mean prompt with the settings' drain (:func:`~baselines.stall_free.backlog_budget`)."""
+def _scaled_reserve(solve: NestedWaitSolve, settings: np.ndarray) -> float:
+    """The memory a solve keeps back from lending (``min(M*, M^π)``), at the settings' threshold scale."""
     scale = settings[THRESHOLD_SCALE]
-    n = scaled_counts(solve.n, scale) if scale != 1.0 else solve.n.copy()
     reserve = min(solve.reals[FLUID_MEMORY], solve.reals[MEMORY])
     if scale != 1.0:
         reserve *= scale
+    return reserve
+
+
+@compiled
+def adaptive_margin(solve: NestedWaitSolve, settings: np.ndarray, reserves: np.ndarray, state: np.ndarray,
+                    pausing: bool) -> Margin:
+    """The adaptive margin (:func:`~baselines.nested_wait.adapt_lookahead`) of a solve: its lookahead tables
+    (``solve.levels``) and, per level, lending up to the capacity less that level's share (``reserves``) of the
+    scaled reserve; it moves on ``state``, which outlives the solve (a level barred by an eviction stays barred).
+    None (no levels) without a margin, for the paper's variant, or before the first solve."""
+    count = len(solve.levels) if not pausing else 0
+    spares = np.full(count, -1, dtype=np.int64)
+    if settings[LENDS]:
+        reserve = _scaled_reserve(solve, settings)
+        for level in range(count):
+            spares[level] = lending_limit(reserves[level] * reserve, int(settings[CAPACITY_BLOCKS]),
+                                          int(settings[BLOCK_SIZE]))
+    return Margin(solve.levels[:count], spares, int(settings[CALM_DECISIONS]), state)
+
+
+@compiled
+def adaptive_rule(solve: NestedWaitSolve, settings: np.ndarray, drain_when_idle: bool, pausing: bool,
+                  margin: Margin) -> NestedWaitRule:
+    """The compiled rule of a solve, at the settings' threshold scale: the scaled thresholds, the lookahead (the
+    measured variant projects; the paper's pauses), lending up to the capacity less the scaled reserve
+    (``min(M*, M^π)``), and the scaled token budget (:func:`~baselines.stall_free.scaled_budget`), following the
+    queue at the solve's mean prompt with the settings' drain (:func:`~baselines.stall_free.backlog_budget`). With
+    an adaptive ``margin`` (:func:`adaptive_margin` of the same solve) the lookahead and lending are its level's."""
+    scale = settings[THRESHOLD_SCALE]
+    n = scaled_counts(solve.n, scale) if scale != 1.0 else solve.n.copy()
     spare = -1
     if settings[LENDS] and not pausing:
-        spare = lending_limit(reserve, int(settings[CAPACITY_BLOCKS]), int(settings[BLOCK_SIZE]))
+        spare = lending_limit(_scaled_reserve(solve, settings), int(settings[CAPACITY_BLOCKS]),
+                              int(settings[BLOCK_SIZE]))
     residual = np.empty(0, dtype=np.int64) if pausing else solve.lookahead.copy()
+    if len(margin.levels):
+        residual = margin.levels[margin.state[LEVEL]].copy()
+        spare = margin.spares[margin.state[LEVEL]]
     return NestedWaitRule(solve.boundaries.copy(), segment_code_table(solve.boundaries), n, residual,
                           np.array([spare], dtype=np.int64), drain_when_idle, pausing,
                           scaled_budget(int(settings[TOKEN_BUDGET]), scale), int(settings[DRAIN_ITERATIONS]),
@@ -445,7 +501,8 @@ def _solve_due(learn: LearningState, run: RunState, columns: RequestColumns,
     if first < arrived:
         coefficients = learning.profile * factor if factor != 1.0 else learning.profile
         solve = solve_nested_wait(completed.lengths[:min(count, size)], columns.prompt[first:arrived],
-                                  max(rate, 1e-9), coefficients, settings[CAPACITY_TOKENS], settings[QUANTILE])
+                                  max(rate, 1e-9), coefficients, settings[CAPACITY_TOKENS], settings[QUANTILE],
+                                  learning.margin_quantiles)
     learn.reals[SOLVED_AT], learn.reals[SOLVED_RATE], learn.reals[SOLVED_FACTOR] = now, rate, factor
     learn.ints[SOLVES] += 1
     return solve
@@ -586,6 +643,13 @@ class AdaptiveWaitPolicy(WaitPolicy):
         return True
 
 
+#: Eviction-free decisions (with requests waiting) before the adaptive policy's margin steps down a level: ten times
+#: the oracle's (``nested-wait-margin``). Stepping down after 200, it evicted 2 to 6 times a run on bursty and
+#: two-type traffic at ρ 0.8 to 0.9 and lost up to 2 s of p99 there; after 2,000, none, and it still keeps most of
+#: what the margin gains on heavy tails (docs/results.md).
+MARGIN_CALM_DECISIONS = 2000
+
+
 @dataclass
 class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
     """Nested WAIT (lengths hidden) with its rate and output-length distribution learnt online from arrivals
@@ -595,21 +659,37 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
     lookahead_quantile: float = LOOKAHEAD_QUANTILE
     horizon_s: float = 3600.0
     threshold_scale: float = 1.0  # every threshold and the reserve, times this (see set_threshold_scale)
+    # The adaptive margin (item 7 of baselines.nested_wait): the lookahead's quantile and the lending reserve move
+    # between MARGIN_QUANTILES × MARGIN_RESERVES on the evictions seen, their tables re-solved with every solve.
+    adaptive_margin: bool = False
 
     @classmethod
     def create(cls, cost: LinearCostModel, capacity_tokens: int, block_size: int, *, horizon_s: float = 3600.0,
-               token_budget: int = 0, drain_iterations: int = 0, **learning: float
+               token_budget: int = 0, drain_iterations: int = 0, adaptive_margin: bool = False, **learning: float
                ) -> "AdaptiveNestedWaitPolicy":
         """Nested-WAIT-adaptive; with a ``token_budget``, its decisions batched stall-free within it
         (``nested-wait-adaptive-stall-free``, :mod:`baselines.stall_free`), raised with the queue given
-        ``drain_iterations`` (:func:`~baselines.stall_free.backlog_budget`)."""
-        name = "nested-wait-adaptive-stall-free" if token_budget else "nested-wait-adaptive"
+        ``drain_iterations`` (:func:`~baselines.stall_free.backlog_budget`); with ``adaptive_margin``, its
+        lookahead's margin adapted to the evictions seen (``nested-wait-adaptive-margin``)."""
+        name = "nested-wait-adaptive" + ("-margin" if adaptive_margin else "") + ("-stall-free" if token_budget
+                                                                                 else "")
         return cls(_single_segment(capacity_tokens), name=name, token_budget=token_budget,
                    drain_iterations=drain_iterations,
                    learning=_Learning(cost, capacity_tokens, block_size, **learning),  # type: ignore[arg-type]
-                   horizon_s=horizon_s, lend_spare_memory=True)
+                   horizon_s=horizon_s, lend_spare_memory=True, adaptive_margin=adaptive_margin,
+                   calm_decisions=MARGIN_CALM_DECISIONS if adaptive_margin else NestedWaitPolicy.calm_decisions)
 
     def reset(self, engine: Engine) -> None:
+        if self.adaptive_margin and (self.variant != "measured" or self.calm_decisions < 1):
+            raise ConfigError("an adaptive lookahead margin needs the measured variant and calm_decisions >= 1, got "
+                              f"{self.variant!r}, {self.calm_decisions}")
+        self._solve: NestedWaitSolve | None = None  # the last solve (None: thresholds not solved yet)
+        levels = MARGIN_QUANTILES if self.adaptive_margin else ()
+        self._margin_quantiles = np.array(levels, dtype=np.float64)
+        self._margin_reserves = np.array(MARGIN_RESERVES if self.adaptive_margin else (), dtype=np.float64)
+        # The margin's level (the most cautious to start), the lowest not barred, its calm count and the evictions
+        # seen: one state for the whole run, whichever solve's tables the levels hold.
+        self._margin_state = np.array([max(len(levels) - 1, 0), 0, 0, 0], dtype=np.int64)
         super().reset(engine)
         learning = self.learning
         assert learning is not None
@@ -619,14 +699,14 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         self._solved = (_single_segment(learning.capacity_tokens), None)
         self.thresholds, self.reserve_tokens = self._scaled(*self._solved)
         self.lookahead = None
-        self._solve: NestedWaitSolve | None = None  # the last solve (None: thresholds not solved yet)
         self._rule_stale = False
         self._completed = Completions(learning.memory)
         self._settings = np.array([learning.capacity_tokens, engine.capacity_blocks, engine.block_size,
                                    self.lookahead_quantile, self.threshold_scale, float(self.lend_spare_memory),
-                                   self.token_budget, self.drain_iterations],
+                                   self.token_budget, self.drain_iterations, self.calm_decisions],
                                   dtype=np.float64)
         self._profile = learning.cost.coefficients()
+        self._follow_margin()
 
     def set_threshold_scale(self, scale: float) -> None:
         """Multiply every segment's threshold (rounded, at least 1), the memory kept back from lending and the token
@@ -636,6 +716,7 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         self.thresholds, self.reserve_tokens = self._scaled(*self._solved)
         self._settings[THRESHOLD_SCALE] = self.threshold_scale
         self._rule_stale = True
+        self._follow_margin()  # its levels' lending limits are the scaled reserve's
 
     @property
     def iteration_budget(self) -> int:
@@ -668,10 +749,27 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
 
     def compiled_rule(self) -> NestedWaitRule:
         """The rule as the compiled loop takes it: its last solve's (:func:`adaptive_rule`, the one the loop builds
-        when it solves), or Nested WAIT's of the thresholds before the first."""
+        when it solves; at the adaptive margin's level now), or Nested WAIT's of the thresholds before the first."""
         if self._solve is None:
             return super().compiled_rule()
-        return adaptive_rule(self._solve, self._settings, self.drain_when_idle, self.variant == "paper")
+        return adaptive_rule(self._solve, self._settings, self.drain_when_idle, self.variant == "paper",
+                             self.compiled_margin())
+
+    def compiled_margin(self) -> Margin:
+        """The adaptive margin of the last solve (:func:`adaptive_margin`) on the run's margin state; no levels
+        without one, or before the first solve."""
+        if self._solve is None or not self.adaptive_margin:
+            return Margin(np.empty((0, 0), dtype=np.int64), np.empty(0, dtype=np.int64), max(self.calm_decisions, 1),
+                          self._margin_state)
+        return adaptive_margin(self._solve, self._settings, self._margin_reserves, self._margin_state,
+                               self.variant == "paper")
+
+    def _follow_margin(self) -> None:
+        """The Python rule's margin (:meth:`NestedWaitPolicy.decide`) anew, after a solve or a rescale: it counts
+        evictions from the start, before the first solve gives it levels."""
+        if self.adaptive_margin:
+            self._margin = self.compiled_margin()
+            self._margin_rule = self.compiled_rule()
 
     def compiled_loop(self) -> CompiledLoop:
         """This policy compiled (:func:`run_adaptive_nested_wait`): Nested WAIT's compiled rule, the thresholds
@@ -679,18 +777,20 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         decisions as :meth:`decide`, bit for bit."""
         learning = self.learning
         assert learning is not None
-        learn, guard, rule = learning.loop_state(), np.zeros(2, dtype=np.int64), [self.compiled_rule()]
+        learn, guard = learning.loop_state(), np.zeros(2, dtype=np.int64)
+        in_force = [RuleInForce(self.compiled_rule(), self.compiled_margin())]
         kept = [no_projection()]  # the running batch's projection where the loop last stopped
-        follows = NestedWaitLearning(self._completed.sample, self._settings, self._profile)
+        follows = NestedWaitLearning(self._completed.sample, self._settings, self._profile, self._margin_quantiles,
+                                     self._margin_reserves)
 
         def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                  params: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             if self._rule_stale:  # rescaled between two calls: the lookahead is the same
-                rule[0] = self.compiled_rule()
+                in_force[0] = RuleInForce(self.compiled_rule(), self.compiled_margin())
                 self._rule_stale = False
             learning.to_loop(learn)
-            stop, running, *decision, kept[0], rule[0], solve = run_adaptive_nested_wait(
-                run, running, columns, arrivals, params, rule[0], guard, learn, follows, kept[0])
+            stop, running, *decision, kept[0], in_force[0], solve = run_adaptive_nested_wait(
+                run, running, columns, arrivals, params, in_force[0], guard, learn, follows, kept[0])
             learning.from_loop(learn)
             if len(solve.boundaries):
                 self._adopt(solve)
@@ -720,7 +820,7 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
             self._adopt(solve_nested_wait(
                 np.ascontiguousarray(lengths, dtype=np.int64), np.ascontiguousarray(prompt_len[recent], np.int64),
                 max(learning.rates.total, 1e-9), learning.current_cost().coefficients(),
-                float(learning.capacity_tokens), float(self.lookahead_quantile)))
+                float(learning.capacity_tokens), float(self.lookahead_quantile), self._margin_quantiles))
         learning.solved(now)
 
     def _adopt(self, solve: NestedWaitSolve) -> None:
@@ -735,6 +835,7 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         self._solved = (thresholds, min(float(reals[FLUID_MEMORY]), thresholds.memory_tokens))
         self.thresholds, self.reserve_tokens = self._scaled(*self._solved)
         self.lookahead = solve.lookahead
+        self._follow_margin()
 
 
 class CompletionSample(NamedTuple):

@@ -210,7 +210,8 @@ class NestedWaitPolicy:
             evicted = bool(np.any(state.num_evictions[self._last_batch] > self._last_evictions))
             adapt_lookahead(self._margin_rule, self._margin, int(self._margin.state[SEEN]) + evicted,
                             state.num_waiting)
-            self.lookahead = self._margin_rule.residual
+            if len(self._margin.levels):  # else no lookahead yet (the adaptive policy's before its first solve)
+                self.lookahead = self._margin_rule.residual
         budget = backlog_budget(self.iteration_budget, state.num_waiting, float(self.thresholds.prompt_len),
                                 self.drain_iterations)
         decision = stall_free(self._decide(state), state, budget)
@@ -394,7 +395,8 @@ def adapt_lookahead(rule: NestedWaitRule, margin: Margin, evictions: int, waitin
     down a level, to the lowest not barred. The level's lookahead and lending limit are copied into the rule.
     Returns whether it stepped up (trajectories grew: a kept projection may be too short for them)."""
     state = margin.state
-    if len(margin.levels) == 0:
+    if len(margin.levels) == 0:  # no levels (yet: the adaptive policy's before its first solve): count evictions
+        state[SEEN] = max(state[SEEN], evictions)
         return False
     level = state[LEVEL]
     if evictions > state[SEEN]:

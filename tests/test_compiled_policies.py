@@ -59,6 +59,13 @@ PRESETS = {
         scenario.cost, scenario.capacity_tokens, scenario.block_size, **LEARN_FAST), 1.6),
     "nested-wait-adaptive-scaled": lambda scenario: _rescaled(AdaptiveNestedWaitPolicy.create(
         scenario.cost, scenario.capacity_tokens, scenario.block_size, horizon_s=12.0, **LEARN_FAST), 0.6),
+    # The adaptive margin re-solved with the thresholds, moving every few decisions (scaled: its lending limits too).
+    "nested-wait-adaptive-margin": lambda scenario: replace(AdaptiveNestedWaitPolicy.create(
+        scenario.cost, scenario.capacity_tokens, scenario.block_size, horizon_s=12.0, adaptive_margin=True,
+        **LEARN_FAST), calm_decisions=3),
+    "nested-wait-adaptive-margin-stall-free-scaled": lambda scenario: _rescaled(replace(AdaptiveNestedWaitPolicy.create(
+        scenario.cost, scenario.capacity_tokens, scenario.block_size, horizon_s=12.0, token_budget=11,
+        adaptive_margin=True, **LEARN_FAST), calm_decisions=2), 1.4),
     "nested-wait-adaptive-off-profile": lambda scenario: AdaptiveNestedWaitPolicy.create(
         scenario.cost.scaled(1 / 3), scenario.capacity_tokens, scenario.block_size, horizon_s=12.0,
         cost_window_s=1.0, **LEARN_FAST),
@@ -207,6 +214,41 @@ def test_a_compiled_loop_runs_exactly_as_the_python_loop(mix: TypeMix, slack: in
     for key in fast_rows:
         np.testing.assert_array_equal(fast_rows[key], python_rows[key], err_msg=key)
     assert fast_learnt == python_learnt  # an adaptive policy's solves in the loop reach the policy as decide's do
+
+
+@pytest.mark.parametrize("rate, seed, stream, final_state", [
+    (1.0, 1, False, [1, 1]),  # down to the boldest level, one eviction there: back up one level, for good
+    (1.5, 0, True, [4, 4]),  # evictions at every level it reached: the most cautious, for good
+])
+def test_the_adaptive_policys_margin_moves_alike_in_the_compiled_and_python_loops(
+        rate: float, seed: int, stream: bool, final_state: list[int]) -> None:
+    """Nested-WAIT-adaptive with the adaptive margin, its levels re-solved with every solve, in a run where it
+    steps down while calm and back up on evictions: the same run both ways, bit for bit, and the same margin."""
+    from baselines.nested_wait import FLOOR, LEVEL
+
+    made: list[AdaptiveNestedWaitPolicy] = []
+
+    def make(scenario: Scenario) -> Policy:
+        made.append(replace(AdaptiveNestedWaitPolicy.create(scenario.cost, scenario.capacity_tokens,
+                                                            scenario.block_size, horizon_s=40.0,
+                                                            adaptive_margin=True, **LEARN_FAST), calm_decisions=3))
+        return made[-1]
+
+    mix = TypeMix((RequestType(20, 5, 8.0), RequestType(20, 120, rate)))
+    (fast, fast_rows, fast_learnt), (python, python_rows, python_learnt) = _both_ways(make, mix, 450, 4, seed, 40.0,
+                                                                                      stream, None)
+    assert fast.evictions > 0 and made[0].learning.solves > 5  # type: ignore[union-attr]
+    for field in ("end_time", "iterations", "peak_blocks_used", "evictions", "finished", "busy_time"):
+        assert getattr(fast, field) == getattr(python, field), field
+    for field in fast.records.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(fast.records, field), getattr(python.records, field), err_msg=field)
+    assert fast_learnt == python_learnt
+    assert [policy.compiled_margin().state[[LEVEL, FLOOR]].tolist() for policy in made] == [final_state] * 2
+    # Without the margin, the same arrivals run otherwise (the margin is what moved them).
+    plain = AdaptiveNestedWaitPolicy.create(made[0].learning.cost, 450, 4, horizon_s=40.0,  # type: ignore[union-attr]
+                                            **LEARN_FAST)
+    ((other, _, _), _) = _both_ways(lambda scenario: plain, mix, 450, 4, seed, 40.0, stream, None)
+    assert (other.iterations, other.evictions) != (fast.iterations, fast.evictions)
 
 
 def test_the_default_workload_runs_compiled_and_identically_at_full_size() -> None:

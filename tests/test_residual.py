@@ -70,7 +70,8 @@ def test_the_zero_action_is_the_baseline_bit_for_bit(workload: str, load: float,
 
 @pytest.mark.parametrize("workload, batching", [("paper-two-type", "whole"), ("bursty-high-hidden", "whole"),
                                                 ("paper-two-type-512", "stall-free"),
-                                                ("paper-two-type-hidden", "stall-free")])
+                                                ("paper-two-type-hidden", "stall-free"),
+                                                ("bursty-low-hidden", "stall-free-margin")])
 def test_an_agent_runs_through_run_as_in_the_environment_on_both_paths(workload: str, batching: str) -> None:
     results = []
     for compiled in (True, False):
@@ -135,7 +136,7 @@ def test_scale_and_bad_input_name_what_is_wrong() -> None:
         LLMSchedResidualEnv(loads=(0.9, 0.5))
     with pytest.raises(ConfigError, match="unknown scenario|no scenario|not a"):
         LLMSchedResidualEnv(scenarios="no-such-scenario")
-    with pytest.raises(ConfigError, match="batching must be one of whole, stall-free, got 'chunky'"):
+    with pytest.raises(ConfigError, match="batching must be one of whole, stall-free, stall-free-margin, got 'chunky'"):
         LLMSchedResidualEnv(batching="chunky")
     with pytest.raises(ConfigError, match="wait_penalty must be finite and >= 0, got -0.1"):
         LLMSchedResidualEnv(wait_penalty=-0.1)
@@ -244,7 +245,8 @@ def test_a_saved_agent_runs_on_the_base_it_was_trained_on() -> None:
     assert control_settings({"interval_s": 5.0, "dead_zone": 0.25})["dead_zone"] == 0.25
     env = LLMSchedResidualEnv(scenarios="paper-two-type")
     for known, batching, base in [(True, "whole", "wait-adaptive"), (True, "stall-free", "wait-adaptive-stall-free"),
-                                  (False, "stall-free", "nested-wait-adaptive-stall-free")]:
+                                  (False, "stall-free", "nested-wait-adaptive-stall-free"),
+                                  (False, "stall-free-margin", "nested-wait-adaptive-margin-stall-free")]:
         scenario = replace(env.workload("paper-two-type", 0.8)[0], output_lengths_known=known)
         policy = ResidualAgentPolicy(ConstantAction(0.0), scenario, 10.0,
                                      **control_settings({"interval_s": 2, "batching": batching}))
@@ -268,9 +270,11 @@ def test_a_short_training_saves_reloads_and_is_judged_on_two_scenarios(tmp_path:
     short = replace(shipped, timesteps=2048, n_envs=2, env={**shipped.env, "horizon": 30.0})
     spec = train(short, out, progress_bar=False, log=lambda _: None)
     assert spec.timesteps == 2048 and spec.env_id == "LLMSched-Residual-v0"
-    assert spec.env_kwargs["batching"] == "stall-free"  # the shipped config's bases
+    assert spec.env_kwargs["batching"] == "stall-free-margin"  # the shipped config's bases
     levels = json.loads((out / "validation_baselines.json").read_text())
     assert set(levels) == {"paper-two-type", "bursty-low-hidden"} and "wait" not in levels["bursty-low-hidden"]
+    bounds = json.loads((out / "selection_bounds.json").read_text())  # the selection's, against each best baseline
+    assert set(bounds) == set(levels) and all(bounds[name]["best_baseline"] in levels[name] for name in bounds)
     assert (out / "curves.png").stat().st_size > 10_000  # a panel per workload, the baselines' levels drawn
     loaded, network = read_agent(out)
     assert loaded == spec and network.action_space.shape == (1,)
@@ -412,26 +416,50 @@ def _validation_row(scenario: str, seed: int, throughput: float, p99: float | No
             "regret_requests": regret, "fluid_throughput_rps": 1.0}
 
 
-def test_worst_departures_read_the_worst_workload_on_the_seeds_mean() -> None:
-    from agents.validation import worst_departures
+def test_the_selection_bounds_are_each_workloads_best_baseline_never_beyond_the_adjusted_ones_shortfall() -> None:
+    from agents.validation import selection_bounds
 
-    base = [_validation_row("a", 0, 10.0, 20.0, 5), _validation_row("a", 1, 10.0, 40.0, 5),
-            _validation_row("b", 0, 4.0, 10.0, 5)]
+    baselines = {  # per workload and baseline, its validation rows
+        "a": {"x": [_validation_row("a", 0, 10.0, 100.0, 5)], "y": [_validation_row("a", 0, 9.95, 90.0, 5)]},
+        "b": {"x": [_validation_row("b", 0, 10.0, 100.0, 5)], "y": [_validation_row("b", 0, 8.0, 50.0, 5)]}}
+    base = [_validation_row("a", 0, 10.0, 100.0, 5), _validation_row("b", 0, 10.0, 99.0, 5)]
+    bounds = selection_bounds(base, baselines, 0.005, 0.025)
+    # a: y's throughput is within the judging table's 1 % of the top and its p99 is lower: y is the best. The base
+    # is 11 % above its p99, beyond the 2.5 % margin: the ceiling is the base's own p99 (the zero action passes).
+    assert bounds["a"].best_baseline == "y" and (bounds["a"].best_throughput, bounds["a"].best_p99) == (9.95, 90.0)
+    assert bounds["a"].throughput_floor == pytest.approx(0.995 * 9.95, abs=1e-12) and bounds["a"].p99_ceiling == 100.0
+    # b: y serves 20 % less, so x is the best; the base is within the margins, so they bound it.
+    assert bounds["b"].best_baseline == "x"
+    assert bounds["b"].throughput_floor == pytest.approx(9.95, abs=1e-12)
+    assert bounds["b"].p99_ceiling == pytest.approx(102.5, abs=1e-12)
+    # Without margins nothing is bounded.
+    free = selection_bounds(base, baselines, np.inf, np.inf)["a"]
+    assert free.throughput_floor == -np.inf and free.p99_ceiling == np.inf
+
+
+def test_worst_departures_read_the_worst_workload_against_its_best_baseline_on_the_seeds_mean() -> None:
+    from agents.validation import SelectionBound, within_bounds, worst_departures
+
+    bounds = {"a": SelectionBound("x", 10.0, 30.0, 9.9, 31.0), "b": SelectionBound("y", 4.0, 10.0, 3.9, 11.0)}
     agent = [_validation_row("a", 0, 9.0, 30.0, 5), _validation_row("a", 1, 10.6, 42.0, 5),  # a: -2 %, p99 +20 %
              _validation_row("b", 0, 4.2, 9.0, 5)]  # b: +5 %, p99 -10 %
-    worst = worst_departures(list(zip(agent, base)))
+    worst = worst_departures(agent, bounds)
     assert worst.throughput_change == pytest.approx(-0.02, abs=1e-12) and worst.throughput_workload == "a"
     assert worst.p99_change == pytest.approx(0.2, abs=1e-12) and worst.p99_workload == "a"
-    worst = worst_departures(list(zip(agent[2:], base[2:])))
+    assert not within_bounds(agent, bounds)  # a: 9.8 < 9.9 and 36 > 31
+    worst = worst_departures(agent[2:], bounds)
     assert worst.throughput_change == pytest.approx(0.05, abs=1e-12) and worst.p99_change == pytest.approx(-0.1)
-    # No request finished: a p99 of 0 against 0 is no change; one where the baseline has none is unbounded.
-    none = [_validation_row("c", 0, 0.0, None, 0)]
-    assert worst_departures(list(zip(none, none))) == (0.0, "c", 0.0, "c")
-    assert worst_departures([(_validation_row("c", 0, 1.0, 3.0, 0), none[0])]).p99_change == np.inf
+    assert within_bounds(agent[2:], bounds)
+    assert not within_bounds([_validation_row("b", 0, 4.2, 11.5, 5)], bounds)  # p99 above the ceiling alone
+    assert not within_bounds([_validation_row("b", 0, 3.8, 9.0, 5)], bounds)  # throughput below the floor alone
+    # No request finished: a p99 of 0 against 0 is no change; one where the best baseline has none is unbounded.
+    empty = {"c": SelectionBound("x", 0.0, 0.0, 0.0, 0.0)}
+    assert worst_departures([_validation_row("c", 0, 0.0, None, 0)], empty) == (0.0, "c", 0.0, "c")
+    assert worst_departures([_validation_row("c", 0, 1.0, 3.0, 0)], empty).p99_change == np.inf
 
 
-def test_the_best_model_is_kept_only_within_the_margins_on_every_workload(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_best_model_is_kept_only_within_the_bounds_on_every_workload(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     import agents.train as training
 
     base = [_validation_row(name, 1000, 10.0, 100.0, 50) for name in ("a", "b")]
@@ -439,11 +467,15 @@ def test_the_best_model_is_kept_only_within_the_margins_on_every_workload(tmp_pa
         base,  # the baseline itself: kept
         [base[0], _validation_row("b", 1000, 10.0, 110.0, 10)],  # less regret, p99 +10 % on b: not kept
         [_validation_row("a", 1000, 9.9, 100.0, 30), base[1]],  # less regret, throughput -1 % on a: not kept
-        [_validation_row("a", 1000, 9.97, 102.0, 40), base[1]],  # -0.3 %, +2 %, less regret: kept
+        [_validation_row("a", 1000, 9.97, 102.0, 40), base[1]],  # -0.3 %, +2 % of a's best (the base), less regret
+        # +1 % p99 on b, within the margin of the base but not of b's best (90 s), whose 2.5 % the base already
+        # exceeds: not kept, though its regret is the least.
+        [base[0], _validation_row("b", 1000, 10.0, 101.0, 20)],
     ])
     monkeypatch.setattr(training, "residual_validation_runs",
                         lambda model, kwargs, seeds, zero_action=False: base if zero_action else next(validations))
-    monkeypatch.setattr(training, "baseline_validation_regrets", lambda kwargs, seeds: {})
+    monkeypatch.setattr(training, "baseline_validation_runs", lambda kwargs, seeds: {
+        "a": {"base": [base[0]]}, "b": {"base": [base[1]], "other": [_validation_row("b", 1000, 10.0, 90.0, 45)]}})
     saved: list[int] = []
 
     class Model:  # what the callback reads of SB3's model
@@ -457,10 +489,12 @@ def test_the_best_model_is_kept_only_within_the_margins_on_every_workload(tmp_pa
                                                   p99_margin=0.025)
     callback.model = Model()
     kept = []
-    for step in range(4):
+    for step in range(5):
         callback.model.num_timesteps = step
         kept.append(callback.evaluate()["admissible"])
-    assert kept == [1.0, 0.0, 0.0, 1.0] and saved == [0, 3]
+    assert kept == [1.0, 0.0, 0.0, 1.0, 0.0] and saved == [0, 3]
+    bounds = json.loads((tmp_path / "selection_bounds.json").read_text())
+    assert bounds["b"]["best_baseline"] == "other" and bounds["b"]["p99_ceiling"] == 100.0
     # Without margins (the default) the least regret wins wherever it costs.
     validations = iter([base, [base[0], _validation_row("b", 1000, 10.0, 110.0, 10)]])
     saved.clear()

@@ -177,20 +177,24 @@ def test_nested_wait_thresholds_are_the_numpy_formulas(lengths: list[int], promp
 
 def test_the_adaptive_solve_is_the_public_thresholds_lookahead_and_fluid_memory() -> None:
     """:func:`baselines.adaptive.solve_nested_wait` (the adaptive policy's solve, compiled) is Nested WAIT's
-    thresholds of the sample's distribution at the mean prompt, the lookahead's residual quantiles and the fluid
-    memory of the rate over that distribution: the same code, so the same numbers."""
+    thresholds of the sample's distribution at the mean prompt, the lookahead's residual quantiles (and the
+    adaptive margin's, per level) and the fluid memory of the rate over that distribution: the same code, so the
+    same numbers."""
     rng = np.random.default_rng(5)
     lengths = rng.integers(1, 300, 800)
     prompts = rng.integers(1, 900, 500)
     distribution = OutputLengthDistribution.from_samples(lengths)
     prompt = float(prompts.mean())
-    solve = solve_nested_wait(lengths, prompts, 7.5, COST.coefficients(), 60_000.0, 0.9)
+    solve = solve_nested_wait(lengths, prompts, 7.5, COST.coefficients(), 60_000.0, 0.9, np.array([0.5, 0.7]))
     t = nested_wait_thresholds(distribution, prompt, 7.5, COST, 60_000)
     np.testing.assert_array_equal(solve.boundaries, t.boundaries)
     np.testing.assert_array_equal(solve.n, t.n)
     np.testing.assert_array_equal(solve.survival, t.survival)
     np.testing.assert_array_equal(solve.lookahead,
                                   residual_quantiles(distribution.values, distribution.probabilities, 0.9))
+    for level, quantile in zip(solve.levels, (0.5, 0.7), strict=True):  # the adaptive margin's tables
+        np.testing.assert_array_equal(level, residual_quantiles(distribution.values, distribution.probabilities,
+                                                                quantile))
     _, _, fluid_memory = equilibrium(7.5 * distribution.probabilities, np.full(len(distribution.values), prompt),
                                      distribution.values, COST)
     assert solve.reals.tolist() == [prompt, 7.5, t.iteration_time_s, t.memory_tokens, t.scale, fluid_memory, COST.c0]
