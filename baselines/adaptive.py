@@ -747,13 +747,14 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         """The output lengths it has seen requests finish with (what it learns its distribution from)."""
         return self._completed
 
-    def compiled_rule(self) -> NestedWaitRule:
+    def compiled_rule(self, margin: Margin | None = None) -> NestedWaitRule:
         """The rule as the compiled loop takes it: its last solve's (:func:`adaptive_rule`, the one the loop builds
-        when it solves; at the adaptive margin's level now), or Nested WAIT's of the thresholds before the first."""
+        when it solves; at the adaptive margin's level now, ``margin`` when the caller has built it already with
+        :meth:`compiled_margin`), or Nested WAIT's of the thresholds before the first."""
         if self._solve is None:
             return super().compiled_rule()
         return adaptive_rule(self._solve, self._settings, self.drain_when_idle, self.variant == "paper",
-                             self.compiled_margin())
+                             self.compiled_margin() if margin is None else margin)
 
     def compiled_margin(self) -> Margin:
         """The adaptive margin of the last solve (:func:`adaptive_margin`) on the run's margin state; no levels
@@ -765,11 +766,18 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
                                self.variant == "paper")
 
     def _follow_margin(self) -> None:
-        """The Python rule's margin (:meth:`NestedWaitPolicy.decide`) anew, after a solve or a rescale: it counts
-        evictions from the start, before the first solve gives it levels."""
-        if self.adaptive_margin:
+        """After a solve or a rescale: the Python rule's margin (:meth:`NestedWaitPolicy.decide`) is built anew at
+        its next decision (:meth:`_refresh_margin`), not here, since a residual agent rescales before every one of
+        its decisions and the compiled loop, which builds its own, never reads it."""
+        self._margin_stale = self.adaptive_margin
+
+    def _refresh_margin(self) -> None:
+        """The Python rule's margin and the rule it moves, at the last solve and scale, if either changed since they
+        were built; it counts evictions from the start, before the first solve gives it levels."""
+        if self._margin_stale:
             self._margin = self.compiled_margin()
-            self._margin_rule = self.compiled_rule()
+            self._margin_rule = self.compiled_rule(self._margin)
+            self._margin_stale = False
 
     def compiled_loop(self) -> CompiledLoop:
         """This policy compiled (:func:`run_adaptive_nested_wait`): Nested WAIT's compiled rule, the thresholds
@@ -778,7 +786,8 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         learning = self.learning
         assert learning is not None
         learn, guard = learning.loop_state(), np.zeros(2, dtype=np.int64)
-        in_force = [RuleInForce(self.compiled_rule(), self.compiled_margin())]
+        margin = self.compiled_margin()
+        in_force = [RuleInForce(self.compiled_rule(margin), margin)]
         kept = [no_projection()]  # the running batch's projection where the loop last stopped
         follows = NestedWaitLearning(self._completed.sample, self._settings, self._profile, self._margin_quantiles,
                                      self._margin_reserves)
@@ -786,7 +795,8 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                  params: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             if self._rule_stale:  # rescaled between two calls: the lookahead is the same
-                in_force[0] = RuleInForce(self.compiled_rule(), self.compiled_margin())
+                margin = self.compiled_margin()
+                in_force[0] = RuleInForce(self.compiled_rule(margin), margin)
                 self._rule_stale = False
             learning.to_loop(learn)
             stop, running, *decision, kept[0], in_force[0], solve = run_adaptive_nested_wait(
@@ -806,6 +816,7 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         if learning.due(state.now, True) and self._completed.count >= learning.warmup:
             self._resolve_at(state.now, state.retired, state.num_requests, state.prompt_len,
                              self._completed.lengths())
+        self._refresh_margin()
         return super().decide(state)
 
     def _resolve_at(self, now: float, retired: int, num_requests: int, prompt_len: np.ndarray,
