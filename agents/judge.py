@@ -35,9 +35,10 @@ from llmsched_env.scenarios import load_scenario
 from llmsched_env.workload import ArrivalProcess, LengthSampleWorkload, read_trace_csv
 
 #: The baselines a cell's agent is judged against, by what they know: with lengths known every one, hidden only
-#: those that never read a request's output length.
-HIDDEN_BASELINES = ("nested-wait", "nested-wait-adaptive", "nested-wait-adaptive-stall-free", "nested-wait-margin",
-                    "vllm", "sarathi")
+#: those that never read a request's output length. The residual agents' bases (:data:`agents.residual.BASES`) are
+#: among them, so that an agent is better only where it adds to its base.
+HIDDEN_BASELINES = ("nested-wait", "nested-wait-adaptive", "nested-wait-adaptive-stall-free",
+                    "nested-wait-adaptive-margin-stall-free", "nested-wait-margin", "vllm", "sarathi")
 KNOWN_BASELINES = ("wait", "wait-adaptive", "wait-adaptive-stall-free", *HIDDEN_BASELINES)
 #: Non-inferiority margins: throughput no lower than −1 % of the best baseline's, p99 no higher than +5 % of its.
 THROUGHPUT_MARGIN = 0.01

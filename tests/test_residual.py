@@ -192,6 +192,17 @@ def test_a_zero_constant_action_is_judged_as_the_baseline_it_adjusts(workload: s
         ConstantAction(float("nan"))
 
 
+def test_every_residual_base_is_among_the_baselines_its_agent_is_judged_against() -> None:
+    # An agent that only reproduces its base is then level with the best baseline, never better than it.
+    from agents.judge import HIDDEN_BASELINES, KNOWN_BASELINES
+    from baselines.compare import SEES_OUTPUT_LENGTHS
+
+    for bases in BASES.values():
+        assert bases[True] in KNOWN_BASELINES and bases[False] in HIDDEN_BASELINES
+        assert bases[True] in SEES_OUTPUT_LENGTHS and bases[False] not in SEES_OUTPUT_LENGTHS
+    assert set(HIDDEN_BASELINES) <= set(KNOWN_BASELINES)
+
+
 def test_the_best_baseline_is_the_lowest_p99_within_the_throughput_margin_of_the_top() -> None:
     from agents.judge import best_baseline
 
