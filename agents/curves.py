@@ -17,6 +17,22 @@ PANELS = (("eval/regret_ratio_to_wait", "validation regret / WAIT's"),
           ("train/value_loss", "value loss"))
 
 
+#: The least span (s of the optimum's service) a workload panel's regret axis shows: where every policy serves the
+#: whole load (the diurnal day) the regrets differ by float noise, which an axis fitted to the data would blow up to
+#: fill the panel.
+REGRET_AXIS_SPAN_S = 1.0
+
+
+def readable_limits(values: list[float], span: float = REGRET_AXIS_SPAN_S) -> tuple[float, float] | None:
+    """The y-limits that show ``values`` over at least ``span`` (centred on them), or ``None`` where they already
+    spread over more (matplotlib's own limits then)."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite or max(finite) - min(finite) >= span:
+        return None
+    centre = (max(finite) + min(finite)) / 2
+    return centre - span / 2, centre + span / 2
+
+
 def read_scalars(tensorboard_dir: Path, keep: Callable[[str], bool]) -> dict[str, tuple[list[int], list[float]]]:
     """The scalars of every run under ``tensorboard_dir`` whose tag ``keep`` accepts: tag → (steps, values)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -87,13 +103,17 @@ def plot_residual_curves(tensorboard_dir: Path, levels_file: Path, out: Path,
     fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.7 * rows), squeeze=False)
     colours = {"wait": "tab:green", "wait-adaptive": "tab:olive", "nested-wait": "tab:purple",
                "nested-wait-adaptive": "tab:pink", "nested-wait-margin": "tab:brown", "vllm": "tab:red",
-               "sarathi": "tab:orange"}
+               "sarathi": "tab:orange", "wait-adaptive-stall-free": "yellowgreen",
+               "nested-wait-adaptive-stall-free": "tab:cyan", "nested-wait-adaptive-margin-stall-free": "tab:gray"}
     for ax, name in zip(axes.flat, workloads):
         steps, values = series[f"eval/regret_s/{name}"]
         best = min(levels.get(name, {"": 0.0}).values())
         ax.plot(steps, [v - best for v in values], "o-", ms=2.5, lw=1.2, color="tab:blue", label="agent")
         for policy, level in levels.get(name, {}).items():
             ax.axhline(level - best, color=colours.get(policy, "grey"), lw=0.9, ls="--", label=policy)
+        limits = readable_limits([v - best for v in values] + [v - best for v in levels.get(name, {}).values()])
+        if limits is not None:
+            ax.set_ylim(*limits)
         ax.ticklabel_format(axis="both", useOffset=False, style="plain")
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)

@@ -192,6 +192,15 @@ def test_a_zero_constant_action_is_judged_as_the_baseline_it_adjusts(workload: s
         ConstantAction(float("nan"))
 
 
+def test_a_curve_panel_shows_at_least_a_second_of_regret_around_float_noise() -> None:
+    from agents.curves import readable_limits
+
+    assert readable_limits([1.4e-7, 1.4e-7, 0.0]) == pytest.approx((0.7e-7 - 0.5, 0.7e-7 + 0.5))
+    assert readable_limits([0.0, 3.0, 17.5]) is None  # spread already: matplotlib's own
+    assert readable_limits([float("nan")]) is None
+    assert readable_limits([2.0, 2.25], span=2.0) == (1.125, 3.125)
+
+
 def test_every_residual_base_is_among_the_baselines_its_agent_is_judged_against() -> None:
     # An agent that only reproduces its base is then level with the best baseline, never better than it.
     from agents.judge import HIDDEN_BASELINES, KNOWN_BASELINES
