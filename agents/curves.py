@@ -108,10 +108,11 @@ def plot_residual_curves(tensorboard_dir: Path, levels_file: Path, out: Path,
     for ax, name in zip(axes.flat, workloads):
         steps, values = series[f"eval/regret_s/{name}"]
         best = min(levels.get(name, {"": 0.0}).values())
-        ax.plot(steps, [v - best for v in values], "o-", ms=2.5, lw=1.2, color="tab:blue", label="agent")
+        gaps = [v - best for v in values]
+        ax.plot(steps, gaps, "o-", ms=2.5, lw=1.2, color="tab:blue", label="agent")
         for policy, level in levels.get(name, {}).items():
             ax.axhline(level - best, color=colours.get(policy, "grey"), lw=0.9, ls="--", label=policy)
-        limits = readable_limits([v - best for v in values] + [v - best for v in levels.get(name, {}).values()])
+        limits = readable_limits(gaps + [level - best for level in levels.get(name, {}).values()])
         if limits is not None:
             ax.set_ylim(*limits)
         ax.ticklabel_format(axis="both", useOffset=False, style="plain")

@@ -36,7 +36,7 @@ from llmsched_env.workload import ArrivalProcess, LengthSampleWorkload, read_tra
 
 #: The baselines a cell's agent is judged against, by what they know: with lengths known every one, hidden only
 #: those that never read a request's output length. The residual agents' bases (:data:`agents.residual.BASES`) are
-#: among them, so that an agent is better only where it adds to its base.
+#: among them, so that the table shows what an agent adds to its base.
 HIDDEN_BASELINES = ("nested-wait", "nested-wait-adaptive", "nested-wait-adaptive-stall-free",
                     "nested-wait-adaptive-margin-stall-free", "nested-wait-margin", "vllm", "sarathi")
 KNOWN_BASELINES = ("wait", "wait-adaptive", "wait-adaptive-stall-free", *HIDDEN_BASELINES)

@@ -775,9 +775,13 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         """The Python rule's margin and the rule it moves, at the last solve and scale, if either changed since they
         were built; it counts evictions from the start, before the first solve gives it levels."""
         if self._margin_stale:
-            self._margin = self.compiled_margin()
-            self._margin_rule = self.compiled_rule(self._margin)
+            self._margin_rule, self._margin = self._rule_in_force()
             self._margin_stale = False
+
+    def _rule_in_force(self) -> RuleInForce:
+        """The rule at the last solve and scale with its margin, the margin built once for both."""
+        margin = self.compiled_margin()
+        return RuleInForce(self.compiled_rule(margin), margin)
 
     def compiled_loop(self) -> CompiledLoop:
         """This policy compiled (:func:`run_adaptive_nested_wait`): Nested WAIT's compiled rule, the thresholds
@@ -786,8 +790,7 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         learning = self.learning
         assert learning is not None
         learn, guard = learning.loop_state(), np.zeros(2, dtype=np.int64)
-        margin = self.compiled_margin()
-        in_force = [RuleInForce(self.compiled_rule(margin), margin)]
+        in_force = [self._rule_in_force()]
         kept = [no_projection()]  # the running batch's projection where the loop last stopped
         follows = NestedWaitLearning(self._completed.sample, self._settings, self._profile, self._margin_quantiles,
                                      self._margin_reserves)
@@ -795,8 +798,7 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         def loop(run: RunState, running: np.ndarray, columns: RequestColumns, arrivals: ChunkArrays,
                  params: EngineParams) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             if self._rule_stale:  # rescaled between two calls: the lookahead is the same
-                margin = self.compiled_margin()
-                in_force[0] = RuleInForce(self.compiled_rule(margin), margin)
+                in_force[0] = self._rule_in_force()
                 self._rule_stale = False
             learning.to_loop(learn)
             stop, running, *decision, kept[0], in_force[0], solve = run_adaptive_nested_wait(

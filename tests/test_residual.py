@@ -202,7 +202,7 @@ def test_a_curve_panel_shows_at_least_a_second_of_regret_around_float_noise() ->
 
 
 def test_every_residual_base_is_among_the_baselines_its_agent_is_judged_against() -> None:
-    # An agent that only reproduces its base is then level with the best baseline, never better than it.
+    # The table then shows what an agent adds to its base, beside the base's own runs.
     from agents.judge import HIDDEN_BASELINES, KNOWN_BASELINES
     from baselines.compare import SEES_OUTPUT_LENGTHS
 
