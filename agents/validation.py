@@ -98,6 +98,14 @@ def _means(rows: Sequence[dict[str, Any]]) -> tuple[float, float]:
             float(np.mean([row["p99_latency_s"] or 0.0 for row in rows])))
 
 
+def _means_by_workload(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """:func:`_means` of validation rows (each with ``scenario``) per workload, in the order they first appear."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["scenario"], []).append(row)
+    return {name: _means(group) for name, group in groups.items()}
+
+
 def selection_bounds(base_rows: Sequence[dict[str, Any]], baseline_rows: dict[str, dict[str, list[dict[str, Any]]]],
                      throughput_margin: float, p99_margin: float) -> dict[str, SelectionBound]:
     """Per workload, the non-inferiority test a validated model must pass to be kept: the judging table's, on the
@@ -108,11 +116,11 @@ def selection_bounds(base_rows: Sequence[dict[str, Any]], baseline_rows: dict[st
     may never add to its base's shortfall, and the zero action always passes."""
     from agents.judge import best_baseline
 
-    bounds = {}
+    bounds, base_means = {}, _means_by_workload(base_rows)
     for name, runs in baseline_rows.items():
         means = {policy: _means(rows) for policy, rows in runs.items()}
         best = best_baseline(means)
-        base_throughput, base_p99 = _means([row for row in base_rows if row["scenario"] == name])
+        base_throughput, base_p99 = base_means[name]
         best_throughput, best_p99 = means[best]
         bounds[name] = SelectionBound(best, best_throughput, best_p99,
                                       min(base_throughput, (1 - throughput_margin) * best_throughput),
@@ -125,8 +133,8 @@ def worst_departures(rows: Sequence[dict[str, Any]], bounds: dict[str, Selection
     agent's throughput to the workload's best baseline's and the highest of their p99 latencies, each less 1, and
     where (a p99 where the best baseline has none is an infinite excess)."""
     throughput, p99 = (np.inf, ""), (-np.inf, "")
-    for name in dict.fromkeys(row["scenario"] for row in rows):
-        mine, bound = _means([row for row in rows if row["scenario"] == name]), bounds[name]
+    for name, mine in _means_by_workload(rows).items():
+        bound = bounds[name]
         throughput = min(throughput, (mine[0] / bound.best_throughput - 1 if bound.best_throughput > 0 else 0.0, name),
                          key=lambda change: change[0])
         p99 = max(p99, (mine[1] / bound.best_p99 - 1 if bound.best_p99 > 0 else (np.inf if mine[1] > 0 else 0.0),
@@ -136,11 +144,8 @@ def worst_departures(rows: Sequence[dict[str, Any]], bounds: dict[str, Selection
 
 def within_bounds(rows: Sequence[dict[str, Any]], bounds: dict[str, SelectionBound]) -> bool:
     """Whether validation rows (each with ``scenario``) pass every workload's :class:`SelectionBound`."""
-    for name in dict.fromkeys(row["scenario"] for row in rows):
-        throughput, p99 = _means([row for row in rows if row["scenario"] == name])
-        if throughput < bounds[name].throughput_floor or p99 > bounds[name].p99_ceiling:
-            return False
-    return True
+    return not any(throughput < bounds[name].throughput_floor or p99 > bounds[name].p99_ceiling
+                   for name, (throughput, p99) in _means_by_workload(rows).items())
 
 
 def baseline_validation_runs(env_kwargs: dict[str, Any], seeds: Sequence[int]
