@@ -524,6 +524,17 @@ def test_the_best_model_is_kept_only_within_the_bounds_on_every_workload(tmp_pat
         callback.model.num_timesteps = step
         callback.evaluate()
     assert saved == [0, 1]
+    # Where every policy serves the load the regrets tie: the lower p99 is kept, and a tie on both keeps the first.
+    validations = iter([base, base, [base[0], _validation_row("b", 1000, 10.0, 99.0, 50)],
+                        [base[0], _validation_row("b", 1000, 10.0, 99.5, 50)]])
+    saved.clear()
+    callback = training.residual_metrics_callback({}, (1000,), 1, tmp_path, throughput_margin=0.005,
+                                                  p99_margin=0.025)
+    callback.model = Model()
+    for step in range(4):
+        callback.model.num_timesteps = step
+        callback.evaluate()
+    assert saved == [0, 2]
 
 
 @pytest.mark.parametrize("key, value", [("p99_margin", -0.1), ("throughput_margin", float("nan")),
