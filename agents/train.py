@@ -38,7 +38,8 @@ from llmsched_env.runner import run
 CHECKPOINTS = "checkpoints"
 #: A residual agent's run: every baseline's validation regret per workload (the curves' reference levels).
 VALIDATION_LEVELS = "validation_baselines.json"
-#: A residual agent's run: per workload, the best baseline on the validation episodes and the selection's bounds.
+#: A residual agent's run: per validation point (a workload at a load), the best baseline on the validation episodes
+#: and the selection's bounds.
 SELECTION_BOUNDS = "selection_bounds.json"
 BEST_MODEL = "best_model.zip"
 
@@ -58,18 +59,19 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
                               on_eval: Callable[[dict[str, float]], None] | None = None, *,
                               throughput_margin: float = np.inf, p99_margin: float = np.inf) -> Any:
     """The SB3 callback of a residual agent (``LLMSched-Residual-v0``): every ``every`` steps (and at the start, and
-    when asked) the agent's validation episodes on every workload of its training distribution beside the baseline
-    it adjusts on the same arrivals: the regret ratio per scenario (``eval/ratio/<scenario>``) and over all
+    when asked) the agent's validation episodes on every workload of its training distribution, at each of its
+    swept loads (:func:`~agents.validation.validation_loads`), beside the baseline it adjusts on the same arrivals:
+    the regret ratio per scenario over its loads (``eval/ratio/<scenario>``) and over all
     (``eval/regret_ratio_to_base``, the ratio of the summed regrets in seconds of the fluid optimum's service), the
-    throughput ratio and the p99 difference, and the worst workload's against its best baseline
+    throughput ratio and the p99 difference, and the worst validation point's against its best baseline
     (:func:`~agents.validation.worst_departures`). It keeps in ``out`` the validated model of least regret (on a tie,
-    of the lowest mean p99 difference to the base) among those within the margins of every workload's best
+    of the lowest mean p99 difference to the base) among those within the margins of every point's best
     baseline (``eval/admissible``; :func:`~agents.validation.selection_bounds`,
     :class:`~agents.config.EvaluationConfig`)."""
     from stable_baselines3.common.callbacks import BaseCallback
 
     base_rows = residual_validation_runs(None, env_kwargs, seeds, zero_action=True)
-    reference = {(row["scenario"], row["seed"]): row for row in base_rows}
+    reference = {(row["scenario"], row["load"], row["seed"]): row for row in base_rows}
     # Every baseline on the same validation episodes: the curves' reference lines (agents/curves.py) and, the best
     # of each workload, what the selection's margins are measured against.
     baselines = baseline_validation_runs(env_kwargs, seeds)
@@ -95,7 +97,7 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
         def evaluate(self) -> dict[str, float]:
             self.last_evaluated = self.num_timesteps
             rows = residual_validation_runs(self.model, env_kwargs, seeds)
-            pairs = [(row, reference[row["scenario"], row["seed"]]) for row in rows]
+            pairs = [(row, reference[row["scenario"], row["load"], row["seed"]]) for row in rows]
             agent, base = sum(regret_s(a) for a, _ in pairs), sum(regret_s(b) for _, b in pairs)
             metrics = {"regret_s": agent / len(pairs), "base_regret_s": base / len(pairs),
                        "regret_ratio_to_base": agent / base if base > 0 else float("nan"),
@@ -120,8 +122,8 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
                 self.best = (agent, metrics["p99_difference_s"])
                 self.model.save(out / BEST_MODEL)
             if on_eval is not None:  # with where the worst departures were (text, not logged to TensorBoard)
-                on_eval({"timesteps": self.num_timesteps, **metrics, "worst_throughput_workload":
-                         worst.throughput_workload, "worst_p99_workload": worst.p99_workload})
+                on_eval({"timesteps": self.num_timesteps, **metrics, "worst_throughput_point":
+                         worst.throughput_point, "worst_p99_point": worst.p99_point})
             return metrics
 
     return Callback()
@@ -236,6 +238,7 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
     """
     import torch
     from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
+
     from agents.imitation import clone, collect_demonstrations
     from agents.vec_env import make_native_vec_env
 
@@ -303,8 +306,8 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
                     "eval @ {timesteps:,}: regret {regret_s:.2f} s of service, ratio to the baseline "
                     "{regret_ratio_to_base:.3f}, throughput ratio {throughput_ratio_to_base:.4f}, "
                     "p99 {p99_difference_s:+.2f} s; worst against the best baseline: throughput "
-                    "{worst_throughput_change:+.2%} ({worst_throughput_workload}), p99 {worst_p99_change:+.2%} "
-                    "({worst_p99_workload}){within}".format(
+                    "{worst_throughput_change:+.2%} ({worst_throughput_point}), p99 {worst_p99_change:+.2%} "
+                    "({worst_p99_point}){within}".format(
                         within="" if m["admissible"] else " (outside the bounds: not kept)", **m))),
                 throughput_margin=evaluation.throughput_margin, p99_margin=evaluation.p99_margin))
         elif evaluation.seeds:

@@ -45,47 +45,56 @@ def validation_runs(model: Any, env_id: str, env_kwargs: dict[str, Any], seeds: 
         vector.close()
 
 
-def validation_load(env: Any, workload: str) -> float:
-    """The load a residual agent is validated at on ``workload``: the top of its range, where the scheduler's
-    choices change the most (at light load every policy serves every request)."""
-    return float(env.load_range(workload)[1])
+def validation_loads(env: Any, workload: str) -> tuple[float, ...]:
+    """The loads a residual agent is validated at on ``workload``: its scenario's swept loads within the training
+    range, and the range's top (where the scheduler's choices change the most). Every swept load, because a
+    departure that pays at the top load can cost at a lower one (larger batches on the diurnal day: better at 0.8,
+    worse at 0.6), which a validation at the top alone cannot see."""
+    low, high = env.load_range(workload)
+    return tuple(sorted({float(load) for load in env.workloads[workload].loads if low <= load <= high} | {high}))
+
+
+def validation_point(row: dict[str, Any]) -> str:
+    """The validation episode's workload and load, as the selection's bounds are keyed: ``"diurnal at 0.8"``."""
+    return f"{row['scenario']} at {float(row['load']):g}"
 
 
 def residual_validation_runs(model: Any, env_kwargs: dict[str, Any], seeds: Sequence[int],
                              zero_action: bool = False) -> list[dict[str, Any]]:
-    """One episode of ``LLMSched-Residual-v0`` per workload of ``env_kwargs`` (at :func:`validation_load`) and
-    seed, the model acting by its mean action (``zero_action``: the baseline itself); each row the final info with
-    ``scenario``, ``load`` and ``seed``."""
+    """One episode of ``LLMSched-Residual-v0`` per workload of ``env_kwargs``, load of it (:func:`validation_loads`)
+    and seed, the model acting by its mean action (``zero_action``: the baseline itself); each row the final info
+    with ``scenario``, ``load`` and ``seed``."""
     from agents.residual import gaussian_action
     from agents.residual_env import LLMSchedResidualEnv
 
     env = LLMSchedResidualEnv(**env_kwargs)
     rows = []
     for name in env.workloads:
-        load = validation_load(env, name)
-        for seed in seeds:
-            observation, _ = env.reset(seed=0, options={"scenario": name, "load": load, "arrival_seed": seed})
-            done, info = False, {}
-            while not done:
-                action = np.zeros(1) if zero_action else gaussian_action(model, observation[None])[0][0]
-                observation, _, _, done, info = env.step(action)
-            rows.append({**info, "seed": seed})
+        for load in validation_loads(env, name):
+            for seed in seeds:
+                observation, _ = env.reset(seed=0, options={"scenario": name, "load": load, "arrival_seed": seed})
+                done, info = False, {}
+                while not done:
+                    action = np.zeros(1) if zero_action else gaussian_action(model, observation[None])[0][0]
+                    observation, _, _, done, info = env.step(action)
+                rows.append({**info, "seed": seed})
     return rows
 
 
 class Departures(NamedTuple):
-    """The worst workload's departure from its best baseline on a validation (:func:`worst_departures`)."""
+    """The worst validation point's departure from its best baseline on a validation (:func:`worst_departures`)."""
 
     throughput_change: float  # the lowest ratio of mean throughputs (the agent's to the best baseline's), less 1
-    throughput_workload: str  # where
+    throughput_point: str  # where (:func:`validation_point`)
     p99_change: float  # the highest ratio of mean p99 latencies, less 1
-    p99_workload: str  # where
+    p99_point: str  # where
 
 
 class SelectionBound(NamedTuple):
-    """What a validated model must hold on one workload to be kept (:func:`selection_bounds`); means over the seeds."""
+    """What a validated model must hold at one validation point (a workload at a load) to be kept
+    (:func:`selection_bounds`); means over the seeds."""
 
-    best_baseline: str  # the workload's best baseline on the validation episodes (the judging table's rule)
+    best_baseline: str  # the point's best baseline on the validation episodes (the judging table's rule)
     best_throughput: float
     best_p99: float
     throughput_floor: float  # the agent's mean throughput must be at least this
@@ -98,62 +107,65 @@ def _means(rows: Sequence[dict[str, Any]]) -> tuple[float, float]:
             float(np.mean([row["p99_latency_s"] or 0.0 for row in rows])))
 
 
-def _means_by_workload(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float]]:
-    """:func:`_means` of validation rows (each with ``scenario``) per workload, in the order they first appear."""
+def _means_by_point(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """:func:`_means` of validation rows (each with ``scenario`` and ``load``) per :func:`validation_point`, in the
+    order they first appear."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(row["scenario"], []).append(row)
-    return {name: _means(group) for name, group in groups.items()}
+        groups.setdefault(validation_point(row), []).append(row)
+    return {point: _means(group) for point, group in groups.items()}
 
 
 def selection_bounds(base_rows: Sequence[dict[str, Any]], baseline_rows: dict[str, dict[str, list[dict[str, Any]]]],
                      throughput_margin: float, p99_margin: float) -> dict[str, SelectionBound]:
-    """Per workload, the non-inferiority test a validated model must pass to be kept: the judging table's, on the
-    validation episodes, against the workload's **best baseline** there (:func:`agents.judge.best_baseline` over
-    ``baseline_rows``, :func:`baseline_validation_runs`): mean throughput at least ``1 - throughput_margin`` of the
-    best's and mean p99 at most ``1 + p99_margin`` of its, except that where the baseline the agent adjusts
-    (``base_rows``, with ``scenario``) already falls short of that, the bound is the base's own figure: the agent
-    may never add to its base's shortfall, and the zero action always passes."""
+    """Per validation point (:func:`validation_point`), the non-inferiority test a validated model must pass to be
+    kept: the judging table's, on the validation episodes, against the point's **best baseline** there
+    (:func:`agents.judge.best_baseline` over ``baseline_rows``, :func:`baseline_validation_runs`): mean throughput at
+    least ``1 - throughput_margin`` of the best's and mean p99 at most ``1 + p99_margin`` of its, except that where
+    the baseline the agent adjusts (``base_rows``) already falls short of that, the bound is the base's own figure:
+    the agent may never add to its base's shortfall, and the zero action always passes."""
     from agents.judge import best_baseline
 
-    bounds, base_means = {}, _means_by_workload(base_rows)
-    for name, runs in baseline_rows.items():
-        means = {policy: _means(rows) for policy, rows in runs.items()}
-        best = best_baseline(means)
-        base_throughput, base_p99 = base_means[name]
-        best_throughput, best_p99 = means[best]
-        bounds[name] = SelectionBound(best, best_throughput, best_p99,
-                                      min(base_throughput, (1 - throughput_margin) * best_throughput),
-                                      max(base_p99, (1 + p99_margin) * best_p99))
+    bounds, base_means = {}, _means_by_point(base_rows)
+    for runs in baseline_rows.values():
+        by_policy = {policy: _means_by_point(rows) for policy, rows in runs.items()}
+        for point in next(iter(by_policy.values())):
+            means = {policy: by_point[point] for policy, by_point in by_policy.items()}
+            best = best_baseline(means)
+            base_throughput, base_p99 = base_means[point]
+            best_throughput, best_p99 = means[best]
+            bounds[point] = SelectionBound(best, best_throughput, best_p99,
+                                           min(base_throughput, (1 - throughput_margin) * best_throughput),
+                                           max(base_p99, (1 + p99_margin) * best_p99))
     return bounds
 
 
 def worst_departures(rows: Sequence[dict[str, Any]], bounds: dict[str, SelectionBound]) -> Departures:
-    """Over the workloads of validation rows (each with ``scenario``), means over the seeds: the lowest ratio of the
-    agent's throughput to the workload's best baseline's and the highest of their p99 latencies, each less 1, and
+    """Over the validation points of ``rows`` (:func:`validation_point`), means over the seeds: the lowest ratio of
+    the agent's throughput to the point's best baseline's and the highest of their p99 latencies, each less 1, and
     where (a p99 where the best baseline has none is an infinite excess)."""
     throughput, p99 = (np.inf, ""), (-np.inf, "")
-    for name, mine in _means_by_workload(rows).items():
-        bound = bounds[name]
-        throughput = min(throughput, (mine[0] / bound.best_throughput - 1 if bound.best_throughput > 0 else 0.0, name),
-                         key=lambda change: change[0])
+    for point, mine in _means_by_point(rows).items():
+        bound = bounds[point]
+        throughput = min(throughput, (mine[0] / bound.best_throughput - 1 if bound.best_throughput > 0 else 0.0,
+                                      point), key=lambda change: change[0])
         p99 = max(p99, (mine[1] / bound.best_p99 - 1 if bound.best_p99 > 0 else (np.inf if mine[1] > 0 else 0.0),
-                        name), key=lambda change: change[0])
+                        point), key=lambda change: change[0])
     return Departures(float(throughput[0]), throughput[1], float(p99[0]), p99[1])
 
 
 def within_bounds(rows: Sequence[dict[str, Any]], bounds: dict[str, SelectionBound]) -> bool:
-    """Whether validation rows (each with ``scenario``) pass every workload's :class:`SelectionBound`."""
-    return not any(throughput < bounds[name].throughput_floor or p99 > bounds[name].p99_ceiling
-                   for name, (throughput, p99) in _means_by_workload(rows).items())
+    """Whether validation rows pass every validation point's :class:`SelectionBound`."""
+    return not any(throughput < bounds[point].throughput_floor or p99 > bounds[point].p99_ceiling
+                   for point, (throughput, p99) in _means_by_point(rows).items())
 
 
 def baseline_validation_runs(env_kwargs: dict[str, Any], seeds: Sequence[int]
                              ) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Per workload of ``env_kwargs`` and baseline with the workload's information
     (:data:`agents.judge.KNOWN_BASELINES` / :data:`~agents.judge.HIDDEN_BASELINES`): the summaries of its runs on the
-    validation episodes' arrivals (:func:`residual_validation_runs`), one per seed, each with ``scenario`` and
-    ``seed``."""
+    validation episodes' arrivals (:func:`residual_validation_runs`), one per load and seed, each with ``scenario``,
+    ``load`` and ``seed``."""
     from agents.judge import HIDDEN_BASELINES, KNOWN_BASELINES
     from agents.residual_env import LLMSchedResidualEnv
     from baselines import make_policy
@@ -164,23 +176,23 @@ def baseline_validation_runs(env_kwargs: dict[str, Any], seeds: Sequence[int]
     env = LLMSchedResidualEnv(**env_kwargs)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for name in env.workloads:
-        scenario, horizon = env.workload(name, validation_load(env, name))
-        known = scenario.output_lengths_known
         runs[name] = {}
-        for policy in KNOWN_BASELINES if known else HIDDEN_BASELINES:
-            setting = replace(scenario, output_lengths_known=known and policy in SEES_OUTPUT_LENGTHS)
-            runs[name][policy] = []
-            for seed in seeds:
-                arrivals = setting.sample(horizon, seed)
-                row = summarize(run(setting.engine(), make_policy(policy, setting, horizon), arrivals, horizon),
-                                setting.fluid(arrivals, horizon))
-                runs[name][policy].append({**row, "scenario": name, "seed": seed})
+        for load in validation_loads(env, name):
+            scenario, horizon = env.workload(name, load)
+            known = scenario.output_lengths_known
+            for policy in KNOWN_BASELINES if known else HIDDEN_BASELINES:
+                setting = replace(scenario, output_lengths_known=known and policy in SEES_OUTPUT_LENGTHS)
+                for seed in seeds:
+                    arrivals = setting.sample(horizon, seed)
+                    row = summarize(run(setting.engine(), make_policy(policy, setting, horizon), arrivals, horizon),
+                                    setting.fluid(arrivals, horizon))
+                    runs[name].setdefault(policy, []).append({**row, "scenario": name, "load": load, "seed": seed})
     return runs
 
 
 def validation_levels(baseline_rows: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, float]]:
-    """Per workload and baseline of :func:`baseline_validation_runs`, its mean regret over the seeds (seconds of the
-    fluid optimum's service): the levels a residual agent's validation curves are drawn against."""
+    """Per workload and baseline of :func:`baseline_validation_runs`, its mean regret over the loads and seeds
+    (seconds of the fluid optimum's service): the levels a residual agent's validation curves are drawn against."""
     return {name: {policy: float(np.mean([float(row["regret_requests"]) / float(row["fluid_throughput_rps"])
                                           for row in rows])) for policy, rows in runs.items()}
             for name, runs in baseline_rows.items()}

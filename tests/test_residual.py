@@ -294,7 +294,9 @@ def test_a_short_training_saves_reloads_and_is_judged_on_two_scenarios(tmp_path:
     levels = json.loads((out / "validation_baselines.json").read_text())
     assert set(levels) == {"paper-two-type", "bursty-low-hidden"} and "wait" not in levels["bursty-low-hidden"]
     bounds = json.loads((out / "selection_bounds.json").read_text())  # the selection's, against each best baseline
-    assert set(bounds) == set(levels) and all(bounds[name]["best_baseline"] in levels[name] for name in bounds)
+    # One bound per workload at each of its swept loads: a departure that pays at the top can cost below it.
+    assert set(bounds) == {f"{name} at {load:g}" for name in levels for load in (0.6, 0.8, 0.9)}
+    assert all(bound["best_baseline"] in levels[point.split(" at ")[0]] for point, bound in bounds.items())
     assert (out / "curves.png").stat().st_size > 10_000  # a panel per workload, the baselines' levels drawn
     loaded, network = read_agent(out)
     assert loaded == spec and network.action_space.shape == (1,)
@@ -431,8 +433,9 @@ def test_memory_is_drawn_per_reset_and_an_impossible_range_names_the_scenario() 
         LLMSchedResidualEnv(scenarios="paper-long-decode", memory=(1.0, 0.5))
 
 
-def _validation_row(scenario: str, seed: int, throughput: float, p99: float | None, regret: float) -> dict[str, Any]:
-    return {"scenario": scenario, "seed": seed, "throughput_rps": throughput, "p99_latency_s": p99,
+def _validation_row(scenario: str, seed: int, throughput: float, p99: float | None, regret: float,
+                    load: float = 0.8) -> dict[str, Any]:
+    return {"scenario": scenario, "load": load, "seed": seed, "throughput_rps": throughput, "p99_latency_s": p99,
             "regret_requests": regret, "fluid_throughput_rps": 1.0}
 
 
@@ -443,7 +446,8 @@ def test_the_selection_bounds_are_each_workloads_best_baseline_never_beyond_the_
         "a": {"x": [_validation_row("a", 0, 10.0, 100.0, 5)], "y": [_validation_row("a", 0, 9.95, 90.0, 5)]},
         "b": {"x": [_validation_row("b", 0, 10.0, 100.0, 5)], "y": [_validation_row("b", 0, 8.0, 50.0, 5)]}}
     base = [_validation_row("a", 0, 10.0, 100.0, 5), _validation_row("b", 0, 10.0, 99.0, 5)]
-    bounds = selection_bounds(base, baselines, 0.005, 0.025)
+    bounds = {point.removesuffix(" at 0.8"): bound
+              for point, bound in selection_bounds(base, baselines, 0.005, 0.025).items()}
     # a: y's throughput is within the judging table's 1 % of the top and its p99 is lower: y is the best. The base
     # is 11 % above its p99, beyond the 2.5 % margin: the ceiling is the base's own p99 (the zero action passes).
     assert bounds["a"].best_baseline == "y" and (bounds["a"].best_throughput, bounds["a"].best_p99) == (9.95, 90.0)
@@ -453,19 +457,47 @@ def test_the_selection_bounds_are_each_workloads_best_baseline_never_beyond_the_
     assert bounds["b"].throughput_floor == pytest.approx(9.95, abs=1e-12)
     assert bounds["b"].p99_ceiling == pytest.approx(102.5, abs=1e-12)
     # Without margins nothing is bounded.
-    free = selection_bounds(base, baselines, np.inf, np.inf)["a"]
+    free = selection_bounds(base, baselines, np.inf, np.inf)["a at 0.8"]
     assert free.throughput_floor == -np.inf and free.p99_ceiling == np.inf
+
+
+def test_validation_covers_every_swept_load_within_the_training_range() -> None:
+    from agents.validation import validation_loads, validation_point
+
+    suite = LLMSchedResidualEnv(scenarios=["diurnal", "paper-two-type-hidden"])
+    assert validation_loads(suite, "diurnal") == (0.6, 0.8)
+    assert validation_loads(suite, "paper-two-type-hidden") == (0.6, 0.8, 0.9)
+    # A training range picks the swept loads within it, and always its top (where a policy's choices matter most).
+    ranged = LLMSchedResidualEnv(scenarios=["diurnal", "paper-two-type-hidden"], loads=(0.7, 0.85))
+    assert validation_loads(ranged, "diurnal") == (0.8, 0.85)
+    assert validation_loads(ranged, "paper-two-type-hidden") == (0.8, 0.85)
+    assert validation_loads(LLMSchedResidualEnv(scenarios="diurnal", loads=0.8), "diurnal") == (0.8,)
+    assert validation_point({"scenario": "diurnal", "load": 0.6}) == "diurnal at 0.6"
+
+
+def test_a_departure_that_costs_at_a_lower_load_alone_is_out_of_bounds() -> None:
+    from agents.validation import selection_bounds, within_bounds, worst_departures
+
+    base = [_validation_row("a", 0, 10.0, 100.0, 5, load=0.6), _validation_row("a", 0, 20.0, 300.0, 5, load=0.8)]
+    bounds = selection_bounds(base, {"a": {"x": base}}, 0.005, 0.025)
+    assert set(bounds) == {"a at 0.6", "a at 0.8"} and bounds["a at 0.6"].p99_ceiling == pytest.approx(102.5)
+    # 4 % better at the top load, 4 % worse below it: averaged over the workload it would pass.
+    agent = [_validation_row("a", 0, 10.0, 104.0, 5, load=0.6), _validation_row("a", 0, 20.0, 288.0, 5, load=0.8)]
+    assert not within_bounds(agent, bounds)
+    assert worst_departures(agent, bounds).p99_point == "a at 0.6"
+    assert within_bounds(agent[1:], bounds)
 
 
 def test_worst_departures_read_the_worst_workload_against_its_best_baseline_on_the_seeds_mean() -> None:
     from agents.validation import SelectionBound, within_bounds, worst_departures
 
-    bounds = {"a": SelectionBound("x", 10.0, 30.0, 9.9, 31.0), "b": SelectionBound("y", 4.0, 10.0, 3.9, 11.0)}
+    bounds = {"a at 0.8": SelectionBound("x", 10.0, 30.0, 9.9, 31.0),
+              "b at 0.8": SelectionBound("y", 4.0, 10.0, 3.9, 11.0)}
     agent = [_validation_row("a", 0, 9.0, 30.0, 5), _validation_row("a", 1, 10.6, 42.0, 5),  # a: -2 %, p99 +20 %
              _validation_row("b", 0, 4.2, 9.0, 5)]  # b: +5 %, p99 -10 %
     worst = worst_departures(agent, bounds)
-    assert worst.throughput_change == pytest.approx(-0.02, abs=1e-12) and worst.throughput_workload == "a"
-    assert worst.p99_change == pytest.approx(0.2, abs=1e-12) and worst.p99_workload == "a"
+    assert worst.throughput_change == pytest.approx(-0.02, abs=1e-12) and worst.throughput_point == "a at 0.8"
+    assert worst.p99_change == pytest.approx(0.2, abs=1e-12) and worst.p99_point == "a at 0.8"
     assert not within_bounds(agent, bounds)  # a: 9.8 < 9.9 and 36 > 31
     worst = worst_departures(agent[2:], bounds)
     assert worst.throughput_change == pytest.approx(0.05, abs=1e-12) and worst.p99_change == pytest.approx(-0.1)
@@ -473,8 +505,8 @@ def test_worst_departures_read_the_worst_workload_against_its_best_baseline_on_t
     assert not within_bounds([_validation_row("b", 0, 4.2, 11.5, 5)], bounds)  # p99 above the ceiling alone
     assert not within_bounds([_validation_row("b", 0, 3.8, 9.0, 5)], bounds)  # throughput below the floor alone
     # No request finished: a p99 of 0 against 0 is no change; one where the best baseline has none is unbounded.
-    empty = {"c": SelectionBound("x", 0.0, 0.0, 0.0, 0.0)}
-    assert worst_departures([_validation_row("c", 0, 0.0, None, 0)], empty) == (0.0, "c", 0.0, "c")
+    empty = {"c at 0.8": SelectionBound("x", 0.0, 0.0, 0.0, 0.0)}
+    assert worst_departures([_validation_row("c", 0, 0.0, None, 0)], empty) == (0.0, "c at 0.8", 0.0, "c at 0.8")
     assert worst_departures([_validation_row("c", 0, 1.0, 3.0, 0)], empty).p99_change == np.inf
 
 
@@ -514,7 +546,7 @@ def test_the_best_model_is_kept_only_within_the_bounds_on_every_workload(tmp_pat
         kept.append(callback.evaluate()["admissible"])
     assert kept == [1.0, 0.0, 0.0, 1.0, 0.0] and saved == [0, 3]
     bounds = json.loads((tmp_path / "selection_bounds.json").read_text())
-    assert bounds["b"]["best_baseline"] == "other" and bounds["b"]["p99_ceiling"] == 100.0
+    assert bounds["b at 0.8"]["best_baseline"] == "other" and bounds["b at 0.8"]["p99_ceiling"] == 100.0
     # Without margins (the default) the least regret wins wherever it costs.
     validations = iter([base, [base[0], _validation_row("b", 1000, 10.0, 110.0, 10)]])
     saved.clear()
