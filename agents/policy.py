@@ -36,10 +36,13 @@ class AgentSpec:
     algo: str
     env_id: str
     env_kwargs: dict[str, Any]
-    timesteps: int
+    timesteps: int  # the run's frames
     seed: int
     command: str
     config_name: str
+    #: The frame of the validation that kept ``model.zip`` (the best on the validation seeds, not necessarily the
+    #: last); ``None`` where no validation kept it (the final model, or an ``agent.json`` written before this field).
+    model_timesteps: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"format": 1, **self.__dict__}

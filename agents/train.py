@@ -88,6 +88,7 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
             super().__init__()
             self.last_evaluated = -1
             self.best = (np.inf, np.inf)  # (regret, p99 difference to the base) of the model kept
+            self.kept_at: int | None = None  # its frame
 
         def _on_step(self) -> bool:
             if self.last_evaluated < 0 or self.num_timesteps - self.last_evaluated >= every:
@@ -120,6 +121,7 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
             # Where every policy serves the load the regrets tie to the bit (the same completions): the tail decides.
             if metrics["admissible"] and (agent, metrics["p99_difference_s"]) < self.best:
                 self.best = (agent, metrics["p99_difference_s"])
+                self.kept_at = self.num_timesteps
                 self.model.save(out / BEST_MODEL)
             if on_eval is not None:  # with where the worst departures were (text, not logged to TensorBoard)
                 on_eval({"timesteps": self.num_timesteps, **metrics, "worst_throughput_point":
@@ -157,6 +159,7 @@ def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tup
             self._latest: dict[int, dict[str, float]] = {}  # each env's last step info (its episode so far)
             self.last_evaluated = -1
             self.best_regret = np.inf
+            self.kept_at: int | None = None  # the frame of the model kept
 
         def _on_step(self) -> bool:
             for index, info in enumerate(self.locals.get("infos", ())):
@@ -195,6 +198,7 @@ def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tup
             self.logger.dump(self.num_timesteps)
             if metrics["regret_requests"] < self.best_regret:
                 self.best_regret = metrics["regret_requests"]
+                self.kept_at = self.num_timesteps
                 self.model.save(out / BEST_MODEL)
             if on_eval is not None:
                 on_eval({"timesteps": self.num_timesteps, **metrics})
@@ -331,12 +335,15 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
         final = out / BEST_MODEL if (out / BEST_MODEL).is_file() else None
         if final is not None:
             shutil.copyfile(final, out / MODEL_FILE)  # the best model on the validation seeds
+            kept_at = callbacks[1].kept_at if evaluation.seeds else None
         else:
             model.save(out / MODEL_FILE)
+            kept_at = int(model.num_timesteps)
     finally:
         vec_env.close()
     spec = AgentSpec(algo=config.algo, env_id=config.env_id, env_kwargs=env_kwargs,
-                     timesteps=int(model.num_timesteps), seed=seed, command=command, config_name=config.name)
+                     timesteps=int(model.num_timesteps), seed=seed, command=command, config_name=config.name,
+                     model_timesteps=kept_at)
     (out / AGENT_FILE).write_text(json.dumps(spec.to_json(), indent=2) + "\n")
     from agents.curves import plot_curves, plot_residual_curves
 

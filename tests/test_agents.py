@@ -90,12 +90,17 @@ def test_training_saves_an_agent_that_reloads_and_resumes(tmp_path: Path, config
     out = tmp_path / "agent"
     spec = train(_tiny(config_name), out, seed=1, progress_bar=False, log=lambda _: None)
     assert spec.timesteps == 512
+    assert spec.model_timesteps is not None and 0 < spec.model_timesteps <= 512  # the validation that kept it
     for name in ("model.zip", "agent.json", "config.toml"):
         assert (out / name).is_file()
     assert json.loads((out / "agent.json").read_text())["env_id"] == "LLMSched-v0"
     assert (out / "checkpoints" / "model_512_steps.zip").is_file()  # a checkpoint at the end, whatever the cadence
     loaded_spec, network = read_agent(out)
     assert loaded_spec == spec
+    written = json.loads((out / "agent.json").read_text())
+    del written["model_timesteps"]  # an agent.json from before the field: read, the frame unknown
+    (out / "agent.json").write_text(json.dumps(written))
+    assert read_agent(out)[0] == replace(spec, model_timesteps=None)
     from agents.policy import algorithm_class
 
     trusted = algorithm_class(config_name).load(out / "model.zip", device="cpu")  # our own file: SB3's loader is fine
@@ -117,6 +122,7 @@ def test_a_short_run_rounds_to_whole_rollouts_and_says_so(tmp_path: Path) -> Non
     spec = train(replace(_tiny(timesteps=300), evaluation=EvaluationConfig(seeds=(), checkpoint_every=10**6)),
                  tmp_path / "agent", progress_bar=False, log=said.append)
     assert spec.timesteps == 512 and any("300 steps rounded up to 512" in line for line in said)
+    assert spec.model_timesteps == 512  # nothing validated: the final model
     assert (tmp_path / "agent" / "checkpoints" / "model_512_steps.zip").is_file()
 
 

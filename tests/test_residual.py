@@ -290,6 +290,7 @@ def test_a_short_training_saves_reloads_and_is_judged_on_two_scenarios(tmp_path:
     short = replace(shipped, timesteps=2048, n_envs=2, env={**shipped.env, "horizon": 30.0})
     spec = train(short, out, progress_bar=False, log=lambda _: None)
     assert spec.timesteps == 2048 and spec.env_id == "LLMSched-Residual-v0"
+    assert spec.model_timesteps is not None and 0 < spec.model_timesteps <= 2048  # the validation that kept it
     assert spec.env_kwargs["batching"] == "stall-free-margin"  # the shipped config's bases
     levels = json.loads((out / "validation_baselines.json").read_text())
     assert set(levels) == {"paper-two-type", "bursty-low-hidden"} and "wait" not in levels["bursty-low-hidden"]
