@@ -42,6 +42,8 @@ VALIDATION_LEVELS = "validation_baselines.json"
 #: and the selection's bounds.
 SELECTION_BOUNDS = "selection_bounds.json"
 BEST_MODEL = "best_model.zip"
+#: The validation that kept ``best_model.zip``: its frame and the figures it was chosen by.
+BEST_RECORD = "best_model.json"
 
 
 def make_env(env_id: str, env_kwargs: dict[str, Any]) -> Any:
@@ -55,9 +57,34 @@ def make_env(env_id: str, env_kwargs: dict[str, Any]) -> Any:
     return gym.make(env_id, **env_kwargs).unwrapped
 
 
+class KeptModel:
+    """A run's best validated model: ``best_model.zip`` and what it was chosen by (``best_model.json``: its frame
+    and its key, lower is better). A resumed run reads them back, so that it keeps a later model only where that
+    one beats the model kept before the interruption."""
+
+    def __init__(self, out: Path, resume: bool) -> None:
+        self.out = out
+        self.key: tuple[float, ...] | None = None
+        self.timesteps: int | None = None  # the frame of the model kept
+        record = out / BEST_RECORD
+        if resume and record.is_file() and (out / BEST_MODEL).is_file():
+            data = json.loads(record.read_text())
+            self.key, self.timesteps = tuple(float(x) for x in data["key"]), int(data["timesteps"])
+
+    def offer(self, model: Any, key: tuple[float, ...]) -> bool:
+        """Keep ``model`` if its ``key`` is below the kept one's (or none is kept); whether it was kept."""
+        if self.key is not None and not key < self.key:
+            return False
+        self.key, self.timesteps = key, int(model.num_timesteps)
+        model.save(self.out / BEST_MODEL)
+        (self.out / BEST_RECORD).write_text(json.dumps({"timesteps": self.timesteps, "key": list(key)}) + "\n")
+        return True
+
+
 def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...], every: int, out: Path,
                               on_eval: Callable[[dict[str, float]], None] | None = None, *,
-                              throughput_margin: float = np.inf, p99_margin: float = np.inf) -> Any:
+                              throughput_margin: float = np.inf, p99_margin: float = np.inf,
+                              resume: bool = False) -> Any:
     """The SB3 callback of a residual agent (``LLMSched-Residual-v0``): every ``every`` steps (and at the start, and
     when asked) the agent's validation episodes on every workload of its training distribution, at each of its
     swept loads (:func:`~agents.validation.validation_loads`), beside the baseline it adjusts on the same arrivals:
@@ -67,7 +94,7 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
     (:func:`~agents.validation.worst_departures`). It keeps in ``out`` the validated model of least regret (on a tie,
     of the lowest mean p99 difference to the base) among those within the margins of every point's best
     baseline (``eval/admissible``; :func:`~agents.validation.selection_bounds`,
-    :class:`~agents.config.EvaluationConfig`)."""
+    :class:`~agents.config.EvaluationConfig`); with ``resume``, against the model kept before (:class:`KeptModel`)."""
     from stable_baselines3.common.callbacks import BaseCallback
 
     base_rows = residual_validation_runs(None, env_kwargs, seeds, zero_action=True)
@@ -87,8 +114,7 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
         def __init__(self) -> None:
             super().__init__()
             self.last_evaluated = -1
-            self.best = (np.inf, np.inf)  # (regret, p99 difference to the base) of the model kept
-            self.kept_at: int | None = None  # its frame
+            self.kept = KeptModel(out, resume)  # keyed by (regret, p99 difference to the base)
 
         def _on_step(self) -> bool:
             if self.last_evaluated < 0 or self.num_timesteps - self.last_evaluated >= every:
@@ -119,10 +145,8 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
                 self.logger.record(f"eval/{key}", value)
             self.logger.dump(self.num_timesteps)
             # Where every policy serves the load the regrets tie to the bit (the same completions): the tail decides.
-            if metrics["admissible"] and (agent, metrics["p99_difference_s"]) < self.best:
-                self.best = (agent, metrics["p99_difference_s"])
-                self.kept_at = self.num_timesteps
-                self.model.save(out / BEST_MODEL)
+            if metrics["admissible"]:
+                self.kept.offer(self.model, (agent, metrics["p99_difference_s"]))
             if on_eval is not None:  # with where the worst departures were (text, not logged to TensorBoard)
                 on_eval({"timesteps": self.num_timesteps, **metrics, "worst_throughput_point":
                          worst.throughput_point, "worst_p99_point": worst.p99_point})
@@ -133,9 +157,11 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
 
 def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tuple[int, ...], every: int,
                              reference: str, out: Path,
-                             on_eval: Callable[[dict[str, float]], None] | None = None) -> Any:
+                             on_eval: Callable[[dict[str, float]], None] | None = None, *,
+                             resume: bool = False) -> Any:
     """The SB3 callback that logs serving metrics (see the module docstring); it evaluates at the start,
-    every ``every`` steps and when asked (``callback.evaluate()``), and saves the best model to ``out``."""
+    every ``every`` steps and when asked (``callback.evaluate()``), and saves the best model to ``out``
+    (:class:`KeptModel`; with ``resume``, against the model kept before)."""
     from stable_baselines3.common.callbacks import BaseCallback
 
     from baselines import make_policy
@@ -158,8 +184,7 @@ def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tup
             self._episodes: list[dict[str, float]] = []
             self._latest: dict[int, dict[str, float]] = {}  # each env's last step info (its episode so far)
             self.last_evaluated = -1
-            self.best_regret = np.inf
-            self.kept_at: int | None = None  # the frame of the model kept
+            self.kept = KeptModel(out, resume)  # keyed by the validation regret
 
         def _on_step(self) -> bool:
             for index, info in enumerate(self.locals.get("infos", ())):
@@ -196,10 +221,7 @@ def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tup
             for key, value in metrics.items():
                 self.logger.record(f"eval/{key}", value)
             self.logger.dump(self.num_timesteps)
-            if metrics["regret_requests"] < self.best_regret:
-                self.best_regret = metrics["regret_requests"]
-                self.kept_at = self.num_timesteps
-                self.model.save(out / BEST_MODEL)
+            self.kept.offer(self.model, (metrics["regret_requests"],))
             if on_eval is not None:
                 on_eval({"timesteps": self.num_timesteps, **metrics})
             return metrics
@@ -264,6 +286,8 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         _write_toml(config.to_dict(), out / "config.toml")
+        for stale in (out / BEST_MODEL, out / BEST_RECORD):  # an earlier run's in the same folder: not this one's
+            stale.unlink(missing_ok=True)
     env_kwargs = dict(config.env)
     make_env(config.env_id, env_kwargs)  # bad arguments fail here, with the single environment's message
     if residual:
@@ -313,13 +337,13 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
                     "{worst_throughput_change:+.2%} ({worst_throughput_point}), p99 {worst_p99_change:+.2%} "
                     "({worst_p99_point}){within}".format(
                         within="" if m["admissible"] else " (outside the bounds: not kept)", **m))),
-                throughput_margin=evaluation.throughput_margin, p99_margin=evaluation.p99_margin))
+                throughput_margin=evaluation.throughput_margin, p99_margin=evaluation.p99_margin, resume=resume))
         elif evaluation.seeds:
             callbacks.append(serving_metrics_callback(
                 config.env_id, env_kwargs, evaluation.seeds, evaluation.every, evaluation.reference, out,
                 on_eval=_logged(log, on_eval, lambda m: (
                     "eval @ {timesteps:,}: regret {regret_requests:.1f}, ratio to reference {ratio:.3f}".format(
-                        ratio=m[f"regret_ratio_to_{evaluation.reference}"], **m)))))
+                        ratio=m[f"regret_ratio_to_{evaluation.reference}"], **m))), resume=resume))
         remaining = max(0, config.timesteps - model.num_timesteps)
         rollout = int(model.n_steps) * config.n_envs
         if remaining % rollout:  # PPO learns in whole rollouts: say so rather than overshoot the bar's total
@@ -335,7 +359,7 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
         final = out / BEST_MODEL if (out / BEST_MODEL).is_file() else None
         if final is not None:
             shutil.copyfile(final, out / MODEL_FILE)  # the best model on the validation seeds
-            kept_at = callbacks[1].kept_at if evaluation.seeds else None
+            kept_at = callbacks[1].kept.timesteps if evaluation.seeds else None
         else:
             model.save(out / MODEL_FILE)
             kept_at = int(model.num_timesteps)

@@ -109,6 +109,8 @@ def test_training_saves_an_agent_that_reloads_and_resumes(tmp_path: Path, config
     resumed = train(_tiny(config_name, timesteps=1024), out, seed=1, resume=True, progress_bar=False,
                     log=lambda _: None)
     assert resumed.timesteps == 1024
+    # The model kept before the interruption is what the resumed run's validations had to beat.
+    assert resumed.model_timesteps == json.loads((out / "best_model.json").read_text())["timesteps"]
     other = "ppo" if config_name == "maskable-ppo" else "maskable-ppo"
     with pytest.raises(ConfigError, match="was trained with algo"):
         train(replace(_tiny(config_name, timesteps=2048), algo=other), out, resume=True, progress_bar=False,

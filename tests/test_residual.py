@@ -537,6 +537,7 @@ def test_the_best_model_is_kept_only_within_the_bounds_on_every_workload(tmp_pat
 
         def save(self, path: Path) -> None:
             saved.append(self.num_timesteps)
+            path.write_bytes(b"")
 
     callback = training.residual_metrics_callback({}, (1000,), 1, tmp_path, throughput_margin=0.005,
                                                   p99_margin=0.025)
@@ -568,6 +569,17 @@ def test_the_best_model_is_kept_only_within_the_bounds_on_every_workload(tmp_pat
         callback.model.num_timesteps = step
         callback.evaluate()
     assert saved == [0, 2]
+    # A resumed run goes on against the model kept before it (regret 50, p99 -1 on b): not its own first validation.
+    validations = iter([base, [base[0], _validation_row("b", 1000, 10.0, 98.0, 50)]])
+    saved.clear()
+    callback = training.residual_metrics_callback({}, (1000,), 1, tmp_path, throughput_margin=0.005,
+                                                  p99_margin=0.025, resume=True)
+    assert callback.kept.timesteps == 2
+    callback.model = Model()
+    for step in (10, 11):
+        callback.model.num_timesteps = step
+        callback.evaluate()
+    assert saved == [11] and json.loads((tmp_path / "best_model.json").read_text())["timesteps"] == 11
 
 
 @pytest.mark.parametrize("key, value", [("p99_margin", -0.1), ("throughput_margin", float("nan")),
