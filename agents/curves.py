@@ -76,12 +76,14 @@ def plot_curves(tensorboard_dir: Path, out: Path) -> Path | None:
 
 
 def plot_residual_curves(tensorboard_dir: Path, levels_file: Path, out: Path,
-                         margins: tuple[float, float] = (math.inf, math.inf)) -> Path | None:
+                         margins: tuple[float, float] = (math.inf, math.inf),
+                         kept_at: int | None = None) -> Path | None:
     """A residual agent's run (``LLMSched-Residual-v0``): one panel per workload of its validation, the agent's
     validation regret at each evaluation less the best baseline's on the same episodes (seconds of the fluid
     optimum's service; below 0 the agent is ahead), with every baseline's own level as a labelled line (the best at
-    0); a panel for the whole validation set against the baseline the agent adjusts, the kept model starred and the
-    validations outside the selection's bounds crossed; and, where the run logged them, a panel of the worst
+    0); a panel for the whole validation set against the baseline the agent adjusts, the kept model (the validation
+    at frame ``kept_at``, :class:`agents.train.KeptModel`) starred and the validations outside the selection's
+    bounds crossed; and, where the run logged them, a panel of the worst
     workload's throughput and p99 change against its best baseline (%), with the selection's ``margins``
     (throughput, p99; shares, drawn where finite; a workload whose adjusted baseline falls short by more is held
     to that baseline's figure instead). ``None`` if nothing was logged."""
@@ -129,8 +131,8 @@ def plot_residual_curves(tensorboard_dir: Path, levels_file: Path, out: Path,
         outside = [i for i, ok in enumerate(admissible) if not ok]
         overall.plot([steps[i] for i in outside], [gains[i] for i in outside], "x", color="tab:red", ms=5,
                      label="outside the bounds")
-        kept = min((i for i, ok in enumerate(admissible) if ok), key=lambda i: (values[i], i), default=None)
-        if kept is not None:  # the first of the least regret within the margins: what the callback saved
+        if kept_at in steps:  # what the callback saved, as it recorded it (not re-derived here)
+            kept = steps.index(kept_at)
             overall.plot([steps[kept]], [gains[kept]], "*", color="k", ms=10, label="kept")
         overall.axhline(0.0, color="k", lw=0.9, ls="--")
         overall.legend(fontsize=7)

@@ -373,7 +373,8 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
 
     if residual:
         plot_residual_curves(out / "tb", out / VALIDATION_LEVELS, out / "curves.png",
-                             margins=(config.evaluation.throughput_margin, config.evaluation.p99_margin))
+                             margins=(config.evaluation.throughput_margin, config.evaluation.p99_margin),
+                             kept_at=kept_at)
     else:
         plot_curves(out / "tb", out / "curves.png")
     return spec
