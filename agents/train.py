@@ -71,14 +71,12 @@ class KeptModel:
             data = json.loads(record.read_text())
             self.key, self.timesteps = tuple(float(x) for x in data["key"]), int(data["timesteps"])
 
-    def offer(self, model: Any, key: tuple[float, ...]) -> bool:
-        """Keep ``model`` if its ``key`` is below the kept one's (or none is kept); whether it was kept."""
-        if self.key is not None and not key < self.key:
-            return False
-        self.key, self.timesteps = key, int(model.num_timesteps)
-        model.save(self.out / BEST_MODEL)
-        (self.out / BEST_RECORD).write_text(json.dumps({"timesteps": self.timesteps, "key": list(key)}) + "\n")
-        return True
+    def offer(self, model: Any, key: tuple[float, ...]) -> None:
+        """Keep ``model`` if its ``key`` is below the kept one's (or none is kept)."""
+        if self.key is None or key < self.key:
+            self.key, self.timesteps = key, int(model.num_timesteps)
+            model.save(self.out / BEST_MODEL)
+            (self.out / BEST_RECORD).write_text(json.dumps({"timesteps": self.timesteps, "key": list(key)}) + "\n")
 
 
 def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...], every: int, out: Path,

@@ -126,17 +126,19 @@ def selection_bounds(base_rows: Sequence[dict[str, Any]], baseline_rows: dict[st
     the agent may never add to its base's shortfall, and the zero action always passes."""
     from agents.judge import best_baseline
 
-    bounds, base_means = {}, _means_by_point(base_rows)
+    by_point: dict[str, dict[str, tuple[float, float]]] = {}  # point -> baseline -> its means there
     for runs in baseline_rows.values():
-        by_policy = {policy: _means_by_point(rows) for policy, rows in runs.items()}
-        for point in next(iter(by_policy.values())):
-            means = {policy: by_point[point] for policy, by_point in by_policy.items()}
-            best = best_baseline(means)
-            base_throughput, base_p99 = base_means[point]
-            best_throughput, best_p99 = means[best]
-            bounds[point] = SelectionBound(best, best_throughput, best_p99,
-                                           min(base_throughput, (1 - throughput_margin) * best_throughput),
-                                           max(base_p99, (1 + p99_margin) * best_p99))
+        for policy, rows in runs.items():
+            for point, means in _means_by_point(rows).items():
+                by_point.setdefault(point, {})[policy] = means
+    bounds, base_means = {}, _means_by_point(base_rows)
+    for point, means in by_point.items():
+        best = best_baseline(means)
+        base_throughput, base_p99 = base_means[point]
+        best_throughput, best_p99 = means[best]
+        bounds[point] = SelectionBound(best, best_throughput, best_p99,
+                                       min(base_throughput, (1 - throughput_margin) * best_throughput),
+                                       max(base_p99, (1 + p99_margin) * best_p99))
     return bounds
 
 
