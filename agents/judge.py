@@ -91,28 +91,30 @@ def cell_scenario(cell: dict[str, Any]) -> Scenario:
 
 
 @lru_cache(maxsize=4)
-def _agent(agent_dir: str) -> tuple[Any, dict[str, Any]]:
+def _agent(agent_dir: str) -> tuple[Any, dict[str, Any], str]:
     from agents.residual import read_residual_agent
 
     spec, network = read_residual_agent(agent_dir)
-    return network, spec.env_kwargs
+    return network, spec.env_kwargs, spec.env_id
 
 
 def judge_cell(agent_dir: str, cell: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
     """One cell's runs (the agent in ``agent_dir`` and its baselines on every seed) and verdict."""
     from agents.residual import control_settings
 
-    network, env_kwargs = _agent(agent_dir)
-    settings = control_settings(env_kwargs)
+    network, env_kwargs, env_id = _agent(agent_dir)
+    settings = control_settings(env_kwargs, env_id)
     return judge_network(network, settings.pop("interval_s"), cell, seeds, **settings)
 
 
 def judge_network(network: Any, interval_s: float, cell: dict[str, Any], seeds: Sequence[int], *,
-                  base: str | None = None, batching: str = "whole", dead_zone: float = 0.0) -> dict[str, Any]:
+                  base: str | None = None, batching: str = "whole", dead_zone: float = 0.0,
+                  compute_load: bool = False) -> dict[str, Any]:
     """One cell's verdict for a residual ``network`` deciding every ``interval_s`` (what
     :class:`~agents.residual.ResidualAgentPolicy` takes: a trained actor, or a
     :class:`~agents.residual.ConstantAction`, adjusting ``base`` or the ``batching`` family's, with its
-    ``dead_zone``), run beside the cell's baselines on every seed."""
+    ``dead_zone``, reading the compute load with ``compute_load``), run beside the cell's baselines on every
+    seed."""
     from agents.residual import ResidualAgentPolicy
 
     scenario = cell_scenario(cell)
@@ -120,7 +122,7 @@ def judge_network(network: Any, interval_s: float, cell: dict[str, Any], seeds: 
 
     def factory(setting: Scenario, horizon: float) -> ResidualAgentPolicy:
         return ResidualAgentPolicy(network, setting, horizon, interval_s=interval_s, base=base, batching=batching,
-                                   dead_zone=dead_zone)
+                                   dead_zone=dead_zone, compute_load=compute_load)
 
     sees = (SEES_OUTPUT_LENGTHS | {"agent"}) if cell["known"] else frozenset()
     comparison = compare(scenario, ["agent", *baselines], [scenario.base_rate], cell["horizon"], seeds=seeds,

@@ -64,6 +64,17 @@ FEATURES = ("lengths_known", "servable_share", "rate_short_vs_long", "queue_vs_t
             "kv_used", "kv_reserved", "oldest_wait", "completions_vs_arrivals", "evicted_waiting_share", "scale",
             "warmed_up")
 NUM_FEATURES = len(FEATURES)
+#: ``compute_load=True`` (``LLMSched-Residual-v1``) adds the baseline's estimate of the compute load, ``ρ̂ = λ̂ ·
+#: E[u]`` (its rate estimate times a request's mean lifetime work, ``estimated_load``), as ``ρ̂⁴ / (1 + ρ̂⁴)``: ½ at
+#: the edge of the stability region, 0.29 at 0.8, 0.55 at 1.05. The servable share is clamped at 1 below the edge,
+#: so a load of 0.6 and one of 0.8 look alike there until the overload; ρ̂ tells them apart.
+LOAD_FEATURES = ("compute_load",)
+LOAD_POWER = 4
+
+
+def feature_names(compute_load: bool = False) -> tuple[str, ...]:
+    """The observation's entries, in order: :data:`FEATURES`, then :data:`LOAD_FEATURES` with ``compute_load``."""
+    return FEATURES + LOAD_FEATURES if compute_load else FEATURES
 
 
 def clipped_action(action: np.ndarray | float) -> float:
@@ -112,10 +123,11 @@ class ResidualControl:
             given.
         dead_zone: actions within ``±dead_zone`` are the baseline itself (:func:`dead_zoned`); 0 (the default):
             every action counts.
+        compute_load: observe the baseline's compute-load estimate too (:data:`LOAD_FEATURES`).
     """
 
     def __init__(self, interval_s: float = 1.0, base: str | None = None, batching: str = "whole",
-                 dead_zone: float = 0.0) -> None:
+                 dead_zone: float = 0.0, compute_load: bool = False) -> None:
         if not (math.isfinite(interval_s) and interval_s > 0):
             raise ConfigError(f"interval_s must be finite and > 0 s, got {interval_s!r}")
         if not 0.0 <= dead_zone < 1.0:
@@ -129,6 +141,8 @@ class ResidualControl:
         self.base_name = base
         self.batching = batching
         self.dead_zone = float(dead_zone)
+        self.compute_load = bool(compute_load)
+        self.num_features = len(feature_names(self.compute_load))
         self.base: Any = None
         self.next_decision = 0.0
 
@@ -190,6 +204,8 @@ class ResidualControl:
             (math.log2(self.scale) / SCALE_OCTAVES + 1) / 2,
             1.0 if solved else 0.0,
         )
+        if self.compute_load:
+            features += (_squash(base.estimated_load ** LOAD_POWER, 1.0),)
         return np.clip(np.array(features, dtype=np.float32), 0.0, 1.0)
 
 
@@ -204,8 +220,10 @@ class ResidualNetwork:
         self.layers, self.head, self.log_std = layers, head, log_std
 
     @classmethod
-    def from_weights(cls, weights: dict[str, Any], source: str) -> "ResidualNetwork":
-        """The actor in an SB3 ``policy.pth``'s tensors; a clear error naming ``source`` if they are not one."""
+    def from_weights(cls, weights: dict[str, Any], source: str, features: int = NUM_FEATURES
+                     ) -> "ResidualNetwork":
+        """The actor in an SB3 ``policy.pth``'s tensors, reading ``features`` entries (:func:`feature_names`); a
+        clear error naming ``source`` if they are not one."""
         def array(key: str) -> np.ndarray:
             if key not in weights:
                 raise ConfigError(f"{source}: no tensor {key!r}: not the actor of an MlpPolicy with a continuous "
@@ -220,9 +238,9 @@ class ResidualNetwork:
             index += 2  # Linear, activation, Linear, ...
         network = cls(layers, (array("action_net.weight"), array("action_net.bias")), array("log_std"))
         width = layers[0][0].shape[1] if layers else network.head[0].shape[1]
-        if width != NUM_FEATURES or network.head[0].shape[0] != 1:
+        if width != features or network.head[0].shape[0] != 1:
             raise ConfigError(f"{source}: the network reads {width} features and sets {network.head[0].shape[0]} "
-                              f"action(s); a residual agent reads {NUM_FEATURES} and sets 1")
+                              f"action(s); this residual agent reads {features} and sets 1")
         return network
 
     def __call__(self, observations: np.ndarray) -> np.ndarray:
@@ -247,6 +265,65 @@ class ConstantAction:
         return np.full((len(observations), 1), self.action)
 
 
+class OverloadRule:
+    """A residual "network" by hand, on ``LLMSched-Residual-v1``'s observation: ``action`` (larger batches, more
+    memory kept back) while the queue's head has waited at least ``min_head_age_s`` and either the base's
+    compute-load estimate lies between ``load`` and ``load_cap`` or the head has waited longer than ``head_age_s``;
+    the baseline itself otherwise, and with ``known_only`` wherever output lengths are hidden.
+
+    Larger batches serve more per second of iteration time, which pays in a sustained overload (the diurnal day's
+    peak) and costs latency where the engine keeps up. ``ρ̂`` above 1 says the rate outgrows the engine; a head
+    that has waited says the overload has lasted long enough to queue; ``ρ̂`` at ``load_cap`` or above is a burst's
+    60 s rate, which thresholds sized for it serve no better. With lengths hidden the estimate passes 1 too late on
+    the diurnal day, and the same action earlier costs at lower loads, so ``known_only`` leaves those to the base.
+    A teacher for an imitation warm start (:data:`RESIDUAL_TEACHERS`), no policy of its own.
+    """
+
+    log_std = None
+
+    def __init__(self, load: float = 1.0, load_cap: float = 1.5, min_head_age_s: float = 10.0,
+                 head_age_s: float = 162.0, action: float = 1.0, known_only: bool = True) -> None:
+        if not (0 < load < load_cap and 0 <= min_head_age_s < head_age_s < math.inf):
+            raise ConfigError("an overload rule needs 0 < load < load_cap and 0 <= min_head_age_s < head_age_s "
+                              f"< inf, got load {load!r}, load_cap {load_cap!r}, min_head_age_s "
+                              f"{min_head_age_s!r}, head_age_s {head_age_s!r}")
+        clipped_action(action)  # a non-finite action fails here
+        self.load, self.load_cap, self.action, self.known_only = float(load), float(load_cap), float(action), \
+            bool(known_only)
+        self.min_head_age_s, self.head_age_s = float(min_head_age_s), float(head_age_s)
+        names = feature_names(compute_load=True)
+        self._known, self._load, self._age = (names.index("lengths_known"), names.index("compute_load"),
+                                              names.index("oldest_wait"))
+
+    def __call__(self, observations: np.ndarray) -> np.ndarray:
+        observations = np.asarray(observations, dtype=np.float64)
+        if observations.shape[-1] != len(feature_names(compute_load=True)):
+            raise ConfigError(f"an overload rule reads LLMSched-Residual-v1's {len(feature_names(True))} entries "
+                              f"(the compute load among them), got {observations.shape[-1]}")
+        # The entries as the observation squashes them: compare there, not after inverting a squash near 1.
+        load, age = observations[:, self._load], observations[:, self._age]
+        overloaded = (load > _squash(self.load ** LOAD_POWER, 1.0)) & (load < _squash(self.load_cap ** LOAD_POWER, 1.0))
+        fires = (age > _squash(self.min_head_age_s, 5.0)) & (overloaded | (age > _squash(self.head_age_s, 5.0)))
+        if self.known_only:
+            fires &= observations[:, self._known] > 0.5
+        return np.where(fires, self.action, 0.0).reshape(-1, 1)
+
+
+#: Residual teachers an imitation warm start can copy (``[imitation] teacher = NAME`` of a residual config).
+RESIDUAL_TEACHERS = {"overload": OverloadRule}
+
+
+def residual_teacher(name: str, env: Any) -> Any:
+    """The residual teacher ``name`` (:data:`RESIDUAL_TEACHERS`, at its defaults) for the residual environment
+    ``env``; a clear error if there is none of that name or ``env`` does not observe what it reads."""
+    if name not in RESIDUAL_TEACHERS:
+        raise ConfigError(f"[imitation] teacher {name!r} is not a residual teacher; one of "
+                          f"{', '.join(RESIDUAL_TEACHERS)} (a residual agent starts at its baseline without one)")
+    if not env.control.compute_load:
+        raise ConfigError(f"[imitation] teacher {name!r} reads the compute load: train on LLMSched-Residual-v1")
+    return RESIDUAL_TEACHERS[name]()
+
+
 class ResidualAgentPolicy:
     """A trained residual agent behind the :class:`~llmsched_env.policy.Policy` interface: the baseline's decisions,
     with the agent setting its threshold scale every ``interval_s``. ``run(engine, policy, ...)`` reproduces the
@@ -257,21 +334,21 @@ class ResidualAgentPolicy:
             loads), a stable-baselines3 ``PPO`` model, or any callable from a batch of observations to actions.
         scenario: where it runs (the baseline's cost model and memory).
         horizon: the run's horizon (the baseline's overflow bound).
-        interval_s, base, batching, dead_zone: :class:`ResidualControl`'s (:func:`control_settings` reads them from
-            a saved agent's environment arguments).
+        interval_s, base, batching, dead_zone, compute_load: :class:`ResidualControl`'s (:func:`control_settings`
+            reads them from a saved agent's environment id and arguments).
         deterministic: the mean action (else a sample, from a generator seeded by ``seed`` at every reset).
     """
 
     def __init__(self, network: Any, scenario: Scenario, horizon: float, *, interval_s: float = 1.0,
                  base: str | None = None, batching: str = "whole", dead_zone: float = 0.0,
-                 deterministic: bool = True, seed: int = 0, name: str = "agent") -> None:
+                 compute_load: bool = False, deterministic: bool = True, seed: int = 0, name: str = "agent") -> None:
         self.name = name
         self.network = network
         self.scenario = scenario
         self.horizon = horizon
         self.deterministic = deterministic
         self.seed = seed
-        self.control = ResidualControl(interval_s, base, batching, dead_zone)
+        self.control = ResidualControl(interval_s, base, batching, dead_zone, compute_load)
         self._rng = np.random.default_rng(seed)
 
     def reset(self, engine: Engine) -> None:
@@ -332,16 +409,24 @@ class ResidualAgentPolicy:
         return loop
 
 
-def control_settings(env_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """What a saved agent's environment arguments say about its control (``interval_s``, ``base``, ``batching``,
-    ``dead_zone``), as :class:`ResidualAgentPolicy` takes them: the agent runs as it was trained."""
-    return {"interval_s": float(env_kwargs.get("interval_s", 1.0)), "base": env_kwargs.get("base"),
-            "batching": str(env_kwargs.get("batching", "whole")),
-            "dead_zone": float(env_kwargs.get("dead_zone", 0.0))}
+def control_settings(env_kwargs: dict[str, Any], env_id: str = "LLMSched-Residual-v0") -> dict[str, Any]:
+    """What a saved agent's environment id and arguments say about its control (``interval_s``, ``base``,
+    ``batching``, ``dead_zone``, ``compute_load``), as :class:`ResidualAgentPolicy` takes them: the agent runs as it
+    was trained. The id's own arguments (:data:`~llmsched_env.registration.RESIDUAL_ENV_IDS`) come first, as
+    ``gym.make`` merges them."""
+    from llmsched_env.registration import RESIDUAL_ENV_IDS
+
+    if env_id not in RESIDUAL_ENV_IDS:
+        raise ConfigError(f"{env_id!r} is not a workload-independent environment; one of "
+                          f"{', '.join(RESIDUAL_ENV_IDS)}")
+    merged = {**RESIDUAL_ENV_IDS[env_id], **env_kwargs}
+    return {"interval_s": float(merged.get("interval_s", 1.0)), "base": merged.get("base"),
+            "batching": str(merged.get("batching", "whole")), "dead_zone": float(merged.get("dead_zone", 0.0)),
+            "compute_load": bool(merged.get("compute_load", False))}
 
 
 def read_residual_agent(directory: str | Path) -> tuple[AgentSpec, Any]:
-    """``(spec, network)`` of a residual agent (trained on ``LLMSched-Residual-v0``) saved in ``directory``: its
+    """``(spec, network)`` of a residual agent (trained on an id of ``RESIDUAL_ENV_IDS``) saved in ``directory``: its
     actor as a :class:`~agents.residual.ResidualNetwork` (weights only; stable-baselines3 is not needed)."""
     from agents.config import load_config
     from llmsched_env.registration import RESIDUAL_ENV_IDS
@@ -356,7 +441,8 @@ def read_residual_agent(directory: str | Path) -> tuple[AgentSpec, Any]:
         raise ConfigError(f"{config_path}: policy_kwargs {', '.join(sorted(unsupported))} not supported for a "
                           "residual agent (its actor is the default MlpPolicy's: tanh layers)")
     model_path = Path(directory) / MODEL_FILE
-    return spec, ResidualNetwork.from_weights(read_weights(model_path), str(model_path))
+    features = len(feature_names(control_settings(spec.env_kwargs, spec.env_id)["compute_load"]))
+    return spec, ResidualNetwork.from_weights(read_weights(model_path), str(model_path), features)
 
 
 def gaussian_action(model: Any, observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""``LLMSched-Residual-v0``: one agent for any workload, acting as a residual on an adaptive baseline."""
+"""``LLMSched-Residual-v0`` / ``-v1``: one agent for any workload, acting as a residual on an adaptive baseline."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from agents.residual import NUM_FEATURES, ResidualControl, oldest_wait_s
+from agents.residual import ResidualControl, feature_names, oldest_wait_s
 from llmsched_env.errors import ConfigError, RequestTooLargeError
 from llmsched_env.fluid import FluidSolution
 from llmsched_env.metrics import summarize
@@ -74,7 +74,9 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
     ## Observation Space
 
     ``Box(0, 1, (12,), float32)``: :data:`agents.residual.FEATURES` (queue, memory, rates and the baseline's
-    own targets, all dimensionless; no horizon, no offered rate, no workload type).
+    own targets, all dimensionless; no horizon, no offered rate, no workload type). ``Box(0, 1, (13,), float32)``
+    with ``compute_load`` (``-v1``): then the baseline's compute-load estimate ``ρ̂`` as ``ρ̂⁴ / (1 + ρ̂⁴)``
+    (:data:`agents.residual.LOAD_FEATURES`), which tells a load of 0.6 from one of 0.8 before either overloads.
 
     ## Rewards
 
@@ -117,7 +119,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
     baseline; default by ``batching`` and length setting, :data:`agents.residual.BASES`), ``reward`` (``regret`` or
     ``vs_baseline``), ``latency_penalty`` (0), ``wait_penalty`` (0), ``action_penalty`` (0, on the residual
     applied), ``dead_zone`` (0: actions within ``±dead_zone`` are the baseline itself,
-    :func:`agents.residual.dead_zoned`), ``compiled``
+    :func:`agents.residual.dead_zoned`), ``compute_load`` (observe the compute-load estimate; ``True`` in
+    ``-v1``), ``compiled``
     (``True``: the baseline's compiled loop between decisions; ``False`` its Python rule, the same episodes).
 
     ``reset(options={"scenario": name, "load": rho, "memory": m, "arrival_seed": s})`` pins any of them.
@@ -126,6 +129,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
 
     * v0: initial version; ``action_penalty``, ``batching``, ``dead_zone`` and ``wait_penalty`` added later
       (defaults 0, ``"whole"``, 0 and 0: the episodes and rewards as before), then ``batching="stall-free-margin"``.
+    * v1: the observation adds the baseline's compute-load estimate (``compute_load=True``); episodes, actions and
+      rewards as in v0.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
@@ -135,7 +140,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
                  horizon: float | None = None,
                  interval_s: float = 1.0, base: str | None = None, batching: str = "whole", reward: str = "regret",
                  latency_penalty: float = 0.0, action_penalty: float = 0.0, dead_zone: float = 0.0,
-                 wait_penalty: float = 0.0, compiled: bool = True, render_mode: str | None = None) -> None:
+                 wait_penalty: float = 0.0, compute_load: bool = False, compiled: bool = True,
+                 render_mode: str | None = None) -> None:
         names = [scenarios] if isinstance(scenarios, str) else list(scenarios)
         if SUITE in names:
             names = [n for n in names if n != SUITE] + suite_workloads()
@@ -175,9 +181,9 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         self.wait_penalty = float(wait_penalty)
         self.compiled = bool(compiled)
         self.render_mode = render_mode
-        self.control = ResidualControl(interval_s, base, batching, dead_zone)
+        self.control = ResidualControl(interval_s, base, batching, dead_zone, compute_load)
         self.action_space = spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
-        self.observation_space = spaces.Box(0.0, 1.0, (NUM_FEATURES,), dtype=np.float32)
+        self.observation_space = spaces.Box(0.0, 1.0, (len(feature_names(compute_load)),), dtype=np.float32)
         self._rollout: Rollout | None = None
 
     def load_range(self, name: str) -> tuple[float, float]:
@@ -266,7 +272,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
             self._wait_gap = gap
         if self.action_penalty:
             reward -= self.action_penalty * self.control.action ** 2
-        observation = np.zeros(NUM_FEATURES, np.float32) if self._done else self.control.observe(state)
+        observation = (np.zeros(self.observation_space.shape, np.float32) if self._done
+                       else self.control.observe(state))
         return observation, float(reward), False, self._done, self._info(final=self._done)
 
     def _grid_point(self, now: float) -> int:

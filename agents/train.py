@@ -263,7 +263,8 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
     import torch
     from stable_baselines3.common.callbacks import CallbackList, CheckpointCallback
 
-    from agents.imitation import clone, collect_demonstrations
+    from agents.imitation import clone, clone_residual, collect_demonstrations, collect_residual_demonstrations
+    from agents.residual import residual_teacher
     from agents.vec_env import make_native_vec_env
 
     residual = config.env_id in RESIDUAL_ENV_IDS
@@ -287,7 +288,9 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
         for stale in (out / BEST_MODEL, out / BEST_RECORD):  # an earlier run's in the same folder: not this one's
             stale.unlink(missing_ok=True)
     env_kwargs = dict(config.env)
-    make_env(config.env_id, env_kwargs)  # bad arguments fail here, with the single environment's message
+    probe = make_env(config.env_id, env_kwargs)  # bad arguments fail here, with the single environment's message
+    if residual and config.imitation is not None:
+        residual_teacher(config.imitation.teacher, probe)  # and a teacher it cannot run, before any training
     if residual:
         # Each step runs a baseline's compiled loop for a decision interval (hundreds of iterations): SB3's own
         # DummyVecEnv costs nothing beside it. Seeded seed + i.
@@ -312,7 +315,19 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
             log(f"resuming from {checkpoint}")
             _resume_from(model, checkpoint)
         else:
-            if config.imitation is not None:
+            if config.imitation is not None and residual:
+                imitation = config.imitation
+                log(f"imitating the residual teacher {imitation.teacher} for {imitation.episodes} episode(s)")
+                teacher_env = make_env(config.env_id, env_kwargs)
+                residual_demos = collect_residual_demonstrations(
+                    teacher_env, residual_teacher(imitation.teacher, teacher_env), imitation.episodes,
+                    seed=10_000 + seed, gamma=float(model.gamma))
+                stats = clone_residual(model, residual_demos, epochs=imitation.epochs,
+                                       batch_size=imitation.batch_size, learning_rate=imitation.learning_rate,
+                                       seed=seed)
+                log(f"warm start: {len(residual_demos.actions):,} decisions, mean action error "
+                    f"{stats['mean_abs_error']:.3f}, teacher return {residual_demos.episode_returns.mean():.2f}")
+            elif config.imitation is not None:
                 imitation = config.imitation
                 log(f"imitating {imitation.teacher} for {imitation.episodes} episode(s)")
                 teacher_env = make_env(config.env_id, env_kwargs)
@@ -326,8 +341,10 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
         callbacks = [CheckpointCallback(save_freq=max(1, evaluation.checkpoint_every // config.n_envs),
                                         save_path=str(out / CHECKPOINTS), name_prefix="model")]
         if evaluation.seeds and residual:
+            # The id's own arguments too (LLMSched-Residual-v1's compute_load): validation builds the environment
+            # directly, not through gym.make.
             callbacks.append(residual_metrics_callback(
-                env_kwargs, evaluation.seeds, evaluation.every, out,
+                {**RESIDUAL_ENV_IDS[config.env_id], **env_kwargs}, evaluation.seeds, evaluation.every, out,
                 on_eval=_logged(log, on_eval, lambda m: (
                     "eval @ {timesteps:,}: regret {regret_s:.2f} s of service, ratio to the baseline "
                     "{regret_ratio_to_base:.3f}, throughput ratio {throughput_ratio_to_base:.4f}, "

@@ -76,7 +76,7 @@ from llmsched_env.cost_estimate import CostFollower, follow_iteration, followed_
 from llmsched_env.cost_model import LinearCostModel
 from llmsched_env.engine import Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
-from llmsched_env.fluid import equilibrium_point
+from llmsched_env.fluid import equilibrium_point, lifetime_work
 from llmsched_env.iteration import EngineParams, N
 from llmsched_env.policy import CompiledLoop
 from llmsched_env.rate_estimate import ArrivalRateEstimator
@@ -356,7 +356,7 @@ def quantile_classes(prompt: np.ndarray, output: np.ndarray, grid: int) -> tuple
 
 # -- the adaptive Nested WAIT's solve, in one compiled path for the loop and for `decide` ----------------------
 SEGMENTS, MARGIN = 4, 0.05  # nested_wait_thresholds' defaults: quantile segments, and the margin between them
-PROMPT, RATE, TAU, MEMORY, SCALE, FLUID_MEMORY, C0 = range(7)  # indices of NestedWaitSolve.reals
+PROMPT, RATE, TAU, MEMORY, SCALE, FLUID_MEMORY, C0, WORK = range(8)  # indices of NestedWaitSolve.reals
 # indices of NestedWaitLearning.settings
 (CAPACITY_TOKENS, CAPACITY_BLOCKS, BLOCK_SIZE, QUANTILE, THRESHOLD_SCALE, LENDS, TOKEN_BUDGET, DRAIN_ITERATIONS,
  CALM_DECISIONS) = range(9)
@@ -372,7 +372,7 @@ class NestedWaitSolve(NamedTuple):
     lookahead: np.ndarray  # int64 residual_quantiles table of the lengths' distribution
     levels: np.ndarray  # int64 (levels, len(lookahead)): the adaptive margin's tables, boldest first (no rows: none)
     reals: np.ndarray  # float64, indexed by PROMPT (mean), RATE (sized for), TAU, MEMORY (M^π), SCALE (α),
-    # FLUID_MEMORY (M* of the rate and distribution), C0 (the cost model's)
+    # FLUID_MEMORY (M* of the rate and distribution), C0 (the cost model's), WORK (a request's mean lifetime work, s)
 
 
 class RuleInForce(NamedTuple):
@@ -397,7 +397,7 @@ class NestedWaitLearning(NamedTuple):
 def no_solve() -> NestedWaitSolve:
     """A :class:`NestedWaitSolve` that stands for none."""
     return NestedWaitSolve(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64),
-                           np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.int64), np.zeros(7, dtype=np.float64))
+                           np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.int64), np.zeros(8, dtype=np.float64))
 
 
 @compiled
@@ -407,7 +407,8 @@ def solve_nested_wait(lengths: np.ndarray, prompts: np.ndarray, rate: float, coe
     order), the ``prompts`` of recent arrivals, the total ``rate`` and the cost ``coefficients``: Nested WAIT's
     sizing (:func:`~baselines.thresholds.nested_wait_solution`, four quantile segments, margin 0.05) for the
     lengths' distribution at the mean prompt, the lookahead's ``quantile`` of each residual (and, for an adaptive
-    margin, the ``margin_quantiles``' tables), and the fluid memory ``M*`` the reserve is capped at."""
+    margin, the ``margin_quantiles``' tables), the fluid memory ``M*`` the reserve is capped at, and a request's mean
+    lifetime work (the compute load per unit of rate, :attr:`AdaptiveNestedWaitPolicy.estimated_load`)."""
     values, probabilities = length_distribution(lengths)
     bounds = boundaries_at_quantiles(values, probabilities, SEGMENTS)
     total = 0.0
@@ -417,7 +418,10 @@ def solve_nested_wait(lengths: np.ndarray, prompts: np.ndarray, rate: float, coe
     survival, n, scale, tau, memory, work, held = nested_wait_solution(
         values, probabilities, bounds, prompt, rate, coefficients, capacity_tokens, MARGIN)
     _, _, fluid_memory = equilibrium_point(rate, probabilities, work, held, coefficients[0])
-    reals = np.array([prompt, rate, tau, memory, scale, fluid_memory, coefficients[0]], dtype=np.float64)
+    mean_work = 0.0
+    for j in range(len(probabilities)):
+        mean_work += probabilities[j] * work[j]
+    reals = np.array([prompt, rate, tau, memory, scale, fluid_memory, coefficients[0], mean_work], dtype=np.float64)
     lookahead = residual_table(values, probabilities, quantile)
     levels = np.empty((len(margin_quantiles), len(lookahead)), dtype=np.int64)
     for level in range(len(margin_quantiles)):
@@ -544,6 +548,7 @@ class AdaptiveWaitPolicy(WaitPolicy):
         self.mix = TypeMix((RequestType(1, 1, 1.0),))
         self._solved = _unit_thresholds(self.mix, self.learning.capacity_tokens, self.learning.block_size)
         self.thresholds = self._scaled(self._solved)
+        self._work_per_request = 0.0
         self._rule_stale = False
         self._queues = TypeQueues(len(self.thresholds.n))
 
@@ -570,6 +575,14 @@ class AdaptiveWaitPolicy(WaitPolicy):
         """The KV memory kept back from lending now (tokens): the thresholds' pipelines, scaled."""
         assert self.learning is not None
         return float(self.thresholds.memory_blocks * self.learning.block_size)
+
+    @property
+    def estimated_load(self) -> float:
+        """The compute load it estimates now, ``ρ̂ = λ̂ · E[u]``: the rate estimate times a request's mean lifetime
+        work (s of iteration time) over its learnt classes, under the cost model it last solved with; 0 before the
+        first solve. It does not saturate at the stability region's edge, as the thresholds' scale does."""
+        assert self.learning is not None
+        return self.learning.rates.total * self._work_per_request
 
     def _scaled(self, solved: WaitThresholds) -> WaitThresholds:
         if self.threshold_scale == 1.0:
@@ -637,8 +650,12 @@ class AdaptiveWaitPolicy(WaitPolicy):
         types = [RequestType(max(1, int(round(p))), max(1, int(round(o))), total * f)
                  for p, o, f in zip(mean_prompt.tolist(), mean_output.tolist(), share.tolist())]
         self.mix = TypeMix(tuple(types))
-        self._solved = wait_thresholds(self.mix, learning.current_cost(), learning.capacity_tokens,
-                                      learning.block_size)
+        cost = learning.current_cost()
+        self._solved = wait_thresholds(self.mix, cost, learning.capacity_tokens, learning.block_size)
+        # Shares, not the classes' rates: these are 0 when nothing arrived in the last minute, the work is not.
+        # fsum: the same sum on every CPU, whatever the vector width.
+        self._work_per_request = math.fsum((share * lifetime_work(self.mix.prompt_lens, self.mix.output_lens,
+                                                                   cost)).tolist())
         self.thresholds = self._scaled(self._solved)
         return True
 
@@ -733,6 +750,14 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         """The KV memory kept back from lending now (tokens): the fluid memory, scaled (the pipelines' before the
         first solve)."""
         return float(self.thresholds.memory_tokens if self.reserve_tokens is None else self.reserve_tokens)
+
+    @property
+    def estimated_load(self) -> float:
+        """The compute load it estimates now, ``ρ̂ = λ̂ · E[u]``: the rate estimate times a request's mean lifetime
+        work (s of iteration time) under the output lengths and prompts of its last solve; 0 before the first. It
+        does not saturate at the stability region's edge, as the solve's scale does."""
+        assert self.learning is not None
+        return 0.0 if self._solve is None else self.learning.rates.total * float(self._solve.reals[WORK])
 
     def _scaled(self, solved: NestedWaitThresholds, reserve: float | None
                 ) -> tuple[NestedWaitThresholds, float | None]:

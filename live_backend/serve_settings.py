@@ -194,7 +194,8 @@ def build_serve_policy(settings: ServeSettings, scenario: Scenario) -> Policy:
         from agents.residual import ResidualAgentPolicy, control_settings, read_residual_agent
 
         spec, actor = read_residual_agent(settings.policy)
-        return ResidualAgentPolicy(actor, scenario, settings.buffer_horizon_s, **control_settings(spec.env_kwargs),
+        return ResidualAgentPolicy(actor, scenario, settings.buffer_horizon_s,
+                                   **control_settings(spec.env_kwargs, spec.env_id),
                                    name=f"agent:{Path(settings.policy).name}")
     if ":" in settings.policy:
         return _import_factory(settings.policy, "policy")(scenario, settings.buffer_horizon_s)

@@ -38,6 +38,8 @@ _LIVE_ENTRY_POINT = "live_backend.env:LiveLLMSchedEnv"
 #: scales an adaptive baseline's thresholds; a scenario of the suite, a load and a length setting drawn per reset.
 RESIDUAL_ENV_IDS: dict[str, dict[str, Any]] = {
     "LLMSched-Residual-v0": {},
+    # v1: the observation adds the baseline's compute-load estimate (a 13th entry, ``compute_load``).
+    "LLMSched-Residual-v1": {"compute_load": True},
 }
 _RESIDUAL_ENTRY_POINT = "agents.residual_env:LLMSchedResidualEnv"
 

@@ -284,7 +284,7 @@ def test_the_generalist_runs_on_the_live_engine(config, hidden):
         actions = actor(observations)
         asked.append(clipped_action(actions))
         return actions
-    settings = control_settings(spec.env_kwargs)
+    settings = control_settings(spec.env_kwargs, spec.env_id)
     agent = ResidualAgentPolicy(network, scenario, horizon, **settings)
     live_engine = LiveVLLMEngine(config, output_lengths_known=not hidden)
     try:
@@ -296,8 +296,9 @@ def test_the_generalist_runs_on_the_live_engine(config, hidden):
     # shipped config, the baseline's own 1).
     assert live.finished > 0 and len(asked) >= 1
     assert agent.control.scale == threshold_scale(dead_zoned(asked[-1], settings["dead_zone"]))
+    # The bases it was trained on.
     assert agent.control.base.name == BASES[spec.env_kwargs["batching"]][not hidden] == (
-        "nested-wait-adaptive-margin-stall-free" if hidden else "wait-adaptive-stall-free")  # the bases it was trained on
+        "nested-wait-adaptive-margin-stall-free" if hidden else "wait-adaptive-stall-free")
 
 
 def test_a_live_evaluation_as_a_task_per_seed_is_the_one_process_evaluation(config):

@@ -20,9 +20,11 @@ from agents.residual import (
     BASES,
     NUM_FEATURES,
     ConstantAction,
+    OverloadRule,
     ResidualAgentPolicy,
     control_settings,
     dead_zoned,
+    feature_names,
     threshold_scale,
 )
 from agents.residual_env import LLMSchedResidualEnv, suite_workloads
@@ -41,7 +43,7 @@ def _episode(env: LLMSchedResidualEnv, options: dict[str, Any], act: Any) -> tup
     rewards, done, info = [], False, {}
     while not done:
         observation, reward, terminated, done, info = env.step(act(observation))
-        assert not terminated and observation.shape == (NUM_FEATURES,)
+        assert not terminated and observation.shape == env.observation_space.shape
         rewards.append(reward)
     return info, rewards
 
@@ -68,22 +70,27 @@ def test_the_zero_action_is_the_baseline_bit_for_bit(workload: str, load: float,
                                          / expected["fluid_throughput_rps"], rel=1e-9, abs=1e-9)
 
 
-@pytest.mark.parametrize("workload, batching", [("paper-two-type", "whole"), ("bursty-high-hidden", "whole"),
-                                                ("paper-two-type-512", "stall-free"),
-                                                ("paper-two-type-hidden", "stall-free"),
-                                                ("bursty-low-hidden", "stall-free-margin")])
-def test_an_agent_runs_through_run_as_in_the_environment_on_both_paths(workload: str, batching: str) -> None:
+@pytest.mark.parametrize("workload, batching, compute_load", [
+    ("paper-two-type", "whole", False), ("bursty-high-hidden", "whole", False),
+    ("paper-two-type-512", "stall-free", False), ("paper-two-type-hidden", "stall-free", False),
+    ("bursty-low-hidden", "stall-free-margin", False),
+    # v1: the network reads the compute load too, which each path must estimate alike.
+    ("bursty-high", "stall-free", True), ("azure-conv-like-hidden", "stall-free-margin", True)])
+def test_an_agent_runs_through_run_as_in_the_environment_on_both_paths(workload: str, batching: str,
+                                                                       compute_load: bool) -> None:
     results = []
     for compiled in (True, False):
-        env = LLMSchedResidualEnv(scenarios=workload, horizon=40.0, compiled=compiled, batching=batching)
+        env = LLMSchedResidualEnv(scenarios=workload, horizon=40.0, compiled=compiled, batching=batching,
+                                  compute_load=compute_load)
         info, _ = _episode(env, {"load": 0.9, "arrival_seed": 3}, lambda o: _wave(o[None])[0])
         results.append({k: info[k] for k in EXACT})
     scenario, horizon = env.workload(workload, 0.9)
     arrivals = scenario.sample(horizon, 3)
     fluid = scenario.fluid(arrivals, horizon)
-    compiled_run = summarize(run(scenario.engine(), ResidualAgentPolicy(_wave, scenario, horizon, batching=batching),
+    compiled_run = summarize(run(scenario.engine(), ResidualAgentPolicy(_wave, scenario, horizon, batching=batching,
+                                                                        compute_load=compute_load),
                                  arrivals, horizon), fluid)
-    policy = ResidualAgentPolicy(_wave, scenario, horizon, batching=batching)
+    policy = ResidualAgentPolicy(_wave, scenario, horizon, batching=batching, compute_load=compute_load)
     policy.compiled_loop = lambda: None  # type: ignore[method-assign]  # its Python rule, one call per iteration
     python_run = summarize(run(scenario.engine(), policy, arrivals, horizon), fluid)
     results += [{k: compiled_run[k] for k in EXACT}, {k: python_run[k] for k in EXACT}]
@@ -122,6 +129,41 @@ def test_shapes_do_not_depend_on_the_workload_and_every_suite_workload_runs() ->
                                lambda o: env.action_space.sample())
             assert info["scenario"] == name and info["arrived"] == info["completed"] + info["waiting"] + info["running"]
     assert env.action_space.shape == (1,) and env.observation_space.shape == (NUM_FEATURES,)
+
+
+@pytest.mark.parametrize("workload", ["bursty-high", "azure-code-like-hidden"])
+def test_v1_adds_the_compute_load_and_changes_nothing_else(workload: str) -> None:
+    """``LLMSched-Residual-v1`` observes v0's twelve entries and the compute load after them; the same actions give
+    the same episode, bit for bit."""
+    episodes = []
+    for env_id in ("LLMSched-Residual-v0", "LLMSched-Residual-v1"):
+        env = gym.make(env_id, scenarios=workload, horizon=40.0, interval_s=2.0).unwrapped
+        observation, _ = env.reset(seed=3, options={"load": 0.9})
+        observations, done, info = [observation], False, {}
+        while not done:
+            observation, _, _, done, info = env.step(_wave(observations[-1][None, :NUM_FEATURES])[0])
+            observations.append(observation)
+        episodes.append((np.array(observations[:-1]), info))
+    (v0, info0), (v1, info1) = episodes
+    assert v0.shape[1] == NUM_FEATURES and v1.shape[1] == NUM_FEATURES + 1
+    np.testing.assert_array_equal(v1[:, :NUM_FEATURES], v0)
+    assert {k: info1[k] for k in EXACT} == {k: info0[k] for k in EXACT}
+    assert v1[0, -1] == 0.0 and v1[-1, -1] > 0.0  # nothing estimated before the first solve, then the estimate
+
+
+@pytest.mark.parametrize("workload", ["paper-two-type", "paper-two-type-hidden", "azure-conv-like-hidden"])
+def test_the_compute_load_estimate_tracks_the_offered_load(workload: str) -> None:
+    """Both bases' ``ρ̂`` (rate estimate × a request's mean lifetime work, the lengths known or learnt from
+    completions) is within 15 % of the offered load once warmed up, at a load inside the stability region and one
+    beyond it, which the servable share cannot tell apart from the edge."""
+    for load in (0.7, 1.2):
+        env = gym.make("LLMSched-Residual-v1", scenarios=workload, horizon=240.0, interval_s=5.0).unwrapped
+        env.reset(seed=0, options={"load": load, "arrival_seed": 4})
+        estimates, done = [], False
+        while not done:
+            estimates.append(env.control.base.estimated_load)
+            _, _, _, done, _ = env.step(np.zeros(1))
+        assert float(np.median(estimates[24:])) == pytest.approx(load, rel=0.15)
 
 
 def test_scale_and_bad_input_name_what_is_wrong() -> None:
@@ -261,8 +303,12 @@ def test_an_action_within_the_dead_zone_is_the_baseline_and_one_beyond_it_is_not
 
 def test_a_saved_agent_runs_on_the_base_it_was_trained_on() -> None:
     assert control_settings({"interval_s": 5.0}) == {"interval_s": 5.0, "base": None, "batching": "whole",
-                                                     "dead_zone": 0.0}
+                                                     "dead_zone": 0.0, "compute_load": False}
     assert control_settings({"interval_s": 5.0, "dead_zone": 0.25})["dead_zone"] == 0.25
+    # The id's own arguments count: a v1 agent reads the compute load, as gym.make gave it when it trained.
+    assert control_settings({"interval_s": 5.0}, "LLMSched-Residual-v1")["compute_load"] is True
+    with pytest.raises(ConfigError, match="LLMSched-v0.*not a workload-independent"):
+        control_settings({}, "LLMSched-v0")
     env = LLMSchedResidualEnv(scenarios="paper-two-type")
     for known, batching, base in [(True, "whole", "wait-adaptive"), (True, "stall-free", "wait-adaptive-stall-free"),
                                   (False, "stall-free", "nested-wait-adaptive-stall-free"),
@@ -312,6 +358,88 @@ def test_a_short_training_saves_reloads_and_is_judged_on_two_scenarios(tmp_path:
     assert all(r["verdict"] in ("better", "level", "worse") and r["seeds"] == 2 for r in rows)
     assert all(r["best_baseline"] in r["baselines"] for r in rows)
     assert "wait" not in rows[-1]["baselines"]  # hidden lengths: only baselines that do not see them
+
+
+def test_the_overload_rule_fires_on_a_queued_overload_or_a_stale_head_with_lengths_known() -> None:
+    names = feature_names(compute_load=True)
+    calm = np.zeros((1, len(names)), np.float32)
+    calm[0, names.index("lengths_known")] = 1.0
+    calm[0, names.index("compute_load")] = 0.8 ** 4 / (1 + 0.8 ** 4)
+    calm[0, names.index("oldest_wait")] = 100 / 105  # a head 100 s old
+
+    def entries(**values: float) -> np.ndarray:
+        moved = calm.copy()
+        for name, value in values.items():
+            moved[0, names.index(name)] = value
+        return moved
+
+    def load(rho: float) -> float:
+        return rho ** 4 / (1 + rho ** 4)
+
+    rule = OverloadRule()
+    assert rule(calm)[0, 0] == 0.0
+    assert rule(entries(compute_load=load(1.05)))[0, 0] == 1.0
+    assert rule(entries(compute_load=load(1.05), oldest_wait=5 / 10))[0, 0] == 0.0  # no queue yet: a head 5 s old
+    assert rule(entries(compute_load=load(1.6)))[0, 0] == 0.0  # a burst's rate
+    assert rule(entries(oldest_wait=170 / 175))[0, 0] == 1.0  # a stale head, whatever the load
+    assert rule(entries(compute_load=load(1.6), oldest_wait=170 / 175))[0, 0] == 1.0
+    hidden = entries(lengths_known=0.0, oldest_wait=170 / 175)
+    assert rule(hidden)[0, 0] == 0.0 and OverloadRule(known_only=False)(hidden)[0, 0] == 1.0
+    with pytest.raises(ConfigError, match="13 entries"):
+        rule(calm[:, :NUM_FEATURES])
+    with pytest.raises(ConfigError, match="load < load_cap"):
+        OverloadRule(load=1.5, load_cap=1.2)
+
+
+def test_a_residual_warm_start_copies_its_teacher(tmp_path: Path) -> None:
+    """``[imitation] teacher = "overload"`` on ``LLMSched-Residual-v1``: the network's mean action is the teacher's,
+    within the dead zone where the teacher holds the baseline and beyond it where it acts; on v0, which does not
+    observe the compute load, the config is refused before any training."""
+    from agents.config import ImitationConfig, load_config
+    from agents.imitation import collect_residual_demonstrations
+    from agents.residual import read_residual_agent, residual_teacher
+    from agents.train import make_env, train
+
+    shipped = load_config("ppo-residual-suite")
+    env_kwargs = {**shipped.env, "scenarios": ["paper-two-type", "paper-two-type-hidden"], "loads": 1.15,
+                  "horizon": 150.0}
+    env = make_env("LLMSched-Residual-v1", env_kwargs)
+    teacher = residual_teacher("overload", env)
+    demos = collect_residual_demonstrations(env, teacher, 4, seed=3, gamma=0.95)
+    fires = demos.actions[:, 0] == 1.0
+    assert 0 < fires.sum() < len(fires)  # an overload, once a queue has formed, with lengths known
+    # The scale in force (an entry of the observation) would give the label away on the teacher's own path; the
+    # exploring steps break that: where the teacher acts, the scale in force is often not its action's.
+    scale = feature_names(compute_load=True).index("scale")
+    own_path = collect_residual_demonstrations(env, teacher, 4, seed=3, gamma=0.95, explore=0.0)
+    at_own = own_path.observations[own_path.actions[:, 0] == 1.0, scale]
+    assert np.mean(at_own == 1.0) > 0.8 and np.mean(demos.observations[fires, scale] == 1.0) < 0.7
+    short = replace(shipped, env_id="LLMSched-Residual-v1", timesteps=256, n_envs=2, env=env_kwargs,
+                    imitation=ImitationConfig(teacher="overload", episodes=8, epochs=100, batch_size=64,
+                                              learning_rate=3e-3),
+                    evaluation=replace(shipped.evaluation, seeds=()))
+    out = tmp_path / "agent"
+    logged: list[str] = []
+    spec = train(short, out, progress_bar=False, log=logged.append)
+    assert spec.env_id == "LLMSched-Residual-v1" and any("mean action error" in line for line in logged)
+    _, actor = read_residual_agent(out)  # 13 entries
+    dead_zone = shipped.env["dead_zone"]
+    # On its own path, from the baseline's scale, the clone acts where the teacher would (beyond the dead zone) and
+    # holds where it would hold, on all but a few decisions (PPO's 256 frames moved it little; the fit is not exact,
+    # so a share rather than every one). A clone of the teacher's path alone would repeat the scale in force, and
+    # never start.
+    observation, _ = env.reset(seed=0, options={"scenario": "paper-two-type", "arrival_seed": 7})
+    agreed, acted, done = [], 0, False
+    while not done:
+        action = actor(observation[None])[0]
+        agreed.append((action[0] > dead_zone) == (teacher(observation[None])[0, 0] > 0))
+        acted += int(action[0] > dead_zone)
+        observation, _, _, done, _ = env.step(action)
+    assert acted > 0 and np.mean(agreed) >= 0.9
+    with pytest.raises(ConfigError, match="compute load: train on LLMSched-Residual-v1"):
+        train(replace(short, env_id="LLMSched-Residual-v0"), tmp_path / "v0", progress_bar=False, log=lambda _: None)
+    with pytest.raises(ConfigError, match="not a residual teacher"):
+        residual_teacher("wait", env)
 
 
 @pytest.mark.parametrize("compiled", [True, False])

@@ -195,6 +195,9 @@ def test_the_adaptive_solve_is_the_public_thresholds_lookahead_and_fluid_memory(
     for level, quantile in zip(solve.levels, (0.5, 0.7), strict=True):  # the adaptive margin's tables
         np.testing.assert_array_equal(level, residual_quantiles(distribution.values, distribution.probabilities,
                                                                 quantile))
-    _, _, fluid_memory = equilibrium(7.5 * distribution.probabilities, np.full(len(distribution.values), prompt),
-                                     distribution.values, COST)
-    assert solve.reals.tolist() == [prompt, 7.5, t.iteration_time_s, t.memory_tokens, t.scale, fluid_memory, COST.c0]
+    rho, _, fluid_memory = equilibrium(7.5 * distribution.probabilities, np.full(len(distribution.values), prompt),
+                                       distribution.values, COST)
+    *reals, mean_work = solve.reals.tolist()
+    assert reals == [prompt, 7.5, t.iteration_time_s, t.memory_tokens, t.scale, fluid_memory, COST.c0]
+    # A request's mean lifetime work: the fluid load per unit of rate (summed in another order: within rounding).
+    assert mean_work == pytest.approx(rho / 7.5, rel=1e-12)
