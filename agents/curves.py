@@ -78,7 +78,7 @@ def plot_curves(tensorboard_dir: Path, out: Path) -> Path | None:
 def plot_residual_curves(tensorboard_dir: Path, levels_file: Path, out: Path,
                          margins: tuple[float, float] = (math.inf, math.inf),
                          kept_at: int | None = None) -> Path | None:
-    """A residual agent's run (``LLMSched-Residual-v0``): one panel per workload of its validation, the agent's
+    """A residual agent's run (``LLMSched-Residual-v*``): one panel per workload of its validation, the agent's
     validation regret at each evaluation less the best baseline's on the same episodes (seconds of the fluid
     optimum's service; below 0 the agent is ahead), with every baseline's own level as a labelled line (the best at
     0); a panel for the whole validation set against the baseline the agent adjusts, the kept model (the validation

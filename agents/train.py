@@ -83,7 +83,7 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
                               on_eval: Callable[[dict[str, float]], None] | None = None, *,
                               throughput_margin: float = np.inf, p99_margin: float = np.inf,
                               resume: bool = False) -> Any:
-    """The SB3 callback of a residual agent (``LLMSched-Residual-v0``): every ``every`` steps (and at the start, and
+    """The SB3 callback of a residual agent (``LLMSched-Residual-v*``): every ``every`` steps (and at the start, and
     when asked) the agent's validation episodes on every workload of its training distribution, at each of its
     swept loads (:func:`~agents.validation.validation_loads`), beside the baseline it adjusts on the same arrivals:
     the regret ratio per scenario over its loads (``eval/ratio/<scenario>``) and over all

@@ -61,7 +61,7 @@ def validation_point(row: dict[str, Any]) -> str:
 
 def residual_validation_runs(model: Any, env_kwargs: dict[str, Any], seeds: Sequence[int],
                              zero_action: bool = False) -> list[dict[str, Any]]:
-    """One episode of ``LLMSched-Residual-v0`` per workload of ``env_kwargs``, load of it (:func:`validation_loads`)
+    """One episode of ``LLMSched-Residual-v*`` per workload of ``env_kwargs``, load of it (:func:`validation_loads`)
     and seed, the model acting by its mean action (``zero_action``: the baseline itself); each row the final info
     with ``scenario``, ``load`` and ``seed``."""
     from agents.residual import gaussian_action

@@ -482,7 +482,7 @@ def test_the_pretrained_generalist_runs_on_every_suite_workload_and_the_traces()
 
     directory = Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "suite-residual"
     spec, actor = read_residual_agent(directory)
-    interval = spec.env_kwargs["interval_s"]
+    settings = control_settings(spec.env_kwargs, spec.env_id)  # the bases and observation it was trained with
     cells = judging_cells(suite_workloads(), default_data_dir() if default_data_dir().is_dir() else None)
     seen = set()
     for cell in cells:
@@ -491,10 +491,10 @@ def test_the_pretrained_generalist_runs_on_every_suite_workload_and_the_traces()
         seen.add(cell["workload"])
         scenario = cell_scenario(cell)
         arrivals = scenario.sample(20.0, 0)
-        policy = ResidualAgentPolicy(actor, scenario, 20.0, interval_s=interval)
+        policy = ResidualAgentPolicy(actor, scenario, 20.0, **settings)
         result = run(scenario.engine(), policy, arrivals, 20.0)
         assert result.arrived == result.finished + result.waiting + result.running and result.finished > 0
-        assert policy.control.base.name == ("wait-adaptive" if cell["known"] else "nested-wait-adaptive")
+        assert policy.control.base.name == BASES[settings["batching"]][cell["known"]]
     assert seen >= set(suite_workloads())
     if default_data_dir().is_dir():
         assert {name for name in TRACES} <= seen
