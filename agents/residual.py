@@ -21,7 +21,9 @@ stability region); the short-term arrival rate (a 5 s window) against the baseli
 against the baseline's own thresholds; the running share of the requests in the system; KV memory in use and the
 memory the baseline keeps back, as shares of the capacity; the oldest waiting request's age; completions against
 arrivals since the last decision; the share of the oldest waiting requests that were evicted; the current scale;
-whether the baseline has solved its thresholds yet. Counts and times are squashed as ``x / (x + s)``.
+whether the baseline has solved its thresholds yet. Counts and times are squashed as ``x / (x + s)``. With
+``compute_load`` (``LLMSched-Residual-v1``) a 13th entry follows: the baseline's own estimate of the compute load
+(:data:`LOAD_FEATURES`), which, unlike the servable share, does not saturate at the stability region's edge.
 
 :class:`ResidualControl` is this interface, shared by the environment (:mod:`agents.residual_env`) and by a trained
 agent running as a policy (:class:`ResidualAgentPolicy`, through :func:`llmsched_env.run` on any engine), so the

@@ -10,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from agents.residual import ResidualControl, feature_names, oldest_wait_s
+from agents.residual import ResidualControl, oldest_wait_s
 from llmsched_env.errors import ConfigError, RequestTooLargeError
 from llmsched_env.fluid import FluidSolution
 from llmsched_env.metrics import summarize
@@ -183,7 +183,7 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         self.render_mode = render_mode
         self.control = ResidualControl(interval_s, base, batching, dead_zone, compute_load)
         self.action_space = spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
-        self.observation_space = spaces.Box(0.0, 1.0, (len(feature_names(compute_load)),), dtype=np.float32)
+        self.observation_space = spaces.Box(0.0, 1.0, (self.control.num_features,), dtype=np.float32)
         self._rollout: Rollout | None = None
 
     def load_range(self, name: str) -> tuple[float, float]:
