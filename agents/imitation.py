@@ -52,12 +52,7 @@ def collect_demonstrations(env: LLMSchedEnv, teacher_name: str, episodes: int, s
             observation, reward, terminated, truncated, _ = env.step(action)
             rewards.append(reward)
             done = terminated or truncated
-        discounted = np.empty(len(rewards))
-        running = 0.0
-        for i in range(len(rewards) - 1, -1, -1):
-            running = rewards[i] + gamma * running
-            discounted[i] = running
-        returns.append(discounted)
+        returns.append(_discounted(rewards, gamma))
         totals.append(float(np.sum(rewards)))
     return Demonstrations(np.asarray(observations, np.float32), np.asarray(actions, np.int64),
                           np.asarray(masks, bool), np.concatenate(returns), np.asarray(totals))
@@ -109,6 +104,7 @@ class ResidualDemonstrations:
 
 
 def _discounted(rewards: list[float], gamma: float) -> np.ndarray:
+    """The discounted return from each step of an episode to its end."""
     discounted, running = np.empty(len(rewards)), 0.0
     for i in range(len(rewards) - 1, -1, -1):
         running = rewards[i] + gamma * running

@@ -416,12 +416,9 @@ def control_settings(env_kwargs: dict[str, Any], env_id: str = "LLMSched-Residua
     ``batching``, ``dead_zone``, ``compute_load``), as :class:`ResidualAgentPolicy` takes them: the agent runs as it
     was trained. The id's own arguments (:data:`~llmsched_env.registration.RESIDUAL_ENV_IDS`) come first, as
     ``gym.make`` merges them."""
-    from llmsched_env.registration import RESIDUAL_ENV_IDS
+    from llmsched_env.registration import residual_env_kwargs
 
-    if env_id not in RESIDUAL_ENV_IDS:
-        raise ConfigError(f"{env_id!r} is not a workload-independent environment; one of "
-                          f"{', '.join(RESIDUAL_ENV_IDS)}")
-    merged = {**RESIDUAL_ENV_IDS[env_id], **env_kwargs}
+    merged = residual_env_kwargs(env_id, env_kwargs)
     return {"interval_s": float(merged.get("interval_s", 1.0)), "base": merged.get("base"),
             "batching": str(merged.get("batching", "whole")), "dead_zone": float(merged.get("dead_zone", 0.0)),
             "compute_load": bool(merged.get("compute_load", False))}

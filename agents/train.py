@@ -32,7 +32,7 @@ from agents.validation import (
 )
 from llmsched_env.errors import ConfigError
 from llmsched_env.metrics import summarize
-from llmsched_env.registration import ENV_IDS, RESIDUAL_ENV_IDS
+from llmsched_env.registration import ENV_IDS, RESIDUAL_ENV_IDS, residual_env_kwargs
 from llmsched_env.runner import run
 
 CHECKPOINTS = "checkpoints"
@@ -289,8 +289,9 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
             stale.unlink(missing_ok=True)
     env_kwargs = dict(config.env)
     probe = make_env(config.env_id, env_kwargs)  # bad arguments fail here, with the single environment's message
-    if residual and config.imitation is not None:
-        residual_teacher(config.imitation.teacher, probe)  # and a teacher it cannot run, before any training
+    # And a residual teacher the environment cannot run, before any training; the probe runs its demonstrations.
+    teacher = residual_teacher(config.imitation.teacher, probe) if residual and config.imitation is not None \
+        else None
     if residual:
         # Each step runs a baseline's compiled loop for a decision interval (hundreds of iterations): SB3's own
         # DummyVecEnv costs nothing beside it. Seeded seed + i.
@@ -315,13 +316,11 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
             log(f"resuming from {checkpoint}")
             _resume_from(model, checkpoint)
         else:
-            if config.imitation is not None and residual:
+            if config.imitation is not None and teacher is not None:
                 imitation = config.imitation
                 log(f"imitating the residual teacher {imitation.teacher} for {imitation.episodes} episode(s)")
-                teacher_env = make_env(config.env_id, env_kwargs)
-                residual_demos = collect_residual_demonstrations(
-                    teacher_env, residual_teacher(imitation.teacher, teacher_env), imitation.episodes,
-                    seed=10_000 + seed, gamma=float(model.gamma))
+                residual_demos = collect_residual_demonstrations(probe, teacher, imitation.episodes,
+                                                                 seed=10_000 + seed, gamma=float(model.gamma))
                 stats = clone_residual(model, residual_demos, epochs=imitation.epochs,
                                        batch_size=imitation.batch_size, learning_rate=imitation.learning_rate,
                                        seed=seed)
@@ -344,7 +343,7 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
             # The id's own arguments too (LLMSched-Residual-v1's compute_load): validation builds the environment
             # directly, not through gym.make.
             callbacks.append(residual_metrics_callback(
-                {**RESIDUAL_ENV_IDS[config.env_id], **env_kwargs}, evaluation.seeds, evaluation.every, out,
+                residual_env_kwargs(config.env_id, env_kwargs), evaluation.seeds, evaluation.every, out,
                 on_eval=_logged(log, on_eval, lambda m: (
                     "eval @ {timesteps:,}: regret {regret_s:.2f} s of service, ratio to the baseline "
                     "{regret_ratio_to_base:.3f}, throughput ratio {throughput_ratio_to_base:.4f}, "

@@ -10,6 +10,8 @@ from typing import Any
 
 import gymnasium as gym
 
+from llmsched_env.errors import ConfigError
+
 _ENTRY_POINT = "llmsched_env.env:LLMSchedEnv"
 #: ``gym.make_vec(id, num_envs=N, vectorization_mode="vector_entry_point")``: N episodes in one compiled call.
 _VECTOR_ENTRY_POINT = "llmsched_env.vector:LLMSchedVectorEnv"
@@ -42,6 +44,15 @@ RESIDUAL_ENV_IDS: dict[str, dict[str, Any]] = {
     "LLMSched-Residual-v1": {"compute_load": True},
 }
 _RESIDUAL_ENTRY_POINT = "agents.residual_env:LLMSchedResidualEnv"
+
+
+def residual_env_kwargs(env_id: str, env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments ``gym.make(env_id, **env_kwargs)`` gives a residual environment: the id's own
+    (:data:`RESIDUAL_ENV_IDS`) overridden by ``env_kwargs``; a clear error if ``env_id`` is not a residual id."""
+    if env_id not in RESIDUAL_ENV_IDS:
+        raise ConfigError(f"{env_id!r} is not a workload-independent environment; one of "
+                          f"{', '.join(RESIDUAL_ENV_IDS)}")
+    return {**RESIDUAL_ENV_IDS[env_id], **env_kwargs}
 
 
 def register_envs() -> None:
