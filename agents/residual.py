@@ -283,7 +283,7 @@ class OverloadRule:
 
     log_std = None
 
-    def __init__(self, load: float = 1.0, load_cap: float = 1.5, min_head_age_s: float = 10.0,
+    def __init__(self, load: float = 1.0, load_cap: float = 1.5, min_head_age_s: float = 7.0,
                  head_age_s: float = 162.0, action: float = 1.0, known_only: bool = True) -> None:
         if not (0 < load < load_cap and 0 <= min_head_age_s < head_age_s < math.inf):
             raise ConfigError("an overload rule needs 0 < load < load_cap and 0 <= min_head_age_s < head_age_s "

@@ -337,12 +337,11 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
                 log(f"warm start: {len(demos.actions):,} decisions, accuracy {stats['accuracy']:.3f}, "
                     f"teacher return {demos.episode_returns.mean():.1f}")
         evaluation = config.evaluation
-        callbacks = [CheckpointCallback(save_freq=max(1, evaluation.checkpoint_every // config.n_envs),
-                                        save_path=str(out / CHECKPOINTS), name_prefix="model")]
+        validation = None
         if evaluation.seeds and residual:
             # The id's own arguments too (LLMSched-Residual-v1's compute_load): validation builds the environment
             # directly, not through gym.make.
-            callbacks.append(residual_metrics_callback(
+            validation = residual_metrics_callback(
                 residual_env_kwargs(config.env_id, env_kwargs), evaluation.seeds, evaluation.every, out,
                 on_eval=_logged(log, on_eval, lambda m: (
                     "eval @ {timesteps:,}: regret {regret_s:.2f} s of service, ratio to the baseline "
@@ -351,13 +350,17 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
                     "{worst_throughput_change:+.2%} ({worst_throughput_point}), p99 {worst_p99_change:+.2%} "
                     "({worst_p99_point}){within}".format(
                         within="" if m["admissible"] else " (outside the bounds: not kept)", **m))),
-                throughput_margin=evaluation.throughput_margin, p99_margin=evaluation.p99_margin, resume=resume))
+                throughput_margin=evaluation.throughput_margin, p99_margin=evaluation.p99_margin, resume=resume)
         elif evaluation.seeds:
-            callbacks.append(serving_metrics_callback(
+            validation = serving_metrics_callback(
                 config.env_id, env_kwargs, evaluation.seeds, evaluation.every, evaluation.reference, out,
                 on_eval=_logged(log, on_eval, lambda m: (
                     "eval @ {timesteps:,}: regret {regret_requests:.1f}, ratio to reference {ratio:.3f}".format(
-                        ratio=m[f"regret_ratio_to_{evaluation.reference}"], **m))), resume=resume))
+                        ratio=m[f"regret_ratio_to_{evaluation.reference}"], **m))), resume=resume)
+        callbacks = [CheckpointCallback(save_freq=max(1, evaluation.checkpoint_every // config.n_envs),
+                                        save_path=str(out / CHECKPOINTS), name_prefix="model")]
+        if validation is not None:
+            callbacks.append(validation)
         remaining = max(0, config.timesteps - model.num_timesteps)
         rollout = int(model.n_steps) * config.n_envs
         if remaining % rollout:  # PPO learns in whole rollouts: say so rather than overshoot the bar's total
@@ -368,12 +371,12 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
                     reset_num_timesteps=not resume, tb_log_name="run")
         (out / CHECKPOINTS).mkdir(exist_ok=True)
         model.save(out / CHECKPOINTS / f"model_{model.num_timesteps}_steps.zip")  # --resume starts from the end
-        if evaluation.seeds and callbacks[1].last_evaluated != model.num_timesteps:
-            callbacks[1].evaluate()  # the final model is always validated
-        final = out / BEST_MODEL if (out / BEST_MODEL).is_file() else None
-        if final is not None:
-            shutil.copyfile(final, out / MODEL_FILE)  # the best model on the validation seeds
-            kept_at = callbacks[1].kept.timesteps if evaluation.seeds else None
+        if validation is not None and validation.last_evaluated != model.num_timesteps:
+            validation.evaluate()  # the final model is always validated
+        # Without validation this run keeps its final model, even where an earlier run's best model lies in ``out``.
+        if validation is not None and (out / BEST_MODEL).is_file():
+            shutil.copyfile(out / BEST_MODEL, out / MODEL_FILE)  # the best model on the validation seeds
+            kept_at = validation.kept.timesteps
         else:
             model.save(out / MODEL_FILE)
             kept_at = int(model.num_timesteps)

@@ -23,10 +23,11 @@ PRETRAINED = Path(__file__).resolve().parents[1] / "agents" / "pretrained"
 
 def _tiny(config_name: str = "maskable-ppo", timesteps: int = 512, **changes) -> object:
     config = load_config(config_name)
-    return replace(config, timesteps=timesteps, n_envs=1, env={"horizon": 20.0},
-                   hyperparameters={**config.hyperparameters, "n_steps": 256, "batch_size": 128, "n_epochs": 2},
-                   imitation=ImitationConfig(episodes=1, epochs=2) if config.imitation else None,
-                   evaluation=EvaluationConfig(seeds=(1000,), every=256, checkpoint_every=256), **changes)
+    settings = {"n_envs": 1, "env": {"horizon": 20.0},
+                "hyperparameters": {**config.hyperparameters, "n_steps": 256, "batch_size": 128, "n_epochs": 2},
+                "imitation": ImitationConfig(episodes=1, epochs=2) if config.imitation else None,
+                "evaluation": EvaluationConfig(seeds=(1000,), every=256, checkpoint_every=256)}
+    return replace(config, timesteps=timesteps, **{**settings, **changes})
 
 
 def test_builtin_configs_load_and_bad_ones_name_the_key(tmp_path: Path) -> None:
@@ -111,6 +112,11 @@ def test_training_saves_an_agent_that_reloads_and_resumes(tmp_path: Path, config
     assert resumed.timesteps == 1024
     # The model kept before the interruption is what the resumed run's validations had to beat.
     assert resumed.model_timesteps == json.loads((out / "best_model.json").read_text())["timesteps"]
+    # Resumed without validation, the run keeps its own final model, not the best model an earlier run left.
+    unvalidated = train(_tiny(config_name, timesteps=1536, evaluation=EvaluationConfig(seeds=())), out, seed=1,
+                        resume=True, progress_bar=False, log=lambda _: None)
+    assert unvalidated.model_timesteps == 1536
+    assert (out / "model.zip").read_bytes() != (out / "best_model.zip").read_bytes()
     other = "ppo" if config_name == "maskable-ppo" else "maskable-ppo"
     with pytest.raises(ConfigError, match="was trained with algo"):
         train(replace(_tiny(config_name, timesteps=2048), algo=other), out, resume=True, progress_bar=False,

@@ -380,6 +380,7 @@ def test_the_overload_rule_fires_on_a_queued_overload_or_a_stale_head_with_lengt
     assert rule(calm)[0, 0] == 0.0
     assert rule(entries(compute_load=load(1.05)))[0, 0] == 1.0
     assert rule(entries(compute_load=load(1.05), oldest_wait=5 / 10))[0, 0] == 0.0  # no queue yet: a head 5 s old
+    assert rule(entries(compute_load=load(1.05), oldest_wait=8 / 13))[0, 0] == 1.0  # a queue: a head 8 s old
     assert rule(entries(compute_load=load(1.6)))[0, 0] == 0.0  # a burst's rate
     assert rule(entries(oldest_wait=170 / 175))[0, 0] == 1.0  # a stale head, whatever the load
     assert rule(entries(compute_load=load(1.6), oldest_wait=170 / 175))[0, 0] == 1.0
