@@ -17,6 +17,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvO
 
 from llmsched_env.vector import LLMSchedVectorEnv, final_info_of
 
+
 class NativeVecEnv(VecEnv):
     """An SB3 ``VecEnv`` whose environments are the episodes of one :class:`LLMSchedVectorEnv`.
 

@@ -164,5 +164,6 @@ def make_policy(name: str, scenario: Scenario, horizon: float) -> Policy:
 
 
 __all__ = ["DEFAULT_POLICIES", "DEPRECATED_ALIASES", "ChunkedBookingPolicy", "FCFSPolicy", "NestedWaitPolicy",
-           "POLICIES", "WaitPolicy", "canonical_name", "make_policy", "resolve_alias", "nested_wait_thresholds", "sarathi_policy",
-           "sarathi_vidur_policy", "threshold_mix", "vllm_policy", "vllm_v0_policy", "wait_thresholds"]
+           "POLICIES", "WaitPolicy", "canonical_name", "make_policy", "resolve_alias", "nested_wait_thresholds",
+           "sarathi_policy", "sarathi_vidur_policy", "threshold_mix", "vllm_policy", "vllm_v0_policy",
+           "wait_thresholds"]

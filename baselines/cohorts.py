@@ -1,4 +1,4 @@
-"""Selection rules shared by the policies: the first ``n`` requests of each group, and a token budget granted in order."""
+"""Selection rules shared by the policies: the first ``n`` requests of each group, a token budget granted in order."""
 
 from __future__ import annotations
 

@@ -86,9 +86,11 @@ class FCFSPolicy:
         if not 0 <= self.watermark < 1:
             raise ConfigError(f"watermark must be in [0, 1), got {self.watermark}")
         if self.prefill_first and self.chunked_prefill:
-            raise ConfigError("prefill_first is vLLM V0's rule without chunking; it cannot be combined with chunked_prefill")
+            raise ConfigError("prefill_first is vLLM V0's rule without chunking; "
+                              "it cannot be combined with chunked_prefill")
         if self.padded_prefill and self.chunked_prefill:
-            raise ConfigError("padded_prefill counts whole prompts (Vidur's vLLM); it cannot be combined with chunked_prefill")
+            raise ConfigError("padded_prefill counts whole prompts (Vidur's vLLM); "
+                              "it cannot be combined with chunked_prefill")
         self._watermark_blocks = 0  # sized to the engine's capacity by reset()
 
     def reset(self, engine: Engine) -> None:

@@ -20,8 +20,9 @@ Vidur's Llama-2-7B / A100 model. This module runs that protocol on the simulated
    one's grows linearly, here the window's second half averages at most :data:`GROWTH_LIMIT` times its
    first; and the effective completion rate, completions net of eviction restarts, tracks the offered load
    within :data:`COMPLETION_TOLERANCE`) and the project's bounded-backlog rule (backlog when arrivals end at
-   most 10 s of arrivals, as ``llmsched stability``, plus what a request takes at the lowest rate). Each with its interval: the transition lies between λ* and
-   the next rate of the grid; the spread of λ* over replications is given too.
+   most 10 s of arrivals, as ``llmsched stability``, plus what a request takes at the lowest rate). Each with its
+   interval: the transition lies between λ* and the next rate of the grid; the spread of λ* over replications is
+   given too.
 6. **Repeated runs** at the two rates next to the highest transition (λ* and the first rate above it; the two
    highest rates when λ* is the grid's top), ``repeats`` seeds each (20, as the paper's appendix B.3), mean ±
    sample standard deviation.

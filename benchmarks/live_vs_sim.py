@@ -24,11 +24,11 @@ import argparse
 from pathlib import Path
 
 from baselines.compare import compare
+from live_backend.config import default_profile, load_live_config
+from live_backend.runs import LiveEngineFactory
 from llmsched_env import report
 from llmsched_env.env import TIGHT_MEMORY_RATE
 from llmsched_env.scenario import DEFAULT_TYPES, build_scenario
-from live_backend.config import default_profile, load_live_config
-from live_backend.runs import LiveEngineFactory
 
 
 def _seeds(text: str) -> list[int]:

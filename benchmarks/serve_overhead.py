@@ -1,4 +1,4 @@
-"""The served scheduler's overhead per iteration against vLLM's own ``schedule()``, at a given number of running requests.
+"""The served scheduler's overhead per iteration against vLLM's own ``schedule()``, at a number of running requests.
 
 vLLM's engine runs in this process (``LLMEngine``, no HTTP server, no client: nothing else competes for the core),
 with ``scheduler_cls`` = :class:`~live_backend.policy_scheduler.PolicyScheduler`, once per scheduler: ``vllm`` (its

@@ -9,8 +9,8 @@ and the order shuffled, so slow drifts of a shared machine do not line up with o
 
 The fit is non-negative least squares on *relative* error (each sample weighted by ``1/τ``, because
 a 10 % error matters as much on a 5 ms decode as on a 50 ms prefill). A second fit adds the
-quadratic prefill-attention term ``c_pf2 · prefill_attention`` (query-key pairs, ≈ P²/2); :func:`calibrate` reports both on held-out
-compositions (a sweep on another grid and seed) and keeps the quadratic term only if it lowers
+quadratic prefill-attention term ``c_pf2 · prefill_attention`` (query-key pairs, ≈ P²/2); :func:`calibrate`
+reports both on held-out compositions (a sweep on another grid and seed) and keeps the quadratic term only if it lowers
 the held-out error by at least :data:`QUADRATIC_GAIN` (relative).
 """
 
@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy.optimize import nnls
-
 from rich.table import Table
+from scipy.optimize import nnls
 
 from llmsched_env.cost_model import LinearCostModel, prefill_attention
 from llmsched_env.engine import Decision
@@ -113,8 +112,8 @@ def _measure_pair(engine: object, decode_requests: int, context: int, grid: Grid
         if not len(behind):
             break
         cached = state.kv_tokens[behind]
-        _record(engine, Decision(prefill=behind), float(sum(prefill_attention(context - int(c), int(c)) for c in cached)),
-                samples, on_sample)
+        attention = float(sum(prefill_attention(context - int(c), int(c)) for c in cached))
+        _record(engine, Decision(prefill=behind), attention, samples, on_sample)
     plan = [p for p in grid.prefill_tokens for _ in range(grid.repeats)]
     rng.shuffle(plan)
     for prefill in plan:

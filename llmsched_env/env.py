@@ -1,4 +1,4 @@
-"""``LLMSched-v0``: admission control of an LLM serving engine under a KV-cache memory limit, as a Gymnasium environment."""
+"""``LLMSched-v0``: admission control of an LLM serving engine under a KV-cache limit, as a Gymnasium environment."""
 
 from __future__ import annotations
 

@@ -160,9 +160,11 @@ def equilibrium(rates: np.ndarray, prompt_len: np.ndarray, output_len: np.ndarra
 def max_admissible_rates(rates: np.ndarray, prompt_len: np.ndarray, output_len: np.ndarray,
                          cost: LinearCostModel, capacity_tokens: float,
                          objective: Objective = "requests") -> np.ndarray:
-    """The memory-bound LP: maximise ``Σ x_j`` (or ``Σ x_j o_j``) s.t. ``Σ x_j (c0 w_j + C u_j) <= C``, ``0 <= x <= λ``."""
+    """The memory-bound LP: maximise ``Σ x_j`` (or ``Σ x_j o_j``) s.t. ``Σ x_j (c0 w_j + C u_j) <= C``,
+    ``0 <= x <= λ``."""
     rates = np.asarray(rates, dtype=np.float64)
-    weight = cost.c0 * memory_time(prompt_len, output_len) + capacity_tokens * lifetime_work(prompt_len, output_len, cost)
+    weight = (cost.c0 * memory_time(prompt_len, output_len)
+              + capacity_tokens * lifetime_work(prompt_len, output_len, cost))
     value = np.ones_like(rates) if objective == "requests" else np.asarray(output_len, dtype=np.float64)
     result = linprog(-value, A_ub=weight[None, :], b_ub=[capacity_tokens],
                      bounds=np.stack([np.zeros_like(rates), rates], axis=1), method="highs")

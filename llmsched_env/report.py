@@ -387,7 +387,8 @@ def plot(comparison: Comparison, out_dir: Path) -> list[Path]:
         axes[1].plot(x, [r["mean_latency_s"] for r in rows], "o-", color=colors[policy], label=f"{policy} mean")
         axes[1].plot(x, [r["p99_latency_s"] for r in rows], "s--", color=colors[policy], alpha=0.5,
                      label=f"{policy} p99")
-    axes[0].set(xlabel="arrival rate (req/s)", ylabel="throughput (req/s)", title="Throughput against the fluid optimum")
+    axes[0].set(xlabel="arrival rate (req/s)", ylabel="throughput (req/s)",
+                title="Throughput against the fluid optimum")
     axes[1].set(xlabel="arrival rate (req/s)", ylabel="end-to-end latency (s)", title="Latency", yscale="log")
     for ax in axes:
         ax.grid(alpha=0.3)

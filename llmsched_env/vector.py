@@ -44,10 +44,9 @@ from llmsched_env.episode import (
     repeated,
     set_item,
 )
-from llmsched_env.iteration import N as ARRIVED
-from llmsched_env.iteration import NUM_FINISHED, NUM_WAITING
 from llmsched_env.errors import ConfigError
-
+from llmsched_env.iteration import NUM_FINISHED, NUM_WAITING
+from llmsched_env.iteration import N as ARRIVED
 
 _NO_IDS = np.empty(0, dtype=np.int64)
 

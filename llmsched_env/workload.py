@@ -639,7 +639,8 @@ def _read_trace_rows(handle, path: Path, require_arrivals: bool  # type: ignore[
             if len(row) != len(header):
                 raise TraceFormatError(f"{path}:{line}: expected {len(header)} fields ({','.join(header)}), "
                                        f"got {len(row)}")
-            prompts.append(_parse_positive_int(row[col["num_prefill_tokens"]].strip(), path, line, "num_prefill_tokens"))
+            prompts.append(_parse_positive_int(row[col["num_prefill_tokens"]].strip(), path, line,
+                                               "num_prefill_tokens"))
             outputs.append(_parse_positive_int(row[col["num_decode_tokens"]].strip(), path, line, "num_decode_tokens"))
             if has_times:
                 raw = row[col["arrived_at"]].strip()
@@ -727,7 +728,8 @@ class LengthSampleWorkload:
             raise ConfigError(f"rate must be finite and > 0 req/s, got {self.rate!r}")
 
     @classmethod
-    def from_csv(cls, path: str | Path, rate: float, process: ArrivalProcess = ArrivalProcess()) -> "LengthSampleWorkload":
+    def from_csv(cls, path: str | Path, rate: float,
+                 process: ArrivalProcess = ArrivalProcess()) -> "LengthSampleWorkload":
         _, prompts, outputs = read_trace_csv(path, require_arrivals=False)
         return cls(prompts, outputs, rate, process)
 

@@ -11,7 +11,7 @@ import pytest
 
 from baselines import make_policy
 from llmsched_env import completions, runner
-from llmsched_env.completions import CompletionLog, QuantileSketch, RELATIVE_ACCURACY
+from llmsched_env.completions import RELATIVE_ACCURACY, CompletionLog, QuantileSketch
 from llmsched_env.engine import FINISHED, RequestRecords
 from llmsched_env.metrics import regret_curve, summarize
 from llmsched_env.request_table import allocate_column, release_ids

@@ -28,8 +28,8 @@ def test_fluid_json_paper_model() -> None:
                        "--memory-tokens", "299", "--json")
     assert code == 0, out
     data = json.loads(out)
-    assert set(data) == {"schema_version", "rho", "tau_star_s", "memory_tokens", "throughput_rps", "throughput_tps", "stable",
-                         "memory_bound"}
+    assert set(data) == {"schema_version", "rho", "tau_star_s", "memory_tokens", "throughput_rps", "throughput_tps",
+                         "stable", "memory_bound"}
     assert data["rho"] == 0.75 and abs(data["tau_star_s"] - 0.04) < 1e-12 and abs(data["memory_tokens"] - 300) < 1e-9
     assert data["stable"] is False and data["memory_bound"] is True and data["throughput_rps"] < 30
 
@@ -153,14 +153,16 @@ def test_evaluate_runs_the_pretrained_agent_beside_the_baselines(tmp_path: Path)
     assert {row["policy"] for row in data["rows"]} == {"agent", "vllm", "wait"}
     agent_row = next(row for row in data["summary"] if row["policy"] == "agent")
     assert agent_row["regret_ratio_to_wait"] is not None
-    assert agent_row["regret_ratio_ci95_low"] <= agent_row["regret_ratio_to_wait"] <= agent_row["regret_ratio_ci95_high"]
+    assert (agent_row["regret_ratio_ci95_low"] <= agent_row["regret_ratio_to_wait"]
+            <= agent_row["regret_ratio_ci95_high"])
     for name in ("comparison.csv", "comparison.json", "comparison.md", "throughput.png", "regret.png"):
         assert (tmp_path / name).stat().st_size > 0
 
 
 def test_compare_runs_a_named_scenario_with_its_own_memory(tmp_path: Path) -> None:
     code, out = invoke("compare", "--scenario", "paper-single", "--policies", "wait,vllm", "--loads", "0.5",
-                       "--horizon", "20", "--seeds", "0,1", "--jobs", "1", "--no-plots", "--json", "--out", str(tmp_path))
+                       "--horizon", "20", "--seeds", "0,1", "--jobs", "1", "--no-plots", "--json",
+                       "--out", str(tmp_path))
     assert code == 0, out
     payload = json.loads(out)
     assert payload["seeds"] == [0, 1] and {r["policy"] for r in payload["rows"]} == {"wait", "vllm"}

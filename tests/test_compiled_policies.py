@@ -16,8 +16,16 @@ from hypothesis import strategies as st
 from baselines import POLICIES, ChunkedBookingPolicy, make_policy
 from baselines.adaptive import AdaptiveNestedWaitPolicy, AdaptiveWaitPolicy
 from baselines.fcfs import sarathi_policy, sarathi_vidur_policy, vllm_policy, vllm_v0_policy
-from llmsched_env import (Arrivals, InvalidDecisionError, LinearCostModel, PoissonWorkload, RequestType,
-                          SimulatedEngine, TypeMix, runner)
+from llmsched_env import (
+    Arrivals,
+    InvalidDecisionError,
+    LinearCostModel,
+    PoissonWorkload,
+    RequestType,
+    SimulatedEngine,
+    TypeMix,
+    runner,
+)
 from llmsched_env.compiled import borrowed
 from llmsched_env.compiled_run import INVALID_DECISION
 from llmsched_env.engine import Engine, SchedulerState

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 import llmsched_env
 from baselines import make_policy
 from llmsched_env import run
-from llmsched_env.kv_cache import projected_peak_tokens
 from llmsched_env.env import LLMSchedEnv
 from llmsched_env.errors import ConfigError, LLMSchedError
+from llmsched_env.kv_cache import projected_peak_tokens
 from tests.invariants import check_engine
 
 ENV_IDS = list(llmsched_env.ENV_IDS)
@@ -161,7 +161,8 @@ def test_masks_allow_exactly_the_counts_that_fit() -> None:
         classes = env.control._classes(state)
         waiting = np.bincount(classes[state.waiting], minlength=len(fits))
         assert (fits <= waiting).all()
-        # Exactly what fits: the oldest fits_k of class k fit in the blocks left after the decodes grow; one more does not.
+        # Exactly what fits: the oldest fits_k of class k fit in the blocks left after the decodes grow; one more
+        # does not.
         running = state.running
         room = state.free_blocks - int(np.count_nonzero(state.kv_tokens[running] % state.block_size == 0))
         for k, count in enumerate(fits):

@@ -56,7 +56,8 @@ def test_general_cost_model_equilibrium_is_a_fixed_point() -> None:
     assert solution.rho == pytest.approx(float(mix.rates @ u))
     # An iteration that holds n_j* of every stage of every type lasts exactly ΔT*.
     assert cost.c0 + float(solution.n_star @ u) == pytest.approx(solution.tau_star_s)
-    assert solution.memory_tokens == pytest.approx(float(solution.n_star @ memory_time(mix.prompt_lens, mix.output_lens)))
+    memory = float(solution.n_star @ memory_time(mix.prompt_lens, mix.output_lens))
+    assert solution.memory_tokens == pytest.approx(memory)
 
 
 def test_unstable_load_has_no_equilibrium_but_an_lp_optimum() -> None:
@@ -81,7 +82,8 @@ def test_lp_prefers_the_type_with_the_best_value_per_memory() -> None:
     assert by_tokens.memory_admitted_tokens == pytest.approx(capacity)
 
 
-type_rows = st.lists(st.tuples(st.integers(1, 2000), st.integers(1, 1000), st.floats(0.01, 30.0)), min_size=1, max_size=5)
+type_rows = st.lists(st.tuples(st.integers(1, 2000), st.integers(1, 1000), st.floats(0.01, 30.0)),
+                     min_size=1, max_size=5)
 
 
 @given(rows=type_rows, capacity=st.integers(500, 300_000), c0=st.floats(1e-3, 0.05), c_kv=st.floats(0.0, 1e-6),
@@ -101,7 +103,8 @@ def test_lp_matches_the_closed_form_and_binds_exactly_when_memory_does(rows, cap
         # The LP spends the memory: it binds unless every type is admitted in full (impossible here).
         assert solution.memory_admitted_tokens == pytest.approx(capacity, rel=1e-6)
     # The fluid optimum never exceeds the greedy fractional-knapsack bound.
-    weight = c0 * memory_time(mix.prompt_lens, mix.output_lens) + capacity * lifetime_work(mix.prompt_lens, mix.output_lens, cost)
+    weight = (c0 * memory_time(mix.prompt_lens, mix.output_lens)
+              + capacity * lifetime_work(mix.prompt_lens, mix.output_lens, cost))
     order = np.argsort(weight)
     left, greedy = float(capacity), 0.0
     for j in order:

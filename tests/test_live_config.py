@@ -1,4 +1,4 @@
-"""The live backend's parts that need no vLLM: configs, the version gate, the calibration fit, the sim-vs-live report."""
+"""The live backend's parts needing no vLLM: configs, the version gate, the calibration fit, the sim-vs-live report."""
 
 from __future__ import annotations
 

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from baselines.lookahead import (
     held_add,
     held_advance,
+    held_fits,
     held_fitting_count,
     held_fitting_prefix,
-    held_fits,
     held_peak,
     held_profile,
 )

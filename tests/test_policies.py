@@ -24,7 +24,8 @@ from tests.invariants import InvariantChecker
 COST = LinearCostModel.paper(d0=1.0, d1=0.01)
 
 
-def wait_policy(variant: str, n: int = 2, drain: bool = False, lend: bool = False, memory_blocks: int = 0) -> WaitPolicy:
+def wait_policy(variant: str, n: int = 2, drain: bool = False, lend: bool = False,
+                memory_blocks: int = 0) -> WaitPolicy:
     mix = TypeMix((RequestType(4, 3, 1.0),))
     thresholds = WaitThresholds(n=np.array([n]), iteration_time_s=1.0, memory_tokens=0.0, memory_blocks=memory_blocks,
                                 scale=1.0, fluid_memory_tokens=0.0, capacity_blocks=100)

@@ -41,8 +41,10 @@ def test_a_scenario_is_the_same_every_time_it_is_loaded() -> None:
 
 @pytest.mark.parametrize(("text", "message"), [
     ('[workload]\ntypes = "p=10,o=5,rate=1"\n[sweep]\nloads = [0.5, -1]\n', r"sweep\.loads must be positive"),
-    ('[workload]\ntypes = "p=10,o=5,rate=1"\n[engine]\nmemory_tokens = 0\n', r"engine\.memory_tokens must be an integer >= 1"),
-    ('[workload]\ntypes = "p=10,o=5,rate=1"\n[arrivals]\nprocess = "weibull"\n', r"\[arrivals\].*poisson, gamma, onoff or diurnal"),
+    ('[workload]\ntypes = "p=10,o=5,rate=1"\n[engine]\nmemory_tokens = 0\n',
+     r"engine\.memory_tokens must be an integer >= 1"),
+    ('[workload]\ntypes = "p=10,o=5,rate=1"\n[arrivals]\nprocess = "weibull"\n',
+     r"\[arrivals\].*poisson, gamma, onoff or diurnal"),
     ('speed = 3\n[workload]\ntypes = "p=10,o=5,rate=1"\n', r"unknown field 'speed'"),
     ('[workload]\ntypes = "p=10,o=5,rate=1"\nspeed = 3\n', r"unknown field workload\.speed; allowed: lengths, types"),
     ('[workload]\n', r"exactly one of 'types'"),
@@ -116,8 +118,8 @@ def test_the_azure_like_generators_match_their_traces(shared_data: Path, scenari
     assert sample is not None
     for real, generated in ((prompt, sample.prompt_len), (output, sample.output_len)):
         assert generated.mean() == pytest.approx(real.mean(), rel=0.08)
-        assert np.quantile(generated, [0.25, 0.5, 0.75, 0.9]) == pytest.approx(np.quantile(real, [0.25, 0.5, 0.75, 0.9]),
-                                                                              rel=0.1)
+        quartiles = [0.25, 0.5, 0.75, 0.9]
+        assert np.quantile(generated, quartiles) == pytest.approx(np.quantile(real, quartiles), rel=0.1)
 
 
 def test_the_suite_job_merges_to_what_compare_gives_and_judges_it() -> None:

@@ -24,9 +24,9 @@ from llmsched_env import (
     run,
 )
 from llmsched_env.engine import IDLE
+from llmsched_env.fluid import solve_fluid
 from llmsched_env.runner import TimeSeriesRecorder
 from llmsched_env.scenario import build_scenario
-from llmsched_env.fluid import solve_fluid
 from tests.invariants import InvariantChecker, check_engine
 from tests.reference_engine import ReferenceEngine
 
@@ -61,8 +61,8 @@ def test_one_request_runs_its_stages_exactly() -> None:
 def test_memory_utilisation_is_integrated_over_time_including_idle_periods() -> None:
     """p=4, o=2, blocks of 2: 1.4 s holding 2 blocks, 1.5 s and 1.6 s holding 3, 1.5 s idle holding none,
     then the second request the same way."""
-    from llmsched_env.metrics import summarize
     from llmsched_env.fluid import solve_fluid
+    from llmsched_env.metrics import summarize
 
     engine = SimulatedEngine(PAPER, capacity_tokens=20, block_size=2)
     arrivals = Arrivals(np.array([0.0, 6.0]), np.array([4, 4]), np.array([2, 2]))
@@ -166,7 +166,8 @@ def test_impossible_configurations_are_refused() -> None:
     with pytest.raises(ConfigError, match="c0"):
         LinearCostModel(c0=0.0)
     engine = SimulatedEngine(PAPER, capacity_tokens=32, block_size=16)
-    with pytest.raises(RequestTooLargeError, match=r"needs 40 KV tokens \(prompt 30 \+ output 10\).*capacity is 2 blocks"):
+    with pytest.raises(RequestTooLargeError,
+                       match=r"needs 40 KV tokens \(prompt 30 \+ output 10\).*capacity is 2 blocks"):
         engine.add_requests(np.zeros(1), np.array([30]), np.array([10]))
     with pytest.raises(ConfigError, match="both must be >= 1"):
         engine.add_requests(np.zeros(1), np.array([0]), np.array([10]))

@@ -113,10 +113,12 @@ def test_trace_replay_and_rate_scaling(tmp_path: Path) -> None:
         ("arrived_at,num_prefill_tokens,num_decode_tokens,user\n", r":1: unknown column\(s\) 'user'"),
         ("arrived_at,num_prefill_tokens\n0,1\n", r":1: missing column\(s\) num_decode_tokens"),
         ("arrived_at,num_prefill_tokens,num_decode_tokens\n0,10,5\n1,ten,5\n", r":3: field 'num_prefill_tokens'"),
-        ("arrived_at,num_prefill_tokens,num_decode_tokens\n0,10,0\n", r":2: field 'num_decode_tokens' must be an integer in \[1, 2147483647\], got '0'"),
+        ("arrived_at,num_prefill_tokens,num_decode_tokens\n0,10,0\n",
+         r":2: field 'num_decode_tokens' must be an integer in \[1, 2147483647\], got '0'"),
         ("arrived_at,num_prefill_tokens,num_decode_tokens\n0,-4,3\n", r":2: field 'num_prefill_tokens'"),
         ("arrived_at,num_prefill_tokens,num_decode_tokens\n0,4.5,3\n", r":2: field 'num_prefill_tokens'"),
-        ("arrived_at,num_prefill_tokens,num_decode_tokens\n-1,4,3\n", r":2: field 'arrived_at' must be finite and >= 0"),
+        ("arrived_at,num_prefill_tokens,num_decode_tokens\n-1,4,3\n",
+         r":2: field 'arrived_at' must be finite and >= 0"),
         ("arrived_at,num_prefill_tokens,num_decode_tokens\nnan,4,3\n", r":2: field 'arrived_at'"),
         ("arrived_at,num_prefill_tokens,num_decode_tokens\n2,4,3\n1,4,3\n", r":3: field 'arrived_at' decreases"),
         ("arrived_at,num_prefill_tokens,num_decode_tokens\n0,4\n", r":2: expected 3 fields"),
@@ -134,7 +136,8 @@ def test_missing_trace_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_a_length_only_file_needs_an_arrival_process(tmp_path: Path) -> None:
-    path = write(tmp_path, "num_prefill_tokens,num_decode_tokens,num_total_tokens,pd_ratio\n100,10,110,10\n50,5,55,10\n")
+    path = write(tmp_path,
+                 "num_prefill_tokens,num_decode_tokens,num_total_tokens,pd_ratio\n100,10,110,10\n50,5,55,10\n")
     with pytest.raises(TraceFormatError, match="missing column"):
         TraceWorkload.from_csv(path)
     workload = LengthSampleWorkload.from_csv(path, rate=10.0)

@@ -29,13 +29,13 @@ Format (every table but ``[workload]`` optional)::
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 
 from llmsched_env.cost_model import DEFAULT_PROFILE, load_profile
 from llmsched_env.errors import ConfigError, RequestTooLargeError
@@ -147,7 +147,8 @@ def _parse(source: str, name: str, data: dict[str, Any]) -> NamedScenario:
             raise ConfigError(f"{source}: [{section}] must be a table")
         extra = set(table) - allowed
         if extra:
-            raise ConfigError(f"{source}: unknown field {section}.{sorted(extra)[0]}; allowed: {', '.join(sorted(allowed))}")
+            raise ConfigError(f"{source}: unknown field {section}.{sorted(extra)[0]}; "
+                              f"allowed: {', '.join(sorted(allowed))}")
         sections[section] = table
 
     engine = sections["engine"]
@@ -173,8 +174,10 @@ def _parse(source: str, name: str, data: dict[str, Any]) -> NamedScenario:
                 raise ConfigError(f"[workload.lengths] needs {sorted(missing)[0]!r}")
             probabilities = tuple(float(p) for p in lengths["probabilities"])
             rng = np.random.default_rng(0)  # the same sample every time the scenario is loaded
-            prompt = QuantileLengths(probabilities, tuple(int(v) for v in lengths["prompt"])).sample(LENGTH_SAMPLE_SIZE, rng)
-            output = QuantileLengths(probabilities, tuple(int(v) for v in lengths["output"])).sample(LENGTH_SAMPLE_SIZE, rng)
+            prompt = QuantileLengths(probabilities, tuple(int(v) for v in lengths["prompt"])
+                                     ).sample(LENGTH_SAMPLE_SIZE, rng)
+            output = QuantileLengths(probabilities, tuple(int(v) for v in lengths["output"])
+                                     ).sample(LENGTH_SAMPLE_SIZE, rng)
             scenario = Scenario(profile.cost, capacity, block, trace=LengthSampleWorkload(prompt, output, 1.0, process))
         largest = scenario.offered_mix()
         scenario.engine().check_fits(largest.prompt_lens, largest.output_lens)
