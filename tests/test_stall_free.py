@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from baselines import make_policy
@@ -110,6 +110,9 @@ class _WaitingSeen:
 @settings(max_examples=30, deadline=None)
 @given(prompt=st.integers(20, 120), budget=st.integers(8, 64), drain=st.integers(1, 8), seed=st.integers(0, 2**16),
        base=st.sampled_from(["wait", "nested-wait"]), rate=st.floats(4.0, 40.0))
+# The policy's mean prompt is the type's within rounding (61.00000000000001 here): one prompt of 61 tokens asks for
+# a 62-token budget at a drain of one iteration, so the queue's tokens are counted as the policy counts them.
+@example(prompt=61, budget=61, drain=1, seed=0, base="wait", rate=8.409141900883752)
 def test_a_draining_budget_stays_within_what_the_queue_asks_and_grows_only_with_it(
         prompt: int, budget: int, drain: int, seed: int, base: str, rate: float) -> None:
     mix = TypeMix((RequestType(prompt, 6, rate),))
@@ -129,7 +132,7 @@ def test_a_draining_budget_stays_within_what_the_queue_asks_and_grows_only_with_
     result = run(scenario.engine(), policy, arrivals, 5.0, callbacks=[invariants, within])
     assert result.arrived == len(arrivals) == result.finished + result.waiting + result.running
     assert len(raised) == result.iterations
-    if not any(waiting * prompt > drain * budget for waiting in seen.seen):
+    if not any(waiting * mean_prompt > drain * budget for waiting in seen.seen):
         assert not any(raised)  # a queue the budget drains in time never raises it
 
 
