@@ -109,12 +109,12 @@ def judge_cell(agent_dir: str, cell: dict[str, Any], seeds: Sequence[int]) -> di
 
 def judge_network(network: Any, interval_s: float, cell: dict[str, Any], seeds: Sequence[int], *,
                   base: str | None = None, batching: str = "whole", dead_zone: float = 0.0,
-                  compute_load: bool = False) -> dict[str, Any]:
+                  compute_load: bool = False, load_trend: bool = False) -> dict[str, Any]:
     """One cell's verdict for a residual ``network`` deciding every ``interval_s`` (what
     :class:`~agents.residual.ResidualAgentPolicy` takes: a trained actor, or a
     :class:`~agents.residual.ConstantAction`, adjusting ``base`` or the ``batching`` family's, with its
-    ``dead_zone``, reading the compute load with ``compute_load``), run beside the cell's baselines on every
-    seed."""
+    ``dead_zone``, reading the compute load with ``compute_load`` and its trend with ``load_trend``), run beside
+    the cell's baselines on every seed."""
     from agents.residual import ResidualAgentPolicy
 
     scenario = cell_scenario(cell)
@@ -122,7 +122,7 @@ def judge_network(network: Any, interval_s: float, cell: dict[str, Any], seeds: 
 
     def factory(setting: Scenario, horizon: float) -> ResidualAgentPolicy:
         return ResidualAgentPolicy(network, setting, horizon, interval_s=interval_s, base=base, batching=batching,
-                                   dead_zone=dead_zone, compute_load=compute_load)
+                                   dead_zone=dead_zone, compute_load=compute_load, load_trend=load_trend)
 
     sees = (SEES_OUTPUT_LENGTHS | {"agent"}) if cell["known"] else frozenset()
     comparison = compare(scenario, ["agent", *baselines], [scenario.base_rate], cell["horizon"], seeds=seeds,

@@ -23,7 +23,9 @@ memory the baseline keeps back, as shares of the capacity; the oldest waiting re
 arrivals since the last decision; the share of the oldest waiting requests that were evicted; the current scale;
 whether the baseline has solved its thresholds yet. Counts and times are squashed as ``x / (x + s)``. With
 ``compute_load`` (``LLMSched-Residual-v1``) a 13th entry follows: the baseline's own estimate of the compute load
-(:data:`LOAD_FEATURES`), which, unlike the servable share, does not saturate at the stability region's edge.
+(:data:`LOAD_FEATURES`), which, unlike the servable share, does not saturate at the stability region's edge. With
+``load_trend`` (``LLMSched-Residual-v2``) three more: that estimate's rise over 300 s, its largest rise over 60 s
+within them, and whether a sustained surge of it is under way (:data:`TREND_FEATURES`, :class:`LoadTrend`).
 
 :class:`ResidualControl` is this interface, shared by the environment (:mod:`agents.residual_env`) and by a trained
 agent running as a policy (:class:`ResidualAgentPolicy`, through :func:`llmsched_env.run` on any engine), so the
@@ -33,6 +35,7 @@ agent sees the same observations and its actions mean the same thing in training
 from __future__ import annotations
 
 import math
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +75,74 @@ NUM_FEATURES = len(FEATURES)
 #: so a load of 0.6 and one of 0.8 look alike there until the overload; ρ̂ tells them apart.
 LOAD_FEATURES = ("compute_load",)
 LOAD_POWER = 4
+#: ``load_trend=True`` (``LLMSched-Residual-v2``) adds how the compute-load estimate moves: its rise over the last
+#: :data:`RISE_LONG_S`, the largest rise over any :data:`RISE_SHORT_S` within them (how abruptly it moved: a burst's
+#: 60 s estimate jumps, a day's climbs smoothly), both as ``½ + rise / 2``, clipped (½ is flat), and a memory of a
+#: sustained surge (:class:`LoadTrend`). One observation shows the load, not where it is heading: a day whose rate
+#: climbs for half an hour toward an overload looks, minute by minute, like one that peaks within capacity, but the
+#: estimate rises faster on its way there.
+TREND_FEATURES = ("load_rise", "load_jump", "load_surge")
+RISE_LONG_S = 300.0
+RISE_SHORT_S = 60.0
+#: The trend counts from this long after the baseline's first solve: before that the estimate is still learning
+#: the lengths (on the Azure-like workloads it climbs by up to 0.66 within its first two minutes).
+TREND_SETTLE_S = 600.0
+#: A surge starts where ``ρ̂`` is above :data:`SURGE_LOAD` and has risen by more than :data:`SURGE_RISE` over the
+#: long window, by less than :data:`SURGE_SMOOTH` over every short one within it (no burst's jump), and lasts until
+#: ``ρ̂`` falls below :data:`SURGE_END_LOAD` (the peak's backlog drained). Chosen on the validation seeds
+#: (docs/agents.md): on the diurnal day at 0.8 the estimate has risen by 0.28 over 300 s as it passes 0.8, on the day
+#: at 0.6 by at most 0.21; on-off bursts run for an hour rise as much, but in jumps.
+SURGE_LOAD = 0.8
+SURGE_RISE = 0.24
+SURGE_SMOOTH = 0.1
+SURGE_END_LOAD = 0.5
 
 
-def feature_names(compute_load: bool = False) -> tuple[str, ...]:
-    """The observation's entries, in order: :data:`FEATURES`, then :data:`LOAD_FEATURES` with ``compute_load``."""
-    return FEATURES + LOAD_FEATURES if compute_load else FEATURES
+def feature_names(compute_load: bool = False, load_trend: bool = False) -> tuple[str, ...]:
+    """The observation's entries, in order: :data:`FEATURES`, then :data:`LOAD_FEATURES` with ``compute_load``, then
+    :data:`TREND_FEATURES` with ``load_trend``."""
+    return FEATURES + (LOAD_FEATURES if compute_load else ()) + (TREND_FEATURES if load_trend else ())
+
+
+class LoadTrend:
+    """The compute-load estimate's recent history at the agent's decisions: its rise over the long window, the
+    largest rise over a short one within it, and whether a sustained surge is under way (see :data:`SURGE_LOAD`).
+    Bounded memory: the samples of the last :data:`RISE_LONG_S` and one before."""
+
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, float, float]] = deque()  # (time, estimate, its rise over the short window)
+        self.settled_at = math.inf
+        self.surge = False
+
+    def _rise(self, now: float, load: float, window: float) -> float:
+        """``load`` less the estimate at the last sample at or before ``now - window`` (the oldest kept, if none
+        is that old)."""
+        reference = self.samples[0][1]
+        for time, value, _ in self.samples:
+            if time > now - window:
+                break
+            reference = value
+        return load - reference
+
+    def update(self, now: float, load: float, solved: bool) -> tuple[float, float, bool]:
+        """Record ``load`` at ``now`` (``solved``: the baseline has solved its thresholds at least once) and return
+        the long rise, the largest short rise within the long window and whether a surge is under way; ``(0, 0,
+        False)`` until the trend has settled."""
+        if solved and self.settled_at == math.inf:
+            self.settled_at = now + TREND_SETTLE_S
+        if now < self.settled_at:
+            return 0.0, 0.0, False
+        short_rise = self._rise(now, load, RISE_SHORT_S) if self.samples else 0.0
+        self.samples.append((now, load, short_rise))
+        while len(self.samples) > 2 and self.samples[1][0] <= now - RISE_LONG_S:
+            self.samples.popleft()
+        long_rise = self._rise(now, load, RISE_LONG_S)
+        jump = max(rise for time, _, rise in self.samples if time > now - RISE_LONG_S)
+        if self.surge and load < SURGE_END_LOAD:
+            self.surge = False
+        elif not self.surge and load > SURGE_LOAD and long_rise > SURGE_RISE and jump < SURGE_SMOOTH:
+            self.surge = True
+        return long_rise, jump, self.surge
 
 
 def clipped_action(action: np.ndarray | float) -> float:
@@ -126,10 +192,11 @@ class ResidualControl:
         dead_zone: actions within ``±dead_zone`` are the baseline itself (:func:`dead_zoned`); 0 (the default):
             every action counts.
         compute_load: observe the baseline's compute-load estimate too (:data:`LOAD_FEATURES`).
+        load_trend: observe how that estimate moves too (:data:`TREND_FEATURES`; needs ``compute_load``).
     """
 
     def __init__(self, interval_s: float = 1.0, base: str | None = None, batching: str = "whole",
-                 dead_zone: float = 0.0, compute_load: bool = False) -> None:
+                 dead_zone: float = 0.0, compute_load: bool = False, load_trend: bool = False) -> None:
         if not (math.isfinite(interval_s) and interval_s > 0):
             raise ConfigError(f"interval_s must be finite and > 0 s, got {interval_s!r}")
         if not 0.0 <= dead_zone < 1.0:
@@ -143,8 +210,11 @@ class ResidualControl:
         self.base_name = base
         self.batching = batching
         self.dead_zone = float(dead_zone)
+        if load_trend and not compute_load:
+            raise ConfigError("load_trend observes the compute-load estimate's trend: it needs compute_load=True")
         self.compute_load = bool(compute_load)
-        self.num_features = len(feature_names(self.compute_load))
+        self.load_trend = bool(load_trend)
+        self.num_features = len(feature_names(self.compute_load, self.load_trend))
         self.base: Any = None
         self.next_decision = 0.0
 
@@ -162,6 +232,7 @@ class ResidualControl:
         self._short = ArrivalRateEstimator(SHORT_RATE_WINDOW_S)
         self._seen = 0
         self._finished = 0
+        self._trend = LoadTrend()
 
     def due(self, now: float) -> bool:
         """Whether the agent decides at an iteration starting at ``now``."""
@@ -207,7 +278,11 @@ class ResidualControl:
             1.0 if solved else 0.0,
         )
         if self.compute_load:
-            features += (_squash(base.estimated_load ** LOAD_POWER, 1.0),)
+            load = base.estimated_load
+            features += (_squash(load ** LOAD_POWER, 1.0),)
+            if self.load_trend:
+                rise, jump, surge = self._trend.update(state.now, load, solved)
+                features += (0.5 + rise / 2, 0.5 + jump / 2, 1.0 if surge else 0.0)
         return np.clip(np.array(features, dtype=np.float32), 0.0, 1.0)
 
 
@@ -268,8 +343,8 @@ class ConstantAction:
 
 
 class OverloadRule:
-    """A residual "network" by hand, on ``LLMSched-Residual-v1``'s observation: ``action`` (larger batches, more
-    memory kept back) while the queue's head has waited at least ``min_head_age_s`` and either the base's
+    """A residual "network" by hand, on ``LLMSched-Residual-v1``'s observation (or v2's): ``action`` (larger batches,
+    more memory kept back) while the queue's head has waited at least ``min_head_age_s`` and either the base's
     compute-load estimate lies between ``load`` and ``load_cap`` or the head has waited longer than ``head_age_s``;
     the baseline itself otherwise, and with ``known_only`` wherever output lengths are hidden.
 
@@ -299,9 +374,10 @@ class OverloadRule:
 
     def __call__(self, observations: np.ndarray) -> np.ndarray:
         observations = np.asarray(observations, dtype=np.float64)
-        if observations.shape[-1] != len(feature_names(compute_load=True)):
+        if observations.shape[-1] not in (len(feature_names(True)), len(feature_names(True, True))):
             raise ConfigError(f"an overload rule reads LLMSched-Residual-v1's {len(feature_names(True))} entries "
-                              f"(the compute load among them), got {observations.shape[-1]}")
+                              f"(the compute load among them) or v2's {len(feature_names(True, True))}, got "
+                              f"{observations.shape[-1]}")
         # The entries as the observation squashes them: compare there, not after inverting a squash near 1.
         load, age = observations[:, self._load], observations[:, self._age]
         overloaded = (load > _squash(self.load ** LOAD_POWER, 1.0)) & (load < _squash(self.load_cap ** LOAD_POWER, 1.0))
@@ -311,8 +387,48 @@ class OverloadRule:
         return np.where(fires, self.action, 0.0).reshape(-1, 1)
 
 
-#: Residual teachers an imitation warm start can copy (``[imitation] teacher = NAME`` of a residual config).
-RESIDUAL_TEACHERS = {"overload": OverloadRule}
+class SurgeRule:
+    """A residual "network" by hand, on ``LLMSched-Residual-v2``'s observation: the residual ``surge_action`` while
+    the observation says a sustained load surge is under way (``load_surge``, :class:`LoadTrend`), in either length
+    setting; elsewhere the :class:`OverloadRule` (lengths known only), the larger of the two where both act.
+
+    A surge is a rate climbing for minutes toward an overload: larger batches from its rise on serve the peak with
+    less iteration time, and they are held through the decline, while the peak's backlog drains. The overload rule
+    alone starts only once the queue has formed, too late with lengths hidden (docs/agents.md).
+
+    Args:
+        surge_action, overload_action: the residuals (the scale's exponent, :func:`threshold_scale`) applied.
+        dead_zone: the environment's (:func:`dead_zoned`): the rule answers the action that applies those residuals
+            through it.
+    """
+
+    log_std = None
+
+    def __init__(self, surge_action: float = 0.8, overload_action: float = 1.0, dead_zone: float = 0.0) -> None:
+        for value in (surge_action, overload_action):
+            if not (math.isfinite(value) and 0.0 < value <= 1.0):
+                raise ConfigError(f"a surge rule's residuals must lie in (0, 1], got {value!r}")
+        if not 0.0 <= dead_zone < 1.0:
+            raise ConfigError(f"dead_zone must be in [0, 1), got {dead_zone!r}")
+        self.surge_action = dead_zone + surge_action * (1.0 - dead_zone)
+        self.overload = OverloadRule(action=dead_zone + overload_action * (1.0 - dead_zone))
+        names = feature_names(compute_load=True, load_trend=True)
+        self._surge, self._width = names.index("load_surge"), len(names)
+
+    def __call__(self, observations: np.ndarray) -> np.ndarray:
+        observations = np.asarray(observations, dtype=np.float64)
+        if observations.shape[-1] != self._width:
+            raise ConfigError(f"a surge rule reads LLMSched-Residual-v2's {self._width} entries (the load's trend "
+                              f"among them), got {observations.shape[-1]}")
+        overload = self.overload(observations)
+        surge = np.where(observations[:, self._surge] > 0.5, self.surge_action, 0.0).reshape(-1, 1)
+        return np.maximum(overload, surge)
+
+
+#: Residual teachers an imitation warm start can copy (``[imitation] teacher = NAME`` of a residual config), and
+#: whether each reads the load's trend (``LLMSched-Residual-v2``) beside the compute load (``-v1``).
+RESIDUAL_TEACHERS = {"overload": OverloadRule, "surge": SurgeRule}
+_TEACHER_READS_TREND = {"overload": False, "surge": True}
 
 
 def residual_teacher(name: str, env: Any) -> Any:
@@ -321,7 +437,12 @@ def residual_teacher(name: str, env: Any) -> Any:
     if name not in RESIDUAL_TEACHERS:
         raise ConfigError(f"[imitation] teacher {name!r} is not a residual teacher; one of "
                           f"{', '.join(RESIDUAL_TEACHERS)} (a residual agent starts at its baseline without one)")
-    if not env.control.compute_load:
+    control = env.control
+    if _TEACHER_READS_TREND[name]:
+        if not control.load_trend:
+            raise ConfigError(f"[imitation] teacher {name!r} reads the load's trend: train on LLMSched-Residual-v2")
+        return SurgeRule(dead_zone=control.dead_zone)
+    if not control.compute_load:
         raise ConfigError(f"[imitation] teacher {name!r} reads the compute load: train on LLMSched-Residual-v1")
     return RESIDUAL_TEACHERS[name]()
 
@@ -336,21 +457,23 @@ class ResidualAgentPolicy:
             loads), a stable-baselines3 ``PPO`` model, or any callable from a batch of observations to actions.
         scenario: where it runs (the baseline's cost model and memory).
         horizon: the run's horizon (the baseline's overflow bound).
-        interval_s, base, batching, dead_zone, compute_load: :class:`ResidualControl`'s (:func:`control_settings`
+        interval_s, base, batching, dead_zone, compute_load, load_trend: :class:`ResidualControl`'s
+            (:func:`control_settings`
             reads them from a saved agent's environment id and arguments).
         deterministic: the mean action (else a sample, from a generator seeded by ``seed`` at every reset).
     """
 
     def __init__(self, network: Any, scenario: Scenario, horizon: float, *, interval_s: float = 1.0,
                  base: str | None = None, batching: str = "whole", dead_zone: float = 0.0,
-                 compute_load: bool = False, deterministic: bool = True, seed: int = 0, name: str = "agent") -> None:
+                 compute_load: bool = False, load_trend: bool = False, deterministic: bool = True, seed: int = 0,
+                 name: str = "agent") -> None:
         self.name = name
         self.network = network
         self.scenario = scenario
         self.horizon = horizon
         self.deterministic = deterministic
         self.seed = seed
-        self.control = ResidualControl(interval_s, base, batching, dead_zone, compute_load)
+        self.control = ResidualControl(interval_s, base, batching, dead_zone, compute_load, load_trend)
         self._rng = np.random.default_rng(seed)
 
     def reset(self, engine: Engine) -> None:
@@ -413,15 +536,16 @@ class ResidualAgentPolicy:
 
 def control_settings(env_kwargs: dict[str, Any], env_id: str = "LLMSched-Residual-v0") -> dict[str, Any]:
     """What a saved agent's environment id and arguments say about its control (``interval_s``, ``base``,
-    ``batching``, ``dead_zone``, ``compute_load``), as :class:`ResidualAgentPolicy` takes them: the agent runs as it
-    was trained. The id's own arguments (:data:`~llmsched_env.registration.RESIDUAL_ENV_IDS`) come first, as
-    ``gym.make`` merges them."""
+    ``batching``, ``dead_zone``, ``compute_load``, ``load_trend``), as :class:`ResidualAgentPolicy` takes them:
+    the agent runs as it was trained. The id's own arguments (:data:`~llmsched_env.registration.RESIDUAL_ENV_IDS`)
+    come first, as ``gym.make`` merges them."""
     from llmsched_env.registration import residual_env_kwargs
 
     merged = residual_env_kwargs(env_id, env_kwargs)
     return {"interval_s": float(merged.get("interval_s", 1.0)), "base": merged.get("base"),
             "batching": str(merged.get("batching", "whole")), "dead_zone": float(merged.get("dead_zone", 0.0)),
-            "compute_load": bool(merged.get("compute_load", False))}
+            "compute_load": bool(merged.get("compute_load", False)),
+            "load_trend": bool(merged.get("load_trend", False))}
 
 
 def read_residual_agent(directory: str | Path) -> tuple[AgentSpec, Any]:
@@ -440,7 +564,8 @@ def read_residual_agent(directory: str | Path) -> tuple[AgentSpec, Any]:
         raise ConfigError(f"{config_path}: policy_kwargs {', '.join(sorted(unsupported))} not supported for a "
                           "residual agent (its actor is the default MlpPolicy's: tanh layers)")
     model_path = Path(directory) / MODEL_FILE
-    features = len(feature_names(control_settings(spec.env_kwargs, spec.env_id)["compute_load"]))
+    settings = control_settings(spec.env_kwargs, spec.env_id)
+    features = len(feature_names(settings["compute_load"], settings["load_trend"]))
     return spec, ResidualNetwork.from_weights(read_weights(model_path), str(model_path), features)
 
 

@@ -1,4 +1,4 @@
-"""``LLMSched-Residual-v0`` / ``-v1``: one agent for any workload, acting as a residual on an adaptive baseline."""
+"""``LLMSched-Residual-v0`` to ``-v2``: one agent for any workload, acting as a residual on an adaptive baseline."""
 
 from __future__ import annotations
 
@@ -77,6 +77,11 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
     own targets, all dimensionless; no horizon, no offered rate, no workload type). ``Box(0, 1, (13,), float32)``
     with ``compute_load`` (``-v1``): then the baseline's compute-load estimate ``ρ̂`` as ``ρ̂⁴ / (1 + ρ̂⁴)``
     (:data:`agents.residual.LOAD_FEATURES`), which tells a load of 0.6 from one of 0.8 before either overloads.
+    ``Box(0, 1, (16,), float32)`` with ``load_trend`` too (``-v2``): then the estimate's rise over the last 300 s,
+    its largest rise over 60 s within them (both ``½ + rise / 2``) and whether a sustained surge of it is under way
+    (0 or 1;
+    :data:`agents.residual.TREND_FEATURES`), which tells a day climbing toward an overload from one that peaks
+    within capacity before the overload begins.
 
     ## Rewards
 
@@ -120,7 +125,7 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
     ``vs_baseline``), ``latency_penalty`` (0), ``wait_penalty`` (0), ``action_penalty`` (0, on the residual
     applied), ``dead_zone`` (0: actions within ``±dead_zone`` are the baseline itself,
     :func:`agents.residual.dead_zoned`), ``compute_load`` (observe the compute-load estimate; ``True`` in
-    ``-v1``), ``compiled``
+    ``-v1`` and ``-v2``), ``load_trend`` (observe its trend; ``True`` in ``-v2``), ``compiled``
     (``True``: the baseline's compiled loop between decisions; ``False`` its Python rule, the same episodes).
 
     ``reset(options={"scenario": name, "load": rho, "memory": m, "arrival_seed": s})`` pins any of them.
@@ -131,6 +136,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
       (defaults 0, ``"whole"``, 0 and 0: the episodes and rewards as before), then ``batching="stall-free-margin"``.
     * v1: the observation adds the baseline's compute-load estimate (``compute_load=True``); episodes, actions and
       rewards as in v0.
+    * v2: the observation adds that estimate's trend (``load_trend=True``): its rise over 300 s, its largest rise
+      over 60 s within them and a sustained surge's memory; episodes, actions and rewards as in v0.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
@@ -140,7 +147,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
                  horizon: float | None = None,
                  interval_s: float = 1.0, base: str | None = None, batching: str = "whole", reward: str = "regret",
                  latency_penalty: float = 0.0, action_penalty: float = 0.0, dead_zone: float = 0.0,
-                 wait_penalty: float = 0.0, compute_load: bool = False, compiled: bool = True,
+                 wait_penalty: float = 0.0, compute_load: bool = False, load_trend: bool = False,
+                 compiled: bool = True,
                  render_mode: str | None = None) -> None:
         names = [scenarios] if isinstance(scenarios, str) else list(scenarios)
         if SUITE in names:
@@ -181,7 +189,7 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
         self.wait_penalty = float(wait_penalty)
         self.compiled = bool(compiled)
         self.render_mode = render_mode
-        self.control = ResidualControl(interval_s, base, batching, dead_zone, compute_load)
+        self.control = ResidualControl(interval_s, base, batching, dead_zone, compute_load, load_trend)
         self.action_space = spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
         self.observation_space = spaces.Box(0.0, 1.0, (self.control.num_features,), dtype=np.float32)
         self._rollout: Rollout | None = None

@@ -339,8 +339,8 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
         evaluation = config.evaluation
         validation = None
         if evaluation.seeds and residual:
-            # The id's own arguments too (LLMSched-Residual-v1's compute_load): validation builds the environment
-            # directly, not through gym.make.
+            # The id's own arguments too (LLMSched-Residual-v1's compute_load, v2's load_trend): validation builds
+            # the environment directly, not through gym.make.
             validation = residual_metrics_callback(
                 residual_env_kwargs(config.env_id, env_kwargs), evaluation.seeds, evaluation.every, out,
                 on_eval=_logged(log, on_eval, lambda m: (

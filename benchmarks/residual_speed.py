@@ -1,22 +1,24 @@
-"""Speed of the workload-independent environment: ``LLMSched-Residual-v0`` beside ``-v1``, in steps per second.
+"""Speed of the workload-independent environment: ``LLMSched-Residual-v0`` beside ``-v1`` and ``-v2``, in steps/s.
 
 A step is one decision interval of engine time: the adaptive baseline's compiled loop over it (hundreds of engine
-iterations), then the observation; ``-v1`` adds the base's compute-load estimate to it. For each workload at the
-top of its load range, 300 s episodes (``--horizon``) under the zero action, after one warm-up episode (compilation
-and the first solve), episodes reset as they end until ``--seconds`` of wall time have passed; the best of
-``--repeats`` measurements is kept (the least disturbed by other load on a shared machine). Both ids run in the
-same process, in turn, so that their ratio is the figure to read.
+iterations), then the observation; ``-v1`` adds the base's compute-load estimate to it, ``-v2`` that estimate's
+trend (which counts from 600 s after the base's first solve, so the default horizon runs it for half of each
+episode). For each workload at the top of its load range, 1,200 s episodes (``--horizon``) under the zero action,
+after one warm-up episode (compilation and the first solve), episodes reset as they end until ``--seconds`` of wall
+time have passed; the best of ``--repeats`` measurements is kept (the least disturbed by other load on a shared
+machine). The ids run in the same process, in turn, so that their ratios are the figures to read.
 
 Two settings: 1 s decisions on the whole-prefill bases (the environment's defaults), and the shipped generalist's
 (5 s decisions, stall-free bases with the adaptive margin, ``vs_baseline`` reward, whose reset also runs the base
 alone on the same arrivals).
 
-Run:  python benchmarks/residual_speed.py [--horizon 300] [--seconds 2] [--repeats 3] [--workloads W,...]
+Run:  python benchmarks/residual_speed.py [--horizon 1200] [--seconds 2] [--repeats 3] [--workloads W,...]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 from typing import Any
@@ -29,7 +31,7 @@ import numpy as np  # noqa: E402
 
 import llmsched_env  # noqa: E402,F401  (registers the environment ids)
 
-ENV_IDS = ("LLMSched-Residual-v0", "LLMSched-Residual-v1")
+ENV_IDS = ("LLMSched-Residual-v0", "LLMSched-Residual-v1", "LLMSched-Residual-v2")
 WORKLOADS = ("paper-two-type", "bursty-high-hidden", "azure-conv-like-hidden", "diurnal")
 #: (label, environment keyword arguments): the defaults, and the shipped config's (agents/configs).
 SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -44,7 +46,7 @@ def steps_per_second(env: gym.Env, workload: str, seconds: float, repeats: int) 
     residual = env.unwrapped
     load = residual.load_range(workload)[1]
     action = np.zeros(1, dtype=np.float32)
-    episode = iter(range(1_000_000))
+    episode = itertools.count()
 
     def reset() -> None:
         env.reset(seed=0, options={"scenario": workload, "load": load, "arrival_seed": next(episode)})
@@ -69,7 +71,7 @@ def steps_per_second(env: gym.Env, workload: str, seconds: float, repeats: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--horizon", type=float, default=300.0)
+    parser.add_argument("--horizon", type=float, default=1200.0)
     parser.add_argument("--seconds", type=float, default=2.0, help="wall seconds per measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -77,14 +79,15 @@ def main() -> None:
     workloads = args.workloads.split(",")
     for label, kwargs in SETTINGS:
         print(f"{label}: steps/s (the best of {args.repeats} x {args.seconds:g} s)")
-        print(f"  {'workload':24s} {'v0':>8s} {'v1':>8s} {'v1/v0':>6s}")
+        print(f"  {'workload':24s} {'v0':>8s} {'v1':>8s} {'v2':>8s} {'v1/v0':>6s} {'v2/v0':>6s}")
         for workload in workloads:
             rates = []
             for env_id in ENV_IDS:
                 env = gym.make(env_id, scenarios=[workload], horizon=args.horizon, **kwargs)
                 rates.append(steps_per_second(env, workload, args.seconds, args.repeats))
                 env.close()
-            print(f"  {workload:24s} {rates[0]:8.0f} {rates[1]:8.0f} {rates[1] / rates[0]:6.2f}", flush=True)
+            print(f"  {workload:24s} {rates[0]:8.0f} {rates[1]:8.0f} {rates[2]:8.0f} {rates[1] / rates[0]:6.2f} "
+                  f"{rates[2] / rates[0]:6.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ scheduler as ``vllm_config.additional_config``) and use the CLI's vocabulary:
 
 ``policy``
     a registered policy (``llmsched compare``'s names; default ``nested-wait-adaptive``), the directory of a
-    workload-independent agent (``LLMSched-Residual-v0`` / ``-v1``, e.g. ``agents/pretrained/suite-residual``), or
+    workload-independent agent (``LLMSched-Residual-v0`` to ``-v2``, e.g. ``agents/pretrained/suite-residual``), or
     ``vllm``: vLLM's own scheduler, unchanged, with its ``schedule()`` timed (the other side of a comparison; the
     registered ``vllm`` policy, llmsched's model of that scheduler, is what the simulator runs for it), or
     ``package.module:factory``: your own policy, a callable ``factory(scenario, horizon_s) -> Policy`` (what

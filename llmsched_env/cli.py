@@ -838,7 +838,7 @@ def evaluate(
     profile: ProfileOption = None,
     out: Annotated[Path, _out_option("evaluate")] = Path("llmsched-out/evaluate"),
     plots: bool = typer.Option(True, help="Write the PNG plots."),
-    suite: bool = typer.Option(False, "--suite", help="Judge a workload-independent agent (LLMSched-Residual-v0) on "
+    suite: bool = typer.Option(False, "--suite", help="Judge a workload-independent agent (LLMSched-Residual-v*) on "
                                                       "every scenario and load of the suite and the held-out Azure "
                                                       "traces, against each cell's best baseline."),
     jobs: Optional[int] = typer.Option(None, min=1, help="Worker processes: with --suite (default: every core), or "
@@ -964,7 +964,7 @@ def serve(
     context: typer.Context,
     model: Annotated[str, typer.Argument(help="The model vLLM serves (a local path or a Hugging Face name).")],
     policy: str = typer.Option("nested-wait-adaptive", help="A registered policy, an agent folder "
-                                                              "(LLMSched-Residual-v0), or vllm for vLLM's own "
+                                                              "(LLMSched-Residual-v*), or vllm for vLLM's own "
                                                               "scheduler."),
     lengths: str = typer.Option("hidden", help="hidden, or max_tokens when every request produces exactly its "
                                                "max_tokens (ignore_eos traffic): WAIT needs it."),

@@ -42,6 +42,9 @@ RESIDUAL_ENV_IDS: dict[str, dict[str, Any]] = {
     "LLMSched-Residual-v0": {},
     # v1: the observation adds the baseline's compute-load estimate (a 13th entry, ``compute_load``).
     "LLMSched-Residual-v1": {"compute_load": True},
+    # v2: then that estimate's trend (its rise over 300 s, its largest 60 s rise within
+    # them, a sustained surge's memory: 16 entries).
+    "LLMSched-Residual-v2": {"compute_load": True, "load_trend": True},
 }
 _RESIDUAL_ENTRY_POINT = "agents.residual_env:LLMSchedResidualEnv"
 

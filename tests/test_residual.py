@@ -19,9 +19,13 @@ from agents.judge import judge_network, judging_cells, verdict
 from agents.residual import (
     BASES,
     NUM_FEATURES,
+    SURGE_END_LOAD,
+    TREND_SETTLE_S,
     ConstantAction,
+    LoadTrend,
     OverloadRule,
     ResidualAgentPolicy,
+    SurgeRule,
     control_settings,
     dead_zoned,
     feature_names,
@@ -166,6 +170,107 @@ def test_the_compute_load_estimate_tracks_the_offered_load(workload: str) -> Non
         assert float(np.median(estimates[24:])) == pytest.approx(load, rel=0.15)
 
 
+def test_v2_adds_the_load_trend_and_changes_nothing_else() -> None:
+    """``LLMSched-Residual-v2`` observes v1's thirteen entries and the load's trend after them; the same actions
+    give the same episode, bit for bit. Before the trend has settled (:data:`TREND_SETTLE_S` after the first solve)
+    its entries say "flat, no surge"."""
+    episodes = []
+    for env_id in ("LLMSched-Residual-v1", "LLMSched-Residual-v2"):
+        env = gym.make(env_id, scenarios="bursty-high", horizon=40.0, interval_s=2.0).unwrapped
+        observation, _ = env.reset(seed=3, options={"load": 0.9})
+        observations, done, info = [observation], False, {}
+        while not done:
+            observation, _, _, done, info = env.step(_wave(observations[-1][None, :NUM_FEATURES])[0])
+            observations.append(observation)
+        episodes.append((np.array(observations[:-1]), info))
+    (v1, info1), (v2, info2) = episodes
+    assert v2.shape[1] == NUM_FEATURES + 4 == len(feature_names(True, True))
+    np.testing.assert_array_equal(v2[:, :NUM_FEATURES + 1], v1)
+    assert {k: info2[k] for k in EXACT} == {k: info1[k] for k in EXACT}
+    np.testing.assert_array_equal(v2[:, -3:], np.tile([0.5, 0.5, 0.0], (len(v2), 1)))
+    with pytest.raises(ConfigError, match="load_trend .* needs compute_load=True"):
+        LLMSchedResidualEnv(load_trend=True)
+
+
+def test_the_load_trend_starts_a_surge_on_a_smooth_rise_and_holds_it_until_the_load_falls() -> None:
+    def path(loads: list[float], step: float = 5.0) -> list[tuple[float, float, bool]]:
+        trend = LoadTrend()
+        trend.update(0.0, 0.0, solved=True)  # the first solve: the trend counts from TREND_SETTLE_S on
+        return [trend.update(TREND_SETTLE_S + step * k, load, solved=True) for k, load in enumerate(loads)]
+
+    climb = [0.5 + 0.005 * k for k in range(120)]  # +0.3 over 300 s, +0.06 over every 60 s: a day climbing
+    surged = [surge for _, _, surge in path(climb)]
+    start = surged.index(True)
+    assert climb[start] > 0.8 and all(surged[start:])
+    rise, jump, _ = path(climb)[start]
+    assert rise == pytest.approx(0.3) and jump == pytest.approx(0.06)
+    # Held through the decline until the load falls below SURGE_END_LOAD, then over.
+    decline = climb + [1.0 - 0.002 * k for k in range(300)]
+    after = path(decline)
+    end = next(k for k in range(len(climb), len(decline)) if decline[k] < SURGE_END_LOAD)
+    assert all(surge for _, _, surge in after[start:end]) and not after[end][2]
+    # A slower climb starts none; nor does a burst, which rises as much but in a jump, even once its own estimate
+    # has levelled off (an on-period of minutes): the jump stays in the window for 300 s.
+    assert not any(surge for _, _, surge in path([0.5 + 0.0025 * k for k in range(600)]))  # +0.15 per 300 s
+    burst = path([0.6] * 80 + [1.2] * 80)
+    assert not any(surge for _, _, surge in burst) and burst[100][1] == pytest.approx(0.6)
+    # Nothing before the first solve and the settling after it.
+    trend = LoadTrend()
+    assert trend.update(100.0, 2.0, solved=False) == (0.0, 0.0, False)
+    trend.update(200.0, 2.0, solved=True)
+    assert trend.update(200.0 + TREND_SETTLE_S - 5, 5.0, solved=True) == (0.0, 0.0, False)
+    assert len(trend.samples) == 0
+
+
+def test_the_load_trend_keeps_bounded_memory() -> None:
+    trend = LoadTrend()
+    trend.update(0.0, 0.5, solved=True)
+    for k in range(10_000):
+        trend.update(TREND_SETTLE_S + k, 0.5, solved=True)
+    assert len(trend.samples) <= 302  # one sample a second: the long window's and one before it
+
+
+def test_the_surge_fires_on_the_diurnal_day_at_0_8_and_not_at_0_6() -> None:
+    """On the diurnal day (lengths hidden, validation seed 1000, its first 1,500 s) the load estimate climbs toward
+    the overload at 0.8 and a surge starts; at 0.6 it climbs more slowly and none starts (docs/agents.md)."""
+    fired = {}
+    for load in (0.6, 0.8):
+        env = gym.make("LLMSched-Residual-v2", scenarios="diurnal-hidden", horizon=1500.0, interval_s=5.0,
+                       batching="stall-free-margin").unwrapped
+        observation, _ = env.reset(seed=0, options={"load": load, "arrival_seed": 1000})
+        surges, done = [], False
+        while not done:
+            observation, _, _, done, _ = env.step(np.zeros(1))
+            surges.append(observation[-1] == 1.0 and not done)
+        fired[load] = sum(surges)
+    assert fired[0.6] == 0 and fired[0.8] > 0
+
+
+def test_the_surge_rule_acts_through_the_dead_zone_and_yields_to_the_overload_rule() -> None:
+    names = feature_names(compute_load=True, load_trend=True)
+    calm = np.zeros((1, len(names)), np.float32)
+    calm[0, names.index("compute_load")] = 0.8 ** 4 / (1 + 0.8 ** 4)
+    surge, known = calm.copy(), calm.copy()
+    surge[0, names.index("load_surge")] = 1.0
+    known[0, names.index("lengths_known")] = 1.0
+    known[0, names.index("compute_load")] = 1.05 ** 4 / (1 + 1.05 ** 4)
+    known[0, names.index("oldest_wait")] = 8 / 13  # a queued overload: the overload rule fires
+    rule = SurgeRule(surge_action=0.8, dead_zone=0.25)
+    assert rule(calm)[0, 0] == 0.0
+    assert dead_zoned(float(rule(surge)[0, 0]), 0.25) == pytest.approx(0.8)
+    assert dead_zoned(float(rule(known)[0, 0]), 0.25) == pytest.approx(1.0)
+    both = known.copy()
+    both[0, names.index("load_surge")] = 1.0
+    assert rule(both)[0, 0] == rule(known)[0, 0]  # the larger of the two
+    hidden_overload = known.copy()
+    hidden_overload[0, names.index("lengths_known")] = 0.0
+    assert rule(hidden_overload)[0, 0] == 0.0  # the overload rule is for known lengths only
+    with pytest.raises(ConfigError, match="v2's 16 entries"):
+        rule(calm[:, :NUM_FEATURES + 1])
+    with pytest.raises(ConfigError, match="residuals must lie in"):
+        SurgeRule(surge_action=1.5)
+
+
 def test_scale_and_bad_input_name_what_is_wrong() -> None:
     assert threshold_scale(np.zeros(1)) == 1.0 and threshold_scale(1.0) == 4.0 and threshold_scale(-7.0) == 0.25
     with pytest.raises(ConfigError, match="finite"):
@@ -303,10 +408,12 @@ def test_an_action_within_the_dead_zone_is_the_baseline_and_one_beyond_it_is_not
 
 def test_a_saved_agent_runs_on_the_base_it_was_trained_on() -> None:
     assert control_settings({"interval_s": 5.0}) == {"interval_s": 5.0, "base": None, "batching": "whole",
-                                                     "dead_zone": 0.0, "compute_load": False}
+                                                     "dead_zone": 0.0, "compute_load": False,
+                                                     "load_trend": False}
     assert control_settings({"interval_s": 5.0, "dead_zone": 0.25})["dead_zone"] == 0.25
     # The id's own arguments count: a v1 agent reads the compute load, as gym.make gave it when it trained.
     assert control_settings({"interval_s": 5.0}, "LLMSched-Residual-v1")["compute_load"] is True
+    assert control_settings({"interval_s": 5.0}, "LLMSched-Residual-v2")["load_trend"] is True
     with pytest.raises(ConfigError, match="LLMSched-v0.*not a workload-independent"):
         control_settings({}, "LLMSched-v0")
     env = LLMSchedResidualEnv(scenarios="paper-two-type")
@@ -327,15 +434,18 @@ def test_a_short_training_saves_reloads_and_is_judged_on_two_scenarios(tmp_path:
     from agents.residual import gaussian_action, read_residual_agent
     from agents.train import train
 
+    # The shipped generalist's config, on two workloads, with a short warm start and a short run.
     config = tmp_path / "residual.toml"
-    source = (Path(__file__).resolve().parents[1] / "agents" / "configs" / "ppo-residual-suite.toml").read_text()
+    source = (Path(__file__).resolve().parents[1] / "agents" / "configs" / "ppo-residual-suite-v2.toml").read_text()
     config.write_text(source.replace('scenarios = "suite"', 'scenarios = ["paper-two-type", "bursty-low-hidden"]')
                       .replace("seeds = [1000, 1001]", "seeds = [1000]"))
     out = tmp_path / "agent"
     shipped = load_config(str(config))
-    short = replace(shipped, timesteps=2048, n_envs=2, env={**shipped.env, "horizon": 30.0})
+    assert shipped.imitation is not None and shipped.imitation.teacher == "surge"
+    short = replace(shipped, timesteps=2048, n_envs=2, env={**shipped.env, "horizon": 30.0},
+                    imitation=replace(shipped.imitation, episodes=2, epochs=5))
     spec = train(short, out, progress_bar=False, log=lambda _: None)
-    assert spec.timesteps == 2048 and spec.env_id == "LLMSched-Residual-v0"
+    assert spec.timesteps == 2048 and spec.env_id == "LLMSched-Residual-v2"
     assert spec.model_timesteps is not None and 0 < spec.model_timesteps <= 2048  # the validation that kept it
     assert spec.env_kwargs["batching"] == "stall-free-margin"  # the shipped config's bases
     levels = json.loads((out / "validation_baselines.json").read_text())
@@ -348,7 +458,7 @@ def test_a_short_training_saves_reloads_and_is_judged_on_two_scenarios(tmp_path:
     loaded, network = read_agent(out)
     assert loaded == spec and network.action_space.shape == (1,)
     loaded, actor = read_residual_agent(out)  # weights only, without stable-baselines3
-    observations = np.random.default_rng(0).uniform(0, 1, (16, NUM_FEATURES)).astype(np.float32)
+    observations = np.random.default_rng(0).uniform(0, 1, (16, len(feature_names(True, True)))).astype(np.float32)
     # float32 torch against float64 NumPy: the same actions within a stated tolerance.
     np.testing.assert_allclose(actor(observations), gaussian_action(network, observations)[0], rtol=0, atol=1e-5)
     rows, failed = judge(out, seeds=[0, 1], workloads=["paper-two-type", "bursty-low-hidden"], jobs=1)
@@ -441,6 +551,11 @@ def test_a_residual_warm_start_copies_its_teacher(tmp_path: Path) -> None:
         train(replace(short, env_id="LLMSched-Residual-v0"), tmp_path / "v0", progress_bar=False, log=lambda _: None)
     with pytest.raises(ConfigError, match="not a residual teacher"):
         residual_teacher("wait", env)
+    with pytest.raises(ConfigError, match="load's trend: train on LLMSched-Residual-v2"):
+        residual_teacher("surge", env)
+    v2 = make_env("LLMSched-Residual-v2", env_kwargs)
+    assert isinstance(residual_teacher("surge", v2), SurgeRule)
+    assert isinstance(residual_teacher("overload", v2), OverloadRule)  # v2's first 13 entries are v1's
 
 
 @pytest.mark.parametrize("compiled", [True, False])
