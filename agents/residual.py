@@ -170,6 +170,15 @@ def dead_zoned(action: float, dead_zone: float) -> float:
     return math.copysign((abs(action) - dead_zone) / (1.0 - dead_zone), action)
 
 
+def action_for_residual(residual: float, dead_zone: float) -> float:
+    """The action that applies ``residual`` (in ``[-1, 1]``) through a ``dead_zone``: :func:`dead_zoned`'s inverse
+    (0 for 0). A rule written in residuals answers in actions, as the network it teaches does."""
+    if not 0.0 <= dead_zone < 1.0:
+        raise ConfigError(f"dead_zone must be in [0, 1), got {dead_zone!r}")
+    value = clipped_action(residual)
+    return 0.0 if value == 0.0 else math.copysign(dead_zone + abs(value) * (1.0 - dead_zone), value)
+
+
 def oldest_wait_s(state: SchedulerState) -> float:
     """How long the oldest waiting request has waited (s; 0 when none waits): the head of the queue, whose wait is
     the tail of the latency distribution."""
@@ -353,20 +362,24 @@ class OverloadRule:
     that has waited says the overload has lasted long enough to queue; ``ρ̂`` at ``load_cap`` or above is a burst's
     60 s rate, which thresholds sized for it serve no better. With lengths hidden the estimate passes 1 too late on
     the diurnal day, and the same action earlier costs at lower loads, so ``known_only`` leaves those to the base.
-    A teacher for an imitation warm start (:data:`RESIDUAL_TEACHERS`), no policy of its own.
+    A teacher for an imitation warm start (:data:`RESIDUAL_TEACHERS`), no policy of its own. ``action`` is the
+    residual applied; the rule answers the action that applies it through the environment's ``dead_zone``
+    (:func:`action_for_residual`; the full action, 1, is 1 through any).
     """
 
     log_std = None
+    #: It reads v1's entries (v2's first 13 are the same).
+    reads_trend = False
 
     def __init__(self, load: float = 1.0, load_cap: float = 1.5, min_head_age_s: float = 7.0,
-                 head_age_s: float = 162.0, action: float = 1.0, known_only: bool = True) -> None:
+                 head_age_s: float = 162.0, action: float = 1.0, known_only: bool = True,
+                 dead_zone: float = 0.0) -> None:
         if not (0 < load < load_cap and 0 <= min_head_age_s < head_age_s < math.inf):
             raise ConfigError("an overload rule needs 0 < load < load_cap and 0 <= min_head_age_s < head_age_s "
                               f"< inf, got load {load!r}, load_cap {load_cap!r}, min_head_age_s "
                               f"{min_head_age_s!r}, head_age_s {head_age_s!r}")
-        clipped_action(action)  # a non-finite action fails here
-        self.load, self.load_cap, self.action, self.known_only = float(load), float(load_cap), float(action), \
-            bool(known_only)
+        self.load, self.load_cap, self.known_only = float(load), float(load_cap), bool(known_only)
+        self.action = action_for_residual(action, dead_zone)  # a non-finite action fails here
         self.min_head_age_s, self.head_age_s = float(min_head_age_s), float(head_age_s)
         names = feature_names(compute_load=True)
         self._known, self._load, self._age = (names.index("lengths_known"), names.index("compute_load"),
@@ -403,15 +416,14 @@ class SurgeRule:
     """
 
     log_std = None
+    reads_trend = True
 
     def __init__(self, surge_action: float = 0.8, overload_action: float = 1.0, dead_zone: float = 0.0) -> None:
         for value in (surge_action, overload_action):
             if not (math.isfinite(value) and 0.0 < value <= 1.0):
                 raise ConfigError(f"a surge rule's residuals must lie in (0, 1], got {value!r}")
-        if not 0.0 <= dead_zone < 1.0:
-            raise ConfigError(f"dead_zone must be in [0, 1), got {dead_zone!r}")
-        self.surge_action = dead_zone + surge_action * (1.0 - dead_zone)
-        self.overload = OverloadRule(action=dead_zone + overload_action * (1.0 - dead_zone))
+        self.surge_action = action_for_residual(surge_action, dead_zone)
+        self.overload = OverloadRule(action=overload_action, dead_zone=dead_zone)
         names = feature_names(compute_load=True, load_trend=True)
         self._surge, self._width = names.index("load_surge"), len(names)
 
@@ -425,10 +437,9 @@ class SurgeRule:
         return np.maximum(overload, surge)
 
 
-#: Residual teachers an imitation warm start can copy (``[imitation] teacher = NAME`` of a residual config), and
-#: whether each reads the load's trend (``LLMSched-Residual-v2``) beside the compute load (``-v1``).
+#: Residual teachers an imitation warm start can copy (``[imitation] teacher = NAME`` of a residual config); each
+#: reads the compute load (``LLMSched-Residual-v1``), and the load's trend too (``-v2``) where ``reads_trend``.
 RESIDUAL_TEACHERS = {"overload": OverloadRule, "surge": SurgeRule}
-_TEACHER_READS_TREND = {"overload": False, "surge": True}
 
 
 def residual_teacher(name: str, env: Any) -> Any:
@@ -437,14 +448,12 @@ def residual_teacher(name: str, env: Any) -> Any:
     if name not in RESIDUAL_TEACHERS:
         raise ConfigError(f"[imitation] teacher {name!r} is not a residual teacher; one of "
                           f"{', '.join(RESIDUAL_TEACHERS)} (a residual agent starts at its baseline without one)")
-    control = env.control
-    if _TEACHER_READS_TREND[name]:
-        if not control.load_trend:
-            raise ConfigError(f"[imitation] teacher {name!r} reads the load's trend: train on LLMSched-Residual-v2")
-        return SurgeRule(dead_zone=control.dead_zone)
+    teacher, control = RESIDUAL_TEACHERS[name], env.control
+    if teacher.reads_trend and not control.load_trend:
+        raise ConfigError(f"[imitation] teacher {name!r} reads the load's trend: train on LLMSched-Residual-v2")
     if not control.compute_load:
         raise ConfigError(f"[imitation] teacher {name!r} reads the compute load: train on LLMSched-Residual-v1")
-    return RESIDUAL_TEACHERS[name]()
+    return teacher(dead_zone=control.dead_zone)
 
 
 class ResidualAgentPolicy:
@@ -458,8 +467,7 @@ class ResidualAgentPolicy:
         scenario: where it runs (the baseline's cost model and memory).
         horizon: the run's horizon (the baseline's overflow bound).
         interval_s, base, batching, dead_zone, compute_load, load_trend: :class:`ResidualControl`'s
-            (:func:`control_settings`
-            reads them from a saved agent's environment id and arguments).
+            (:func:`control_settings` reads them from a saved agent's environment id and arguments).
         deterministic: the mean action (else a sample, from a generator seeded by ``seed`` at every reset).
     """
 

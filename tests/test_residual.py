@@ -26,6 +26,7 @@ from agents.residual import (
     OverloadRule,
     ResidualAgentPolicy,
     SurgeRule,
+    action_for_residual,
     control_settings,
     dead_zoned,
     feature_names,
@@ -55,6 +56,18 @@ def _episode(env: LLMSchedResidualEnv, options: dict[str, Any], act: Any) -> tup
 def _wave(observations: np.ndarray) -> np.ndarray:
     """A deterministic stand-in network whose actions move with the observation (scales both ways)."""
     return np.sin(observations.sum(axis=1, keepdims=True) * 7.0)
+
+
+def _observed_episode(env_id: str, workload: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """An episode of ``env_id`` on ``workload`` at 0.9 driven by :func:`_wave` on v0's entries alone (so that every
+    id takes the same actions): its observations before the last step, and the last step's info."""
+    env = gym.make(env_id, scenarios=workload, horizon=40.0, interval_s=2.0).unwrapped
+    observation, _ = env.reset(seed=3, options={"load": 0.9})
+    observations, done, info = [observation], False, {}
+    while not done:
+        observation, _, _, done, info = env.step(_wave(observations[-1][None, :NUM_FEATURES])[0])
+        observations.append(observation)
+    return np.array(observations[:-1]), info
 
 
 @settings(max_examples=8, deadline=None)
@@ -139,16 +152,8 @@ def test_shapes_do_not_depend_on_the_workload_and_every_suite_workload_runs() ->
 def test_v1_adds_the_compute_load_and_changes_nothing_else(workload: str) -> None:
     """``LLMSched-Residual-v1`` observes v0's twelve entries and the compute load after them; the same actions give
     the same episode, bit for bit."""
-    episodes = []
-    for env_id in ("LLMSched-Residual-v0", "LLMSched-Residual-v1"):
-        env = gym.make(env_id, scenarios=workload, horizon=40.0, interval_s=2.0).unwrapped
-        observation, _ = env.reset(seed=3, options={"load": 0.9})
-        observations, done, info = [observation], False, {}
-        while not done:
-            observation, _, _, done, info = env.step(_wave(observations[-1][None, :NUM_FEATURES])[0])
-            observations.append(observation)
-        episodes.append((np.array(observations[:-1]), info))
-    (v0, info0), (v1, info1) = episodes
+    (v0, info0), (v1, info1) = (_observed_episode(env_id, workload)
+                                for env_id in ("LLMSched-Residual-v0", "LLMSched-Residual-v1"))
     assert v0.shape[1] == NUM_FEATURES and v1.shape[1] == NUM_FEATURES + 1
     np.testing.assert_array_equal(v1[:, :NUM_FEATURES], v0)
     assert {k: info1[k] for k in EXACT} == {k: info0[k] for k in EXACT}
@@ -174,16 +179,8 @@ def test_v2_adds_the_load_trend_and_changes_nothing_else() -> None:
     """``LLMSched-Residual-v2`` observes v1's thirteen entries and the load's trend after them; the same actions
     give the same episode, bit for bit. Before the trend has settled (:data:`TREND_SETTLE_S` after the first solve)
     its entries say "flat, no surge"."""
-    episodes = []
-    for env_id in ("LLMSched-Residual-v1", "LLMSched-Residual-v2"):
-        env = gym.make(env_id, scenarios="bursty-high", horizon=40.0, interval_s=2.0).unwrapped
-        observation, _ = env.reset(seed=3, options={"load": 0.9})
-        observations, done, info = [observation], False, {}
-        while not done:
-            observation, _, _, done, info = env.step(_wave(observations[-1][None, :NUM_FEATURES])[0])
-            observations.append(observation)
-        episodes.append((np.array(observations[:-1]), info))
-    (v1, info1), (v2, info2) = episodes
+    (v1, info1), (v2, info2) = (_observed_episode(env_id, "bursty-high")
+                                for env_id in ("LLMSched-Residual-v1", "LLMSched-Residual-v2"))
     assert v2.shape[1] == NUM_FEATURES + 4 == len(feature_names(True, True))
     np.testing.assert_array_equal(v2[:, :NUM_FEATURES + 1], v1)
     assert {k: info2[k] for k in EXACT} == {k: info1[k] for k in EXACT}
@@ -269,6 +266,11 @@ def test_the_surge_rule_acts_through_the_dead_zone_and_yields_to_the_overload_ru
         rule(calm[:, :NUM_FEATURES + 1])
     with pytest.raises(ConfigError, match="residuals must lie in"):
         SurgeRule(surge_action=1.5)
+    for residual in (-1.0, -0.3, 0.0, 0.5, 1.0):  # the action a rule answers applies its residual, both signs
+        assert dead_zoned(action_for_residual(residual, 0.25), 0.25) == pytest.approx(residual)
+    assert action_for_residual(1.0, 0.25) == 1.0 and OverloadRule(dead_zone=0.25).action == 1.0
+    with pytest.raises(ConfigError, match="dead_zone must be in"):
+        SurgeRule(dead_zone=1.0)
 
 
 def test_scale_and_bad_input_name_what_is_wrong() -> None:
