@@ -7,11 +7,10 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from llmsched_env.errors import ConfigError
 

@@ -19,6 +19,7 @@ not used, being unstable where the best baseline's regret is near zero.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -57,24 +58,50 @@ def default_data_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def judging_cells(workloads: Sequence[str], data_dir: Path | None) -> list[dict[str, Any]]:
-    """Every (workload, load) cell to judge: each workload's swept loads, and each trace found in ``data_dir`` at
-    :data:`TRACE_LOADS` with lengths hidden and known."""
+def trace_cell_names() -> list[str]:
+    """The names of the held-out trace cells (:data:`TRACES`), each with lengths known and hidden."""
+    return [name + suffix for name in TRACES for suffix in ("", "-hidden")]
+
+
+def judging_cells(workloads: Sequence[str], data_dir: Path | None, *, traces: Sequence[str] | None = None,
+                  loads: Sequence[float] | None = None, horizon: float | None = None) -> list[dict[str, Any]]:
+    """Every (workload, load) cell to judge: each workload's swept loads, and each trace of ``traces`` (default:
+    every one found in ``data_dir``; :func:`trace_cell_names`) at :data:`TRACE_LOADS`.
+
+    ``loads`` replaces every workload's and trace's loads, and ``horizon`` (seconds) every cell's run length: an
+    hour's run shows what the suite's 300 s and 600 s episodes cannot (a backlog that builds over many bursts).
+    A trace named in ``traces`` but not found in ``data_dir`` is a clear error.
+    """
+    if horizon is not None and not (math.isfinite(horizon) and horizon > 0):
+        raise ConfigError(f"the judging horizon must be finite and > 0 s, got {horizon!r}")
+    if loads is not None and (not loads or not all(math.isfinite(load) and load > 0 for load in loads)):
+        raise ConfigError(f"the judging loads must be finite and > 0, got {list(loads)!r}")
+    known_traces = trace_cell_names()
+    for name in traces or ():
+        if name not in known_traces:
+            raise ConfigError(f"{name!r} is not a held-out trace: expected one of {', '.join(known_traces)}")
     cells = []
     for name in workloads:
         spec = load_scenario(name)
-        for load, rate in zip(spec.loads, spec.rates()):
-            cells.append({"workload": name, "load": load, "rate": rate, "horizon": spec.horizon_s,
+        for load, rate in zip(loads or spec.loads, spec.rates(tuple(loads) if loads else None)):
+            cells.append({"workload": name, "load": load, "rate": rate, "horizon": horizon or spec.horizon_s,
                           "known": spec.scenario.output_lengths_known, "trace": None})
-    if data_dir is not None:
-        for name, (file, engine_of) in TRACES.items():
-            if (data_dir / file).is_file():
-                spec = load_scenario(engine_of)
-                for known in (True, False):
-                    for load in TRACE_LOADS:
-                        cells.append({"workload": name + ("" if known else "-hidden"), "load": load, "rate": None,
-                                      "horizon": spec.horizon_s, "known": known, "trace": str(data_dir / file),
-                                      "engine_of": engine_of})
+    for name, (file, engine_of) in TRACES.items():
+        for known in (True, False):
+            cell_name = name + ("" if known else "-hidden")
+            if traces is not None and cell_name not in traces:
+                continue
+            path = data_dir / file if data_dir is not None else None
+            if path is None or not path.is_file():
+                if traces is not None:
+                    raise ConfigError(f"the held-out trace {cell_name!r} needs {file} in "
+                                      f"{data_dir if data_dir is not None else 'the data folder (../shared/data)'}: "
+                                      "not found")
+                continue
+            spec = load_scenario(engine_of)
+            for load in loads or TRACE_LOADS:
+                cells.append({"workload": cell_name, "load": load, "rate": None, "horizon": horizon or spec.horizon_s,
+                              "known": known, "trace": str(path), "engine_of": engine_of})
     return cells
 
 
@@ -177,7 +204,8 @@ def verdict(cell: dict[str, Any], rows: dict[str, dict[int, dict[str, Any]]], ba
         outcome, decided = "better", "throughput" if tp - tp_half > 0 else "p99"
     else:
         outcome, decided = "level", ""
-    return {"workload": cell["workload"], "load": cell["load"], "known_lengths": cell["known"], "seeds": len(seeds),
+    return {"workload": cell["workload"], "load": cell["load"], "known_lengths": cell["known"],
+            "horizon_s": cell.get("horizon"), "seeds": len(seeds),
             "best_baseline": best, "best_throughput_rps": best_tp, "best_p99_latency_s": best_p99,
             "agent_throughput_rps": mean("agent", "throughput_rps"),
             "agent_p99_latency_s": mean("agent", "p99_latency_s"),
@@ -196,19 +224,29 @@ class Judging(NamedTuple):
 
 
 def judge(agent_dir: str | Path, *, seeds: Sequence[int] = JUDGING_SEEDS, workloads: Sequence[str] | None = None,
-          data_dir: Path | None = None, jobs: int | None = None, executor: Executor | None = None,
+          data_dir: Path | None = None, loads: Sequence[float] | None = None, horizon: float | None = None,
+          jobs: int | None = None, executor: Executor | None = None,
           on_cell_done: Callable[[dict[str, Any]], None] | None = None) -> Judging:
     """The judging table of the agent in ``agent_dir``: one verdict per cell, on ``executor`` (default: a
     :class:`~llmsched_env.executor.LocalExecutor` of ``jobs`` processes, every core by default; on Ray, the agent's
-    folder must be readable at the same path on the workers). ``workloads`` default to the suite in both length
-    settings; the traces come from ``data_dir``. A cell that fails at run time (an engine fault) loses only its
-    own verdict: it is listed in ``failed``."""
+    folder must be readable at the same path on the workers).
+
+    ``workloads`` default to the suite in both length settings and every held-out trace found in ``data_dir``;
+    given, they name scenarios and traces (:func:`trace_cell_names`) to judge, and only those. ``loads`` and
+    ``horizon`` replace the cells' own (:func:`judging_cells`). A cell that fails at run time (an engine fault)
+    loses only its own verdict: it is listed in ``failed``."""
     from agents.residual_env import suite_workloads
 
     _agent(str(agent_dir))  # a directory that is not a residual agent fails here, before any run
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
-    cells = judging_cells(list(workloads) if workloads is not None else suite_workloads(), data_dir)
+    if workloads is None:
+        scenarios, traces = suite_workloads(), None
+    else:
+        named_traces = set(trace_cell_names())
+        scenarios = [name for name in workloads if name not in named_traces]
+        traces = [name for name in workloads if name in named_traces]
+    cells = judging_cells(scenarios, data_dir, traces=traces, loads=loads, horizon=horizon)
     # Longest first, so that a diurnal day does not start last and run alone.
     order = sorted(range(len(cells)), key=lambda i: -cells[i]["horizon"])
     executor = executor or LocalExecutor(jobs)
@@ -227,8 +265,10 @@ def judge(agent_dir: str | Path, *, seeds: Sequence[int] = JUDGING_SEEDS, worklo
                                 row) for cell, row in zip(cells, results) if isinstance(row, TaskFailure)])
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], failed: Sequence[dict[str, Any]] = ()) -> str:
-    """The judging table as Markdown, one line per cell, then the cells that failed at run time, if any."""
+def markdown_table(rows: Sequence[dict[str, Any]], failed: Sequence[dict[str, Any]] = (),
+                   horizon: float | None = None) -> str:
+    """The judging table as Markdown, one line per cell, then the cells that failed at run time, if any; with
+    ``horizon``, a line saying that every cell ran for that long (instead of its scenario's horizon)."""
     lines = ["| workload | ρ | best baseline | its req/s | its p99 s | agent − best req/s (95 %) | agent − best p99 s "
              "(95 %) | regret diff | verdict |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -241,5 +281,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], failed: Sequence[dict[str, An
                      f"{r['verdict']}{decided} |")
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("better", "level", "worse")}
     lines.append("")
-    lines.append(f"{len(rows)} cells: {counts['better']} better, {counts['level']} level, {counts['worse']} worse.")
+    cells = f"{len(rows)} cell" + ("" if len(rows) == 1 else "s")
+    lines.append(f"{cells}: {counts['better']} better, {counts['level']} level, {counts['worse']} worse.")
+    if horizon is not None:
+        lines.append(f"Every cell ran for {horizon:,g} s, not its scenario's horizon.")
     return "\n".join(lines) + "\n" + failures_markdown(failed)

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import tomllib
 
 from agents.config import TrainConfig
 from agents.policy import AGENT_FILE, MODEL_FILE, AgentSpec, algorithm_class, read_weights

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
-
-import tomllib
 
 from agents.config import TrainConfig, config_from_dict, load_config
 from llmsched_env.errors import ConfigError

@@ -766,6 +766,8 @@ def train(
                       f"TensorBoard: tensorboard --logdir {out / 'tb'}")
 
 
+#: The baselines `llmsched evaluate` runs beside an agent unless --policies names others.
+EVALUATED_BASELINES = ("wait", "nested-wait", "vllm", "sarathi")
 LIVE_CONFIG_HELP = "Live engine config: a built-in (cpu-tiny, gpu-llama2-7b) or a JSON file (see docs/gpu.md)."
 ModelOption = Annotated[Optional[str], typer.Option(help="Model directory for the live backend (a local path).")]
 LiveConfigOption = Annotated[Optional[str], typer.Option(help=LIVE_CONFIG_HELP)]
@@ -816,11 +818,13 @@ def evaluate(
     agent: Annotated[Optional[Path], typer.Option(help="An agent folder (what `llmsched train --out` wrote, or "
                                                        "agents/pretrained/NAME); optional with --backend "
                                                        "vllm.")] = None,
-    policies: str = typer.Option("wait,nested-wait,vllm,sarathi", help="Baselines to run beside the agent."),
+    policies: Optional[str] = typer.Option(None, help="Baselines to run beside the agent (default "
+                                                      "wait,nested-wait,vllm,sarathi; with --suite, every baseline "
+                                                      "with the cell's information)."),
     seeds: Optional[str] = typer.Option(None, help="Held-out arrival seeds, '0..9' or '0,3,7' (default 0..9; "
                                                    "with --suite 0..29, the judging table's)."),
     horizon: Optional[float] = typer.Option(None, help="Seconds per run (default: the agent's training horizon; "
-                                                       "30 on the live backend)."),
+                                                       "30 on the live backend; with --suite, each scenario's)."),
     rate: Optional[float] = typer.Option(None, help="Total arrival rate, req/s (default: the agent's training rate; "
                                                     "load 0.6 of the profile on the live backend)."),
     reference: Optional[str] = typer.Option(None, help="The baseline of the regret ratio (default: wait with known "
@@ -841,6 +845,11 @@ def evaluate(
     suite: bool = typer.Option(False, "--suite", help="Judge a workload-independent agent (LLMSched-Residual-v*) on "
                                                       "every scenario and load of the suite and the held-out Azure "
                                                       "traces, against each cell's best baseline."),
+    workloads: Optional[str] = typer.Option(None, help="With --suite, only these (comma-separated): suite scenarios "
+                                                       "(NAME or NAME-hidden) and held-out traces "
+                                                       "(azure-conv-trace[-hidden], azure-code-trace[-hidden])."),
+    loads: Optional[str] = typer.Option(None, help="With --suite, these loads ρ for every workload (default: each "
+                                                   "scenario's sweep; 0.8,0.9 on the traces)."),
     jobs: Optional[int] = typer.Option(None, min=1, help="Worker processes: with --suite (default: every core), or "
                                                          "for an agent's seeds on the simulator, one task per seed "
                                                          "(default: this process)."),
@@ -858,12 +867,29 @@ def evaluate(
     if suite:
         if agent is None or backend != "sim":
             _fail(typer.BadParameter("--suite judges an agent (--agent DIR) on the simulator", param_hint="--suite"))
+        # The judging table fixes what these choose elsewhere: refused, not ignored.
+        unused = {"--policies": policies, "--rate": rate, "--reference": reference, "--types": types,
+                  "--trace": trace, "--profile": profile}
+        for option, value in unused.items():
+            if value is not None:
+                _fail(typer.BadParameter(f"{option} with --suite: the judging table runs every baseline with the "
+                                         "cell's information on the suite's workloads and the held-out traces: "
+                                         "drop it (--workloads and --loads choose the cells)", param_hint=option))
+        if stochastic:
+            _fail(typer.BadParameter("--stochastic with --suite: the judging table takes the agent's most likely "
+                                     "action: drop it", param_hint="--stochastic"))
         _require_agents()
         from agents.judge import JUDGING_SEEDS
 
         judged = parse_seeds(seeds) if seeds is not None else list(JUDGING_SEEDS)
-        _judge(agent, judged, _executor(jobs, ray, ray_address), out, as_json)  # type: ignore[arg-type]
+        _judge(agent, judged, _executor(jobs, ray, ray_address), out, as_json,  # type: ignore[arg-type]
+               workloads=_names(workloads, "--workloads"), loads=_floats(loads, "--loads"),
+               horizon=_horizon(horizon, None))
         return
+    for option, value in {"--workloads": workloads, "--loads": loads}.items():
+        if value is not None:
+            _fail(typer.BadParameter(f"{option} chooses the judging table's cells: add --suite (or use --rate "
+                                     "and --horizon)", param_hint=option))
     if agent is None and backend == "sim":
         _fail(typer.BadParameter("give --agent DIR (or use `llmsched compare` for baselines only)",
                                  param_hint="--agent"))
@@ -877,7 +903,7 @@ def evaluate(
     # evaluation's only on Ray (each task an engine on a GPU of its own).
     spread = _asks_for_workers(jobs, ray, ray_address)
     executor = _executor(jobs, ray, ray_address) if spread and (backend == "sim" or ray or ray_address) else None
-    names = _names(policies, "--policies") or []
+    names = _names(policies, "--policies") if policies is not None else list(EVALUATED_BASELINES)
     horizon = _horizon(horizon, None)
     factory = None
     try:
@@ -921,7 +947,9 @@ def evaluate(
     _exit_if_failed(list(comparison.failed))
 
 
-def _judge(agent: Path, seeds: list[int], executor: "Executor", out: Path, as_json: bool) -> None:
+def _judge(agent: Path, seeds: list[int], executor: "Executor", out: Path, as_json: bool, *,
+           workloads: list[str] | None = None, loads: list[float] | None = None,
+           horizon: float | None = None) -> None:
     """``llmsched evaluate --suite``: the judging table (:mod:`agents.judge`), written to ``out`` and printed."""
     import json
 
@@ -931,16 +959,18 @@ def _judge(agent: Path, seeds: list[int], executor: "Executor", out: Path, as_js
         data_dir = default_data_dir()
         with _stdout_kept_for_json(as_json), _progress() as progress:
             task = progress.add_task("judging", total=None)
-            rows, failed = judge(agent, seeds=seeds, data_dir=data_dir if data_dir.is_dir() else None,
+            rows, failed = judge(agent, seeds=seeds, workloads=workloads,
+                                 data_dir=data_dir if data_dir.is_dir() else None, loads=loads, horizon=horizon,
                                  executor=executor, on_cell_done=lambda row: progress.update(
                                      task, advance=1,
                                      description=f"{row['workload']} at {row['load']:g}: {row['verdict']}"))
     except LLMSchedError as error:
         _fail(error)
     out.mkdir(parents=True, exist_ok=True)
-    document = {"agent": str(agent), "seeds": seeds, "cells": rows, **({"failed": failed} if failed else {})}
-    _write_summary(out / "judging", json.dumps(document, indent=1) + "\n", markdown_table(rows, failed), document,
-                   as_json)
+    document = {"agent": str(agent), "seeds": seeds, "horizon_s": horizon, "cells": rows,
+                **({"failed": failed} if failed else {})}
+    _write_summary(out / "judging", json.dumps(document, indent=1) + "\n", markdown_table(rows, failed, horizon),
+                   document, as_json)
 
 
 def _write_summary(stem: Path, json_text: str, table: str, document: dict[str, Any], as_json: bool,

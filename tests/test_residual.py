@@ -37,6 +37,7 @@ from baselines import make_policy
 from llmsched_env import run
 from llmsched_env.errors import ConfigError
 from llmsched_env.metrics import summarize
+from llmsched_env.scenarios import load_scenario
 
 EXACT = ("completed", "arrived", "evictions", "iterations", "throughput_rps", "p99_latency_s", "mean_latency_s",
          "regret_requests", "waiting", "running")
@@ -378,6 +379,71 @@ def test_the_judging_cells_cover_the_suite_and_the_held_out_traces(tmp_path: Pat
     assert [(c["workload"], c["load"]) for c in traced] == [
         ("azure-conv-trace", 0.8), ("azure-conv-trace", 0.9), ("azure-conv-trace-hidden", 0.8),
         ("azure-conv-trace-hidden", 0.9)]
+
+
+def test_the_judging_cells_take_other_loads_a_longer_horizon_and_named_traces(tmp_path: Path) -> None:
+    (tmp_path / "azure_conv_trace.csv").write_text("num_prefill_tokens,num_decode_tokens\n100,20\n200,40\n")
+    cells = judging_cells(["bursty-low"], tmp_path, traces=["azure-conv-trace-hidden"], loads=[0.95],
+                          horizon=3600.0)
+    assert [(c["workload"], c["load"], c["horizon"], c["known"]) for c in cells] == [
+        ("bursty-low", 0.95, 3600.0, True), ("azure-conv-trace-hidden", 0.95, 3600.0, False)]
+    assert cells[0]["rate"] == load_scenario("bursty-low").rates((0.95,))[0]
+    assert judging_cells(["bursty-low"], tmp_path, traces=[]) == judging_cells(["bursty-low"], None)  # none named
+    with pytest.raises(ConfigError, match="azure-code-trace.*needs azure_code_trace.csv.*not found"):
+        judging_cells([], tmp_path, traces=["azure-code-trace"])
+    with pytest.raises(ConfigError, match="'azure-trace' is not a held-out trace: expected one of azure-conv-trace"):
+        judging_cells([], tmp_path, traces=["azure-trace"])
+    for bad in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="judging horizon must be finite and > 0 s"):
+            judging_cells(["bursty-low"], None, horizon=bad)
+    with pytest.raises(ConfigError, match="judging loads must be finite and > 0"):
+        judging_cells(["bursty-low"], None, loads=[0.9, -1.0])
+
+
+def test_the_cli_judges_the_cells_asked_for_over_the_horizon_asked_for(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llmsched_env.cli import app
+
+    generalist = Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "suite-residual"
+    done = CliRunner().invoke(app, ["evaluate", "--suite", "--agent", str(generalist), "--workloads",
+                                    "paper-two-type-hidden", "--loads", "0.7", "--horizon", "40", "--seeds", "0,1",
+                                    "--jobs", "1", "--json", "--out", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    document = json.loads((tmp_path / "judging.json").read_text())
+    assert document["horizon_s"] == 40.0 and document["seeds"] == [0, 1]
+    [cell] = document["cells"]
+    assert (cell["workload"], cell["load"], cell["horizon_s"], cell["seeds"]) == ("paper-two-type-hidden", 0.7, 40.0, 2)
+    assert "Every cell ran for 40 s" in (tmp_path / "judging.md").read_text()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--rate", "5"], "--rate"), (["--policies", "wait"], "--policies"), (["--reference", "wait"], "--reference"),
+    (["--stochastic"], "most likely action"), (["--loads", "0"], "finite numbers > 0"),
+    (["--horizon", "0"], "finite number of seconds > 0"), (["--workloads", "no-such"], "no-such"),
+])
+def test_the_cli_judging_refuses_what_it_would_not_use(tmp_path: Path, extra: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from llmsched_env.cli import app
+
+    generalist = Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "suite-residual"
+    done = CliRunner().invoke(app, ["evaluate", "--suite", "--agent", str(generalist), "--jobs", "1",
+                                    "--out", str(tmp_path), *extra])
+    assert done.exit_code == 2 and message in done.output, done.output
+    assert not (tmp_path / "judging.json").exists()
+
+
+def test_the_cli_names_the_judging_options_outside_the_judging(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llmsched_env.cli import app
+
+    generalist = Path(__file__).resolve().parents[1] / "agents" / "pretrained" / "suite-residual"
+    for option in ("--workloads", "--loads"):
+        done = CliRunner().invoke(app, ["evaluate", "--agent", str(generalist), option, "0.9", "--out",
+                                        str(tmp_path)])
+        assert done.exit_code == 2 and "add --suite" in done.output, done.output
 
 
 def test_the_dead_zone_leaves_the_baseline_and_keeps_the_reach() -> None:

@@ -29,13 +29,13 @@ Format (every table but ``[workload]`` optional)::
 from __future__ import annotations
 
 import math
+import tomllib
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 
 from llmsched_env.cost_model import DEFAULT_PROFILE, load_profile
 from llmsched_env.errors import ConfigError, RequestTooLargeError
