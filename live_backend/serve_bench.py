@@ -61,6 +61,19 @@ START_TIMEOUT_S = 600.0
 SAMPLE_EVERY_S = 0.1
 #: Token ids per ``hash_ids`` entry of a timed trace (``vllm bench serve``'s ``--timed-trace-chunk-hash-size``).
 CHUNK_TOKENS = 16
+#: Seconds ``vllm bench serve``'s client keeps an idle connection for reuse (its ``aiohttp.TCPConnector``).
+CLIENT_KEEP_ALIVE_S = 60
+#: Seconds a served engine keeps an idle connection open (``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``, vLLM's default 5), unless
+#: the environment sets it. Above the client's, so that the client always closes an idle connection first: with the
+#: server's 5 s, a request sent on a pooled connection as the server closed it after a quiet spell in the arrivals
+#: failed with "Server disconnected", a failed request that no scheduler caused.
+SERVER_KEEP_ALIVE_S = CLIENT_KEEP_ALIVE_S + 15
+
+
+def server_environment(base: dict[str, str]) -> dict[str, str]:
+    """The environment of a served engine started from ``base``: its output unbuffered (the log is read as it
+    runs), and its idle connections kept longer than the client's (:data:`SERVER_KEEP_ALIVE_S`)."""
+    return {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(SERVER_KEEP_ALIVE_S), **base, "PYTHONUNBUFFERED": "1"}
 
 
 @dataclass(frozen=True)
@@ -157,7 +170,7 @@ class Server:
                    *vllm_serve_arguments(model, settings, [*vllm_args, "--port", str(self.port)])]
         self._out = open(log, "w")  # noqa: SIM115 - closed in stop()
         self._process = subprocess.Popen(command, stdout=self._out, stderr=subprocess.STDOUT,
-                                         env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+                                         env=server_environment(dict(os.environ)), start_new_session=True)
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s

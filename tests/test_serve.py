@@ -477,3 +477,12 @@ def test_a_bench_is_a_comparison_with_the_serving_figures_beside(tmp_path) -> No
     serving_text = serve_report.markdown(comparison)
     assert "| wait-adaptive | 1.67 | 0.833 |" in serving_text and "| vllm | 500 | 40% | 8% |" in serving_text
     assert serve_report.plot(comparison, tmp_path / "bench-serve.png").stat().st_size > 10_000
+
+
+def test_a_served_engine_keeps_idle_connections_longer_than_the_benchmark_client() -> None:
+    # vllm bench serve pools connections for 60 s; a server closing them after its default 5 s raced a request sent
+    # on one after a quiet spell ("Server disconnected"). The environment's own setting is kept.
+    env = serve_bench.server_environment({"PATH": "/bin"})
+    assert int(env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) > serve_bench.CLIENT_KEEP_ALIVE_S
+    assert env["PATH"] == "/bin" and env["PYTHONUNBUFFERED"] == "1"
+    assert serve_bench.server_environment({"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "7"})["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "7"
