@@ -246,6 +246,15 @@ def judge(agent_dir: str | Path, *, seeds: Sequence[int] = JUDGING_SEEDS, worklo
         named_traces = set(trace_cell_names())
         scenarios = [name for name in workloads if name not in named_traces]
         traces = [name for name in workloads if name in named_traces]
+        for name in scenarios:
+            if name.endswith(".toml"):
+                continue  # a scenario file: its own errors name the file, line and field
+            try:
+                load_scenario(name)
+            except ConfigError:
+                raise ConfigError(f"--workloads: {name!r} is neither a scenario (llmsched scenarios lists them; "
+                                  f"NAME-hidden where declared) nor a held-out trace "
+                                  f"({', '.join(trace_cell_names())})") from None
     cells = judging_cells(scenarios, data_dir, traces=traces, loads=loads, horizon=horizon)
     # Longest first, so that a diurnal day does not start last and run alone.
     order = sorted(range(len(cells)), key=lambda i: -cells[i]["horizon"])

@@ -420,7 +420,7 @@ def test_the_cli_judges_the_cells_asked_for_over_the_horizon_asked_for(tmp_path:
 @pytest.mark.parametrize(("extra", "message"), [
     (["--rate", "5"], "--rate"), (["--policies", "wait"], "--policies"), (["--reference", "wait"], "--reference"),
     (["--stochastic"], "most likely action"), (["--loads", "0"], "finite numbers > 0"),
-    (["--horizon", "0"], "finite number of seconds > 0"), (["--workloads", "no-such"], "no-such"),
+    (["--horizon", "0"], "finite number of seconds > 0"), (["--workloads", "no-such"], "neither a scenario"),
 ])
 def test_the_cli_judging_refuses_what_it_would_not_use(tmp_path: Path, extra: list[str], message: str) -> None:
     from typer.testing import CliRunner
