@@ -951,8 +951,6 @@ def _judge(agent: Path, seeds: list[int], executor: "Executor", out: Path, as_js
            workloads: list[str] | None = None, loads: list[float] | None = None,
            horizon: float | None = None) -> None:
     """``llmsched evaluate --suite``: the judging table (:mod:`agents.judge`), written to ``out`` and printed."""
-    import json
-
     from agents.judge import default_data_dir, judge, markdown_table
 
     try:
@@ -969,8 +967,8 @@ def _judge(agent: Path, seeds: list[int], executor: "Executor", out: Path, as_js
     out.mkdir(parents=True, exist_ok=True)
     document = {"agent": str(agent), "seeds": seeds, "horizon_s": horizon, "cells": rows,
                 **({"failed": failed} if failed else {})}
-    _write_summary(out / "judging", json.dumps(document, indent=1) + "\n", markdown_table(rows, failed, horizon),
-                   document, as_json)
+    _write_summary(out / "judging", json_document(document), markdown_table(rows, failed, horizon), document,
+                   as_json)
 
 
 def _write_summary(stem: Path, json_text: str, table: str, document: dict[str, Any], as_json: bool,

@@ -411,7 +411,7 @@ def test_the_cli_judges_the_cells_asked_for_over_the_horizon_asked_for(tmp_path:
                                     "--jobs", "1", "--json", "--out", str(tmp_path)])
     assert done.exit_code == 0, done.output
     document = json.loads((tmp_path / "judging.json").read_text())
-    assert document["horizon_s"] == 40.0 and document["seeds"] == [0, 1]
+    assert document["schema_version"] == 1 and document["horizon_s"] == 40.0 and document["seeds"] == [0, 1]
     [cell] = document["cells"]
     assert (cell["workload"], cell["load"], cell["horizon_s"], cell["seeds"]) == ("paper-two-type-hidden", 0.7, 40.0, 2)
     assert "Every cell ran for 40 s" in (tmp_path / "judging.md").read_text()
