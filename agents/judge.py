@@ -82,7 +82,14 @@ def judging_cells(workloads: Sequence[str], data_dir: Path | None, *, traces: Se
             raise ConfigError(f"{name!r} is not a held-out trace: expected one of {', '.join(known_traces)}")
     cells = []
     for name in workloads:
-        spec = load_scenario(name)
+        try:
+            spec = load_scenario(name)
+        except ConfigError:
+            if name.endswith(".toml"):
+                raise  # a scenario file's own error names the file, line and field
+            raise ConfigError(f"--workloads: {name!r} is neither a scenario (llmsched scenarios lists them; "
+                              f"NAME-hidden where declared) nor a held-out trace ({', '.join(known_traces)})"
+                              ) from None
         for load, rate in zip(loads or spec.loads, spec.rates(tuple(loads) if loads else None)):
             cells.append({"workload": name, "load": load, "rate": rate, "horizon": horizon or spec.horizon_s,
                           "known": spec.scenario.output_lengths_known, "trace": None})
@@ -246,15 +253,6 @@ def judge(agent_dir: str | Path, *, seeds: Sequence[int] = JUDGING_SEEDS, worklo
         named_traces = set(trace_cell_names())
         scenarios = [name for name in workloads if name not in named_traces]
         traces = [name for name in workloads if name in named_traces]
-        for name in scenarios:
-            if name.endswith(".toml"):
-                continue  # a scenario file: its own errors name the file, line and field
-            try:
-                load_scenario(name)
-            except ConfigError:
-                raise ConfigError(f"--workloads: {name!r} is neither a scenario (llmsched scenarios lists them; "
-                                  f"NAME-hidden where declared) nor a held-out trace "
-                                  f"({', '.join(trace_cell_names())})") from None
     cells = judging_cells(scenarios, data_dir, traces=traces, loads=loads, horizon=horizon)
     # Longest first, so that a diurnal day does not start last and run alone.
     order = sorted(range(len(cells)), key=lambda i: -cells[i]["horizon"])

@@ -136,7 +136,8 @@ class LoadTrend:
         self.samples.append((now, load, short_rise))
         while len(self.samples) > 2 and self.samples[1][0] <= now - RISE_LONG_S:
             self.samples.popleft()
-        long_rise = self._rise(now, load, RISE_LONG_S)
+        # Trimmed so, the oldest sample is the last at or before the long window's start (or the oldest there is).
+        long_rise = load - self.samples[0][1]
         jump = max(rise for time, _, rise in self.samples if time > now - RISE_LONG_S)
         if self.surge and load < SURGE_END_LOAD:
             self.surge = False

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import replace
 from typing import Any, Sequence
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -47,21 +46,20 @@ BURSTY_CELLS = ("bursty-high@0.8", "bursty-high@0.9", "bursty-low@0.9", "bursty-
 
 
 class BacklogCounter:
-    """An iteration callback that adds up, over iterations that start with requests waiting, their engine time,
-    fixed cost, the fixed cost beyond full memory, the recompute and the memory they held."""
+    """An iteration callback that adds up, over iterations that start with requests waiting, their number, engine
+    time, the fixed cost beyond full memory, the recompute and the memory they held."""
 
     def __init__(self, c0: float, c_pf: float, capacity_tokens: int) -> None:
         self.c0, self.c_pf, self.capacity = c0, c_pf, capacity_tokens
         self.waiting_before = 0
         self.iterations = 0
-        self.seconds = self.fixed = self.beyond_full = self.recompute = self.memory = 0.0
+        self.seconds = self.beyond_full = self.recompute = self.memory = 0.0
 
     def __call__(self, engine: Engine, outcome: IterationOutcome) -> None:
         if self.waiting_before > 0:
             fullness = min(outcome.batch_kv_tokens / self.capacity, 1.0)
             self.iterations += 1
             self.seconds += outcome.duration
-            self.fixed += self.c0
             self.beyond_full += self.c0 * (1.0 - fullness)
             self.memory += fullness
             if len(outcome.evicted):
@@ -73,14 +71,13 @@ class BacklogCounter:
 
 def count_backlog(cell: dict[str, Any], policy: str, seed: int) -> dict[str, float]:
     """One run of ``policy`` on ``cell``'s arrivals of ``seed``: its backlog iterations' sums and its p99."""
-    scenario = cell_scenario(cell)
-    setting = replace(scenario, output_lengths_known=cell["known"])
-    cost = setting.cost
-    counter = BacklogCounter(cost.c0, cost.c_pf, setting.paged_capacity_tokens)
-    result = run(setting.engine(), make_policy(policy, setting, cell["horizon"]),
+    scenario = cell_scenario(cell)  # in the cell's length setting
+    cost = scenario.cost
+    counter = BacklogCounter(cost.c0, cost.c_pf, scenario.paged_capacity_tokens)
+    result = run(scenario.engine(), make_policy(policy, scenario, cell["horizon"]),
                  scenario.chunks(cell["horizon"], seed), cell["horizon"], callbacks=[counter])
     p99 = result.completions.distributions()["latency"].p99
-    return {"seconds": counter.seconds, "fixed": counter.fixed, "beyond_full": counter.beyond_full,
+    return {"seconds": counter.seconds, "fixed": cost.c0 * counter.iterations, "beyond_full": counter.beyond_full,
             "recompute": counter.recompute, "memory": counter.memory, "iterations": counter.iterations,
             "p99": float("nan") if p99 is None else p99}
 
