@@ -835,8 +835,9 @@ def evaluate(
     live_config: LiveConfigOption = None,
     kv_blocks: KvBlocksOption = None,
     device: DeviceOption = None,
-    with_sim: bool = typer.Option(True, help="On the live backend, add the simulator's prediction for the same "
-                                             "arrivals beside each live row ('<policy> (sim)')."),
+    with_sim: Optional[bool] = typer.Option(None, "--with-sim/--no-with-sim",
+                                            help="On the live backend, add the simulator's prediction for the same "
+                                                 "arrivals beside each live row ('<policy> (sim)'; the default)."),
     types: TypesOption = None,
     trace: TraceOption = None,
     profile: ProfileOption = None,
@@ -864,6 +865,14 @@ def evaluate(
     if backend == "vllm" and jobs is not None:
         _fail(typer.BadParameter("a live evaluation runs one engine on this machine: drop --jobs (with --ray each "
                                  "seed is a task on a GPU of its own)", param_hint="--jobs"))
+    if backend == "sim":
+        # The live engine's options do nothing on the simulator: refused, not ignored.
+        live_only = {"--model": model, "--live-config": live_config, "--kv-blocks": kv_blocks, "--device": device,
+                     "--with-sim" if with_sim else "--no-with-sim": with_sim}
+        for option, value in live_only.items():
+            if value is not None:
+                _fail(typer.BadParameter(f"{option} configures the live backend: add --backend vllm, or drop it",
+                                         param_hint=option))
     if suite:
         if agent is None or backend != "sim":
             _fail(typer.BadParameter("--suite judges an agent (--agent DIR) on the simulator", param_hint="--suite"))
@@ -920,8 +929,8 @@ def evaluate(
                 from live_backend.runs import LiveEngineFactory
 
                 request = LiveEvaluation(_live_config(model, live_config, kv_blocks, device), tuple(names), horizon,
-                                         rate, with_sim, types, trace, profile, None if agent is None else str(agent),
-                                         reference, not stochastic)
+                                         rate, with_sim is not False, types, trace, profile,
+                                         None if agent is None else str(agent), reference, not stochastic)
                 if executor is not None:  # --ray: a task per seed, each starting its own engine
                     progress.update(task, total=len(seed_list), description="a task per seed")
                     comparison = evaluate_live_on(executor, request, seed_list,

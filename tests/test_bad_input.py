@@ -88,6 +88,12 @@ BAD_INPUT = [
     (("evaluate", "--agent", "{agent}", "--trace", "{timed}", "--out", "{out}"), "drop --types / --trace / --profile"),
     (("evaluate", "--agent", "{agent}", "--types", "p=10,o=10,rate=1", "--out", "{out}"), "drop --types"),
     (("evaluate", "--agent", "{agent}", "--profile", "llama2-7b-a100", "--out", "{out}"), "drop --types"),
+    # The live engine's options on the simulator, with and without --suite.
+    *((("evaluate", *suite, "--agent", "{agent}", *option, "--out", "{out}"),
+       f"{option[0]} configures the live backend: add --backend vllm")
+      for suite in ((), ("--suite",))
+      for option in (("--model", "/models/tiny"), ("--live-config", "tiny-cpu"), ("--kv-blocks", "64"),
+                     ("--device", "cpu"), ("--with-sim",), ("--no-with-sim",))),
 ]
 
 
