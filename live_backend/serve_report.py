@@ -87,7 +87,7 @@ def result_at(records: RequestRecords, horizon: float, *, capacity_blocks: int, 
     unknown)."""
     at = records_at(records, horizon)
     log = CompletionLog(horizon, keep_records=True)
-    log.add(at)
+    log.add(at, now=horizon)
     status = at.status
     return RunResult(log, horizon, horizon, iterations, capacity_blocks, block_size, peak_blocks_used, 0.0,
                      evictions, arrived=len(status), waiting=int(np.count_nonzero(status == WAITING)),

@@ -6,8 +6,8 @@ A run hands its requests over as they retire (finished, and older than every unf
 exactly. Beyond that (or never, with ``keep_records=True``) it folds them into fixed-size summaries:
 
 * counts, output tokens and sums exactly (so throughput, regret and means are exact);
-* latency, TTFT and time between tokens in log-spaced histograms (a DDSketch: Masson, Rim and Lee, VLDB 2019)
-  whose buckets are ``RELATIVE_ACCURACY`` wide in relative terms, so a quantile is within a relative
+* latency, censored latency, TTFT and time between tokens in log-spaced histograms (a DDSketch: Masson, Rim and
+  Lee, VLDB 2019) whose buckets are ``RELATIVE_ACCURACY`` wide in relative terms, so a quantile is within a relative
   :data:`RELATIVE_ACCURACY` of the exact order statistic it stands for (and interpolated between two of them,
   as NumPy's ``percentile`` interpolates);
 * completions and their tokens over time in :data:`CURVE_BINS` bins of the horizon, so the regret curve is exact
@@ -103,17 +103,19 @@ class RecordSummary:
         self.completed = 0
         self.tokens = 0
         self.latency = QuantileSketch()
+        self.censored_latency = QuantileSketch()
         self.ttft = QuantileSketch()
         self.tbt = QuantileSketch()
         self.curve_counts = np.zeros(CURVE_BINS, dtype=np.int64)
         self.curve_tokens = np.zeros(CURVE_BINS, dtype=np.int64)
 
-    def add(self, r: RequestRecords) -> None:
+    def add(self, r: RequestRecords, censored: np.ndarray) -> None:
         done = r.status == FINISHED
         finish, output = r.finish_time[done], r.output_len[done]
         self.completed += int(np.count_nonzero(done))
         self.tokens += int(np.add.reduce(output))
         self.latency.add(finish - r.arrival_time[done])
+        self.censored_latency.add(censored)
         started = ~np.isnan(r.first_token_time)
         self.ttft.add(r.first_token_time[started] - r.arrival_time[started])
         self.tbt.add((finish - r.first_token_time[done]) / output)
@@ -148,6 +150,7 @@ class CompletionLog:
         self.exact_limit = EXACT_REQUESTS if exact_limit is None else exact_limit
         self.requests = 0
         self._chunks: list[RequestRecords] = []  # every record, while the log is exact
+        self._censored: list[np.ndarray] = []  # and each one's censored latency
         self._summary: RecordSummary | None = None  # once it is not (made then: runs that stay exact never pay)
 
     @property
@@ -155,18 +158,26 @@ class CompletionLog:
         """Whether every record is kept (and every figure is exact)."""
         return self._summary is None
 
-    def add(self, records: RequestRecords) -> None:
-        """Take the records of requests handed over (each request once, in id order)."""
+    def add(self, records: RequestRecords, *, now: float | None = None) -> None:
+        """Take the records of requests handed over (each request once, in id order) at time ``now`` of the run:
+        a request not finished then is censored at its age, ``now`` − arrival (``now`` is needed only if some
+        request is not finished; a run hands those over once, at its end)."""
+        unfinished = records.status != FINISHED
+        if now is None and unfinished.any():
+            raise ValueError("records of unfinished requests need the time they were taken (now=)")
+        censored = np.where(unfinished, (now if now is not None else 0.0) - records.arrival_time,
+                            records.finish_time - records.arrival_time)
         self.requests += len(records.status)
         if self._summary is not None:
-            self._summary.add(records)
+            self._summary.add(records, censored)
             return
         self._chunks.append(records)
+        self._censored.append(censored)
         if self.requests > self.exact_limit and not self.keep_records:
             self._summary = RecordSummary(self.horizon)
-            for chunk in self._chunks:
-                self._summary.add(chunk)
-            self._chunks = []
+            for chunk, ages in zip(self._chunks, self._censored):
+                self._summary.add(chunk, ages)
+            self._chunks, self._censored = [], []
 
     def copy(self) -> "CompletionLog":
         """An independent copy (what a result takes, while its run may go on)."""
@@ -194,15 +205,19 @@ class CompletionLog:
         return int(done.sum()), int(r.output_len[done].sum())
 
     def distributions(self) -> dict[str, Distribution]:
-        """Latency, TTFT and time between tokens (see :mod:`llmsched_env.metrics` for their definitions)."""
+        """Latency, censored latency, TTFT and time between tokens (see :mod:`llmsched_env.metrics` for their
+        definitions)."""
         if self._summary is not None:
             summary = self._summary
-            return {"latency": summary.latency.distribution(), "ttft": summary.ttft.distribution(),
+            return {"latency": summary.latency.distribution(),
+                    "censored_latency": summary.censored_latency.distribution(), "ttft": summary.ttft.distribution(),
                     "tbt": summary.tbt.distribution()}
         r = self.records()
         done = r.status == FINISHED
         started = ~np.isnan(r.first_token_time)
+        censored = np.concatenate(self._censored) if self._censored else np.empty(0)
         return {"latency": exact_distribution(r.finish_time[done] - r.arrival_time[done]),
+                "censored_latency": exact_distribution(censored),
                 "ttft": exact_distribution(r.first_token_time[started] - r.arrival_time[started]),
                 "tbt": exact_distribution((r.finish_time[done] - r.first_token_time[done]) / r.output_len[done])}
 

@@ -2,9 +2,14 @@
 
 Definitions (seconds unless stated):
 
-* end-to-end latency = finish − arrival; TTFT = end of the request's first prefill − arrival (an
-  engine's prefill emits the first token); time between tokens (TBT) of a request =
-  (finish − first token) / output length, its mean gap between output tokens.
+* end-to-end latency = finish − arrival, of the requests finished by the end of the run. Where many are not (a
+  backlog at the horizon), that sample leaves out the oldest requests still waiting, and finishing one of them
+  can raise its quantiles. The **censored latency** counts every arrival: finish − arrival if finished, else its
+  age at the end of the run (end − arrival, a lower bound on its latency). A request's value only falls if it
+  finishes sooner, so no quantile of it rewards leaving old requests unserved; with every request finished the
+  two are the same.
+* TTFT = end of the request's first prefill − arrival (an engine's prefill emits the first token); time between
+  tokens (TBT) of a request = (finish − first token) / output length, its mean gap between output tokens.
 * throughput over the horizon ``T``: completed requests / ``T`` and their output tokens / ``T``.
 * memory: the peak fraction of KV blocks in use, and its time average over the run (idle time counts
   as what was held then: KV of paused requests stays allocated).

@@ -352,7 +352,7 @@ class Rollout:
         """What the rollout left so far (final once :meth:`needs_decision` has returned ``False``)."""
         engine = self.engine
         completions = self._log.copy()
-        completions.add(engine.records())  # the requests not retired yet
+        completions.add(engine.records(), now=engine.now)  # the requests not retired yet
         return RunResult(
             completions=completions, horizon=self.horizon, end_time=engine.now, iterations=self.iterations,
             capacity_blocks=engine.capacity_blocks, block_size=engine.block_size,

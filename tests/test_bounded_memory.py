@@ -79,8 +79,8 @@ def test_beyond_the_exact_limit_counts_stay_exact_and_quantiles_within_the_state
     folded = CompletionLog(horizon, exact_limit=10_000)
     for _ in range(8):
         chunk = _records(rng, 5000, horizon)
-        exact.add(chunk)
-        folded.add(chunk)
+        exact.add(chunk, now=horizon * 1.1)
+        folded.add(chunk, now=horizon * 1.1)
     assert exact.exact and not folded.exact
     assert folded.completed() == exact.completed()
     with pytest.raises(Exception, match="keep_records=True"):

@@ -33,8 +33,13 @@ def test_default_profile_matches_design_examples_and_first_principles() -> None:
     assert 0.4 < utilisation < 0.8
 
 
+def _attention_samples(shared_data: Path) -> list[dict[str, str]]:
+    with (shared_data / "vidur_llama2_7b_a100_tp1_attention_samples.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
 def test_kv_term_matches_vidur_attention_profile(shared_data: Path) -> None:
-    rows = list(csv.DictReader((shared_data / "vidur_llama2_7b_a100_tp1_attention_samples.csv").open()))
+    rows = _attention_samples(shared_data)
     decode = [r for r in rows if r["phase"] == "decode"]
     kv_tokens = np.array([int(r["batch_size"]) * int(r["kv_cache_size"]) for r in decode], dtype=float)
     seconds = np.array([float(r["attn_median_ms_per_layer"]) * 32 / 1e3 for r in decode])
@@ -78,8 +83,7 @@ def test_profiles_load_from_json_and_name_their_errors(tmp_path: Path) -> None:
 def test_the_attention_profile_is_the_fit_to_vidurs_prefill_samples(shared_data: Path) -> None:
     from llmsched_env.cost_model import fit_prefill_attention, prefill_attention
 
-    rows = [r for r in csv.DictReader((shared_data / "vidur_llama2_7b_a100_tp1_attention_samples.csv").open())
-            if r["phase"] == "prefill"]
+    rows = [r for r in _attention_samples(shared_data) if r["phase"] == "prefill"]
     fit = fit_prefill_attention(np.array([int(r["prefill_chunk_size"]) for r in rows]),
                                 np.array([int(r["kv_cache_size"]) for r in rows]),
                                 np.array([float(r["attn_median_ms_per_layer"]) / 1e3 for r in rows]), layers=32)

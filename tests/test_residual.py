@@ -300,9 +300,10 @@ def test_scale_and_bad_input_name_what_is_wrong() -> None:
         policy.set_threshold_scale(0.0)  # type: ignore[attr-defined]
 
 
-def _rows(tp: list[float], p99: list[float]) -> dict[int, dict[str, Any]]:
-    return {s: {"throughput_rps": t, "p99_latency_s": p, "regret_requests": 100 - t, "evictions": 0}
-            for s, (t, p) in enumerate(zip(tp, p99))}
+def _rows(tp: list[float], p99: list[float], censored: list[float] | None = None) -> dict[int, dict[str, Any]]:
+    return {s: {"throughput_rps": t, "p99_latency_s": p, "p99_censored_latency_s": c, "regret_requests": 100 - t,
+                "evictions": 0}
+            for s, (t, p, c) in enumerate(zip(tp, p99, p99 if censored is None else censored))}
 
 
 def test_the_verdict_follows_the_non_inferiority_margins() -> None:
@@ -312,14 +313,18 @@ def test_the_verdict_follows_the_non_inferiority_margins() -> None:
     faster_p99 = _rows([10.0, 10.2, 9.8, 10.1], [18.0, 19.0, 17.1, 18.4])
     late = _rows([10.0, 10.2, 9.8, 10.1], [22.0, 23.0, 21.0, 22.5])
     same = _rows([10.0, 10.2, 9.8, 10.1], [20.0, 21.0, 19.0, 20.5])
+    # A lower p99 of the completed requests, bought by leaving the oldest unserved: their ages raise the censored p99.
+    hiding = _rows([10.0, 10.2, 9.8, 10.1], [18.0, 19.0, 17.1, 18.4], [22.0, 23.0, 21.0, 22.5])
     judged = {name: verdict(cell, {"agent": agent, "vllm": base, "sarathi": _rows([5] * 4, [1] * 4)},
                             ["vllm", "sarathi"]) for name, agent in
-              (("slower", slower), ("faster_p99", faster_p99), ("late", late), ("same", same))}
+              (("slower", slower), ("faster_p99", faster_p99), ("late", late), ("same", same), ("hiding", hiding))}
     assert judged["slower"]["best_baseline"] == "vllm"  # the most throughput, whatever its p99
     assert (judged["slower"]["verdict"], judged["slower"]["decided_by"]) == ("worse", "throughput")
     assert (judged["late"]["verdict"], judged["late"]["decided_by"]) == ("worse", "p99")
     assert (judged["faster_p99"]["verdict"], judged["faster_p99"]["decided_by"]) == ("better", "p99")
     assert judged["same"]["verdict"] == "level"
+    assert (judged["hiding"]["verdict"], judged["hiding"]["decided_by"]) == ("worse", "censored p99")
+    assert judged["hiding"]["censored_p99_diff_s"] == pytest.approx(2.0)
     # Within 1 % of the top throughput, the lowest p99 is the reference, however small its throughput deficit.
     tied = verdict(cell, {"agent": same, "vllm": base, "sarathi": _rows([9.95, 10.15, 9.75, 10.05], [1] * 4)},
                    ["vllm", "sarathi"])
@@ -335,6 +340,7 @@ def test_a_zero_constant_action_is_judged_as_the_baseline_it_adjusts(workload: s
     # The same runs as the baseline's own, so the same means (exactly: the same numbers summed the same way).
     assert row["agent_throughput_rps"] == row["baselines"][base]["throughput_rps"]
     assert row["agent_p99_latency_s"] == row["baselines"][base]["p99_latency_s"]
+    assert row["agent_censored_p99_latency_s"] == row["baselines"][base]["p99_censored_latency_s"]
     moved = judge_network(ConstantAction(1.0), 5.0, cell, (0, 1))
     assert moved["best_baseline"] == row["best_baseline"]  # the baselines' runs do not depend on the agent
     assert moved["baselines"] == row["baselines"]

@@ -74,6 +74,33 @@ def test_memory_utilisation_is_integrated_over_time_including_idle_periods() -> 
     assert summary["peak_memory_frac"] == pytest.approx(3 / 10)
 
 
+
+@pytest.mark.parametrize("horizon", [4.0, 40.0])
+def test_the_censored_latency_counts_every_arrival_and_the_unfinished_at_their_age(horizon: float) -> None:
+    """One request fits at a time and four arrive in the first second: at 4 s three are unfinished (their
+    censored latency is their age at the end of the run), by 40 s every one has finished (censored = latency)."""
+    from llmsched_env.fluid import solve_fluid
+    from llmsched_env.metrics import summarize
+
+    engine = SimulatedEngine(PAPER, capacity_tokens=6, block_size=2)
+    arrivals = Arrivals(np.array([0.0, 0.2, 0.5, 1.0]), np.array([4, 4, 4, 4]), np.array([2, 2, 2, 2]))
+    result = run(engine, vllm_policy(), arrivals, horizon=horizon, keep_records=True)
+    summary = summarize(result, solve_fluid(TypeMix((RequestType(4, 2, 4.0),)), PAPER, horizon))
+    r = result.records
+    finished = ~np.isnan(r.finish_time)
+    assert finished.sum() == (1 if horizon == 4.0 else 4) and len(r.status) == summary["arrived"] == 4
+    censored = np.where(finished, r.finish_time, result.end_time) - r.arrival_time
+    assert summary["mean_censored_latency_s"] == pytest.approx(censored.mean(), rel=1e-12)
+    assert summary["p99_censored_latency_s"] == pytest.approx(np.percentile(censored, 99), rel=1e-12)
+    latency = r.finish_time[finished] - r.arrival_time[finished]
+    assert summary["p99_latency_s"] == pytest.approx(np.percentile(latency, 99), rel=1e-12)
+    if horizon == 4.0:  # the first request's 4.5 s only: the three still waiting are left out
+        assert summary["p99_latency_s"] == pytest.approx(4.5) and summary["completed"] == 1
+        assert summary["p50_censored_latency_s"] < summary["p99_latency_s"]
+    else:
+        for q in ("mean", "p50", "p90", "p99"):
+            assert summary[f"{q}_censored_latency_s"] == summary[f"{q}_latency_s"]
+
 def test_general_cost_model_charges_each_term() -> None:
     cost = LinearCostModel(c0=0.01, c_pf=0.001, c_dec=0.002, c_kv=0.0001)
     engine = SimulatedEngine(cost, capacity_tokens=1000, block_size=4)
