@@ -89,7 +89,7 @@ class Comparison:
 
 #: The figures a summary over seeds reports (mean and 95 % confidence half-width of each).
 SUMMARY_FIELDS = ("throughput_rps", "regret_requests", "regret_realised_requests", "mean_latency_s", "p99_latency_s",
-                  "mean_ttft_s", "evictions")
+                  "p99_censored_latency_s", "mean_ttft_s", "evictions")
 
 
 def mean_and_halfwidth(values: np.ndarray) -> tuple[float, float]:
