@@ -114,7 +114,7 @@ class RecordSummary:
         finish, output = r.finish_time[done], r.output_len[done]
         self.completed += int(np.count_nonzero(done))
         self.tokens += int(np.add.reduce(output))
-        self.latency.add(finish - r.arrival_time[done])
+        self.latency.add(censored[done])  # a finished request's censored latency is its latency
         self.censored_latency.add(censored)
         started = ~np.isnan(r.first_token_time)
         self.ttft.add(r.first_token_time[started] - r.arrival_time[started])
@@ -162,11 +162,12 @@ class CompletionLog:
         """Take the records of requests handed over (each request once, in id order) at time ``now`` of the run:
         a request not finished then is censored at its age, ``now`` − arrival (``now`` is needed only if some
         request is not finished; a run hands those over once, at its end)."""
+        censored = records.finish_time - records.arrival_time
         unfinished = records.status != FINISHED
-        if now is None and unfinished.any():
-            raise ValueError("records of unfinished requests need the time they were taken (now=)")
-        censored = np.where(unfinished, (now if now is not None else 0.0) - records.arrival_time,
-                            records.finish_time - records.arrival_time)
+        if unfinished.any():
+            if now is None:
+                raise ValueError("records of unfinished requests need the time they were taken (now=)")
+            censored = np.where(unfinished, now - records.arrival_time, censored)
         self.requests += len(records.status)
         if self._summary is not None:
             self._summary.add(records, censored)

@@ -5,6 +5,7 @@ it may change a run's outcome (benchmarks/scaling.py measures the memory itself)
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from baselines import make_policy
 from llmsched_env import completions, runner
 from llmsched_env.completions import RELATIVE_ACCURACY, CompletionLog, QuantileSketch
-from llmsched_env.engine import FINISHED, RequestRecords
+from llmsched_env.engine import FINISHED, WAITING, RequestRecords
 from llmsched_env.metrics import regret_curve, summarize
 from llmsched_env.request_table import allocate_column, release_ids
 from llmsched_env.runner import TimeSeriesRecorder, run
@@ -82,6 +83,8 @@ def test_beyond_the_exact_limit_counts_stay_exact_and_quantiles_within_the_state
         exact.add(chunk, now=horizon * 1.1)
         folded.add(chunk, now=horizon * 1.1)
     assert exact.exact and not folded.exact
+    with pytest.raises(ValueError, match=r"unfinished requests need the time they were taken \(now=\)"):
+        CompletionLog(horizon).add(replace(chunk, status=np.full_like(chunk.status, WAITING)))
     assert folded.completed() == exact.completed()
     with pytest.raises(Exception, match="keep_records=True"):
         folded.records()

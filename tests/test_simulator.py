@@ -74,7 +74,6 @@ def test_memory_utilisation_is_integrated_over_time_including_idle_periods() -> 
     assert summary["peak_memory_frac"] == pytest.approx(3 / 10)
 
 
-
 @pytest.mark.parametrize("horizon", [4.0, 40.0])
 def test_the_censored_latency_counts_every_arrival_and_the_unfinished_at_their_age(horizon: float) -> None:
     """One request fits at a time and four arrive in the first second: at 4 s three are unfinished (their
@@ -100,6 +99,7 @@ def test_the_censored_latency_counts_every_arrival_and_the_unfinished_at_their_a
     else:
         for q in ("mean", "p50", "p90", "p99"):
             assert summary[f"{q}_censored_latency_s"] == summary[f"{q}_latency_s"]
+
 
 def test_general_cost_model_charges_each_term() -> None:
     cost = LinearCostModel(c0=0.01, c_pf=0.001, c_dec=0.002, c_kv=0.0001)
