@@ -141,7 +141,15 @@ def test_compare_over_several_seeds_reports_intervals(tmp_path: Path) -> None:
     assert data["seeds"] == [0, 1, 2] and len(data["rows"]) == 6
     summary = {row["policy"]: row for row in data["summary"]}
     assert summary["wait"]["seeds"] == 3 and summary["wait"]["throughput_rps_ci95"] > 0
-    assert "Per seed" in (tmp_path / "comparison.md").read_text()
+    markdown = (tmp_path / "comparison.md").read_text()
+    assert "Per seed" in markdown
+    # The summary's censored p99 (requests unfinished at the horizon counted at their age), as its JSON has it.
+    header, _, *rows = markdown.splitlines()[:4]
+    column = header.split(" | ").index("censored p99 s")
+    wait_row = next(row for row in rows if row.split(" | ")[1] == "wait")
+    cell = wait_row.split(" | ")[column]
+    assert cell == (f"{summary['wait']['p99_censored_latency_s']:,.1f} ± "
+                    f"{summary['wait']['p99_censored_latency_s_ci95']:,.1f}")
 
 
 def test_evaluate_runs_the_pretrained_agent_beside_the_baselines(tmp_path: Path) -> None:
