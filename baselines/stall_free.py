@@ -32,10 +32,11 @@ from llmsched_env.errors import ConfigError
 #: sarathi_policy`).
 SARATHI_TOKEN_BUDGET = 2048
 #: The stall-free presets' drain (:func:`backlog_budget`): the budget grows once the queue's prompts would take
-#: more than this many iterations of it. Chosen on the validation seeds 1000–1003 (docs/agents.md, "Stall-free
-#: bases"): smaller drains take the diurnal day at ρ 0.8 closer to whole prefills' p99 and cost p99 where memory,
-#: not the budget, holds a long queue back (``azure-code-like`` at ρ 0.6); 128 keeps both within the judging
-#: table's margins there, and every cell where the fixed budget pays unchanged.
+#: more than this many iterations of it. Chosen on the validation seeds 1000–1003 (``benchmarks/drain_trade.py``;
+#: docs/agents.md, "Stall-free bases"): smaller drains take the diurnal day at ρ 0.8, whose tail waits, closer to
+#: whole prefills' p99, and cost p99 where the tail is long outputs' decodes, which larger iterations stretch
+#: (``azure-code-like`` at ρ 0.6); 128 keeps both within the judging table's margins there, and every cell where the
+#: fixed budget pays unchanged.
 DRAIN_ITERATIONS = 128
 
 
