@@ -105,11 +105,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default every core)")
     args = parser.parse_args()
     seeds = parse_seeds(args.seeds)
-    try:
-        drains = [int(d) for d in args.drains.split(",")]
-    except ValueError:
-        drains = [-1]
-    if any(d < 0 for d in drains):
+    drains = [int(d) for d in args.drains.split(",") if d.strip().isdigit()]
+    if len(drains) != len(args.drains.split(",")):
         parser.error(f"--drains: each must be 0 (the fixed budget) or a positive number of iterations, "
                      f"got {args.drains}")
     drains += [WHOLE] if args.whole else []

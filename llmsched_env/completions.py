@@ -216,8 +216,10 @@ class CompletionLog:
         r = self.records()
         done = r.status == FINISHED
         started = ~np.isnan(r.first_token_time)
-        censored = np.concatenate(self._censored) if self._censored else np.empty(0)
-        return {"latency": exact_distribution(r.finish_time[done] - r.arrival_time[done]),
+        if len(self._censored) > 1:  # joined once, as the records are, in the same order
+            self._censored = [np.concatenate(self._censored)]
+        censored = self._censored[0] if self._censored else np.empty(0)
+        return {"latency": exact_distribution(censored[done]),  # a finished request's censored latency is its latency
                 "censored_latency": exact_distribution(censored),
                 "ttft": exact_distribution(r.first_token_time[started] - r.arrival_time[started]),
                 "tbt": exact_distribution((r.finish_time[done] - r.first_token_time[done]) / r.output_len[done])}
