@@ -34,7 +34,7 @@ from baselines.fcfs import (
 )
 from baselines.lookahead import LOOKAHEAD_QUANTILE, MARGIN_QUANTILES, MARGIN_RESERVES, residual_quantiles
 from baselines.nested_wait import NestedWaitPolicy
-from baselines.stall_free import DRAIN_ITERATIONS, SARATHI_TOKEN_BUDGET
+from baselines.stall_free import DRAIN_ITERATIONS, LATENCY_ORDER, SARATHI_TOKEN_BUDGET
 from baselines.thresholds import (
     OutputLengthDistribution,
     nested_wait_thresholds,
@@ -108,10 +108,10 @@ POLICIES: dict[str, PolicyFactory] = {
     "nested-wait-adaptive": lambda scenario, horizon: AdaptiveNestedWaitPolicy.create(
         scenario.cost, scenario.paged_capacity_tokens, scenario.block_size, horizon_s=horizon),
     # The same admissions batched as Sarathi batches (baselines.stall_free): decodes first, prefills chunked, the
-    # budget raised where the queue outgrows it.
+    # budget raised where the queue outgrows it; with lengths known, the admissions served by projected latency.
     "wait-adaptive-stall-free": lambda scenario, horizon: AdaptiveWaitPolicy.create(
         scenario.cost, scenario.capacity_tokens, scenario.block_size, token_budget=SARATHI_TOKEN_BUDGET,
-        drain_iterations=DRAIN_ITERATIONS),
+        drain_iterations=DRAIN_ITERATIONS, latency_order_weight=LATENCY_ORDER),
     "nested-wait-adaptive-stall-free": lambda scenario, horizon: AdaptiveNestedWaitPolicy.create(
         scenario.cost, scenario.paged_capacity_tokens, scenario.block_size, horizon_s=horizon,
         token_budget=SARATHI_TOKEN_BUDGET, drain_iterations=DRAIN_ITERATIONS),

@@ -528,16 +528,19 @@ class AdaptiveWaitPolicy(WaitPolicy):
 
     @classmethod
     def create(cls, cost: LinearCostModel, capacity_tokens: int, block_size: int, *, grid: int = 3,
-               token_budget: int = 0, drain_iterations: int = 0, **learning: float) -> "AdaptiveWaitPolicy":
+               token_budget: int = 0, drain_iterations: int = 0, latency_order_weight: float = 0.0,
+               **learning: float) -> "AdaptiveWaitPolicy":
         """WAIT-adaptive; with a ``token_budget``, its decisions batched stall-free within it
         (``wait-adaptive-stall-free``, :mod:`baselines.stall_free`), raised with the queue given
-        ``drain_iterations`` (:func:`~baselines.stall_free.backlog_budget`)."""
+        ``drain_iterations`` (:func:`~baselines.stall_free.backlog_budget`), its admissions served by projected
+        latency given ``latency_order_weight`` (:func:`~baselines.stall_free.latency_order`)."""
         if grid < 1:
             raise ConfigError(f"grid must be >= 1, got {grid}")
         placeholder = TypeMix((RequestType(1, 1, 1.0),))
         name = "wait-adaptive-stall-free" if token_budget else "wait-adaptive"
         return cls(placeholder, _unit_thresholds(placeholder, capacity_tokens, block_size), name=name,
                    token_budget=token_budget, drain_iterations=drain_iterations,
+                   latency_order_weight=latency_order_weight,
                    learning=_Learning(cost, capacity_tokens, block_size, **learning), grid=grid)  # type: ignore[arg-type]
 
     def reset(self, engine: Engine) -> None:

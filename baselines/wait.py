@@ -55,7 +55,7 @@ from baselines.lookahead import (
     trajectories,
     trajectories_of,
 )
-from baselines.stall_free import backlog_budget, check_batching, stall_free, stall_free_batch
+from baselines.stall_free import backlog_budget, check_batching, latency_order, stall_free, stall_free_batch
 from baselines.thresholds import WaitThresholds, wait_thresholds
 from baselines.type_queues import TypeQueues
 from llmsched_env import compiled_run
@@ -64,13 +64,14 @@ from llmsched_env.compiled_run import (
     GO_ON,
     INVALID_DECISION,
     ITERATIONS,
+    LAST_ITERATION,
     NEXT_ARRIVAL,
     RETIRED,
     ChunkArrays,
     RunState,
 )
 from llmsched_env.cost_model import LinearCostModel
-from llmsched_env.engine import IDLE, WAITING, Decision, Engine, SchedulerState
+from llmsched_env.engine import IDLE, LAST_SECONDS, WAITING, Decision, Engine, SchedulerState
 from llmsched_env.errors import ConfigError
 from llmsched_env.iteration import NUM_WAITING, EngineParams, N
 from llmsched_env.kernels import nearest_type
@@ -99,6 +100,10 @@ class WaitPolicy:
     # > 0: the budget follows the queue, raised to prefill the waiting prompts within this many iterations
     # (baselines.stall_free.backlog_budget); 0: the budget is fixed.
     drain_iterations: int = 0
+    # > 0: the admissions a stall-free budget serves are taken by projected latency, largest first, a remaining output
+    # token counting as this many of the last iteration's seconds (baselines.stall_free.latency_order); 0: queue
+    # order. Stall-free batching only: whole prefills admit the whole decision at once.
+    latency_order_weight: float = 0.0
     _types: Int64Buffer = field(default_factory=Int64Buffer, repr=False)
     _queues: TypeQueues = field(default_factory=lambda: TypeQueues(0), repr=False)
 
@@ -118,7 +123,7 @@ class WaitPolicy:
         if self.variant == "paper" and (self.memory_safe or self.lend_spare_memory):
             raise ConfigError("memory_safe and lend_spare_memory assume every running request decodes each "
                               "iteration: the paper's variant pauses cohorts, so it cannot use them")
-        check_batching(self.token_budget, self.drain_iterations)
+        check_batching(self.token_budget, self.drain_iterations, self.latency_order_weight)
         self._types = Int64Buffer()
         self._queues = TypeQueues(len(self.thresholds.n))
 
@@ -154,7 +159,7 @@ class WaitPolicy:
         return WaitRule(np.ascontiguousarray(self.thresholds.n, dtype=np.int64), *self.mix.log_lengths(),
                         int(self.thresholds.memory_blocks), self.drain_when_idle, self.lend_spare_memory,
                         self.memory_safe, self.variant == "paper", self.iteration_budget, self.drain_iterations,
-                        self.mean_prompt)
+                        self.mean_prompt, float(self.latency_order_weight))
 
     def _classify(self, state: SchedulerState) -> np.ndarray:
         """Every request's type (the nearest of the mix), classified once, on arrival."""
@@ -196,6 +201,12 @@ class WaitPolicy:
         budget = self.iteration_budget
         if self.drain_iterations:  # the mix's mean prompt only where the budget follows the queue
             budget = backlog_budget(budget, state.num_waiting, self.mean_prompt, self.drain_iterations)
+        if budget and self.latency_order_weight:
+            assert state.output_len is not None  # reset refuses hidden lengths
+            order = latency_order(np.asarray(decision.prefill, dtype=np.int64), state.arrival_time,
+                                  state.prompt_len, state.context_len, state.output_len,
+                                  self.latency_order_weight * float(state.last_iteration[LAST_SECONDS]))
+            decision = Decision(decode=decision.decode, prefill=order, preempt=decision.preempt)
         return stall_free(decision, state, budget)
 
     def _cohorts(self, ready: np.ndarray) -> np.ndarray:
@@ -273,6 +284,7 @@ class WaitRule(NamedTuple):
     token_budget: int  # 0: whole prefills; else stall-free batching within this many tokens (baselines.stall_free)
     drain_iterations: int  # > 0: the budget follows the queue (baselines.stall_free.backlog_budget)
     mean_prompt: float  # the mix's mean prompt, what a waiting request is taken to bring
+    latency_order_weight: float  # > 0: admissions served by projected latency (baselines.stall_free.latency_order)
 
 
 class WaitQueueFollower:
@@ -485,6 +497,9 @@ def wait_step(rule: WaitRule, types: np.ndarray, queue: WaitQueue, running: np.n
     if rule.token_budget:
         budget = backlog_budget(rule.token_budget, run.counters[NUM_WAITING], rule.mean_prompt,
                                 rule.drain_iterations)
+        if rule.latency_order_weight > 0:
+            admit = latency_order(admit, columns.arrival, columns.prompt, columns.context, columns.output,
+                                  rule.latency_order_weight * run.reals[LAST_ITERATION + LAST_SECONDS])
         decode, admit, chunk, as_decided = stall_free_batch(decode, admit, running, columns.context,
                                                             columns.kv_tokens, budget)
     else:

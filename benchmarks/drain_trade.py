@@ -30,10 +30,11 @@ import numpy as np  # noqa: E402
 from agents.judge import cell_scenario, judging_cells  # noqa: E402
 from baselines import make_policy  # noqa: E402
 from baselines.adaptive import AdaptiveNestedWaitPolicy, AdaptiveWaitPolicy  # noqa: E402
-from baselines.stall_free import DRAIN_ITERATIONS, SARATHI_TOKEN_BUDGET  # noqa: E402
+from baselines.stall_free import DRAIN_ITERATIONS, LATENCY_ORDER, SARATHI_TOKEN_BUDGET  # noqa: E402
 from llmsched_env.cli import parse_seeds  # noqa: E402
 from llmsched_env.errors import ConfigError  # noqa: E402
 from llmsched_env.executor import LocalExecutor  # noqa: E402
+from llmsched_env.metrics import slowest_requests  # noqa: E402
 from llmsched_env.policy import Policy  # noqa: E402
 from llmsched_env.runner import run  # noqa: E402
 from llmsched_env.scenario import Scenario  # noqa: E402
@@ -53,7 +54,8 @@ def preset(base: str, scenario: Scenario, horizon: float, drain: int) -> Policy:
     drain = max(drain, 0)
     if base == "wait-adaptive":
         return AdaptiveWaitPolicy.create(scenario.cost, scenario.capacity_tokens, scenario.block_size,
-                                         token_budget=budget, drain_iterations=drain)
+                                         token_budget=budget, drain_iterations=drain,
+                                         latency_order_weight=LATENCY_ORDER)
     return AdaptiveNestedWaitPolicy.create(scenario.cost, scenario.paged_capacity_tokens, scenario.block_size,
                                            horizon_s=horizon, token_budget=budget, drain_iterations=drain)
 
@@ -68,11 +70,9 @@ def one_run(cell: dict[str, Any], base: str, drain: int, seed: int) -> dict[str,
     records = result.records
     done = np.isfinite(records.finish_time)
     latency = (records.finish_time - records.arrival_time)[done]
-    first = (records.first_token_time - records.arrival_time)[done]
-    tail = latency >= np.quantile(latency, 1.0 - TAIL_SHARE)
+    tail = slowest_requests(records, TAIL_SHARE)
     return {"throughput": float(done.sum()) / horizon, "p99": float(np.quantile(latency, 0.99)),
-            "tail_output": float(np.mean(records.output_len[done][tail])), "tail_first": float(np.mean(first[tail])),
-            "tail_decode": float(np.mean((latency - first)[tail]))}
+            "tail_output": tail["output_len"], "tail_first": tail["first_token_s"], "tail_decode": tail["decode_s"]}
 
 
 def _label(drain: int) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llmsched_env.engine import RequestRecords
 from llmsched_env.fluid import FluidSolution
 from llmsched_env.runner import RunResult
 
@@ -62,6 +63,22 @@ def summarize(result: RunResult, fluid: FluidSolution) -> dict[str, float | int 
     summary["mean_memory_frac"] = (result.block_seconds / result.end_time / result.capacity_blocks
                                    if result.end_time > 0 else 0.0)
     return summary
+
+
+def slowest_requests(records: RequestRecords, share: float = 0.01) -> dict[str, float]:
+    """Who makes a run's latency tail: the mean output length (tokens), time to first token and decode time (first
+    token to the last; s) of its ``share`` slowest completed requests, those at or above the ``1 - share`` quantile
+    of latency. A tail that waited has a long first token; one of long outputs, a long decode. NaN with none done."""
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    done = np.isfinite(records.finish_time)
+    if not done.any():
+        return {"output_len": math.nan, "first_token_s": math.nan, "decode_s": math.nan}
+    latency = (records.finish_time - records.arrival_time)[done]
+    first = (records.first_token_time - records.arrival_time)[done]
+    tail = latency >= np.quantile(latency, 1.0 - share)
+    return {"output_len": float(np.mean(records.output_len[done][tail])), "first_token_s": float(np.mean(first[tail])),
+            "decode_s": float(np.mean((latency - first)[tail]))}
 
 
 @dataclass(frozen=True)

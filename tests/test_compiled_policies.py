@@ -90,6 +90,12 @@ PRESETS = {
     # The budget following the queue (drain_iterations), raised above the budget as soon as a few requests wait.
     "wait-stall-free-draining": lambda scenario: replace(make_policy("wait", scenario, 12.0), token_budget=20,
                                                          drain_iterations=2),
+    # With lengths known, the admissions served by projected latency (the budget cuts them, the order decides).
+    "wait-stall-free-latency-order": lambda scenario: replace(make_policy("wait", scenario, 12.0), token_budget=20,
+                                                              latency_order_weight=3.0),
+    "wait-adaptive-stall-free-latency-order": lambda scenario: _rescaled(AdaptiveWaitPolicy.create(
+        scenario.cost, scenario.capacity_tokens, scenario.block_size, token_budget=24, drain_iterations=3,
+        latency_order_weight=2.0, **LEARN_FAST), 0.8),
     "wait-adaptive-stall-free-draining": lambda scenario: _rescaled(AdaptiveWaitPolicy.create(
         scenario.cost, scenario.capacity_tokens, scenario.block_size, token_budget=24, drain_iterations=3,
         **LEARN_FAST), 1.3),

@@ -74,6 +74,27 @@ def test_memory_utilisation_is_integrated_over_time_including_idle_periods() -> 
     assert summary["peak_memory_frac"] == pytest.approx(3 / 10)
 
 
+def test_the_slowest_requests_say_whether_the_tail_waited_or_decoded() -> None:
+    """One request fits at a time (4 blocks of 2 tokens) and four arrive in the first second: the slowest is the last
+    served, which waited for the other three; its first token and decode add up to its latency."""
+    from llmsched_env.metrics import slowest_requests
+
+    engine = SimulatedEngine(PAPER, capacity_tokens=8, block_size=2)
+    arrivals = Arrivals(np.array([0.0, 0.2, 0.5, 1.0]), np.array([4, 4, 4, 4]), np.array([2, 2, 2, 3]))
+    r = run(engine, vllm_policy(), arrivals, horizon=40.0, keep_records=True).records
+    latency = r.finish_time - r.arrival_time
+    tail = slowest_requests(r, 0.25)
+    assert tail["output_len"] == 3 and tail["first_token_s"] + tail["decode_s"] == pytest.approx(latency.max())
+    assert tail["first_token_s"] == pytest.approx(r.first_token_time[3] - 1.0)
+    assert tail["first_token_s"] > tail["decode_s"]
+    assert slowest_requests(r, 1.0)["output_len"] == pytest.approx(9 / 4)  # every completed request
+    nothing = run(SimulatedEngine(PAPER, capacity_tokens=8, block_size=2), vllm_policy(), arrivals, horizon=0.1,
+                  keep_records=True).records
+    assert np.isnan(slowest_requests(nothing)["decode_s"])
+    with pytest.raises(ValueError, match="share must be in"):
+        slowest_requests(r, 0.0)
+
+
 @pytest.mark.parametrize("horizon", [4.0, 40.0])
 def test_the_censored_latency_counts_every_arrival_and_the_unfinished_at_their_age(horizon: float) -> None:
     """One request fits at a time and four arrive in the first second: at 4 s three are unfinished (their

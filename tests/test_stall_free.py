@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from baselines import make_policy
 from baselines.adaptive import AdaptiveNestedWaitPolicy, AdaptiveWaitPolicy
 from baselines.nested_wait import NestedWaitPolicy
-from baselines.stall_free import DRAIN_ITERATIONS, backlog_budget, stall_free_batch
+from baselines.stall_free import DRAIN_ITERATIONS, LATENCY_ORDER, backlog_budget, latency_order, stall_free_batch
 from baselines.wait import WaitPolicy
 from llmsched_env import Arrivals, ConfigError, LinearCostModel, RequestType, TypeMix, run
 from llmsched_env.engine import Decision, IterationOutcome, SchedulerState
@@ -63,6 +63,45 @@ def test_the_budget_follows_the_backlog_only_beyond_what_it_drains_in_time() -> 
     assert backlog_budget(2048, 1000, 500.0, 64) == 7813
     assert backlog_budget(2048, 10**6, 500.0, 0) == 2048  # no draining: the budget is fixed
     assert backlog_budget(0, 10**6, 500.0, 64) == 0  # whole prefills stay whole
+
+
+def test_the_latency_order_serves_the_largest_projected_latency_first() -> None:
+    # Ids 1-4 waiting: arrivals 0, 1, 2, 3 s; outputs 10, 100, 10, 40; id 4 was evicted after 35 of its 40 tokens
+    # (context = prompt + 35), so 5 remain. Key: arrival - w · remaining.
+    arrival = np.array([0.0, 0.0, 1.0, 2.0, 3.0])
+    prompt = np.array([0, 8, 8, 8, 8])
+    output = np.array([0, 10, 100, 10, 40])
+    context = np.array([0, 8, 8, 8, 43])
+    admit = np.array([1, 2, 3, 4], dtype=np.int64)
+    assert latency_order(admit, arrival, prompt, context, output, 0.0).tolist() == [1, 2, 3, 4]  # queue order
+    # 0.01 s/token: keys -0.1, 0.0, 1.9, 2.95; 0.1: -1, -9, 1, 2.5 (the long output first)
+    assert latency_order(admit, arrival, prompt, context, output, 0.01).tolist() == [1, 2, 3, 4]
+    assert latency_order(admit, arrival, prompt, context, output, 0.1).tolist() == [2, 1, 3, 4]
+    # 1 s/token: -10, -99, -8, -2 (the evicted request's 5 tokens left count, not its 40)
+    assert latency_order(admit, arrival, prompt, context, output, 1.0).tolist() == [2, 1, 3, 4]
+    # Equal keys keep the rule's order, whichever it was.
+    tie = np.array([0.0, 0.0, 0.0]), np.zeros(3, np.int64), np.zeros(3, np.int64), np.array([5, 5, 5])
+    assert latency_order(np.array([2, 0, 1]), *tie, 0.5).tolist() == [2, 0, 1]
+
+
+@pytest.mark.parametrize("weight", [0.0, LATENCY_ORDER])
+def test_a_long_output_admitted_behind_short_ones_is_prefilled_first_in_the_latency_order(weight: float) -> None:
+    # A burst of 7 requests: six of 1 output token, then one of 60, prompts of 16 tokens, a budget of 16 tokens (one
+    # prompt per iteration), memory for all. In queue order the long one starts last and finishes last by its whole
+    # decode; by projected latency it is prefilled first once an iteration has given the seconds per token.
+    scenario = _scenario(TypeMix((RequestType(16, 1, 6.0), RequestType(16, 60, 1.0))), 4000, known=True)
+    burst = Arrivals(np.zeros(7), np.full(7, 16), np.array([1, 1, 1, 1, 1, 1, 60]))
+    policy = replace(make_policy("wait", scenario, 3.0), token_budget=16, latency_order_weight=weight)
+    result = run(scenario.engine(), policy, burst, 60.0, keep_records=True)
+    first = result.records.first_token_time
+    assert result.finished == 7
+    if weight == 0:
+        assert first[6] > first[:6].max()
+    else:
+        assert first[6] < first[1:6].min()  # after the first iteration, which set the seconds per token
+        latency = result.records.finish_time - result.records.arrival_time
+        assert latency.max() < run(scenario.engine(), replace(policy, latency_order_weight=0.0), burst, 60.0,
+                                   keep_records=True).records.finish_time.max()
 
 
 def _scenario(mix: TypeMix, capacity: int, known: bool) -> Scenario:
@@ -193,6 +232,7 @@ def test_the_stall_free_presets_and_a_negative_budget() -> None:
     for name in ("wait-adaptive-stall-free", "nested-wait-adaptive-stall-free"):
         preset = make_policy(name, scenario, 10.0)
         assert (preset.token_budget, preset.drain_iterations) == (2048, DRAIN_ITERATIONS)  # type: ignore[attr-defined]
+    assert make_policy("wait-adaptive-stall-free", scenario, 10.0).latency_order_weight == LATENCY_ORDER  # type: ignore
     assert make_policy("nested-wait-adaptive-stall-free", scenario, 10.0).name == "nested-wait-adaptive-stall-free"
     policy = replace(make_policy("nested-wait", scenario, 10.0), token_budget=-1)
     with pytest.raises(ConfigError, match="token_budget must be 0 .* got -1"):
@@ -200,4 +240,8 @@ def test_the_stall_free_presets_and_a_negative_budget() -> None:
     for name in ("wait", "nested-wait"):
         policy = replace(make_policy(name, scenario, 10.0), token_budget=64, drain_iterations=-3)
         with pytest.raises(ConfigError, match="drain_iterations must be 0 .* got -3"):
+            run(scenario.engine(), policy, scenario.sample(1.0, 0), 1.0)
+    for weight in (-1.0, float("nan"), float("inf")):
+        policy = replace(make_policy("wait", scenario, 10.0), token_budget=64, latency_order_weight=weight)
+        with pytest.raises(ConfigError, match="latency_order must be 0 .* got"):
             run(scenario.engine(), policy, scenario.sample(1.0, 0), 1.0)
