@@ -67,7 +67,7 @@ def check_batching(token_budget: int, drain_iterations: int, latency_order_weigh
         raise ConfigError(f"drain_iterations must be 0 (a fixed token budget) or a positive number of iterations, "
                           f"got {drain_iterations}")
     if not (math.isfinite(latency_order_weight) and latency_order_weight >= 0):
-        raise ConfigError(f"latency_order must be 0 (queue order) or a finite positive weight of the remaining "
+        raise ConfigError(f"latency_order_weight must be 0 (queue order) or a finite positive weight of the remaining "
                           f"output, got {latency_order_weight}")
 
 

@@ -243,5 +243,5 @@ def test_the_stall_free_presets_and_a_negative_budget() -> None:
             run(scenario.engine(), policy, scenario.sample(1.0, 0), 1.0)
     for weight in (-1.0, float("nan"), float("inf")):
         policy = replace(make_policy("wait", scenario, 10.0), token_budget=64, latency_order_weight=weight)
-        with pytest.raises(ConfigError, match="latency_order must be 0 .* got"):
+        with pytest.raises(ConfigError, match="latency_order_weight must be 0 .* got"):
             run(scenario.engine(), policy, scenario.sample(1.0, 0), 1.0)
