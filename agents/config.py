@@ -40,6 +40,12 @@ class EvaluationConfig:
     table's non-inferiority test, :mod:`agents.judge`, on the validation seeds), nor worse than the baseline the
     agent adjusts where that one already falls short (:func:`agents.validation.selection_bounds`). Infinite (the
     default): no such test, the lowest regret wins.
+
+    ``regret_tolerance`` (a share of the reference's validation regret: the adjusted baseline's for a residual
+    agent, ``reference``'s otherwise) is the difference in regret that validation cannot tell from a tie: among the
+    models whose regrets lie within it of the least, a residual agent's kept model is the one of the lowest p99
+    difference to its base, any other agent's the earliest (:class:`agents.train.KeptModel`). 0 (the default):
+    the least regret wins.
     """
 
     seeds: tuple[int, ...] = (1000, 1001, 1002)
@@ -48,12 +54,16 @@ class EvaluationConfig:
     checkpoint_every: int = 50_000
     throughput_margin: float = float("inf")
     p99_margin: float = float("inf")
+    regret_tolerance: float = 0.0
 
     def __post_init__(self) -> None:
-        for key in ("throughput_margin", "p99_margin"):
+        for key in ("throughput_margin", "p99_margin", "regret_tolerance"):
             value = getattr(self, key)
-            if not isinstance(value, (int, float)) or not value >= 0:  # NaN fails too
-                raise ConfigError(f"[evaluation] {key} must be a number >= 0 (a share of the baseline's), "
+            # An infinite margin is no test; an infinite tolerance would make every regret level.
+            ceiling = float("inf") if key == "regret_tolerance" else float("nan")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value != ceiling:
+                bound = "a finite number" if key == "regret_tolerance" else "a number"
+                raise ConfigError(f"[evaluation] {key} must be {bound} >= 0 (a share of the baseline's), "
                                   f"got {value!r}")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 #: (tag, title) of the panels, in order; a tag the run did not log is left out.
 PANELS = (("eval/regret_ratio_to_wait", "validation regret / WAIT's"),
@@ -77,13 +77,15 @@ def plot_curves(tensorboard_dir: Path, out: Path) -> Path | None:
 
 def plot_residual_curves(tensorboard_dir: Path, levels_file: Path, out: Path,
                          margins: tuple[float, float] = (math.inf, math.inf),
-                         kept_at: int | None = None) -> Path | None:
+                         kept_at: int | None = None, regret_tolerance: float = 0.0) -> Path | None:
     """A residual agent's run (``LLMSched-Residual-v*``): one panel per workload of its validation, the agent's
     validation regret at each evaluation less the best baseline's on the same episodes (seconds of the fluid
     optimum's service; below 0 the agent is ahead), with every baseline's own level as a labelled line (the best at
     0); a panel for the whole validation set against the baseline the agent adjusts, the kept model (the validation
-    at frame ``kept_at``, :class:`agents.train.KeptModel`) starred and the validations outside the selection's
-    bounds crossed; and, where the run logged them, a panel of the worst
+    at frame ``kept_at``, :class:`agents.train.KeptModel`) starred, the validations outside the selection's
+    bounds crossed and, with a ``regret_tolerance`` (a share of the adjusted baseline's regret), the band of regrets
+    level with the least dotted; the same for the mean p99 difference to that baseline, which decides within the
+    band; and, where the run logged them, a panel of the worst
     workload's throughput and p99 change against its best baseline (%), with the selection's ``margins``
     (throughput, p99; shares, drawn where finite; a workload whose adjusted baseline falls short by more is held
     to that baseline's figure instead). ``None`` if nothing was logged."""
@@ -94,14 +96,15 @@ def plot_residual_curves(tensorboard_dir: Path, levels_file: Path, out: Path,
 
     series = read_scalars(tensorboard_dir, lambda tag: tag.startswith("eval/regret_s/") or tag in (
         "eval/regret_s", "eval/base_regret_s", "eval/admissible", "eval/worst_throughput_change",
-        "eval/worst_p99_change"))
+        "eval/worst_p99_change", "eval/p99_difference_s"))
     levels: dict[str, dict[str, float]] = json.loads(levels_file.read_text()) if levels_file.is_file() else {}
     workloads = [tag.removeprefix("eval/regret_s/") for tag in sorted(series) if tag.startswith("eval/regret_s/")]
     if not workloads:
         return None
     worst = "eval/worst_p99_change" in series and "eval/worst_throughput_change" in series
+    tail = "eval/p99_difference_s" in series
     columns = 4
-    rows = -(-(len(workloads) + 1 + worst) // columns)
+    rows = -(-(len(workloads) + 1 + tail + worst) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.7 * rows), squeeze=False)
     colours = {"wait": "tab:green", "wait-adaptive": "tab:olive", "nested-wait": "tab:purple",
                "nested-wait-adaptive": "tab:pink", "nested-wait-margin": "tab:brown", "vllm": "tab:red",
@@ -125,23 +128,22 @@ def plot_residual_curves(tensorboard_dir: Path, levels_file: Path, out: Path,
     if "eval/regret_s" in series and "eval/base_regret_s" in series:
         steps, values = series["eval/regret_s"]
         base = series["eval/base_regret_s"][1][0]
-        gains = [v - base for v in values]
-        overall.plot(steps, gains, "o-", ms=2.5, lw=1.2, color="tab:blue")
         admissible = series.get("eval/admissible", (steps, [1.0] * len(steps)))[1]
-        outside = [i for i, ok in enumerate(admissible) if not ok]
-        overall.plot([steps[i] for i in outside], [gains[i] for i in outside], "x", color="tab:red", ms=5,
-                     label="outside the bounds")
-        if kept_at in steps:  # what the callback saved, as it recorded it (not re-derived here)
-            kept = steps.index(kept_at)
-            overall.plot([steps[kept]], [gains[kept]], "*", color="k", ms=10, label="kept")
-        overall.axhline(0.0, color="k", lw=0.9, ls="--")
+        gains = [v - base for v in values]
+        _selection_panel(overall, steps, gains, admissible, kept_at)
+        inside = [g for g, ok in zip(gains, admissible) if ok]
+        if regret_tolerance > 0 and inside:
+            overall.axhline(min(inside) + regret_tolerance * base, color="tab:blue", lw=0.9, ls=":",
+                            label="level with the least")
         overall.legend(fontsize=7)
-        overall.ticklabel_format(axis="both", useOffset=False, style="plain")
         overall.set_title("all workloads, less the adjusted baseline", fontsize=9)
-        overall.tick_params(labelsize=7)
-        overall.grid(alpha=0.3)
+        if tail:
+            steps, values = series["eval/p99_difference_s"]
+            panel = axes.flat[len(workloads) + 1]
+            _selection_panel(panel, steps, values, admissible, kept_at)
+            panel.set_title("mean p99 less the adjusted baseline's (s)", fontsize=9)
     if worst:
-        panel = axes.flat[len(workloads) + 1]
+        panel = axes.flat[len(workloads) + 1 + tail]
         for tag, colour, label in (("eval/worst_throughput_change", "tab:green", "throughput"),
                                    ("eval/worst_p99_change", "tab:red", "p99")):
             steps, values = series[tag]
@@ -155,7 +157,8 @@ def plot_residual_curves(tensorboard_dir: Path, levels_file: Path, out: Path,
         panel.tick_params(labelsize=7)
         panel.legend(fontsize=7)
         panel.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(workloads) + 1 + worst:]:
+    spare = list(axes.flat)[len(workloads) + 1 + tail + worst:]
+    for ax in spare:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     for ax in list(axes.flat)[1:len(workloads)]:
@@ -163,10 +166,30 @@ def plot_residual_curves(tensorboard_dir: Path, levels_file: Path, out: Path,
             if label not in labels:
                 handles.append(handle)
                 labels.append(label)
-    fig.legend(handles, labels, loc="lower right", fontsize=8, ncol=2)
+    if spare:  # in a panel of its own, clear of the curves
+        spare[-1].legend(handles, labels, loc="center", fontsize=8)
+    else:
+        fig.legend(handles, labels, loc="lower right", fontsize=8, ncol=2)
     fig.supxlabel("timesteps", fontsize=9)
     fig.supylabel("validation regret − best baseline's (s of the optimum's service)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _selection_panel(ax: Any, steps: list[int], values: list[float], admissible: list[float],
+                     kept_at: int | None) -> None:
+    """One validation figure over a run, its validations outside the selection's bounds crossed and the kept one
+    starred (what the callback saved, as it recorded it: not re-derived here)."""
+    ax.plot(steps, values, "o-", ms=2.5, lw=1.2, color="tab:blue")
+    outside = [i for i, ok in enumerate(admissible[:len(steps)]) if not ok]
+    ax.plot([steps[i] for i in outside], [values[i] for i in outside], "x", color="tab:red", ms=5,
+            label="outside the bounds")
+    if kept_at in steps:
+        kept = steps.index(kept_at)
+        ax.plot([steps[kept]], [values[kept]], "*", color="k", ms=10, label="kept")
+    ax.axhline(0.0, color="k", lw=0.9, ls="--")
+    ax.ticklabel_format(axis="both", useOffset=False, style="plain")
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)

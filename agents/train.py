@@ -44,6 +44,8 @@ SELECTION_BOUNDS = "selection_bounds.json"
 BEST_MODEL = "best_model.zip"
 #: The validation that kept ``best_model.zip``: its frame and the figures it was chosen by.
 BEST_RECORD = "best_model.json"
+#: Validated models that may yet be kept (:class:`KeptModel`).
+VALIDATED = "validated"
 
 
 def make_env(env_id: str, env_kwargs: dict[str, Any]) -> Any:
@@ -58,41 +60,81 @@ def make_env(env_id: str, env_kwargs: dict[str, Any]) -> Any:
 
 
 class KeptModel:
-    """A run's best validated model: ``best_model.zip`` and what it was chosen by (``best_model.json``: its frame
-    and its key, lower is better). A resumed run reads them back, so that it keeps a later model only where that
-    one beats the model kept before the interruption."""
+    """A run's best validated model: ``best_model.zip`` and what it was chosen by (``best_model.json``).
 
-    def __init__(self, out: Path, resume: bool) -> None:
+    The model kept has the least regret, where regrets within ``tolerance`` of the least offered so far count as
+    level; among those, the lowest tie-break (a residual agent's p99 difference to its base), the earliest on a
+    tie. With a tolerance of 0 that is the least regret, then the lowest tie-break. A validation with more regret
+    than the kept one's may be chosen later, when a lower regret moves the band past the kept one: such a model is
+    saved under ``validated/`` while it stays within the band. A resumed run reads the record back, so that it
+    keeps a later model only where that one beats the models kept before the interruption."""
+
+    def __init__(self, out: Path, resume: bool, tolerance: float = 0.0) -> None:
         self.out = out
-        self.key: tuple[float, ...] | None = None
+        self.tolerance = float(tolerance)  # in the regret's own unit
+        self.key: tuple[float, float] | None = None  # the kept model's (regret, tie-break)
         self.timesteps: int | None = None  # the frame of the model kept
+        self.standby: dict[int, tuple[float, float]] = {}  # frame → key of the models saved under validated/
         record = out / BEST_RECORD
         if resume and record.is_file() and (out / BEST_MODEL).is_file():
             data = json.loads(record.read_text())
-            self.key, self.timesteps = tuple(float(x) for x in data["key"]), int(data["timesteps"])
+            key = [float(x) for x in data["key"]]
+            self.key, self.timesteps = (key[0], key[1] if len(key) > 1 else 0.0), int(data["timesteps"])
+            self.standby = {int(frame): (float(regret), float(tiebreak))
+                            for frame, regret, tiebreak in data.get("standby", ())
+                            if self._standby_file(int(frame)).is_file()}
 
-    def offer(self, model: Any, key: tuple[float, ...]) -> None:
-        """Keep ``model`` if its ``key`` is below the kept one's (or none is kept)."""
-        if self.key is None or key < self.key:
-            self.key, self.timesteps = key, int(model.num_timesteps)
+    def _standby_file(self, timesteps: int) -> Path:
+        return self.out / VALIDATED / f"model_{timesteps}_steps.zip"
+
+    def offer(self, model: Any, regret: float, tiebreak: float = 0.0) -> None:
+        """Offer ``model``, validated at ``regret`` (lower is better) and ``tiebreak`` (lower is better)."""
+        timesteps, key = int(model.num_timesteps), (float(regret), float(tiebreak))
+        # A resumed run validates some frames again: the new validation replaces the old one's.
+        before = {frame: k for frame, k in self.standby.items() if frame != timesteps}
+        if self.key is not None and self.timesteps is not None and self.timesteps != timesteps:
+            before[self.timesteps] = self.key
+        candidates = {**before, timesteps: key}
+        least = min(regret for regret, _ in candidates.values())
+        level = {frame: k for frame, k in candidates.items() if k[0] <= least + self.tolerance}
+        chosen = min(level, key=lambda frame: (level[frame][1], frame))
+        # Those in the band with less regret than the chosen one may outlast it there: they stay on standby.
+        standby = {frame: k for frame, k in level.items() if frame != chosen and k[0] < level[chosen][0]}
+        if chosen == self.timesteps != timesteps and timesteps not in standby and standby.keys() == self.standby.keys():
+            return  # nothing changes (the offered model is not kept and not on standby)
+        if self.timesteps in standby:  # the model kept so far goes on standby: before best_model.zip is replaced
+            self._standby_file(self.timesteps).parent.mkdir(exist_ok=True)
+            shutil.copyfile(self.out / BEST_MODEL, self._standby_file(self.timesteps))
+        if chosen == timesteps:
             model.save(self.out / BEST_MODEL)
-            (self.out / BEST_RECORD).write_text(json.dumps({"timesteps": self.timesteps, "key": list(key)}) + "\n")
+        elif chosen != self.timesteps:  # a model on standby takes over
+            shutil.copyfile(self._standby_file(chosen), self.out / BEST_MODEL)
+        if timesteps in standby:
+            self._standby_file(timesteps).parent.mkdir(exist_ok=True)
+            model.save(self._standby_file(timesteps))
+        for frame in set(self.standby) - set(standby):  # out of the band for good, or kept now
+            self._standby_file(frame).unlink(missing_ok=True)
+        self.key, self.timesteps, self.standby = level[chosen], chosen, standby
+        (self.out / BEST_RECORD).write_text(json.dumps({
+            "timesteps": chosen, "key": list(self.key), "tolerance": self.tolerance,
+            "standby": [[frame, *k] for frame, k in sorted(standby.items())]}) + "\n")
 
 
 def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...], every: int, out: Path,
                               on_eval: Callable[[dict[str, float]], None] | None = None, *,
                               throughput_margin: float = np.inf, p99_margin: float = np.inf,
-                              resume: bool = False) -> Any:
+                              regret_tolerance: float = 0.0, resume: bool = False) -> Any:
     """The SB3 callback of a residual agent (``LLMSched-Residual-v*``): every ``every`` steps (and at the start, and
     when asked) the agent's validation episodes on every workload of its training distribution, at each of its
     swept loads (:func:`~agents.validation.validation_loads`), beside the baseline it adjusts on the same arrivals:
     the regret ratio per scenario over its loads (``eval/ratio/<scenario>``) and over all
     (``eval/regret_ratio_to_base``, the ratio of the summed regrets in seconds of the fluid optimum's service), the
     throughput ratio and the p99 difference, and the worst validation point's against its best baseline
-    (:func:`~agents.validation.worst_departures`). It keeps in ``out`` the validated model of least regret (on a tie,
-    of the lowest mean p99 difference to the base) among those within the margins of every point's best
-    baseline (``eval/admissible``; :func:`~agents.validation.selection_bounds`,
-    :class:`~agents.config.EvaluationConfig`); with ``resume``, against the model kept before (:class:`KeptModel`)."""
+    (:func:`~agents.validation.worst_departures`). It keeps in ``out`` the validated model of least regret (regrets
+    within ``regret_tolerance`` times the base's regret of the least counting as level; among those, the lowest mean
+    p99 difference to the base) among those within the margins of every point's best baseline (``eval/admissible``;
+    :func:`~agents.validation.selection_bounds`, :class:`~agents.config.EvaluationConfig`); with ``resume``, against
+    the models kept before (:class:`KeptModel`)."""
     from stable_baselines3.common.callbacks import BaseCallback
 
     base_rows = residual_validation_runs(None, env_kwargs, seeds, zero_action=True)
@@ -112,7 +154,8 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
         def __init__(self) -> None:
             super().__init__()
             self.last_evaluated = -1
-            self.kept = KeptModel(out, resume)  # keyed by (regret, p99 difference to the base)
+            # Keyed by the regret, then the p99 difference to the base.
+            self.kept = KeptModel(out, resume, tolerance=regret_tolerance * sum(regret_s(b) for b in base_rows))
 
         def _on_step(self) -> bool:
             if self.last_evaluated < 0 or self.num_timesteps - self.last_evaluated >= every:
@@ -142,9 +185,10 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
             for key, value in metrics.items():
                 self.logger.record(f"eval/{key}", value)
             self.logger.dump(self.num_timesteps)
-            # Where every policy serves the load the regrets tie to the bit (the same completions): the tail decides.
+            # Where every policy serves the load the regrets tie (to the bit where they make the same completions,
+            # within the tolerance where two seeds cannot tell them apart): the tail decides.
             if metrics["admissible"]:
-                self.kept.offer(self.model, (agent, metrics["p99_difference_s"]))
+                self.kept.offer(self.model, agent, metrics["p99_difference_s"])
             if on_eval is not None:  # with where the worst departures were (text, not logged to TensorBoard)
                 on_eval({"timesteps": self.num_timesteps, **metrics, "worst_throughput_point":
                          worst.throughput_point, "worst_p99_point": worst.p99_point})
@@ -156,10 +200,11 @@ def residual_metrics_callback(env_kwargs: dict[str, Any], seeds: tuple[int, ...]
 def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tuple[int, ...], every: int,
                              reference: str, out: Path,
                              on_eval: Callable[[dict[str, float]], None] | None = None, *,
-                             resume: bool = False) -> Any:
+                             regret_tolerance: float = 0.0, resume: bool = False) -> Any:
     """The SB3 callback that logs serving metrics (see the module docstring); it evaluates at the start,
     every ``every`` steps and when asked (``callback.evaluate()``), and saves the best model to ``out``
-    (:class:`KeptModel`; with ``resume``, against the model kept before)."""
+    (:class:`KeptModel`, regrets within ``regret_tolerance`` times the reference's regret of the least counting as
+    level, the earliest kept among them; with ``resume``, against the models kept before)."""
     from stable_baselines3.common.callbacks import BaseCallback
 
     from baselines import make_policy
@@ -182,7 +227,7 @@ def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tup
             self._episodes: list[dict[str, float]] = []
             self._latest: dict[int, dict[str, float]] = {}  # each env's last step info (its episode so far)
             self.last_evaluated = -1
-            self.kept = KeptModel(out, resume)  # keyed by the validation regret
+            self.kept = KeptModel(out, resume, tolerance=regret_tolerance * float(np.mean(reference_regret)))
 
         def _on_step(self) -> bool:
             for index, info in enumerate(self.locals.get("infos", ())):
@@ -219,7 +264,7 @@ def serving_metrics_callback(env_id: str, env_kwargs: dict[str, Any], seeds: tup
             for key, value in metrics.items():
                 self.logger.record(f"eval/{key}", value)
             self.logger.dump(self.num_timesteps)
-            self.kept.offer(self.model, (metrics["regret_requests"],))
+            self.kept.offer(self.model, metrics["regret_requests"])
             if on_eval is not None:
                 on_eval({"timesteps": self.num_timesteps, **metrics})
             return metrics
@@ -287,6 +332,7 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
         _write_toml(config.to_dict(), out / "config.toml")
         for stale in (out / BEST_MODEL, out / BEST_RECORD):  # an earlier run's in the same folder: not this one's
             stale.unlink(missing_ok=True)
+        shutil.rmtree(out / VALIDATED, ignore_errors=True)
     env_kwargs = dict(config.env)
     probe = make_env(config.env_id, env_kwargs)  # bad arguments fail here, with the single environment's message
     # And a residual teacher the environment cannot run, before any training; the probe runs its demonstrations.
@@ -350,13 +396,15 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
                     "{worst_throughput_change:+.2%} ({worst_throughput_point}), p99 {worst_p99_change:+.2%} "
                     "({worst_p99_point}){within}".format(
                         within="" if m["admissible"] else " (outside the bounds: not kept)", **m))),
-                throughput_margin=evaluation.throughput_margin, p99_margin=evaluation.p99_margin, resume=resume)
+                throughput_margin=evaluation.throughput_margin, p99_margin=evaluation.p99_margin,
+                regret_tolerance=evaluation.regret_tolerance, resume=resume)
         elif evaluation.seeds:
             validation = serving_metrics_callback(
                 config.env_id, env_kwargs, evaluation.seeds, evaluation.every, evaluation.reference, out,
                 on_eval=_logged(log, on_eval, lambda m: (
                     "eval @ {timesteps:,}: regret {regret_requests:.1f}, ratio to reference {ratio:.3f}".format(
-                        ratio=m[f"regret_ratio_to_{evaluation.reference}"], **m))), resume=resume)
+                        ratio=m[f"regret_ratio_to_{evaluation.reference}"], **m))),
+                regret_tolerance=evaluation.regret_tolerance, resume=resume)
         callbacks = [CheckpointCallback(save_freq=max(1, evaluation.checkpoint_every // config.n_envs),
                                         save_path=str(out / CHECKPOINTS), name_prefix="model")]
         if validation is not None:
@@ -391,7 +439,7 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
     if residual:
         plot_residual_curves(out / "tb", out / VALIDATION_LEVELS, out / "curves.png",
                              margins=(config.evaluation.throughput_margin, config.evaluation.p99_margin),
-                             kept_at=kept_at)
+                             kept_at=kept_at, regret_tolerance=config.evaluation.regret_tolerance)
     else:
         plot_curves(out / "tb", out / "curves.png")
     return spec

@@ -898,14 +898,89 @@ def test_the_best_model_is_kept_only_within_the_bounds_on_every_workload(tmp_pat
         callback.model.num_timesteps = step
         callback.evaluate()
     assert saved == [11] and json.loads((tmp_path / "best_model.json").read_text())["timesteps"] == 11
+    # A regret tolerance is a share of the base's regret (100 in all here): 102 against 100 is level within 5 %, and
+    # the lower p99 is kept; without it, the lower regret.
+    for tolerance, kept_frames in ((0.05, [0, 1]), (0.0, [0])):
+        validations = iter([[base[0], _validation_row("b", 1000, 10.0, 99.0, 50)],
+                            [base[0], _validation_row("b", 1000, 10.0, 98.0, 52)]])
+        saved.clear()
+        (tmp_path / str(tolerance)).mkdir()
+        callback = training.residual_metrics_callback({}, (1000,), 1, tmp_path / str(tolerance),
+                                                      regret_tolerance=tolerance)
+        callback.model = Model()
+        for step in range(2):
+            callback.model.num_timesteps = step
+            callback.evaluate()
+        assert saved == kept_frames
+
+
+class _Validated:
+    """What :class:`agents.train.KeptModel` reads of SB3's model: its frame, and a save that writes it."""
+
+    def __init__(self, timesteps: int) -> None:
+        self.num_timesteps = timesteps
+
+    def save(self, path: Path) -> None:
+        path.write_text(f"model {self.num_timesteps}")
+
+
+def test_regrets_within_the_tolerance_are_level_and_the_tail_decides_among_them(tmp_path: Path) -> None:
+    from agents.train import KeptModel
+
+    kept = KeptModel(tmp_path, resume=False, tolerance=1.0)
+    offers = [(10.0, 0.0), (9.5, -1.0), (9.6, -2.0), (8.9, 5.0)]
+    expected = [(0, []), (1, []), (2, [1]), (2, [1, 3])]  # (the model kept, those on standby)
+    for frame, ((regret, tiebreak), (chosen, standby)) in enumerate(zip(offers, expected)):
+        kept.offer(_Validated(frame), regret, tiebreak)
+        assert (kept.timesteps, sorted(kept.standby)) == (chosen, standby)
+    assert (tmp_path / "best_model.zip").read_text() == "model 2"
+    # 8.55 moves the band to 9.55: the model at frame 2 (9.6) leaves it, the one on standby at frame 1 takes over.
+    kept.offer(_Validated(4), 8.55, 6.0)
+    assert (kept.timesteps, sorted(kept.standby)) == (1, [3, 4])
+    assert (tmp_path / "best_model.zip").read_text() == "model 1"
+    assert sorted(p.name for p in (tmp_path / "validated").iterdir()) == ["model_3_steps.zip", "model_4_steps.zip"]
+    # A resumed run goes on from the record: frame 3's model takes over when a lower regret leaves frame 1 out.
+    resumed = KeptModel(tmp_path, resume=True, tolerance=1.0)
+    assert (resumed.timesteps, resumed.key, sorted(resumed.standby)) == (1, (9.5, -1.0), [3, 4])
+    resumed.offer(_Validated(5), 8.4, 7.0)
+    assert (resumed.timesteps, sorted(resumed.standby)) == (3, [4, 5])
+    assert (tmp_path / "best_model.zip").read_text() == "model 3"
+    assert json.loads((tmp_path / "best_model.json").read_text())["timesteps"] == 3
+    # A lower regret beyond the band of all the others: kept alone, nothing on standby.
+    resumed.offer(_Validated(6), 1.0, 9.0)
+    assert (resumed.timesteps, resumed.standby) == (6, {})
+    assert list((tmp_path / "validated").iterdir()) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(offers=st.lists(st.tuples(st.integers(0, 20), st.integers(-3, 3)), min_size=1, max_size=12),
+       tolerance=st.sampled_from([0.0, 0.5, 1.0, 3.0]))
+def test_the_model_kept_online_is_the_one_the_whole_run_would_choose(offers: list[tuple[int, int]],
+                                                                   tolerance: float) -> None:
+    import tempfile
+
+    from agents.train import KeptModel
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder)
+        kept = KeptModel(out, resume=False, tolerance=tolerance)
+        for frame, (regret, tiebreak) in enumerate(offers):
+            kept.offer(_Validated(frame), regret / 2, tiebreak / 2)
+        least = min(regret for regret, _ in offers) / 2
+        level = [frame for frame, (regret, _) in enumerate(offers) if regret / 2 <= least + tolerance]
+        chosen = min(level, key=lambda frame: (offers[frame][1], frame))
+        assert kept.timesteps == chosen and (out / "best_model.zip").read_text() == f"model {chosen}"
+        on_disk = {int(p.name.split("_")[1]) for p in (out / "validated").glob("*.zip")}
+        assert on_disk == set(kept.standby) and all(offers[f][0] < offers[chosen][0] for f in on_disk)
 
 
 @pytest.mark.parametrize("key, value", [("p99_margin", -0.1), ("throughput_margin", float("nan")),
-                                        ("p99_margin", "5 %")])
+                                        ("p99_margin", "5 %"), ("regret_tolerance", float("inf")),
+                                        ("regret_tolerance", -0.01)])
 def test_a_bad_selection_margin_is_refused_naming_it(key: str, value: Any) -> None:
     from agents.config import config_from_dict
 
-    with pytest.raises(ConfigError, match=rf"x.toml: \[evaluation\] {key} must be a number >= 0"):
+    with pytest.raises(ConfigError, match=rf"x.toml: \[evaluation\] {key} must be a (finite )?number >= 0"):
         config_from_dict({"evaluation": {key: value}}, "x.toml", "x")
 
 
