@@ -25,6 +25,7 @@ from agents.residual import (
     LoadTrend,
     OverloadRule,
     ResidualAgentPolicy,
+    SurgeOnlyRule,
     SurgeRule,
     action_for_residual,
     control_settings,
@@ -272,6 +273,10 @@ def test_the_surge_rule_acts_through_the_dead_zone_and_yields_to_the_overload_ru
     assert action_for_residual(1.0, 0.25) == 1.0 and OverloadRule(dead_zone=0.25).action == 1.0
     with pytest.raises(ConfigError, match="dead_zone must be in"):
         SurgeRule(dead_zone=1.0)
+    # Without the overload rule, the surge alone: the queued overload with lengths known is left to the base.
+    alone = SurgeOnlyRule(surge_action=0.8, dead_zone=0.25)
+    assert alone(calm)[0, 0] == 0.0 and alone(known)[0, 0] == 0.0
+    assert alone(surge)[0, 0] == rule(surge)[0, 0] and alone(both)[0, 0] == rule(surge)[0, 0]
 
 
 def test_scale_and_bad_input_name_what_is_wrong() -> None:
@@ -515,7 +520,7 @@ def test_a_short_training_saves_reloads_and_is_judged_on_two_scenarios(tmp_path:
                       .replace("seeds = [1000, 1001]", "seeds = [1000]"))
     out = tmp_path / "agent"
     shipped = load_config(str(config))
-    assert shipped.imitation is not None and shipped.imitation.teacher == "surge"
+    assert shipped.imitation is not None and shipped.imitation.teacher == "surge-only"
     short = replace(shipped, timesteps=2048, n_envs=2, env={**shipped.env, "horizon": 30.0},
                     imitation=replace(shipped.imitation, episodes=2, epochs=5))
     spec = train(short, out, progress_bar=False, log=lambda _: None)
@@ -629,6 +634,7 @@ def test_a_residual_warm_start_copies_its_teacher(tmp_path: Path) -> None:
         residual_teacher("surge", env)
     v2 = make_env("LLMSched-Residual-v2", env_kwargs)
     assert isinstance(residual_teacher("surge", v2), SurgeRule)
+    assert isinstance(residual_teacher("surge-only", v2), SurgeOnlyRule)
     assert isinstance(residual_teacher("overload", v2), OverloadRule)  # v2's first 13 entries are v1's
 
 
