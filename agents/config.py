@@ -7,6 +7,7 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,8 +61,9 @@ class EvaluationConfig:
         for key in ("throughput_margin", "p99_margin", "regret_tolerance"):
             value = getattr(self, key)
             # An infinite margin is no test; an infinite tolerance would make every regret level.
-            ceiling = float("inf") if key == "regret_tolerance" else float("nan")
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value != ceiling:
+            finite = key == "regret_tolerance"
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or \
+                    (finite and math.isinf(value)):  # NaN fails ``>= 0``
                 bound = "a finite number" if key == "regret_tolerance" else "a number"
                 raise ConfigError(f"[evaluation] {key} must be {bound} >= 0 (a share of the baseline's), "
                                   f"got {value!r}")

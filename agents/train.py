@@ -100,17 +100,15 @@ class KeptModel:
         chosen = min(level, key=lambda frame: (level[frame][1], frame))
         # Those in the band with less regret than the chosen one may outlast it there: they stay on standby.
         standby = {frame: k for frame, k in level.items() if frame != chosen and k[0] < level[chosen][0]}
-        if chosen == self.timesteps != timesteps and timesteps not in standby and standby.keys() == self.standby.keys():
-            return  # nothing changes (the offered model is not kept and not on standby)
+        if standby:
+            (self.out / VALIDATED).mkdir(exist_ok=True)
         if self.timesteps in standby:  # the model kept so far goes on standby: before best_model.zip is replaced
-            self._standby_file(self.timesteps).parent.mkdir(exist_ok=True)
             shutil.copyfile(self.out / BEST_MODEL, self._standby_file(self.timesteps))
         if chosen == timesteps:
             model.save(self.out / BEST_MODEL)
         elif chosen != self.timesteps:  # a model on standby takes over
             shutil.copyfile(self._standby_file(chosen), self.out / BEST_MODEL)
         if timesteps in standby:
-            self._standby_file(timesteps).parent.mkdir(exist_ok=True)
             model.save(self._standby_file(timesteps))
         for frame in set(self.standby) - set(standby):  # out of the band for good, or kept now
             self._standby_file(frame).unlink(missing_ok=True)
