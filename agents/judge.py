@@ -93,7 +93,7 @@ def judging_cells(workloads: Sequence[str], data_dir: Path | None, *, traces: Se
         except ConfigError:
             if name.endswith(".toml"):
                 raise  # a scenario file's own error names the file, line and field
-            raise ConfigError(f"--workloads: {name!r} is neither a scenario (llmsched scenarios lists them; "
+            raise ConfigError(f"the workload {name!r} is neither a scenario (llmsched scenarios lists them; "
                               f"NAME-hidden where declared) nor a held-out trace ({', '.join(known_traces)})"
                               ) from None
         for load, rate in zip(loads or spec.loads, spec.rates(tuple(loads) if loads else None)):
@@ -115,6 +115,30 @@ def judging_cells(workloads: Sequence[str], data_dir: Path | None, *, traces: Se
             for load in loads or TRACE_LOADS:
                 cells.append({"workload": cell_name, "load": load, "rate": None, "horizon": horizon or spec.horizon_s,
                               "known": known, "trace": str(path), "engine_of": engine_of})
+    return cells
+
+
+def named_cells(text: str, data_dir: Path | None, *, horizon: float | None = None) -> list[dict[str, Any]]:
+    """The cells named by ``WORKLOAD@LOAD,...`` (a suite scenario, ``NAME-hidden`` where declared, or a held-out
+    trace of :func:`trace_cell_names`, read from ``data_dir``), in that order, as :func:`judging_cells` builds them.
+    An item that names no such cell is a :class:`ConfigError` that quotes it."""
+    cells: list[dict[str, Any]] = []
+    for item in text.split(","):
+        workload, at, load = item.strip().rpartition("@")
+        try:
+            try:
+                rho = float(load) if at and workload else math.nan
+            except ValueError:
+                rho = math.nan
+            if math.isnan(rho):
+                raise ConfigError("expected WORKLOAD@LOAD, a load such as 0.9")
+            if workload in trace_cell_names():
+                cells += judging_cells([], data_dir, traces=[workload], loads=[rho], horizon=horizon)
+            else:
+                cells += judging_cells([workload], None, loads=[rho], horizon=horizon)
+        except ConfigError as error:
+            raise ConfigError(f"--cells: {item.strip()!r} is not WORKLOAD@LOAD of a suite scenario or a held-out "
+                              f"trace: {error}") from None
     return cells
 
 

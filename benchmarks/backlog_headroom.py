@@ -33,10 +33,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from agents.judge import HIDDEN_BASELINES, KNOWN_BASELINES, cell_scenario, judging_cells  # noqa: E402
+from agents.judge import HIDDEN_BASELINES, KNOWN_BASELINES, cell_scenario, default_data_dir, named_cells  # noqa: E402
 from baselines import make_policy  # noqa: E402
 from llmsched_env.cli import parse_seeds  # noqa: E402
 from llmsched_env.engine import Engine, IterationOutcome  # noqa: E402
+from llmsched_env.errors import ConfigError  # noqa: E402
 from llmsched_env.executor import LocalExecutor  # noqa: E402
 from llmsched_env.runner import run  # noqa: E402
 
@@ -105,10 +106,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default every core)")
     args = parser.parse_args()
     seeds = parse_seeds(args.seeds)
-    cells = []
-    for item in args.cells.split(","):
-        workload, load = item.rsplit("@", 1)
-        cells += judging_cells([workload], None, loads=[float(load)], horizon=args.horizon)
+    try:
+        cells = named_cells(args.cells, default_data_dir(), horizon=args.horizon)
+    except ConfigError as error:
+        parser.error(str(error))
     executor = LocalExecutor(args.jobs)
     for cell in cells:
         policies = (args.policies.split(",") if args.policies

@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from agents.judge import cell_scenario, judging_cells  # noqa: E402
+from agents.judge import cell_scenario, default_data_dir, named_cells  # noqa: E402
 from baselines import make_policy  # noqa: E402
 from baselines.adaptive import AdaptiveNestedWaitPolicy, AdaptiveWaitPolicy  # noqa: E402
 from baselines.stall_free import DRAIN_ITERATIONS, LATENCY_ORDER, SARATHI_TOKEN_BUDGET  # noqa: E402
@@ -110,13 +110,10 @@ def main() -> None:
         parser.error(f"--drains: each must be 0 (the fixed budget) or a positive number of iterations, "
                      f"got {args.drains}")
     drains += [WHOLE] if args.whole else []
-    cells = []
-    for item in args.cells.split(","):
-        workload, _, load = item.rpartition("@")
-        try:
-            cells += judging_cells([workload], None, loads=[float(load)])
-        except (ValueError, ConfigError) as error:
-            parser.error(f"--cells: {item!r} is not WORKLOAD@LOAD of a suite scenario ({error})")
+    try:
+        cells = named_cells(args.cells, default_data_dir())
+    except ConfigError as error:
+        parser.error(str(error))
     executor = LocalExecutor(args.jobs)
     for cell in cells:
         bases = ("wait-adaptive", "nested-wait-adaptive") if cell["known"] else ("nested-wait-adaptive",)

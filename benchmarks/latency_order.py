@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from agents.judge import cell_scenario, default_data_dir, judging_cells, trace_cell_names  # noqa: E402
+from agents.judge import cell_scenario, default_data_dir, named_cells  # noqa: E402
 from baselines import make_policy  # noqa: E402
 from baselines.adaptive import AdaptiveWaitPolicy  # noqa: E402
 from baselines.stall_free import DRAIN_ITERATIONS, LATENCY_ORDER, SARATHI_TOKEN_BUDGET  # noqa: E402
@@ -91,19 +91,14 @@ def report(cell: dict[str, Any], weights: Sequence[float], runs: Sequence[dict[s
 
 def parse_cells(text: str, parser: argparse.ArgumentParser) -> list[dict[str, Any]]:
     """``WORKLOAD@LOAD,...``: suite scenarios with known lengths, or the real traces (``azure-code-trace``)."""
-    cells = []
-    for item in text.split(","):
-        workload, _, load = item.rpartition("@")
-        try:
-            rho = float(load)
-            if workload in trace_cell_names():
-                cells += judging_cells([], default_data_dir(), traces=[workload], loads=[rho])
-            else:
-                cells += judging_cells([workload], None, loads=[rho])
-        except (ValueError, ConfigError) as error:
-            parser.error(f"--cells: {item!r} is not WORKLOAD@LOAD of a suite scenario or a trace ({error})")
-        if not cells[-1]["known"]:
-            parser.error(f"--cells: {item!r} hides the output lengths; the latency order needs them known")
+    try:
+        cells = named_cells(text, default_data_dir())
+    except ConfigError as error:
+        parser.error(str(error))
+    for cell in cells:
+        if not cell["known"]:
+            parser.error(f"--cells: {cell['workload']}@{cell['load']:g} hides the output lengths; the latency order "
+                         "needs them known")
     return cells
 
 

@@ -24,10 +24,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from agents.judge import default_data_dir, judge_network, judging_cells
+from agents.judge import default_data_dir, judge_network, judging_cells, named_cells
 from agents.residual import ConstantAction
 from agents.residual_env import LLMSchedResidualEnv, suite_workloads
 from llmsched_env.cli import parse_seeds
+from llmsched_env.errors import ConfigError
 from llmsched_env.executor import LocalExecutor
 
 #: The residual agent's decision interval in the shipped config (s).
@@ -74,16 +75,17 @@ def main() -> None:
     parser.add_argument("--workloads", default=",".join(suite_workloads()))
     parser.add_argument("--judge", action="store_true",
                         help="each cell of the judging table, against its best baseline")
-    parser.add_argument("--cells", default=None, help="with --judge: only these cells, WORKLOAD@LOAD,...")
+    parser.add_argument("--cells", default=None, help="with --judge: these cells instead, WORKLOAD@LOAD,...")
     parser.add_argument("--jobs", type=int, default=None, help="with --judge: worker processes (default every core)")
     args = parser.parse_args()
     seeds = parse_seeds(args.seeds or ("1000..1009" if args.judge else "1000,1001"))
     actions = [0.0, *[float(a) for a in args.actions.split(",")]]
     if args.judge:
-        cells = judging_cells(args.workloads.split(","), default_data_dir())
-        if args.cells:
-            wanted = {tuple(item.split("@")) for item in args.cells.split(",")}
-            cells = [c for c in cells if (c["workload"], f"{c['load']:g}") in wanted]
+        try:
+            cells = (named_cells(args.cells, default_data_dir()) if args.cells
+                     else judging_cells(args.workloads.split(","), default_data_dir()))
+        except ConfigError as error:
+            parser.error(str(error))
         judge_constant_actions(cells, actions, seeds, args.jobs)
         return
     env = LLMSchedResidualEnv(scenarios=args.workloads.split(","), horizon=args.horizon, reward="vs_baseline")

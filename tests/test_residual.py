@@ -4,6 +4,7 @@ table (:mod:`agents.judge`)."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmsched_env  # noqa: F401  (registers the ids)
-from agents.judge import judge_network, judging_cells, verdict
+from agents.judge import judge_network, judging_cells, named_cells, verdict
 from agents.residual import (
     BASES,
     NUM_FEATURES,
@@ -409,6 +410,22 @@ def test_the_judging_cells_take_other_loads_a_longer_horizon_and_named_traces(tm
             judging_cells(["bursty-low"], None, horizon=bad)
     with pytest.raises(ConfigError, match="judging loads must be finite and > 0"):
         judging_cells(["bursty-low"], None, loads=[0.9, -1.0])
+
+
+def test_cells_named_workload_at_load_are_the_judging_cells_in_order(tmp_path: Path) -> None:
+    (tmp_path / "azure_code_trace.csv").write_text("num_prefill_tokens,num_decode_tokens\n100,20\n200,40\n")
+    cells = named_cells("bursty-high-hidden@0.9, azure-code-trace@0.8,bursty-low@0.95", tmp_path, horizon=600.0)
+    assert cells == [*judging_cells(["bursty-high-hidden"], None, loads=[0.9], horizon=600.0),
+                     *judging_cells([], tmp_path, traces=["azure-code-trace"], loads=[0.8], horizon=600.0),
+                     *judging_cells(["bursty-low"], None, loads=[0.95], horizon=600.0)]
+    assert [(c["workload"], c["load"]) for c in cells] == [
+        ("bursty-high-hidden", 0.9), ("azure-code-trace", 0.8), ("bursty-low", 0.95)]
+    for text, why in (("bursty-low", "expected WORKLOAD@LOAD"), ("bursty-low@", "expected WORKLOAD@LOAD"),
+                      ("@0.9", "expected WORKLOAD@LOAD"), ("bursty-low@high", "expected WORKLOAD@LOAD"),
+                      ("bursty-low@nan", "expected WORKLOAD@LOAD"), ("bursty-low@-1", "loads must be finite"),
+                      ("bursty-lo@0.9", "neither a scenario"), ("azure-conv-trace@0.9", "needs azure_conv_trace")):
+        with pytest.raises(ConfigError, match=rf"--cells: '{re.escape(text)}' is not WORKLOAD@LOAD .*{why}"):
+            named_cells(f"bursty-low@0.9,{text}", tmp_path)
 
 
 def test_the_cli_judges_the_cells_asked_for_over_the_horizon_asked_for(tmp_path: Path) -> None:
