@@ -8,7 +8,8 @@
 * :mod:`baselines.wait_cp` — WAIT-CP and Nested WAIT-CP, the schedulers the paper's authors ran
   (``wait-cp``, ``nested-wait-cp``);
 * :mod:`baselines.adaptive` — WAIT and Nested WAIT learning rates and lengths online (``wait-adaptive``,
-  ``nested-wait-adaptive``), and their decisions batched stall-free (``*-stall-free``, :mod:`baselines.stall_free`);
+  ``nested-wait-adaptive``), sized on a backlog too (``*-backlog``), and their decisions batched stall-free
+  (``*-stall-free``, :mod:`baselines.stall_free`);
 * :mod:`baselines.thresholds` — the thresholds from the fluid model (pure functions).
 
 Renamed presets: ``wait-paper`` and ``nested-wait-paper`` are now ``wait-pausing`` and
@@ -24,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from baselines.adaptive import AdaptiveNestedWaitPolicy, AdaptiveWaitPolicy
+from baselines.adaptive import BACKLOG_DRAIN_S, AdaptiveNestedWaitPolicy, AdaptiveWaitPolicy
 from baselines.fcfs import (
     FCFSPolicy,
     sarathi_policy,
@@ -121,6 +122,12 @@ POLICIES: dict[str, PolicyFactory] = {
     "nested-wait-adaptive-margin-stall-free": lambda scenario, horizon: AdaptiveNestedWaitPolicy.create(
         scenario.cost, scenario.paged_capacity_tokens, scenario.block_size, horizon_s=horizon,
         token_budget=SARATHI_TOKEN_BUDGET, drain_iterations=DRAIN_ITERATIONS, adaptive_margin=True),
+    # Sized on the backlog too (baselines.adaptive.sizing_rate): over an hour of bursts, the oracle's level.
+    "wait-adaptive-backlog": lambda scenario, horizon: AdaptiveWaitPolicy.create(
+        scenario.cost, scenario.capacity_tokens, scenario.block_size, backlog_drain_s=BACKLOG_DRAIN_S),
+    "nested-wait-adaptive-backlog": lambda scenario, horizon: AdaptiveNestedWaitPolicy.create(
+        scenario.cost, scenario.paged_capacity_tokens, scenario.block_size, horizon_s=horizon,
+        backlog_drain_s=BACKLOG_DRAIN_S),
     "wait": _wait("measured"),
     "wait-pausing": _wait("paper"),
     "nested-wait": _nested_wait("measured"),

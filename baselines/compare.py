@@ -24,7 +24,8 @@ from llmsched_env.scenario import Scenario
 from llmsched_env.workload import Arrivals, TypeMix
 
 #: Policies that are defined with output lengths known at arrival.
-SEES_OUTPUT_LENGTHS = frozenset({"wait", "wait-pausing", "wait-adaptive", "wait-adaptive-stall-free"})
+SEES_OUTPUT_LENGTHS = frozenset({"wait", "wait-pausing", "wait-adaptive", "wait-adaptive-stall-free",
+                                 "wait-adaptive-backlog"})
 
 DEFAULT_LOADS = (0.7, 0.85, 0.9, 0.93, 0.95, 0.97)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from dataclasses import replace
 from typing import Callable, Iterator
 
@@ -14,7 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from baselines import POLICIES, ChunkedBookingPolicy, make_policy
-from baselines.adaptive import AdaptiveNestedWaitPolicy, AdaptiveWaitPolicy
+from baselines.adaptive import AdaptiveNestedWaitPolicy, AdaptiveWaitPolicy, sizing_rate
 from baselines.fcfs import sarathi_policy, sarathi_vidur_policy, vllm_policy, vllm_v0_policy
 from llmsched_env import (
     Arrivals,
@@ -29,6 +30,7 @@ from llmsched_env import (
 from llmsched_env.compiled import borrowed
 from llmsched_env.compiled_run import INVALID_DECISION
 from llmsched_env.engine import Engine, SchedulerState
+from llmsched_env.errors import ConfigError
 from llmsched_env.policy import CompiledPolicy, Policy
 from llmsched_env.runner import TimeSeriesRecorder, run
 from llmsched_env.scenario import Scenario, build_scenario
@@ -74,6 +76,13 @@ PRESETS = {
     "nested-wait-adaptive-margin-stall-free-scaled": lambda scenario: _rescaled(replace(AdaptiveNestedWaitPolicy.create(
         scenario.cost, scenario.capacity_tokens, scenario.block_size, horizon_s=12.0, token_budget=11,
         adaptive_margin=True, **LEARN_FAST), calm_decisions=2), 1.4),
+    # Sized on the backlog too, from a queue of half a second of arrivals on: the solves follow the queue.
+    "wait-adaptive-backlog": lambda scenario: AdaptiveWaitPolicy.create(
+        scenario.cost, scenario.capacity_tokens, scenario.block_size, backlog_drain_s=2.0, backlog_after_s=0.5,
+        **LEARN_FAST),
+    "nested-wait-adaptive-margin-backlog": lambda scenario: replace(AdaptiveNestedWaitPolicy.create(
+        scenario.cost, scenario.capacity_tokens, scenario.block_size, horizon_s=12.0, adaptive_margin=True,
+        backlog_drain_s=1.5, backlog_after_s=0.5, **LEARN_FAST), calm_decisions=3),
     "nested-wait-adaptive-off-profile": lambda scenario: AdaptiveNestedWaitPolicy.create(
         scenario.cost.scaled(1 / 3), scenario.capacity_tokens, scenario.block_size, horizon_s=12.0,
         cost_window_s=1.0, **LEARN_FAST),
@@ -398,3 +407,28 @@ def _leak(values: np.ndarray) -> np.ndarray:
 @numba.njit
 def _view_of_borrowed(values: np.ndarray) -> np.ndarray:
     return _leak(borrowed(values))
+
+
+def test_the_sizing_rate_adds_the_backlog_beyond_its_allowance_only_when_asked() -> None:
+    assert sizing_rate(10.0, 5_000, 0.0, 10.0) == 10.0  # off: the estimate alone, whatever the queue
+    assert sizing_rate(10.0, 100, 60.0, 10.0) == 10.0  # ten seconds of arrivals or fewer: the ordinary wait
+    assert sizing_rate(10.0, 250, 60.0, 10.0) == 10.0 + 150 / 60.0
+    assert sizing_rate(10.0, 250, 60.0, 0.0) == 10.0 + 250 / 60.0
+    for name, value in (("backlog_drain_s", -1.0), ("backlog_drain_s", math.nan), ("backlog_after_s", math.inf),
+                        ("backlog_drain_s", True)):
+        with pytest.raises(ConfigError, match=f"{name} must be finite and >= 0 s, got {value!r}"):
+            AdaptiveWaitPolicy.create(LinearCostModel(c0=0.01), 1_000, 16, **{name: value})
+
+
+@pytest.mark.parametrize("preset", ["wait-adaptive-backlog", "nested-wait-adaptive-margin-backlog"])
+def test_backlog_sizing_solves_other_thresholds_alike_in_the_compiled_and_python_loops(preset: str) -> None:
+    """An overload (a queue of many seconds of arrivals): sized on the backlog, the policy solves other thresholds
+    than without it, and its compiled loop runs exactly as its Python rule."""
+    mix = TypeMix((RequestType(8, 12, 40.0), RequestType(20, 6, 30.0)))
+    runs = {name: _both_ways(PRESETS[name], mix, 160, 4, 3, 12.0, False, None)
+            for name in (preset, preset.removesuffix("-backlog"))}
+    (fast, _, fast_learnt), (python, _, python_learnt) = runs[preset]
+    for field in fast.records.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(fast.records, field), getattr(python.records, field), err_msg=field)
+    assert fast_learnt == python_learnt
+    assert fast.waiting > 0 and fast_learnt != runs[preset.removesuffix("-backlog")][0][2]

@@ -510,3 +510,17 @@ def test_an_adaptive_margin_of_one_level_is_nested_wait() -> None:
     first, second = (run(scenario.engine(), policy, arrivals, 120.0) for policy in (plain, margin))
     assert first.iterations == second.iterations and first.evictions == second.evictions
     assert first.finished == second.finished and first.end_time == second.end_time and first.evictions > 0
+
+
+def test_the_policies_that_see_output_lengths_are_exactly_those_that_refuse_to_run_without_them() -> None:
+    """The evaluation loop hides the lengths from every policy not in SEES_OUTPUT_LENGTHS: a preset that needs them
+    and is missing there fails on every run; one listed that does not need them is handed what it should not see."""
+    scenario = build_scenario(types="p=30,o=40,rate=30", memory_tokens=3000, block_size=16)
+    hidden = replace(scenario, output_lengths_known=False)
+    refused = set()
+    for name in POLICIES:
+        try:
+            make_policy(name, hidden, 10.0).reset(hidden.engine())
+        except ConfigError:
+            refused.add(name)
+    assert refused == set(SEES_OUTPUT_LENGTHS)
