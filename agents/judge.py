@@ -127,10 +127,10 @@ def named_cells(text: str, data_dir: Path | None, *, horizon: float | None = Non
         workload, at, load = item.strip().rpartition("@")
         try:
             try:
-                rho = float(load) if at and workload else math.nan
+                rho = float(load)
             except ValueError:
                 rho = math.nan
-            if math.isnan(rho):
+            if not (at and workload) or math.isnan(rho):
                 raise ConfigError("expected WORKLOAD@LOAD, a load such as 0.9")
             if workload in trace_cell_names():
                 cells += judging_cells([], data_dir, traces=[workload], loads=[rho], horizon=horizon)

@@ -146,6 +146,10 @@ class _Learning:
         self.seen = state.num_requests
         self.follower.observe(state.last_iteration)
 
+    def name_suffix(self) -> str:
+        """What a preset's name adds for this learning: ``-backlog`` when it sizes on the backlog."""
+        return "-backlog" if self.backlog_drain_s > 0 else ""
+
     def sizing_rate(self, waiting: int) -> float:
         """The total rate the thresholds are sized for, with ``waiting`` requests queued (:func:`sizing_rate`)."""
         return sizing_rate(self.rates.total, waiting, self.backlog_drain_s, self.backlog_after_s)
@@ -584,11 +588,11 @@ class AdaptiveWaitPolicy(WaitPolicy):
         if grid < 1:
             raise ConfigError(f"grid must be >= 1, got {grid}")
         placeholder = TypeMix((RequestType(1, 1, 1.0),))
-        name = "wait-adaptive-stall-free" if token_budget else "wait-adaptive"
+        learnt = _Learning(cost, capacity_tokens, block_size, **learning)  # type: ignore[arg-type]
+        name = "wait-adaptive" + learnt.name_suffix() + ("-stall-free" if token_budget else "")
         return cls(placeholder, _unit_thresholds(placeholder, capacity_tokens, block_size), name=name,
                    token_budget=token_budget, drain_iterations=drain_iterations,
-                   latency_order_weight=latency_order_weight,
-                   learning=_Learning(cost, capacity_tokens, block_size, **learning), grid=grid)  # type: ignore[arg-type]
+                   latency_order_weight=latency_order_weight, learning=learnt, grid=grid)
 
     def reset(self, engine: Engine) -> None:
         super().reset(engine)
@@ -738,11 +742,11 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         (``nested-wait-adaptive-stall-free``, :mod:`baselines.stall_free`), raised with the queue given
         ``drain_iterations`` (:func:`~baselines.stall_free.backlog_budget`); with ``adaptive_margin``, its
         lookahead's margin adapted to the evictions seen (``nested-wait-adaptive-margin``)."""
-        name = "nested-wait-adaptive" + ("-margin" if adaptive_margin else "") + ("-stall-free" if token_budget
-                                                                                 else "")
+        learnt = _Learning(cost, capacity_tokens, block_size, **learning)  # type: ignore[arg-type]
+        name = ("nested-wait-adaptive" + ("-margin" if adaptive_margin else "") + learnt.name_suffix()
+                + ("-stall-free" if token_budget else ""))
         return cls(_single_segment(capacity_tokens), name=name, token_budget=token_budget,
-                   drain_iterations=drain_iterations,
-                   learning=_Learning(cost, capacity_tokens, block_size, **learning),  # type: ignore[arg-type]
+                   drain_iterations=drain_iterations, learning=learnt,
                    horizon_s=horizon_s, lend_spare_memory=True, adaptive_margin=adaptive_margin,
                    calm_decisions=MARGIN_CALM_DECISIONS if adaptive_margin else NestedWaitPolicy.calm_decisions)
 

@@ -298,6 +298,7 @@ def test_every_registered_policy_runs_compiled() -> None:
         policy = make_policy(name, scenario, 10.0)
         policy.reset(scenario.engine())
         assert isinstance(policy, CompiledPolicy) and policy.compiled_loop() is not None, name
+        assert policy.name == name  # what a run's rows and a server's stats call it
 
 
 class _RefusedLoop:
