@@ -43,8 +43,10 @@ from llmsched_env.workload import ArrivalProcess, LengthSampleWorkload, read_tra
 #: those that never read a request's output length. The residual agents' bases (:data:`agents.residual.BASES`) are
 #: among them, so that the table shows what an agent adds to its base.
 HIDDEN_BASELINES = ("nested-wait", "nested-wait-adaptive", "nested-wait-adaptive-stall-free",
-                    "nested-wait-adaptive-margin-stall-free", "nested-wait-margin", "vllm", "sarathi")
-KNOWN_BASELINES = ("wait", "wait-adaptive", "wait-adaptive-stall-free", *HIDDEN_BASELINES)
+                    "nested-wait-adaptive-margin-stall-free", "nested-wait-adaptive-margin-backlog-stall-free",
+                    "nested-wait-margin", "vllm", "sarathi")
+KNOWN_BASELINES = ("wait", "wait-adaptive", "wait-adaptive-stall-free", "wait-adaptive-backlog-stall-free",
+                   *HIDDEN_BASELINES)
 #: Non-inferiority margins: throughput no lower than −1 % of the best baseline's, p99 no higher than +5 % of its.
 THROUGHPUT_MARGIN = 0.01
 P99_MARGIN = 0.05

@@ -55,10 +55,14 @@ from llmsched_env.scenario import Scenario
 #: The baseline the agent adjusts, by how its admissions are batched (``batching``) and whether output lengths are
 #: known: prefilled whole (``"whole"``, the rules as written), or batched stall-free under Sarathi's 2,048-token budget
 #: (``"stall-free"``, :mod:`baselines.stall_free`); ``"stall-free-margin"``: the same, Nested WAIT's lookahead with
-#: the adaptive margin (``nested-wait-adaptive-margin-stall-free``).
+#: the adaptive margin (``nested-wait-adaptive-margin-stall-free``); ``"stall-free-margin-backlog"``: those two with
+#: their thresholds sized on the backlog too (:func:`baselines.adaptive.sizing_rate`), which over an hour of bursts
+#: holds the oracle's level where the plain estimate trails it.
 BASES = {"whole": {True: "wait-adaptive", False: "nested-wait-adaptive"},
          "stall-free": {True: "wait-adaptive-stall-free", False: "nested-wait-adaptive-stall-free"},
-         "stall-free-margin": {True: "wait-adaptive-stall-free", False: "nested-wait-adaptive-margin-stall-free"}}
+         "stall-free-margin": {True: "wait-adaptive-stall-free", False: "nested-wait-adaptive-margin-stall-free"},
+         "stall-free-margin-backlog": {True: "wait-adaptive-backlog-stall-free",
+                                       False: "nested-wait-adaptive-margin-backlog-stall-free"}}
 #: The action's reach: ``a ∈ [-1, 1]`` scales thresholds by ``2 ** (SCALE_OCTAVES · a)``.
 SCALE_OCTAVES = 2.0
 #: The short-term arrival-rate window (s), against the baseline's own (60 s).
@@ -197,8 +201,8 @@ class ResidualControl:
     Args:
         interval_s: engine time between two decisions of the agent.
         base: the baseline it adjusts (default: :data:`BASES` of ``batching`` for the scenario's length setting).
-        batching: ``"whole"``, ``"stall-free"`` or ``"stall-free-margin"`` (:data:`BASES`), when ``base`` is not
-            given.
+        batching: ``"whole"``, ``"stall-free"``, ``"stall-free-margin"`` or ``"stall-free-margin-backlog"``
+            (:data:`BASES`), when ``base`` is not given.
         dead_zone: actions within ``±dead_zone`` are the baseline itself (:func:`dead_zoned`); 0 (the default):
             every action counts.
         compute_load: observe the baseline's compute-load estimate too (:data:`LOAD_FEATURES`).

@@ -128,6 +128,13 @@ POLICIES: dict[str, PolicyFactory] = {
     "nested-wait-adaptive-backlog": lambda scenario, horizon: AdaptiveNestedWaitPolicy.create(
         scenario.cost, scenario.paged_capacity_tokens, scenario.block_size, horizon_s=horizon,
         backlog_drain_s=BACKLOG_DRAIN_S),
+    "wait-adaptive-backlog-stall-free": lambda scenario, horizon: AdaptiveWaitPolicy.create(
+        scenario.cost, scenario.capacity_tokens, scenario.block_size, token_budget=SARATHI_TOKEN_BUDGET,
+        drain_iterations=DRAIN_ITERATIONS, latency_order_weight=LATENCY_ORDER, backlog_drain_s=BACKLOG_DRAIN_S),
+    "nested-wait-adaptive-margin-backlog-stall-free": lambda scenario, horizon: AdaptiveNestedWaitPolicy.create(
+        scenario.cost, scenario.paged_capacity_tokens, scenario.block_size, horizon_s=horizon,
+        token_budget=SARATHI_TOKEN_BUDGET, drain_iterations=DRAIN_ITERATIONS, adaptive_margin=True,
+        backlog_drain_s=BACKLOG_DRAIN_S),
     "wait": _wait("measured"),
     "wait-pausing": _wait("paper"),
     "nested-wait": _nested_wait("measured"),

@@ -25,7 +25,7 @@ from llmsched_env.workload import Arrivals, TypeMix
 
 #: Policies that are defined with output lengths known at arrival.
 SEES_OUTPUT_LENGTHS = frozenset({"wait", "wait-pausing", "wait-adaptive", "wait-adaptive-stall-free",
-                                 "wait-adaptive-backlog"})
+                                 "wait-adaptive-backlog", "wait-adaptive-backlog-stall-free"})
 
 DEFAULT_LOADS = (0.7, 0.85, 0.9, 0.93, 0.95, 0.97)
 

@@ -90,34 +90,43 @@ def test_the_zero_action_is_the_baseline_bit_for_bit(workload: str, load: float,
                                          / expected["fluid_throughput_rps"], rel=1e-9, abs=1e-9)
 
 
-@pytest.mark.parametrize("workload, batching, compute_load", [
-    ("paper-two-type", "whole", False), ("bursty-high-hidden", "whole", False),
-    ("paper-two-type-512", "stall-free", False), ("paper-two-type-hidden", "stall-free", False),
-    ("bursty-low-hidden", "stall-free-margin", False),
+@pytest.mark.parametrize("workload, batching, compute_load, load, horizon", [
+    ("paper-two-type", "whole", False, 0.9, 40.0), ("bursty-high-hidden", "whole", False, 0.9, 40.0),
+    ("paper-two-type-512", "stall-free", False, 0.9, 40.0), ("paper-two-type-hidden", "stall-free", False, 0.9, 40.0),
+    ("bursty-low-hidden", "stall-free-margin", False, 0.9, 40.0),
     # v1: the network reads the compute load too, which each path must estimate alike.
-    ("bursty-high", "stall-free", True), ("azure-conv-like-hidden", "stall-free-margin", True)])
+    ("bursty-high", "stall-free", True, 0.9, 40.0), ("azure-conv-like-hidden", "stall-free-margin", True, 0.9, 40.0),
+    # Sized on the backlog too: an overload long enough for a queue of more than 10 s of arrivals, where the scale
+    # multiplies thresholds solved for the sizing rate.
+    ("bursty-high", "stall-free-margin-backlog", True, 1.3, 150.0),
+    ("bursty-low-hidden", "stall-free-margin-backlog", True, 1.3, 150.0)])
 def test_an_agent_runs_through_run_as_in_the_environment_on_both_paths(workload: str, batching: str,
-                                                                       compute_load: bool) -> None:
+                                                                       compute_load: bool, load: float,
+                                                                       horizon: float) -> None:
     results = []
     for compiled in (True, False):
-        env = LLMSchedResidualEnv(scenarios=workload, horizon=40.0, compiled=compiled, batching=batching,
+        env = LLMSchedResidualEnv(scenarios=workload, horizon=horizon, compiled=compiled, batching=batching,
                                   compute_load=compute_load)
-        info, _ = _episode(env, {"load": 0.9, "arrival_seed": 3}, lambda o: _wave(o[None])[0])
+        info, _ = _episode(env, {"load": load, "arrival_seed": 3}, lambda o: _wave(o[None])[0])
         results.append({k: info[k] for k in EXACT})
-    scenario, horizon = env.workload(workload, 0.9)
+    scenario, horizon = env.workload(workload, load)
     arrivals = scenario.sample(horizon, 3)
     fluid = scenario.fluid(arrivals, horizon)
-    compiled_run = summarize(run(scenario.engine(), ResidualAgentPolicy(_wave, scenario, horizon, batching=batching,
-                                                                        compute_load=compute_load),
-                                 arrivals, horizon), fluid)
-    policy = ResidualAgentPolicy(_wave, scenario, horizon, batching=batching, compute_load=compute_load)
-    policy.compiled_loop = lambda: None  # type: ignore[method-assign]  # its Python rule, one call per iteration
-    python_run = summarize(run(scenario.engine(), policy, arrivals, horizon), fluid)
-    results += [{k: compiled_run[k] for k in EXACT}, {k: python_run[k] for k in EXACT}]
+
+    def agent_run(batching: str, compiled: bool = True) -> dict[str, Any]:
+        policy = ResidualAgentPolicy(_wave, scenario, horizon, batching=batching, compute_load=compute_load)
+        if not compiled:
+            policy.compiled_loop = lambda: None  # type: ignore[method-assign]  # its Python rule, one call per iteration
+        summary = summarize(run(scenario.engine(), policy, arrivals, horizon), fluid)
+        return {k: summary[k] for k in EXACT}
+
+    results += [agent_run(batching), agent_run(batching, compiled=False)]
     assert all(result == results[0] for result in results)
     assert results[0] != {k: summarize(run(scenario.engine(), make_policy(
         BASES[batching][scenario.output_lengths_known], scenario, horizon), arrivals,
         horizon), fluid)[k] for k in EXACT}  # the agent's scale changed something
+    if batching.endswith("-backlog"):  # and the backlog's sizing did too
+        assert results[0] != agent_run(batching.removesuffix("-backlog"))
 
 
 def test_the_same_seed_gives_the_same_trajectory_and_resets_draw_workloads() -> None:
@@ -292,7 +301,8 @@ def test_scale_and_bad_input_name_what_is_wrong() -> None:
         LLMSchedResidualEnv(loads=(0.9, 0.5))
     with pytest.raises(ConfigError, match="unknown scenario|no scenario|not a"):
         LLMSchedResidualEnv(scenarios="no-such-scenario")
-    with pytest.raises(ConfigError, match="batching must be one of whole, stall-free, stall-free-margin, got 'chunky'"):
+    with pytest.raises(ConfigError, match="batching must be one of whole, stall-free, stall-free-margin, "
+                                          "stall-free-margin-backlog, got 'chunky'"):
         LLMSchedResidualEnv(batching="chunky")
     with pytest.raises(ConfigError, match="wait_penalty must be finite and >= 0, got -0.1"):
         LLMSchedResidualEnv(wait_penalty=-0.1)
@@ -515,7 +525,10 @@ def test_a_saved_agent_runs_on_the_base_it_was_trained_on() -> None:
     env = LLMSchedResidualEnv(scenarios="paper-two-type")
     for known, batching, base in [(True, "whole", "wait-adaptive"), (True, "stall-free", "wait-adaptive-stall-free"),
                                   (False, "stall-free", "nested-wait-adaptive-stall-free"),
-                                  (False, "stall-free-margin", "nested-wait-adaptive-margin-stall-free")]:
+                                  (False, "stall-free-margin", "nested-wait-adaptive-margin-stall-free"),
+                                  (True, "stall-free-margin-backlog", "wait-adaptive-backlog-stall-free"),
+                                  (False, "stall-free-margin-backlog",
+                                   "nested-wait-adaptive-margin-backlog-stall-free")]:
         scenario = replace(env.workload("paper-two-type", 0.8)[0], output_lengths_known=known)
         policy = ResidualAgentPolicy(ConstantAction(0.0), scenario, 10.0,
                                      **control_settings({"interval_s": 2, "batching": batching}))
