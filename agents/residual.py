@@ -57,7 +57,8 @@ from llmsched_env.scenario import Scenario
 #: (``"stall-free"``, :mod:`baselines.stall_free`); ``"stall-free-margin"``: the same, Nested WAIT's lookahead with
 #: the adaptive margin (``nested-wait-adaptive-margin-stall-free``); ``"stall-free-margin-backlog"``: those two with
 #: their thresholds sized on the backlog too (:func:`baselines.adaptive.sizing_rate`), which over an hour of bursts
-#: holds the oracle's level where the plain estimate trails it.
+#: holds the oracle's level where the plain estimate trails it; an action outside the dead zone sizes on the estimate
+#: alone, so that the agent's scale replaces the backlog's sizing rather than multiplying it.
 BASES = {"whole": {True: "wait-adaptive", False: "nested-wait-adaptive"},
          "stall-free": {True: "wait-adaptive-stall-free", False: "nested-wait-adaptive-stall-free"},
          "stall-free-margin": {True: "wait-adaptive-stall-free", False: "nested-wait-adaptive-margin-stall-free"},

@@ -132,6 +132,7 @@ class _Learning:
         self.reset()
 
     def reset(self) -> None:
+        self.backlog_paused = False
         self.rates = ArrivalRateEstimator(self.window_s)
         self.seen = 0
         self.solved_at = -math.inf
@@ -150,9 +151,22 @@ class _Learning:
         """What a preset's name adds for this learning: ``-backlog`` when it sizes on the backlog."""
         return "-backlog" if self.backlog_drain_s > 0 else ""
 
+    def drain_s(self) -> float:
+        """The backlog's drain as the sizing uses it now: 0 (off) while :meth:`pause_backlog` holds it."""
+        return 0.0 if self.backlog_paused else self.backlog_drain_s
+
+    def pause_backlog(self, paused: bool) -> None:
+        """Size on the estimate alone while ``paused``: a residual agent's departure from its base (a threshold scale
+        other than 1) replaces the backlog's sizing rather than multiplying it (on the diurnal day, the surge's
+        larger batches on thresholds already sized on the peak's backlog took 8.7 s off the p99, where on the
+        estimate's they take 12.7; docs/agents.md). A change solves again at the next decision."""
+        if paused != self.backlog_paused and self.backlog_drain_s > 0:
+            self.backlog_paused = paused
+            self.solved_at = -math.inf
+
     def sizing_rate(self, waiting: int) -> float:
         """The total rate the thresholds are sized for, with ``waiting`` requests queued (:func:`sizing_rate`)."""
-        return sizing_rate(self.rates.total, waiting, self.backlog_drain_s, self.backlog_after_s)
+        return sizing_rate(self.rates.total, waiting, self.drain_s(), self.backlog_after_s)
 
     def due(self, now: float, enough_data: bool, waiting: int) -> bool:
         if not enough_data:
@@ -172,7 +186,7 @@ class _Learning:
     def loop_state(self) -> "LearningState":
         """The learning's state as a compiled loop follows it (the rate estimator's sums are shared, in place)."""
         reals = np.array([self.rates.time, self.solved_at, self.solved_rate, self.window_s, self.resolve_every_s,
-                          self.resolve_on_change, self.solved_factor, self.backlog_drain_s, self.backlog_after_s],
+                          self.resolve_on_change, self.solved_factor, self.drain_s(), self.backlog_after_s],
                          dtype=np.float64)
         return LearningState(self.rates.sums, reals,
                              np.array([self.seen, self.warmup, 0, 0, self.solves], dtype=np.int64), self.follower.state)
@@ -181,7 +195,7 @@ class _Learning:
         """Hand the learning's state to a compiled loop (before each call)."""
         learn.reals[TIME], learn.reals[SOLVED_AT], learn.reals[SOLVED_RATE] = (self.rates.time, self.solved_at,
                                                                                self.solved_rate)
-        learn.reals[SOLVED_FACTOR] = self.solved_factor
+        learn.reals[SOLVED_FACTOR], learn.reals[BACKLOG_DRAIN] = self.solved_factor, self.drain_s()
         learn.ints[SEEN], learn.ints[SOLVES] = self.seen, self.solves
 
     def from_loop(self, learn: "LearningState") -> None:
@@ -598,6 +612,7 @@ class AdaptiveWaitPolicy(WaitPolicy):
         super().reset(engine)
         assert self.learning is not None
         self.learning.reset()
+        self.learning.pause_backlog(self.threshold_scale != 1.0)
         self._engine = engine
         self.mix = TypeMix((RequestType(1, 1, 1.0),))
         self._solved = _unit_thresholds(self.mix, self.learning.capacity_tokens, self.learning.block_size)
@@ -609,8 +624,11 @@ class AdaptiveWaitPolicy(WaitPolicy):
     def set_threshold_scale(self, scale: float) -> None:
         """Multiply every threshold (rounded, at least 1), the memory kept back from lending and the token budget of
         stall-free batching (if any) by ``scale``, from the next decision on and after every solve; 1 is
-        WAIT-adaptive itself, bit for bit. A residual agent's action (:mod:`agents.residual`)."""
+        WAIT-adaptive itself, bit for bit. Sized on the backlog, a scale other than 1 sizes on the estimate alone
+        (:meth:`_Learning.pause_backlog`). A residual agent's action (:mod:`agents.residual`)."""
         self.threshold_scale = _checked_scale(scale)
+        if self.learning is not None:
+            self.learning.pause_backlog(self.threshold_scale != 1.0)
         self.thresholds = self._scaled(self._solved)
         self._rule_stale = True
 
@@ -767,6 +785,7 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
         if not 0 < self.lookahead_quantile <= 1:
             raise ConfigError(f"the lookahead quantile must be in (0, 1], got {self.lookahead_quantile}")
         learning.reset()
+        learning.pause_backlog(self.threshold_scale != 1.0)
         self._solved = (_single_segment(learning.capacity_tokens), None)
         self.thresholds, self.reserve_tokens = self._scaled(*self._solved)
         self.lookahead = None
@@ -782,8 +801,11 @@ class AdaptiveNestedWaitPolicy(NestedWaitPolicy):
     def set_threshold_scale(self, scale: float) -> None:
         """Multiply every segment's threshold (rounded, at least 1), the memory kept back from lending and the token
         budget of stall-free batching (if any) by ``scale``, from the next decision on and after every solve; 1 is
-        Nested-WAIT-adaptive itself, bit for bit. A residual agent's action (:mod:`agents.residual`)."""
+        Nested-WAIT-adaptive itself, bit for bit. Sized on the backlog, a scale other than 1 sizes on the estimate
+        alone (:meth:`_Learning.pause_backlog`). A residual agent's action (:mod:`agents.residual`)."""
         self.threshold_scale = _checked_scale(scale)
+        if self.learning is not None:
+            self.learning.pause_backlog(self.threshold_scale != 1.0)
         self.thresholds, self.reserve_tokens = self._scaled(*self._solved)
         self._settings[THRESHOLD_SCALE] = self.threshold_scale
         self._rule_stale = True

@@ -34,6 +34,7 @@ from llmsched_env.errors import ConfigError
 from llmsched_env.policy import CompiledPolicy, Policy
 from llmsched_env.runner import TimeSeriesRecorder, run
 from llmsched_env.scenario import Scenario, build_scenario
+from llmsched_env.scenarios import load_scenario
 from tests.invariants import unowned_arrays
 
 #: Adaptive policies that re-solve often within a short run, from a small sample (its ring wraps).
@@ -419,6 +420,30 @@ def test_the_sizing_rate_adds_the_backlog_beyond_its_allowance_only_when_asked()
                         ("backlog_drain_s", True)):
         with pytest.raises(ConfigError, match=f"{name} must be finite and >= 0 s, got {value!r}"):
             AdaptiveWaitPolicy.create(LinearCostModel(c0=0.01), 1_000, 16, **{name: value})
+
+
+@pytest.mark.parametrize("preset", ["wait-adaptive-backlog", "nested-wait-adaptive-backlog", "wait-adaptive"])
+def test_a_threshold_scale_other_than_one_sizes_on_the_estimate_alone(preset: str) -> None:
+    """A residual agent's departure replaces the backlog's sizing rather than multiplying it; a scale of 1 sizes on
+    the backlog again, and either change solves again at the next decision. Without the backlog's sizing a scale
+    changes nothing of it."""
+    scenario = load_scenario("paper-two-type").scenario
+    policy = make_policy(preset, scenario, 60.0)
+    policy.reset(scenario.engine())
+    learning = policy.learning
+    learning.solved_at = 5.0
+    estimate, queued = learning.rates.total, 10_000
+    sized = learning.sizing_rate(queued)
+    assert (sized > estimate) == preset.endswith("-backlog")
+    policy.set_threshold_scale(2.0)
+    assert learning.sizing_rate(queued) == estimate
+    assert learning.solved_at == (-math.inf if preset.endswith("-backlog") else 5.0)
+    learning.solved_at = 7.0
+    policy.set_threshold_scale(0.5)  # still departed: nothing to solve again
+    assert learning.solved_at == 7.0 and learning.sizing_rate(queued) == estimate
+    policy.set_threshold_scale(1.0)
+    assert learning.sizing_rate(queued) == sized
+    assert learning.solved_at == (-math.inf if preset.endswith("-backlog") else 7.0)
 
 
 @pytest.mark.parametrize("preset", ["wait-adaptive-backlog", "nested-wait-adaptive-margin-backlog"])

@@ -90,23 +90,25 @@ def test_the_zero_action_is_the_baseline_bit_for_bit(workload: str, load: float,
                                          / expected["fluid_throughput_rps"], rel=1e-9, abs=1e-9)
 
 
-@pytest.mark.parametrize("workload, batching, compute_load, load, horizon", [
-    ("paper-two-type", "whole", False, 0.9, 40.0), ("bursty-high-hidden", "whole", False, 0.9, 40.0),
-    ("paper-two-type-512", "stall-free", False, 0.9, 40.0), ("paper-two-type-hidden", "stall-free", False, 0.9, 40.0),
-    ("bursty-low-hidden", "stall-free-margin", False, 0.9, 40.0),
+@pytest.mark.parametrize("workload, batching, compute_load, load, horizon, dead_zone", [
+    ("paper-two-type", "whole", False, 0.9, 40.0, 0.0), ("bursty-high-hidden", "whole", False, 0.9, 40.0, 0.0),
+    ("paper-two-type-512", "stall-free", False, 0.9, 40.0, 0.0),
+    ("paper-two-type-hidden", "stall-free", False, 0.9, 40.0, 0.0),
+    ("bursty-low-hidden", "stall-free-margin", False, 0.9, 40.0, 0.0),
     # v1: the network reads the compute load too, which each path must estimate alike.
-    ("bursty-high", "stall-free", True, 0.9, 40.0), ("azure-conv-like-hidden", "stall-free-margin", True, 0.9, 40.0),
-    # Sized on the backlog too: an overload long enough for a queue of more than 10 s of arrivals, where the scale
-    # multiplies thresholds solved for the sizing rate.
-    ("bursty-high", "stall-free-margin-backlog", True, 1.3, 150.0),
-    ("bursty-low-hidden", "stall-free-margin-backlog", True, 1.3, 150.0)])
+    ("bursty-high", "stall-free", True, 0.9, 40.0, 0.0),
+    ("azure-conv-like-hidden", "stall-free-margin", True, 0.9, 40.0, 0.0),
+    # Sized on the backlog too: an overload long enough for a queue of more than 10 s of arrivals, where the actions
+    # in the dead zone leave the base sized on the backlog and the others scale thresholds sized on the estimate.
+    ("bursty-high", "stall-free-margin-backlog", True, 1.3, 150.0, 0.5),
+    ("bursty-low-hidden", "stall-free-margin-backlog", True, 1.3, 150.0, 0.5)])
 def test_an_agent_runs_through_run_as_in_the_environment_on_both_paths(workload: str, batching: str,
                                                                        compute_load: bool, load: float,
-                                                                       horizon: float) -> None:
+                                                                       horizon: float, dead_zone: float) -> None:
     results = []
     for compiled in (True, False):
         env = LLMSchedResidualEnv(scenarios=workload, horizon=horizon, compiled=compiled, batching=batching,
-                                  compute_load=compute_load)
+                                  compute_load=compute_load, dead_zone=dead_zone)
         info, _ = _episode(env, {"load": load, "arrival_seed": 3}, lambda o: _wave(o[None])[0])
         results.append({k: info[k] for k in EXACT})
     scenario, horizon = env.workload(workload, load)
@@ -114,7 +116,8 @@ def test_an_agent_runs_through_run_as_in_the_environment_on_both_paths(workload:
     fluid = scenario.fluid(arrivals, horizon)
 
     def agent_run(batching: str, compiled: bool = True) -> dict[str, Any]:
-        policy = ResidualAgentPolicy(_wave, scenario, horizon, batching=batching, compute_load=compute_load)
+        policy = ResidualAgentPolicy(_wave, scenario, horizon, batching=batching, compute_load=compute_load,
+                                     dead_zone=dead_zone)
         if not compiled:
             policy.compiled_loop = lambda: None  # type: ignore[method-assign]  # its Python rule, one call per iteration
         summary = summarize(run(scenario.engine(), policy, arrivals, horizon), fluid)
