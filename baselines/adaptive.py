@@ -159,7 +159,7 @@ class _Learning:
         """Size on the estimate alone while ``paused``: a residual agent's departure from its base (a threshold scale
         other than 1) replaces the backlog's sizing rather than multiplying it (on the diurnal day, the surge's
         larger batches on thresholds already sized on the peak's backlog took 8.7 s off the p99, where on the
-        estimate's they take 12.7; docs/agents.md). A change solves again at the next decision."""
+        estimate's they take 12.8; docs/agents.md). A change solves again at the next decision."""
         if paused != self.backlog_paused and self.backlog_drain_s > 0:
             self.backlog_paused = paused
             self.solved_at = -math.inf
