@@ -121,7 +121,8 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
     (s), ``interval_s`` (1), ``batching`` (``"whole"``: the baselines prefill each admission whole, as written;
     ``"stall-free"``: their decisions batched as Sarathi batches, :mod:`baselines.stall_free`;
     ``"stall-free-margin"``: the same, Nested WAIT's lookahead with the adaptive margin;
-    ``"stall-free-margin-backlog"``: those bases with their thresholds sized on the backlog too), ``base`` (the
+    ``"stall-free-margin-backlog"``: those bases with their thresholds sized on the backlog too;
+    ``"stall-free-margin-backlog-known"``: sized on the backlog with lengths known only), ``base`` (the
     baseline; default by ``batching`` and length setting, :data:`agents.residual.BASES`), ``reward`` (``regret`` or
     ``vs_baseline``), ``latency_penalty`` (0), ``wait_penalty`` (0), ``action_penalty`` (0, on the residual
     applied), ``dead_zone`` (0: actions within ``±dead_zone`` are the baseline itself,
@@ -135,7 +136,7 @@ class LLMSchedResidualEnv(gym.Env[np.ndarray, np.ndarray]):
 
     * v0: initial version; ``action_penalty``, ``batching``, ``dead_zone`` and ``wait_penalty`` added later
       (defaults 0, ``"whole"``, 0 and 0: the episodes and rewards as before), then ``batching="stall-free-margin"``
-      and ``"stall-free-margin-backlog"``.
+      and ``"stall-free-margin-backlog"``, then ``"stall-free-margin-backlog-known"``.
     * v1: the observation adds the baseline's compute-load estimate (``compute_load=True``); episodes, actions and
       rewards as in v0.
     * v2: the observation adds that estimate's trend (``load_trend=True``): its rise over 300 s, its largest rise

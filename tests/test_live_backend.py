@@ -298,7 +298,7 @@ def test_the_generalist_runs_on_the_live_engine(config, hidden):
     assert agent.control.scale == threshold_scale(dead_zoned(asked[-1], settings["dead_zone"]))
     # The bases it was trained on.
     assert agent.control.base.name == BASES[spec.env_kwargs["batching"]][not hidden] == (
-        "nested-wait-adaptive-margin-stall-free" if hidden else "wait-adaptive-stall-free")
+        "nested-wait-adaptive-margin-stall-free" if hidden else "wait-adaptive-backlog-stall-free")
 
 
 def test_a_live_evaluation_as_a_task_per_seed_is_the_one_process_evaluation(config):

@@ -305,7 +305,7 @@ def test_scale_and_bad_input_name_what_is_wrong() -> None:
     with pytest.raises(ConfigError, match="unknown scenario|no scenario|not a"):
         LLMSchedResidualEnv(scenarios="no-such-scenario")
     with pytest.raises(ConfigError, match="batching must be one of whole, stall-free, stall-free-margin, "
-                                          "stall-free-margin-backlog, got 'chunky'"):
+                                          "stall-free-margin-backlog, stall-free-margin-backlog-known, got 'chunky'"):
         LLMSchedResidualEnv(batching="chunky")
     with pytest.raises(ConfigError, match="wait_penalty must be finite and >= 0, got -0.1"):
         LLMSchedResidualEnv(wait_penalty=-0.1)
@@ -531,7 +531,9 @@ def test_a_saved_agent_runs_on_the_base_it_was_trained_on() -> None:
                                   (False, "stall-free-margin", "nested-wait-adaptive-margin-stall-free"),
                                   (True, "stall-free-margin-backlog", "wait-adaptive-backlog-stall-free"),
                                   (False, "stall-free-margin-backlog",
-                                   "nested-wait-adaptive-margin-backlog-stall-free")]:
+                                   "nested-wait-adaptive-margin-backlog-stall-free"),
+                                  (True, "stall-free-margin-backlog-known", "wait-adaptive-backlog-stall-free"),
+                                  (False, "stall-free-margin-backlog-known", "nested-wait-adaptive-margin-stall-free")]:
         scenario = replace(env.workload("paper-two-type", 0.8)[0], output_lengths_known=known)
         policy = ResidualAgentPolicy(ConstantAction(0.0), scenario, 10.0,
                                      **control_settings({"interval_s": 2, "batching": batching}))
@@ -548,7 +550,7 @@ def test_a_short_training_saves_reloads_and_is_judged_on_two_scenarios(tmp_path:
 
     # The shipped generalist's config, on two workloads, with a short warm start and a short run.
     config = tmp_path / "residual.toml"
-    source = (Path(__file__).resolve().parents[1] / "agents" / "configs" / "ppo-residual-suite-v2.toml").read_text()
+    source = (Path(__file__).resolve().parents[1] / "agents" / "configs" / "ppo-residual-suite-v4.toml").read_text()
     config.write_text(source.replace('scenarios = "suite"', 'scenarios = ["paper-two-type", "bursty-low-hidden"]')
                       .replace("seeds = [1000, 1001]", "seeds = [1000]"))
     out = tmp_path / "agent"
@@ -559,7 +561,7 @@ def test_a_short_training_saves_reloads_and_is_judged_on_two_scenarios(tmp_path:
     spec = train(short, out, progress_bar=False, log=lambda _: None)
     assert spec.timesteps == 2048 and spec.env_id == "LLMSched-Residual-v2"
     assert spec.model_timesteps is not None and 0 < spec.model_timesteps <= 2048  # the validation that kept it
-    assert spec.env_kwargs["batching"] == "stall-free-margin"  # the shipped config's bases
+    assert spec.env_kwargs["batching"] == "stall-free-margin-backlog-known"  # the shipped config's bases
     levels = json.loads((out / "validation_baselines.json").read_text())
     assert set(levels) == {"paper-two-type", "bursty-low-hidden"} and "wait" not in levels["bursty-low-hidden"]
     bounds = json.loads((out / "selection_bounds.json").read_text())  # the selection's, against each best baseline
