@@ -3,6 +3,11 @@
 A file names the algorithm, the environment and its keyword arguments, the SB3 hyperparameters, the
 optional imitation warm start and the evaluation protocol. Unknown keys are errors, so a typo never
 silently falls back to a default.
+
+A file may start from another: ``extends = "ppo-residual-suite-v2"`` (a built-in name, or a TOML path relative to
+the extending file) takes that configuration's tables and overrides what the file sets, table by table and key by
+key (:func:`merged`): a variant states only how it differs. A name is its own file's, never inherited. A trained
+agent's ``config.toml`` holds the resolved configuration, so it reads without its parents.
 """
 
 from __future__ import annotations
@@ -144,15 +149,60 @@ def config_from_dict(data: dict[str, Any], source: str, name: str) -> TrainConfi
         version=version)
 
 
-def load_config(name_or_path: str | Path) -> TrainConfig:
-    """A built-in configuration by name (see :func:`builtin_configs`) or a TOML file by path."""
-    text = str(name_or_path)
-    path = CONFIG_DIR / f"{text}.toml" if text in builtin_configs() else Path(name_or_path)
-    if not path.is_file():
-        raise ConfigError(f"no training config {text!r}: neither a built-in ({', '.join(builtin_configs())}) "
-                          f"nor a TOML file")
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` on top: tables merge key by key (recursively); any other value, arrays included,
+    replaces the base's."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _config_path(text: str, relative_to: Path | None = None) -> Path | None:
+    """A built-in configuration's file, or ``text`` as a path (relative to ``relative_to`` when given); None if
+    neither is a file."""
+    if text in builtin_configs():
+        return CONFIG_DIR / f"{text}.toml"
+    path = Path(text)
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
+    return path if path.is_file() else None
+
+
+def _resolved_tables(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The tables of the TOML file at ``path`` on top of those of the configuration it ``extends`` (if any),
+    followed up its ``chain`` of parents; a cycle or a missing parent is an error naming the file."""
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
-    return config_from_dict(data, str(path), path.stem)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{path}: extends must name a built-in configuration or a TOML file, got {parent!r}")
+    parent_path = _config_path(parent, relative_to=path.parent)
+    if parent_path is None:
+        raise ConfigError(f"{path}: extends {parent!r}, which is neither a built-in "
+                          f"({', '.join(builtin_configs())}) nor a TOML file beside it")
+    family = (*chain, path.resolve())
+    if parent_path.resolve() in family:
+        cycle = " -> ".join(str(p) for p in (*family, parent_path.resolve()))
+        raise ConfigError(f"{path}: extends {parent!r}, a cycle: {cycle}")
+    base = _resolved_tables(parent_path, family)
+    base.pop("name", None)  # a name is its own file's
+    return merged(base, data)
+
+
+def load_config(name_or_path: str | Path) -> TrainConfig:
+    """A built-in configuration by name (see :func:`builtin_configs`) or a TOML file by path, with the configurations
+    it ``extends`` beneath it."""
+    text = str(name_or_path)
+    path = _config_path(text)
+    if path is None:
+        raise ConfigError(f"no training config {text!r}: neither a built-in ({', '.join(builtin_configs())}) "
+                          f"nor a TOML file")
+    return config_from_dict(_resolved_tables(path), str(path), path.stem)

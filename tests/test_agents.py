@@ -51,6 +51,40 @@ def test_builtin_configs_load_and_bad_ones_name_the_key(tmp_path: Path) -> None:
         load_config("nope")
 
 
+def test_a_config_extends_another_table_by_table(tmp_path: Path) -> None:
+    """``extends``: the parent's tables with the file's on top, key by key (nested tables too); other values, arrays
+    included, replace; the name is the file's; chains resolve; a cycle or a missing parent names the file."""
+    parent = load_config("ppo-residual-suite-v2")
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "ppo-residual-suite-v2"\ntimesteps = 4096\n[env]\nbatching = "stall-free"\n'
+                     '[hyperparameters]\npolicy_kwargs = { log_std_init = -2.0 }\n[evaluation]\nseeds = [7]\n')
+    config = load_config(child)
+    assert config.name == "child" and config.timesteps == 4096 and config.n_envs == parent.n_envs
+    assert config.env == {**parent.env, "batching": "stall-free"}
+    assert config.hyperparameters["policy_kwargs"] == {**parent.hyperparameters["policy_kwargs"], "log_std_init": -2.0}
+    assert config.evaluation == replace(parent.evaluation, seeds=(7,)) and config.imitation == parent.imitation
+    grandchild = tmp_path / "grandchild.toml"  # a path, relative to the extending file
+    grandchild.write_text('extends = "child.toml"\n[env]\ninterval_s = 2.0\n')
+    assert load_config(grandchild).env == {**config.env, "interval_s": 2.0}
+    # The shipped variants state only how they differ, and resolve to the whole recipe.
+    assert load_config("ppo-residual-suite-v4").to_dict() == {
+        **parent.to_dict(), "name": "ppo-residual-suite-v4",
+        "env": {**parent.env, "batching": "stall-free-margin-backlog-known"}}
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(ConfigError, match=r"b\.toml: extends 'a\.toml', a cycle: .*a\.toml -> .*b\.toml -> .*a\.toml$"):
+        load_config(tmp_path / "a.toml")
+    (tmp_path / "orphan.toml").write_text('extends = "ppo-residual-suite-v9"\n')
+    with pytest.raises(ConfigError, match=r"orphan\.toml: extends 'ppo-residual-suite-v9', which is neither"):
+        load_config(tmp_path / "orphan.toml")
+    (tmp_path / "typo.toml").write_text('extends = "ppo"\n[evaluation]\nevry = 5\n')
+    with pytest.raises(ConfigError, match=r"typo\.toml: \[evaluation\] unknown key.*evry"):
+        load_config(tmp_path / "typo.toml")
+    (tmp_path / "number.toml").write_text("extends = 3\n")
+    with pytest.raises(ConfigError, match="extends must name a built-in configuration or a TOML file, got 3"):
+        load_config(tmp_path / "number.toml")
+
+
 def test_an_agent_runs_through_run_exactly_as_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """… also when the run retires finished requests every 32 finishes (the agent's interface then releases the
     classes it kept for them: reading a released one would change its choices)."""
