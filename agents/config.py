@@ -12,6 +12,7 @@ agent's ``config.toml`` holds the resolved configuration, so it reads without it
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -147,6 +148,35 @@ def config_from_dict(data: dict[str, Any], source: str, name: str) -> TrainConfi
         _section(dict(imitation), ImitationConfig, source, "imitation"),
         evaluation=_section(dict(data.get("evaluation", {})), EvaluationConfig, source, "evaluation"),
         version=version)
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """A resolved configuration (:meth:`TrainConfig.to_dict`) as TOML text, tables after scalars; it reads back
+    with :func:`tomllib.loads` to the same tables."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        return repr(v)
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for table, content in data.items():
+        if isinstance(content, dict):
+            lines += ["", f"[{table}]"] + [f"{k} = {value(v)}" for k, v in content.items()]
+    text = "\n".join(lines) + "\n"
+    tomllib.loads(text)  # what we write must read back
+    return text
+
+
+def parent_of(name: str) -> str | None:
+    """What the built-in configuration ``name`` ``extends`` (None: it is whole)."""
+    parent = tomllib.loads((CONFIG_DIR / f"{name}.toml").read_text()).get("extends")
+    return None if parent is None else str(parent)
 
 
 def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

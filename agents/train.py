@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from agents.config import TrainConfig
+from agents.config import TrainConfig, to_toml
 from agents.policy import AGENT_FILE, MODEL_FILE, AgentSpec, algorithm_class, read_weights
 from agents.validation import (
     baseline_validation_runs,
@@ -461,21 +461,5 @@ def validation_metric(config: TrainConfig) -> str:
 
 
 def _write_toml(data: dict[str, Any], path: Path) -> None:
-    """The resolved configuration as TOML (tables after scalars); read back with :func:`tomllib.loads`."""
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
-        return repr(v)
-
-    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for table, content in data.items():
-        if isinstance(content, dict):
-            lines += ["", f"[{table}]"] + [f"{k} = {value(v)}" for k, v in content.items()]
-    path.write_text("\n".join(lines) + "\n")
-    tomllib.loads(path.read_text())  # what we write must read back
+    """The resolved configuration as TOML (:func:`agents.config.to_toml`)."""
+    path.write_text(to_toml(data))

