@@ -327,7 +327,7 @@ def train(config: TrainConfig, out: Path, *, seed: int = 0, resume: bool = False
                                   f"{getattr(config, key)!r}; resume it with the same {key}")
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
-        _write_toml(config.to_dict(), out / "config.toml")
+        (out / "config.toml").write_text(to_toml(config.to_dict()))
         for stale in (out / BEST_MODEL, out / BEST_RECORD):  # an earlier run's in the same folder: not this one's
             stale.unlink(missing_ok=True)
         shutil.rmtree(out / VALIDATED, ignore_errors=True)
@@ -459,7 +459,3 @@ def validation_metric(config: TrainConfig) -> str:
     return "regret_ratio_to_base" if config.env_id in RESIDUAL_ENV_IDS else \
         f"regret_ratio_to_{config.evaluation.reference}"
 
-
-def _write_toml(data: dict[str, Any], path: Path) -> None:
-    """The resolved configuration as TOML (:func:`agents.config.to_toml`)."""
-    path.write_text(to_toml(data))

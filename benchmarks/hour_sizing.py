@@ -32,9 +32,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from agents.judge import HIDDEN_BASELINES, cell_scenario, default_data_dir, named_cells, verdict  # noqa: E402
-from baselines import make_policy  # noqa: E402
 from baselines.adaptive import BACKLOG_DRAIN_S, AdaptiveNestedWaitPolicy  # noqa: E402
-from baselines.compare import policy_run, realised_fluid  # noqa: E402
+from baselines.compare import compare  # noqa: E402
 from baselines.stall_free import DRAIN_ITERATIONS, SARATHI_TOKEN_BUDGET  # noqa: E402
 from llmsched_env.cli import parse_seeds  # noqa: E402
 from llmsched_env.engine import SchedulerState  # noqa: E402
@@ -42,7 +41,6 @@ from llmsched_env.errors import ConfigError  # noqa: E402
 from llmsched_env.executor import LocalExecutor  # noqa: E402
 from llmsched_env.policy import CompiledLoop, Policy  # noqa: E402
 from llmsched_env.rate_estimate import ArrivalRateEstimator  # noqa: E402
-from llmsched_env.runner import TimeSeriesRecorder, run  # noqa: E402
 
 #: The hour-long cells where the shipped generalist is worse (its hidden-length base's figures).
 HIDDEN_HOUR_CELLS = ("bursty-high-hidden@0.9", "bursty-low-hidden@0.9", "azure-conv-like-hidden@0.9")
@@ -117,15 +115,14 @@ def sized_base(scenario: Any, horizon: float, sizing: Sizing) -> Policy:
 
 
 def one_run(cell: dict[str, Any], label: str, seed: int) -> dict[str, Any]:
-    """The row of one run (a baseline by name, or a sizing by its text) on ``cell``'s arrivals of ``seed``."""
-    scenario, horizon = cell_scenario(cell), cell["horizon"]
-    policy = (make_policy(label, scenario, horizon) if label in HIDDEN_BASELINES
-              else sized_base(scenario, horizon, Sizing.parse(label)))
-    fluid = scenario.fluid(scenario.chunks(horizon, seed), horizon)
-    realised = realised_fluid(scenario, scenario.chunks(horizon, seed), horizon, fluid)
-    recorder = TimeSeriesRecorder()
-    result = run(scenario.engine(), policy, scenario.chunks(horizon, seed), horizon, callbacks=[recorder])
-    return policy_run(label, result, recorder.arrays(), fluid, realised, scenario.base_rate, seed).row
+    """The row of one run (a baseline by name, or a sizing by its text) on ``cell``'s arrivals of ``seed``, as
+    :func:`~baselines.compare.compare` writes it."""
+    scenario = cell_scenario(cell)
+    factories = {} if label in HIDDEN_BASELINES else {
+        label: lambda setting, horizon: sized_base(setting, horizon, Sizing.parse(label))}
+    comparison = compare(scenario, [label], [scenario.base_rate], cell["horizon"], seeds=[seed], factories=factories,
+                         sees_output_lengths=frozenset())
+    return comparison.runs[0].row
 
 
 def main() -> None:
